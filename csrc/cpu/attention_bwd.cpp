@@ -1,0 +1,259 @@
+// Attention backward on CPU: FlashAttention-2, recomputing P = exp(S - lse) tile by tile.
+//   dO = dout * sigmoid(g)                          (gate folded in; the ungated output is never stored)
+//   delta_i = rowsum(dout_i * out_i) - dlse_i       (== rowsum(dO_i * o_i) - dlse_i)
+//   dgate = dout * out * (1 - sigmoid(g))
+//   per tile: dV += P^T dO,  dP = dO V^T,  dS = P * (dP - delta),  dK += scale dS^T Q,  dQ += scale dS K
+//
+// Two schedules, both free of races and atomics:
+//   kv-owner  (default): one task per (batch, kv head) owns dK/dV of that head and dQ of its query-head
+//             group; outer loop over key blocks, inner over the group's heads and query blocks.
+//   two-pass  (when B*Hkv tasks would leave cores idle): pass 1 = one task per (batch, head, query
+//             block) accumulating dQ; pass 2 = one task per (batch, kv head, key block) for dK/dV.
+//             It recomputes S and dP twice (7 tile GEMMs instead of 5) but exposes L/BLOCK times
+//             more parallelism.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+#include "attention.h"
+#include "cpu_utils.h"
+
+namespace fastattn::cpu {
+
+namespace {
+// Tile sizes (backward); see the note on the forward's in attention_fwd.cpp.
+constexpr int64_t kBlockM = 64;   // query rows per tile
+constexpr int64_t kBlockN = 128;  // keys per tile
+// The two-pass schedule does ~1.4x the work of the kv-owner one, so it is used only when
+// ceil(tasks / threads) of the kv-owner schedule exceeds 1.4x its ideal tasks / threads.
+constexpr double kTwoPassCost = 1.4;
+
+using detail::AttnShape;
+
+template <typename scalar_t, typename acc_t>
+struct BwdCtx {
+  const AttnShape& s;
+  const acc_t *q, *k, *v;  // strided as in s (accumulation dtype)
+  const acc_t* dO;         // (B, Hq, Lq, Dv) contiguous: dout * sigmoid(gate)
+  const acc_t* lse2;       // (B, Hq, Lq): lse * LOG2E
+  const acc_t* delta;      // (B, Hq, Lq)
+  const at::Tensor* mask;
+  scalar_t* dmask;         // (B, Hq, Lq, Lk) contiguous, or nullptr
+  acc_t* dq;               // (B, Hq, Lq, D) contiguous accumulator
+  acc_t alpha, scale;      // alpha = scale * LOG2E
+};
+
+// Per-thread tile buffers.
+template <typename acc_t>
+struct BwdBuffers {
+  std::vector<acc_t> P, dS, dK, dV;
+  BwdBuffers(int64_t D, int64_t Dv)
+      : P(kBlockM * kBlockN), dS(kBlockM * kBlockN), dK(kBlockN * D), dV(kBlockN * Dv) {}
+};
+
+// One (query block, key block) tile of head h: recomputes P and dS, then applies the updates
+// asked for: dQ (into ctx.dq), dK/dV (into buf.dK / buf.dV, [bn, D] / [bn, Dv]), dmask.
+template <typename scalar_t, typename acc_t>
+void backward_tile(const BwdCtx<scalar_t, acc_t>& c, BwdBuffers<acc_t>& buf, int64_t b, int64_t h, int64_t i0,
+                   int64_t bm, int64_t j0, int64_t bn, bool do_dq, bool do_dkv, bool do_dmask) {
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  const AttnShape& s = c.s;
+  const int64_t hk = h / s.group, D = s.D, Dv = s.Dv;
+  const int64_t row0 = (b * s.Hq + h) * s.Lq + i0;               // index of (b, h, i0) in (B, Hq, Lq)
+  const acc_t* Q = c.q + b * s.q_sb + h * s.q_sh + i0 * s.q_sl;   // [bm, D]
+  const acc_t* K = c.k + b * s.k_sb + hk * s.k_sh + j0 * s.k_sl;  // [bn, D]
+  const acc_t* V = c.v + b * s.v_sb + hk * s.v_sh + j0 * s.v_sl;  // [bn, Dv]
+  const acc_t* dO = c.dO + row0 * Dv;                             // [bm, Dv]
+  acc_t* P = buf.P.data();
+  acc_t* dS = buf.dS.data();
+
+  // -- recompute P = 2^(S - lse2)   [bm, bn]
+  gemm(false, true, bm, bn, D, c.alpha, Q, s.q_sl, K, s.k_sl, acc_t(0), P, kBlockN);
+  detail::mask_score_tile<scalar_t>(P, kBlockN, i0, bm, j0, bn, s, detail::mask_ptr(c.mask, s, b, h, i0, j0));
+  for (int64_t r = 0; r < bm; ++r) {
+    acc_t* row = P + r * kBlockN;
+    const acc_t l2 = c.lse2[row0 + r];
+    if (l2 == kNegInf) std::fill_n(row, bn, acc_t(0));  // fully masked row: no gradient
+    else exp2_shift_sum(row, bn, l2);
+  }
+
+  // -- dV += P^T dO   [bn, Dv]
+  if (do_dkv) gemm(true, false, bn, Dv, bm, acc_t(1), P, kBlockN, dO, Dv, acc_t(1), buf.dV.data(), Dv);
+
+  // -- dP = dO V^T, dS = P * (dP - delta)   [bm, bn]
+  gemm(false, true, bm, bn, Dv, acc_t(1), dO, Dv, V, s.v_sl, acc_t(0), dS, kBlockN);
+  for (int64_t r = 0; r < bm; ++r)
+    softmax_grad(dS + r * kBlockN, P + r * kBlockN, dS + r * kBlockN, c.delta[row0 + r], bn);
+
+  // -- dmask = dS (dL/ds_ij: the bias enters the scores with weight 1)
+  if (do_dmask)
+    for (int64_t r = 0; r < bm; ++r) convert_row(c.dmask + (row0 + r) * s.Lk + j0, dS + r * kBlockN, bn);
+
+  // -- dK += scale dS^T Q   [bn, D];  dQ += scale dS K   [bm, D]
+  if (do_dkv) gemm(true, false, bn, D, bm, c.scale, dS, kBlockN, Q, s.q_sl, acc_t(1), buf.dK.data(), D);
+  if (do_dq) gemm(false, false, bm, D, bn, c.scale, dS, kBlockN, K, s.k_sl, acc_t(1), c.dq + row0 * D, D);
+}
+
+// First query block whose rows see any key >= j0 (causal), else 0.
+inline int64_t first_qblock(const AttnShape& s, int64_t j0) {
+  return s.causal ? std::max<int64_t>(0, j0 - s.causal_off) / kBlockM : 0;
+}
+
+// dK / dV of key block j0 for kv head hk of batch b, over all query heads of its group; dQ too
+// when do_dq (kv-owner schedule). Writes dk/dv rows j0..j0+bn in the output dtype.
+template <typename scalar_t, typename acc_t>
+void key_block_pass(const BwdCtx<scalar_t, acc_t>& c, BwdBuffers<acc_t>& buf, int64_t b, int64_t hk, int64_t j0,
+                    bool do_dq, scalar_t* dk, scalar_t* dv) {
+  const AttnShape& s = c.s;
+  const int64_t bn = std::min(kBlockN, s.Lk - j0);
+  std::fill_n(buf.dK.data(), bn * s.D, acc_t(0));
+  std::fill_n(buf.dV.data(), bn * s.Dv, acc_t(0));
+  for (int64_t h = hk * s.group; h < (hk + 1) * s.group; ++h) {
+    for (int64_t i0 = first_qblock(s, j0) * kBlockM; i0 < s.Lq; i0 += kBlockM) {
+      const int64_t bm = std::min(kBlockM, s.Lq - i0);
+      backward_tile(c, buf, b, h, i0, bm, j0, bn, do_dq, /*do_dkv=*/true, /*do_dmask=*/do_dq && c.dmask != nullptr);
+    }
+  }
+  const int64_t kv_row0 = (b * s.Hkv + hk) * s.Lk + j0;
+  for (int64_t r = 0; r < bn; ++r) {
+    convert_row(dk + (kv_row0 + r) * s.D, buf.dK.data() + r * s.D, s.D);
+    convert_row(dv + (kv_row0 + r) * s.Dv, buf.dV.data() + r * s.Dv, s.Dv);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void attention_bwd_kernel(const BwdCtx<scalar_t, acc_t>& c, scalar_t* dk, scalar_t* dv) {
+  const AttnShape& s = c.s;
+  const int64_t n_kblocks = (s.Lk + kBlockN - 1) / kBlockN;
+  const int64_t n_qblocks = (s.Lq + kBlockM - 1) / kBlockM;
+  const int64_t kv_tasks = s.B * s.Hkv;
+  const double threads = at::get_num_threads();
+  const bool two_pass = std::ceil(kv_tasks / threads) > kTwoPassCost * kv_tasks / threads;
+
+  if (!two_pass) {
+    // -- kv-owner schedule
+    at::parallel_for(0, kv_tasks, 1, [&](int64_t begin, int64_t end) {
+      BwdBuffers<acc_t> buf(s.D, s.Dv);
+      for (int64_t t = begin; t < end; ++t)
+        for (int64_t kb = 0; kb < n_kblocks; ++kb)
+          key_block_pass(c, buf, t / s.Hkv, t % s.Hkv, kb * kBlockN, /*do_dq=*/true, dk, dv);
+    });
+    return;
+  }
+
+  // -- two-pass schedule, pass 1: dQ (and dmask) per (batch, head, query block)
+  at::parallel_for(0, s.B * s.Hq * n_qblocks, 1, [&](int64_t begin, int64_t end) {
+    BwdBuffers<acc_t> buf(s.D, s.Dv);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t qb = t % n_qblocks, bh = t / n_qblocks;
+      const int64_t i0 = qb * kBlockM, bm = std::min(kBlockM, s.Lq - i0);
+      const int64_t j_end = s.causal ? std::min(s.Lk, i0 + bm + s.causal_off) : s.Lk;
+      for (int64_t j0 = 0; j0 < j_end; j0 += kBlockN)
+        backward_tile(c, buf, bh / s.Hq, bh % s.Hq, i0, bm, j0, std::min(kBlockN, s.Lk - j0),
+                      /*do_dq=*/true, /*do_dkv=*/false, /*do_dmask=*/c.dmask != nullptr);
+    }
+  });
+  // -- pass 2: dK / dV per (batch, kv head, key block)
+  at::parallel_for(0, kv_tasks * n_kblocks, 1, [&](int64_t begin, int64_t end) {
+    BwdBuffers<acc_t> buf(s.D, s.Dv);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t kb = t % n_kblocks, bhk = t / n_kblocks;
+      key_block_pass(c, buf, bhk / s.Hkv, bhk % s.Hkv, kb * kBlockN, /*do_dq=*/false, dk, dv);
+    }
+  });
+}
+
+// -- per-row preparation: dO = dout * sig, delta = rowsum(dout * out) - dlse, dgate = dout * out * (1 - sig)
+template <typename scalar_t, typename acc_t>
+void prepare_rows(const AttnShape& s, const at::Tensor& dout, const at::Tensor& out, const scalar_t* gate,
+                  const acc_t* dlse, acc_t* dO, acc_t* delta, scalar_t* dgate) {
+  const int64_t Dv = s.Dv;
+  const scalar_t* p_dout = dout.data_ptr<scalar_t>();
+  const scalar_t* p_out = out.data_ptr<scalar_t>();
+  const int64_t d_sb = dout.stride(0), d_sh = dout.stride(1), d_sl = dout.stride(2);
+  at::parallel_for(0, s.B * s.Hq * s.Lq, 64, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> dout_row(Dv), out_row(Dv), tmp(Dv);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t i = row % s.Lq, h = (row / s.Lq) % s.Hq, b = row / (s.Lq * s.Hq);
+      convert_row(dout_row.data(), p_dout + b * d_sb + h * d_sh + i * d_sl, Dv);
+      convert_row(out_row.data(), p_out + row * Dv, Dv);
+      delta[row] = dot(dout_row.data(), out_row.data(), Dv) - (dlse ? dlse[row] : acc_t(0));
+      acc_t* dO_row = dO + row * Dv;
+      if (gate == nullptr) {
+        std::copy_n(dout_row.data(), Dv, dO_row);
+        continue;
+      }
+      const scalar_t* g = gate + b * s.g_sb + h * s.g_sh + i * s.g_si;
+      for (int64_t c = 0; c < Dv; ++c) {
+        const acc_t sig = sigmoid(acc_t(g[c * s.g_sc]));
+        dO_row[c] = dout_row[c] * sig;
+        tmp[c] = dout_row[c] * out_row[c] * (acc_t(1) - sig);
+      }
+      convert_row(dgate + row * Dv, tmp.data(), Dv);
+    }
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse,
+    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& gate,
+    const std::optional<at::Tensor>& dlse,
+    double scale, int64_t causal, bool need_dmask) {
+  const AttnShape s = detail::check_and_describe("attention_bwd", q, k, v, mask, gate, causal);
+  const auto dt = q.scalar_type();
+  const auto acc_type = dt == at::kDouble ? at::kDouble : at::kFloat;
+  const std::vector<int64_t> out_shape{s.B, s.Hq, s.Lq, s.Dv}, row_shape{s.B, s.Hq, s.Lq};
+  TORCH_CHECK(dout.sizes() == out_shape && dout.scalar_type() == dt, "attention_bwd: dout must be (B, Hq, Lq, Dv) = ",
+              out_shape, " of q's dtype, got ", dout.sizes(), " ", dout.scalar_type());
+  TORCH_CHECK(out.sizes() == out_shape && out.scalar_type() == dt, "attention_bwd: out must be (B, Hq, Lq, Dv) = ",
+              out_shape, " of q's dtype, got ", out.sizes(), " ", out.scalar_type());
+  TORCH_CHECK(lse.sizes() == row_shape, "attention_bwd: lse must be (B, Hq, Lq) = ", row_shape, ", got ", lse.sizes());
+  TORCH_CHECK(!dlse.has_value() || dlse->sizes() == row_shape, "attention_bwd: dlse must be (B, Hq, Lq) = ", row_shape,
+              ", got ", dlse->sizes());
+  TORCH_CHECK(!need_dmask || s.mask_kind == detail::MaskKind::kBias,
+              "attention_bwd: need_dmask requires a float attn_mask");
+
+  at::Tensor dq_acc = at::zeros({s.B, s.Hq, s.Lq, s.D}, q.options().dtype(acc_type));
+  at::Tensor dk = at::empty({s.B, s.Hkv, s.Lk, s.D}, q.options());
+  at::Tensor dv = at::empty({s.B, s.Hkv, s.Lk, s.Dv}, q.options());
+  at::Tensor dmask = need_dmask ? at::zeros({s.B, s.Hq, s.Lq, s.Lk}, q.options()) : at::empty({0}, q.options());
+  at::Tensor dgate = gate.has_value() ? at::empty(out_shape, q.options()) : at::empty({0}, q.options());
+
+  const at::Tensor qa = detail::to_acc(q, acc_type), ka = detail::to_acc(k, acc_type), va = detail::to_acc(v, acc_type);
+  AttnShape sa = s;
+  sa.q_sb = qa.stride(0); sa.q_sh = qa.stride(1); sa.q_sl = qa.stride(2);
+  sa.k_sb = ka.stride(0); sa.k_sh = ka.stride(1); sa.k_sl = ka.stride(2);
+  sa.v_sb = va.stride(0); sa.v_sh = va.stride(1); sa.v_sl = va.stride(2);
+  const at::Tensor dout_c = dout.stride(-1) == 1 ? dout : dout.contiguous();
+  const at::Tensor out_c = out.contiguous();
+  const at::Tensor lse2 = lse.to(acc_type) * kLog2e;  // -inf stays -inf
+  const at::Tensor dlse_c = dlse.has_value() ? dlse->to(acc_type).contiguous() : at::Tensor();
+  at::Tensor dO = at::empty(out_shape, q.options().dtype(acc_type));
+  at::Tensor delta = at::empty(row_shape, q.options().dtype(acc_type));
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "attention_bwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* p_gate = gate.has_value() ? gate->data_ptr<scalar_t>() : nullptr;
+    prepare_rows<scalar_t, acc_t>(sa, dout_c, out_c, p_gate, dlse_c.defined() ? dlse_c.data_ptr<acc_t>() : nullptr,
+                                  dO.data_ptr<acc_t>(), delta.data_ptr<acc_t>(),
+                                  gate.has_value() ? dgate.data_ptr<scalar_t>() : nullptr);
+    const BwdCtx<scalar_t, acc_t> ctx{sa,
+                                      qa.data_ptr<acc_t>(), ka.data_ptr<acc_t>(), va.data_ptr<acc_t>(),
+                                      dO.data_ptr<acc_t>(), lse2.data_ptr<acc_t>(), delta.data_ptr<acc_t>(),
+                                      mask.has_value() ? &*mask : nullptr,
+                                      need_dmask ? dmask.data_ptr<scalar_t>() : nullptr,
+                                      dq_acc.data_ptr<acc_t>(),
+                                      acc_t(scale * kLog2e), acc_t(scale)};
+    attention_bwd_kernel<scalar_t, acc_t>(ctx, dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>());
+  });
+  at::Tensor dq = dq_acc.scalar_type() == dt ? dq_acc : dq_acc.to(dt);
+  return {dq, dk, dv, dmask, dgate};
+}
+
+}  // namespace fastattn::cpu

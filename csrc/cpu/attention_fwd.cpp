@@ -1,0 +1,194 @@
+// Attention forward on CPU: FlashAttention-2 tiling with an online softmax.
+// One task = (batch, query head, block of kBlockM queries); it streams kBlockN-key tiles of its kv
+// head, keeping a running max / sum per query row and rescaling its output accumulator.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+#include "attention.h"
+#include "cpu_utils.h"
+
+namespace fastattn::cpu {
+
+namespace {
+// Tile sizes (forward). Measured at B=2 H=8 L=1024 D=64, 2 threads, float32 and bfloat16:
+// see kFwdTiles note in the report; M x N = 128 x 256 was the fastest of {64,128,256} x {128,256,512}.
+constexpr int64_t kBlockM = 128;  // query rows per task
+constexpr int64_t kBlockN = 256;  // keys per streamed tile
+}  // namespace
+
+namespace detail {
+
+AttnShape check_and_describe(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& gate,
+                             int64_t causal) {
+  TORCH_CHECK(q.dim() == 4, op, ": q must be (B, Hq, Lq, D), got ", q.sizes());
+  TORCH_CHECK(k.dim() == 4, op, ": k must be (B, Hkv, Lk, D), got ", k.sizes());
+  TORCH_CHECK(v.dim() == 4, op, ": v must be (B, Hkv, Lk, Dv), got ", v.sizes());
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), op, ": q, k, v must be CPU tensors");
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf, op,
+              ": q must be float32, float64, bfloat16 or float16, got ", dt);
+  TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt, op, ": k and v must have q's dtype ", dt,
+              ", got k ", k.scalar_type(), " and v ", v.scalar_type());
+  AttnShape s{};
+  s.B = q.size(0); s.Hq = q.size(1); s.Lq = q.size(2); s.D = q.size(3);
+  s.Hkv = k.size(1); s.Lk = k.size(2); s.Dv = v.size(3);
+  TORCH_CHECK(k.size(0) == s.B && v.size(0) == s.B, op, ": batch of k ", k.size(0), " and v ", v.size(0),
+              " must equal q's ", s.B);
+  TORCH_CHECK(s.Hkv > 0 && s.Hq % s.Hkv == 0, op, ": query heads ", s.Hq, " must be a multiple of kv heads ", s.Hkv);
+  TORCH_CHECK(v.size(1) == s.Hkv, op, ": v has ", v.size(1), " heads, k has ", s.Hkv);
+  TORCH_CHECK(k.size(3) == s.D, op, ": k head dim ", k.size(3), " must equal q's ", s.D);
+  TORCH_CHECK(v.size(2) == s.Lk, op, ": v length ", v.size(2), " must equal k's ", s.Lk);
+  TORCH_CHECK(q.stride(3) == 1 || s.D <= 1, op, ": q must have stride(-1) == 1");
+  TORCH_CHECK(k.stride(3) == 1 || s.D <= 1, op, ": k must have stride(-1) == 1");
+  TORCH_CHECK(v.stride(3) == 1 || s.Dv <= 1, op, ": v must have stride(-1) == 1");
+  TORCH_CHECK(causal >= 0 && causal <= 2, op, ": causal must be 0, 1 (top_left) or 2 (bottom_right), got ", causal);
+  s.group = s.Hq / s.Hkv;
+  s.q_sb = q.stride(0); s.q_sh = q.stride(1); s.q_sl = q.stride(2);
+  s.k_sb = k.stride(0); s.k_sh = k.stride(1); s.k_sl = k.stride(2);
+  s.v_sb = v.stride(0); s.v_sh = v.stride(1); s.v_sl = v.stride(2);
+  s.mask_kind = MaskKind::kNone;
+  if (mask.has_value()) {
+    const at::Tensor& m = *mask;
+    TORCH_CHECK(m.device().is_cpu(), op, ": attn_mask must be a CPU tensor");
+    TORCH_CHECK(m.dim() == 4 && m.size(0) == s.B && m.size(1) == s.Hq && m.size(2) == s.Lq && m.size(3) == s.Lk,
+                op, ": attn_mask must be expanded to (B, Hq, Lq, Lk) = (", s.B, ", ", s.Hq, ", ", s.Lq, ", ", s.Lk,
+                "), got ", m.sizes());
+    TORCH_CHECK(m.scalar_type() == at::kBool || m.scalar_type() == dt, op, ": attn_mask must be bool or q's dtype ",
+                dt, ", got ", m.scalar_type());
+    s.mask_kind = m.scalar_type() == at::kBool ? MaskKind::kBool : MaskKind::kBias;
+    s.m_sb = m.stride(0); s.m_sh = m.stride(1); s.m_si = m.stride(2); s.m_sj = m.stride(3);
+  }
+  s.has_gate = gate.has_value();
+  if (s.has_gate) {
+    const at::Tensor& g = *gate;
+    TORCH_CHECK(g.device().is_cpu(), op, ": gate must be a CPU tensor");
+    TORCH_CHECK(g.dim() == 4 && g.size(0) == s.B && g.size(1) == s.Hq && g.size(2) == s.Lq && g.size(3) == s.Dv,
+                op, ": gate must be expanded to (B, Hq, Lq, Dv) = (", s.B, ", ", s.Hq, ", ", s.Lq, ", ", s.Dv,
+                "), got ", g.sizes());
+    TORCH_CHECK(g.scalar_type() == dt, op, ": gate must have q's dtype ", dt, ", got ", g.scalar_type());
+    s.g_sb = g.stride(0); s.g_sh = g.stride(1); s.g_si = g.stride(2); s.g_sc = g.stride(3);
+  }
+  s.causal = causal != 0;
+  s.causal_off = causal == 2 ? s.Lk - s.Lq : 0;
+  return s;
+}
+
+}  // namespace detail
+
+namespace {
+
+using detail::AttnShape;
+
+template <typename scalar_t, typename acc_t>
+void attention_fwd_kernel(const acc_t* q, const acc_t* k, const acc_t* v, const at::Tensor* mask,
+                          const scalar_t* gate, scalar_t* out, acc_t* lse, const AttnShape& s, acc_t scale) {
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  const acc_t log2e = acc_t(kLog2e), ln2 = acc_t(kLn2);
+  const acc_t alpha = scale * log2e;  // S = alpha * Q K^T, in log2 units
+  const int64_t D = s.D, Dv = s.Dv;
+  const int64_t n_qblocks = (s.Lq + kBlockM - 1) / kBlockM;
+
+  at::parallel_for(0, s.B * s.Hq * n_qblocks, 1, [&](int64_t begin, int64_t end) {
+    // Per-thread tile buffers.
+    std::vector<acc_t> S_buf(kBlockM * kBlockN);  // [BM, BN] scores, then P
+    std::vector<acc_t> acc_buf(kBlockM * Dv);     // [BM, Dv] unnormalised output
+    std::vector<acc_t> m_buf(kBlockM), l_buf(kBlockM);  // running max (log2 units) / sum
+    std::vector<scalar_t> out_row(Dv);
+    acc_t* S = S_buf.data();
+    acc_t* acc = acc_buf.data();
+
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t qb = task % n_qblocks, bh = task / n_qblocks;
+      const int64_t h = bh % s.Hq, b = bh / s.Hq, hk = h / s.group;
+      const int64_t i0 = qb * kBlockM, bm = std::min(kBlockM, s.Lq - i0);
+      const acc_t* Q = q + b * s.q_sb + h * s.q_sh + i0 * s.q_sl;  // [bm, D], row stride q_sl
+      const acc_t* K = k + b * s.k_sb + hk * s.k_sh;                 // [Lk, D], row stride k_sl
+      const acc_t* V = v + b * s.v_sb + hk * s.v_sh;                 // [Lk, Dv], row stride v_sl
+
+      std::fill_n(acc, bm * Dv, acc_t(0));
+      std::fill_n(m_buf.data(), bm, kNegInf);
+      std::fill_n(l_buf.data(), bm, acc_t(0));
+
+      // Causal: keys past the last row's diagonal are skipped entirely.
+      const int64_t j_end = s.causal ? std::min(s.Lk, i0 + bm + s.causal_off) : s.Lk;
+      for (int64_t j0 = 0; j0 < j_end; j0 += kBlockN) {
+        const int64_t bn = std::min(kBlockN, j_end - j0);
+
+        // -- scores: S = scale * LOG2E * Q K^T   [bm, bn]
+        gemm(false, true, bm, bn, D, alpha, Q, s.q_sl, K + j0 * s.k_sl, s.k_sl, acc_t(0), S, kBlockN);
+        detail::mask_score_tile<scalar_t>(S, kBlockN, i0, bm, j0, bn, s, detail::mask_ptr(mask, s, b, h, i0, j0));
+
+        // -- online softmax update: P = 2^(S - m_new), l = l * 2^(m_old - m_new) + rowsum(P)
+        for (int64_t r = 0; r < bm; ++r) {
+          acc_t* row = S + r * kBlockN;
+          const acc_t m_old = m_buf[r];
+          const acc_t m_new = std::max(m_old, row_max(row, bn));
+          if (m_new == kNegInf) {  // no allowed key yet: contributes nothing
+            std::fill_n(row, bn, acc_t(0));
+            continue;
+          }
+          const acc_t correction = std::exp2(m_old - m_new);  // 0 when m_old = -inf
+          l_buf[r] = l_buf[r] * correction + exp2_shift_sum(row, bn, m_new);
+          m_buf[r] = m_new;
+          if (correction != acc_t(1)) scale_row(acc + r * Dv, correction, Dv);
+        }
+
+        // -- O += P V   [bm, Dv]
+        gemm(false, false, bm, Dv, bn, acc_t(1), S, kBlockN, V + j0 * s.v_sl, s.v_sl, acc_t(1), acc, Dv);
+      }
+
+      // -- normalise, gate, store; lse = ln(sum) + max in natural-log units
+      for (int64_t r = 0; r < bm; ++r) {
+        const int64_t i = i0 + r;
+        const int64_t row_idx = (b * s.Hq + h) * s.Lq + i;
+        acc_t* o = acc + r * Dv;
+        const acc_t l = l_buf[r];
+        scale_row(o, l > acc_t(0) ? acc_t(1) / l : acc_t(0), Dv);
+        lse[row_idx] = l > acc_t(0) ? (m_buf[r] + std::log2(l)) * ln2 : kNegInf;
+        if (gate != nullptr) {
+          const scalar_t* g = gate + b * s.g_sb + h * s.g_sh + i * s.g_si;
+          for (int64_t c = 0; c < Dv; ++c) o[c] *= sigmoid(acc_t(g[c * s.g_sc]));
+        }
+        convert_row(out + row_idx * Dv, o, Dv);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& gate,
+    double scale, int64_t causal) {
+  const AttnShape s = detail::check_and_describe("attention_fwd", q, k, v, mask, gate, causal);
+  const auto acc_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = at::empty({s.B, s.Hq, s.Lq, s.Dv}, q.options());
+  at::Tensor lse = at::empty({s.B, s.Hq, s.Lq}, q.options().dtype(acc_type));
+  if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
+
+  // bfloat16 / half: K and V are read once per query block, so they are widened once, up front
+  // (O(B*H*L*D) memory), and every tile GEMM runs in float.
+  const at::Tensor qa = detail::to_acc(q, acc_type), ka = detail::to_acc(k, acc_type), va = detail::to_acc(v, acc_type);
+  AttnShape sa = s;
+  sa.q_sb = qa.stride(0); sa.q_sh = qa.stride(1); sa.q_sl = qa.stride(2);
+  sa.k_sb = ka.stride(0); sa.k_sh = ka.stride(1); sa.k_sl = ka.stride(2);
+  sa.v_sb = va.stride(0); sa.v_sh = va.stride(1); sa.v_sl = va.stride(2);
+  const at::Tensor* mask_t = mask.has_value() ? &*mask : nullptr;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_fwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    attention_fwd_kernel<scalar_t, acc_t>(
+        qa.data_ptr<acc_t>(), ka.data_ptr<acc_t>(), va.data_ptr<acc_t>(), mask_t,
+        gate.has_value() ? gate->data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
+        lse.data_ptr<acc_t>(), sa, acc_t(scale));
+  });
+  return {out, lse};
+}
+
+}  // namespace fastattn::cpu

@@ -1,0 +1,215 @@
+// Shared CPU building blocks for fastattn's C++ kernels:
+//   - gemm():          row-major tile GEMM on MKL's Fortran sgemm_/dgemm_ (weak symbols exported by
+//                      libtorch_cpu), with an at::addmm_ fallback so the extension always loads;
+//   - convert_row():   dtype conversion of tile rows (bfloat16/half <-> float);
+//   - row_max(), exp2_shift_sum(), ...: vectorised row helpers for the softmax, compiled for
+//                      AVX-512 / AVX2 / baseline and picked at run time (no -march flags).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+namespace fastattn::cpu {
+
+// Softmax runs in base 2: exp(x) = exp2(x * LOG2E). Cast to the accumulation type where used.
+constexpr double kLog2e = 1.4426950408889634;
+constexpr double kLn2 = 0.6931471805599453;
+
+// Runtime ISA dispatch: GCC emits one clone per target and an ifunc resolver picks the best at load.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FASTATTN_VEC_CLONES __attribute__((target_clones("avx512f", "avx2,fma", "default")))
+#else
+#define FASTATTN_VEC_CLONES
+#endif
+#define FASTATTN_INLINE inline __attribute__((always_inline))
+
+// ---------------------------------------------------------------------------------------------
+// BLAS: C[m, n] = alpha * op(A)[m, k] @ op(B)[k, n] + beta * C, all row-major with leading dims.
+// ---------------------------------------------------------------------------------------------
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
+            const double* beta, double* c, const int* ldc) __attribute__((weak));
+}
+
+namespace detail {
+template <typename T>
+void gemm_fallback(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
+                   int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  auto view = [&](const T* p, int64_t rows, int64_t cols, int64_t ld, bool trans) {
+    auto t = at::from_blob(const_cast<T*>(p), {trans ? cols : rows, trans ? rows : cols}, {ld, 1}, opts);
+    return trans ? t.t() : t;
+  };
+  at::Tensor C = at::from_blob(c, {m, n}, {ldc, 1}, opts);
+  C.addmm_(view(a, m, k, lda, trans_a), view(b, k, n, ldb, trans_b), beta, alpha);  // beta 0 ignores C
+}
+}  // namespace detail
+
+// Column-major BLAS sees a row-major matrix as its transpose, so C^T = op(B)^T op(A)^T is computed.
+inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+                 const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
+                 int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (sgemm_ == nullptr) return detail::gemm_fallback(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
+  const int M = int(m), N = int(n), K = int(k), LDA = int(lda), LDB = int(ldb), LDC = int(ldc);
+  sgemm_(&tb, &ta, &N, &M, &K, &alpha, b, &LDB, a, &LDA, &beta, c, &LDC);
+}
+
+inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, double alpha,
+                 const double* a, int64_t lda, const double* b, int64_t ldb, double beta, double* c,
+                 int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (dgemm_ == nullptr) return detail::gemm_fallback(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
+  const int M = int(m), N = int(n), K = int(k), LDA = int(lda), LDB = int(ldb), LDC = int(ldc);
+  dgemm_(&tb, &ta, &N, &M, &K, &alpha, b, &LDB, a, &LDA, &beta, c, &LDC);
+}
+
+// ---------------------------------------------------------------------------------------------
+// dtype conversion of tile rows. bfloat16 is the top half of a float: widening is a shift,
+// narrowing rounds to nearest even (NaN kept quiet), both written so they vectorise.
+// ---------------------------------------------------------------------------------------------
+namespace detail {
+FASTATTN_VEC_CLONES static void bf16_to_float(float* dst, const uint16_t* src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t bits = uint32_t(src[i]) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    dst[i] = f;
+  }
+}
+FASTATTN_VEC_CLONES static void float_to_bf16(uint16_t* dst, const float* src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, &src[i], 4);
+    const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+    dst[i] = uint16_t(src[i] != src[i] ? 0x7fc0u : rounded);
+  }
+}
+}  // namespace detail
+
+template <typename T>
+inline void convert_row(T* dst, const T* src, int64_t n) { std::memcpy(dst, src, n * sizeof(T)); }
+inline void convert_row(float* dst, const c10::BFloat16* src, int64_t n) {
+  detail::bf16_to_float(dst, reinterpret_cast<const uint16_t*>(src), n);
+}
+inline void convert_row(c10::BFloat16* dst, const float* src, int64_t n) {
+  detail::float_to_bf16(reinterpret_cast<uint16_t*>(dst), src, n);
+}
+inline void convert_row(float* dst, const c10::Half* src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = float(src[i]);
+}
+inline void convert_row(c10::Half* dst, const float* src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = c10::Half(src[i]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Vectorised row helpers (float: polynomial exp2 + runtime ISA dispatch; double: libm, exact).
+// ---------------------------------------------------------------------------------------------
+namespace detail {
+// 2^x for float: x = n + f, f in [-1/2, 1/2]; 2^f by Cephes' exp2f minimax polynomial (~1 ulp),
+// 2^n built in the exponent bits. Inputs below -126 (including -inf) give exactly 0.
+static FASTATTN_INLINE float exp2_poly(float x) {
+  const float xc = std::min(std::max(x, -127.f), 127.f);
+  const float n = std::floor(xc + 0.5f);
+  const float f = xc - n;
+  float p = 1.535336188319500e-4f;
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.f;
+  const int32_t bits = (int32_t(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, 4);
+  return x < -126.f ? 0.f : p * two_n;
+}
+
+FASTATTN_VEC_CLONES static float row_max_f32(const float* x, int64_t n) {
+  float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t i = 0; i < n; ++i) m = std::max(m, x[i]);
+  return m;
+}
+
+FASTATTN_VEC_CLONES static float exp2_shift_sum_f32(float* x, int64_t n, float shift) {
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) {
+    const float e = exp2_poly(x[i] - shift);
+    x[i] = e;
+    sum += e;
+  }
+  return sum;
+}
+
+FASTATTN_VEC_CLONES static void softmax_grad_f32(float* ds, const float* p, const float* dp, float delta,
+                                                 int64_t n) {
+  for (int64_t i = 0; i < n; ++i) ds[i] = p[i] * (dp[i] - delta);
+}
+
+FASTATTN_VEC_CLONES static void scale_row_f32(float* x, float a, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] *= a;
+}
+
+FASTATTN_VEC_CLONES static float dot_f32(const float* a, const float* b, int64_t n) {
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+}  // namespace detail
+
+// max_i x[i] (-inf for n == 0)
+inline float row_max(const float* x, int64_t n) { return detail::row_max_f32(x, n); }
+inline double row_max(const double* x, int64_t n) {
+  double m = -std::numeric_limits<double>::infinity();
+  for (int64_t i = 0; i < n; ++i) m = std::max(m, x[i]);
+  return m;
+}
+
+// x[i] = 2^(x[i] - shift); returns sum_i x[i]. shift must be finite.
+inline float exp2_shift_sum(float* x, int64_t n, float shift) { return detail::exp2_shift_sum_f32(x, n, shift); }
+inline double exp2_shift_sum(double* x, int64_t n, double shift) {
+  double sum = 0;
+  for (int64_t i = 0; i < n; ++i) sum += (x[i] = std::exp2(x[i] - shift));
+  return sum;
+}
+
+// dS = P * (dP - delta): the softmax backward, row-wise.
+inline void softmax_grad(float* ds, const float* p, const float* dp, float delta, int64_t n) {
+  detail::softmax_grad_f32(ds, p, dp, delta, n);
+}
+inline void softmax_grad(double* ds, const double* p, const double* dp, double delta, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) ds[i] = p[i] * (dp[i] - delta);
+}
+
+inline void scale_row(float* x, float a, int64_t n) { detail::scale_row_f32(x, a, n); }
+inline void scale_row(double* x, double a, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] *= a;
+}
+
+inline float dot(const float* a, const float* b, int64_t n) { return detail::dot_f32(a, b, n); }
+inline double dot(const double* a, const double* b, int64_t n) {
+  double sum = 0;
+  for (int64_t i = 0; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+template <typename T>
+inline T sigmoid(T x) { return T(1) / (T(1) + std::exp(-x)); }
+
+}  // namespace fastattn::cpu

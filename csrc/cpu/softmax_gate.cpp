@@ -1,0 +1,746 @@
+// CPU kernels for softmax_gate / score_softmax_gate (math and shapes: softmax_gate.h, SPEC §1.2).
+//
+// The ops are memory-bound: per batch item b the work is an (N, D) slab of x. The kernels
+//   1. make alpha (B, N, H): the scores for b (loaded, or computed as H dot products per row), masked, then a
+//      softmax over positions; N * H values, small next to the slab;
+//   2. stream the slab once: gate (y = alpha ⊙ x) or pool (y = Σ_n alpha ⊙ x); backward computes dx and the
+//      per-head row sums g in the same pass.
+// Threads: with B >= threads every task owns whole batch items (the score variant's second pass over a slab then
+// hits cache); with fewer batch items each stage runs as its own parallel loop over rows (or channel chunks).
+// Inner loops are plain loops on float/double rows that GCC vectorises, compiled per ISA level (target_clones)
+// and picked at load time; bfloat16/half rows go through a float scratch row.
+#include "softmax_gate.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include <immintrin.h>
+#define FA_GATE_X86 1
+// One clone per x86-64 ISA level; the ifunc resolver picks the best one when the library loads.
+#define FA_GATE_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FA_GATE_X86 0
+#define FA_GATE_CLONES
+#endif
+#define FA_GATE_INLINE inline __attribute__((always_inline))
+
+namespace fastattn::cpu {
+namespace {
+
+constexpr double kLog2e = 1.4426950408889634074;  // softmax in base 2: e^x = 2^(x * log2(e))
+// Independent partial sums per dot product: 32 floats = 2 zmm / 4 ymm accumulator chains, enough to hide the
+// FMA latency on head dims of 64 and up.
+constexpr int64_t kDotLanes = 32;
+// Smallest amount of work (elements) worth a parallel task; below it the loop stays on the calling thread.
+constexpr int64_t kMinTaskElems = 1 << 15;
+// Pool forward with few batch items splits D into chunks of a multiple of this (one zmm of float).
+constexpr int64_t kChannelAlign = 16;
+
+// ---------------------------------------------------------------------------------------------------------------
+// Row kernels on float / double. Each *_impl is inlined into one clone per ISA level below.
+// ---------------------------------------------------------------------------------------------------------------
+
+template <typename T>
+FA_GATE_INLINE T dot_impl(const T* __restrict a, const T* __restrict b, int64_t n) {
+  T part[kDotLanes] = {};
+  int64_t i = 0;
+  for (; i + kDotLanes <= n; i += kDotLanes)
+    for (int64_t l = 0; l < kDotLanes; ++l) part[l] += a[i + l] * b[i + l];
+  T sum = 0;
+  for (; i < n; ++i) sum += a[i] * b[i];
+  for (int64_t l = 0; l < kDotLanes; ++l) sum += part[l];
+  return sum;
+}
+
+// y[h, j] = alpha[h] * x[h, j]; one row, (H, Dh) viewed flat
+template <typename T>
+FA_GATE_INLINE void gate_row_impl(T* __restrict y, const T* __restrict x, const T* __restrict alpha, int64_t H,
+                                  int64_t Dh) {
+  for (int64_t h = 0; h < H; ++h) {
+    const T a = alpha[h];
+    T* __restrict y_h = y + h * Dh;
+    const T* __restrict x_h = x + h * Dh;
+    for (int64_t j = 0; j < Dh; ++j) y_h[j] = a * x_h[j];
+  }
+}
+
+// acc[c - c0] += alpha[c / Dh] * x[c - c0] for channels c in [c0, c1)
+template <typename T>
+FA_GATE_INLINE void pool_row_impl(T* __restrict acc, const T* __restrict x, const T* __restrict alpha, int64_t c0,
+                                  int64_t c1, int64_t Dh) {
+  for (int64_t c = c0; c < c1;) {
+    const int64_t h = c / Dh;
+    const int64_t end = std::min(c1, (h + 1) * Dh);
+    const T a = alpha[h];
+    T* __restrict acc_seg = acc + (c - c0);
+    const T* __restrict x_seg = x + (c - c0);
+    for (int64_t j = 0; j < end - c; ++j) acc_seg[j] += a * x_seg[j];
+    c = end;
+  }
+}
+
+// dx[h, j] = alpha[h] * dy[h, j];  g[h] = Σ_j dy[h, j] * x[h, j]
+template <typename T>
+FA_GATE_INLINE void gate_bwd_row_impl(T* __restrict dx, T* __restrict g, const T* __restrict dy,
+                                      const T* __restrict x, const T* __restrict alpha, int64_t H, int64_t Dh) {
+  for (int64_t h = 0; h < H; ++h) {
+    const T a = alpha[h];
+    T* __restrict dx_h = dx + h * Dh;
+    const T* __restrict dy_h = dy + h * Dh;
+    for (int64_t j = 0; j < Dh; ++j) dx_h[j] = a * dy_h[j];
+    g[h] = dot_impl(dy_h, x + h * Dh, Dh);
+  }
+}
+
+// g[h] = Σ_j dy[h, j] * x[h, j]
+template <typename T>
+FA_GATE_INLINE void head_dots_impl(T* __restrict g, const T* __restrict dy, const T* __restrict x, int64_t H,
+                                   int64_t Dh) {
+  for (int64_t h = 0; h < H; ++h) g[h] = dot_impl(dy + h * Dh, x + h * Dh, Dh);
+}
+
+// s[h] = scale * Σ_c x[c] * w[h, c];  w (H, D) contiguous
+template <typename T>
+FA_GATE_INLINE void linear_scores_impl(T* __restrict s, const T* __restrict x, const T* __restrict w, int64_t H,
+                                       int64_t D, T scale) {
+  for (int64_t h = 0; h < H; ++h) s[h] = scale * dot_impl(x, w + h * D, D);
+}
+
+// dx[c] = alpha[h(c)] * dy[c] + Σ_h ds[h] * w[h, c];  dw[h, c] += ds[h] * x[c]   (ds already carries the scale)
+template <typename T>
+FA_GATE_INLINE void score_bwd_row_impl(T* __restrict dx, T* __restrict dw, const T* __restrict dy,
+                                       const T* __restrict x, const T* __restrict alpha, const T* __restrict ds,
+                                       const T* __restrict w, int64_t H, int64_t Dh) {
+  const int64_t D = H * Dh;
+  gate_row_impl(dx, dy, alpha, H, Dh);
+  for (int64_t h = 0; h < H; ++h) {
+    const T d = ds[h];
+    const T* __restrict w_h = w + h * D;
+    T* __restrict dw_h = dw + h * D;
+    for (int64_t c = 0; c < D; ++c) dx[c] += d * w_h[c];
+    for (int64_t c = 0; c < D; ++c) dw_h[c] += d * x[c];
+  }
+}
+
+// 2^x for x <= 0 in float: 2^n * 2^f with n = round(x), f in [-0.5, 0.5], Cephes exp2f polynomial (~1 ulp).
+// Below 2^-126 (and at -inf, masked positions) it returns exactly 0.
+FA_GATE_INLINE float exp2_poly(float x) {
+  constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23: (x + m) - m rounds x to the nearest integer
+  const float xc = std::min(std::max(x, -126.0f), 127.0f);
+  const float n = (xc + kRoundMagic) - kRoundMagic;
+  const float f = xc - n;
+  float p = 1.535336188319500e-4f;
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof(two_n));
+  const float r = x < -126.0f ? 0.0f : p * two_n;
+  return x != x ? x : r;  // NaN stays NaN
+}
+
+#define FA_GATE_FOR_ACC(T)                                                                                         \
+  FA_GATE_CLONES void gate_row(T* y, const T* x, const T* alpha, int64_t H, int64_t Dh) {                         \
+    gate_row_impl(y, x, alpha, H, Dh);                                                                             \
+  }                                                                                                                \
+  FA_GATE_CLONES void pool_row(T* acc, const T* x, const T* alpha, int64_t c0, int64_t c1, int64_t Dh) {          \
+    pool_row_impl(acc, x, alpha, c0, c1, Dh);                                                                      \
+  }                                                                                                                \
+  FA_GATE_CLONES void gate_bwd_row(T* dx, T* g, const T* dy, const T* x, const T* alpha, int64_t H, int64_t Dh) { \
+    gate_bwd_row_impl(dx, g, dy, x, alpha, H, Dh);                                                                 \
+  }                                                                                                                \
+  FA_GATE_CLONES void head_dots(T* g, const T* dy, const T* x, int64_t H, int64_t Dh) {                           \
+    head_dots_impl(g, dy, x, H, Dh);                                                                               \
+  }                                                                                                                \
+  FA_GATE_CLONES void linear_scores(T* s, const T* x, const T* w, int64_t H, int64_t D, T scale) {                \
+    linear_scores_impl(s, x, w, H, D, scale);                                                                      \
+  }                                                                                                                \
+  FA_GATE_CLONES void score_bwd_row(T* dx, T* dw, const T* dy, const T* x, const T* alpha, const T* ds,           \
+                                    const T* w, int64_t H, int64_t Dh) {                                          \
+    score_bwd_row_impl(dx, dw, dy, x, alpha, ds, w, H, Dh);                                                        \
+  }
+
+FA_GATE_FOR_ACC(float)
+FA_GATE_FOR_ACC(double)
+#undef FA_GATE_FOR_ACC
+
+FA_GATE_CLONES void exp2_inplace(float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = exp2_poly(x[i]);
+}
+void exp2_inplace(double* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = std::exp2(x[i]);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// bfloat16 / half rows <-> float rows
+// ---------------------------------------------------------------------------------------------------------------
+
+FA_GATE_CLONES void to_acc(const c10::BFloat16* src, float* dst, int64_t n) {
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t u = static_cast<uint32_t>(bits[i]) << 16;
+    std::memcpy(dst + i, &u, sizeof(u));
+  }
+}
+
+// Round to nearest even, NaN -> quiet NaN, as c10::BFloat16's conversion.
+FA_GATE_CLONES void from_acc(const float* src, c10::BFloat16* dst, int64_t n) {
+  uint16_t* bits = reinterpret_cast<uint16_t*>(dst);
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, src + i, sizeof(u));
+    const uint16_t rounded = static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    bits[i] = src[i] != src[i] ? uint16_t{0x7fc0} : rounded;
+  }
+}
+
+#if FA_GATE_X86
+// GCC 12 does not vectorise _Float16 conversions, so half rows use F16C directly when the CPU has it.
+bool cpu_has_f16c() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx");
+  }();
+  return has;
+}
+
+__attribute__((target("avx,f16c"))) void half_to_float_f16c(const uint16_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  for (; i < n; ++i) dst[i] = _cvtsh_ss(src[i]);
+}
+
+__attribute__((target("avx,f16c"))) void float_to_half_f16c(const float* src, uint16_t* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  for (; i < n; ++i) dst[i] = _cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+#endif
+
+void to_acc(const c10::Half* src, float* dst, int64_t n) {
+#if FA_GATE_X86
+  if (cpu_has_f16c()) return half_to_float_f16c(reinterpret_cast<const uint16_t*>(src), dst, n);
+#endif
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+void from_acc(const float* src, c10::Half* dst, int64_t n) {
+#if FA_GATE_X86
+  if (cpu_has_f16c()) return float_to_half_f16c(src, reinterpret_cast<uint16_t*>(dst), n);
+#endif
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<c10::Half>(src[i]);
+}
+
+// A scalar_t row seen as an acc_t row: a plain pointer for float/double, a converted scratch row otherwise.
+template <typename scalar_t>
+class AccRow {
+  using acc_t = at::opmath_type<scalar_t>;
+  static constexpr bool kNative = std::is_same_v<scalar_t, acc_t>;
+
+ public:
+  explicit AccRow(int64_t n) : scratch_(kNative ? 0 : n) {}
+  const acc_t* read(const scalar_t* src, int64_t n) {
+    if constexpr (kNative) {
+      return src;
+    } else {
+      to_acc(src, scratch_.data(), n);
+      return scratch_.data();
+    }
+  }
+  // Where to compute a row that write_back then stores to dst.
+  acc_t* target(scalar_t* dst) {
+    if constexpr (kNative) {
+      return dst;
+    } else {
+      return scratch_.data();
+    }
+  }
+  void write_back(scalar_t* dst, int64_t n) {
+    if constexpr (!kNative) from_acc(scratch_.data(), dst, n);
+  }
+
+ private:
+  std::vector<acc_t> scratch_;
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// Layout
+// ---------------------------------------------------------------------------------------------------------------
+
+// A strided (B, N, D) slab with unit channel stride. A pooled dy (B, D) is the same with sn = 0.
+template <typename T>
+struct Slab {
+  T* data;
+  int64_t sb, sn;
+  T* row(int64_t b, int64_t n) const { return data + b * sb + n * sn; }
+};
+
+template <typename T>
+Slab<T> slab_of(const at::Tensor& t, bool per_position) {
+  return {t.data_ptr<std::remove_const_t<T>>(), t.stride(0), per_position ? t.stride(1) : 0};
+}
+
+struct Dims {
+  int64_t B, N, D, H, Dh;
+};
+
+// [begin, end) of part t when [0, total) is split into n_parts nearly equal parts
+std::pair<int64_t, int64_t> split_range(int64_t total, int64_t n_parts, int64_t t) {
+  const int64_t base = total / n_parts, extra = total % n_parts;
+  const int64_t begin = t * base + std::min(t, extra);
+  return {begin, begin + base + (t < extra ? 1 : 0)};
+}
+
+int64_t rows_grain(int64_t row_elems) { return std::max<int64_t>(1, kMinTaskElems / std::max<int64_t>(1, row_elems)); }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Softmax over positions, per batch item. a is (N, H) contiguous.
+// ---------------------------------------------------------------------------------------------------------------
+
+// In: scores (masked positions already -inf). Out: alpha; all zero for a head whose positions are all masked.
+template <typename T>
+void softmax_over_positions(T* a, int64_t N, int64_t H) {
+  std::vector<T> m(H, -std::numeric_limits<T>::infinity()), l(H, T(0));
+  // -- max over positions
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t h = 0; h < H; ++h) m[h] = std::max(m[h], a[n * H + h]);
+  // -- exponentials in base 2 shifted by the max; a fully masked head keeps -inf everywhere, so 0
+  for (int64_t h = 0; h < H; ++h)
+    if (m[h] == -std::numeric_limits<T>::infinity()) m[h] = 0;
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t h = 0; h < H; ++h) a[n * H + h] = (a[n * H + h] - m[h]) * T(kLog2e);
+  exp2_inplace(a, N * H);
+  // -- normalise
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t h = 0; h < H; ++h) l[h] += a[n * H + h];
+  for (int64_t h = 0; h < H; ++h) l[h] = l[h] > 0 ? T(1) / l[h] : T(0);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t h = 0; h < H; ++h) a[n * H + h] *= l[h];
+}
+
+template <typename T>
+void mask_positions(T* a, const bool* mask_b, int64_t N, int64_t H) {
+  if (mask_b == nullptr) return;
+  for (int64_t n = 0; n < N; ++n)
+    if (!mask_b[n])
+      for (int64_t h = 0; h < H; ++h) a[n * H + h] = -std::numeric_limits<T>::infinity();
+}
+
+// In: g (N, H). Out, in place: scale * dscores = scale * alpha * (g + dalpha - Σ_n alpha * (g + dalpha)).
+template <typename T>
+void softmax_over_positions_bwd(T* g, const T* alpha, const T* dalpha, int64_t N, int64_t H, T scale) {
+  std::vector<T> delta(H, T(0));
+  if (dalpha != nullptr)
+    for (int64_t i = 0; i < N * H; ++i) g[i] += dalpha[i];
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t h = 0; h < H; ++h) delta[h] += alpha[n * H + h] * g[n * H + h];
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t h = 0; h < H; ++h) g[n * H + h] = scale * alpha[n * H + h] * (g[n * H + h] - delta[h]);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Stages shared by both ops. acc_t rows of alpha / g are (B * N, H) contiguous, indexed by row r = b * N + n.
+// ---------------------------------------------------------------------------------------------------------------
+
+// alpha[b] = masked softmax over positions of scores[b]
+template <typename scalar_t>
+void alpha_from_scores(at::opmath_type<scalar_t>* alpha, Slab<const scalar_t> scores, const bool* mask,
+                       const Dims& d, int64_t b) {
+  using acc_t = at::opmath_type<scalar_t>;
+  acc_t* a = alpha + b * d.N * d.H;
+  for (int64_t n = 0; n < d.N; ++n) {
+    const scalar_t* s = scores.row(b, n);
+    for (int64_t h = 0; h < d.H; ++h) a[n * d.H + h] = static_cast<acc_t>(s[h]);
+  }
+  mask_positions(a, mask ? mask + b * d.N : nullptr, d.N, d.H);
+  softmax_over_positions(a, d.N, d.H);
+}
+
+// alpha rows [r0, r1) = scale * x @ w^T (masked rows -inf), before the softmax
+template <typename scalar_t>
+void scores_from_x(at::opmath_type<scalar_t>* alpha, Slab<const scalar_t> x, const at::opmath_type<scalar_t>* w,
+                   at::opmath_type<scalar_t> scale, const bool* mask, const Dims& d, int64_t r0, int64_t r1) {
+  using acc_t = at::opmath_type<scalar_t>;
+  AccRow<scalar_t> x_row(d.D);
+  for (int64_t r = r0; r < r1; ++r) {
+    if (mask != nullptr && !mask[r]) {
+      for (int64_t h = 0; h < d.H; ++h) alpha[r * d.H + h] = -std::numeric_limits<acc_t>::infinity();
+      continue;
+    }
+    linear_scores(alpha + r * d.H, x_row.read(x.row(r / d.N, r % d.N), d.D), w, d.H, d.D, scale);
+  }
+}
+
+// y rows [r0, r1) = alpha ⊙ x
+template <typename scalar_t>
+void gate_rows(Slab<scalar_t> y, Slab<const scalar_t> x, const at::opmath_type<scalar_t>* alpha, const Dims& d,
+               int64_t r0, int64_t r1) {
+  AccRow<scalar_t> x_row(d.D), y_row(d.D);
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t b = r / d.N, n = r % d.N;
+    scalar_t* y_ptr = y.row(b, n);
+    gate_row(y_row.target(y_ptr), x_row.read(x.row(b, n), d.D), alpha + r * d.H, d.H, d.Dh);
+    y_row.write_back(y_ptr, d.D);
+  }
+}
+
+// y[b, c0:c1] = Σ_n alpha[b, n] ⊙ x[b, n, c0:c1]
+template <typename scalar_t>
+void pool_channels(scalar_t* y, Slab<const scalar_t> x, const at::opmath_type<scalar_t>* alpha, const Dims& d,
+                   int64_t b, int64_t c0, int64_t c1) {
+  using acc_t = at::opmath_type<scalar_t>;
+  std::vector<acc_t> acc(c1 - c0, acc_t(0));  // [c1 - c0]
+  AccRow<scalar_t> x_row(c1 - c0), y_row(c1 - c0);
+  for (int64_t n = 0; n < d.N; ++n)
+    pool_row(acc.data(), x_row.read(x.row(b, n) + c0, c1 - c0), alpha + (b * d.N + n) * d.H, c0, c1, d.Dh);
+  scalar_t* y_ptr = y + b * d.D + c0;
+  acc_t* out = y_row.target(y_ptr);
+  std::copy(acc.begin(), acc.end(), out);
+  y_row.write_back(y_ptr, c1 - c0);
+}
+
+// Gate or pool every row; alpha complete.
+template <typename scalar_t>
+void gate_or_pool(const at::Tensor& y, Slab<const scalar_t> x, const at::opmath_type<scalar_t>* alpha,
+                  const Dims& d, bool pool) {
+  if (!pool) {
+    at::parallel_for(0, d.B * d.N, rows_grain(d.D), [&](int64_t r0, int64_t r1) {
+      gate_rows(slab_of<scalar_t>(y, true), x, alpha, d, r0, r1);
+    });
+    return;
+  }
+  // Few batch items: also split channels, so every thread has a slab part to stream.
+  const int64_t threads = at::get_num_threads();
+  int64_t n_chunks = d.B >= threads ? 1 : std::min((threads + d.B - 1) / d.B, (d.D + kChannelAlign - 1) / kChannelAlign);
+  n_chunks = std::max<int64_t>(n_chunks, 1);
+  const int64_t chunk = ((d.D + n_chunks - 1) / n_chunks + kChannelAlign - 1) / kChannelAlign * kChannelAlign;
+  n_chunks = std::max<int64_t>(1, (d.D + chunk - 1) / chunk);
+  const int64_t grain = std::max<int64_t>(1, kMinTaskElems / std::max<int64_t>(1, d.N * chunk));
+  scalar_t* y_ptr = y.data_ptr<scalar_t>();
+  at::parallel_for(0, d.B * n_chunks, grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / n_chunks, c0 = (t % n_chunks) * chunk;
+      pool_channels(y_ptr, x, alpha, d, b, c0, std::min(d.D, c0 + chunk));
+    }
+  });
+}
+
+// dx rows [r0, r1) = alpha ⊙ dy;  g rows = per-head Σ dy ⊙ x
+template <typename scalar_t>
+void gate_bwd_rows(Slab<scalar_t> dx, at::opmath_type<scalar_t>* g, Slab<const scalar_t> dy,
+                   Slab<const scalar_t> x, const at::opmath_type<scalar_t>* alpha, const Dims& d, int64_t r0,
+                   int64_t r1) {
+  AccRow<scalar_t> dy_row(d.D), x_row(d.D), dx_row(d.D);
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t b = r / d.N, n = r % d.N;
+    scalar_t* dx_ptr = dx.row(b, n);
+    gate_bwd_row(dx_row.target(dx_ptr), g + r * d.H, dy_row.read(dy.row(b, n), d.D), x_row.read(x.row(b, n), d.D),
+                 alpha + r * d.H, d.H, d.Dh);
+    dx_row.write_back(dx_ptr, d.D);
+  }
+}
+
+// g rows [r0, r1) = per-head Σ dy ⊙ x
+template <typename scalar_t>
+void head_dots_rows(at::opmath_type<scalar_t>* g, Slab<const scalar_t> dy, Slab<const scalar_t> x, const Dims& d,
+                    int64_t r0, int64_t r1) {
+  AccRow<scalar_t> dy_row(d.D), x_row(d.D);
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t b = r / d.N, n = r % d.N;
+    head_dots(g + r * d.H, dy_row.read(dy.row(b, n), d.D), x_row.read(x.row(b, n), d.D), d.H, d.Dh);
+  }
+}
+
+// dx rows [r0, r1) = alpha ⊙ dy + ds @ w;  dw += ds^T @ x  (ds = scale * dscores)
+template <typename scalar_t>
+void score_bwd_rows(Slab<scalar_t> dx, at::opmath_type<scalar_t>* dw, Slab<const scalar_t> dy,
+                    Slab<const scalar_t> x, const at::opmath_type<scalar_t>* alpha,
+                    const at::opmath_type<scalar_t>* ds, const at::opmath_type<scalar_t>* w, const Dims& d,
+                    int64_t r0, int64_t r1) {
+  AccRow<scalar_t> dy_row(d.D), x_row(d.D), dx_row(d.D);
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t b = r / d.N, n = r % d.N;
+    scalar_t* dx_ptr = dx.row(b, n);
+    score_bwd_row(dx_row.target(dx_ptr), dw, dy_row.read(dy.row(b, n), d.D), x_row.read(x.row(b, n), d.D),
+                  alpha + r * d.H, ds + r * d.H, w, d.H, d.Dh);
+    dx_row.write_back(dx_ptr, d.D);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Boundary checks
+// ---------------------------------------------------------------------------------------------------------------
+
+at::Tensor unit_last_stride(const at::Tensor& t) { return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous(); }
+
+at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_float_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "softmax_gate (cpu): ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "softmax_gate (cpu): ", name,
+              " must be float16, bfloat16, float32 or float64, got ", t.scalar_type());
+}
+
+Dims check_x(const at::Tensor& x, int64_t H) {
+  check_float_cpu(x, "x");
+  TORCH_CHECK(x.dim() == 3, "softmax_gate (cpu): x must be (B, N, D), got shape ", x.sizes());
+  TORCH_CHECK(H >= 1 && x.size(2) % H == 0, "softmax_gate (cpu): the number of heads H = ", H,
+              " must divide D = ", x.size(2));
+  return {x.size(0), x.size(1), x.size(2), H, x.size(2) / H};
+}
+
+// Contiguous bool (B, N) mask, or an undefined tensor.
+at::Tensor check_mask(const std::optional<at::Tensor>& mask, const Dims& d) {
+  if (!mask.has_value() || !mask->defined()) return {};
+  TORCH_CHECK(mask->device().is_cpu(), "softmax_gate (cpu): mask must be a CPU tensor, got ", mask->device());
+  TORCH_CHECK(mask->scalar_type() == at::kBool, "softmax_gate (cpu): mask must be bool, got ", mask->scalar_type());
+  TORCH_CHECK(mask->dim() == 2 && mask->size(0) == d.B && mask->size(1) == d.N,
+              "softmax_gate (cpu): mask must be (B, N) = (", d.B, ", ", d.N, "), got ", mask->sizes());
+  return mask->contiguous();
+}
+
+const bool* mask_ptr(const at::Tensor& mask) { return mask.defined() ? mask.data_ptr<bool>() : nullptr; }
+
+// alpha / dalpha as contiguous (B, N, H) tensors of the accumulation dtype.
+at::Tensor check_weights(const at::Tensor& t, const Dims& d, at::ScalarType acc, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "softmax_gate (cpu): ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.dim() == 3 && t.size(0) == d.B && t.size(1) == d.N && t.size(2) == d.H, "softmax_gate (cpu): ", name,
+              " must be (B, N, H) = (", d.B, ", ", d.N, ", ", d.H, "), got ", t.sizes());
+  return t.to(acc).contiguous();
+}
+
+at::Tensor check_dalpha(const std::optional<at::Tensor>& dalpha, const Dims& d, at::ScalarType acc) {
+  if (!dalpha.has_value() || !dalpha->defined()) return {};
+  return check_weights(*dalpha, d, acc, "dalpha");
+}
+
+void check_dy(const at::Tensor& dy, const at::Tensor& x, const Dims& d, bool pool) {
+  check_float_cpu(dy, "dy");
+  TORCH_CHECK(dy.scalar_type() == x.scalar_type(), "softmax_gate (cpu): dy must have x's dtype ", x.scalar_type(),
+              ", got ", dy.scalar_type());
+  if (pool) {
+    TORCH_CHECK(dy.dim() == 2 && dy.size(0) == d.B && dy.size(1) == d.D, "softmax_gate (cpu): dy must be (B, D) = (",
+                d.B, ", ", d.D, ") with pool=True, got ", dy.sizes());
+  } else {
+    TORCH_CHECK(dy.dim() == 3 && dy.size(0) == d.B && dy.size(1) == d.N && dy.size(2) == d.D,
+                "softmax_gate (cpu): dy must be (B, N, D) = (", d.B, ", ", d.N, ", ", d.D, "), got ", dy.sizes());
+  }
+}
+
+Dims check_weight(const at::Tensor& weight, const at::Tensor& x) {
+  check_float_cpu(weight, "weight");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "score_softmax_gate (cpu): weight must have x's dtype ",
+              x.scalar_type(), ", got ", weight.scalar_type());
+  TORCH_CHECK(weight.dim() == 2 && x.dim() == 3 && weight.size(1) == x.size(2),
+              "score_softmax_gate (cpu): weight must be (H, D) with D = x.size(-1) = ", x.dim() == 3 ? x.size(2) : -1,
+              ", got ", weight.sizes());
+  return check_x(x, weight.size(0));
+}
+
+at::Tensor empty_y(const at::Tensor& x, const Dims& d, bool pool) {
+  return pool ? at::empty({d.B, d.D}, x.options()) : at::empty({d.B, d.N, d.D}, x.options());
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------------------------
+// Ops
+// ---------------------------------------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor> softmax_gate_fwd(const at::Tensor& scores_in, const at::Tensor& x_in,
+                                                    const std::optional<at::Tensor>& mask_in, bool pool) {
+  const at::Tensor x = unit_last_stride(x_in), scores = unit_last_stride(scores_in);
+  check_float_cpu(scores, "scores");
+  TORCH_CHECK(scores.dim() == 3, "softmax_gate (cpu): scores must be (B, N, H), got shape ", scores.sizes());
+  const Dims d = check_x(x, scores.size(2));
+  TORCH_CHECK(scores.size(0) == d.B && scores.size(1) == d.N, "softmax_gate (cpu): scores must be (B, N, H) = (",
+              d.B, ", ", d.N, ", H), got ", scores.sizes());
+  TORCH_CHECK(scores.scalar_type() == x.scalar_type(), "softmax_gate (cpu): scores must have x's dtype ",
+              x.scalar_type(), ", got ", scores.scalar_type());
+  const at::Tensor mask = check_mask(mask_in, d);
+  at::Tensor alpha = at::empty({d.B, d.N, d.H}, x.options().dtype(acc_dtype(x.scalar_type())));
+  at::Tensor y = empty_y(x, d, pool);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "softmax_gate_fwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    acc_t* alpha_ptr = alpha.data_ptr<acc_t>();
+    const Slab<const scalar_t> x_slab = slab_of<const scalar_t>(x, true);
+    const Slab<const scalar_t> s_slab = slab_of<const scalar_t>(scores, true);
+    // -- alpha = masked softmax over positions, one batch item per task
+    at::parallel_for(0, d.B, rows_grain(d.N * d.H), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) alpha_from_scores(alpha_ptr, s_slab, mask_ptr(mask), d, b);
+    });
+    // -- y = alpha ⊙ x, or Σ_n alpha ⊙ x: the one pass over x
+    gate_or_pool(y, x_slab, alpha_ptr, d, pool);
+  });
+  return {y, alpha};
+}
+
+std::tuple<at::Tensor, at::Tensor> softmax_gate_bwd(const at::Tensor& dy_in, const at::Tensor& x_in,
+                                                    const at::Tensor& alpha_in,
+                                                    const std::optional<at::Tensor>& dalpha_in, bool pool) {
+  const at::Tensor x = unit_last_stride(x_in), dy = unit_last_stride(dy_in);
+  check_float_cpu(x, "x");
+  TORCH_CHECK(alpha_in.dim() == 3, "softmax_gate (cpu): alpha must be (B, N, H), got shape ", alpha_in.sizes());
+  const Dims d = check_x(x, alpha_in.size(2));
+  check_dy(dy, x, d, pool);
+  const at::ScalarType acc = acc_dtype(x.scalar_type());
+  const at::Tensor alpha = check_weights(alpha_in, d, acc, "alpha");
+  const at::Tensor dalpha = check_dalpha(dalpha_in, d, acc);
+  at::Tensor g = at::empty({d.B, d.N, d.H}, x.options().dtype(acc));  // becomes dscores in place
+  at::Tensor dx = at::empty({d.B, d.N, d.D}, x.options());
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "softmax_gate_bwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t* alpha_ptr = alpha.data_ptr<acc_t>();
+    const acc_t* dalpha_ptr = dalpha.defined() ? dalpha.data_ptr<acc_t>() : nullptr;
+    acc_t* g_ptr = g.data_ptr<acc_t>();
+    const Slab<const scalar_t> x_slab = slab_of<const scalar_t>(x, true);
+    const Slab<const scalar_t> dy_slab = slab_of<const scalar_t>(dy, !pool);
+    const Slab<scalar_t> dx_slab = slab_of<scalar_t>(dx, true);
+    // -- dx = alpha ⊙ dy, g = per-head Σ_c dy ⊙ x: the one pass over x and dy
+    at::parallel_for(0, d.B * d.N, rows_grain(d.D), [&](int64_t r0, int64_t r1) {
+      gate_bwd_rows(dx_slab, g_ptr, dy_slab, x_slab, alpha_ptr, d, r0, r1);
+    });
+    // -- dscores = alpha ⊙ (g - Σ_n alpha g)
+    at::parallel_for(0, d.B, rows_grain(d.N * d.H), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t off = b * d.N * d.H;
+        softmax_over_positions_bwd(g_ptr + off, alpha_ptr + off, dalpha_ptr ? dalpha_ptr + off : nullptr, d.N, d.H,
+                                   acc_t(1));
+      }
+    });
+  });
+  return {g.to(x.scalar_type()), dx};
+}
+
+std::tuple<at::Tensor, at::Tensor> score_softmax_gate_fwd(const at::Tensor& x_in, const at::Tensor& weight_in,
+                                                          const std::optional<at::Tensor>& mask_in, double scale,
+                                                          bool pool) {
+  const at::Tensor x = unit_last_stride(x_in);
+  const Dims d = check_weight(weight_in, x);
+  const at::Tensor mask = check_mask(mask_in, d);
+  const at::ScalarType acc = acc_dtype(x.scalar_type());
+  const at::Tensor w = weight_in.to(acc).contiguous();  // (H, D), small
+  at::Tensor alpha = at::empty({d.B, d.N, d.H}, x.options().dtype(acc));
+  at::Tensor y = empty_y(x, d, pool);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "score_softmax_gate_fwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    acc_t* alpha_ptr = alpha.data_ptr<acc_t>();
+    const acc_t* w_ptr = w.data_ptr<acc_t>();
+    const bool* m_ptr = mask_ptr(mask);
+    const Slab<const scalar_t> x_slab = slab_of<const scalar_t>(x, true);
+    const int64_t threads = at::get_num_threads();
+    if (d.B >= threads) {
+      // -- whole batch items per task: the gating pass re-reads the slab the score pass just brought into cache
+      scalar_t* y_ptr = y.data_ptr<scalar_t>();
+      at::parallel_for(0, d.B, 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          scores_from_x<scalar_t>(alpha_ptr, x_slab, w_ptr, acc_t(scale), m_ptr, d, b * d.N, (b + 1) * d.N);
+          softmax_over_positions(alpha_ptr + b * d.N * d.H, d.N, d.H);
+          if (pool)
+            pool_channels(y_ptr, x_slab, alpha_ptr, d, b, 0, d.D);
+          else
+            gate_rows(slab_of<scalar_t>(y, true), x_slab, alpha_ptr, d, b * d.N, (b + 1) * d.N);
+        }
+      });
+      return;
+    }
+    // -- few batch items: one parallel loop per stage
+    at::parallel_for(0, d.B * d.N, rows_grain(d.D * d.H), [&](int64_t r0, int64_t r1) {
+      scores_from_x<scalar_t>(alpha_ptr, x_slab, w_ptr, acc_t(scale), m_ptr, d, r0, r1);
+    });
+    at::parallel_for(0, d.B, rows_grain(d.N * d.H), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) softmax_over_positions(alpha_ptr + b * d.N * d.H, d.N, d.H);
+    });
+    gate_or_pool(y, x_slab, alpha_ptr, d, pool);
+  });
+  return {y, alpha};
+}
+
+std::tuple<at::Tensor, at::Tensor> score_softmax_gate_bwd(const at::Tensor& dy_in, const at::Tensor& x_in,
+                                                          const at::Tensor& weight_in, const at::Tensor& alpha_in,
+                                                          const std::optional<at::Tensor>& dalpha_in, double scale,
+                                                          bool pool) {
+  const at::Tensor x = unit_last_stride(x_in), dy = unit_last_stride(dy_in);
+  const Dims d = check_weight(weight_in, x);
+  check_dy(dy, x, d, pool);
+  const at::ScalarType acc = acc_dtype(x.scalar_type());
+  const at::Tensor alpha = check_weights(alpha_in, d, acc, "alpha");
+  const at::Tensor dalpha = check_dalpha(dalpha_in, d, acc);
+  const at::Tensor w = weight_in.to(acc).contiguous();  // (H, D)
+  at::Tensor ds = at::empty({d.B, d.N, d.H}, x.options().dtype(acc));  // g, then scale * dscores in place
+  at::Tensor dx = at::empty({d.B, d.N, d.D}, x.options());
+  // Per-task partial dweight, summed in a fixed order at the end: no races, same result every run.
+  const int64_t n_tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), d.B * d.N));
+  at::Tensor dw_parts = at::zeros({n_tasks, d.H, d.D}, x.options().dtype(acc));
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "score_softmax_gate_bwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t* alpha_ptr = alpha.data_ptr<acc_t>();
+    const acc_t* dalpha_ptr = dalpha.defined() ? dalpha.data_ptr<acc_t>() : nullptr;
+    const acc_t* w_ptr = w.data_ptr<acc_t>();
+    acc_t* ds_ptr = ds.data_ptr<acc_t>();
+    acc_t* dw_ptr = dw_parts.data_ptr<acc_t>();
+    const Slab<const scalar_t> x_slab = slab_of<const scalar_t>(x, true);
+    const Slab<const scalar_t> dy_slab = slab_of<const scalar_t>(dy, !pool);
+    const Slab<scalar_t> dx_slab = slab_of<scalar_t>(dx, true);
+    const auto dscores_of = [&](int64_t b) {
+      const int64_t off = b * d.N * d.H;
+      softmax_over_positions_bwd(ds_ptr + off, alpha_ptr + off, dalpha_ptr ? dalpha_ptr + off : nullptr, d.N, d.H,
+                                 acc_t(scale));
+    };
+    if (d.B >= n_tasks) {
+      // -- whole batch items per task: the dx / dweight pass re-reads the slabs the g pass just brought into cache
+      at::parallel_for(0, n_tasks, 1, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+          const auto [b0, b1] = split_range(d.B, n_tasks, t);
+          for (int64_t b = b0; b < b1; ++b) {
+            head_dots_rows(ds_ptr, dy_slab, x_slab, d, b * d.N, (b + 1) * d.N);
+            dscores_of(b);
+            score_bwd_rows(dx_slab, dw_ptr + t * d.H * d.D, dy_slab, x_slab, alpha_ptr, ds_ptr, w_ptr, d, b * d.N,
+                           (b + 1) * d.N);
+          }
+        }
+      });
+    } else {
+      // -- few batch items: one parallel loop per stage
+      at::parallel_for(0, d.B * d.N, rows_grain(d.D), [&](int64_t r0, int64_t r1) {
+        head_dots_rows(ds_ptr, dy_slab, x_slab, d, r0, r1);
+      });
+      at::parallel_for(0, d.B, rows_grain(d.N * d.H), [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) dscores_of(b);
+      });
+      at::parallel_for(0, n_tasks, 1, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+          const auto [r0, r1] = split_range(d.B * d.N, n_tasks, t);
+          score_bwd_rows(dx_slab, dw_ptr + t * d.H * d.D, dy_slab, x_slab, alpha_ptr, ds_ptr, w_ptr, d, r0, r1);
+        }
+      });
+    }
+  });
+  // -- dweight = Σ_tasks partial dweight
+  return {dx, dw_parts.sum(0).to(weight_in.scalar_type())};
+}
+
+}  // namespace fastattn::cpu

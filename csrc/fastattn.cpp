@@ -1,0 +1,64 @@
+// fastattn._C: the op schemas (one place for all backends) and the CPU kernels' registration.
+//
+// Path of a call: fastattn/functional.py (public API, checks) -> fastattn/ops.py (fake + autograd)
+// -> torch.ops.fastattn.<op> (schemas below) -> csrc/cpu/*.cpp (CPU) or csrc/cuda/*.cu (CUDA).
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "cpu/attention.h"
+#include "cpu/softmax_gate.h"
+
+#ifndef FASTATTN_VERSION
+#define FASTATTN_VERSION "unknown"
+#endif
+
+TORCH_LIBRARY(fastattn, m) {
+  // causal: 0 none, 1 top_left, 2 bottom_right. mask / gate arrive expanded to (B,Hq,Lq,Lk) / (B,Hq,Lq,Dv).
+  // Returns (out, lse); out is gated when a gate is given; lse is float32 (float64 for float64 inputs).
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? gate, float scale, int causal)"
+        " -> (Tensor, Tensor)");
+  // Returns (dq, dk, dv, dmask, dgate); dmask / dgate are empty tensors when not asked for.
+  m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask,"
+        " Tensor? gate, Tensor? dlse, float scale, int causal, bool need_dmask)"
+        " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Returns (y, alpha); alpha (B,N,H) is float32 (float64 for float64 inputs).
+  m.def("softmax_gate_fwd(Tensor scores, Tensor x, Tensor? mask, bool pool) -> (Tensor, Tensor)");
+  // Returns (dscores, dx).
+  m.def("softmax_gate_bwd(Tensor dy, Tensor x, Tensor alpha, Tensor? dalpha, bool pool) -> (Tensor, Tensor)");
+  m.def("score_softmax_gate_fwd(Tensor x, Tensor weight, Tensor? mask, float scale, bool pool)"
+        " -> (Tensor, Tensor)");
+  // Returns (dx, dweight).
+  m.def("score_softmax_gate_bwd(Tensor dy, Tensor x, Tensor weight, Tensor alpha, Tensor? dalpha, float scale,"
+        " bool pool) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
+  m.impl("attention_fwd", &fastattn::cpu::attention_fwd);
+  m.impl("attention_bwd", &fastattn::cpu::attention_bwd);
+  m.impl("softmax_gate_fwd", &fastattn::cpu::softmax_gate_fwd);
+  m.impl("softmax_gate_bwd", &fastattn::cpu::softmax_gate_bwd);
+  m.impl("score_softmax_gate_fwd", &fastattn::cpu::score_softmax_gate_fwd);
+  m.impl("score_softmax_gate_bwd", &fastattn::cpu::score_softmax_gate_bwd);
+}
+
+// A Python module so that `import fastattn._C` loads the library (and with it the registrations above).
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("build_info", []() {
+    pybind11::dict info;
+    info["version"] = FASTATTN_VERSION;
+#ifdef FASTATTN_WITH_CUDA
+    info["cuda"] = true;
+    info["cuda_archs"] = FASTATTN_CUDA_ARCHS;
+#else
+    info["cuda"] = false;
+    info["cuda_archs"] = "";
+#endif
+    info["openmp"] =
+#ifdef _OPENMP
+        true;
+#else
+        false;
+#endif
+    return info;
+  });
+}

@@ -1,0 +1,17 @@
+"""fastattn: fused score -> softmax -> gating attention kernels for PyTorch.
+
+    fastattn.attention(q, k, v, attn_mask=..., causal=..., gate=..., backend="auto")
+    fastattn.scaled_dot_product_attention(...)     # drop-in for F.scaled_dot_product_attention
+    fastattn.softmax_gate(scores, x, mask=..., pool=...)
+    fastattn.score_softmax_gate(x, weight, mask=..., pool=...)
+    fastattn.backends()                            # which backends run here, and why not
+
+``fastattn.reference`` holds the plain-PyTorch definitions every backend is measured against.
+"""
+from . import ops, reference  # noqa: F401  (ops registers fake kernels and autograd)
+from .backends import backends
+from .functional import attention, scaled_dot_product_attention, score_softmax_gate, softmax_gate
+from .version import __version__
+
+__all__ = ["attention", "scaled_dot_product_attention", "softmax_gate", "score_softmax_gate",
+           "backends", "reference", "__version__"]

@@ -1,0 +1,166 @@
+"""Backends and the choice among them (SPEC.md §3).
+
+A backend is an object with a name, a reason it is unavailable (or None), a reason it cannot run a
+given problem (or None), and one method per op. ``fastattn.functional`` checks the inputs, builds a
+:class:`Problem`, asks :func:`select` for a backend and calls it; a new backend (triton, cuda) plugs
+in by adding an instance to ``_BACKENDS``. Callers never change.
+
+"auto" order per device: the fused backends first, then the reference. "auto" never picks the
+Triton interpreter on CPU (correct but slow; name ``backend="triton"`` to use it).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from . import ops, reference
+
+MAX_FUSED_HEAD_DIM = 256  # SPEC §2: D and Dv up to 256 on fused backends
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """What a backend needs to know to accept or refuse a call."""
+    op: str                      # "attention", "softmax_gate", "score_softmax_gate"
+    device_type: str
+    dtype: torch.dtype
+    head_dim: int = 0            # max(D, Dv) for attention
+    dropout: bool = False
+
+
+class Backend:
+    name = ""
+    device_types: tuple = ()
+
+    def unavailable(self) -> str | None:
+        return None
+
+    def unsupported(self, p: Problem) -> str | None:
+        if p.device_type not in self.device_types:
+            return f"runs on {' or '.join(self.device_types)} tensors, got {p.device_type} tensors"
+        return None
+
+
+class ReferenceBackend(Backend):
+    """Plain PyTorch (fastattn/reference.py): any device, any float dtype, materialises scores."""
+    name = "reference"
+    device_types = ("any",)
+
+    def unsupported(self, p):
+        return None
+
+    def attention(self, q, k, v, mask, gate, scale, causal, dropout_p):
+        return reference.attention(q, k, v, attn_mask=mask, causal=causal, scale=scale, gate=gate,
+                                   dropout_p=dropout_p, return_lse=True)
+
+    def softmax_gate(self, scores, x, mask, pool):
+        return reference.softmax_gate(scores, x, mask=mask, pool=pool, return_weights=True)
+
+    def score_softmax_gate(self, x, weight, mask, scale, pool):
+        return reference.score_softmax_gate(x, weight, mask=mask, scale=scale, pool=pool,
+                                            return_weights=True)
+
+
+def _last_dim_contiguous(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class ExtensionBackend(Backend):
+    """Kernels compiled into fastattn._C and reached through torch.ops.fastattn (device dispatch)."""
+
+    def __init__(self, name, device_type):
+        self.name, self.device_types = name, (device_type,)
+
+    def unavailable(self):
+        if ops.extension_error() is not None:
+            return ops.extension_error()
+        if self.name == "cuda":
+            if not ops._C.build_info()["cuda"]:
+                return "fastattn._C was built without CUDA kernels (no CUDA torch/nvcc at build time, " \
+                       "or FASTATTN_CUDA=0)"
+            if not torch.cuda.is_available():
+                return "no CUDA device is available"
+        return None
+
+    def unsupported(self, p):
+        why = super().unsupported(p)
+        if why:
+            return why
+        if p.head_dim > MAX_FUSED_HEAD_DIM:
+            return f"head dims up to {MAX_FUSED_HEAD_DIM} (got {p.head_dim}); use backend='reference'"
+        if p.dropout:
+            return "dropout is not fused in this backend; use backend='reference' (auto does)"
+        return None
+
+    def attention(self, q, k, v, mask, gate, scale, causal, dropout_p):
+        B, Hq, Lq, _ = q.shape
+        Lk, Dv = k.shape[2], v.shape[3]
+        if mask is not None:
+            if mask.dtype != torch.bool:
+                mask = mask.to(q.dtype)  # kernels read a float mask in q's dtype
+            mask = mask.expand(B, Hq, Lq, Lk)  # stride 0 on broadcast dims, no copy
+        if gate is not None:
+            gate = gate.to(q.dtype).expand(B, Hq, Lq, Dv)
+        return torch.ops.fastattn.attention_fwd(
+            _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v),
+            mask, gate, scale, causal)
+
+    def softmax_gate(self, scores, x, mask, pool):
+        return torch.ops.fastattn.softmax_gate_fwd(
+            _last_dim_contiguous(scores), _last_dim_contiguous(x), mask, pool)
+
+    def score_softmax_gate(self, x, weight, mask, scale, pool):
+        return torch.ops.fastattn.score_softmax_gate_fwd(
+            _last_dim_contiguous(x), _last_dim_contiguous(weight), mask, scale, pool)
+
+
+class PlannedBackend(Backend):
+    """A backend of the design that this build does not contain yet; reported, never chosen."""
+
+    def __init__(self, name, device_types, why):
+        self.name, self.device_types, self._why = name, device_types, why
+
+    def unavailable(self):
+        return self._why
+
+
+_BACKENDS = {
+    b.name: b
+    for b in (
+        ExtensionBackend("cuda", "cuda"),
+        PlannedBackend("triton", ("cuda", "cpu"), "the Triton kernels (triton_kernels/) are not in this build yet"),
+        ExtensionBackend("cpu", "cpu"),
+        ReferenceBackend(),
+    )
+}
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+_AVAILABILITY: dict = {}
+
+
+def _unavailable(name):
+    if name not in _AVAILABILITY:  # probed once per process
+        _AVAILABILITY[name] = _BACKENDS[name].unavailable()
+    return _AVAILABILITY[name]
+
+
+def backends() -> dict:
+    """{name: {"available": bool, "reason": str | None, "devices": tuple}} for every backend."""
+    return {n: {"available": _unavailable(n) is None, "reason": _unavailable(n), "devices": b.device_types}
+            for n, b in _BACKENDS.items()}
+
+
+def select(backend: str, problem: Problem) -> Backend:
+    """The backend that runs ``problem``: the named one (or an error saying why it cannot), or,
+    for "auto", the first in the device's order that is available and supports it."""
+    if backend == "auto":
+        for name in _AUTO_ORDER.get(problem.device_type, ("reference",)):
+            if _unavailable(name) is None and _BACKENDS[name].unsupported(problem) is None:
+                return _BACKENDS[name]
+        return _BACKENDS["reference"]
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend: expected 'auto' or one of {sorted(_BACKENDS)}, got {backend!r}")
+    why = _unavailable(backend) or _BACKENDS[backend].unsupported(problem)
+    if why:
+        raise RuntimeError(f"backend={backend!r} cannot run this {problem.op} call: {why}")
+    return _BACKENDS[backend]

@@ -1,0 +1,279 @@
+"""Benchmarks: fastattn's backends side by side with PyTorch's best paths, in the same run.
+
+Timing: CUDA events on a GPU, perf_counter on CPU; warm-up, then the median of repetitions.
+Attention TFLOP/s use FlashAttention's count: fwd 4·B·H·Lq·Lk·D (halved for causal), bwd 2.5×,
+fwd_bwd 3.5×. The softmax gates are memory-bound and report GB/s of the bytes they must move.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import json
+import statistics
+import subprocess
+import time
+
+import torch
+import torch.nn.functional as F
+
+from . import functional
+from .backends import backends
+from .version import __version__
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    op: str                  # attention, gated, softmax_gate, score_softmax_gate
+    mode: str                # fwd, bwd, fwd_bwd
+    dtype: torch.dtype
+    B: int
+    Hq: int = 1
+    Hkv: int = 1
+    Lq: int = 0
+    Lk: int = 0
+    D: int = 0
+    Dv: int = 0
+    causal: bool = False
+    mask: str = "none"
+    gate: str = "none"
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn, device, warmup=2, reps=7, min_time_s=0.0):
+    """Median milliseconds of ``fn()`` over ``reps`` runs (more while under ``min_time_s``)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times, start = [], time.perf_counter()
+    while len(times) < reps or (time.perf_counter() - start < min_time_s and len(times) < 100):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _sdpa_backends(device):
+    """PyTorch SDPA backends to compare with on this device: {provider: SDPBackend}."""
+    from torch.nn.attention import SDPBackend
+    names = {"torch-sdpa-flash": SDPBackend.FLASH_ATTENTION, "torch-sdpa-math": SDPBackend.MATH}
+    if device.type == "cuda":
+        names["torch-sdpa-efficient"] = SDPBackend.EFFICIENT_ATTENTION
+        names["torch-sdpa-cudnn"] = SDPBackend.CUDNN_ATTENTION
+    return names
+
+
+def _attention_providers(cfg, device):
+    """{provider: callable(q, k, v, gate) -> out} for an attention config."""
+    from torch.nn.attention import sdpa_kernel
+    providers = {}
+    avail = backends()
+    for name in ("cuda", "triton", "cpu"):
+        if avail[name]["available"] and device.type in avail[name]["devices"]:
+            providers[f"fastattn-{name}"] = (lambda n: lambda q, k, v, g: functional.attention(
+                q, k, v, causal=cfg.causal, gate=g, backend=n))(name)
+
+    def sdpa(backend):
+        def run(q, k, v, g):
+            with sdpa_kernel([backend]):
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=cfg.causal, enable_gqa=cfg.Hq != cfg.Hkv)
+            return o * torch.sigmoid(g) if g is not None else o
+        return run
+
+    for provider, backend in _sdpa_backends(device).items():
+        providers[provider] = sdpa(backend)
+    return providers
+
+
+def _gate_providers(cfg):
+    from . import reference
+    providers = {"fastattn-cpu": None, "torch-eager": None}
+    if cfg.op == "softmax_gate":
+        providers["fastattn-cpu"] = lambda s, x: functional.softmax_gate(s, x, backend="cpu")
+        providers["torch-eager"] = lambda s, x: reference.softmax_gate(s, x)
+    else:
+        providers["fastattn-cpu"] = lambda w, x: functional.score_softmax_gate(x, w, backend="cpu")
+        providers["torch-eager"] = lambda w, x: reference.score_softmax_gate(x, w)
+    return providers
+
+
+def _flops(cfg):
+    f = 4.0 * cfg.B * cfg.Hq * cfg.Lq * cfg.Lk * cfg.D / (2 if cfg.causal else 1)
+    return f * {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}[cfg.mode]
+
+
+def _gate_bytes(cfg):
+    e = torch.finfo(cfg.dtype).bits // 8
+    x = cfg.B * cfg.Lq * cfg.D * e
+    fwd, bwd = 2 * x, 3 * x  # fwd: read x, write y; bwd: read x, dy, write dx (scores/α are H/D of that)
+    return {"fwd": fwd, "bwd": bwd, "fwd_bwd": fwd + bwd}[cfg.mode]
+
+
+def _measure(fn_fwd, inputs, mode, device, reps, min_time_s):
+    """Times fwd, bwd (backward alone) or fwd_bwd of ``fn_fwd(*inputs)``; returns (ms, peak MB)."""
+    grad_inputs = [t for t in inputs if t is not None and t.is_floating_point()]
+    for t in grad_inputs:
+        t.requires_grad_(mode != "fwd")
+    ctx = torch.no_grad() if mode == "fwd" else contextlib.nullcontext()
+    out = None
+
+    def fwd():
+        with ctx:
+            return fn_fwd(*inputs)
+
+    if mode != "fwd":
+        out = fwd()
+        dout = torch.randn_like(out)
+
+    def step():
+        if mode == "fwd":
+            fwd()
+        elif mode == "bwd":
+            torch.autograd.grad(out, grad_inputs, dout, retain_graph=True)
+        else:
+            torch.autograd.grad(fwd(), grad_inputs, dout)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    ms = time_ms(step, device, reps=reps, min_time_s=min_time_s)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
+    return ms, peak
+
+
+def run_config(cfg, device, reps=7, min_time_s=0.0):
+    """One row per provider for ``cfg``."""
+    g = torch.Generator(device=device).manual_seed(0)
+    mk = lambda *s: torch.randn(*s, generator=g, device=device, dtype=cfg.dtype)
+    rows = []
+    if cfg.op in ("attention", "gated"):
+        inputs = [mk(cfg.B, cfg.Hq, cfg.Lq, cfg.D), mk(cfg.B, cfg.Hkv, cfg.Lk, cfg.D), mk(cfg.B, cfg.Hkv, cfg.Lk, cfg.Dv),
+                  mk(cfg.B, cfg.Hq, cfg.Lq, cfg.Dv) if cfg.gate != "none" else None]
+        providers = _attention_providers(cfg, device)
+    else:
+        H = cfg.Hq
+        other = mk(cfg.B, cfg.Lq, H) if cfg.op == "softmax_gate" else mk(H, cfg.D) / cfg.D ** 0.5
+        inputs = [other, mk(cfg.B, cfg.Lq, cfg.D)]
+        providers = _gate_providers(cfg)
+    for provider, fn in providers.items():
+        try:
+            ms, peak = _measure(fn, inputs, cfg.mode, device, reps, min_time_s)
+        except RuntimeError as e:  # a PyTorch backend that refuses these inputs is skipped, said once
+            print(f"  {provider}: not run ({str(e).splitlines()[0][:100]})")
+            continue
+        row = {"op": cfg.op, "provider": provider, "mode": cfg.mode, "dtype": str(cfg.dtype).replace("torch.", ""),
+               "B": cfg.B, "Hq": cfg.Hq, "Hkv": cfg.Hkv, "Lq": cfg.Lq, "Lk": cfg.Lk, "D": cfg.D, "Dv": cfg.Dv,
+               "causal": cfg.causal, "mask": cfg.mask, "gate": cfg.gate, "ms": ms, "tflops": None, "gbps": None,
+               "peak_mem_mb": None if peak != peak else peak}
+        if cfg.op in ("attention", "gated"):
+            row["tflops"] = _flops(cfg) / ms / 1e9
+        else:
+            row["gbps"] = _gate_bytes(cfg) / ms / 1e6
+        rows.append(row)
+    return rows
+
+
+def default_configs(device, quick=False):
+    """CPU: the sizes of issue 2's acceptance benchmark, finishing in about a minute on 2 cores."""
+    configs = []
+    L = (256,) if quick else (1024,)
+    modes = ("fwd",) if quick else ("fwd", "fwd_bwd")
+    dtypes = (torch.float32,) if quick else (torch.float32, torch.bfloat16)
+    for dtype in dtypes:
+        for causal in (False, True):
+            for mode in modes:
+                for Lq in L:
+                    configs.append(Config("attention", mode, dtype, B=2, Hq=8, Hkv=8, Lq=Lq, Lk=Lq, D=64, Dv=64,
+                                          causal=causal))
+    N = 256 if quick else 1024
+    for op in ("softmax_gate", "score_softmax_gate"):
+        for dtype in dtypes:
+            configs.append(Config(op, "fwd_bwd", dtype, B=32, Hq=8, Lq=N, D=512))
+    return configs
+
+
+def environment():
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=__file__.rsplit("/", 2)[0], timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    cuda = torch.cuda.is_available()
+    dev = {"type": "cuda" if cuda else "cpu",
+           "name": torch.cuda.get_device_name() if cuda else _cpu_name(),
+           "capability": ".".join(map(str, torch.cuda.get_device_capability())) if cuda else None,
+           "threads": torch.get_num_threads()}
+    return {"fastattn": __version__, "commit": commit,
+            "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": dev, "torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda}
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or "cpu"
+
+
+def speedup_table(rows):
+    """Text table: each fastattn row's speed-up over the fastest PyTorch provider of the same config."""
+    key = lambda r: (r["op"], r["mode"], r["dtype"], r["B"], r["Hq"], r["Lq"], r["Lk"], r["D"], r["causal"], r["gate"])
+    groups = {}
+    for r in rows:
+        groups.setdefault(key(r), []).append(r)
+    lines = [f"{'op':<18} {'mode':<8} {'dtype':<9} {'shape':<22} {'causal':<6} {'provider':<16} {'ms':>9} "
+             f"{'TFLOP/s|GB/s':>12} {'best torch':<22} {'speed-up':>8}"]
+    for k, rs in groups.items():
+        torch_rows = [r for r in rs if r["provider"].startswith("torch-")]
+        best = min(torch_rows, key=lambda r: r["ms"]) if torch_rows else None
+        for r in rs:
+            if not r["provider"].startswith("fastattn-"):
+                continue
+            rate = r["tflops"] if r["tflops"] is not None else r["gbps"]
+            shape = f"B{r['B']} H{r['Hq']} L{r['Lq']} D{r['D']}"
+            up = f"{best['ms'] / r['ms']:.2f}x" if best else "-"
+            bname = f"{best['provider']} {best['ms']:.2f}ms" if best else "-"
+            lines.append(f"{r['op']:<18} {r['mode']:<8} {r['dtype']:<9} {shape:<22} {str(r['causal']):<6} "
+                         f"{r['provider']:<16} {r['ms']:>9.2f} {rate:>12.3f} {bname:<22} {up:>8}")
+    return "\n".join(lines)
+
+
+def main(args):
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    configs = default_configs(device, quick=args.quick)
+    if args.op:
+        configs = [c for c in configs if c.op in args.op]
+    rows = []
+    for i, cfg in enumerate(configs):
+        print(f"[{i + 1}/{len(configs)}] {cfg.op} {cfg.mode} {str(cfg.dtype)[6:]} B{cfg.B} H{cfg.Hq} L{cfg.Lq} "
+              f"D{cfg.D}{' causal' if cfg.causal else ''}", flush=True)
+        rows += run_config(cfg, device, reps=3 if args.quick else args.reps)
+    result = dict(environment(), results=rows)
+    print()
+    print(speedup_table(rows))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"\nwrote {args.out}")
+    return 0

@@ -1,0 +1,137 @@
+"""Public ops: check the inputs, pick a backend, call it (SPEC.md §1).
+
+Path of a call: here -> backends.select -> backend method -> torch.ops.fastattn.<op> (ops.py adds
+fake + autograd) -> kernel in csrc/cpu/, csrc/cuda/ or triton_kernels/.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _checks
+from .backends import Problem, select
+from .reference import causal_code
+
+__all__ = ["attention", "scaled_dot_product_attention", "softmax_gate", "score_softmax_gate"]
+
+
+def attention(q, k, v, *, attn_mask=None, causal=False, scale=None, gate=None, dropout_p=0.0,
+              return_lse=False, backend="auto"):
+    """Fused attention: softmax(scale · q kᵀ + mask) v, optionally ⊙ sigmoid(gate).
+
+    Args:
+        q: (B, Hq, Lq, D). k: (B, Hkv, Lk, D). v: (B, Hkv, Lk, Dv). Hq % Hkv == 0 (GQA/MQA: query
+            head h reads kv head h // (Hq // Hkv)). Same float dtype and device; any strides.
+        attn_mask: None, bool (True = may attend, as SDPA) or float (added to the scores),
+            broadcastable to (B, Hq, Lq, Lk). A float mask that requires grad gets its gradient.
+            Fused backends read a float mask in q's dtype (it is cast when it differs).
+        causal: False, True / "top_left" (query i sees keys j <= i, as SDPA), or "bottom_right"
+            (j <= i + Lk - Lq, as FlashAttention). Combines with attn_mask.
+        scale: multiplies q·k; default 1/sqrt(D).
+        gate: None or output-gate logits broadcastable to (B, Hq, Lq, Dv), e.g. (B, Hq, Lq, Dv)
+            elementwise or (B, Hq, Lq, 1) headwise: the output becomes attn ⊙ sigmoid(gate).
+        dropout_p: dropout on the attention weights (after softmax, scaled by 1/(1-p)), as SDPA;
+            applied whenever > 0 (pass 0.0 in eval). Runs on the reference backend.
+        return_lse: also return lse (B, Hq, Lq), the natural log of the softmax denominator of the
+            scaled, masked scores: float32 (float64 for float64 inputs), -inf on rows with no
+            allowed key. It is differentiable.
+        backend: "auto", "cuda", "triton", "cpu" or "reference" (see ``fastattn.backends()``).
+
+    Returns:
+        out (B, Hq, Lq, Dv) in q's dtype (rows with no allowed key are 0), and lse if asked.
+    """
+    B, Hq, Hkv, Lq, Lk, D, Dv = _checks.attention_inputs(q, k, v, attn_mask, gate, scale, dropout_p)
+    code = causal_code(causal)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    problem = Problem("attention", q.device.type, q.dtype, head_dim=max(D, Dv), dropout=dropout_p > 0)
+    impl = select(backend, problem)
+    if q.numel() == 0 or Lk == 0 or v.numel() == 0:
+        impl = select("reference", problem)  # empty problems: no kernel launch
+    out, lse = impl.attention(q, k, v, attn_mask, gate, scale, code, dropout_p)
+    return (out, lse) if return_lse else out
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                 scale=None, enable_gqa=False):
+    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` on fastattn's kernels.
+
+    Same signature, shapes ((N, ..., Hq, L, E) with any leading dims, broadcast as SDPA does), mask
+    semantics (bool True = attend, float added; dtype bool, float32 or query's), errors for
+    attn_mask with is_causal, and results (rows with no allowed key give 0, as SDPA).
+    """
+    for n, t in (("query", query), ("key", key), ("value", value)):
+        _checks.tensor(n, t)
+        if t.dim() < 2:
+            raise ValueError(f"{n}: expected at least 2 dims (..., L, E), got shape {tuple(t.shape)}")
+    if attn_mask is not None and is_causal:
+        raise RuntimeError("attn_mask: an explicit attn_mask must not be set when is_causal=True "
+                           "(as torch.nn.functional.scaled_dot_product_attention)")
+    if attn_mask is not None and attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
+        raise TypeError(f"attn_mask: expected dtype bool, float32 or query's dtype ({query.dtype}), "
+                        f"got {attn_mask.dtype}")
+
+    def heads(t):
+        return t.shape[-3] if t.dim() >= 3 else 1
+
+    Hq, Hk, Hv = heads(query), heads(key), heads(value)
+    if Hk != Hv:
+        raise ValueError(f"value: expected {Hk} heads like key, got {Hv}")
+    if Hk != Hq and not (enable_gqa and Hq % Hk == 0) and Hk != 1:
+        raise ValueError(f"key: {Hk} heads do not match query's {Hq}; pass enable_gqa=True for grouped "
+                         f"query attention (query heads a multiple of key heads)")
+    lead = torch.broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3])
+    L, S, E, Ev = query.shape[-2], key.shape[-2], query.shape[-1], value.shape[-1]
+
+    def to4d(t, h, length, d):
+        return t.expand(*lead, *t.shape[-3 if t.dim() >= 3 else -2:]).reshape(-1, h, length, d)
+
+    q4 = to4d(query, Hq, L, E)
+    k4 = to4d(key, Hk, S, E)
+    v4 = to4d(value, Hk, S, Ev)
+    mask4 = None
+    if attn_mask is not None:
+        _checks.broadcastable("attn_mask", attn_mask, (*lead, Hq, L, S), ("N",) * len(lead) + ("H", "L", "S"))
+        mask4 = attn_mask.expand(*lead, Hq, L, S).reshape(-1, Hq, L, S)
+    out = attention(q4, k4, v4, attn_mask=mask4, causal=bool(is_causal), scale=scale,
+                    dropout_p=dropout_p)
+    return out.reshape(*lead, *query.shape[-3:-2] if query.dim() >= 3 else (), L, Ev)
+
+
+def softmax_gate(scores, x, *, mask=None, pool=False, return_weights=False, backend="auto"):
+    """Attention allocation over positions: α = softmax over n of scores; y = x ⊙ α (or Σₙ α x).
+
+    Args:
+        scores: (B, N, H) scores E(x) from any network; H divides D.
+        x: (B, N, D), same dtype and device. Channel c belongs to head c // (D // H).
+        mask: None or bool (B, N), True = position takes part; masked positions get α = 0, and a
+            batch item with every position masked gives y = 0 and zero gradients.
+        pool: False -> y = x ⊙ α, (B, N, D); True -> y = Σₙ α ⊙ x, (B, D).
+        return_weights: also return α, (B, N, H), in scores' dtype (differentiable).
+        backend: "auto", "cuda", "triton", "cpu" or "reference".
+    """
+    B, N, D, H = _checks.gate_inputs(x, scores=scores, mask=mask)
+    impl = _gate_backend(backend, "softmax_gate", x)
+    y, alpha = impl.softmax_gate(scores, x, mask, bool(pool))
+    return (y, alpha.to(scores.dtype)) if return_weights else y
+
+
+def score_softmax_gate(x, weight, *, mask=None, scale=1.0, pool=False, return_weights=False,
+                       backend="auto"):
+    """softmax_gate with the scores made inside the kernel by a linear map.
+
+    scores[b, n, h] = scale · Σ_c x[b, n, c] · weight[h, c]; x (B, N, D), weight (H, D) with H
+    dividing D; the rest as :func:`softmax_gate`. Gradients flow to x and weight.
+    """
+    B, N, D, H = _checks.gate_inputs(x, weight=weight, mask=mask)
+    _checks.scale(scale)
+    impl = _gate_backend(backend, "score_softmax_gate", x)
+    y, alpha = impl.score_softmax_gate(x, weight, mask, float(scale), bool(pool))
+    return (y, alpha.to(x.dtype)) if return_weights else y
+
+
+def _gate_backend(backend, op, x):
+    impl = select(backend, Problem(op, x.device.type, x.dtype))
+    if x.numel() == 0:
+        impl = select("reference", Problem(op, x.device.type, x.dtype))
+    return impl

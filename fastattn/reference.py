@@ -1,0 +1,128 @@
+"""Plain-PyTorch reference: the executable definition of every fastattn op (SPEC.md §1).
+
+Short and obviously right, any device, any float dtype including float64. It materialises the
+scores. In float16/bfloat16 the matmuls run in that dtype and the softmax statistics in float32
+(SPEC §2), so the reference run "in the same low precision" is a fair yardstick for the kernels
+(SPEC §4), and the same call in float64 is the truth they are measured against.
+
+Inputs are assumed valid here: ``fastattn.functional`` checks them before any backend runs.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["attention", "softmax_gate", "score_softmax_gate", "causal_code"]
+
+_CAUSAL_CODES = {False: 0, None: 0, True: 1, "top_left": 1, "bottom_right": 2}
+
+
+def causal_code(causal) -> int:
+    """0 (none), 1 (top_left, as SDPA's is_causal) or 2 (bottom_right, as FlashAttention)."""
+    try:
+        return _CAUSAL_CODES[causal]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"causal: expected False, True, 'top_left' or 'bottom_right', got {causal!r}"
+        ) from None
+
+
+def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def causal_allowed(Lq: int, Lk: int, causal, device=None) -> torch.Tensor | None:
+    """Bool (Lq, Lk), True where query i may see key j, or None when not causal."""
+    code = causal_code(causal)
+    if code == 0:
+        return None
+    i = torch.arange(Lq, device=device)[:, None]
+    j = torch.arange(Lk, device=device)[None, :]
+    return j <= i if code == 1 else j <= i + (Lk - Lq)
+
+
+def attention(q, k, v, attn_mask=None, causal=False, scale=None, gate=None, dropout_p=0.0,
+              return_lse=False, dropout_mask=None):
+    """out = softmax(scale·q·kᵀ + bias) · v [⊙ sigmoid(gate)], shapes as ``fastattn.attention``.
+
+    q (B, Hq, Lq, D); k (B, Hkv, Lk, D); v (B, Hkv, Lk, Dv); attn_mask bool (True = attend) or float
+    (added), broadcastable to (B, Hq, Lq, Lk); gate broadcastable to (B, Hq, Lq, Dv). Returns out
+    (B, Hq, Lq, Dv) in q's dtype, and lse (B, Hq, Lq) in float32 (float64 for float64 q) when
+    ``return_lse``. A row with no allowed key gives out = 0 and lse = -inf. ``dropout_mask`` (bool,
+    broadcastable to the scores, True = keep) replaces the random draw, for tests.
+    """
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    if Hkv != Hq:  # GQA / MQA: query head h reads kv head h // (Hq // Hkv)
+        k = k.repeat_interleave(Hq // Hkv, dim=1)
+        v = v.repeat_interleave(Hq // Hkv, dim=1)
+    acc = _stat_dtype(q.dtype)
+
+    # -- scores, in the inputs' precision, then the statistics' precision
+    s = torch.matmul(q, k.transpose(-1, -2)).to(acc) * scale  # [B, Hq, Lq, Lk]
+    allowed = causal_allowed(Lq, Lk, causal, q.device)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            allowed = attn_mask if allowed is None else attn_mask & allowed
+        else:
+            s = s + attn_mask.to(acc)
+    if allowed is not None:
+        s = s.masked_fill(~allowed, float("-inf"))
+
+    # -- softmax that gives 0 (not NaN) on rows with no allowed key, and zero gradients there
+    m = s.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
+    e = torch.exp(s - m)
+    denom = e.sum(dim=-1, keepdim=True)
+    nonempty = denom > 0
+    p = e / torch.where(nonempty, denom, torch.ones_like(denom))
+    lse = torch.log(torch.where(nonempty, denom, torch.ones_like(denom))) + m  # log(1) keeps grads finite
+    lse = lse.masked_fill(~nonempty, float("-inf")).squeeze(-1)
+
+    if dropout_p > 0.0 or dropout_mask is not None:
+        if dropout_mask is None:
+            dropout_mask = torch.rand_like(p) >= dropout_p
+        p = p * dropout_mask / (1.0 - dropout_p)
+
+    # -- weighted values, gate
+    out = torch.matmul(p.to(v.dtype), v)  # [B, Hq, Lq, Dv]
+    if gate is not None:
+        out = out * torch.sigmoid(gate.to(out.dtype))
+    out = out.to(q.dtype)
+    return (out, lse) if return_lse else out
+
+
+def _masked_softmax_over_positions(scores, mask):
+    """softmax over dim 1 of (B, N, H), positions with mask False excluded; all-masked -> 0."""
+    acc = _stat_dtype(scores.dtype)
+    s = scores.to(acc)
+    if mask is not None:
+        s = s.masked_fill(~mask[:, :, None], float("-inf"))
+    m = s.amax(dim=1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
+    e = torch.exp(s - m)
+    denom = e.sum(dim=1, keepdim=True)
+    return e / torch.where(denom > 0, denom, torch.ones_like(denom))
+
+
+def softmax_gate(scores, x, mask=None, pool=False, return_weights=False):
+    """α = softmax over positions of scores; y = x ⊙ α per head (or Σₙ α x when ``pool``).
+
+    scores (B, N, H), x (B, N, D) with H dividing D (channel c belongs to head c // (D // H)),
+    mask bool (B, N), True = position takes part. y is (B, N, D), or (B, D) when pooling; α is
+    (B, N, H) in scores' dtype.
+    """
+    B, N, D = x.shape
+    H = scores.shape[-1]
+    alpha = _masked_softmax_over_positions(scores, mask)  # [B, N, H]
+    a = alpha.to(x.dtype).repeat_interleave(D // H, dim=-1)  # [B, N, D]
+    y = (a * x).sum(dim=1) if pool else a * x
+    return (y, alpha.to(scores.dtype)) if return_weights else y
+
+
+def score_softmax_gate(x, weight, mask=None, scale=1.0, pool=False, return_weights=False):
+    """softmax_gate with scores[b, n, h] = scale · Σ_c x[b, n, c] · weight[h, c], weight (H, D)."""
+    scores = torch.matmul(x, weight.t()) * scale
+    return softmax_gate(scores, x, mask=mask, pool=pool, return_weights=return_weights)

@@ -1,0 +1,286 @@
+"""The correctness rule of SPEC.md §4 and the case sweeps, shared by tests/ and ``fastattn check``.
+
+Rule, for each output and gradient: err(backend) <= factor · err(reference in the same dtype) + atol,
+where err is the max absolute difference from the reference run in float64, factor = 2 for
+outputs (3 for gradients of attention), and atol = ATOL_FLOOR[dtype] · max(1, max |truth|).
+Inputs are drawn at random (never zeros) from a seed derived from the case's id, so a failure
+reproduces; set FASTATTN_TEST_SEED to draw other values.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import zlib
+
+import torch
+
+from . import functional, reference
+
+ATOL_FLOOR = {torch.float64: 1e-9, torch.float32: 2e-5, torch.bfloat16: 2e-3, torch.float16: 5e-4}
+DTYPE_NAMES = {torch.float64: "fp64", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| in float64, where equal infinities count as no difference and NaN as infinite."""
+    a, b = a.detach().double(), b.detach().double()
+    same_inf = torch.isinf(a) & torch.isinf(b) & (torch.sign(a) == torch.sign(b))
+    d = (a - b).abs().masked_fill(same_inf, 0.0)
+    if d.numel() == 0:
+        return 0.0
+    return float("inf") if torch.isnan(d).any() else float(d.max())
+
+
+@dataclasses.dataclass
+class Comparison:
+    name: str        # "out", "lse", "dq", ...
+    err: float       # backend vs float64 truth
+    ref_err: float   # reference in the same dtype vs float64 truth
+    allowed: float   # factor · ref_err + atol
+
+    @property
+    def ok(self) -> bool:
+        return self.err <= self.allowed
+
+    @property
+    def ratio(self) -> float:
+        """err / allowed: <= 1 passes."""
+        return self.err / self.allowed if self.allowed > 0 else (0.0 if self.err == 0 else float("inf"))
+
+
+def compare(name, got, ref_lowp, truth, dtype, factor) -> Comparison:
+    finite = truth.detach()[torch.isfinite(truth.detach())]
+    scale = max(1.0, float(finite.abs().max())) if finite.numel() else 1.0
+    ref_err = max_abs_diff(ref_lowp, truth)
+    return Comparison(name, max_abs_diff(got, truth), ref_err, factor * ref_err + ATOL_FLOOR[dtype] * scale)
+
+
+def _generator(case_id: str) -> torch.Generator:
+    seed = zlib.crc32(case_id.encode()) ^ int(os.environ.get("FASTATTN_TEST_SEED", "0"))
+    return torch.Generator().manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------------- attention
+@dataclasses.dataclass(frozen=True)
+class AttentionCase:
+    B: int = 2
+    Hq: int = 2
+    Hkv: int = 2
+    Lq: int = 17
+    Lk: int = 17
+    D: int = 64
+    Dv: int | None = None
+    causal: object = False               # False, True, "bottom_right"
+    mask: str = "none"                   # none, bool, float, float_grad, bool_bcast, float_bcast
+    gate: str = "none"                   # none, elementwise, headwise
+    masked_rows: bool = False            # make some rows attend to nothing
+    layout: str = "bhld"                 # bhld, or blhd: (B, L, H, D) tensors passed as .transpose(1, 2)
+    lse_grad: bool = False               # return lse and backpropagate through it too
+    scale: float | None = None
+
+    @property
+    def id(self) -> str:
+        Dv = self.Dv or self.D
+        parts = [f"B{self.B}", f"H{self.Hq}" + (f"-{self.Hkv}" if self.Hkv != self.Hq else ""),
+                 f"L{self.Lq}" + (f"-{self.Lk}" if self.Lk != self.Lq else ""),
+                 f"D{self.D}" + (f"-{Dv}" if Dv != self.D else "")]
+        if self.causal:
+            parts.append("causal" if self.causal is True else "causalBR")
+        for flag, name in ((self.mask != "none", self.mask), (self.gate != "none", "gate-" + self.gate),
+                           (self.masked_rows, "emptyrows"), (self.layout != "bhld", self.layout),
+                           (self.lse_grad, "dlse"), (self.scale is not None, f"scale{self.scale}")):
+            if flag:
+                parts.append(name)
+        return "-".join(parts)
+
+    def inputs(self, dtype, device="cpu"):
+        """Float64 master tensors (then cast by :func:`check_attention`), drawn for this case."""
+        g = _generator(self.id)
+        Dv = self.Dv or self.D
+        B, Hq, Hkv, Lq, Lk = self.B, self.Hq, self.Hkv, self.Lq, self.Lk
+        randn = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+        t = {"q": randn(B, Hq, Lq, self.D), "k": randn(B, Hkv, Lk, self.D), "v": randn(B, Hkv, Lk, Dv),
+             "dout": randn(B, Hq, Lq, Dv)}
+        if self.lse_grad:
+            t["dlse"] = randn(B, Hq, Lq)
+        empty_rows = [0, Lq // 2] if self.masked_rows else []
+        if self.mask.startswith("bool"):
+            shape = (B, 1, 1, Lk) if self.mask == "bool_bcast" else (B, Hq, Lq, Lk)
+            m = torch.rand(*shape, generator=g) < 0.7
+            if self.mask != "bool_bcast":
+                m[..., 0, :] |= True
+                for r in empty_rows:
+                    m[..., r, :] = False
+            t["mask"] = m
+        elif self.mask.startswith("float"):
+            shape = (Lq, Lk) if self.mask == "float_bcast" else (B, Hq, Lq, Lk)
+            m = randn(*shape)
+            m = m.masked_fill(torch.rand(*shape, generator=g) < 0.1, float("-inf"))
+            for r in empty_rows:
+                m[..., r, :] = float("-inf")
+            t["mask"] = m
+        elif empty_rows:  # no mask asked for: empty rows come from a bool mask
+            m = torch.ones(B, Hq, Lq, Lk, dtype=torch.bool)
+            for r in empty_rows:
+                m[..., r, :] = False
+            t["mask"] = m
+        if self.gate == "elementwise":
+            t["gate"] = randn(B, Hq, Lq, Dv)
+        elif self.gate == "headwise":
+            t["gate"] = randn(B, Hq, Lq, 1)
+        return t
+
+
+def _as_layout(x, layout):
+    if layout == "blhd":  # memory (B, L, H, D), seen as (B, H, L, D): strides but no copy
+        return x.transpose(1, 2).contiguous().transpose(1, 2)
+    return x.contiguous()
+
+
+def _run_attention(case, t, dtype, device, backend):
+    """Runs forward and backward in ``dtype``; returns {name: tensor} of outputs and gradients."""
+    leaf = {}
+    for n in ("q", "k", "v"):
+        leaf[n] = _as_layout(t[n].to(device, dtype), case.layout).requires_grad_()
+    mask = t.get("mask")
+    if mask is not None:
+        mask = mask.to(device)
+        if mask.is_floating_point():
+            mask = mask.to(dtype).requires_grad_(case.mask in ("float_grad", "float_bcast"))
+            if mask.requires_grad:
+                leaf["mask"] = mask
+    gate = t.get("gate")
+    if gate is not None:
+        gate = leaf["gate"] = gate.to(device, dtype).requires_grad_()
+    out, lse = functional.attention(leaf["q"], leaf["k"], leaf["v"], attn_mask=mask, causal=case.causal,
+                                    gate=gate, scale=case.scale, return_lse=True, backend=backend)
+    outputs = [out]
+    grads = [t["dout"].to(device, dtype)]
+    if case.lse_grad:
+        outputs.append(lse)
+        grads.append(t["dlse"].to(device, lse.dtype))
+    torch.autograd.backward(outputs, grads)
+    res = {"out": out.detach(), "lse": lse.detach()}
+    for n, x in leaf.items():
+        res["d" + n] = x.grad
+    return res
+
+
+def check_attention(case: AttentionCase, dtype, backend, device="cpu") -> list[Comparison]:
+    """Runs ``backend`` in ``dtype``, the reference in ``dtype`` and in float64; compares (SPEC §4)."""
+    t = case.inputs(dtype)
+    got = _run_attention(case, t, dtype, device, backend)
+    lowp = _run_attention(case, t, dtype, device, "reference")
+    truth = _run_attention(case, t, torch.float64, device, "reference")
+    return [compare(n, got[n], lowp[n], truth[n], dtype, 2 if n in ("out", "lse") else 3) for n in truth]
+
+
+def attention_cases(quick=False):
+    """The sweep of SPEC §4 / STYLE 8: odd sizes x causal modes x masks x gates x GQA x layouts."""
+    shapes = [(1, 1, 64), (17, 17, 40), (97, 97, 59), (113, 203, 64), (203, 113, 128)]
+    if quick:
+        shapes = [(1, 1, 64), (17, 17, 40), (113, 203, 64)]
+    cases = []
+    for (Lq, Lk, D), causal in itertools.product(shapes, (False, True, "bottom_right")):
+        cases.append(AttentionCase(Lq=Lq, Lk=Lk, D=D, causal=causal))
+    big = (113, 203, 64) if quick else (97, 131, 59)
+    for mask, gate in itertools.product(("none", "bool", "float_grad", "float_bcast"), ("none", "elementwise", "headwise")):
+        cases.append(AttentionCase(Lq=big[0], Lk=big[1], D=big[2], mask=mask, gate=gate, causal="bottom_right"))
+    cases += [
+        AttentionCase(Hq=4, Hkv=2, Lq=33, Lk=47, D=64, causal=True),                     # GQA
+        AttentionCase(Hq=4, Hkv=1, Lq=33, Lk=47, D=40, Dv=24, gate="headwise"),          # MQA, Dv != D
+        AttentionCase(Lq=37, Lk=37, D=64, mask="bool", masked_rows=True, gate="elementwise"),
+        AttentionCase(Lq=37, Lk=37, D=64, mask="float_grad", masked_rows=True),
+        AttentionCase(Lq=37, Lk=21, D=32, causal="bottom_right"),                       # Lq > Lk: empty rows
+        AttentionCase(Lq=29, Lk=29, D=64, layout="blhd", mask="bool_bcast", causal=True),
+        AttentionCase(Lq=29, Lk=45, D=48, lse_grad=True, mask="float_grad", masked_rows=True),
+        AttentionCase(Lq=19, Lk=23, D=16, scale=0.7, gate="elementwise"),
+    ]
+    if quick:
+        cases = cases[::2]
+    return cases
+
+
+# ---------------------------------------------------------------------------------- softmax gates
+@dataclasses.dataclass(frozen=True)
+class GateCase:
+    op: str = "softmax_gate"   # or "score_softmax_gate"
+    B: int = 3
+    N: int = 17
+    D: int = 64
+    H: int = 4
+    pool: bool = False
+    mask: str = "none"          # none, random, empty (one batch item entirely masked)
+    weights_grad: bool = False  # return α and backpropagate through it too
+    layout: str = "contiguous"  # or "strided": x is a (N, B, D) tensor seen as (B, N, D)
+    scale: float = 1.0
+
+    @property
+    def id(self) -> str:
+        parts = [self.op, f"B{self.B}", f"N{self.N}", f"D{self.D}", f"H{self.H}"]
+        for flag, name in ((self.pool, "pool"), (self.mask != "none", "mask-" + self.mask),
+                           (self.weights_grad, "dalpha"), (self.layout != "contiguous", self.layout),
+                           (self.scale != 1.0, f"scale{self.scale}")):
+            if flag:
+                parts.append(name)
+        return "-".join(parts)
+
+    def inputs(self):
+        g = _generator(self.id)
+        B, N, D, H = self.B, self.N, self.D, self.H
+        randn = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+        t = {"x": randn(B, N, D), "scores": randn(B, N, H), "weight": randn(H, D) / D ** 0.5,
+             "dy": randn(B, D) if self.pool else randn(B, N, D), "dalpha": randn(B, N, H)}
+        if self.mask != "none":
+            m = torch.rand(B, N, generator=g) < 0.7
+            m[:, 0] = True
+            if self.mask == "empty":
+                m[B // 2] = False
+            t["mask"] = m
+        return t
+
+
+def _run_gate(case, t, dtype, device, backend):
+    x = t["x"].to(device, dtype)
+    if case.layout == "strided":
+        x = x.transpose(0, 1).contiguous().transpose(0, 1)
+    x.requires_grad_()
+    mask = t["mask"].to(device) if "mask" in t else None
+    if case.op == "softmax_gate":
+        other = t["scores"].to(device, dtype).requires_grad_()
+        y, alpha = functional.softmax_gate(other, x, mask=mask, pool=case.pool, return_weights=True,
+                                           backend=backend)
+    else:
+        other = t["weight"].to(device, dtype).requires_grad_()
+        y, alpha = functional.score_softmax_gate(x, other, mask=mask, scale=case.scale, pool=case.pool,
+                                                 return_weights=True, backend=backend)
+    outputs, grads = [y], [t["dy"].to(device, dtype)]
+    if case.weights_grad:
+        outputs.append(alpha)
+        grads.append(t["dalpha"].to(device, alpha.dtype))
+    torch.autograd.backward(outputs, grads)
+    other_name = "dscores" if case.op == "softmax_gate" else "dweight"
+    return {"y": y.detach(), "alpha": alpha.detach(), "dx": x.grad, other_name: other.grad}
+
+
+def check_gate(case: GateCase, dtype, backend, device="cpu") -> list[Comparison]:
+    t = case.inputs()
+    got = _run_gate(case, t, dtype, device, backend)
+    lowp = _run_gate(case, t, dtype, device, "reference")
+    truth = _run_gate(case, t, torch.float64, device, "reference")
+    return [compare(n, got[n], lowp[n], truth[n], dtype, 2) for n in truth]
+
+
+def gate_cases(quick=False):
+    cases = []
+    for op, pool, (N, D, H) in itertools.product(
+            ("softmax_gate", "score_softmax_gate"), (False, True),
+            [(1, 64, 1), (17, 40, 4), (97, 59, 1), (113, 64, 8)]):
+        cases.append(GateCase(op=op, N=N, D=D, H=H, pool=pool))
+    for op, pool in itertools.product(("softmax_gate", "score_softmax_gate"), (False, True)):
+        cases += [GateCase(op=op, pool=pool, N=37, D=48, H=4, mask="empty", weights_grad=True),
+                  GateCase(op=op, pool=pool, N=29, D=32, H=2, mask="random", layout="strided")]
+    cases.append(GateCase(op="score_softmax_gate", N=41, D=96, H=3, scale=0.125, weights_grad=True))
+    if quick:
+        cases = cases[::3]
+    return cases

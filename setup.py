@@ -1,0 +1,95 @@
+"""Build of fastattn and its C++/CUDA extension ``fastattn._C``.
+
+fastattn compiles against the torch that is already installed, so it must be built without build
+isolation (a PEP 517 isolated build environment would fetch a second, possibly different torch and
+produce an extension with the wrong ABI):
+
+    pip install torch                       # first, the torch you want
+    pip install --no-build-isolation .      # then fastattn, built against it
+
+Environment:
+    FASTATTN_CUDA=0     never build the CUDA sources (csrc/cuda/), even where nvcc and CUDA torch exist
+    FASTATTN_CUDA=1     require them (fail if CUDA torch or nvcc is missing)
+    MAX_JOBS=N          parallel compile jobs (ninja)
+"""
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError:  # the classic isolated-build trap: say what to do instead of "No module named torch"
+    sys.exit(
+        "fastattn: PyTorch is not importable in this build environment.\n"
+        "fastattn builds its extension against the torch you have installed. Install torch first, then\n"
+        "    pip install --no-build-isolation .\n"
+        "(without --no-build-isolation pip builds in an isolated environment that has no torch)."
+    )
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _want_cuda():
+    flag = os.environ.get("FASTATTN_CUDA", "auto").lower()
+    have = torch.version.cuda is not None and CUDA_HOME is not None
+    if flag in ("0", "false", "off", "no"):
+        return False
+    if flag in ("1", "true", "on", "yes"):
+        if not have:
+            sys.exit("fastattn: FASTATTN_CUDA=1 but torch has no CUDA or nvcc/CUDA_HOME was not found")
+        return True
+    return have and bool(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu")))
+
+
+def _extension():
+    rel = lambda pattern: sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
+    sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
+    cxx = ["-O3", "-fopenmp", "-DFASTATTN_VERSION=\"%s\"" % _version()]
+    ldflags = ["-fopenmp"]
+    if sys.platform == "darwin":  # Apple clang has no -fopenmp: at::parallel_for then runs on torch's own pool
+        cxx.remove("-fopenmp")
+        ldflags = []
+    if _want_cuda():
+        arch = os.environ.get("TORCH_CUDA_ARCH_LIST") or "8.0;9.0a"
+        os.environ["TORCH_CUDA_ARCH_LIST"] = arch
+        nvcc = ["-O3", "--use_fast_math", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        return CUDAExtension(
+            "fastattn._C",
+            sources + rel("csrc/cuda/*.cu") + rel("csrc/cuda/*.cpp"),
+            include_dirs=[os.path.join(HERE, "csrc")],
+            define_macros=[("FASTATTN_WITH_CUDA", "1"), ("FASTATTN_CUDA_ARCHS", '"%s"' % arch)],
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_link_args=ldflags,
+        )
+    return CppExtension(
+        "fastattn._C",
+        sources,
+        include_dirs=[os.path.join(HERE, "csrc")],
+        extra_compile_args={"cxx": cxx},
+        extra_link_args=ldflags,
+    )
+
+
+def _version():
+    with open(os.path.join(HERE, "fastattn", "version.py")) as f:
+        return f.read().split("=")[1].strip().strip('"')
+
+
+setup(
+    name="fastattn",
+    version=_version(),
+    description="Fused score -> softmax -> gating attention kernels (CUDA, Triton, C++ CPU) for PyTorch",
+    packages=["fastattn", "fastattn.triton_kernels"],
+    # The Triton kernels live in the top-level triton_kernels/ folder but install as fastattn.triton_kernels:
+    # Triton itself ships a global package called triton_kernels, which ours must not shadow.
+    package_dir={"fastattn": "fastattn", "fastattn.triton_kernels": "triton_kernels"},
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension},
+    python_requires=">=3.9",
+    install_requires=["torch>=2.4", "numpy"],
+    extras_require={"triton": ["triton"], "test": ["pytest"], "plot": ["matplotlib"]},
+    entry_points={"console_scripts": ["fastattn=fastattn.__main__:main"]},
+)

@@ -1,0 +1,71 @@
+"""The C++ CPU attention kernels against the reference (SPEC §4), forward and every gradient."""
+import math
+
+import pytest
+import torch
+
+import fastattn
+from fastattn.testing import AttentionCase, attention_cases, check_attention
+from conftest import DTYPES, assert_all_ok, dtype_id
+
+CASES = attention_cases()
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_cpu_matches_reference(case, dtype):
+    assert_all_ok(check_attention(case, dtype, backend="cpu"), case.id)
+
+
+def rand(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("causal", [False, True, "bottom_right"])
+def test_cpu_gradcheck_float64(causal):
+    q, k, v = rand(1, 4, 5, 6, seed=1), rand(1, 2, 7, 6, seed=2), rand(1, 2, 7, 3, seed=3)
+    bias, gate = rand(1, 1, 5, 7, seed=4), rand(1, 4, 5, 1, seed=5)
+    args = [t.requires_grad_() for t in (q, k, v, bias, gate)]
+    f = lambda q, k, v, b, g: fastattn.attention(q, k, v, attn_mask=b, gate=g, causal=causal,
+                                                 return_lse=True, backend="cpu")
+    assert torch.autograd.gradcheck(f, args)
+
+
+def test_fully_masked_rows_are_zero_without_nan():
+    q, k, v = (rand(2, 2, 9, 16, seed=s).float().requires_grad_() for s in (1, 2, 3))
+    mask = torch.ones(2, 2, 9, 9, dtype=torch.bool)
+    mask[:, :, 3] = False
+    out, lse = fastattn.attention(q, k, v, attn_mask=mask, return_lse=True, backend="cpu")
+    assert (out[:, :, 3] == 0).all() and (lse[:, :, 3] == -math.inf).all()
+    (out.sum() + lse[:, :, :3].sum()).backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+    assert (q.grad[:, :, 3] == 0).all()
+
+
+def test_transposed_inputs_are_not_copied(monkeypatch):
+    """A (B, L, H, D) tensor seen as (B, H, L, D) reaches the kernel as it is."""
+    base = rand(2, 33, 4, 64, seed=1).float()
+    q = base.transpose(1, 2)
+    seen, real = [], torch.ops.fastattn.attention_fwd
+
+    def spy(q, *args):
+        seen.append((q.data_ptr(), q.stride()))
+        return real(q, *args)
+
+    monkeypatch.setattr(torch.ops.fastattn, "attention_fwd", spy)
+    out = fastattn.attention(q, q, q, backend="cpu")
+    assert seen == [(base.data_ptr(), q.stride())]
+    torch.testing.assert_close(out, fastattn.attention(q.contiguous(), q.contiguous(), q.contiguous(),
+                                                       backend="cpu"))
+
+
+def test_auto_picks_cpu_and_reference_for_dropout():
+    from fastattn.backends import Problem, select
+    assert select("auto", Problem("attention", "cpu", torch.float32, head_dim=64)).name == "cpu"
+    assert select("auto", Problem("attention", "cpu", torch.float32, head_dim=64, dropout=True)).name == "reference"
+    assert select("auto", Problem("attention", "cpu", torch.float32, head_dim=512)).name == "reference"
+    info = fastattn.backends()
+    assert info["cpu"]["available"] and info["reference"]["available"]
+    assert not info["cuda"]["available"] or torch.cuda.is_available()
+    assert all(v["available"] or v["reason"] for v in info.values())

@@ -1,0 +1,81 @@
+"""Bad input raises an error that names the argument and what was expected."""
+import pytest
+import torch
+
+import fastattn
+
+
+def t(*shape, dtype=torch.float32):
+    return torch.randn(*shape).to(dtype)
+
+
+q, k, v = t(2, 4, 8, 16), t(2, 2, 10, 16), t(2, 2, 10, 12)
+
+ATTENTION_ERRORS = [
+    ("q-rank", dict(q=t(4, 8, 16)), ValueError, "q: expected a 4-D tensor"),
+    ("q-type", dict(q=[[1.0]]), TypeError, "q: expected a torch.Tensor"),
+    ("q-int", dict(q=torch.ones(2, 4, 8, 16, dtype=torch.int64)), TypeError, "q: expected float16"),
+    ("k-dtype", dict(k=t(2, 2, 10, 16, dtype=torch.float64)), TypeError, "k: expected the same dtype as q"),
+    ("k-batch", dict(k=t(3, 2, 10, 16)), ValueError, "batch size must match"),
+    ("k-heads", dict(k=t(2, 3, 10, 16), v=t(2, 3, 10, 12)), ValueError, "k: number of kv heads"),
+    ("v-heads", dict(v=t(2, 1, 10, 12)), ValueError, "v: expected 2 heads"),
+    ("k-headdim", dict(k=t(2, 2, 10, 8)), ValueError, "k: head dim must equal"),
+    ("v-len", dict(v=t(2, 2, 9, 12)), ValueError, "v: sequence length"),
+    ("mask-shape", dict(attn_mask=torch.ones(8, 9, dtype=torch.bool)), ValueError, "attn_mask: shape"),
+    ("mask-rank", dict(attn_mask=torch.ones(1, 2, 4, 8, 10, dtype=torch.bool)), ValueError, "attn_mask: expected at most 4"),
+    ("mask-int", dict(attn_mask=torch.ones(8, 10, dtype=torch.int32)), TypeError, "attn_mask: expected bool"),
+    ("gate-shape", dict(gate=t(2, 4, 8, 5)), ValueError, "gate: shape"),
+    ("gate-dtype", dict(gate=torch.ones(2, 4, 8, 1, dtype=torch.int64)), TypeError, "gate: expected float16"),
+    ("causal", dict(causal="upper"), ValueError, "causal: expected"),
+    ("scale", dict(scale=float("nan")), ValueError, "scale: expected a finite"),
+    ("dropout", dict(dropout_p=1.0), ValueError, r"dropout_p: expected a number in \[0, 1\)"),
+    ("backend-name", dict(backend="tpu"), ValueError, "backend: expected 'auto' or one of"),
+    ("backend-dropout", dict(backend="cpu", dropout_p=0.1), RuntimeError, "backend='cpu' cannot run"),
+    ("backend-headdim", dict(backend="cpu", q=t(1, 1, 4, 300), k=t(1, 1, 4, 300), v=t(1, 1, 4, 300)),
+     RuntimeError, "head dims up to 256"),
+    ("backend-device", dict(backend="cuda"), RuntimeError, "backend='cuda' cannot run"),
+]
+
+
+@pytest.mark.parametrize("name,kw,exc,msg", ATTENTION_ERRORS, ids=[e[0] for e in ATTENTION_ERRORS])
+def test_attention_errors(name, kw, exc, msg):
+    args = dict(q=q, k=k, v=v)
+    args.update(kw)
+    with pytest.raises(exc, match=msg):
+        fastattn.attention(args.pop("q"), args.pop("k"), args.pop("v"), **args)
+
+
+def test_device_mismatch_is_named():
+    meta = torch.empty(2, 2, 10, 16, device="meta")
+    with pytest.raises(ValueError, match="k: expected the same device as q"):
+        fastattn.attention(q, meta, v)
+
+
+x, scores, w = t(2, 7, 12), t(2, 7, 4), t(4, 12)
+
+GATE_ERRORS = [
+    ("x-rank", "softmax_gate", dict(x=t(7, 12)), ValueError, "x: expected a 3-D tensor"),
+    ("scores-shape", "softmax_gate", dict(scores=t(2, 6, 4)), ValueError, "scores: expected shape"),
+    ("heads-divide", "softmax_gate", dict(scores=t(2, 7, 5)), ValueError, "H=5 must divide"),
+    ("scores-dtype", "softmax_gate", dict(scores=t(2, 7, 4, dtype=torch.float16)), TypeError, "scores: expected the same dtype"),
+    ("mask-dtype", "softmax_gate", dict(mask=torch.ones(2, 7)), TypeError, "mask: expected a bool"),
+    ("mask-shape", "softmax_gate", dict(mask=torch.ones(2, 8, dtype=torch.bool)), ValueError, "mask: expected shape"),
+    ("weight-shape", "score_softmax_gate", dict(weight=t(4, 11)), ValueError, "weight: expected shape"),
+    ("weight-heads", "score_softmax_gate", dict(weight=t(5, 12)), ValueError, "weight: the number of heads"),
+    ("scale", "score_softmax_gate", dict(scale="big"), ValueError, "scale: expected"),
+    ("backend", "score_softmax_gate", dict(backend="triton"), RuntimeError, "backend='triton' cannot run"),
+]
+
+
+@pytest.mark.parametrize("name,op,kw,exc,msg", GATE_ERRORS, ids=[e[0] for e in GATE_ERRORS])
+def test_gate_errors(name, op, kw, exc, msg):
+    if op == "softmax_gate":
+        args = dict(scores=scores, x=x)
+        args.update(kw)
+        with pytest.raises(exc, match=msg):
+            fastattn.softmax_gate(args.pop("scores"), args.pop("x"), **args)
+    else:
+        args = dict(x=x, weight=w)
+        args.update(kw)
+        with pytest.raises(exc, match=msg):
+            fastattn.score_softmax_gate(args.pop("x"), args.pop("weight"), **args)
