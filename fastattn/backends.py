@@ -51,6 +51,7 @@ class ReferenceBackend(Backend):
         return None
 
     def attention(self, q, k, v, mask, gate, scale, causal, dropout_p):
+        causal = (False, True, "bottom_right")[causal]  # from the kernels' code back to the API's value
         return reference.attention(q, k, v, attn_mask=mask, causal=causal, scale=scale, gate=gate,
                                    dropout_p=dropout_p, return_lse=True)
 

@@ -117,43 +117,87 @@ inline void convert_row(c10::Half* dst, const float* src, int64_t n) {
 
 // ---------------------------------------------------------------------------------------------
 // Vectorised row helpers (float: polynomial exp2 + runtime ISA dispatch; double: libm, exact).
+// Written with GCC vector extensions (16 float lanes; narrower ISAs split them), because the
+// auto-vectoriser will not if-convert the clamps and selects without -fno-trapping-math.
+// Row tails are padded with a neutral value (-inf for max / exp, 0 for products).
 // ---------------------------------------------------------------------------------------------
+#if defined(__GNUC__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"  // 64-byte vector arguments: all inlined, no ABI crossing
+#endif
 namespace detail {
-// 2^x for float: x = n + f, f in [-1/2, 1/2]; 2^f by Cephes' exp2f minimax polynomial (~1 ulp),
-// 2^n built in the exponent bits. Inputs below -126 (including -inf) give exactly 0.
-static FASTATTN_INLINE float exp2_poly(float x) {
-  const float xc = std::min(std::max(x, -127.f), 127.f);
-  const float n = std::floor(xc + 0.5f);
-  const float f = xc - n;
-  float p = 1.535336188319500e-4f;
+typedef float vfloat __attribute__((vector_size(64)));
+typedef int32_t vint __attribute__((vector_size(64)));
+constexpr int64_t kLanes = 16;
+
+static FASTATTN_INLINE vfloat splat(float c) { return vfloat{} + c; }
+static FASTATTN_INLINE vfloat load(const float* p) { vfloat v; std::memcpy(&v, p, sizeof(v)); return v; }
+static FASTATTN_INLINE void store(float* p, vfloat v) { std::memcpy(p, &v, sizeof(v)); }
+static FASTATTN_INLINE vfloat load_tail(const float* p, int64_t n, float pad) {  // n < kLanes
+  float buf[kLanes];
+  for (int64_t i = 0; i < kLanes; ++i) buf[i] = i < n ? p[i] : pad;
+  return load(buf);
+}
+static FASTATTN_INLINE void store_tail(float* p, vfloat v, int64_t n) {
+  float buf[kLanes];
+  store(buf, v);
+  for (int64_t i = 0; i < n; ++i) p[i] = buf[i];
+}
+static FASTATTN_INLINE vfloat vmax(vfloat a, vfloat b) { return a > b ? a : b; }
+static FASTATTN_INLINE float hsum(vfloat v) {
+  float s = 0.f;
+  for (int i = 0; i < kLanes; ++i) s += v[i];
+  return s;
+}
+static FASTATTN_INLINE float hmax(vfloat v) {
+  float m = v[0];
+  for (int i = 1; i < kLanes; ++i) m = std::max(m, v[i]);
+  return m;
+}
+
+// 2^x: x = n + f with n = round(x), f in [-1/2, 1/2]; 2^f by Cephes' exp2f minimax polynomial
+// (~1 ulp), 2^n built in the exponent bits. x < -126 (including -inf) gives exactly 0.
+static FASTATTN_INLINE vfloat exp2_poly(vfloat x) {
+  constexpr float kRound = 12582912.f;  // 1.5 * 2^23: adding and subtracting it rounds to integer
+  vfloat xc = x < splat(-127.f) ? splat(-127.f) : x;
+  xc = xc > splat(127.f) ? splat(127.f) : xc;
+  const vfloat n = (xc + kRound) - kRound;
+  const vfloat f = xc - n;
+  vfloat p = splat(1.535336188319500e-4f);
   p = p * f + 1.339887440266574e-3f;
   p = p * f + 9.618437357674640e-3f;
   p = p * f + 5.550332471162809e-2f;
   p = p * f + 2.402264791363012e-1f;
   p = p * f + 6.931472028550421e-1f;
   p = p * f + 1.f;
-  const int32_t bits = (int32_t(n) + 127) << 23;
-  float two_n;
-  std::memcpy(&two_n, &bits, 4);
-  return x < -126.f ? 0.f : p * two_n;
+  const vint bits = (__builtin_convertvector(n, vint) + 127) << 23;
+  const vfloat two_n = (vfloat)bits;  // reinterpret the bits
+  return x < splat(-126.f) ? splat(0.f) : p * two_n;
 }
 
 FASTATTN_VEC_CLONES static float row_max_f32(const float* x, int64_t n) {
-  float m = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : m)
-  for (int64_t i = 0; i < n; ++i) m = std::max(m, x[i]);
-  return m;
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  vfloat m = splat(kNegInf);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) m = vmax(m, load(x + i));
+  if (i < n) m = vmax(m, load_tail(x + i, n - i, kNegInf));
+  return hmax(m);
 }
 
 FASTATTN_VEC_CLONES static float exp2_shift_sum_f32(float* x, int64_t n, float shift) {
-  float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < n; ++i) {
-    const float e = exp2_poly(x[i] - shift);
-    x[i] = e;
+  vfloat sum = splat(0.f);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const vfloat e = exp2_poly(load(x + i) - shift);
+    store(x + i, e);
     sum += e;
   }
-  return sum;
+  if (i < n) {
+    const vfloat e = exp2_poly(load_tail(x + i, n - i, -std::numeric_limits<float>::infinity()) - shift);
+    store_tail(x + i, e, n - i);
+    sum += e;
+  }
+  return hsum(sum);
 }
 
 FASTATTN_VEC_CLONES static void softmax_grad_f32(float* ds, const float* p, const float* dp, float delta,
@@ -166,12 +210,16 @@ FASTATTN_VEC_CLONES static void scale_row_f32(float* x, float a, int64_t n) {
 }
 
 FASTATTN_VEC_CLONES static float dot_f32(const float* a, const float* b, int64_t n) {
-  float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < n; ++i) sum += a[i] * b[i];
-  return sum;
+  vfloat sum = splat(0.f);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) sum += load(a + i) * load(b + i);
+  if (i < n) sum += load_tail(a + i, n - i, 0.f) * load_tail(b + i, n - i, 0.f);
+  return hsum(sum);
 }
 }  // namespace detail
+#if defined(__GNUC__)
+#pragma GCC diagnostic pop
+#endif
 
 // max_i x[i] (-inf for n == 0)
 inline float row_max(const float* x, int64_t n) { return detail::row_max_f32(x, n); }
