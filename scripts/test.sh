@@ -3,4 +3,4 @@
 # so the source tree's fastattn/ without its compiled _C is not picked up instead).
 set -euo pipefail
 cd "$(dirname "$0")/../tests"
-exec python -m pytest -q -p no:cacheprovider -c ../pyproject.toml --rootdir .. "$@" .
+exec python -m pytest -q -p no:cacheprovider -c ../pyproject.toml --rootdir .. "$@"

@@ -17,6 +17,7 @@
 #include <ATen/Parallel.h>
 
 #include <vector>
+#include <cstdlib>
 
 #include "attention.h"
 #include "cpu_utils.h"
@@ -25,8 +26,8 @@ namespace fastattn::cpu {
 
 namespace {
 // Tile sizes (backward); see the note on the forward's in attention_fwd.cpp.
-constexpr int64_t kBlockM = 64;   // query rows per tile
-constexpr int64_t kBlockN = 128;  // keys per tile
+static const int64_t kBlockM = getenv("FA_BWD_BM") ? atol(getenv("FA_BWD_BM")) : 64;   // query rows per tile
+static const int64_t kBlockN = getenv("FA_BWD_BN") ? atol(getenv("FA_BWD_BN")) : 128;  // keys per tile
 // The two-pass schedule does ~1.4x the work of the kv-owner one, so it is used only when
 // ceil(tasks / threads) of the kv-owner schedule exceeds 1.4x its ideal tasks / threads.
 constexpr double kTwoPassCost = 1.4;
@@ -135,9 +136,9 @@ void attention_bwd_kernel(const BwdCtx<scalar_t, acc_t>& c, scalar_t* dk, scalar
 
   if (!two_pass) {
     // -- kv-owner schedule
-    at::parallel_for(0, kv_tasks, 1, [&](int64_t begin, int64_t end) {
+    parallel_dynamic(kv_tasks, [&](const auto& claim) {
       BwdBuffers<acc_t> buf(s.D, s.Dv);
-      for (int64_t t = begin; t < end; ++t)
+      for (int64_t t; (t = claim()) >= 0;)
         for (int64_t kb = 0; kb < n_kblocks; ++kb)
           key_block_pass(c, buf, t / s.Hkv, t % s.Hkv, kb * kBlockN, /*do_dq=*/true, dk, dv);
     });
@@ -145,10 +146,10 @@ void attention_bwd_kernel(const BwdCtx<scalar_t, acc_t>& c, scalar_t* dk, scalar
   }
 
   // -- two-pass schedule, pass 1: dQ (and dmask) per (batch, head, query block)
-  at::parallel_for(0, s.B * s.Hq * n_qblocks, 1, [&](int64_t begin, int64_t end) {
+  parallel_dynamic(s.B * s.Hq * n_qblocks, [&](const auto& claim) {
     BwdBuffers<acc_t> buf(s.D, s.Dv);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t qb = t % n_qblocks, bh = t / n_qblocks;
+    for (int64_t t; (t = claim()) >= 0;) {
+      const int64_t qb = n_qblocks - 1 - t % n_qblocks, bh = t / n_qblocks;  // heavy (causal) blocks first
       const int64_t i0 = qb * kBlockM, bm = std::min(kBlockM, s.Lq - i0);
       const int64_t j_end = s.causal ? std::min(s.Lk, i0 + bm + s.causal_off) : s.Lk;
       for (int64_t j0 = 0; j0 < j_end; j0 += kBlockN)
@@ -157,9 +158,9 @@ void attention_bwd_kernel(const BwdCtx<scalar_t, acc_t>& c, scalar_t* dk, scalar
     }
   });
   // -- pass 2: dK / dV per (batch, kv head, key block)
-  at::parallel_for(0, kv_tasks * n_kblocks, 1, [&](int64_t begin, int64_t end) {
+  parallel_dynamic(kv_tasks * n_kblocks, [&](const auto& claim) {
     BwdBuffers<acc_t> buf(s.D, s.Dv);
-    for (int64_t t = begin; t < end; ++t) {
+    for (int64_t t; (t = claim()) >= 0;) {
       const int64_t kb = t % n_kblocks, bhk = t / n_kblocks;
       key_block_pass(c, buf, bhk / s.Hkv, bhk % s.Hkv, kb * kBlockN, /*do_dq=*/false, dk, dv);
     }

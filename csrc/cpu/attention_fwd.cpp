@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 
 #include <vector>
+#include <cstdlib>
 
 #include "attention.h"
 #include "cpu_utils.h"
@@ -16,8 +17,8 @@ namespace fastattn::cpu {
 namespace {
 // Tile sizes (forward). Measured at B=2 H=8 L=1024 D=64, 2 threads, float32 and bfloat16:
 // see kFwdTiles note in the report; M x N = 128 x 256 was the fastest of {64,128,256} x {128,256,512}.
-constexpr int64_t kBlockM = 128;  // query rows per task
-constexpr int64_t kBlockN = 256;  // keys per streamed tile
+static const int64_t kBlockM = getenv("FA_FWD_BM") ? atol(getenv("FA_FWD_BM")) : 128;  // query rows per task
+static const int64_t kBlockN = getenv("FA_FWD_BN") ? atol(getenv("FA_FWD_BN")) : 256;  // keys per streamed tile
 }  // namespace
 
 namespace detail {
@@ -93,7 +94,7 @@ void attention_fwd_kernel(const acc_t* q, const acc_t* k, const acc_t* v, const 
   const int64_t D = s.D, Dv = s.Dv;
   const int64_t n_qblocks = (s.Lq + kBlockM - 1) / kBlockM;
 
-  at::parallel_for(0, s.B * s.Hq * n_qblocks, 1, [&](int64_t begin, int64_t end) {
+  parallel_dynamic(s.B * s.Hq * n_qblocks, [&](const auto& claim) {
     // Per-thread tile buffers.
     std::vector<acc_t> S_buf(kBlockM * kBlockN);  // [BM, BN] scores, then P
     std::vector<acc_t> acc_buf(kBlockM * Dv);     // [BM, Dv] unnormalised output
@@ -102,8 +103,9 @@ void attention_fwd_kernel(const acc_t* q, const acc_t* k, const acc_t* v, const 
     acc_t* S = S_buf.data();
     acc_t* acc = acc_buf.data();
 
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t qb = task % n_qblocks, bh = task / n_qblocks;
+    for (int64_t task; (task = claim()) >= 0;) {
+      // Last query blocks first: under causal masking they see the most keys.
+      const int64_t qb = n_qblocks - 1 - task % n_qblocks, bh = task / n_qblocks;
       const int64_t h = bh % s.Hq, b = bh / s.Hq, hk = h / s.group;
       const int64_t i0 = qb * kBlockM, bm = std::min(kBlockM, s.Lq - i0);
       const acc_t* Q = q + b * s.q_sb + h * s.q_sh + i0 * s.q_sl;  // [bm, D], row stride q_sl

@@ -3,14 +3,17 @@
 //                      libtorch_cpu), with an at::addmm_ fallback so the extension always loads;
 //   - convert_row():   dtype conversion of tile rows (bfloat16/half <-> float);
 //   - row_max(), exp2_shift_sum(), ...: vectorised row helpers for the softmax, compiled for
-//                      AVX-512 / AVX2 / baseline and picked at run time (no -march flags).
+//                      AVX-512 / AVX2 / baseline and picked at run time (no -march flags);
+//   - parallel_dynamic(): at::parallel_for with tasks handed out one by one.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -255,6 +258,22 @@ inline double dot(const double* a, const double* b, int64_t n) {
   double sum = 0;
   for (int64_t i = 0; i < n; ++i) sum += a[i] * b[i];
   return sum;
+}
+
+// Runs fn(claim) once per worker thread of an at::parallel_for region; claim() returns the next
+// unclaimed task in [0, n_tasks), or -1 when none is left. Dynamic hand-out keeps threads busy
+// when tasks differ in cost (causal) or a core is shared, where static chunks leave one idle.
+template <typename F>
+void parallel_dynamic(int64_t n_tasks, const F& fn) {
+  std::atomic<int64_t> next{0};
+  auto claim = [&]() -> int64_t {
+    const int64_t t = next.fetch_add(1, std::memory_order_relaxed);
+    return t < n_tasks ? t : -1;
+  };
+  const int64_t workers = std::min<int64_t>(n_tasks, at::get_num_threads());
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) fn(claim);
+  });
 }
 
 template <typename T>

@@ -44,9 +44,11 @@ namespace fastattn::cpu {
 namespace {
 
 constexpr double kLog2e = 1.4426950408889634074;  // softmax in base 2: e^x = 2^(x * log2(e))
-// Independent partial sums per dot product: 32 floats = 2 zmm / 4 ymm accumulator chains, enough to hide the
-// FMA latency on head dims of 64 and up.
-constexpr int64_t kDotLanes = 32;
+// Dot products use 64-byte GCC vectors (one zmm; two ymm or four xmm on older ISAs, four NEON registers on
+// aarch64): GCC's auto-vectoriser keeps multi-chain reductions on the stack, explicit vectors stay in registers.
+constexpr int64_t kVecBytes = 64;
+// linear_scores computes this many heads' dot products at once: each load of x feeds 4 independent FMA chains.
+constexpr int64_t kScoreHeads = 4;
 // Smallest amount of work (elements) worth a parallel task; below it the loop stays on the calling thread.
 constexpr int64_t kMinTaskElems = 1 << 15;
 // Pool forward with few batch items splits D into chunks of a multiple of this (one zmm of float).
@@ -58,16 +60,49 @@ constexpr int64_t kHugePageBytes = 2 << 20;
 // Row kernels on float / double. Each *_impl is inlined into one clone per ISA level below.
 // ---------------------------------------------------------------------------------------------------------------
 
+#if defined(__GNUC__) && !defined(__clang__)
+// The vector helpers are always inlined, so no 64-byte vector ever crosses a call boundary.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+using VecF = float __attribute__((vector_size(kVecBytes)));
+using VecD = double __attribute__((vector_size(kVecBytes)));
+template <typename T>
+using Vec = std::conditional_t<std::is_same_v<T, float>, VecF, VecD>;
+template <typename T>
+constexpr int64_t kLanes = kVecBytes / sizeof(T);
+
+template <typename T>
+FA_GATE_INLINE Vec<T> vload(const T* p) {
+  Vec<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename T>
+FA_GATE_INLINE void vstore(T* p, Vec<T> v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+template <typename T>
+FA_GATE_INLINE T hsum(Vec<T> v) {
+  T s = 0;
+  for (int64_t l = 0; l < kLanes<T>; ++l) s += v[l];
+  return s;
+}
+
 template <typename T>
 FA_GATE_INLINE T dot_impl(const T* __restrict a, const T* __restrict b, int64_t n) {
-  T part[kDotLanes] = {};
+  constexpr int64_t L = kLanes<T>;
+  Vec<T> acc0 = {}, acc1 = {};  // two chains
   int64_t i = 0;
-  for (; i + kDotLanes <= n; i += kDotLanes)
-    for (int64_t l = 0; l < kDotLanes; ++l) part[l] += a[i + l] * b[i + l];
-  T sum = 0;
-  for (; i < n; ++i) sum += a[i] * b[i];
-  for (int64_t l = 0; l < kDotLanes; ++l) sum += part[l];
-  return sum;
+  for (; i + 2 * L <= n; i += 2 * L) {
+    acc0 += vload(a + i) * vload(b + i);
+    acc1 += vload(a + i + L) * vload(b + i + L);
+  }
+  for (; i + L <= n; i += L) acc0 += vload(a + i) * vload(b + i);
+  T tail = 0;
+  for (; i < n; ++i) tail += a[i] * b[i];
+  return hsum<T>(acc0 + acc1) + tail;
 }
 
 // y[h, j] = alpha[h] * x[h, j]; one row, (H, Dh) viewed flat
@@ -121,7 +156,35 @@ FA_GATE_INLINE void head_dots_impl(T* __restrict g, const T* __restrict dy, cons
 template <typename T>
 FA_GATE_INLINE void linear_scores_impl(T* __restrict s, const T* __restrict x, const T* __restrict w, int64_t H,
                                        int64_t D, T scale) {
-  for (int64_t h = 0; h < H; ++h) s[h] = scale * dot_impl(x, w + h * D, D);
+  constexpr int64_t L = kLanes<T>;
+  int64_t h = 0;
+  for (; h + kScoreHeads <= H; h += kScoreHeads) {
+    const T* __restrict w0 = w + h * D;
+    const T* __restrict w1 = w0 + D;
+    const T* __restrict w2 = w1 + D;
+    const T* __restrict w3 = w2 + D;
+    Vec<T> acc0 = {}, acc1 = {}, acc2 = {}, acc3 = {};
+    int64_t c = 0;
+    for (; c + L <= D; c += L) {
+      const Vec<T> xv = vload(x + c);
+      acc0 += xv * vload(w0 + c);
+      acc1 += xv * vload(w1 + c);
+      acc2 += xv * vload(w2 + c);
+      acc3 += xv * vload(w3 + c);
+    }
+    T t0 = 0, t1 = 0, t2 = 0, t3 = 0;
+    for (; c < D; ++c) {
+      t0 += x[c] * w0[c];
+      t1 += x[c] * w1[c];
+      t2 += x[c] * w2[c];
+      t3 += x[c] * w3[c];
+    }
+    s[h] = scale * (hsum<T>(acc0) + t0);
+    s[h + 1] = scale * (hsum<T>(acc1) + t1);
+    s[h + 2] = scale * (hsum<T>(acc2) + t2);
+    s[h + 3] = scale * (hsum<T>(acc3) + t3);
+  }
+  for (; h < H; ++h) s[h] = scale * dot_impl(x, w + h * D, D);
 }
 
 // dx[c] = alpha[h(c)] * dy[c] + Σ_h ds[h] * w[h, c];  dw[h, c] += ds[h] * x[c]   (ds already carries the scale)
@@ -129,15 +192,24 @@ template <typename T>
 FA_GATE_INLINE void score_bwd_row_impl(T* __restrict dx, T* __restrict dw, const T* __restrict dy,
                                        const T* __restrict x, const T* __restrict alpha, const T* __restrict ds,
                                        const T* __restrict w, int64_t H, int64_t Dh) {
+  constexpr int64_t L = kLanes<T>;
   const int64_t D = H * Dh;
   gate_row_impl(dx, dy, alpha, H, Dh);
-  for (int64_t h = 0; h < H; ++h) {
-    const T d = ds[h];
-    const T* __restrict w_h = w + h * D;
-    T* __restrict dw_h = dw + h * D;
-    for (int64_t c = 0; c < D; ++c) dx[c] += d * w_h[c];
-    for (int64_t c = 0; c < D; ++c) dw_h[c] += d * x[c];
+  int64_t c = 0;
+  for (; c + L <= D; c += L) {
+    const Vec<T> xv = vload(x + c);
+    Vec<T> dxv = vload(dx + c);
+    for (int64_t h = 0; h < H; ++h) {
+      dxv += ds[h] * vload(w + h * D + c);
+      vstore(dw + h * D + c, vload(dw + h * D + c) + ds[h] * xv);
+    }
+    vstore(dx + c, dxv);
   }
+  for (; c < D; ++c)
+    for (int64_t h = 0; h < H; ++h) {
+      dx[c] += ds[h] * w[h * D + c];
+      dw[h * D + c] += ds[h] * x[c];
+    }
 }
 
 // 2^x for x <= 0 in float: 2^n * 2^f with n = round(x), f in [-0.5, 0.5], Cephes exp2f polynomial (~1 ulp).
