@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import itertools
 import json
 import statistics
 import subprocess
@@ -79,11 +80,9 @@ def _attention_providers(cfg, device):
     """{provider: callable(q, k, v, gate) -> out} for an attention config."""
     from torch.nn.attention import sdpa_kernel
     providers = {}
-    avail = backends()
-    for name in ("cuda", "triton", "cpu"):
-        if avail[name]["available"] and device.type in avail[name]["devices"]:
-            providers[f"fastattn-{name}"] = (lambda n: lambda q, k, v, g: functional.attention(
-                q, k, v, causal=cfg.causal, gate=g, backend=n))(name)
+    for name in _fastattn_backends(device):
+        providers[f"fastattn-{name}"] = (lambda n: lambda q, k, v, g: functional.attention(
+            q, k, v, causal=cfg.causal, gate=g, backend=n))(name)
 
     def sdpa(backend):
         def run(q, k, v, g):
@@ -94,17 +93,41 @@ def _attention_providers(cfg, device):
 
     for provider, backend in _sdpa_backends(device).items():
         providers[provider] = sdpa(backend)
+    if device.type == "cuda":  # FlexAttention needs torch.compile to be fast; on CPU it would time the compiler
+        providers["torch-flex"] = _flex(cfg)
     return providers
 
 
-def _gate_providers(cfg):
+def _flex(cfg):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    compiled = torch.compile(flex_attention, dynamic=False)
+    block_mask = None
+    if cfg.causal:
+        block_mask = create_block_mask(lambda b, h, q, k: q >= k, None, None, cfg.Lq, cfg.Lk, device="cuda")
+
+    def run(q, k, v, g):
+        o = compiled(q, k, v, block_mask=block_mask, enable_gqa=cfg.Hq != cfg.Hkv)
+        return o * torch.sigmoid(g) if g is not None else o
+    return run
+
+
+def _fastattn_backends(device):
+    avail = backends()
+    return [n for n in ("cuda", "triton", "cpu") if avail[n]["available"] and device.type in avail[n]["devices"]]
+
+
+def _gate_providers(cfg, device):
+    """fastattn's backends and the same math in eager PyTorch (the reference, which is exactly that)."""
     from . import reference
-    providers = {"fastattn-cpu": None, "torch-eager": None}
+    providers = {}
+    for name in _fastattn_backends(device):
+        if cfg.op == "softmax_gate":
+            providers[f"fastattn-{name}"] = (lambda n: lambda s, x: functional.softmax_gate(s, x, backend=n))(name)
+        else:
+            providers[f"fastattn-{name}"] = (lambda n: lambda w, x: functional.score_softmax_gate(x, w, backend=n))(name)
     if cfg.op == "softmax_gate":
-        providers["fastattn-cpu"] = lambda s, x: functional.softmax_gate(s, x, backend="cpu")
         providers["torch-eager"] = lambda s, x: reference.softmax_gate(s, x)
     else:
-        providers["fastattn-cpu"] = lambda w, x: functional.score_softmax_gate(x, w, backend="cpu")
         providers["torch-eager"] = lambda w, x: reference.score_softmax_gate(x, w)
     return providers
 
@@ -165,7 +188,7 @@ def run_config(cfg, device, reps=7, min_time_s=0.0):
         H = cfg.Hq
         other = mk(cfg.B, cfg.Lq, H) if cfg.op == "softmax_gate" else mk(H, cfg.D) / cfg.D ** 0.5
         inputs = [other, mk(cfg.B, cfg.Lq, cfg.D)]
-        providers = _gate_providers(cfg)
+        providers = _gate_providers(cfg, device)
     for provider, fn in providers.items():
         try:
             ms, peak = _measure(fn, inputs, cfg.mode, device, reps, min_time_s)
@@ -184,22 +207,35 @@ def run_config(cfg, device, reps=7, min_time_s=0.0):
     return rows
 
 
-def default_configs(device, quick=False):
-    """CPU: the sizes of issue 2's acceptance benchmark, finishing in about a minute on 2 cores."""
+def default_configs(device, quick=False, ops=None, modes=None):
+    """GPU: the field's standard sweep (batch·seqlen = 16k tokens, seqlen 512..16k, hidden 2048, D 64
+    and 128, bf16 and fp16, causal and not). CPU: issue 2's acceptance sizes, about a minute on 2 cores."""
     configs = []
-    L = (256,) if quick else (1024,)
-    modes = ("fwd",) if quick else ("fwd", "fwd_bwd")
-    dtypes = (torch.float32,) if quick else (torch.float32, torch.bfloat16)
-    for dtype in dtypes:
-        for causal in (False, True):
-            for mode in modes:
-                for Lq in L:
-                    configs.append(Config("attention", mode, dtype, B=2, Hq=8, Hkv=8, Lq=Lq, Lk=Lq, D=64, Dv=64,
-                                          causal=causal))
-    N = 256 if quick else 1024
-    for op in ("softmax_gate", "score_softmax_gate"):
+    if device.type == "cuda":
+        seqlens = (1024, 4096) if quick else (512, 1024, 2048, 4096, 8192, 16384)
+        dtypes = (torch.bfloat16,) if quick else (torch.bfloat16, torch.float16)
+        heads_dims = [(2048 // D, D) for D in ((128,) if quick else (64, 128))]
+        gate_sizes = [(32, 1024, 512)] if quick else [(32, 1024, 512), (8, 4096, 1024)]
+    else:
+        seqlens = (256,) if quick else (1024,)
+        dtypes = (torch.float32,) if quick else (torch.float32, torch.bfloat16)
+        heads_dims = [(8, 64)]
+        gate_sizes = [(8, 256, 512)] if quick else [(32, 1024, 512)]
+    modes = modes or (("fwd",) if quick else ("fwd", "fwd_bwd") if device.type == "cpu" else ("fwd", "bwd", "fwd_bwd"))
+    ops = ops or (("attention", "gated", "softmax_gate", "score_softmax_gate") if device.type == "cuda"
+                  else ("attention", "softmax_gate", "score_softmax_gate"))
+    for op in ops:
         for dtype in dtypes:
-            configs.append(Config(op, "fwd_bwd", dtype, B=32, Hq=8, Lq=N, D=512))
+            if op in ("attention", "gated"):
+                for (H, D), causal, mode, L in itertools.product(heads_dims, (False, True), modes, seqlens):
+                    if op == "gated" and len(heads_dims) > 1 and D != 128:
+                        continue  # the gated comparison at one head dim keeps the GPU sweep short
+                    B = max(1, 16384 // L) if device.type == "cuda" else 2
+                    configs.append(Config(op, mode, dtype, B=B, Hq=H, Hkv=H, Lq=L, Lk=L, D=D, Dv=D, causal=causal,
+                                          gate="elementwise" if op == "gated" else "none"))
+            else:
+                for (B, N, D), mode in itertools.product(gate_sizes, ("fwd_bwd",) if device.type == "cpu" else modes):
+                    configs.append(Config(op, mode, dtype, B=B, Hq=8, Lq=N, D=D))
     return configs
 
 
@@ -259,11 +295,47 @@ def speedup_table(rows):
     return "\n".join(lines)
 
 
+def plot(rows, path):
+    """TFLOP/s (or GB/s) against sequence length, one line per provider, a panel per (op, mode, D,
+    causal, dtype). Returns False (and says why) when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("--plot: matplotlib is not installed (pip install matplotlib); wrote no plot")
+        return False
+    panels = {}
+    for r in rows:
+        key = (r["op"], r["mode"], r["D"], r["causal"], r["dtype"])
+        panels.setdefault(key, {}).setdefault(r["provider"], []).append(r)
+    n = len(panels)
+    cols = min(4, n)
+    nrows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.3 * nrows), squeeze=False)
+    for ax, ((op, mode, D, causal, dtype), provs) in zip(axes.flat, panels.items()):
+        for provider, rs in sorted(provs.items()):
+            rs = sorted(rs, key=lambda r: r["Lq"])
+            ys = [r["tflops"] if r["tflops"] is not None else r["gbps"] for r in rs]
+            style = dict(lw=2.2, marker="o") if provider.startswith("fastattn") else dict(lw=1.2, marker=".", ls="--")
+            ax.plot([r["Lq"] for r in rs], ys, label=provider, **style)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{op} {mode} {dtype} D{D}{' causal' if causal else ''}", fontsize=9)
+        ax.set_xlabel("sequence length")
+        ax.set_ylabel("TFLOP/s" if op in ("attention", "gated") else "GB/s")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def main(args):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    configs = default_configs(device, quick=args.quick)
-    if args.op:
-        configs = [c for c in configs if c.op in args.op]
+    configs = default_configs(device, quick=args.quick, ops=args.op, modes=args.mode)
     rows = []
     for i, cfg in enumerate(configs):
         print(f"[{i + 1}/{len(configs)}] {cfg.op} {cfg.mode} {str(cfg.dtype)[6:]} B{cfg.B} H{cfg.Hq} L{cfg.Lq} "
@@ -276,4 +348,6 @@ def main(args):
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
         print(f"\nwrote {args.out}")
+    if args.plot and plot(rows, args.plot):
+        print(f"wrote {args.plot}")
     return 0

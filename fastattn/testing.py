@@ -19,6 +19,7 @@ from . import functional, reference
 
 ATOL_FLOOR = {torch.float64: 1e-9, torch.float32: 2e-5, torch.bfloat16: 2e-3, torch.float16: 5e-4}
 DTYPE_NAMES = {torch.float64: "fp64", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+DTYPE_NAMES_INV = {v: k for k, v in DTYPE_NAMES.items()}
 
 
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -73,13 +73,6 @@ AttnShape check_and_describe(const char* op, const at::Tensor& q, const at::Tens
                              const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& gate,
                              int64_t causal);
 
-// Tensor in the accumulation dtype with a contiguous last dim; no copy when already so.
-inline at::Tensor to_acc(const at::Tensor& t, at::ScalarType acc) {
-  if (t.scalar_type() == acc) return t;
-  at::Tensor r = t.to(acc);
-  return r.stride(-1) == 1 ? r : r.contiguous();
-}
-
 // -- masking of the score tile S[bm, bn] (row stride lds) for queries i0.., keys j0..
 // Scores are in log2 units (already multiplied by LOG2E), so a float bias is too. Masked -> -inf.
 // mask_tile points at mask[b, h, i0, j0] (unused for kNone).

@@ -16,6 +16,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#include <type_traits>
 #include <vector>
 #include <cstdlib>
 
@@ -37,7 +38,7 @@ using detail::AttnShape;
 template <typename scalar_t, typename acc_t>
 struct BwdCtx {
   const AttnShape& s;
-  const acc_t *q, *k, *v;  // strided as in s (accumulation dtype)
+  const scalar_t *q, *k, *v;  // strided as in s
   const acc_t* dO;         // (B, Hq, Lq, Dv) contiguous: dout * sigmoid(gate)
   const acc_t* lse2;       // (B, Hq, Lq): lse * LOG2E
   const acc_t* delta;      // (B, Hq, Lq)
@@ -47,32 +48,51 @@ struct BwdCtx {
   acc_t alpha, scale;      // alpha = scale * LOG2E
 };
 
-// Per-thread tile buffers.
-template <typename acc_t>
+// Per-thread tile buffers; q/k/v hold widened bf16 / half tiles (empty for float / double).
+template <typename scalar_t, typename acc_t>
 struct BwdBuffers {
-  std::vector<acc_t> P, dS, dK, dV;
+  static constexpr bool kConvert = !std::is_same_v<scalar_t, acc_t>;
+  std::vector<acc_t> P, dS, dK, dV, q, k, v;
   BwdBuffers(int64_t D, int64_t Dv)
-      : P(kBlockM * kBlockN), dS(kBlockM * kBlockN), dK(kBlockN * D), dV(kBlockN * Dv) {}
+      : P(kBlockM * kBlockN), dS(kBlockM * kBlockN), dK(kBlockN * D), dV(kBlockN * Dv),
+        q(kConvert ? kBlockM * D : 0), k(kConvert ? kBlockN * D : 0), v(kConvert ? kBlockN * Dv : 0) {}
 };
+
+// K [bn, D] and V [bn, Dv] tiles of key block j0 of kv head hk, in the accumulation type.
+struct KVTile {
+  const void* K;
+  const void* V;
+  int64_t ldk, ldv;
+};
+template <typename scalar_t, typename acc_t>
+KVTile kv_tile(const BwdCtx<scalar_t, acc_t>& c, BwdBuffers<scalar_t, acc_t>& buf, int64_t b, int64_t hk, int64_t j0,
+               int64_t bn) {
+  const AttnShape& s = c.s;
+  KVTile t;
+  t.K = tile_as(c.k + b * s.k_sb + hk * s.k_sh + j0 * s.k_sl, s.k_sl, bn, s.D, buf.k.data(), &t.ldk);
+  t.V = tile_as(c.v + b * s.v_sb + hk * s.v_sh + j0 * s.v_sl, s.v_sl, bn, s.Dv, buf.v.data(), &t.ldv);
+  return t;
+}
 
 // One (query block, key block) tile of head h: recomputes P and dS, then applies the updates
 // asked for: dQ (into ctx.dq), dK/dV (into buf.dK / buf.dV, [bn, D] / [bn, Dv]), dmask.
 template <typename scalar_t, typename acc_t>
-void backward_tile(const BwdCtx<scalar_t, acc_t>& c, BwdBuffers<acc_t>& buf, int64_t b, int64_t h, int64_t i0,
-                   int64_t bm, int64_t j0, int64_t bn, bool do_dq, bool do_dkv, bool do_dmask) {
+void backward_tile(const BwdCtx<scalar_t, acc_t>& c, BwdBuffers<scalar_t, acc_t>& buf, const KVTile& kv, int64_t b,
+                   int64_t h, int64_t i0, int64_t bm, int64_t j0, int64_t bn, bool do_dq, bool do_dkv, bool do_dmask) {
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   const AttnShape& s = c.s;
-  const int64_t hk = h / s.group, D = s.D, Dv = s.Dv;
-  const int64_t row0 = (b * s.Hq + h) * s.Lq + i0;               // index of (b, h, i0) in (B, Hq, Lq)
-  const acc_t* Q = c.q + b * s.q_sb + h * s.q_sh + i0 * s.q_sl;   // [bm, D]
-  const acc_t* K = c.k + b * s.k_sb + hk * s.k_sh + j0 * s.k_sl;  // [bn, D]
-  const acc_t* V = c.v + b * s.v_sb + hk * s.v_sh + j0 * s.v_sl;  // [bn, Dv]
-  const acc_t* dO = c.dO + row0 * Dv;                             // [bm, Dv]
+  const int64_t D = s.D, Dv = s.Dv;
+  const int64_t row0 = (b * s.Hq + h) * s.Lq + i0;  // index of (b, h, i0) in (B, Hq, Lq)
+  int64_t ldq;
+  const acc_t* Q = tile_as(c.q + b * s.q_sb + h * s.q_sh + i0 * s.q_sl, s.q_sl, bm, D, buf.q.data(), &ldq);  // [bm, D]
+  const acc_t* K = static_cast<const acc_t*>(kv.K);  // [bn, D]
+  const acc_t* V = static_cast<const acc_t*>(kv.V);  // [bn, Dv]
+  const acc_t* dO = c.dO + row0 * Dv;                // [bm, Dv]
   acc_t* P = buf.P.data();
   acc_t* dS = buf.dS.data();
 
   // -- recompute P = 2^(S - lse2)   [bm, bn]
-  gemm(false, true, bm, bn, D, c.alpha, Q, s.q_sl, K, s.k_sl, acc_t(0), P, kBlockN);
+  gemm(false, true, bm, bn, D, c.alpha, Q, ldq, K, kv.ldk, acc_t(0), P, kBlockN);
   detail::mask_score_tile<scalar_t>(P, kBlockN, i0, bm, j0, bn, s, detail::mask_ptr(c.mask, s, b, h, i0, j0));
   for (int64_t r = 0; r < bm; ++r) {
     acc_t* row = P + r * kBlockN;
@@ -85,7 +105,7 @@ void backward_tile(const BwdCtx<scalar_t, acc_t>& c, BwdBuffers<acc_t>& buf, int
   if (do_dkv) gemm(true, false, bn, Dv, bm, acc_t(1), P, kBlockN, dO, Dv, acc_t(1), buf.dV.data(), Dv);
 
   // -- dP = dO V^T, dS = P * (dP - delta)   [bm, bn]
-  gemm(false, true, bm, bn, Dv, acc_t(1), dO, Dv, V, s.v_sl, acc_t(0), dS, kBlockN);
+  gemm(false, true, bm, bn, Dv, acc_t(1), dO, Dv, V, kv.ldv, acc_t(0), dS, kBlockN);
   for (int64_t r = 0; r < bm; ++r)
     softmax_grad(dS + r * kBlockN, P + r * kBlockN, dS + r * kBlockN, c.delta[row0 + r], bn);
 
@@ -94,8 +114,8 @@ void backward_tile(const BwdCtx<scalar_t, acc_t>& c, BwdBuffers<acc_t>& buf, int
     for (int64_t r = 0; r < bm; ++r) convert_row(c.dmask + (row0 + r) * s.Lk + j0, dS + r * kBlockN, bn);
 
   // -- dK += scale dS^T Q   [bn, D];  dQ += scale dS K   [bm, D]
-  if (do_dkv) gemm(true, false, bn, D, bm, c.scale, dS, kBlockN, Q, s.q_sl, acc_t(1), buf.dK.data(), D);
-  if (do_dq) gemm(false, false, bm, D, bn, c.scale, dS, kBlockN, K, s.k_sl, acc_t(1), c.dq + row0 * D, D);
+  if (do_dkv) gemm(true, false, bn, D, bm, c.scale, dS, kBlockN, Q, ldq, acc_t(1), buf.dK.data(), D);
+  if (do_dq) gemm(false, false, bm, D, bn, c.scale, dS, kBlockN, K, kv.ldk, acc_t(1), c.dq + row0 * D, D);
 }
 
 // First query block whose rows see any key >= j0 (causal), else 0.
@@ -106,16 +126,17 @@ inline int64_t first_qblock(const AttnShape& s, int64_t j0) {
 // dK / dV of key block j0 for kv head hk of batch b, over all query heads of its group; dQ too
 // when do_dq (kv-owner schedule). Writes dk/dv rows j0..j0+bn in the output dtype.
 template <typename scalar_t, typename acc_t>
-void key_block_pass(const BwdCtx<scalar_t, acc_t>& c, BwdBuffers<acc_t>& buf, int64_t b, int64_t hk, int64_t j0,
-                    bool do_dq, scalar_t* dk, scalar_t* dv) {
+void key_block_pass(const BwdCtx<scalar_t, acc_t>& c, BwdBuffers<scalar_t, acc_t>& buf, int64_t b, int64_t hk,
+                    int64_t j0, bool do_dq, scalar_t* dk, scalar_t* dv) {
   const AttnShape& s = c.s;
   const int64_t bn = std::min(kBlockN, s.Lk - j0);
+  const KVTile kv = kv_tile(c, buf, b, hk, j0, bn);
   std::fill_n(buf.dK.data(), bn * s.D, acc_t(0));
   std::fill_n(buf.dV.data(), bn * s.Dv, acc_t(0));
   for (int64_t h = hk * s.group; h < (hk + 1) * s.group; ++h) {
     for (int64_t i0 = first_qblock(s, j0) * kBlockM; i0 < s.Lq; i0 += kBlockM) {
       const int64_t bm = std::min(kBlockM, s.Lq - i0);
-      backward_tile(c, buf, b, h, i0, bm, j0, bn, do_dq, /*do_dkv=*/true, /*do_dmask=*/do_dq && c.dmask != nullptr);
+      backward_tile(c, buf, kv, b, h, i0, bm, j0, bn, do_dq, /*do_dkv=*/true, /*do_dmask=*/do_dq && c.dmask != nullptr);
     }
   }
   const int64_t kv_row0 = (b * s.Hkv + hk) * s.Lk + j0;
@@ -137,7 +158,7 @@ void attention_bwd_kernel(const BwdCtx<scalar_t, acc_t>& c, scalar_t* dk, scalar
   if (!two_pass) {
     // -- kv-owner schedule
     parallel_dynamic(kv_tasks, [&](const auto& claim) {
-      BwdBuffers<acc_t> buf(s.D, s.Dv);
+      BwdBuffers<scalar_t, acc_t> buf(s.D, s.Dv);
       for (int64_t t; (t = claim()) >= 0;)
         for (int64_t kb = 0; kb < n_kblocks; ++kb)
           key_block_pass(c, buf, t / s.Hkv, t % s.Hkv, kb * kBlockN, /*do_dq=*/true, dk, dv);
@@ -147,19 +168,23 @@ void attention_bwd_kernel(const BwdCtx<scalar_t, acc_t>& c, scalar_t* dk, scalar
 
   // -- two-pass schedule, pass 1: dQ (and dmask) per (batch, head, query block)
   parallel_dynamic(s.B * s.Hq * n_qblocks, [&](const auto& claim) {
-    BwdBuffers<acc_t> buf(s.D, s.Dv);
+    BwdBuffers<scalar_t, acc_t> buf(s.D, s.Dv);
     for (int64_t t; (t = claim()) >= 0;) {
       const int64_t qb = n_qblocks - 1 - t % n_qblocks, bh = t / n_qblocks;  // heavy (causal) blocks first
+      const int64_t b = bh / s.Hq, h = bh % s.Hq;
       const int64_t i0 = qb * kBlockM, bm = std::min(kBlockM, s.Lq - i0);
       const int64_t j_end = s.causal ? std::min(s.Lk, i0 + bm + s.causal_off) : s.Lk;
-      for (int64_t j0 = 0; j0 < j_end; j0 += kBlockN)
-        backward_tile(c, buf, bh / s.Hq, bh % s.Hq, i0, bm, j0, std::min(kBlockN, s.Lk - j0),
-                      /*do_dq=*/true, /*do_dkv=*/false, /*do_dmask=*/c.dmask != nullptr);
+      for (int64_t j0 = 0; j0 < j_end; j0 += kBlockN) {
+        const int64_t bn = std::min(kBlockN, s.Lk - j0);
+        const KVTile kv = kv_tile(c, buf, b, h / s.group, j0, bn);
+        backward_tile(c, buf, kv, b, h, i0, bm, j0, bn, /*do_dq=*/true, /*do_dkv=*/false,
+                      /*do_dmask=*/c.dmask != nullptr);
+      }
     }
   });
   // -- pass 2: dK / dV per (batch, kv head, key block)
   parallel_dynamic(kv_tasks * n_kblocks, [&](const auto& claim) {
-    BwdBuffers<acc_t> buf(s.D, s.Dv);
+    BwdBuffers<scalar_t, acc_t> buf(s.D, s.Dv);
     for (int64_t t; (t = claim()) >= 0;) {
       const int64_t kb = t % n_kblocks, bhk = t / n_kblocks;
       key_block_pass(c, buf, bhk / s.Hkv, bhk % s.Hkv, kb * kBlockN, /*do_dq=*/false, dk, dv);
@@ -226,11 +251,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   at::Tensor dmask = need_dmask ? at::zeros({s.B, s.Hq, s.Lq, s.Lk}, q.options()) : at::empty({0}, q.options());
   at::Tensor dgate = gate.has_value() ? at::empty(out_shape, q.options()) : at::empty({0}, q.options());
 
-  const at::Tensor qa = detail::to_acc(q, acc_type), ka = detail::to_acc(k, acc_type), va = detail::to_acc(v, acc_type);
-  AttnShape sa = s;
-  sa.q_sb = qa.stride(0); sa.q_sh = qa.stride(1); sa.q_sl = qa.stride(2);
-  sa.k_sb = ka.stride(0); sa.k_sh = ka.stride(1); sa.k_sl = ka.stride(2);
-  sa.v_sb = va.stride(0); sa.v_sh = va.stride(1); sa.v_sl = va.stride(2);
   const at::Tensor dout_c = dout.stride(-1) == 1 ? dout : dout.contiguous();
   const at::Tensor out_c = out.contiguous();
   const at::Tensor lse2 = lse.to(acc_type) * kLog2e;  // -inf stays -inf
@@ -241,11 +261,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "attention_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* p_gate = gate.has_value() ? gate->data_ptr<scalar_t>() : nullptr;
-    prepare_rows<scalar_t, acc_t>(sa, dout_c, out_c, p_gate, dlse_c.defined() ? dlse_c.data_ptr<acc_t>() : nullptr,
+    prepare_rows<scalar_t, acc_t>(s, dout_c, out_c, p_gate, dlse_c.defined() ? dlse_c.data_ptr<acc_t>() : nullptr,
                                   dO.data_ptr<acc_t>(), delta.data_ptr<acc_t>(),
                                   gate.has_value() ? dgate.data_ptr<scalar_t>() : nullptr);
-    const BwdCtx<scalar_t, acc_t> ctx{sa,
-                                      qa.data_ptr<acc_t>(), ka.data_ptr<acc_t>(), va.data_ptr<acc_t>(),
+    const BwdCtx<scalar_t, acc_t> ctx{s,
+                                      q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
                                       dO.data_ptr<acc_t>(), lse2.data_ptr<acc_t>(), delta.data_ptr<acc_t>(),
                                       mask.has_value() ? &*mask : nullptr,
                                       need_dmask ? dmask.data_ptr<scalar_t>() : nullptr,

@@ -6,6 +6,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#include <type_traits>
 #include <vector>
 #include <cstdlib>
 
@@ -86,9 +87,10 @@ namespace {
 using detail::AttnShape;
 
 template <typename scalar_t, typename acc_t>
-void attention_fwd_kernel(const acc_t* q, const acc_t* k, const acc_t* v, const at::Tensor* mask,
+void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* v, const at::Tensor* mask,
                           const scalar_t* gate, scalar_t* out, acc_t* lse, const AttnShape& s, acc_t scale) {
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  constexpr bool kConvert = !std::is_same_v<scalar_t, acc_t>;  // bf16 / half tiles are widened once each
   const acc_t log2e = acc_t(kLog2e), ln2 = acc_t(kLn2);
   const acc_t alpha = scale * log2e;  // S = alpha * Q K^T, in log2 units
   const int64_t D = s.D, Dv = s.Dv;
@@ -96,10 +98,11 @@ void attention_fwd_kernel(const acc_t* q, const acc_t* k, const acc_t* v, const 
 
   parallel_dynamic(s.B * s.Hq * n_qblocks, [&](const auto& claim) {
     // Per-thread tile buffers.
-    std::vector<acc_t> S_buf(kBlockM * kBlockN);  // [BM, BN] scores, then P
-    std::vector<acc_t> acc_buf(kBlockM * Dv);     // [BM, Dv] unnormalised output
+    std::vector<acc_t> S_buf(kBlockM * kBlockN);        // [BM, BN] scores, then P
+    std::vector<acc_t> acc_buf(kBlockM * Dv);           // [BM, Dv] unnormalised output
     std::vector<acc_t> m_buf(kBlockM), l_buf(kBlockM);  // running max (log2 units) / sum
-    std::vector<scalar_t> out_row(Dv);
+    std::vector<acc_t> q_buf(kConvert ? kBlockM * D : 0), k_buf(kConvert ? kBlockN * D : 0),
+        v_buf(kConvert ? kBlockN * Dv : 0);             // widened tiles
     acc_t* S = S_buf.data();
     acc_t* acc = acc_buf.data();
 
@@ -108,9 +111,10 @@ void attention_fwd_kernel(const acc_t* q, const acc_t* k, const acc_t* v, const 
       const int64_t qb = n_qblocks - 1 - task % n_qblocks, bh = task / n_qblocks;
       const int64_t h = bh % s.Hq, b = bh / s.Hq, hk = h / s.group;
       const int64_t i0 = qb * kBlockM, bm = std::min(kBlockM, s.Lq - i0);
-      const acc_t* Q = q + b * s.q_sb + h * s.q_sh + i0 * s.q_sl;  // [bm, D], row stride q_sl
-      const acc_t* K = k + b * s.k_sb + hk * s.k_sh;                 // [Lk, D], row stride k_sl
-      const acc_t* V = v + b * s.v_sb + hk * s.v_sh;                 // [Lk, Dv], row stride v_sl
+      const scalar_t* k_head = k + b * s.k_sb + hk * s.k_sh;  // [Lk, D], row stride k_sl
+      const scalar_t* v_head = v + b * s.v_sb + hk * s.v_sh;  // [Lk, Dv], row stride v_sl
+      int64_t ldq, ldk, ldv;
+      const acc_t* Q = tile_as(q + b * s.q_sb + h * s.q_sh + i0 * s.q_sl, s.q_sl, bm, D, q_buf.data(), &ldq);  // [bm, D]
 
       std::fill_n(acc, bm * Dv, acc_t(0));
       std::fill_n(m_buf.data(), bm, kNegInf);
@@ -120,9 +124,11 @@ void attention_fwd_kernel(const acc_t* q, const acc_t* k, const acc_t* v, const 
       const int64_t j_end = s.causal ? std::min(s.Lk, i0 + bm + s.causal_off) : s.Lk;
       for (int64_t j0 = 0; j0 < j_end; j0 += kBlockN) {
         const int64_t bn = std::min(kBlockN, j_end - j0);
+        const acc_t* K = tile_as(k_head + j0 * s.k_sl, s.k_sl, bn, D, k_buf.data(), &ldk);   // [bn, D]
+        const acc_t* V = tile_as(v_head + j0 * s.v_sl, s.v_sl, bn, Dv, v_buf.data(), &ldv);  // [bn, Dv]
 
         // -- scores: S = scale * LOG2E * Q K^T   [bm, bn]
-        gemm(false, true, bm, bn, D, alpha, Q, s.q_sl, K + j0 * s.k_sl, s.k_sl, acc_t(0), S, kBlockN);
+        gemm(false, true, bm, bn, D, alpha, Q, ldq, K, ldk, acc_t(0), S, kBlockN);
         detail::mask_score_tile<scalar_t>(S, kBlockN, i0, bm, j0, bn, s, detail::mask_ptr(mask, s, b, h, i0, j0));
 
         // -- online softmax update: P = 2^(S - m_new), l = l * 2^(m_old - m_new) + rowsum(P)
@@ -141,7 +147,7 @@ void attention_fwd_kernel(const acc_t* q, const acc_t* k, const acc_t* v, const 
         }
 
         // -- O += P V   [bm, Dv]
-        gemm(false, false, bm, Dv, bn, acc_t(1), S, kBlockN, V + j0 * s.v_sl, s.v_sl, acc_t(1), acc, Dv);
+        gemm(false, false, bm, Dv, bn, acc_t(1), S, kBlockN, V, ldv, acc_t(1), acc, Dv);
       }
 
       // -- normalise, gate, store; lse = ln(sum) + max in natural-log units
@@ -174,21 +180,14 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(
   at::Tensor lse = at::empty({s.B, s.Hq, s.Lq}, q.options().dtype(acc_type));
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
 
-  // bfloat16 / half: K and V are read once per query block, so they are widened once, up front
-  // (O(B*H*L*D) memory), and every tile GEMM runs in float.
-  const at::Tensor qa = detail::to_acc(q, acc_type), ka = detail::to_acc(k, acc_type), va = detail::to_acc(v, acc_type);
-  AttnShape sa = s;
-  sa.q_sb = qa.stride(0); sa.q_sh = qa.stride(1); sa.q_sl = qa.stride(2);
-  sa.k_sb = ka.stride(0); sa.k_sh = ka.stride(1); sa.k_sl = ka.stride(2);
-  sa.v_sb = va.stride(0); sa.v_sh = va.stride(1); sa.v_sl = va.stride(2);
   const at::Tensor* mask_t = mask.has_value() ? &*mask : nullptr;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     attention_fwd_kernel<scalar_t, acc_t>(
-        qa.data_ptr<acc_t>(), ka.data_ptr<acc_t>(), va.data_ptr<acc_t>(), mask_t,
+        q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), mask_t,
         gate.has_value() ? gate->data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
-        lse.data_ptr<acc_t>(), sa, acc_t(scale));
+        lse.data_ptr<acc_t>(), s, acc_t(scale));
   });
   return {out, lse};
 }

@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 namespace fastattn::cpu {
 
@@ -111,11 +112,31 @@ inline void convert_row(float* dst, const c10::BFloat16* src, int64_t n) {
 inline void convert_row(c10::BFloat16* dst, const float* src, int64_t n) {
   detail::float_to_bf16(reinterpret_cast<uint16_t*>(dst), src, n);
 }
+namespace detail {
+FASTATTN_VEC_CLONES static void half_to_float(float* dst, const uint16_t* src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = c10::detail::fp16_ieee_to_fp32_value(src[i]);
+}
+}  // namespace detail
 inline void convert_row(float* dst, const c10::Half* src, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = float(src[i]);
+  detail::half_to_float(dst, reinterpret_cast<const uint16_t*>(src), n);
 }
 inline void convert_row(c10::Half* dst, const float* src, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = c10::Half(src[i]);
+}
+
+// A [rows, cols] tile with row stride ld, in the accumulation type: the tile itself when it already
+// is (no copy), else converted once into buf (row stride cols). *ld_out receives the row stride.
+template <typename acc_t, typename scalar_t>
+inline const acc_t* tile_as(const scalar_t* src, int64_t ld, int64_t rows, int64_t cols, acc_t* buf,
+                            int64_t* ld_out) {
+  if constexpr (std::is_same_v<acc_t, scalar_t>) {
+    *ld_out = ld;
+    return src;
+  } else {
+    for (int64_t r = 0; r < rows; ++r) convert_row(buf + r * cols, src + r * ld, cols);
+    *ld_out = cols;
+    return buf;
+  }
 }
 
 // ---------------------------------------------------------------------------------------------

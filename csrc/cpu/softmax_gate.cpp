@@ -336,11 +336,14 @@ class AccRow {
 
  public:
   explicit AccRow(int64_t n) : scratch_(kNative ? 0 : n) {}
+  // A pooled dy is the same row for every position: it is converted once.
   const acc_t* read(const scalar_t* src, int64_t n) {
     if constexpr (kNative) {
       return src;
     } else {
-      to_acc(src, scratch_.data(), n);
+      if (src != converted_from_ || n != converted_n_) to_acc(src, scratch_.data(), n);
+      converted_from_ = src;
+      converted_n_ = n;
       return scratch_.data();
     }
   }
@@ -349,6 +352,7 @@ class AccRow {
     if constexpr (kNative) {
       return dst;
     } else {
+      converted_from_ = nullptr;
       return scratch_.data();
     }
   }
@@ -358,6 +362,8 @@ class AccRow {
 
  private:
   std::vector<acc_t> scratch_;
+  const scalar_t* converted_from_ = nullptr;  // the row scratch_ holds, if read() filled it
+  int64_t converted_n_ = 0;
 };
 
 // ---------------------------------------------------------------------------------------------------------------

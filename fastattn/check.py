@@ -1,0 +1,89 @@
+"""``fastattn check``: every available backend against the float64 reference, by the rule of SPEC §4.
+
+Runs each op forward and backward over the sweep of ``fastattn.testing`` (odd sizes, causal modes,
+masks, gates, GQA, strided layouts) in every dtype the backend supports on the device, and prints
+one row per (backend, op, dtype) group with its worst error ratio (err / allowed; <= 1 passes).
+The tests run the same sweep through the same functions.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+from . import testing
+from .backends import backends
+
+OPS = ("attention", "softmax_gate", "score_softmax_gate")
+
+
+def _dtypes(device_type):
+    if device_type == "cuda":
+        return [torch.float32, torch.bfloat16, torch.float16]
+    return [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+
+
+def _cases(op, quick):
+    if op == "attention":
+        return testing.attention_cases(quick=quick)
+    return [c for c in testing.gate_cases(quick=quick) if c.op == op]
+
+
+def _run(op, case, dtype, backend, device):
+    if op == "attention":
+        return testing.check_attention(case, dtype, backend, device)
+    return testing.check_gate(case, dtype, backend, device)
+
+
+def checkable_backends(device_type):
+    """Available backends that run on ``device_type`` (the reference is the yardstick, not checked)."""
+    return [n for n, b in backends().items()
+            if n != "reference" and b["available"] and device_type in b["devices"]]
+
+
+def main(args) -> int:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    names = [args.backend] if args.backend else checkable_backends(device.type)
+    if args.backend and args.backend not in checkable_backends(device.type):
+        b = backends()[args.backend]
+        why = b["reason"] or f"it runs on {' or '.join(b['devices'])} tensors, not {device.type}"
+        print(f"fastattn check: --backend {args.backend} cannot run here: {why}", file=sys.stderr)
+        return 2
+    if not names:
+        print(f"no fused backend is available on {device.type}: {backends()}")
+        return 1
+    ops = args.op or OPS
+    dtypes = [testing.DTYPE_NAMES_INV[d] for d in args.dtype] if args.dtype else _dtypes(device.type)
+    plan = [(b, op, dt, c) for b in names for op in ops for dt in dtypes for c in _cases(op, args.quick)]
+    tty = sys.stdout.isatty()
+    groups, failures, start = {}, [], time.time()
+    for i, (b, op, dt, case) in enumerate(plan):
+        label = f"[{i + 1}/{len(plan)}] {b} {op} {testing.DTYPE_NAMES[dt]} {case.id}"
+        if tty:
+            print(f"\r\033[K{label}", end="", flush=True)
+        try:
+            comps = _run(op, case, dt, b, device)
+        except Exception as e:  # a crash is a failure of that case, reported with the others
+            comps = [testing.Comparison(f"error: {type(e).__name__}: {e}", float("inf"), 0.0, 0.0)]
+        g = groups.setdefault((b, op, dt), {"cases": 0, "worst": 0.0, "worst_case": "", "failed": 0})
+        g["cases"] += 1
+        worst = max(comps, key=lambda c: c.ratio)
+        if worst.ratio >= g["worst"]:
+            g["worst"], g["worst_case"] = worst.ratio, f"{case.id} {worst.name}"
+        bad = [c for c in comps if not c.ok]
+        if bad:
+            g["failed"] += 1
+            failures.append(f"{b} {op} {testing.DTYPE_NAMES[dt]} {case.id}: " + "; ".join(
+                f"{c.name} err {c.err:.3g} > allowed {c.allowed:.3g}" for c in bad))
+    if tty:
+        print("\r\033[K", end="")
+    print(f"{'backend':<9} {'op':<19} {'dtype':<6} {'cases':>5} {'worst err/allowed':>18}  {'result':<6} worst case")
+    for (b, op, dt), g in groups.items():
+        result = "PASS" if g["failed"] == 0 else f"FAIL {g['failed']}"
+        print(f"{b:<9} {op:<19} {testing.DTYPE_NAMES[dt]:<6} {g['cases']:>5} {g['worst']:>18.3f}  {result:<6} "
+              f"{g['worst_case']}")
+    for f in failures:
+        print("FAILED", f)
+    print(f"{len(plan)} cases on {device}, {len(failures)} failed, {time.time() - start:.0f}s")
+    return 1 if failures else 0
