@@ -7,8 +7,8 @@
 //      per-head row sums g in the same pass.
 // Threads: with B >= threads every task owns whole batch items (the score variant's second pass over a slab then
 // hits cache); with fewer batch items each stage runs as its own parallel loop over rows (or channel chunks).
-// Inner loops are plain loops on float/double rows that GCC vectorises, compiled per ISA level (target_clones)
-// and picked at load time; bfloat16/half rows go through a float scratch row.
+// Inner loops run on float/double rows (plain loops GCC vectorises; explicit 64-byte vectors for the reductions),
+// compiled per ISA level (target_clones) and picked at load time; bfloat16/half rows go through a float scratch row.
 #include "softmax_gate.h"
 
 #include <ATen/Dispatch.h>
@@ -53,7 +53,7 @@ constexpr int64_t kScoreHeads = 4;
 constexpr int64_t kMinTaskElems = 1 << 15;
 // Pool forward with few batch items splits D into chunks of a multiple of this (one zmm of float).
 constexpr int64_t kChannelAlign = 16;
-// Outputs at least this large ask the kernel for transparent huge pages (see empty_output).
+// Huge page size; outputs of two or more ask the kernel for transparent huge pages (see empty_output).
 constexpr int64_t kHugePageBytes = 2 << 20;
 
 // ---------------------------------------------------------------------------------------------------------------
