@@ -82,7 +82,7 @@ setup(
     name="fastattn",
     version=_version(),
     description="Fused score -> softmax -> gating attention kernels (CUDA, Triton, C++ CPU) for PyTorch",
-    packages=["fastattn", "fastattn.triton_kernels"],
+    packages=["fastattn", "fastattn.integrations", "fastattn.triton_kernels"],
     # The Triton kernels live in the top-level triton_kernels/ folder but install as fastattn.triton_kernels:
     # Triton itself ships a global package called triton_kernels, which ours must not shadow.
     package_dir={"fastattn": "fastattn", "fastattn.triton_kernels": "triton_kernels"},
@@ -90,6 +90,6 @@ setup(
     cmdclass={"build_ext": BuildExtension},
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy"],
-    extras_require={"triton": ["triton"], "test": ["pytest"], "plot": ["matplotlib"]},
+    extras_require={"triton": ["triton"], "test": ["pytest"], "plot": ["matplotlib"], "hf": ["transformers"]},
     entry_points={"console_scripts": ["fastattn=fastattn.__main__:main"]},
 )

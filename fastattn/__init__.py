@@ -12,6 +12,8 @@ from . import ops, reference  # noqa: F401  (ops registers fake kernels and auto
 from .backends import backends
 from .functional import attention, scaled_dot_product_attention, score_softmax_gate, softmax_gate
 from .version import __version__
+from . import nn  # noqa: E402  (modules; after the functional API they build on)
+from .nn import replace_attention
 
 __all__ = ["attention", "scaled_dot_product_attention", "softmax_gate", "score_softmax_gate",
-           "backends", "reference", "__version__"]
+           "backends", "reference", "nn", "replace_attention", "__version__"]

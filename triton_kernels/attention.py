@@ -1,0 +1,477 @@
+"""Attention forward and backward in Triton: FlashAttention-2 (tiles of Q against streamed K/V tiles,
+online softmax in base 2 with the scale folded in, lse saved; backward recomputes P from lse).
+
+Op contract (the CPU kernels' one, csrc/cpu/attention.h):
+    q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv): any strides, stride(-1) == 1
+    mask (B, Hq, Lq, Lk): optional view already expanded (stride 0 on broadcast dims), bool
+        (True = may attend) or q's dtype (added to the scores)
+    gate (B, Hq, Lq, Dv): optional expanded view (headwise: stride(-1) == 0), q's dtype
+    causal: 0 none, 1 top_left (key j <= i), 2 bottom_right (j <= i + Lk - Lq)
+    out (B, Hq, Lq, Dv) contiguous in q's dtype (gated), lse (B, Hq, Lq) float32, -inf on empty rows
+Backward returns (dq, dk, dv, dmask, dgate); dmask (B, Hq, Lq, Lk) is dL/dscores when need_dmask
+(autograd of the expand sums it over the broadcast dims), dgate (B, Hq, Lq, Dv); empty otherwise.
+
+Kernels:
+    _attn_fwd        grid (Lq / BLOCK_M, B * Hq)   O, lse
+    _attn_bwd_prep   grid (Lq / BLOCK_M, B * Hq)   delta = rowsum(dO' * O') - dlse, dO = dO' * sig(g),
+                                                   dgate = dO' * O' * (1 - sig(g)) (O' is the gated output)
+    _attn_bwd_dkdv   grid (Lk / BLOCK_N, B * Hkv)  dK, dV of a key tile, summed over the GQA group's heads
+    _attn_bwd_dq     grid (Lq / BLOCK_M, B * Hq)   dQ of a query tile (and dmask = dS when asked)
+Two backward kernels instead of one with atomics: no atomics means deterministic gradients and
+autotuning without resetting outputs; the price is recomputing S and dP in both (7 tile GEMMs
+instead of 5), the tutorial's choice too. Not measured against a fused atomic dQ yet (no GPU).
+
+Offsets: batch / head offsets are int64; offsets inside one (batch, head) slice are int32, so one
+slice of q, k, v, out (L x row stride) and one (Lq x Lk) mask slice must stay below 2^31 elements.
+
+float32 inputs: tl.dot runs in exact fp32 ("ieee") by default, so results match torch's fp32 matmul;
+when ``torch.backends.cuda.matmul.allow_tf32`` is True the dots use TF32, as torch's matmuls do then.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from . import configs as C
+
+LOG2E: tl.constexpr = tl.constexpr(C.LOG2E)
+LN2: tl.constexpr = tl.constexpr(C.LN2)
+
+MASK_NONE, MASK_BOOL, MASK_BIAS = 0, 1, 2
+
+
+# ------------------------------------------------------------------------------------------ helpers
+@triton.jit
+def _mask_scores(s, p_mask, i2, j2, Lq, Lk, stride_mi, stride_mj, causal_off,
+                 MASK_KIND: tl.constexpr, CAUSAL_TILE: tl.constexpr):
+    """Scores s (log2 units) of query rows i2 and keys j2 (broadcastable index tiles), with the float
+    bias added and -inf where masked: out-of-range rows/keys, above the causal diagonal (only asked on
+    diagonal tiles), or a False in the bool mask."""
+    ok = (i2 < Lq) & (j2 < Lk)
+    if CAUSAL_TILE:
+        ok = ok & (j2 <= i2 + causal_off)
+    if MASK_KIND == 1:
+        keep = tl.load(p_mask + i2 * stride_mi + j2 * stride_mj, mask=ok, other=0)
+        ok = ok & (keep != 0)
+    if MASK_KIND == 2:
+        bias = tl.load(p_mask + i2 * stride_mi + j2 * stride_mj, mask=ok, other=0.0).to(tl.float32)
+        s = s + bias * LOG2E
+    return tl.where(ok, s, float("-inf"))
+
+
+@triton.jit
+def _causal_bounds_q(start_m, Lk, causal_off, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For the query tile at start_m: keys [0, mid) are visible to all its rows (no causal mask),
+    keys [mid, hi) cross the diagonal (masked tile by tile), keys >= hi are skipped."""
+    hi = tl.maximum(tl.minimum(Lk, start_m + BLOCK_M + causal_off), 0)
+    mid = (tl.maximum(start_m + causal_off + 1, 0) // BLOCK_N) * BLOCK_N
+    return tl.minimum(mid, hi), hi
+
+
+# ------------------------------------------------------------------------------------------ forward
+@triton.jit
+def _fwd_tiles(acc, l_i, m_i, q, p_k, p_v, p_mask, offs_m, offs_d, offs_dv, lo, hi,
+               Lq, Lk, D, Dv, stride_kn, stride_vn, stride_mi, stride_mj, qk_scale, causal_off,
+               MASK_KIND: tl.constexpr, CAUSAL_TILE: tl.constexpr, BLOCK_N: tl.constexpr,
+               DOT_PREC: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        # -- scores S = Q K^T, in log2 units   [BLOCK_M, BLOCK_N]
+        kT = tl.load(p_k + offs_n[None, :] * stride_kn + offs_d[:, None],
+                     mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < D), other=0.0)     # [BLOCK_D, BLOCK_N]
+        s = tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale
+        s = _mask_scores(s, p_mask, offs_m[:, None], offs_n[None, :], Lq, Lk, stride_mi, stride_mj,
+                         causal_off, MASK_KIND, CAUSAL_TILE)
+        # -- online softmax update (a row with no allowed key so far keeps m = -inf, p = 0)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        corr = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * corr + tl.sum(p, 1)
+        m_i = m_new
+        # -- O += P V   [BLOCK_M, BLOCK_DV]
+        v = tl.load(p_v + offs_n[:, None] * stride_vn + offs_dv[None, :],
+                    mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < Dv), other=0.0)    # [BLOCK_N, BLOCK_DV]
+        acc = tl.dot(p.to(v.dtype), v, acc * corr[:, None], input_precision=DOT_PREC)
+    return acc, l_i, m_i
+
+
+@triton.autotune(configs=C.FWD_CONFIGS, key=["LQ_KEY", "LK_KEY", "BLOCK_D", "BLOCK_DV", "MASK_KIND", "CAUSAL",
+                                             "HAS_GATE"],
+                 prune_configs_by={"early_config_prune": C.prune_fwd})
+@triton.jit
+def _attn_fwd(Q, K, V, MASK, GATE, OUT, LSE,
+              stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+              stride_mb, stride_mh, stride_mi, stride_mj, stride_gb, stride_gh, stride_gi, stride_gc,
+              Hq, GROUP, Lq, Lk, D, Dv, qk_scale, causal_off, LQ_KEY, LK_KEY,
+              MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_GATE: tl.constexpr,
+              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    if CAUSAL:  # heaviest query tiles (most keys) first: better tail balance
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hq).to(tl.int64)
+    h = (pid_bh % Hq).to(tl.int64)
+    hk = h // GROUP                                   # GQA / MQA: kv head shared by GROUP query heads
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+
+    p_k = K + b * stride_kb + hk * stride_kh
+    p_v = V + b * stride_vb + hk * stride_vh
+    p_mask = MASK + b * stride_mb + h * stride_mh
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D), other=0.0)            # [BLOCK_M, BLOCK_D]
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    if CAUSAL:
+        mid, hi = _causal_bounds_q(start_m, Lk, causal_off, BLOCK_M, BLOCK_N)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, p_k, p_v, p_mask, offs_m, offs_d, offs_dv, 0, mid,
+                                   Lq, Lk, D, Dv, stride_kn, stride_vn, stride_mi, stride_mj, qk_scale, causal_off,
+                                   MASK_KIND, False, BLOCK_N, DOT_PREC)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, p_k, p_v, p_mask, offs_m, offs_d, offs_dv, mid, hi,
+                                   Lq, Lk, D, Dv, stride_kn, stride_vn, stride_mi, stride_mj, qk_scale, causal_off,
+                                   MASK_KIND, True, BLOCK_N, DOT_PREC)
+    else:
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, p_k, p_v, p_mask, offs_m, offs_d, offs_dv, 0, Lk,
+                                   Lq, Lk, D, Dv, stride_kn, stride_vn, stride_mi, stride_mj, qk_scale, causal_off,
+                                   MASK_KIND, False, BLOCK_N, DOT_PREC)
+
+    # -- epilogue: normalise, lse (natural log), output gate; empty rows give 0 and -inf
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    o = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
+    m_row = offs_m < Lq
+    m_o = m_row[:, None] & (offs_dv[None, :] < Dv)
+    if HAS_GATE:
+        g = tl.load(GATE + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gi + offs_dv[None, :] * stride_gc,
+                    mask=m_o, other=0.0).to(tl.float32)
+        o = o * tl.sigmoid(g)
+    row0 = pid_bh.to(tl.int64) * Lq
+    tl.store(OUT + (row0 + offs_m[:, None]) * Dv + offs_dv[None, :], o.to(OUT.dtype.element_ty), mask=m_o)
+    tl.store(LSE + row0 + offs_m, lse, mask=m_row)
+
+
+# ----------------------------------------------------------------------------------------- backward
+@triton.jit
+def _attn_bwd_prep(OUT, DOUT, GATE, DLSE, DELTA, DO_GATED, DGATE,
+                   stride_db, stride_dh, stride_dm, stride_gb, stride_gh, stride_gi, stride_gc,
+                   Hq, Lq, Dv,
+                   HAS_GATE: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hq).to(tl.int64)
+    h = (pid_bh % Hq).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    m_row = offs_m < Lq
+    m_o = m_row[:, None] & (offs_dv[None, :] < Dv)
+    row0 = pid_bh.to(tl.int64) * Lq
+    o = tl.load(OUT + (row0 + offs_m[:, None]) * Dv + offs_dv[None, :], mask=m_o, other=0.0).to(tl.float32)
+    do = tl.load(DOUT + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dm + offs_dv[None, :],
+                 mask=m_o, other=0.0).to(tl.float32)
+    # -- delta = rowsum(dO' * O') (== rowsum(dO * O) of the ungated output) - dlse
+    delta = tl.sum(o * do, 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + row0 + offs_m, mask=m_row, other=0.0)
+    tl.store(DELTA + row0 + offs_m, delta, mask=m_row)
+    if HAS_GATE:
+        g = tl.load(GATE + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gi + offs_dv[None, :] * stride_gc,
+                    mask=m_o, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(g)
+        p_row = (row0 + offs_m[:, None]) * Dv + offs_dv[None, :]
+        tl.store(DO_GATED + p_row, (do * sig).to(DO_GATED.dtype.element_ty), mask=m_o)
+        tl.store(DGATE + p_row, (do * o * (1.0 - sig)).to(DGATE.dtype.element_ty), mask=m_o)
+
+
+@triton.jit
+def _dkdv_tiles(dk, dv, k, v, p_q, p_do, p_lse, p_delta, p_mask, offs_n, offs_d, offs_dv, lo, hi,
+                Lq, Lk, D, Dv, stride_qm, stride_dom, stride_mi, stride_mj, qk_scale, causal_off,
+                MASK_KIND: tl.constexpr, CAUSAL_TILE: tl.constexpr, BLOCK_M: tl.constexpr,
+                DOT_PREC: tl.constexpr):
+    # Transposed orientation (keys along rows): the tiles dK += dS^T Q and dV += P^T dO need no transposes.
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_row = offs_m < Lq
+        qT = tl.load(p_q + offs_m[None, :] * stride_qm + offs_d[:, None],
+                     mask=m_row[None, :] & (offs_d[:, None] < D), other=0.0)              # [BLOCK_D, BLOCK_M]
+        do = tl.load(p_do + offs_m[:, None] * stride_dom + offs_dv[None, :],
+                     mask=m_row[:, None] & (offs_dv[None, :] < Dv), other=0.0)           # [BLOCK_M, BLOCK_DV]
+        lse = tl.load(p_lse + offs_m, mask=m_row, other=float("-inf"))
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)  # empty row -> P = 0
+        delta = tl.load(p_delta + offs_m, mask=m_row, other=0.0)
+        # -- recompute P^T = 2^(S^T - lse2)   [BLOCK_N, BLOCK_M]
+        sT = tl.dot(k, qT, input_precision=DOT_PREC) * qk_scale
+        sT = _mask_scores(sT, p_mask, offs_m[None, :], offs_n[:, None], Lq, Lk, stride_mi, stride_mj,
+                          causal_off, MASK_KIND, CAUSAL_TILE)
+        pT = tl.math.exp2(sT - lse2[None, :])
+        # -- dV += P^T dO
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
+        # -- dP^T = V dO^T, dS^T = P^T * (dP^T - delta)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        dsT = pT * (dpT - delta[None, :])
+        # -- dK += dS^T Q (scale applied once at the end)
+        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.autotune(configs=C.BWD_DKDV_CONFIGS, key=["LQ_KEY", "LK_KEY", "BLOCK_D", "BLOCK_DV", "MASK_KIND", "CAUSAL"],
+                 prune_configs_by={"early_config_prune": C.prune_bwd})
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, MASK, DK, DV,
+                   stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                   stride_dob, stride_doh, stride_dom, stride_mb, stride_mh, stride_mi, stride_mj,
+                   Hq, Hkv, GROUP, Lq, Lk, D, Dv, scale, qk_scale, causal_off, LQ_KEY, LK_KEY,
+                   MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_bk = tl.program_id(1)
+    b = (pid_bk // Hkv).to(tl.int64)
+    hk = (pid_bk % Hkv).to(tl.int64)
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    m_key = offs_n < Lk
+    k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                mask=m_key[:, None] & (offs_d[None, :] < D), other=0.0)                   # [BLOCK_N, BLOCK_D]
+    v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :],
+                mask=m_key[:, None] & (offs_dv[None, :] < Dv), other=0.0)                 # [BLOCK_N, BLOCK_DV]
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+
+    if CAUSAL:
+        # first query row that sees key start_n: i >= start_n - off; rows that see the whole key tile:
+        # i >= start_n + BLOCK_N - 1 - off. Tiles before lo are skipped, [lo, mid) are diagonal tiles.
+        lo = (tl.maximum(start_n - causal_off, 0) // BLOCK_M) * BLOCK_M
+        mid = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - causal_off, 0), BLOCK_M) * BLOCK_M
+        mid = tl.maximum(tl.minimum(mid, Lq), lo)
+    for g in range(GROUP):  # the query heads that share this kv head: dK, dV summed in registers
+        h = hk * GROUP + g
+        row0 = (b * Hq + h) * Lq
+        p_q = Q + b * stride_qb + h * stride_qh
+        p_do = DO + b * stride_dob + h * stride_doh
+        p_mask = MASK + b * stride_mb + h * stride_mh
+        if CAUSAL:
+            dk, dv = _dkdv_tiles(dk, dv, k, v, p_q, p_do, LSE + row0, DELTA + row0, p_mask, offs_n, offs_d, offs_dv,
+                                 lo, mid, Lq, Lk, D, Dv, stride_qm, stride_dom, stride_mi, stride_mj, qk_scale,
+                                 causal_off, MASK_KIND, True, BLOCK_M, DOT_PREC)
+            dk, dv = _dkdv_tiles(dk, dv, k, v, p_q, p_do, LSE + row0, DELTA + row0, p_mask, offs_n, offs_d, offs_dv,
+                                 mid, Lq, Lq, Lk, D, Dv, stride_qm, stride_dom, stride_mi, stride_mj, qk_scale,
+                                 causal_off, MASK_KIND, False, BLOCK_M, DOT_PREC)
+        else:
+            dk, dv = _dkdv_tiles(dk, dv, k, v, p_q, p_do, LSE + row0, DELTA + row0, p_mask, offs_n, offs_d, offs_dv,
+                                 0, Lq, Lq, Lk, D, Dv, stride_qm, stride_dom, stride_mi, stride_mj, qk_scale,
+                                 causal_off, MASK_KIND, False, BLOCK_M, DOT_PREC)
+
+    kv_row0 = pid_bk.to(tl.int64) * Lk
+    m_k = m_key[:, None] & (offs_d[None, :] < D)
+    m_v = m_key[:, None] & (offs_dv[None, :] < Dv)
+    tl.store(DK + (kv_row0 + offs_n[:, None]) * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=m_k)
+    tl.store(DV + (kv_row0 + offs_n[:, None]) * Dv + offs_dv[None, :], dv.to(DV.dtype.element_ty), mask=m_v)
+
+
+@triton.jit
+def _dq_tiles(dq, q, do, lse2, delta, p_k, p_v, p_mask, p_dmask, offs_m, offs_d, offs_dv, lo, hi,
+              Lq, Lk, D, Dv, stride_kn, stride_vn, stride_mi, stride_mj, qk_scale, causal_off,
+              MASK_KIND: tl.constexpr, CAUSAL_TILE: tl.constexpr, NEED_DMASK: tl.constexpr,
+              BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        m_key = offs_n < Lk
+        kT = tl.load(p_k + offs_n[None, :] * stride_kn + offs_d[:, None],
+                     mask=m_key[None, :] & (offs_d[:, None] < D), other=0.0)             # [BLOCK_D, BLOCK_N]
+        vT = tl.load(p_v + offs_n[None, :] * stride_vn + offs_dv[:, None],
+                     mask=m_key[None, :] & (offs_dv[:, None] < Dv), other=0.0)           # [BLOCK_DV, BLOCK_N]
+        # -- recompute P   [BLOCK_M, BLOCK_N]
+        s = tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale
+        s = _mask_scores(s, p_mask, offs_m[:, None], offs_n[None, :], Lq, Lk, stride_mi, stride_mj,
+                         causal_off, MASK_KIND, CAUSAL_TILE)
+        p = tl.math.exp2(s - lse2[:, None])
+        # -- dP = dO V^T, dS = P * (dP - delta)
+        dp = tl.dot(do, vT, input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        if NEED_DMASK:  # dL/d(bias) = dS (the bias enters the scores with weight 1)
+            tl.store(p_dmask + offs_m[:, None] * Lk + offs_n[None, :], ds.to(p_dmask.dtype.element_ty),
+                     mask=(offs_m[:, None] < Lq) & m_key[None, :])
+        # -- dQ += dS K
+        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PREC)
+    return dq
+
+
+@triton.autotune(configs=C.BWD_DQ_CONFIGS, key=["LQ_KEY", "LK_KEY", "BLOCK_D", "BLOCK_DV", "MASK_KIND", "CAUSAL",
+                                                "NEED_DMASK"],
+                 prune_configs_by={"early_config_prune": C.prune_bwd})
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, MASK, DQ, DMASK,
+                 stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                 stride_dob, stride_doh, stride_dom, stride_mb, stride_mh, stride_mi, stride_mj,
+                 Hq, GROUP, Lq, Lk, D, Dv, scale, qk_scale, causal_off, LQ_KEY, LK_KEY,
+                 MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, NEED_DMASK: tl.constexpr,
+                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    if CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hq).to(tl.int64)
+    h = (pid_bh % Hq).to(tl.int64)
+    hk = h // GROUP
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    m_row = offs_m < Lq
+    row0 = pid_bh.to(tl.int64) * Lq
+
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=m_row[:, None] & (offs_d[None, :] < D), other=0.0)                    # [BLOCK_M, BLOCK_D]
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :],
+                 mask=m_row[:, None] & (offs_dv[None, :] < Dv), other=0.0)                 # [BLOCK_M, BLOCK_DV]
+    lse = tl.load(LSE + row0 + offs_m, mask=m_row, other=float("-inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)  # empty row -> P = 0
+    delta = tl.load(DELTA + row0 + offs_m, mask=m_row, other=0.0)
+
+    p_k = K + b * stride_kb + hk * stride_kh
+    p_v = V + b * stride_vb + hk * stride_vh
+    p_mask = MASK + b * stride_mb + h * stride_mh
+    p_dmask = DMASK + row0 * Lk
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if CAUSAL:
+        mid, hi = _causal_bounds_q(start_m, Lk, causal_off, BLOCK_M, BLOCK_N)
+        dq = _dq_tiles(dq, q, do, lse2, delta, p_k, p_v, p_mask, p_dmask, offs_m, offs_d, offs_dv, 0, mid,
+                       Lq, Lk, D, Dv, stride_kn, stride_vn, stride_mi, stride_mj, qk_scale, causal_off,
+                       MASK_KIND, False, NEED_DMASK, BLOCK_N, DOT_PREC)
+        dq = _dq_tiles(dq, q, do, lse2, delta, p_k, p_v, p_mask, p_dmask, offs_m, offs_d, offs_dv, mid, hi,
+                       Lq, Lk, D, Dv, stride_kn, stride_vn, stride_mi, stride_mj, qk_scale, causal_off,
+                       MASK_KIND, True, NEED_DMASK, BLOCK_N, DOT_PREC)
+    else:
+        dq = _dq_tiles(dq, q, do, lse2, delta, p_k, p_v, p_mask, p_dmask, offs_m, offs_d, offs_dv, 0, Lk,
+                       Lq, Lk, D, Dv, stride_kn, stride_vn, stride_mi, stride_mj, qk_scale, causal_off,
+                       MASK_KIND, False, NEED_DMASK, BLOCK_N, DOT_PREC)
+    tl.store(DQ + (row0 + offs_m[:, None]) * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
+             mask=m_row[:, None] & (offs_d[None, :] < D))
+
+
+# ---------------------------------------------------------------------------------------- launchers
+def _dot_precision(dtype):
+    """Exact fp32 dots for float32 unless torch itself allows TF32 matmuls (documented above)."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"  # float16 / bfloat16 operands: tensor cores, fp32 accumulation (the flag is moot)
+
+
+def _check(q, k, v, mask, gate, causal):
+    """Boundary checks of the op (the public API checks user input; this guards direct op calls)."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("triton_attention: q, k, v must be 4-D (B, H, L, D)")
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    if k.shape != (B, Hkv, Lk, D) or v.shape[:3] != (B, Hkv, Lk) or Hq % Hkv != 0:
+        raise ValueError(f"triton_attention: k {tuple(k.shape)} / v {tuple(v.shape)} do not match q {tuple(q.shape)}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"triton_attention: q, k, v must share a dtype among float16, bfloat16, float32, got "
+                        f"{q.dtype}, {k.dtype}, {v.dtype}")
+    if max(D, v.shape[3]) > 256:
+        raise ValueError(f"triton_attention: head dims up to 256, got D={D}, Dv={v.shape[3]}")
+    for n, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"triton_attention: {n} must have stride(-1) == 1")
+    if mask is not None and tuple(mask.shape) != (B, Hq, Lq, Lk):
+        raise ValueError(f"triton_attention: mask must be expanded to {(B, Hq, Lq, Lk)}, got {tuple(mask.shape)}")
+    if gate is not None and tuple(gate.shape) != (B, Hq, Lq, v.shape[3]):
+        raise ValueError(f"triton_attention: gate must be expanded to {(B, Hq, Lq, v.shape[3])}, got {tuple(gate.shape)}")
+    if causal not in (0, 1, 2):
+        raise ValueError(f"triton_attention: causal must be 0, 1 or 2, got {causal}")
+
+
+def _mask_args(mask, q):
+    """(kind, tensor, 4 strides); a bool mask is read as bytes, a float mask in q's dtype."""
+    if mask is None:
+        return MASK_NONE, q, (0, 0, 0, 0)
+    if mask.dtype == torch.bool:
+        return MASK_BOOL, mask.view(torch.uint8), tuple(mask.stride())
+    if mask.dtype != q.dtype:
+        raise TypeError(f"triton_attention: a float mask must have q's dtype {q.dtype}, got {mask.dtype}")
+    return MASK_BIAS, mask, tuple(mask.stride())
+
+
+def attention_fwd(q, k, v, mask, gate, scale, causal):
+    _check(q, k, v, mask, gate, causal)
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    out = torch.empty((B, Hq, Lq, Dv), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
+    mask_kind, mask_t, ms = _mask_args(mask, q)
+    gate_t, gs = (gate, tuple(gate.stride())) if gate is not None else (q, (0, 0, 0, 0))
+
+    def grid(meta):
+        return (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)
+
+    wrap_triton(_attn_fwd)[grid](
+        q, k, v, mask_t, gate_t, out, lse,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), *ms, *gs,
+        Hq, Hq // Hkv, Lq, Lk, D, Dv, scale * C.LOG2E, Lk - Lq if causal == 2 else 0,
+        C.length_key(Lq), C.length_key(Lk),
+        MASK_KIND=mask_kind, CAUSAL=causal != 0, HAS_GATE=gate is not None,
+        BLOCK_D=C.head_block(D), BLOCK_DV=C.head_block(Dv), DOT_PREC=_dot_precision(q.dtype))
+    return out, lse
+
+
+def attention_bwd(dout, q, k, v, out, lse, mask, gate, dlse, scale, causal, need_dmask):
+    _check(q, k, v, mask, gate, causal)
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    mask_kind, mask_t, ms = _mask_args(mask, q)
+    if need_dmask and mask_kind != MASK_BIAS:
+        raise ValueError("triton_attention_bwd: need_dmask requires a float mask")
+    dev = q.device
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    out = out.contiguous()
+    lse = lse.contiguous()
+    dlse_t = dlse.to(torch.float32).contiguous() if dlse is not None else lse
+
+    # -- preprocess: delta (and, with a gate, dO = dO' * sig(g) and dgate)
+    delta = torch.empty((B, Hq, Lq), dtype=torch.float32, device=dev)
+    if gate is not None:
+        do_gated = torch.empty((B, Hq, Lq, Dv), dtype=q.dtype, device=dev)
+        dgate = torch.empty((B, Hq, Lq, Dv), dtype=gate.dtype, device=dev)
+        gate_t, gs = gate, tuple(gate.stride())
+    else:
+        do_gated, dgate, gate_t, gs = delta, q.new_empty((0,)), q, (0, 0, 0, 0)
+    wrap_triton(_attn_bwd_prep)[(triton.cdiv(Lq, C.PREP_BLOCK_M), B * Hq)](
+        out, dout, gate_t, dlse_t, delta, do_gated, dgate if gate is not None else delta,
+        dout.stride(0), dout.stride(1), dout.stride(2), *gs, Hq, Lq, Dv,
+        HAS_GATE=gate is not None, HAS_DLSE=dlse is not None,
+        BLOCK_M=C.PREP_BLOCK_M, BLOCK_DV=C.head_block(Dv))
+    do, ds_ = (do_gated, tuple(do_gated.stride())) if gate is not None else (dout, tuple(dout.stride()))
+
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty((B, Hkv, Lk, D), dtype=k.dtype, device=dev)
+    dv = torch.empty((B, Hkv, Lk, Dv), dtype=v.dtype, device=dev)
+    # dmask is dS; entries in skipped (fully masked causal) tiles are never written, so start at 0
+    dmask = torch.zeros((B, Hq, Lq, Lk), dtype=q.dtype, device=dev) if need_dmask else q.new_empty((0,))
+    common = dict(MASK_KIND=mask_kind, CAUSAL=causal != 0, BLOCK_D=C.head_block(D), BLOCK_DV=C.head_block(Dv),
+                  DOT_PREC=_dot_precision(q.dtype))
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               v.stride(0), v.stride(1), v.stride(2), ds_[0], ds_[1], ds_[2], *ms)
+    off = Lk - Lq if causal == 2 else 0
+    wrap_triton(_attn_bwd_dkdv)[lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv)](
+        q, k, v, do, lse, delta, mask_t, dk, dv, *strides,
+        Hq, Hkv, Hq // Hkv, Lq, Lk, D, Dv, scale, scale * C.LOG2E, off, C.length_key(Lq), C.length_key(Lk),
+        **common)
+    wrap_triton(_attn_bwd_dq)[lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)](
+        q, k, v, do, lse, delta, mask_t, dq, dmask if need_dmask else dq, *strides,
+        Hq, Hq // Hkv, Lq, Lk, D, Dv, scale, scale * C.LOG2E, off, C.length_key(Lq), C.length_key(Lk),
+        NEED_DMASK=need_dmask, **common)
+    return dq, dk, dv, dmask, dgate
