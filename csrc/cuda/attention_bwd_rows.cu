@@ -1,0 +1,82 @@
+// Row-wise stages of the attention backward (memory-bound, one pass each):
+//   preprocess: delta = rowsum(dout * out) - dlse; with a gate (out = o * sigmoid(gate)):
+//               dO = dout * sigmoid(gate) (what the main kernel multiplies with V and P),
+//               dgate = dout * out * (1 - sigmoid(gate))
+//   convert:    dq = scale * dq_accum, in q's dtype
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "params.h"
+#include "ptx.h"
+#include "static_switch.h"
+
+namespace fastattn::cuda {
+namespace {
+
+constexpr int kRowsPerBlock = 8;  // one warp per (b, h, i) row
+
+template <typename T>
+__global__ void __launch_bounds__(kRowsPerBlock * 32) attention_bwd_preprocess_kernel(const AttnBwdParams p) {
+  const int64_t rows = int64_t(p.B) * p.Hq * p.Lq;
+  const int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  const int i = int(row % p.Lq);
+  const int64_t bh = row / p.Lq;
+  const int h = int(bh % p.Hq), b = int(bh / p.Hq);
+  const T* o = static_cast<const T*>(p.out) + b * p.o_sb + h * p.o_sh + int64_t(i) * p.o_sl;
+  const T* dout = static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh + int64_t(i) * p.do_sl;
+  const T* gate = p.gate ? static_cast<const T*>(p.gate) + b * p.g_sb + h * p.g_sh + int64_t(i) * p.g_si : nullptr;
+  T* do_gated = p.gate ? static_cast<T*>(p.do_gated) + row * p.D : nullptr;
+  T* dgate = p.gate ? static_cast<T*>(p.dgate) + row * p.D : nullptr;
+
+  float dot = 0.f;
+  for (int c = lane; c < p.D; c += 32) {
+    const float oc = to_float(o[c]), dc = to_float(dout[c]);
+    dot += oc * dc;
+    if (gate) {
+      const float s = sigmoidf(to_float(gate[int64_t(c) * p.g_sc]));
+      do_gated[c] = from_float<T>(dc * s);
+      dgate[c] = from_float<T>(dc * oc * (1.f - s));
+    }
+  }
+  dot = warp_sum(dot);
+  if (lane == 0) p.delta[row] = dot - (p.dlse ? p.dlse[row] : 0.f);
+}
+
+template <typename T>
+__global__ void attention_bwd_convert_dq_kernel(const float* __restrict__ acc, T* __restrict__ dq, int64_t n,
+                                                float scale) {
+  for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < n; idx += int64_t(gridDim.x) * blockDim.x)
+    dq[idx] = from_float<T>(acc[idx] * scale);
+}
+
+int grid_for(int64_t n, int threads) {
+  const int64_t blocks = (n + threads - 1) / threads;
+  return int(blocks < 65536 ? (blocks > 0 ? blocks : 1) : 65536);
+}
+
+}  // namespace
+
+cudaError_t attention_bwd_preprocess(const AttnBwdParams& p, cudaStream_t stream) {
+  const int64_t rows = int64_t(p.B) * p.Hq * p.Lq;
+  if (rows == 0) return cudaSuccess;
+  FA_DTYPE_SWITCH(p.is_bf16, T, [&] {
+    attention_bwd_preprocess_kernel<T>
+        <<<unsigned((rows + kRowsPerBlock - 1) / kRowsPerBlock), kRowsPerBlock * 32, 0, stream>>>(p);
+  });
+  return cudaGetLastError();
+}
+
+cudaError_t attention_bwd_convert_dq(const AttnBwdParams& p, cudaStream_t stream) {
+  const int64_t n = int64_t(p.B) * p.Hq * p.Lq * p.D;
+  if (n == 0) return cudaSuccess;
+  FA_DTYPE_SWITCH(p.is_bf16, T, [&] {
+    attention_bwd_convert_dq_kernel<T>
+        <<<grid_for(n, 256), 256, 0, stream>>>(p.dq_accum, static_cast<T*>(p.dq), n, p.scale);
+  });
+  return cudaGetLastError();
+}
+
+}  // namespace fastattn::cuda

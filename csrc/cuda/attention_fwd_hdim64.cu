@@ -1,0 +1,6 @@
+// Forward instantiations for D = 64 (fp16, bf16) x (no mask, mask). See attention_fwd_kernel.h.
+#include "attention_fwd_kernel.h"
+
+namespace fastattn::cuda {
+cudaError_t attention_fwd_hdim64(const AttnParams& p, cudaStream_t stream) { return run_attention_fwd<64>(p, stream); }
+}  // namespace fastattn::cuda

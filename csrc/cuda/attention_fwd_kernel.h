@@ -1,0 +1,224 @@
+// FlashAttention-2 forward on tensor cores (sm_80+): one block per (128-query tile, head, batch).
+//
+//   Q tile -> shared memory once; K/V tiles of 64 keys stream through a double buffer (cp.async: the
+//   next tile's copy runs under this tile's math); each warp owns 16 query rows:
+//     S = Q K^T (mma.sync m16n8k16, fp32)  ->  scale, mask (base 2)  ->  online softmax (exp2)
+//     ->  O = O * corr + P V (P re-used from the S registers as the A operand, no shared memory)
+//   epilogue: O / l, output gate, lse = (m + log2 l) * ln 2.
+// Included by attention_fwd_hdim{64,128}.cu, which instantiate it; see kernel_traits.h for tiles.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+
+#include "kernel_traits.h"
+#include "mask.h"
+#include "params.h"
+#include "ptx.h"
+#include "static_switch.h"
+
+namespace fastattn::cuda {
+
+template <typename T, int kD, bool kHasMask>
+__global__ void __launch_bounds__(FwdTraits<kD>::kThreads)
+    attention_fwd_kernel(const AttnParams p) {
+  using Tr = FwdTraits<kD>;
+  constexpr int kBM = Tr::kBlockM, kBN = Tr::kBlockN, kLd = Tr::kLd, kThreads = Tr::kThreads;
+  constexpr int kNT = kBN / 8;  // n8 score tiles per warp row-slab
+  constexpr int kDT = kD / 8;   // n8 output tiles
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);  // [kBM][kLd]
+  T* sK = sQ + Tr::kSmemQ;                 // [2][kBN][kLd]
+  T* sV = sK + 2 * Tr::kSmemKV;            // [2][kBN][kLd]
+
+  // Heavier (later, under causal) query tiles first: they finish with the light ones.
+  const int m_block = gridDim.x - 1 - blockIdx.x;
+  const int b = blockIdx.z, h = blockIdx.y, hk = h / p.group;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int g = lane >> 2, t = lane & 3;
+  const int m0 = m_block * kBM;
+  const int row0 = m0 + warp * kMmaM;  // this warp's first query row
+
+  const T* q_ptr = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh + int64_t(m0) * p.q_sl;
+  const T* k_ptr = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
+  const T* v_ptr = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh;
+  const char* mask_bh = kHasMask ? mask_head_ptr(p, b, h, p.mask_kind == kMaskBool ? 1 : int(sizeof(T))) : nullptr;
+
+  // -- key tiles this query tile sees: all, or up to the causal diagonal of its last valid row
+  int n_end = (p.Lk + kBN - 1) / kBN;
+  if (p.causal) {
+    const int j_last = min(m0 + kBM, p.Lq) - 1 + p.causal_off;  // last key the tile's last row sees
+    n_end = j_last < 0 ? 0 : min(n_end, j_last / kBN + 1);
+  }
+
+  float acc_o[kDT][4];
+#pragma unroll
+  for (int i = 0; i < kDT; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc_o[i][e] = 0.f;
+  float row_m[2] = {-INFINITY, -INFINITY};  // running max of each of the thread's 2 rows (base 2)
+  float row_l[2] = {0.f, 0.f};              // this thread's partial sum of exp2(s - m) (its 2 columns per n8)
+
+  if (n_end > 0) {
+    // -- prologue: Q and K_0 (group 0), V_0 (group 1)
+    cp_async_tile<kBM, kD, kLd, kThreads>(sQ, q_ptr, p.q_sl, p.Lq - m0, tid);
+    cp_async_tile<kBN, kD, kLd, kThreads>(sK, k_ptr, p.k_sl, p.Lk, tid);
+    cp_async_commit();
+    cp_async_tile<kBN, kD, kLd, kThreads>(sV, v_ptr, p.v_sl, p.Lk, tid);
+    cp_async_commit();
+  }
+
+  for (int n = 0; n < n_end; ++n) {
+    const int buf = n & 1;
+    const int n0 = n * kBN;
+    T* sKb = sK + buf * Tr::kSmemKV;
+    T* sVb = sV + buf * Tr::kSmemKV;
+    // -- prefetch K_{n+1}, V_{n+1} into the other buffer (freed by the barrier that ended step n-1).
+    // Two groups are committed every step, possibly empty, so the wait counts below are constant.
+    if (n + 1 < n_end) {
+      const int n1 = n0 + kBN;
+      cp_async_tile<kBN, kD, kLd, kThreads>(sK + (buf ^ 1) * Tr::kSmemKV, k_ptr + int64_t(n1) * p.k_sl, p.k_sl,
+                                            p.Lk - n1, tid);
+    }
+    cp_async_commit();
+    if (n + 1 < n_end) {
+      const int n1 = n0 + kBN;
+      cp_async_tile<kBN, kD, kLd, kThreads>(sV + (buf ^ 1) * Tr::kSmemKV, v_ptr + int64_t(n1) * p.v_sl, p.v_sl,
+                                            p.Lk - n1, tid);
+    }
+    cp_async_commit();
+    cp_async_wait<3>();  // K_n (and Q) landed; V_n, K_{n+1}, V_{n+1} may be in flight
+    __syncthreads();
+
+    // -- S = Q K^T   [16 x kBN] per warp
+    float acc_s[kNT][4];
+#pragma unroll
+    for (int i = 0; i < kNT; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_s[i][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      uint32_t a[4];
+      ldmatrix_x4(a, smem_addr(sQ + (warp * kMmaM + (lane & 7) + ((lane >> 3) & 1) * 8) * kLd + kk * 16 +
+                               (lane >> 4) * 8));
+#pragma unroll
+      for (int nt2 = 0; nt2 < kNT / 2; ++nt2) {
+        uint32_t bk[4];  // b0, b1 of key tile 2*nt2, then of 2*nt2 + 1
+        ldmatrix_x4(bk, smem_addr(sKb + (nt2 * 16 + (lane & 7) + ((lane >> 4) & 1) * 8) * kLd + kk * 16 +
+                                  ((lane >> 3) & 1) * 8));
+        mma_16816<T>(acc_s[2 * nt2], a, bk[0], bk[1]);
+        mma_16816<T>(acc_s[2 * nt2 + 1], a, bk[2], bk[3]);
+      }
+    }
+
+    // -- scale, mask (base 2)
+    const bool checks = tile_needs_checks(row0, n0, kBN, p);
+    if (kHasMask || checks) {
+      scale_and_mask<T, kHasMask>(acc_s, row0, n0, lane, checks, p, mask_bh);
+    } else {
+#pragma unroll
+      for (int i = 0; i < kNT; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc_s[i][e] *= p.scale_log2;
+    }
+
+    // -- online softmax update: new max, rescale O and l, P = exp2(S - m)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = row_m[r];
+#pragma unroll
+      for (int i = 0; i < kNT; ++i) mx = fmaxf(mx, fmaxf(acc_s[i][2 * r], acc_s[i][2 * r + 1]));
+      mx = quad_max(mx);
+      // A row with no allowed key so far keeps m = -inf; shift by 0 instead so exp2 never sees inf - inf.
+      const float m_use = mx == -INFINITY ? 0.f : mx;
+      const float corr = exp2f(row_m[r] - m_use);  // 0 when the old max was -inf
+      row_m[r] = mx;
+      float sum = 0.f;
+#pragma unroll
+      for (int i = 0; i < kNT; ++i) {
+        acc_s[i][2 * r] = exp2f(acc_s[i][2 * r] - m_use);
+        acc_s[i][2 * r + 1] = exp2f(acc_s[i][2 * r + 1] - m_use);
+        sum += acc_s[i][2 * r] + acc_s[i][2 * r + 1];
+      }
+      row_l[r] = row_l[r] * corr + sum;
+#pragma unroll
+      for (int i = 0; i < kDT; ++i) {
+        acc_o[i][2 * r] *= corr;
+        acc_o[i][2 * r + 1] *= corr;
+      }
+    }
+
+    cp_async_wait<2>();  // V_n landed
+    __syncthreads();
+
+    // -- O += P V   [16 x kD] per warp; P's C fragments are the A fragments of this product
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk) {
+      uint32_t a[4];
+      a[0] = pack2<T>(acc_s[2 * kk][0], acc_s[2 * kk][1]);
+      a[1] = pack2<T>(acc_s[2 * kk][2], acc_s[2 * kk][3]);
+      a[2] = pack2<T>(acc_s[2 * kk + 1][0], acc_s[2 * kk + 1][1]);
+      a[3] = pack2<T>(acc_s[2 * kk + 1][2], acc_s[2 * kk + 1][3]);
+#pragma unroll
+      for (int dt2 = 0; dt2 < kDT / 2; ++dt2) {
+        uint32_t bv[4];  // b0, b1 of d tile 2*dt2, then of 2*dt2 + 1
+        ldmatrix_x4_trans(bv, smem_addr(sVb + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * kLd + dt2 * 16 +
+                                        (lane >> 4) * 8));
+        mma_16816<T>(acc_o[2 * dt2], a, bv[0], bv[1]);
+        mma_16816<T>(acc_o[2 * dt2 + 1], a, bv[2], bv[3]);
+      }
+    }
+    __syncthreads();  // this step's K/V buffer is free for step n + 2's prefetch (issued at step n + 1)
+  }
+
+  // -- epilogue: out = O / l (* sigmoid(gate)), lse = (m + log2 l) ln 2; rows with no key: 0, -inf
+  T* o_ptr = static_cast<T*>(p.out) + b * p.o_sb + h * p.o_sh;
+  const T* gate_ptr = p.gate ? static_cast<const T*>(p.gate) + b * p.g_sb + h * p.g_sh : nullptr;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float l = quad_sum(row_l[r]);
+    const int i = row0 + g + 8 * r;
+    if (i >= p.Lq) continue;
+    const float inv_l = l > 0.f ? 1.f / l : 0.f;
+    T* o_row = o_ptr + int64_t(i) * p.o_sl;
+#pragma unroll
+    for (int dt = 0; dt < kDT; ++dt) {
+      const int c = dt * 8 + 2 * t;
+      float o0 = acc_o[dt][2 * r] * inv_l, o1 = acc_o[dt][2 * r + 1] * inv_l;
+      if (gate_ptr) {
+        const T* g_row = gate_ptr + int64_t(i) * p.g_si;
+        o0 *= sigmoidf(to_float(g_row[int64_t(c) * p.g_sc]));
+        o1 *= sigmoidf(to_float(g_row[int64_t(c + 1) * p.g_sc]));
+      }
+      *reinterpret_cast<uint32_t*>(o_row + c) = pack2<T>(o0, o1);
+    }
+    if (t == 0)
+      p.lse[(int64_t(b) * p.Hq + h) * p.Lq + i] = l > 0.f ? (row_m[r] + __log2f(l)) * kLn2 : -INFINITY;
+  }
+}
+
+template <typename T, int kD, bool kHasMask>
+cudaError_t launch_attention_fwd(const AttnParams& p, cudaStream_t stream) {
+  using Tr = FwdTraits<kD>;
+  auto kernel = attention_fwd_kernel<T, kD, kHasMask>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  const dim3 grid((p.Lq + Tr::kBlockM - 1) / Tr::kBlockM, p.Hq, p.B);
+  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <int kD>
+cudaError_t run_attention_fwd(const AttnParams& p, cudaStream_t stream) {
+  return FA_DTYPE_SWITCH(p.is_bf16, T, [&] {
+    return FA_BOOL_SWITCH(p.mask_kind != kMaskNone, kHasMask, [&] {
+      return launch_attention_fwd<T, kD, kHasMask>(p, stream);
+    });
+  });
+}
+
+}  // namespace fastattn::cuda

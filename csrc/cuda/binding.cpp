@@ -1,0 +1,391 @@
+// The CUDA backend's one torch-facing file: checks the inputs (naming the argument), turns tensors
+// into the params structs of params.h, launches on the current stream, checks the launch, and
+// registers the kernels for the CUDA dispatch key of the ops defined in csrc/fastattn.cpp.
+//
+// Coverage (fastattn/backends.py refuses the rest, so backend="auto" falls through to triton):
+// attention: float16 / bfloat16, D == Dv in {64, 128}, sm_80+, any causal mode, bool or float mask
+// (with its gradient), gate, GQA. softmax gates: float16 / bfloat16.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+#include <tuple>
+
+#include "params.h"
+
+namespace fastattn::cuda {
+namespace {
+
+using Tensor = at::Tensor;
+using OptTensor = std::optional<at::Tensor>;
+
+void check_device(const Tensor& t, const char* op, const char* name, const Tensor& ref) {
+  TORCH_CHECK(t.is_cuda(), op, " (cuda): ", name, " must be a CUDA tensor, got ", t.device());
+  TORCH_CHECK(t.device() == ref.device(), op, " (cuda): ", name, " must be on ", ref.device(), " like the other inputs, got ",
+              t.device());
+}
+
+void check_half_dtype(const Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16, op, " (cuda): ", name,
+              " must be float16 or bfloat16 on the cuda backend, got ", t.scalar_type(),
+              " (backend='auto' uses triton or reference for other dtypes)");
+}
+
+void check_same_dtype(const Tensor& t, const Tensor& ref, const char* op, const char* name) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, " (cuda): ", name, " must have dtype ", ref.scalar_type(),
+              ", got ", t.scalar_type());
+}
+
+void check_sm80(const Tensor& t, const char* op) {
+  int major = 0, minor = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, t.get_device()));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, t.get_device()));
+  TORCH_CHECK(major >= 8, op, " (cuda): needs compute capability 8.0 or newer (mma.sync bf16/fp16, cp.async), got ",
+              major, ".", minor);
+}
+
+// cp.async moves 16-byte chunks: the base must be 16-byte aligned and every row stride a multiple
+// of 8 elements. A tensor that is not (a rare offset view) is copied into a fresh contiguous one.
+Tensor for_cp_async(const Tensor& t) {
+  bool ok = t.stride(-1) == 1 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) ok = ok && (t.stride(d) % 8 == 0 || t.size(d) == 1);
+  if (ok) return t;
+  Tensor c = at::empty(t.sizes(), t.options());  // fresh allocation: aligned
+  c.copy_(t);
+  return c;
+}
+
+Tensor last_dim_contiguous(const Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+// Fills sizes, strides and pointers shared by forward and backward; validates every argument.
+void describe_attention(AttnParams& p, const char* op, const Tensor& q, const Tensor& k, const Tensor& v,
+                        const OptTensor& mask, const OptTensor& gate, double scale, int64_t causal) {
+  check_device(q, op, "q", q);
+  check_device(k, op, "k", q);
+  check_device(v, op, "v", q);
+  check_half_dtype(q, op, "q");
+  check_same_dtype(k, q, op, "k");
+  check_same_dtype(v, q, op, "v");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op, " (cuda): q, k, v must be 4-D (B, H, L, D), got q ",
+              q.sizes(), ", k ", k.sizes(), ", v ", v.sizes());
+  const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), Lk = k.size(2), Dv = v.size(3);
+  TORCH_CHECK(k.size(0) == B && v.size(0) == B, op, " (cuda): k and v must have q's batch size ", B, ", got k ",
+              k.sizes(), ", v ", v.sizes());
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0 && v.size(1) == Hkv, op, " (cuda): k and v heads must divide q's ", Hq,
+              " heads, got k ", k.sizes(), ", v ", v.sizes());
+  TORCH_CHECK(k.size(3) == D && v.size(2) == Lk, op, " (cuda): k must be (B, Hkv, Lk, D=", D, ") and v (B, Hkv, Lk, Dv), got k ",
+              k.sizes(), ", v ", v.sizes());
+  TORCH_CHECK(D == Dv && (D == 64 || D == 128), op, " (cuda): head dims D=", D, ", Dv=", Dv,
+              " are not covered by the cuda backend (it needs D == Dv in {64, 128}); use backend='triton' or 'auto'");
+  TORCH_CHECK(Hq <= 65535 && B <= 65535, op, " (cuda): at most 65535 heads and batch items, got B=", B, ", Hq=", Hq);
+  TORCH_CHECK(causal >= 0 && causal <= 2, op, " (cuda): causal must be 0, 1 or 2, got ", causal);
+  check_sm80(q, op);
+
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.q_sb = q.stride(0), p.q_sh = q.stride(1), p.q_sl = q.stride(2);
+  p.k_sb = k.stride(0), p.k_sh = k.stride(1), p.k_sl = k.stride(2);
+  p.v_sb = v.stride(0), p.v_sh = v.stride(1), p.v_sl = v.stride(2);
+  p.B = int(B), p.Hq = int(Hq), p.Hkv = int(Hkv), p.group = int(Hq / Hkv);
+  p.Lq = int(Lq), p.Lk = int(Lk), p.D = int(D);
+  p.causal = causal != 0;
+  p.causal_off = causal == 2 ? int(Lk - Lq) : 0;
+  p.is_bf16 = q.scalar_type() == at::kBFloat16;
+  p.scale = float(scale);
+  p.scale_log2 = float(scale * 1.4426950408889634);
+
+  p.mask = nullptr;
+  p.mask_kind = kMaskNone;
+  p.m_sb = p.m_sh = p.m_si = p.m_sj = 0;
+  if (mask.has_value() && mask->defined()) {
+    const Tensor& m = *mask;
+    check_device(m, op, "mask", q);
+    TORCH_CHECK(m.scalar_type() == at::kBool || m.scalar_type() == q.scalar_type(), op,
+                " (cuda): mask must be bool or q's dtype ", q.scalar_type(), ", got ", m.scalar_type());
+    TORCH_CHECK(m.dim() == 4 && m.size(0) == B && m.size(1) == Hq && m.size(2) == Lq && m.size(3) == Lk, op,
+                " (cuda): mask must be expanded to (B, Hq, Lq, Lk) = (", B, ", ", Hq, ", ", Lq, ", ", Lk, "), got ",
+                m.sizes());
+    p.mask = m.data_ptr();
+    p.mask_kind = m.scalar_type() == at::kBool ? kMaskBool : kMaskBias;
+    p.m_sb = m.stride(0), p.m_sh = m.stride(1), p.m_si = m.stride(2), p.m_sj = m.stride(3);
+  }
+  p.gate = nullptr;
+  p.g_sb = p.g_sh = p.g_si = p.g_sc = 0;
+  if (gate.has_value() && gate->defined()) {
+    const Tensor& g = *gate;
+    check_device(g, op, "gate", q);
+    check_same_dtype(g, q, op, "gate");
+    TORCH_CHECK(g.dim() == 4 && g.size(0) == B && g.size(1) == Hq && g.size(2) == Lq && g.size(3) == Dv, op,
+                " (cuda): gate must be expanded to (B, Hq, Lq, Dv) = (", B, ", ", Hq, ", ", Lq, ", ", Dv, "), got ",
+                g.sizes());
+    p.gate = g.data_ptr();
+    p.g_sb = g.stride(0), p.g_sh = g.stride(1), p.g_si = g.stride(2), p.g_sc = g.stride(3);
+  }
+}
+
+std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
+                                         const OptTensor& mask, const OptTensor& gate, double scale, int64_t causal) {
+  const char* op = "attention_fwd";
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const Tensor q = for_cp_async(q_in), k = for_cp_async(k_in), v = for_cp_async(v_in);
+  AttnParams p{};
+  describe_attention(p, op, q, k, v, mask, gate, scale, causal);
+  Tensor out = at::empty({p.B, p.Hq, p.Lq, p.D}, q.options());
+  Tensor lse = at::empty({p.B, p.Hq, p.Lq}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, lse};
+  p.out = out.data_ptr();
+  p.o_sb = out.stride(0), p.o_sh = out.stride(1), p.o_sl = out.stride(2);
+  p.lse = lse.data_ptr<float>();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  C10_CUDA_CHECK(p.D == 64 ? attention_fwd_hdim64(p, stream) : attention_fwd_hdim128(p, stream));
+  return {out, lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd(
+    const Tensor& dout_in, const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, const Tensor& out_in,
+    const Tensor& lse_in, const OptTensor& mask, const OptTensor& gate, const OptTensor& dlse_in, double scale,
+    int64_t causal, bool need_dmask) {
+  const char* op = "attention_bwd";
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const Tensor q = for_cp_async(q_in), k = for_cp_async(k_in), v = for_cp_async(v_in);
+  AttnBwdParams p{};
+  describe_attention(p, op, q, k, v, mask, gate, scale, causal);
+  const std::vector<int64_t> out_shape{p.B, p.Hq, p.Lq, p.D}, row_shape{p.B, p.Hq, p.Lq};
+  check_device(dout_in, op, "dout", q);
+  check_device(out_in, op, "out", q);
+  check_device(lse_in, op, "lse", q);
+  check_same_dtype(dout_in, q, op, "dout");
+  check_same_dtype(out_in, q, op, "out");
+  TORCH_CHECK(dout_in.sizes() == out_shape && out_in.sizes() == out_shape, op, " (cuda): dout and out must be ",
+              at::IntArrayRef(out_shape), ", got dout ", dout_in.sizes(), ", out ", out_in.sizes());
+  TORCH_CHECK(lse_in.scalar_type() == at::kFloat && lse_in.sizes() == row_shape, op,
+              " (cuda): lse must be float32 ", at::IntArrayRef(row_shape), ", got ", lse_in.scalar_type(), " ",
+              lse_in.sizes());
+  TORCH_CHECK(!need_dmask || p.mask_kind == kMaskBias, op, " (cuda): need_dmask asks for the gradient of a float mask; "
+              "mask is ", p.mask_kind == kMaskBool ? "bool" : "absent");
+  // The main kernel streams dO with cp.async; with a gate it reads the gated copy instead.
+  const Tensor dout = p.gate ? last_dim_contiguous(dout_in) : for_cp_async(dout_in);
+  const Tensor out = last_dim_contiguous(out_in);
+  const Tensor lse = lse_in.contiguous();
+  Tensor dlse;
+  if (dlse_in.has_value() && dlse_in->defined()) {
+    check_device(*dlse_in, op, "dlse", q);
+    TORCH_CHECK(dlse_in->sizes() == row_shape, op, " (cuda): dlse must be ", at::IntArrayRef(row_shape), ", got ",
+                dlse_in->sizes());
+    dlse = dlse_in->to(at::kFloat).contiguous();
+  }
+
+  const auto f32 = q.options().dtype(at::kFloat);
+  Tensor dq = at::empty(q.sizes(), q.options());
+  Tensor dk = at::empty(k.sizes(), k.options());
+  Tensor dv = at::empty(v.sizes(), v.options());
+  Tensor dmask = need_dmask ? at::zeros({p.B, p.Hq, p.Lq, p.Lk}, q.options()) : q.new_empty({0});
+  Tensor dgate = p.gate ? at::empty(out_shape, q.options()) : q.new_empty({0});
+  if (dq.numel() == 0 || dk.numel() == 0) {  // no query or no key: every gradient is 0
+    dq.zero_(), dk.zero_(), dv.zero_();
+    if (dgate.numel()) dgate.zero_();
+    return {dq, dk, dv, dmask, dgate};
+  }
+  Tensor delta = at::empty(row_shape, f32);
+  Tensor dq_accum = at::zeros(out_shape, f32);
+  Tensor do_gated = p.gate ? at::empty(out_shape, q.options()) : Tensor();
+
+  p.out = const_cast<void*>(out.data_ptr());
+  p.o_sb = out.stride(0), p.o_sh = out.stride(1), p.o_sl = out.stride(2);
+  p.lse = lse.data_ptr<float>();
+  p.dout = dout.data_ptr();
+  p.do_sb = dout.stride(0), p.do_sh = dout.stride(1), p.do_sl = dout.stride(2);
+  p.dlse = dlse.defined() ? dlse.data_ptr<float>() : nullptr;
+  p.delta = delta.data_ptr<float>();
+  p.do_gated = do_gated.defined() ? do_gated.data_ptr() : nullptr;
+  p.dq_accum = dq_accum.data_ptr<float>();
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.dmask = need_dmask ? dmask.data_ptr() : nullptr;
+  p.dgate = p.gate ? dgate.data_ptr() : nullptr;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  C10_CUDA_CHECK(p.D == 64 ? attention_bwd_hdim64(p, stream) : attention_bwd_hdim128(p, stream));
+  return {dq, dk, dv, dmask, dgate};
+}
+
+// ------------------------------------------------------------------------------------ softmax gates
+struct GateShape {
+  int64_t B, N, D, H;
+};
+
+GateShape check_gate_x(const Tensor& x, int64_t H, const char* op) {
+  check_device(x, op, "x", x);
+  check_half_dtype(x, op, "x");
+  TORCH_CHECK(x.dim() == 3, op, " (cuda): x must be (B, N, D), got ", x.sizes());
+  const int64_t B = x.size(0), N = x.size(1), D = x.size(2);
+  TORCH_CHECK(H > 0 && D % H == 0, op, " (cuda): the number of heads H=", H, " must divide D=", D);
+  TORCH_CHECK(B <= 65535, op, " (cuda): at most 65535 batch items, got B=", B);
+  return {B, N, D, H};
+}
+
+bool vec16_ok(const Tensor& t) {
+  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d)
+    if (t.stride(d) % 8 != 0) return false;
+  return true;
+}
+
+void fill_gate(GateParams& p, const GateShape& s, const Tensor& x, const Tensor& alpha, const OptTensor& mask,
+               const Tensor& mask_c, double scale, bool pool, const char* op) {
+  p.x = x.data_ptr();
+  p.x_sb = x.stride(0), p.x_sn = x.stride(1);
+  p.mask = nullptr;
+  if (mask.has_value() && mask->defined()) {
+    check_device(*mask, op, "mask", x);
+    TORCH_CHECK(mask->scalar_type() == at::kBool, op, " (cuda): mask must be bool, got ", mask->scalar_type());
+    TORCH_CHECK(mask->dim() == 2 && mask->size(0) == s.B && mask->size(1) == s.N, op, " (cuda): mask must be (B, N) = (",
+                s.B, ", ", s.N, "), got ", mask->sizes());
+    p.mask = mask_c.data_ptr<bool>();
+  }
+  p.alpha = alpha.data_ptr<float>();
+  p.B = int(s.B), p.N = int(s.N), p.D = int(s.D), p.H = int(s.H);
+  p.scale = float(scale);
+  p.pool = pool;
+  p.is_bf16 = x.scalar_type() == at::kBFloat16;
+  p.vec = (s.D / s.H) % 8 == 0 && vec16_ok(x) ? 8 : 1;
+}
+
+Tensor bool_mask(const OptTensor& mask) {
+  return mask.has_value() && mask->defined() && mask->scalar_type() == at::kBool ? mask->contiguous() : Tensor();
+}
+
+std::tuple<Tensor, Tensor> gate_fwd(const Tensor& x_in, const OptTensor& scores_in, const OptTensor& weight_in,
+                                    const OptTensor& mask, double scale, bool pool, const char* op) {
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const Tensor x = last_dim_contiguous(x_in);
+  const int64_t H = scores_in ? scores_in->size(-1) : weight_in->size(0);
+  const GateShape s = check_gate_x(x, H, op);
+  GateParams p{};
+  Tensor scores, weight;
+  if (scores_in) {
+    scores = last_dim_contiguous(*scores_in);
+    check_device(scores, op, "scores", x);
+    check_same_dtype(scores, x, op, "scores");
+    TORCH_CHECK(scores.dim() == 3 && scores.size(0) == s.B && scores.size(1) == s.N, op,
+                " (cuda): scores must be (B, N, H) = (", s.B, ", ", s.N, ", H), got ", scores.sizes());
+    p.scores = scores.data_ptr();
+    p.s_sb = scores.stride(0), p.s_sn = scores.stride(1);
+  } else {
+    check_device(*weight_in, op, "weight", x);
+    check_same_dtype(*weight_in, x, op, "weight");
+    TORCH_CHECK(weight_in->dim() == 2 && weight_in->size(1) == s.D, op, " (cuda): weight must be (H, D) with D = ", s.D,
+                ", got ", weight_in->sizes());
+    weight = weight_in->to(at::kFloat).contiguous();  // (H, D), small
+    p.weight = weight.data_ptr<float>();
+  }
+  Tensor alpha = at::empty({s.B, s.N, s.H}, x.options().dtype(at::kFloat));
+  const Tensor mask_c = bool_mask(mask);
+  fill_gate(p, s, x, alpha, mask, mask_c, scale, pool, op);
+  Tensor y, y_accum;
+  if (pool) {
+    y_accum = at::zeros({s.B, s.D}, x.options().dtype(at::kFloat));
+    p.y_accum = y_accum.data_ptr<float>();
+  } else {
+    y = at::empty({s.B, s.N, s.D}, x.options());
+    p.y = y.data_ptr();
+  }
+  C10_CUDA_CHECK(softmax_gate_fwd(p, c10::cuda::getCurrentCUDAStream().stream()));
+  return {pool ? y_accum.to(x.scalar_type()) : y, alpha};
+}
+
+std::tuple<Tensor, Tensor, Tensor> gate_bwd(const Tensor& dy_in, const Tensor& x_in, const OptTensor& weight_in,
+                                            const Tensor& alpha_in, const OptTensor& dalpha_in, double scale, bool pool,
+                                            const char* op) {
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const Tensor x = last_dim_contiguous(x_in), dy = last_dim_contiguous(dy_in);
+  const GateShape s = check_gate_x(x, alpha_in.size(-1), op);
+  check_device(dy, op, "dy", x);
+  check_same_dtype(dy, x, op, "dy");
+  if (pool) {
+    TORCH_CHECK(dy.dim() == 2 && dy.size(0) == s.B && dy.size(1) == s.D, op, " (cuda): dy must be (B, D) = (", s.B,
+                ", ", s.D, ") with pool=True, got ", dy.sizes());
+  } else {
+    TORCH_CHECK(dy.dim() == 3 && dy.size(0) == s.B && dy.size(1) == s.N && dy.size(2) == s.D, op,
+                " (cuda): dy must be (B, N, D) = (", s.B, ", ", s.N, ", ", s.D, "), got ", dy.sizes());
+  }
+  check_device(alpha_in, op, "alpha", x);
+  TORCH_CHECK(alpha_in.dim() == 3 && alpha_in.size(0) == s.B && alpha_in.size(1) == s.N, op,
+              " (cuda): alpha must be (B, N, H) = (", s.B, ", ", s.N, ", ", s.H, "), got ", alpha_in.sizes());
+  const Tensor alpha = alpha_in.to(at::kFloat).contiguous();
+  Tensor dalpha;
+  if (dalpha_in.has_value() && dalpha_in->defined()) {
+    check_device(*dalpha_in, op, "dalpha", x);
+    TORCH_CHECK(dalpha_in->sizes() == alpha.sizes(), op, " (cuda): dalpha must be ", alpha.sizes(), ", got ",
+                dalpha_in->sizes());
+    dalpha = dalpha_in->to(at::kFloat).contiguous();
+  }
+  GateBwdParams p{};
+  Tensor weight;
+  if (weight_in) {
+    check_device(*weight_in, op, "weight", x);
+    check_same_dtype(*weight_in, x, op, "weight");
+    TORCH_CHECK(weight_in->dim() == 2 && weight_in->size(0) == s.H && weight_in->size(1) == s.D, op,
+                " (cuda): weight must be (H, D) = (", s.H, ", ", s.D, "), got ", weight_in->sizes());
+    weight = weight_in->to(at::kFloat).contiguous();
+    p.weight = weight.data_ptr<float>();
+  }
+  fill_gate(p, s, x, alpha, std::nullopt, Tensor(), scale, pool, op);
+  if (!vec16_ok(dy)) p.vec = 1;
+  Tensor g = at::empty({s.B, s.N, s.H}, x.options().dtype(at::kFloat));
+  Tensor dscores = weight_in ? Tensor() : at::empty({s.B, s.N, s.H}, x.options());
+  Tensor dx = at::empty({s.B, s.N, s.D}, x.options());
+  Tensor dweight_accum = weight_in ? at::zeros({s.H, s.D}, x.options().dtype(at::kFloat)) : Tensor();
+  p.dy = dy.data_ptr();
+  p.dy_sb = dy.stride(0), p.dy_sn = pool ? 0 : dy.stride(1);
+  p.dalpha = dalpha.defined() ? dalpha.data_ptr<float>() : nullptr;
+  p.g = g.data_ptr<float>();
+  p.dscores = dscores.defined() ? dscores.data_ptr() : nullptr;
+  p.dx = dx.data_ptr();
+  p.dweight_accum = weight_in ? dweight_accum.data_ptr<float>() : nullptr;
+  C10_CUDA_CHECK(softmax_gate_bwd(p, c10::cuda::getCurrentCUDAStream().stream()));
+  if (weight_in) return {dx, dweight_accum.to(weight_in->scalar_type()), Tensor()};
+  return {dscores, dx, Tensor()};
+}
+
+std::tuple<Tensor, Tensor> softmax_gate_fwd_cuda(const Tensor& scores, const Tensor& x, const OptTensor& mask,
+                                                 bool pool) {
+  return gate_fwd(x, scores, std::nullopt, mask, 1.0, pool, "softmax_gate_fwd");
+}
+
+std::tuple<Tensor, Tensor> softmax_gate_bwd_cuda(const Tensor& dy, const Tensor& x, const Tensor& alpha,
+                                                 const OptTensor& dalpha, bool pool) {
+  auto [dscores, dx, unused] = gate_bwd(dy, x, std::nullopt, alpha, dalpha, 1.0, pool, "softmax_gate_bwd");
+  return {dscores, dx};
+}
+
+std::tuple<Tensor, Tensor> score_softmax_gate_fwd_cuda(const Tensor& x, const Tensor& weight, const OptTensor& mask,
+                                                       double scale, bool pool) {
+  return gate_fwd(x, std::nullopt, weight, mask, scale, pool, "score_softmax_gate_fwd");
+}
+
+std::tuple<Tensor, Tensor> score_softmax_gate_bwd_cuda(const Tensor& dy, const Tensor& x, const Tensor& weight,
+                                                       const Tensor& alpha, const OptTensor& dalpha, double scale,
+                                                       bool pool) {
+  auto [dx, dweight, unused] = gate_bwd(dy, x, weight, alpha, dalpha, scale, pool, "score_softmax_gate_bwd");
+  return {dx, dweight};
+}
+
+}  // namespace
+}  // namespace fastattn::cuda
+
+TORCH_LIBRARY_IMPL(fastattn, CUDA, m) {
+  m.impl("attention_fwd", &fastattn::cuda::attention_fwd);
+  m.impl("attention_bwd", &fastattn::cuda::attention_bwd);
+  m.impl("softmax_gate_fwd", &fastattn::cuda::softmax_gate_fwd_cuda);
+  m.impl("softmax_gate_bwd", &fastattn::cuda::softmax_gate_bwd_cuda);
+  m.impl("score_softmax_gate_fwd", &fastattn::cuda::score_softmax_gate_fwd_cuda);
+  m.impl("score_softmax_gate_bwd", &fastattn::cuda::score_softmax_gate_bwd_cuda);
+}

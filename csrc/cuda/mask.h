@@ -1,0 +1,53 @@
+// Scaling and masking of a score tile held in MMA accumulator fragments (shared by forward and
+// backward). Scores leave in base-2 units (scale * log2(e) * q.k + log2(e) * bias), -inf where masked.
+#pragma once
+
+#include <cmath>
+
+#include "params.h"
+#include "ptx.h"
+
+namespace fastattn::cuda {
+
+// s[nt][e] is the accumulator of query row0 + g + 8 * (e / 2) and key col0 + 8 * nt + 2t + e % 2
+// (g = lane / 4, t = lane % 4: the m16n8 C layout). check_bounds: the tile reaches past Lk or
+// crosses the causal diagonal (interior tiles skip the per-element tests). mask_bh points at
+// mask[b, h, 0, 0] (kHasMask only; bool or T by p.mask_kind).
+template <typename T, bool kHasMask, int kNT>
+__device__ __forceinline__ void scale_and_mask(float (&s)[kNT][4], int row0, int col0, int lane, bool check_bounds,
+                                               const AttnParams& p, const char* mask_bh) {
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int i = row0 + g + 8 * (e >> 1);
+      const int j = col0 + 8 * nt + 2 * t + (e & 1);
+      float x = s[nt][e] * p.scale_log2;
+      if (check_bounds && (j >= p.Lk || (p.causal && j > i + p.causal_off))) x = -INFINITY;
+      if constexpr (kHasMask) {
+        if (i < p.Lq && j < p.Lk) {  // the mask view has no element outside (Lq, Lk)
+          const int64_t off = int64_t(i) * p.m_si + int64_t(j) * p.m_sj;
+          if (p.mask_kind == kMaskBool) {
+            if (!reinterpret_cast<const bool*>(mask_bh)[off]) x = -INFINITY;
+          } else {
+            x += kLog2e * to_float(reinterpret_cast<const T*>(mask_bh)[off]);
+          }
+        }
+      }
+      s[nt][e] = x;
+    }
+  }
+}
+
+// Whether a key tile [col0, col0 + n) seen by query rows [row0, row0 + m) needs per-element tests.
+__device__ __forceinline__ bool tile_needs_checks(int row0, int col0, int n, const AttnParams& p) {
+  return col0 + n > p.Lk || (p.causal && col0 + n - 1 > row0 + p.causal_off);
+}
+
+__device__ __forceinline__ const char* mask_head_ptr(const AttnParams& p, int b, int h, int elem_bytes) {
+  if (p.mask == nullptr) return nullptr;
+  return static_cast<const char*>(p.mask) + (int64_t(b) * p.m_sb + int64_t(h) * p.m_sh) * elem_bytes;
+}
+
+}  // namespace fastattn::cuda
