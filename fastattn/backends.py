@@ -11,6 +11,7 @@ Triton interpreter on CPU (correct but slow; name ``backend="triton"`` to use it
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 
@@ -25,8 +26,13 @@ class Problem:
     op: str                      # "attention", "softmax_gate", "score_softmax_gate"
     device_type: str
     dtype: torch.dtype
-    head_dim: int = 0            # max(D, Dv) for attention
+    D: int = 0                   # attention head dims (0 for the softmax gates)
+    Dv: int = 0
     dropout: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return max(self.D, self.Dv)
 
 
 class Backend:
@@ -67,8 +73,53 @@ def _last_dim_contiguous(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-class ExtensionBackend(Backend):
-    """Kernels compiled into fastattn._C and reached through torch.ops.fastattn (device dispatch)."""
+class FusedBackend(Backend):
+    """A backend of fused kernels behind ``torch.ops.fastattn.<op_prefix><op>_fwd`` ops, which share
+    the schemas of csrc/fastattn.cpp and the autograd of ops.py. Subclasses say where they run."""
+    op_prefix = ""
+
+    def unsupported(self, p):
+        why = super().unsupported(p)
+        if why:
+            return why
+        if p.head_dim > MAX_FUSED_HEAD_DIM:
+            return f"head dims up to {MAX_FUSED_HEAD_DIM} (got {p.head_dim}); use backend='reference'"
+        if p.dropout:
+            return "dropout is not fused in this backend; use backend='reference' (auto does)"
+        return None
+
+    def _op(self, name):
+        return getattr(torch.ops.fastattn, self.op_prefix + name)
+
+    def attention(self, q, k, v, mask, gate, scale, causal, dropout_p):
+        B, Hq, Lq, _ = q.shape
+        Lk, Dv = k.shape[2], v.shape[3]
+        if mask is not None:
+            if mask.dtype != torch.bool:
+                mask = mask.to(q.dtype)  # kernels read a float mask in q's dtype
+            mask = mask.expand(B, Hq, Lq, Lk)  # stride 0 on broadcast dims, no copy
+        if gate is not None:
+            gate = gate.to(q.dtype).expand(B, Hq, Lq, Dv)
+        return self._op("attention_fwd")(
+            _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v),
+            mask, gate, scale, causal)
+
+    def softmax_gate(self, scores, x, mask, pool):
+        return self._op("softmax_gate_fwd")(_last_dim_contiguous(scores), _last_dim_contiguous(x), mask, pool)
+
+    def score_softmax_gate(self, x, weight, mask, scale, pool):
+        return self._op("score_softmax_gate_fwd")(
+            _last_dim_contiguous(x), _last_dim_contiguous(weight), mask, scale, pool)
+
+
+class ExtensionBackend(FusedBackend):
+    """Kernels compiled into fastattn._C (csrc/cpu/, csrc/cuda/), one op per device (dispatch key)."""
+
+    # What csrc/cuda/ covers (issue 6, first round). Strict on purpose: no GPU measurement exists
+    # yet, so "auto" sends everything else to triton/reference; the per-shape choice between cuda
+    # and triton awaits the first GPU benchmark round (bench/results/).
+    CUDA_DTYPES = (torch.float16, torch.bfloat16)
+    CUDA_HEAD_DIMS = (64, 128)
 
     def __init__(self, name, device_type):
         self.name, self.device_types = name, (device_type,)
@@ -82,55 +133,69 @@ class ExtensionBackend(Backend):
                        "or FASTATTN_CUDA=0)"
             if not torch.cuda.is_available():
                 return "no CUDA device is available"
+            if torch.cuda.get_device_capability() < (8, 0):
+                return "the CUDA kernels need compute capability 8.0 or newer (mma.sync, cp.async), " \
+                       f"got {torch.cuda.get_device_capability()}"
         return None
 
     def unsupported(self, p):
         why = super().unsupported(p)
-        if why:
+        if why or self.name != "cuda":
             return why
-        if p.head_dim > MAX_FUSED_HEAD_DIM:
-            return f"head dims up to {MAX_FUSED_HEAD_DIM} (got {p.head_dim}); use backend='reference'"
-        if p.dropout:
-            return "dropout is not fused in this backend; use backend='reference' (auto does)"
+        if p.dtype not in self.CUDA_DTYPES:
+            return f"the cuda kernels cover float16 and bfloat16, got {p.dtype}"
+        if p.op == "attention" and not (p.D == p.Dv and p.D in self.CUDA_HEAD_DIMS):
+            return f"the cuda attention kernels cover D == Dv in {self.CUDA_HEAD_DIMS}, got D={p.D}, Dv={p.Dv}"
         return None
 
-    def attention(self, q, k, v, mask, gate, scale, causal, dropout_p):
-        B, Hq, Lq, _ = q.shape
-        Lk, Dv = k.shape[2], v.shape[3]
-        if mask is not None:
-            if mask.dtype != torch.bool:
-                mask = mask.to(q.dtype)  # kernels read a float mask in q's dtype
-            mask = mask.expand(B, Hq, Lq, Lk)  # stride 0 on broadcast dims, no copy
-        if gate is not None:
-            gate = gate.to(q.dtype).expand(B, Hq, Lq, Dv)
-        return torch.ops.fastattn.attention_fwd(
-            _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v),
-            mask, gate, scale, causal)
 
-    def softmax_gate(self, scores, x, mask, pool):
-        return torch.ops.fastattn.softmax_gate_fwd(
-            _last_dim_contiguous(scores), _last_dim_contiguous(x), mask, pool)
+class TritonBackend(FusedBackend):
+    """Triton kernels (triton_kernels/, installed as fastattn.triton_kernels) through
+    torch.ops.fastattn.triton_*: CUDA tensors, or CPU tensors in Triton's interpreter when
+    TRITON_INTERPRET=1 (how CI tests them; correct but slow, so "auto" never picks it on CPU)."""
+    name = "triton"
+    op_prefix = "triton_"
 
-    def score_softmax_gate(self, x, weight, mask, scale, pool):
-        return torch.ops.fastattn.score_softmax_gate_fwd(
-            _last_dim_contiguous(x), _last_dim_contiguous(weight), mask, scale, pool)
+    @staticmethod
+    def _interpreting():
+        return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-
-class PlannedBackend(Backend):
-    """A backend of the design that this build does not contain yet; reported, never chosen."""
-
-    def __init__(self, name, device_types, why):
-        self.name, self.device_types, self._why = name, device_types, why
+    @property
+    def device_types(self):
+        return ("cuda", "cpu") if self._interpreting() else ("cuda",)
 
     def unavailable(self):
-        return self._why
+        try:
+            import triton  # noqa: F401  (imported lazily: fastattn imports without triton)
+        except ImportError as e:
+            return f"triton is not installed ({e}); `pip install triton`"
+        if not torch.cuda.is_available() and not self._interpreting():
+            return "no CUDA device is available (TRITON_INTERPRET=1 runs the Triton kernels on CPU tensors " \
+                   "in Triton's interpreter, slowly)"
+        try:
+            from . import triton_kernels  # noqa: F401
+            from .triton_kernels import ops as _triton_ops  # noqa: F401  (registers torch.ops.fastattn.triton_*)
+        except Exception as e:  # noqa: BLE001  (any failure to compile/register is reported, not raised)
+            return f"fastattn.triton_kernels failed to load: {type(e).__name__}: {e}"
+        return None
+
+    def unsupported(self, p):
+        if p.device_type == "cpu" and not self._interpreting():
+            return "runs CPU tensors only in Triton's interpreter (set TRITON_INTERPRET=1 before importing triton)"
+        why = super().unsupported(p)
+        if why:
+            return why
+        if p.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            return f"dtypes float16, bfloat16, float32 (got {p.dtype}: tl.dot has no float64); " \
+                   "use backend='cpu' or 'reference'"
+        return None
 
 
 _BACKENDS = {
     b.name: b
     for b in (
         ExtensionBackend("cuda", "cuda"),
-        PlannedBackend("triton", ("cuda", "cpu"), "the Triton kernels (triton_kernels/) are not in this build yet"),
+        TritonBackend(),
         ExtensionBackend("cpu", "cpu"),
         ReferenceBackend(),
     )

@@ -44,7 +44,7 @@ def attention(q, k, v, *, attn_mask=None, causal=False, scale=None, gate=None, d
     B, Hq, Hkv, Lq, Lk, D, Dv = _checks.attention_inputs(q, k, v, attn_mask, gate, scale, dropout_p)
     code = causal_code(causal)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    problem = Problem("attention", q.device.type, q.dtype, head_dim=max(D, Dv), dropout=dropout_p > 0)
+    problem = Problem("attention", q.device.type, q.dtype, D=D, Dv=Dv, dropout=dropout_p > 0)
     impl = select(backend, problem)
     if q.numel() == 0 or Lk == 0 or v.numel() == 0:
         impl = select("reference", problem)  # empty problems: no kernel launch

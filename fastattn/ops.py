@@ -41,24 +41,26 @@ def _empty(t):
     return t.new_empty((0,))
 
 
-def register_attention(fwd: str, bwd: str):
+def register_attention(fwd: str, bwd: str, *, fake: bool = True):
     """Fake implementations and autograd for an attention op pair with the schemas of
     csrc/fastattn.cpp (``fwd`` -> (out, lse), ``bwd`` -> (dq, dk, dv, dmask, dgate)). Every backend
-    that defines such a pair (C++ here; Triton in fastattn.triton_kernels) registers it this way."""
+    that defines such a pair (C++ here; Triton in fastattn.triton_kernels) registers it this way.
+    ``fake=False`` skips the fake implementations (torch.library.triton_op makes its own)."""
     bwd_op = lambda: getattr(torch.ops.fastattn, bwd.split("::")[1])
 
-    @torch.library.register_fake(fwd)
-    def _fwd_fake(q, k, v, mask, gate, scale, causal):
-        B, Hq, Lq, _ = q.shape
-        out = q.new_empty((B, Hq, Lq, v.shape[-1]))
-        lse = q.new_empty((B, Hq, Lq), dtype=_stat_dtype(q.dtype))
-        return out, lse
+    if fake:
+        @torch.library.register_fake(fwd)
+        def _fwd_fake(q, k, v, mask, gate, scale, causal):
+            B, Hq, Lq, _ = q.shape
+            out = q.new_empty((B, Hq, Lq, v.shape[-1]))
+            lse = q.new_empty((B, Hq, Lq), dtype=_stat_dtype(q.dtype))
+            return out, lse
 
-    @torch.library.register_fake(bwd)
-    def _bwd_fake(dout, q, k, v, out, lse, mask, gate, dlse, scale, causal, need_dmask):
-        dmask = mask.new_empty(mask.shape) if need_dmask else _empty(q)
-        dgate = gate.new_empty(gate.shape) if gate is not None else _empty(q)
-        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask, dgate
+        @torch.library.register_fake(bwd)
+        def _bwd_fake(dout, q, k, v, out, lse, mask, gate, dlse, scale, causal, need_dmask):
+            dmask = mask.new_empty(mask.shape) if need_dmask else _empty(q)
+            dgate = gate.new_empty(gate.shape) if gate is not None else _empty(q)
+            return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask, dgate
 
     def setup_context(ctx, inputs, output):
         q, k, v, mask, gate, scale, causal = inputs
@@ -78,9 +80,10 @@ def register_attention(fwd: str, bwd: str):
     torch.library.register_autograd(fwd, backward, setup_context=setup_context)
 
 
-def register_softmax_gates(prefix: str = ""):
+def register_softmax_gates(prefix: str = "", *, fake: bool = True):
     """Fake implementations and autograd for ``fastattn::{prefix}softmax_gate_{fwd,bwd}`` and
-    ``fastattn::{prefix}score_softmax_gate_{fwd,bwd}`` (schemas of csrc/fastattn.cpp)."""
+    ``fastattn::{prefix}score_softmax_gate_{fwd,bwd}`` (schemas of csrc/fastattn.cpp).
+    ``fake=False`` skips the fake implementations (torch.library.triton_op makes its own)."""
     op = lambda name: getattr(torch.ops.fastattn, prefix + name)
     name = lambda n: f"fastattn::{prefix}{n}"
 
@@ -89,14 +92,15 @@ def register_softmax_gates(prefix: str = ""):
         y = x.new_empty((B, D) if pool else (B, N, D))
         return y, x.new_empty((B, N, H), dtype=_stat_dtype(x.dtype))
 
-    torch.library.register_fake(name("softmax_gate_fwd"))(
-        lambda scores, x, mask, pool: out_fake(x, scores.shape[-1], pool))
-    torch.library.register_fake(name("softmax_gate_bwd"))(
-        lambda dy, x, alpha, dalpha, pool: (alpha.new_empty(alpha.shape, dtype=x.dtype), x.new_empty(x.shape)))
-    torch.library.register_fake(name("score_softmax_gate_fwd"))(
-        lambda x, weight, mask, scale, pool: out_fake(x, weight.shape[0], pool))
-    torch.library.register_fake(name("score_softmax_gate_bwd"))(
-        lambda dy, x, weight, alpha, dalpha, scale, pool: (x.new_empty(x.shape), weight.new_empty(weight.shape)))
+    if fake:
+        torch.library.register_fake(name("softmax_gate_fwd"))(
+            lambda scores, x, mask, pool: out_fake(x, scores.shape[-1], pool))
+        torch.library.register_fake(name("softmax_gate_bwd"))(
+            lambda dy, x, alpha, dalpha, pool: (alpha.new_empty(alpha.shape, dtype=x.dtype), x.new_empty(x.shape)))
+        torch.library.register_fake(name("score_softmax_gate_fwd"))(
+            lambda x, weight, mask, scale, pool: out_fake(x, weight.shape[0], pool))
+        torch.library.register_fake(name("score_softmax_gate_bwd"))(
+            lambda dy, x, weight, alpha, dalpha, scale, pool: (x.new_empty(x.shape), weight.new_empty(weight.shape)))
 
     def gate_setup_context(ctx, inputs, output):
         scores, x, mask, pool = inputs

@@ -62,10 +62,22 @@ def test_transposed_inputs_are_not_copied(monkeypatch):
 
 def test_auto_picks_cpu_and_reference_for_dropout():
     from fastattn.backends import Problem, select
-    assert select("auto", Problem("attention", "cpu", torch.float32, head_dim=64)).name == "cpu"
-    assert select("auto", Problem("attention", "cpu", torch.float32, head_dim=64, dropout=True)).name == "reference"
-    assert select("auto", Problem("attention", "cpu", torch.float32, head_dim=512)).name == "reference"
+    assert select("auto", Problem("attention", "cpu", torch.float32, D=64, Dv=64)).name == "cpu"
+    assert select("auto", Problem("attention", "cpu", torch.float32, D=64, Dv=64, dropout=True)).name == "reference"
+    assert select("auto", Problem("attention", "cpu", torch.float32, D=512, Dv=512)).name == "reference"
     info = fastattn.backends()
     assert info["cpu"]["available"] and info["reference"]["available"]
     assert not info["cuda"]["available"] or torch.cuda.is_available()
     assert all(v["available"] or v["reason"] for v in info.values())
+
+
+def test_cuda_backend_refuses_what_its_kernels_do_not_cover():
+    """Checked on the predicate itself, so it holds without a GPU: auto then falls through to triton."""
+    from fastattn.backends import _BACKENDS, Problem
+    cuda = _BACKENDS["cuda"]
+    ok = Problem("attention", "cuda", torch.bfloat16, D=128, Dv=128)
+    assert cuda.unsupported(ok) is None
+    for p in (Problem("attention", "cuda", torch.bfloat16, D=64, Dv=128),
+              Problem("attention", "cuda", torch.bfloat16, D=96, Dv=96),
+              Problem("attention", "cuda", torch.float32, D=64, Dv=64)):
+        assert cuda.unsupported(p)

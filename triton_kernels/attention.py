@@ -40,6 +40,20 @@ LOG2E: tl.constexpr = tl.constexpr(C.LOG2E)
 LN2: tl.constexpr = tl.constexpr(C.LN2)
 
 MASK_NONE, MASK_BOOL, MASK_BIAS = 0, 1, 2
+_INTERPRET: tl.constexpr = tl.constexpr(C.INTERPRET)
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_PREC: tl.constexpr):
+    """acc + a @ b with fp32 accumulation. Triton 3.9's interpreter multiplies bfloat16 tiles as their
+    raw 16-bit patterns, so there (only) bfloat16 operands are widened first: exact products summed in
+    fp32, which is what the tensor cores compute. The branch is compiled out on a GPU."""
+    if _INTERPRET:
+        if a.dtype == tl.bfloat16:
+            a = a.to(tl.float32)
+        if b.dtype == tl.bfloat16:
+            b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PREC)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -81,7 +95,7 @@ def _fwd_tiles(acc, l_i, m_i, q, p_k, p_v, p_mask, offs_m, offs_d, offs_dv, lo, 
         # -- scores S = Q K^T, in log2 units   [BLOCK_M, BLOCK_N]
         kT = tl.load(p_k + offs_n[None, :] * stride_kn + offs_d[:, None],
                      mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < D), other=0.0)     # [BLOCK_D, BLOCK_N]
-        s = tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale
+        s = _dot(q, kT, None, DOT_PREC) * qk_scale
         s = _mask_scores(s, p_mask, offs_m[:, None], offs_n[None, :], Lq, Lk, stride_mi, stride_mj,
                          causal_off, MASK_KIND, CAUSAL_TILE)
         # -- online softmax update (a row with no allowed key so far keeps m = -inf, p = 0)
@@ -94,7 +108,7 @@ def _fwd_tiles(acc, l_i, m_i, q, p_k, p_v, p_mask, offs_m, offs_d, offs_dv, lo, 
         # -- O += P V   [BLOCK_M, BLOCK_DV]
         v = tl.load(p_v + offs_n[:, None] * stride_vn + offs_dv[None, :],
                     mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < Dv), other=0.0)    # [BLOCK_N, BLOCK_DV]
-        acc = tl.dot(p.to(v.dtype), v, acc * corr[:, None], input_precision=DOT_PREC)
+        acc = _dot(p.to(v.dtype), v, acc * corr[:, None], DOT_PREC)
     return acc, l_i, m_i
 
 
@@ -208,17 +222,17 @@ def _dkdv_tiles(dk, dv, k, v, p_q, p_do, p_lse, p_delta, p_mask, offs_n, offs_d,
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)  # empty row -> P = 0
         delta = tl.load(p_delta + offs_m, mask=m_row, other=0.0)
         # -- recompute P^T = 2^(S^T - lse2)   [BLOCK_N, BLOCK_M]
-        sT = tl.dot(k, qT, input_precision=DOT_PREC) * qk_scale
+        sT = _dot(k, qT, None, DOT_PREC) * qk_scale
         sT = _mask_scores(sT, p_mask, offs_m[None, :], offs_n[:, None], Lq, Lk, stride_mi, stride_mj,
                           causal_off, MASK_KIND, CAUSAL_TILE)
         pT = tl.math.exp2(sT - lse2[None, :])
         # -- dV += P^T dO
-        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
+        dv = _dot(pT.to(do.dtype), do, dv, DOT_PREC)
         # -- dP^T = V dO^T, dS^T = P^T * (dP^T - delta)
-        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        dpT = _dot(v, tl.trans(do), None, DOT_PREC)
         dsT = pT * (dpT - delta[None, :])
         # -- dK += dS^T Q (scale applied once at the end)
-        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PREC)
+        dk = _dot(dsT.to(qT.dtype), tl.trans(qT), dk, DOT_PREC)
     return dk, dv
 
 
@@ -292,18 +306,18 @@ def _dq_tiles(dq, q, do, lse2, delta, p_k, p_v, p_mask, p_dmask, offs_m, offs_d,
         vT = tl.load(p_v + offs_n[None, :] * stride_vn + offs_dv[:, None],
                      mask=m_key[None, :] & (offs_dv[:, None] < Dv), other=0.0)           # [BLOCK_DV, BLOCK_N]
         # -- recompute P   [BLOCK_M, BLOCK_N]
-        s = tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale
+        s = _dot(q, kT, None, DOT_PREC) * qk_scale
         s = _mask_scores(s, p_mask, offs_m[:, None], offs_n[None, :], Lq, Lk, stride_mi, stride_mj,
                          causal_off, MASK_KIND, CAUSAL_TILE)
         p = tl.math.exp2(s - lse2[:, None])
         # -- dP = dO V^T, dS = P * (dP - delta)
-        dp = tl.dot(do, vT, input_precision=DOT_PREC)
+        dp = _dot(do, vT, None, DOT_PREC)
         ds = p * (dp - delta[:, None])
         if NEED_DMASK:  # dL/d(bias) = dS (the bias enters the scores with weight 1)
             tl.store(p_dmask + offs_m[:, None] * Lk + offs_n[None, :], ds.to(p_dmask.dtype.element_ty),
                      mask=(offs_m[:, None] < Lq) & m_key[None, :])
         # -- dQ += dS K
-        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PREC)
+        dq = _dot(ds.to(kT.dtype), tl.trans(kT), dq, DOT_PREC)
     return dq
 
 

@@ -18,6 +18,12 @@ import triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+
+def autotune_enabled() -> bool:
+    """FASTATTN_TRITON_AUTOTUNE=0 keeps only the first config that survives pruning (quick GPU test
+    rounds: one compile per specialisation instead of one per config). Read at call time."""
+    return os.environ.get("FASTATTN_TRITON_AUTOTUNE", "1") != "0"
+
 LOG2E = 1.4426950408889634   # softmax in base 2: e^x = 2^(x * LOG2E)
 LN2 = 0.6931471805599453
 
@@ -54,6 +60,7 @@ else:
         _cfg(4, 4, BLOCK_M=64, BLOCK_N=32),     # D = 256: registers (acc 64 x 256 fp32 = 128 regs/thread)
         _cfg(8, 2, BLOCK_M=128, BLOCK_N=32),    # D = 256 with 8 warps
         _cfg(4, 3, BLOCK_M=16, BLOCK_N=128),    # decode (Lq <= 16): do not waste 112 of 128 query rows
+        _cfg(4, 3, BLOCK_M=16, BLOCK_N=64),     # decode at D = 256
     ]
 
 
@@ -75,7 +82,8 @@ def prune_fwd(configs, named_args, **kwargs):
         if bm == 16 and lq > 64:                        # tiny query tiles only for decode-like shapes
             continue
         keep.append(c)
-    return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    keep = keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    return keep if autotune_enabled() else keep[:1]
 
 
 # ----------------------------------------------------------------------------------- attention bwd
@@ -99,6 +107,7 @@ else:
         _cfg(8, 3, BLOCK_M=128, BLOCK_N=64),
         _cfg(4, 3, BLOCK_M=64, BLOCK_N=32),
         _cfg(4, 2, BLOCK_M=64, BLOCK_N=16),
+        _cfg(4, 3, BLOCK_M=16, BLOCK_N=64),    # short query side (Lq <= 16)
     ]
     PREP_BLOCK_M = 64   # memory-bound row pass: 64 rows x Dv of out and dout per program
 
@@ -109,7 +118,12 @@ def prune_bwd(configs, named_args, **kwargs):
     d = max(kwargs.get("BLOCK_D", named_args.get("BLOCK_D")), kwargs.get("BLOCK_DV", named_args.get("BLOCK_DV")))
     keep = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * d <= 128 * 64 * 128]
     keep = [c for c in keep if (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * d <= 160 * 128]
-    return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    # tiles far longer than the sequence only add masked work (decode: Lq = 1)
+    fits = [c for c in keep if c.kwargs["BLOCK_M"] <= max(MIN_DOT_DIM, triton.next_power_of_2(named_args["Lq"]))
+            and c.kwargs["BLOCK_N"] <= max(MIN_DOT_DIM, triton.next_power_of_2(named_args["Lk"]))]
+    keep = fits or keep
+    keep = keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    return keep if autotune_enabled() else keep[:1]
 
 
 # ----------------------------------------------------------------------------------- softmax gates

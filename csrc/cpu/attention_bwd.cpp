@@ -11,6 +11,8 @@
 //             block) accumulating dQ; pass 2 = one task per (batch, kv head, key block) for dK/dV.
 //             It recomputes S and dP twice (7 tile GEMMs instead of 5) but exposes L/BLOCK times
 //             more parallelism.
+// Tiles are float (double for double inputs); bf16 / half tiles are widened once per tile, except
+// that with bf16 on AVX512-BF16 the S = Q K^T and dP = dO V^T GEMMs run on bf16 tiles.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -26,7 +28,7 @@ namespace fastattn::cpu {
 
 namespace {
 // Tile sizes (backward). CPU time of the backward at B=2 H=8 L=1024 D=64, 2 threads, f32+bf16,
-// causal and not (perf task-clock): 128 x 128 = 90 ms/call; 128x64 94, 64x256 98, 256x128 100,
+// causal and not (perf task-clock, all-MKL GEMMs): 128 x 128 = 90 ms/call; 128x64 94, 64x256 98, 256x128 100,
 // 128x256 104, 64x128 119. Five GEMMs share each tile, so square mid-size tiles balance them.
 constexpr int64_t kBlockM = 128;  // query rows per tile
 constexpr int64_t kBlockN = 128;  // keys per tile
@@ -41,6 +43,8 @@ struct BwdCtx {
   const AttnShape& s;
   const scalar_t *q, *k, *v;  // strided as in s
   const acc_t* dO;         // (B, Hq, Lq, Dv) contiguous: dout * sigmoid(gate)
+  const c10::BFloat16* dO_bf16;  // the same rounded to bfloat16 when bf16_dot, else nullptr
+  bool bf16_dot;           // bfloat16 on AVX512-BF16: S = Q K^T and dP = dO V^T by gemm_nt_bf16
   const acc_t* lse2;       // (B, Hq, Lq): lse * LOG2E
   const acc_t* delta;      // (B, Hq, Lq)
   const at::Tensor* mask;
@@ -49,14 +53,17 @@ struct BwdCtx {
   acc_t alpha, scale;      // alpha = scale * LOG2E
 };
 
-// Per-thread tile buffers; q/k/v hold widened bf16 / half tiles (empty for float / double).
+// Per-thread tile buffers; q/k/v hold widened bf16 / half tiles (empty for float / double),
+// k_pack/v_pack the bf16 K and V tiles packed for gemm_nt_bf16 (bf16_dot only).
 template <typename scalar_t, typename acc_t>
 struct BwdBuffers {
   static constexpr bool kConvert = !std::is_same_v<scalar_t, acc_t>;
   std::vector<acc_t> P, dS, dK, dV, q, k, v;
-  BwdBuffers(int64_t D, int64_t Dv)
+  std::vector<uint32_t> k_pack, v_pack;
+  BwdBuffers(int64_t D, int64_t Dv, bool bf16_dot)
       : P(kBlockM * kBlockN), dS(kBlockM * kBlockN), dK(kBlockN * D), dV(kBlockN * Dv),
-        q(kConvert ? kBlockM * D : 0), k(kConvert ? kBlockN * D : 0), v(kConvert ? kBlockN * Dv : 0) {}
+        q(kConvert ? kBlockM * D : 0), k(kConvert ? kBlockN * D : 0), v(kConvert && !bf16_dot ? kBlockN * Dv : 0),
+        k_pack(bf16_dot ? bf16_pack_size(kBlockN, D) : 0), v_pack(bf16_dot ? bf16_pack_size(kBlockN, Dv) : 0) {}
 };
 
 // K [bn, D] and V [bn, Dv] tiles of key block j0 of kv head hk, in the accumulation type.
@@ -70,8 +77,18 @@ KVTile kv_tile(const BwdCtx<scalar_t, acc_t>& c, BwdBuffers<scalar_t, acc_t>& bu
                int64_t bn) {
   const AttnShape& s = c.s;
   KVTile t;
-  t.K = tile_as(c.k + b * s.k_sb + hk * s.k_sh + j0 * s.k_sl, s.k_sl, bn, s.D, buf.k.data(), &t.ldk);
-  t.V = tile_as(c.v + b * s.v_sb + hk * s.v_sh + j0 * s.v_sl, s.v_sl, bn, s.Dv, buf.v.data(), &t.ldv);
+  const scalar_t* k_tile = c.k + b * s.k_sb + hk * s.k_sh + j0 * s.k_sl;
+  const scalar_t* v_tile = c.v + b * s.v_sb + hk * s.v_sh + j0 * s.v_sl;
+  t.K = tile_as(k_tile, s.k_sl, bn, s.D, buf.k.data(), &t.ldk);  // still needed by dQ += dS K
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (c.bf16_dot) {
+      pack_bt_bf16(buf.k_pack.data(), k_tile, s.k_sl, bn, s.D);
+      pack_bt_bf16(buf.v_pack.data(), v_tile, s.v_sl, bn, s.Dv);
+      t.V = nullptr;
+      return t;
+    }
+  }
+  t.V = tile_as(v_tile, s.v_sl, bn, s.Dv, buf.v.data(), &t.ldv);
   return t;
 }
 
@@ -84,8 +101,9 @@ void backward_tile(const BwdCtx<scalar_t, acc_t>& c, BwdBuffers<scalar_t, acc_t>
   const AttnShape& s = c.s;
   const int64_t D = s.D, Dv = s.Dv;
   const int64_t row0 = (b * s.Hq + h) * s.Lq + i0;  // index of (b, h, i0) in (B, Hq, Lq)
+  const scalar_t* q_tile = c.q + b * s.q_sb + h * s.q_sh + i0 * s.q_sl;
   int64_t ldq;
-  const acc_t* Q = tile_as(c.q + b * s.q_sb + h * s.q_sh + i0 * s.q_sl, s.q_sl, bm, D, buf.q.data(), &ldq);  // [bm, D]
+  const acc_t* Q = tile_as(q_tile, s.q_sl, bm, D, buf.q.data(), &ldq);  // [bm, D]
   const acc_t* K = static_cast<const acc_t*>(kv.K);  // [bn, D]
   const acc_t* V = static_cast<const acc_t*>(kv.V);  // [bn, Dv]
   const acc_t* dO = c.dO + row0 * Dv;                // [bm, Dv]
@@ -93,7 +111,10 @@ void backward_tile(const BwdCtx<scalar_t, acc_t>& c, BwdBuffers<scalar_t, acc_t>
   acc_t* dS = buf.dS.data();
 
   // -- recompute P = 2^(S - lse2)   [bm, bn]
-  gemm(false, true, bm, bn, D, c.alpha, Q, ldq, K, kv.ldk, acc_t(0), P, kBlockN);
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (c.bf16_dot) gemm_nt_bf16(bm, bn, D, float(c.alpha), q_tile, s.q_sl, buf.k_pack.data(), P, kBlockN);
+  }
+  if (!c.bf16_dot) gemm(false, true, bm, bn, D, c.alpha, Q, ldq, K, kv.ldk, acc_t(0), P, kBlockN);
   detail::mask_score_tile<scalar_t>(P, kBlockN, i0, bm, j0, bn, s, detail::mask_ptr(c.mask, s, b, h, i0, j0));
   for (int64_t r = 0; r < bm; ++r) {
     acc_t* row = P + r * kBlockN;
@@ -106,7 +127,10 @@ void backward_tile(const BwdCtx<scalar_t, acc_t>& c, BwdBuffers<scalar_t, acc_t>
   if (do_dkv) gemm(true, false, bn, Dv, bm, acc_t(1), P, kBlockN, dO, Dv, acc_t(1), buf.dV.data(), Dv);
 
   // -- dP = dO V^T, dS = P * (dP - delta)   [bm, bn]
-  gemm(false, true, bm, bn, Dv, acc_t(1), dO, Dv, V, kv.ldv, acc_t(0), dS, kBlockN);
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (c.bf16_dot) gemm_nt_bf16(bm, bn, Dv, 1.f, c.dO_bf16 + row0 * Dv, Dv, buf.v_pack.data(), dS, kBlockN);
+  }
+  if (!c.bf16_dot) gemm(false, true, bm, bn, Dv, acc_t(1), dO, Dv, V, kv.ldv, acc_t(0), dS, kBlockN);
   for (int64_t r = 0; r < bm; ++r)
     softmax_grad(dS + r * kBlockN, P + r * kBlockN, dS + r * kBlockN, c.delta[row0 + r], bn);
 
@@ -159,7 +183,7 @@ void attention_bwd_kernel(const BwdCtx<scalar_t, acc_t>& c, scalar_t* dk, scalar
   if (!two_pass) {
     // -- kv-owner schedule
     parallel_dynamic(kv_tasks, [&](const auto& claim) {
-      BwdBuffers<scalar_t, acc_t> buf(s.D, s.Dv);
+      BwdBuffers<scalar_t, acc_t> buf(s.D, s.Dv, c.bf16_dot);
       for (int64_t t; (t = claim()) >= 0;)
         for (int64_t kb = 0; kb < n_kblocks; ++kb)
           key_block_pass(c, buf, t / s.Hkv, t % s.Hkv, kb * kBlockN, /*do_dq=*/true, dk, dv);
@@ -169,7 +193,7 @@ void attention_bwd_kernel(const BwdCtx<scalar_t, acc_t>& c, scalar_t* dk, scalar
 
   // -- two-pass schedule, pass 1: dQ (and dmask) per (batch, head, query block)
   parallel_dynamic(s.B * s.Hq * n_qblocks, [&](const auto& claim) {
-    BwdBuffers<scalar_t, acc_t> buf(s.D, s.Dv);
+    BwdBuffers<scalar_t, acc_t> buf(s.D, s.Dv, c.bf16_dot);
     for (int64_t t; (t = claim()) >= 0;) {
       const int64_t qb = n_qblocks - 1 - t % n_qblocks, bh = t / n_qblocks;  // heavy (causal) blocks first
       const int64_t b = bh / s.Hq, h = bh % s.Hq;
@@ -185,7 +209,7 @@ void attention_bwd_kernel(const BwdCtx<scalar_t, acc_t>& c, scalar_t* dk, scalar
   });
   // -- pass 2: dK / dV per (batch, kv head, key block)
   parallel_dynamic(kv_tasks * n_kblocks, [&](const auto& claim) {
-    BwdBuffers<scalar_t, acc_t> buf(s.D, s.Dv);
+    BwdBuffers<scalar_t, acc_t> buf(s.D, s.Dv, c.bf16_dot);
     for (int64_t t; (t = claim()) >= 0;) {
       const int64_t kb = t % n_kblocks, bhk = t / n_kblocks;
       key_block_pass(c, buf, bhk / s.Hkv, bhk % s.Hkv, kb * kBlockN, /*do_dq=*/false, dk, dv);
@@ -196,7 +220,7 @@ void attention_bwd_kernel(const BwdCtx<scalar_t, acc_t>& c, scalar_t* dk, scalar
 // -- per-row preparation: dO = dout * sig, delta = rowsum(dout * out) - dlse, dgate = dout * out * (1 - sig)
 template <typename scalar_t, typename acc_t>
 void prepare_rows(const AttnShape& s, const at::Tensor& dout, const at::Tensor& out, const scalar_t* gate,
-                  const acc_t* dlse, acc_t* dO, acc_t* delta, scalar_t* dgate) {
+                  const acc_t* dlse, acc_t* dO, scalar_t* dO_low, acc_t* delta, scalar_t* dgate) {
   const int64_t Dv = s.Dv;
   const scalar_t* p_dout = dout.data_ptr<scalar_t>();
   const scalar_t* p_out = out.data_ptr<scalar_t>();
@@ -211,6 +235,7 @@ void prepare_rows(const AttnShape& s, const at::Tensor& dout, const at::Tensor& 
       acc_t* dO_row = dO + row * Dv;
       if (gate == nullptr) {
         std::copy_n(dout_row.data(), Dv, dO_row);
+        if (dO_low) std::copy_n(p_dout + b * d_sb + h * d_sh + i * d_sl, Dv, dO_low + row * Dv);
         continue;
       }
       const scalar_t* g = gate + b * s.g_sb + h * s.g_sh + i * s.g_si;
@@ -220,6 +245,7 @@ void prepare_rows(const AttnShape& s, const at::Tensor& dout, const at::Tensor& 
         tmp[c] = dout_row[c] * out_row[c] * (acc_t(1) - sig);
       }
       convert_row(dgate + row * Dv, tmp.data(), Dv);
+      if (dO_low) convert_row(dO_low + row * Dv, dO_row, Dv);
     }
   });
 }
@@ -258,16 +284,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   const at::Tensor dlse_c = dlse.has_value() ? dlse->to(acc_type).contiguous() : at::Tensor();
   at::Tensor dO = at::empty(out_shape, q.options().dtype(acc_type));
   at::Tensor delta = at::empty(row_shape, q.options().dtype(acc_type));
+  // bfloat16 on AVX512-BF16: dP = dO V^T runs on bf16 tiles, so dO is also kept rounded to bf16.
+  const bool bf16_dot = dt == at::kBFloat16 && has_bf16_dot();
+  at::Tensor dO_low = bf16_dot ? at::empty(out_shape, q.options()) : at::Tensor();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "attention_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* p_gate = gate.has_value() ? gate->data_ptr<scalar_t>() : nullptr;
     prepare_rows<scalar_t, acc_t>(s, dout_c, out_c, p_gate, dlse_c.defined() ? dlse_c.data_ptr<acc_t>() : nullptr,
-                                  dO.data_ptr<acc_t>(), delta.data_ptr<acc_t>(),
+                                  dO.data_ptr<acc_t>(), bf16_dot ? dO_low.data_ptr<scalar_t>() : nullptr,
+                                  delta.data_ptr<acc_t>(),
                                   gate.has_value() ? dgate.data_ptr<scalar_t>() : nullptr);
     const BwdCtx<scalar_t, acc_t> ctx{s,
                                       q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-                                      dO.data_ptr<acc_t>(), lse2.data_ptr<acc_t>(), delta.data_ptr<acc_t>(),
+                                      dO.data_ptr<acc_t>(),
+                                      bf16_dot ? reinterpret_cast<const c10::BFloat16*>(dO_low.data_ptr()) : nullptr,
+                                      bf16_dot, lse2.data_ptr<acc_t>(), delta.data_ptr<acc_t>(),
                                       mask.has_value() ? &*mask : nullptr,
                                       need_dmask ? dmask.data_ptr<scalar_t>() : nullptr,
                                       dq_acc.data_ptr<acc_t>(),

@@ -1,6 +1,8 @@
 // Attention forward on CPU: FlashAttention-2 tiling with an online softmax.
 // One task = (batch, query head, block of kBlockM queries); it streams kBlockN-key tiles of its kv
 // head, keeping a running max / sum per query row and rescaling its output accumulator.
+// Statistics and accumulators are float (double for double inputs); bf16 / half tiles are widened
+// once per tile, except that bf16 Q K^T runs on the bf16 tiles where AVX512-BF16 exists.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -16,9 +18,9 @@ namespace fastattn::cpu {
 
 namespace {
 // Tile sizes (forward). CPU time of the forward at B=2 H=8 L=1024 D=64, 2 threads, f32+bf16,
-// causal and not (perf task-clock, mean of 4 configs): 256 x 512 = 37 ms/call, 128x512 38-42,
-// 64x512 40-42, 128x1024 38, 128x256 45, 256x256 47. Wide key tiles keep the GEMMs efficient; the
-// 256 x 512 float score tile (512 KiB) still fits a core's L2. (SDPA's CPU kernel uses the same.)
+// causal and not (perf task-clock, mean of 4 configs, all-MKL GEMMs): 256 x 512 = 37 ms/call,
+// 128x512 38-42, 64x512 40-42, 128x1024 38, 128x256 45, 256x256 47. Wide key tiles keep the GEMMs
+// efficient; the 256 x 512 float score tile (512 KiB) still fits a core's L2 (SDPA uses the same).
 constexpr int64_t kBlockM = 256;  // query rows per task
 constexpr int64_t kBlockN = 512;  // keys per streamed tile
 }  // namespace
@@ -92,6 +94,8 @@ void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* 
                           const scalar_t* gate, scalar_t* out, acc_t* lse, const AttnShape& s, acc_t scale) {
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   constexpr bool kConvert = !std::is_same_v<scalar_t, acc_t>;  // bf16 / half tiles are widened once each
+  // bfloat16 on AVX512-BF16: Q K^T straight from the bf16 tiles (no widening of Q and K).
+  const bool bf16_dot = std::is_same_v<scalar_t, c10::BFloat16> && has_bf16_dot();
   const acc_t log2e = acc_t(kLog2e), ln2 = acc_t(kLn2);
   const acc_t alpha = scale * log2e;  // S = alpha * Q K^T, in log2 units
   const int64_t D = s.D, Dv = s.Dv;
@@ -102,8 +106,9 @@ void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* 
     std::vector<acc_t> S_buf(kBlockM * kBlockN);        // [BM, BN] scores, then P
     std::vector<acc_t> acc_buf(kBlockM * Dv);           // [BM, Dv] unnormalised output
     std::vector<acc_t> m_buf(kBlockM), l_buf(kBlockM);  // running max (log2 units) / sum
-    std::vector<acc_t> q_buf(kConvert ? kBlockM * D : 0), k_buf(kConvert ? kBlockN * D : 0),
+    std::vector<acc_t> q_buf(kConvert && !bf16_dot ? kBlockM * D : 0), k_buf(kConvert && !bf16_dot ? kBlockN * D : 0),
         v_buf(kConvert ? kBlockN * Dv : 0);             // widened tiles
+    std::vector<uint32_t> k_pack(bf16_dot ? bf16_pack_size(kBlockN, D) : 0);  // K tile packed for gemm_nt_bf16
     acc_t* S = S_buf.data();
     acc_t* acc = acc_buf.data();
 
@@ -114,8 +119,9 @@ void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* 
       const int64_t i0 = qb * kBlockM, bm = std::min(kBlockM, s.Lq - i0);
       const scalar_t* k_head = k + b * s.k_sb + hk * s.k_sh;  // [Lk, D], row stride k_sl
       const scalar_t* v_head = v + b * s.v_sb + hk * s.v_sh;  // [Lk, Dv], row stride v_sl
-      int64_t ldq, ldk, ldv;
-      const acc_t* Q = tile_as(q + b * s.q_sb + h * s.q_sh + i0 * s.q_sl, s.q_sl, bm, D, q_buf.data(), &ldq);  // [bm, D]
+      const scalar_t* q_tile = q + b * s.q_sb + h * s.q_sh + i0 * s.q_sl;  // [bm, D], row stride q_sl
+      int64_t ldq = s.q_sl, ldk = s.k_sl, ldv;
+      const acc_t* Q = bf16_dot ? nullptr : tile_as(q_tile, s.q_sl, bm, D, q_buf.data(), &ldq);
 
       std::fill_n(acc, bm * Dv, acc_t(0));
       std::fill_n(m_buf.data(), bm, kNegInf);
@@ -125,11 +131,19 @@ void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* 
       const int64_t j_end = s.causal ? std::min(s.Lk, i0 + bm + s.causal_off) : s.Lk;
       for (int64_t j0 = 0; j0 < j_end; j0 += kBlockN) {
         const int64_t bn = std::min(kBlockN, j_end - j0);
-        const acc_t* K = tile_as(k_head + j0 * s.k_sl, s.k_sl, bn, D, k_buf.data(), &ldk);   // [bn, D]
         const acc_t* V = tile_as(v_head + j0 * s.v_sl, s.v_sl, bn, Dv, v_buf.data(), &ldv);  // [bn, Dv]
 
         // -- scores: S = scale * LOG2E * Q K^T   [bm, bn]
-        gemm(false, true, bm, bn, D, alpha, Q, ldq, K, ldk, acc_t(0), S, kBlockN);
+        if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+          if (bf16_dot) {
+            pack_bt_bf16(k_pack.data(), k_head + j0 * s.k_sl, s.k_sl, bn, D);
+            gemm_nt_bf16(bm, bn, D, float(alpha), q_tile, s.q_sl, k_pack.data(), S, kBlockN);
+          }
+        }
+        if (!bf16_dot) {
+          const acc_t* K = tile_as(k_head + j0 * s.k_sl, s.k_sl, bn, D, k_buf.data(), &ldk);  // [bn, D]
+          gemm(false, true, bm, bn, D, alpha, Q, ldq, K, ldk, acc_t(0), S, kBlockN);
+        }
         detail::mask_score_tile<scalar_t>(S, kBlockN, i0, bm, j0, bn, s, detail::mask_ptr(mask, s, b, h, i0, j0));
 
         // -- online softmax update: P = 2^(S - m_new), l = l * 2^(m_old - m_new) + rowsum(P)

@@ -1,7 +1,8 @@
 // Shared CPU building blocks for fastattn's C++ kernels:
 //   - gemm():          row-major tile GEMM on MKL's Fortran sgemm_/dgemm_ (weak symbols exported by
 //                      libtorch_cpu), with an at::addmm_ fallback so the extension always loads;
-//   - convert_row():   dtype conversion of tile rows (bfloat16/half <-> float);
+//   - gemm_nt_bf16():  bfloat16 x bfloat16 -> float tile GEMM on AVX512-BF16, where the CPU has it;
+//   - convert_row(), tile_as(): dtype conversion of tile rows (bfloat16 / half <-> float);
 //   - row_max(), exp2_shift_sum(), ...: vectorised row helpers for the softmax, compiled for
 //                      AVX-512 / AVX2 / baseline and picked at run time (no -march flags);
 //   - parallel_dynamic(): at::parallel_for with tasks handed out one by one.
@@ -11,6 +12,16 @@
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+// The 64-byte vector helpers below are internal (static, inlined or emitted at the end of the
+// translation unit), so GCC's note that their ABI differs without -mavx512f does not apply.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -46,6 +57,12 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
             const double* beta, double* c, const int* ldc) __attribute__((weak));
 }
 
+#ifdef FASTATTN_TEST_GEMM_FALLBACK  // test hook: run the at::addmm_ path even where MKL is present
+constexpr bool kForceGemmFallback = true;
+#else
+constexpr bool kForceGemmFallback = false;
+#endif
+
 namespace detail {
 template <typename T>
 void gemm_fallback(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
@@ -65,7 +82,7 @@ inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, fl
                  const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
                  int64_t ldc) {
   if (m == 0 || n == 0) return;
-  if (sgemm_ == nullptr) return detail::gemm_fallback(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  if (kForceGemmFallback || sgemm_ == nullptr) return detail::gemm_fallback(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
   const int M = int(m), N = int(n), K = int(k), LDA = int(lda), LDB = int(ldb), LDC = int(ldc);
   sgemm_(&tb, &ta, &N, &M, &K, &alpha, b, &LDB, a, &LDA, &beta, c, &LDC);
@@ -75,11 +92,109 @@ inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, do
                  const double* a, int64_t lda, const double* b, int64_t ldb, double beta, double* c,
                  int64_t ldc) {
   if (m == 0 || n == 0) return;
-  if (dgemm_ == nullptr) return detail::gemm_fallback(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  if (kForceGemmFallback || dgemm_ == nullptr) return detail::gemm_fallback(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
   const int M = int(m), N = int(n), K = int(k), LDA = int(lda), LDB = int(ldb), LDC = int(ldc);
   dgemm_(&tb, &ta, &N, &M, &K, &alpha, b, &LDB, a, &LDA, &beta, c, &LDC);
 }
+
+// ---------------------------------------------------------------------------------------------
+// bfloat16 tile GEMM on AVX512-BF16 (vdpbf16ps: two bf16 products per float lane, twice the rate
+// of float FMAs):  C[m, n] = alpha * A[m, k] @ B[n, k]^T, A and B bfloat16 row-major, C float.
+// B is first packed (pack_bt_bf16) into pairs along k, [ceil(k/2), round_up(n, 32)] uint32, so a
+// tile reused against many A tiles (a key tile in the backward) is packed once.
+// Callers check has_bf16_dot() first; elsewhere (other CPUs, aarch64) the float path runs.
+// ---------------------------------------------------------------------------------------------
+constexpr int64_t kBf16PanelN = 32;  // columns per micro-kernel panel (two 16-lane registers)
+constexpr int64_t kBf16PanelM = 8;   // rows per micro-kernel call (16 accumulator registers)
+
+inline int64_t bf16_pack_size(int64_t n, int64_t k) {
+  return (k + 1) / 2 * ((n + kBf16PanelN - 1) / kBf16PanelN * kBf16PanelN);
+}
+
+// dst[p][j] = (B[j][2p], B[j][2p+1]) as one uint32 (low half first); zero padding past n and k.
+inline void pack_bt_bf16(uint32_t* dst, const c10::BFloat16* B, int64_t ldb, int64_t n, int64_t k) {
+  const int64_t kp = (k + 1) / 2, n_pad = (n + kBf16PanelN - 1) / kBf16PanelN * kBf16PanelN;
+  const uint16_t* b = reinterpret_cast<const uint16_t*>(B);
+  for (int64_t j = 0; j < n; ++j) {
+    const uint16_t* row = b + j * ldb;
+    for (int64_t p = 0; p < k / 2; ++p) dst[p * n_pad + j] = uint32_t(row[2 * p]) | (uint32_t(row[2 * p + 1]) << 16);
+    if (k % 2) dst[(kp - 1) * n_pad + j] = row[k - 1];
+  }
+  for (int64_t p = 0; p < kp; ++p) std::fill(dst + p * n_pad + n, dst + (p + 1) * n_pad, 0u);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+inline bool has_bf16_dot() {
+#ifdef FASTATTN_TEST_GEMM_FALLBACK  // the test hook also exercises the widened-float bf16 path
+  return false;
+#endif
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
+  return ok;
+}
+
+namespace detail {
+#define FASTATTN_BF16_TARGET __attribute__((target("avx512f,avx512bf16")))
+// One MR x 32 block of C: acc[r] += sum_p A[r][2p:2p+2] . Bp[p][0:32]; then C = alpha * acc.
+template <int MR>
+FASTATTN_BF16_TARGET static void bf16_nt_panel(int64_t k, const uint16_t* A, int64_t lda, const uint32_t* Bp,
+                                               int64_t n_pad, float alpha, float* C, int64_t ldc, int64_t ncols) {
+  __m512 acc[MR][2];
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  auto step = [&](int64_t p, const uint32_t* a_pairs) FASTATTN_BF16_TARGET {
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(Bp + p * n_pad);
+    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(Bp + p * n_pad + 16);
+    for (int r = 0; r < MR; ++r) {
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(int32_t(a_pairs[r]));
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, b0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, b1);
+    }
+  };
+  uint32_t a_pairs[MR];
+  for (int64_t p = 0; p < k / 2; ++p) {
+    for (int r = 0; r < MR; ++r) std::memcpy(&a_pairs[r], A + r * lda + 2 * p, 4);
+    step(p, a_pairs);
+  }
+  if (k % 2) {  // odd k: the last pair is (A[r][k-1], 0); never read past the row
+    for (int r = 0; r < MR; ++r) a_pairs[r] = A[r * lda + k - 1];
+    step(k / 2, a_pairs);
+  }
+  const __mmask16 m0 = ncols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << ncols) - 1);
+  const __mmask16 m1 = ncols >= 32 ? __mmask16(0xFFFF) : ncols <= 16 ? __mmask16(0) : __mmask16((1u << (ncols - 16)) - 1);
+  const __m512 va = _mm512_set1_ps(alpha);
+  for (int r = 0; r < MR; ++r) {
+    _mm512_mask_storeu_ps(C + r * ldc, m0, _mm512_mul_ps(acc[r][0], va));
+    _mm512_mask_storeu_ps(C + r * ldc + 16, m1, _mm512_mul_ps(acc[r][1], va));
+  }
+}
+}  // namespace detail
+
+// C[m, n] = alpha * A[m, k] @ B^T with B packed by pack_bt_bf16(n, k).
+inline void gemm_nt_bf16(int64_t m, int64_t n, int64_t k, float alpha, const c10::BFloat16* A, int64_t lda,
+                         const uint32_t* Bp, float* C, int64_t ldc) {
+  const uint16_t* a = reinterpret_cast<const uint16_t*>(A);
+  const int64_t n_pad = (n + kBf16PanelN - 1) / kBf16PanelN * kBf16PanelN;
+  for (int64_t j0 = 0; j0 < n; j0 += kBf16PanelN) {
+    const int64_t ncols = std::min(kBf16PanelN, n - j0);
+    for (int64_t i0 = 0; i0 < m; i0 += kBf16PanelM) {
+      const uint16_t* Ai = a + i0 * lda;
+      float* Ci = C + i0 * ldc + j0;
+      switch (std::min(kBf16PanelM, m - i0)) {
+#define FASTATTN_PANEL(R) case R: detail::bf16_nt_panel<R>(k, Ai, lda, Bp + j0, n_pad, alpha, Ci, ldc, ncols); break;
+        FASTATTN_PANEL(1) FASTATTN_PANEL(2) FASTATTN_PANEL(3) FASTATTN_PANEL(4)
+        FASTATTN_PANEL(5) FASTATTN_PANEL(6) FASTATTN_PANEL(7) FASTATTN_PANEL(8)
+#undef FASTATTN_PANEL
+      }
+    }
+  }
+}
+#else
+inline bool has_bf16_dot() { return false; }
+inline void gemm_nt_bf16(int64_t, int64_t, int64_t, float, const c10::BFloat16*, int64_t, const uint32_t*, float*,
+                         int64_t) {
+  TORCH_CHECK(false, "gemm_nt_bf16: AVX512-BF16 is not available");
+}
+#endif
 
 // ---------------------------------------------------------------------------------------------
 // dtype conversion of tile rows. bfloat16 is the top half of a float: widening is a shift,
@@ -145,10 +260,6 @@ inline const acc_t* tile_as(const scalar_t* src, int64_t ld, int64_t rows, int64
 // auto-vectoriser will not if-convert the clamps and selects without -fno-trapping-math.
 // Row tails are padded with a neutral value (-inf for max / exp, 0 for products).
 // ---------------------------------------------------------------------------------------------
-#if defined(__GNUC__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wpsabi"  // 64-byte vector arguments: all inlined, no ABI crossing
-#endif
 namespace detail {
 typedef float vfloat __attribute__((vector_size(64)));
 typedef int32_t vint __attribute__((vector_size(64)));
@@ -241,9 +352,6 @@ FASTATTN_VEC_CLONES static float dot_f32(const float* a, const float* b, int64_t
   return hsum(sum);
 }
 }  // namespace detail
-#if defined(__GNUC__)
-#pragma GCC diagnostic pop
-#endif
 
 // max_i x[i] (-inf for n == 0)
 inline float row_max(const float* x, int64_t n) { return detail::row_max_f32(x, n); }

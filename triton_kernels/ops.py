@@ -1,0 +1,74 @@
+"""Registers the Triton kernels as ``torch.ops.fastattn.triton_*``, with the schemas of
+csrc/fastattn.cpp (prefixed ``triton_``), then fake implementations and autograd through
+``fastattn.ops.register_attention`` / ``register_softmax_gates``, as the C++ ops.
+
+On a GPU the ops are ``torch.library.triton_op``s: torch.compile sees the Triton kernels inside
+(``wrap_triton``) and the fake implementation is the launcher itself run on fake tensors. Under
+TRITON_INTERPRET=1 they are plain ``torch.library.custom_op``s (opaque to the compiler, with
+fastattn's fake implementations): the interpreter cannot run on fake tensors, and wrap_triton hands
+interpreted kernels back unwrapped. FASTATTN_TRITON_CUSTOM_OP=1 forces the custom-op path on a GPU.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fastattn import ops as _fastattn_ops
+
+from . import attention as _attn
+from . import softmax_gate as _gate
+from .configs import INTERPRET
+
+USE_TRITON_OP = not INTERPRET and os.environ.get("FASTATTN_TRITON_CUSTOM_OP", "0") != "1"
+
+
+def _register(name):
+    def deco(fn):
+        if USE_TRITON_OP:
+            return torch.library.triton_op(f"fastattn::{name}", fn, mutates_args=())
+        return torch.library.custom_op(f"fastattn::{name}", fn, mutates_args=())
+    return deco
+
+
+@_register("triton_attention_fwd")
+def triton_attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], gate: Optional[Tensor],
+                         scale: float, causal: int) -> tuple[Tensor, Tensor]:
+    return _attn.attention_fwd(q, k, v, mask, gate, scale, causal)
+
+
+@_register("triton_attention_bwd")
+def triton_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                         mask: Optional[Tensor], gate: Optional[Tensor], dlse: Optional[Tensor], scale: float,
+                         causal: int, need_dmask: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _attn.attention_bwd(dout, q, k, v, out, lse, mask, gate, dlse, scale, causal, need_dmask)
+
+
+@_register("triton_softmax_gate_fwd")
+def triton_softmax_gate_fwd(scores: Tensor, x: Tensor, mask: Optional[Tensor], pool: bool) -> tuple[Tensor, Tensor]:
+    return _gate.softmax_gate_fwd(scores, x, mask, pool)
+
+
+@_register("triton_softmax_gate_bwd")
+def triton_softmax_gate_bwd(dy: Tensor, x: Tensor, alpha: Tensor, dalpha: Optional[Tensor],
+                            pool: bool) -> tuple[Tensor, Tensor]:
+    return _gate.softmax_gate_bwd(dy, x, alpha, dalpha, pool)
+
+
+@_register("triton_score_softmax_gate_fwd")
+def triton_score_softmax_gate_fwd(x: Tensor, weight: Tensor, mask: Optional[Tensor], scale: float,
+                                  pool: bool) -> tuple[Tensor, Tensor]:
+    return _gate.score_softmax_gate_fwd(x, weight, mask, scale, pool)
+
+
+@_register("triton_score_softmax_gate_bwd")
+def triton_score_softmax_gate_bwd(dy: Tensor, x: Tensor, weight: Tensor, alpha: Tensor, dalpha: Optional[Tensor],
+                                  scale: float, pool: bool) -> tuple[Tensor, Tensor]:
+    return _gate.score_softmax_gate_bwd(dy, x, weight, alpha, dalpha, scale, pool)
+
+
+_fastattn_ops.register_attention("fastattn::triton_attention_fwd", "fastattn::triton_attention_bwd",
+                                 fake=not USE_TRITON_OP)
+_fastattn_ops.register_softmax_gates("triton_", fake=not USE_TRITON_OP)
