@@ -32,7 +32,15 @@ if [ "${status[build]}" != 0 ]; then  # no PEP 660 editable support there: build
   step build build.log "$py" setup.py build_ext --inplace
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
-step tests tests.log bash scripts/test.sh -x -q -p no:warnings
+if [ "${status[build]}" != 0 ]; then  # the CUDA sources broke the build: keep the round for the rest
+  echo "!! build with CUDA failed (see build.log); rebuilding without csrc/cuda (FASTATTN_CUDA=0)"
+  cp "$OUT/build.log" "$OUT/build-cuda-failed.log"
+  FASTATTN_CUDA=0 step build build.log "$py" setup.py build_ext --inplace
+  status[build]=1   # still reported as a failure in the summary
+fi
+# one Triton config per kernel in the tests (autotuning is for the benchmark, not for correctness)
+FASTATTN_TRITON_AUTOTUNE=0 step tests tests.log bash scripts/test.sh -q -p no:warnings
+[ -x scripts/cuda_sanitize.sh ] && step sanitize sanitize.log bash scripts/cuda_sanitize.sh
 step check check.log "$py" -m fastattn check $quick
 gpu=$("$py" -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))" 2>/dev/null || echo gpu)
 json="$OUT/bench-$(date +%Y-%m-%d)-$gpu.json"
@@ -40,11 +48,11 @@ step bench bench.log "$py" -m fastattn bench $quick --out "$json" --plot "$OUT/b
 
 echo
 echo "== summary ($OUT)"
-for s in build tests check bench; do
+for s in build tests sanitize check bench; do
   printf '%-6s %-4s %5ss\n' "$s" "$([ "${status[$s]:-1}" = 0 ] && echo ok || echo FAIL)" "${took[$s]:-?}"
 done
 grep -E "passed|failed" "$OUT/tests.log" | tail -1
 grep -E "cases on" "$OUT/check.log" | tail -1
 fails=0
-for s in build tests check bench; do [ "${status[$s]:-1}" = 0 ] || fails=1; done
+for s in build tests sanitize check bench; do [ "${status[$s]:-1}" = 0 ] || fails=1; done
 exit $fails
