@@ -66,7 +66,8 @@ struct BwdBuffers {
         k_pack(bf16_dot ? bf16_pack_size(kBlockN, D) : 0), v_pack(bf16_dot ? bf16_pack_size(kBlockN, Dv) : 0) {}
 };
 
-// K [bn, D] and V [bn, Dv] tiles of key block j0 of kv head hk, in the accumulation type.
+// K [bn, D] and V [bn, Dv] tiles of key block j0 of kv head hk, in the accumulation type; with
+// bf16_dot, K and V are also packed into buf.k_pack / buf.v_pack and V is not widened (V = nullptr).
 struct KVTile {
   const void* K;
   const void* V;
