@@ -197,8 +197,21 @@ def attention_cases(quick=False):
         AttentionCase(Lq=29, Lk=45, D=48, lse_grad=True, mask="float_grad", masked_rows=True),
         AttentionCase(Lq=19, Lk=23, D=16, scale=0.7, gate="elementwise"),
     ]
-    if quick:
-        cases = cases[::2]
+    if quick:  # every feature once, at small sizes: what the Triton interpreter and `check --quick` run
+        cases = [
+            AttentionCase(Lq=1, Lk=1, D=64),
+            AttentionCase(Lq=17, Lk=17, D=40, causal=True),
+            AttentionCase(Lq=37, Lk=21, D=32, causal="bottom_right"),                   # Lq > Lk: empty rows
+            AttentionCase(Lq=23, Lk=41, D=59, causal="bottom_right", mask="bool", gate="headwise"),
+            AttentionCase(Lq=29, Lk=45, D=48, mask="float_grad", gate="elementwise", masked_rows=True),
+            AttentionCase(Lq=19, Lk=33, D=64, causal="bottom_right", mask="float_bcast", gate="elementwise"),
+            AttentionCase(Hq=4, Hkv=2, Lq=33, Lk=47, D=64, causal=True, mask="bool", masked_rows=True),  # GQA
+            AttentionCase(Hq=4, Hkv=1, Lq=33, Lk=47, D=40, Dv=24, gate="headwise"),       # MQA, Dv != D
+            AttentionCase(Lq=29, Lk=29, D=64, layout="blhd", mask="bool_bcast", causal=True),
+            AttentionCase(Lq=29, Lk=45, D=48, lse_grad=True, mask="float_grad", masked_rows=True),
+            AttentionCase(Lq=19, Lk=23, D=16, scale=0.7, gate="elementwise"),
+            AttentionCase(Lq=113, Lk=203, D=128, causal="bottom_right"),               # several tiles
+        ]
     return cases
 
 
