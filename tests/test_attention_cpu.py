@@ -1,11 +1,10 @@
 """The C++ CPU attention kernels against the reference (SPEC §4), forward and every gradient."""
-import math
-
 import pytest
 import torch
 
 import fastattn
 from fastattn.testing import AttentionCase, attention_cases, check_attention
+import backend_checks as bc
 from conftest import DTYPES, assert_all_ok, dtype_id
 
 CASES = attention_cases()
@@ -32,32 +31,11 @@ def test_cpu_gradcheck_float64(causal):
 
 
 def test_fully_masked_rows_are_zero_without_nan():
-    q, k, v = (rand(2, 2, 9, 16, seed=s).float().requires_grad_() for s in (1, 2, 3))
-    mask = torch.ones(2, 2, 9, 9, dtype=torch.bool)
-    mask[:, :, 3] = False
-    out, lse = fastattn.attention(q, k, v, attn_mask=mask, return_lse=True, backend="cpu")
-    assert (out[:, :, 3] == 0).all() and (lse[:, :, 3] == -math.inf).all()
-    (out.sum() + lse[:, :, :3].sum()).backward()
-    for t in (q, k, v):
-        assert torch.isfinite(t.grad).all()
-    assert (q.grad[:, :, 3] == 0).all()
+    bc.fully_masked_rows_are_zero_without_nan("cpu")
 
 
 def test_transposed_inputs_are_not_copied(monkeypatch):
-    """A (B, L, H, D) tensor seen as (B, H, L, D) reaches the kernel as it is."""
-    base = rand(2, 33, 4, 64, seed=1).float()
-    q = base.transpose(1, 2)
-    seen, real = [], torch.ops.fastattn.attention_fwd
-
-    def spy(q, *args):
-        seen.append((q.data_ptr(), q.stride()))
-        return real(q, *args)
-
-    monkeypatch.setattr(torch.ops.fastattn, "attention_fwd", spy)
-    out = fastattn.attention(q, q, q, backend="cpu")
-    assert seen == [(base.data_ptr(), q.stride())]
-    torch.testing.assert_close(out, fastattn.attention(q.contiguous(), q.contiguous(), q.contiguous(),
-                                                       backend="cpu"))
+    bc.transposed_inputs_are_not_copied(monkeypatch, "cpu", "attention_fwd")
 
 
 def test_auto_picks_cpu_and_reference_for_dropout():

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import fastattn
+import backend_checks as bc
 from conftest import assert_all_ok, dtype_id
 from fastattn.testing import AttentionCase, attention_cases, check_attention, check_gate, gate_cases
 
@@ -95,16 +96,22 @@ def test_cuda_output_written_everywhere_and_finite():
 
 
 def test_cuda_transposed_inputs_are_not_copied(monkeypatch):
-    base = torch.randn(2, 70, 4, 64, device="cuda", dtype=torch.float16)
-    q = base.transpose(1, 2)
-    seen, real = [], torch.ops.fastattn.attention_fwd
+    bc.transposed_inputs_are_not_copied(monkeypatch, "cuda", "attention_fwd", "cuda", torch.float16)
 
-    def spy(q, *args):
-        seen.append((q.data_ptr(), q.stride()))
-        return real(q, *args)
 
-    monkeypatch.setattr(torch.ops.fastattn, "attention_fwd", spy)
-    out = fastattn.attention(q, q, q, backend="cuda")
-    assert seen == [(base.data_ptr(), q.stride())]
-    ref = fastattn.attention(q.contiguous(), q.contiguous(), q.contiguous(), backend="cuda")
-    torch.testing.assert_close(out, ref)
+def test_fully_masked_rows_are_zero_without_nan():
+    bc.fully_masked_rows_are_zero_without_nan("cuda", "cuda", torch.float16, D=64)
+
+
+@pytest.mark.parametrize("sample", range(4))
+def test_opcheck_attention(sample):
+    bc.opcheck_attention("", sample, "cuda", torch.float16, D=64, Dv=64)
+
+
+@pytest.mark.parametrize("pool", [False, True])
+def test_opcheck_softmax_gates(pool):
+    bc.opcheck_softmax_gates("", pool, "cuda", torch.float16)
+
+
+def test_torch_compile_fullgraph():
+    bc.torch_compile_fullgraph("cuda", "cuda", torch.float16, dim=256)  # head dim 64: covered by the kernels

@@ -1,0 +1,122 @@
+"""Checks every fused backend must pass, written once and called by each backend's test file
+(test_attention_cpu.py / test_ops.py for "cpu", test_triton.py, test_cuda.py): fully masked rows,
+strided inputs reaching the kernel uncopied, torch.library.opcheck of the op family, and
+torch.compile(fullgraph=True) through every op."""
+import math
+
+import torch
+
+import fastattn
+
+
+def rand(*shape, seed, device="cpu", dtype=torch.float32, requires_grad=False):
+    t = torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+    return t.to(device, dtype).requires_grad_(requires_grad)
+
+
+def fully_masked_rows_are_zero_without_nan(backend, device="cpu", dtype=torch.float32, D=16):
+    q, k, v = (rand(2, 2, 9, D, seed=s, device=device, dtype=dtype, requires_grad=True) for s in (1, 2, 3))
+    mask = torch.ones(2, 2, 9, 9, dtype=torch.bool, device=device)
+    mask[:, :, 3] = False
+    out, lse = fastattn.attention(q, k, v, attn_mask=mask, return_lse=True, backend=backend)
+    assert (out[:, :, 3] == 0).all() and (lse[:, :, 3] == -math.inf).all()
+    (out.float().sum() + lse[:, :, :3].sum()).backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+    assert (q.grad[:, :, 3] == 0).all()
+
+
+def transposed_inputs_are_not_copied(monkeypatch, backend, op_name, device="cpu", dtype=torch.float32):
+    """A (B, L, H, D) tensor seen as (B, H, L, D) reaches the kernel ``torch.ops.fastattn.<op_name>`` as it is."""
+    base = rand(2, 70, 4, 64, seed=1, device=device, dtype=dtype)
+    q = base.transpose(1, 2)
+    seen, real = [], getattr(torch.ops.fastattn, op_name)
+
+    def spy(q, *args):
+        seen.append((q.data_ptr(), q.stride()))
+        return real(q, *args)
+
+    monkeypatch.setattr(torch.ops.fastattn, op_name, spy)
+    out = fastattn.attention(q, q, q, backend=backend)
+    assert seen == [(base.data_ptr(), q.stride())]
+    qc = q.contiguous()
+    torch.testing.assert_close(out, fastattn.attention(qc, qc, qc, backend=backend))
+
+
+# ------------------------------------------------------------------------------------ registration
+def attention_samples(device="cpu", dtype=torch.float32, D=16, Dv=8):
+    """Argument tuples for ``<prefix>attention_fwd``: no mask, bool mask + gate, broadcast float bias
+    with gradient, strided q; GQA throughout."""
+    B, H, Hkv, Lq, Lk = 2, 4, 2, 9, 13
+    r = lambda *s, seed: rand(*s, seed=seed, device=device, dtype=dtype, requires_grad=True)
+    q, k, v = r(B, H, Lq, D, seed=1), r(B, Hkv, Lk, D, seed=2), r(B, Hkv, Lk, Dv, seed=3)
+    bias = r(1, 1, Lq, Lk, seed=4).expand(B, H, Lq, Lk)
+    keep = (torch.rand(B, H, Lq, Lk, generator=torch.Generator().manual_seed(5)) < 0.8).to(device)
+    gate = r(B, H, Lq, 1, seed=6).expand(B, H, Lq, Dv)
+    strided_q = q.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    return [(q, k, v, None, None, 0.25, 0), (q, k, v, keep, gate, 0.25, 1), (q, k, v, bias, None, 0.25, 2),
+            (strided_q, k, v, bias, gate, 0.5, 0)]
+
+
+def opcheck_attention(prefix, sample, device="cpu", dtype=torch.float32, D=16, Dv=8):
+    ops = torch.ops.fastattn
+    fwd, bwd = getattr(ops, prefix + "attention_fwd"), getattr(ops, prefix + "attention_bwd")
+    samples = attention_samples(device, dtype, D, Dv)
+    torch.library.opcheck(fwd.default, samples[sample])
+    q, k, v, mask, gate, scale, causal = samples[1]
+    out, lse = fwd(q, k, v, mask, gate, scale, causal)
+    args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), mask,
+            gate.detach(), torch.randn_like(lse), scale, causal, False)
+    torch.library.opcheck(bwd.default, args)
+
+
+def opcheck_softmax_gates(prefix, pool, device="cpu", dtype=torch.float32):
+    ops = torch.ops.fastattn
+    op = lambda name: getattr(ops, prefix + name)
+    x, scores, w = (rand(*s, seed=i, device=device, dtype=dtype, requires_grad=True)
+                    for i, s in enumerate([(3, 11, 16), (3, 11, 4), (4, 16)]))
+    mask = (torch.rand(3, 11, generator=torch.Generator().manual_seed(4)) < 0.7).to(device)
+    torch.library.opcheck(op("softmax_gate_fwd").default, (scores, x, mask, pool))
+    torch.library.opcheck(op("softmax_gate_fwd").default, (scores, x, None, pool))
+    torch.library.opcheck(op("score_softmax_gate_fwd").default, (x, w, mask, 0.5, pool))
+    y, alpha = op("score_softmax_gate_fwd")(x, w, mask, 0.5, pool)
+    torch.library.opcheck(op("score_softmax_gate_bwd").default,
+                          (torch.randn_like(y), x.detach(), w.detach(), alpha.detach(), None, 0.5, pool))
+    torch.library.opcheck(op("softmax_gate_bwd").default,
+                          (torch.randn_like(y), x.detach(), alpha.detach(), torch.randn_like(alpha), pool))
+
+
+class TinyGatedModel(torch.nn.Module):
+    """Attention with a fused output gate, then attention pooling: every fastattn op in one graph."""
+
+    def __init__(self, backend="auto", dim=32, heads=4):
+        super().__init__()
+        self.backend, self.heads = backend, heads
+        self.qkvg = torch.nn.Linear(dim, 4 * dim)
+        self.pool_score = torch.nn.Parameter(torch.randn(2, dim) / dim ** 0.5)
+
+    def forward(self, x, keep):
+        B, L, C = x.shape
+        q, k, v, g = self.qkvg(x).view(B, L, 4, self.heads, C // self.heads).transpose(1, 3).unbind(1)
+        o = fastattn.attention(q, k, v, causal=True, gate=g, attn_mask=keep[:, None, None, :], backend=self.backend)
+        o = o.transpose(1, 2).reshape(B, L, C)
+        y1 = fastattn.softmax_gate(o[..., :2], o, mask=keep, backend=self.backend)
+        return fastattn.score_softmax_gate(y1, self.pool_score, mask=keep, pool=True, backend=self.backend)
+
+
+def torch_compile_fullgraph(backend="auto", device="cpu", dtype=torch.float32, dim=32):
+    """Compiled and eager runs of TinyGatedModel agree, outputs and every parameter's gradient."""
+    torch.manual_seed(0)
+    model = TinyGatedModel(backend, dim=dim).to(device, dtype)
+    x = torch.randn(3, 10, dim, device=device, dtype=dtype)
+    keep = torch.rand(3, 10, device=device) < 0.8
+    keep[:, 0] = True
+    eager = model(x, keep)
+    eager_grads = torch.autograd.grad(eager.float().square().sum(), list(model.parameters()))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    out = compiled(x, keep)
+    grads = torch.autograd.grad(out.float().square().sum(), list(model.parameters()))
+    torch.testing.assert_close(out, eager)
+    for a, b in zip(grads, eager_grads):
+        torch.testing.assert_close(a, b)
