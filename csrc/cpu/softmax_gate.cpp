@@ -10,6 +10,7 @@
 // Inner loops run on float/double rows (plain loops GCC vectorises; explicit 64-byte vectors for the reductions),
 // compiled per ISA level (target_clones) and picked at load time; bfloat16/half rows go through a float scratch row.
 #include "softmax_gate.h"
+#include "cpu_utils.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -212,26 +213,6 @@ FA_GATE_INLINE void score_bwd_row_impl(T* __restrict dx, T* __restrict dw, const
     }
 }
 
-// 2^x for x <= 0 in float: 2^n * 2^f with n = round(x), f in [-0.5, 0.5], Cephes exp2f polynomial (~1 ulp).
-// Below 2^-126 (and at -inf, masked positions) it returns exactly 0.
-FA_GATE_INLINE float exp2_poly(float x) {
-  constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23: (x + m) - m rounds x to the nearest integer
-  const float xc = std::min(std::max(x, -126.0f), 127.0f);
-  const float n = (xc + kRoundMagic) - kRoundMagic;
-  const float f = xc - n;
-  float p = 1.535336188319500e-4f;
-  p = p * f + 1.339887440266574e-3f;
-  p = p * f + 9.618437357674640e-3f;
-  p = p * f + 5.550332471162809e-2f;
-  p = p * f + 2.402264791363012e-1f;
-  p = p * f + 6.931472028550421e-1f;
-  p = p * f + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof(two_n));
-  const float r = x < -126.0f ? 0.0f : p * two_n;
-  return x != x ? x : r;  // NaN stays NaN
-}
 
 #define FA_GATE_FOR_ACC(T)                                                                                         \
   FA_GATE_CLONES void gate_row(T* y, const T* x, const T* alpha, int64_t H, int64_t Dh) {                         \
@@ -258,12 +239,6 @@ FA_GATE_FOR_ACC(float)
 FA_GATE_FOR_ACC(double)
 #undef FA_GATE_FOR_ACC
 
-FA_GATE_CLONES void exp2_inplace(float* x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) x[i] = exp2_poly(x[i]);
-}
-void exp2_inplace(double* x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) x[i] = std::exp2(x[i]);
-}
 
 // ---------------------------------------------------------------------------------------------------------------
 // bfloat16 / half rows <-> float rows
@@ -412,7 +387,7 @@ void softmax_over_positions(T* a, int64_t N, int64_t H) {
     if (m[h] == -std::numeric_limits<T>::infinity()) m[h] = 0;
   for (int64_t n = 0; n < N; ++n)
     for (int64_t h = 0; h < H; ++h) a[n * H + h] = (a[n * H + h] - m[h]) * T(kLog2e);
-  exp2_inplace(a, N * H);
+  exp2_shift_sum(a, N * H, T(0));  // cpu_utils.h: vectorised, exactly 0 at -inf (masked positions)
   // -- normalise
   for (int64_t n = 0; n < N; ++n)
     for (int64_t h = 0; h < H; ++h) l[h] += a[n * H + h];
