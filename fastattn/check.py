@@ -13,7 +13,7 @@ import time
 import torch
 
 from . import testing
-from .backends import backends
+from .backends import _BACKENDS, Problem, backends
 
 OPS = ("attention", "softmax_gate", "score_softmax_gate")
 
@@ -36,6 +36,12 @@ def _run(op, case, dtype, backend, device):
     return testing.check_gate(case, dtype, backend, device)
 
 
+def _supports(backend, op, dtype, device):
+    """Whether ``backend`` accepts ``dtype`` for ``op`` at all (asked of the backend's own predicate),
+    so that e.g. Triton is not checked in float64, which it refuses by design."""
+    return _BACKENDS[backend].unsupported(Problem(op, device.type, dtype, D=64, Dv=64)) is None
+
+
 def checkable_backends(device_type):
     """Available backends that run on ``device_type`` (the reference is the yardstick, not checked)."""
     return [n for n, b in backends().items()
@@ -55,7 +61,8 @@ def main(args) -> int:
         return 1
     ops = args.op or OPS
     dtypes = [testing.DTYPE_NAMES_INV[d] for d in args.dtype] if args.dtype else _dtypes(device.type)
-    plan = [(b, op, dt, c) for b in names for op in ops for dt in dtypes for c in _cases(op, args.quick)]
+    plan = [(b, op, dt, c) for b in names for op in ops for dt in dtypes if _supports(b, op, dt, device)
+            for c in _cases(op, args.quick)]
     tty = sys.stdout.isatty()
     groups, failures, start = {}, [], time.time()
     for i, (b, op, dt, case) in enumerate(plan):

@@ -95,3 +95,12 @@ def test_opcheck_softmax_gates(pool):
 
 def test_torch_compile_fullgraph():
     bc.torch_compile_fullgraph("triton", DEVICE)
+
+
+def test_check_cli_covers_the_dtypes_triton_supports(capsys):
+    """`fastattn check --backend triton` checks fp32/bf16/fp16 and does not count float64 (refused by design)."""
+    from fastattn.__main__ import main
+    assert main(["check", "--quick", "--backend", "triton", "--op", "softmax_gate", "--device", DEVICE]) == 0
+    out = capsys.readouterr().out
+    assert "fp32" in out and "bf16" in out and "fp64" not in out
+
