@@ -1,12 +1,12 @@
 """Benchmarks: fastattn's backends side by side with PyTorch's best paths, in the same run.
 
-Timing: CUDA events on a GPU, perf_counter on CPU; warm-up, then the median of repetitions.
+Timing: CUDA events on a GPU, perf_counter on CPU; warm-up, then the median of repetitions,
+interleaved across providers (each round times every provider once).
 Attention TFLOP/s use FlashAttention's count: fwd 4·B·H·Lq·Lk·D (halved for causal), bwd 2.5×,
 fwd_bwd 3.5×. The softmax gates are memory-bound and report GB/s of the bytes they must move.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
 import itertools
@@ -45,25 +45,18 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_ms(fn, device, warmup=2, reps=7, min_time_s=0.0):
-    """Median milliseconds of ``fn()`` over ``reps`` runs (more while under ``min_time_s``)."""
-    for _ in range(warmup):
+def time_once(fn, device):
+    """Milliseconds of one call of ``fn``: CUDA events on a GPU, a synchronised clock elsewhere."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         fn()
-    _sync(device)
-    times, start = [], time.perf_counter()
-    while len(times) < reps or (time.perf_counter() - start < min_time_s and len(times) < 100):
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
 
 
 def _sdpa_backends(device):
@@ -151,42 +144,34 @@ def _gate_bytes(cfg):
     return {"fwd": fwd, "bwd": bwd, "fwd_bwd": fwd + bwd}[cfg.mode]
 
 
-def _measure(fn_fwd, inputs, mode, device, reps, min_time_s):
-    """Times fwd, bwd (backward alone) or fwd_bwd of ``fn_fwd(*inputs)``; returns (ms, peak MB)."""
+def _repetition(fn_fwd, inputs, mode, device):
+    """A function that runs one timed repetition of ``fn_fwd(*inputs)`` in ``mode`` and returns its ms:
+    fwd (no autograd), bwd (the backward alone, of a fresh untimed forward) or fwd_bwd."""
     grad_inputs = [t for t in inputs if t is not None and t.is_floating_point()]
     for t in grad_inputs:
         t.requires_grad_(mode != "fwd")
-    ctx = torch.no_grad() if mode == "fwd" else contextlib.nullcontext()
-    out = None
+    if mode == "fwd":
+        def rep():
+            with torch.no_grad():
+                return time_once(lambda: fn_fwd(*inputs), device)
+        return rep
+    with torch.no_grad():
+        dout = torch.randn_like(fn_fwd(*inputs))
+    if mode == "fwd_bwd":
+        return lambda: time_once(lambda: torch.autograd.grad(fn_fwd(*inputs), grad_inputs, dout), device)
 
-    def fwd():
-        with ctx:
-            return fn_fwd(*inputs)
-
-    if mode != "fwd":
-        out = fwd()
-        dout = torch.randn_like(out)
-
-    def step():
-        if mode == "fwd":
-            fwd()
-        elif mode == "bwd":
-            torch.autograd.grad(out, grad_inputs, dout, retain_graph=True)
-        else:
-            torch.autograd.grad(fwd(), grad_inputs, dout)
-
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    ms = time_ms(step, device, reps=reps, min_time_s=min_time_s)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
-    return ms, peak
+    def rep():
+        out = fn_fwd(*inputs)
+        _sync(device)
+        return time_once(lambda: torch.autograd.grad(out, grad_inputs, dout), device)
+    return rep
 
 
-def run_config(cfg, device, reps=7, min_time_s=0.0):
-    """One row per provider for ``cfg``."""
+def run_config(cfg, device, reps=7, warmup=2):
+    """One row per provider for ``cfg``. Repetitions are interleaved (each round times every provider
+    once), so a change in machine load falls on all providers alike; the median is reported."""
     g = torch.Generator(device=device).manual_seed(0)
     mk = lambda *s: torch.randn(*s, generator=g, device=device, dtype=cfg.dtype)
-    rows = []
     if cfg.op in ("attention", "gated"):
         inputs = [mk(cfg.B, cfg.Hq, cfg.Lq, cfg.D), mk(cfg.B, cfg.Hkv, cfg.Lk, cfg.D), mk(cfg.B, cfg.Hkv, cfg.Lk, cfg.Dv),
                   mk(cfg.B, cfg.Hq, cfg.Lq, cfg.Dv) if cfg.gate != "none" else None]
@@ -196,16 +181,30 @@ def run_config(cfg, device, reps=7, min_time_s=0.0):
         other = mk(cfg.B, cfg.Lq, H) if cfg.op == "softmax_gate" else mk(H, cfg.D) / cfg.D ** 0.5
         inputs = [other, mk(cfg.B, cfg.Lq, cfg.D)]
         providers = _gate_providers(cfg, device)
+    reps_of, peak_of = {}, {}
     for provider, fn in providers.items():
-        try:
-            ms, peak = _measure(fn, inputs, cfg.mode, device, reps, min_time_s)
-        except RuntimeError as e:  # a PyTorch backend that refuses these inputs is skipped, said once
+        try:  # set up and warm up; a PyTorch backend that refuses these inputs is skipped, said once
+            rep = _repetition(fn, inputs, cfg.mode, device)
+            for _ in range(warmup):
+                rep()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+                rep()
+                peak_of[provider] = torch.cuda.max_memory_allocated() / 2**20
+            reps_of[provider] = rep
+        except RuntimeError as e:
             print(f"  {provider}: not run ({str(e).splitlines()[0][:100]})")
-            continue
+    times = {p: [] for p in reps_of}
+    for _ in range(reps):
+        for provider, rep in reps_of.items():
+            times[provider].append(rep())
+    rows = []
+    for provider, ts in times.items():
+        ms = statistics.median(ts)
         row = {"op": cfg.op, "provider": provider, "mode": cfg.mode, "dtype": str(cfg.dtype).replace("torch.", ""),
                "B": cfg.B, "Hq": cfg.Hq, "Hkv": cfg.Hkv, "Lq": cfg.Lq, "Lk": cfg.Lk, "D": cfg.D, "Dv": cfg.Dv,
                "causal": cfg.causal, "mask": cfg.mask, "gate": cfg.gate, "ms": ms, "tflops": None, "gbps": None,
-               "peak_mem_mb": None if peak != peak else peak}
+               "peak_mem_mb": peak_of.get(provider)}
         if cfg.op in ("attention", "gated"):
             row["tflops"] = _flops(cfg) / ms / 1e9
         else:
