@@ -101,6 +101,16 @@ def _gate_scores(X, W, S32, stride_xb, stride_xn, stride_wh, N, D, H, scale,
 
 
 @triton.jit
+def _scores_log2(S, MASK, b, offs_n, offs_h, m_h, N, stride_sb, stride_sn, stride_mb, stride_mn,
+                 HAS_MASK: tl.constexpr):
+    """[BLOCK_N, BLOCK_H] scores of item b in base 2, -inf at masked positions and out-of-range lanes."""
+    keep = _load_keep(MASK, b, offs_n, N, stride_mb, stride_mn, HAS_MASK)
+    s = tl.load(S + b * stride_sb + offs_n[:, None] * stride_sn + offs_h[None, :],
+                mask=keep[:, None] & m_h[None, :], other=0.0).to(tl.float32)
+    return tl.where(keep[:, None] & m_h[None, :], s * LOG2E, float("-inf"))
+
+
+@triton.jit
 def _gate_stats(S, MASK, ALPHA, stride_sb, stride_sn, stride_mb, stride_mn, N, H,
                 HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr):
     """alpha for heads [pid_h * BLOCK_H, ...) of item b: online max / sum over N, then a second sweep
@@ -112,10 +122,7 @@ def _gate_stats(S, MASK, ALPHA, stride_sb, stride_sn, stride_mb, stride_mn, N, H
     l_i = tl.zeros([BLOCK_H], tl.float32)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        keep = _load_keep(MASK, b, offs_n, N, stride_mb, stride_mn, HAS_MASK)
-        s = tl.load(S + b * stride_sb + offs_n[:, None] * stride_sn + offs_h[None, :],
-                    mask=keep[:, None] & m_h[None, :], other=0.0).to(tl.float32)
-        s2 = tl.where(keep[:, None] & m_h[None, :], s * LOG2E, float("-inf"))
+        s2 = _scores_log2(S, MASK, b, offs_n, offs_h, m_h, N, stride_sb, stride_sn, stride_mb, stride_mn, HAS_MASK)
         m_new = tl.maximum(m_i, tl.max(s2, 0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         l_i = l_i * tl.math.exp2(m_i - m_safe) + tl.sum(tl.math.exp2(s2 - m_safe[None, :]), 0)
@@ -124,10 +131,7 @@ def _gate_stats(S, MASK, ALPHA, stride_sb, stride_sn, stride_mb, stride_mn, N, H
     inv_l = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        keep = _load_keep(MASK, b, offs_n, N, stride_mb, stride_mn, HAS_MASK)
-        s = tl.load(S + b * stride_sb + offs_n[:, None] * stride_sn + offs_h[None, :],
-                    mask=keep[:, None] & m_h[None, :], other=0.0).to(tl.float32)
-        s2 = tl.where(keep[:, None] & m_h[None, :], s * LOG2E, float("-inf"))
+        s2 = _scores_log2(S, MASK, b, offs_n, offs_h, m_h, N, stride_sb, stride_sn, stride_mb, stride_mn, HAS_MASK)
         alpha = tl.math.exp2(s2 - m_safe[None, :]) * inv_l[None, :]
         tl.store(ALPHA + (b * N + offs_n[:, None]) * H + offs_h[None, :], alpha,
                  mask=(offs_n[:, None] < N) & m_h[None, :])

@@ -121,23 +121,34 @@ __global__ void __launch_bounds__(kSoftmaxThreads) softmax_positions_kernel(cons
   for (int n = threadIdx.x; n < p.N; n += kSoftmaxThreads) a[int64_t(n) * p.H] = exp2f(score(n) - m) * inv_l;
 }
 
-// -- y[b, n, c] = alpha[b, n, c / Dh] * x[b, n, c]; kVec channels per thread (kVec divides Dh)
-template <typename T, int kVec>
-__global__ void gate_kernel(const GateParams p) {
-  const int Dh = p.D / p.H, vecs = p.D / kVec;
-  const int64_t total = int64_t(p.B) * p.N * vecs;
+// -- Grid-stride loop over (row = b*N + n, kVec-channel group c) of a (B, N, D) tensor: calls
+// body(row, c, v) with v = src[b, n, c:c+kVec] * alpha[b, n, c / Dh] (kVec divides Dh).
+template <typename T, int kVec, typename Body>
+__device__ __forceinline__ void for_each_gated_vec(const void* src, int64_t sb, int64_t sn, const float* alpha,
+                                                   int B, int N, int D, int H, Body body) {
+  const int Dh = D / H, vecs = D / kVec;
+  const int64_t total = int64_t(B) * N * vecs;
   for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
        idx += int64_t(gridDim.x) * blockDim.x) {
     const int64_t row = idx / vecs;
     const int c = int(idx % vecs) * kVec;
-    const int64_t b = row / p.N, n = row % p.N;
+    const int64_t b = row / N, n = row % N;
     float v[kVec];
-    load_vec<T, kVec>(static_cast<const T*>(p.x) + b * p.x_sb + n * p.x_sn + c, v);
-    const float a = p.alpha[row * p.H + c / Dh];
+    load_vec<T, kVec>(static_cast<const T*>(src) + b * sb + n * sn + c, v);
+    const float a = alpha[row * H + c / Dh];
 #pragma unroll
     for (int e = 0; e < kVec; ++e) v[e] *= a;
-    store_vec<T, kVec>(static_cast<T*>(p.y) + row * p.D + c, v);
+    body(row, c, v);
   }
+}
+
+// -- y[b, n, c] = alpha[b, n, c / Dh] * x[b, n, c]; kVec channels per thread
+template <typename T, int kVec>
+__global__ void gate_kernel(const GateParams p) {
+  for_each_gated_vec<T, kVec>(p.x, p.x_sb, p.x_sn, p.alpha, p.B, p.N, p.D, p.H,
+                              [&](int64_t row, int c, float (&v)[kVec]) {
+                                store_vec<T, kVec>(static_cast<T*>(p.y) + row * p.D + c, v);
+                              });
 }
 
 // -- y_accum[b, c] += sum over a chunk of positions of alpha * x. Block (32, 8): lanes along
@@ -232,26 +243,16 @@ __global__ void __launch_bounds__(kSoftmaxThreads) softmax_positions_bwd_kernel(
 // -- score_softmax_gate: dx[b, n, c] = alpha[h(c)] * dy + scale * sum_h dscores[b, n, h] * w[h, c]
 template <typename T, int kVec>
 __global__ void score_dx_kernel(const GateBwdParams p) {
-  const int Dh = p.D / p.H, vecs = p.D / kVec;
-  const int64_t total = int64_t(p.B) * p.N * vecs;
-  for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
-       idx += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t row = idx / vecs;
-    const int c = int(idx % vecs) * kVec;
-    const int64_t b = row / p.N, n = row % p.N;
-    float v[kVec];
-    load_vec<T, kVec>(static_cast<const T*>(p.dy) + b * p.dy_sb + n * p.dy_sn + c, v);
-    const float a = p.alpha[row * p.H + c / Dh];
+  for_each_gated_vec<T, kVec>(p.dy, p.dy_sb, p.dy_sn, p.alpha, p.B, p.N, p.D, p.H,
+                              [&](int64_t row, int c, float (&v)[kVec]) {
+                                for (int h = 0; h < p.H; ++h) {
+                                  const float ds = p.scale * p.g[row * p.H + h];
+                                  const float* w = p.weight + int64_t(h) * p.D + c;
 #pragma unroll
-    for (int e = 0; e < kVec; ++e) v[e] *= a;
-    for (int h = 0; h < p.H; ++h) {
-      const float ds = p.scale * p.g[row * p.H + h];
-      const float* w = p.weight + int64_t(h) * p.D + c;
-#pragma unroll
-      for (int e = 0; e < kVec; ++e) v[e] += ds * w[e];
-    }
-    store_vec<T, kVec>(static_cast<T*>(p.dx) + row * p.D + c, v);
-  }
+                                  for (int e = 0; e < kVec; ++e) v[e] += ds * w[e];
+                                }
+                                store_vec<T, kVec>(static_cast<T*>(p.dx) + row * p.D + c, v);
+                              });
 }
 
 // -- dweight_accum[h, c] += scale * sum over a chunk of rows of dscores[row, h] * x[row, c].
