@@ -23,10 +23,14 @@ DTYPE_NAMES_INV = {v: k for k, v in DTYPE_NAMES.items()}
 
 
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a - b| in float64, where equal infinities count as no difference and NaN as infinite."""
+    """max |a - b| in float64, where equal infinities count as no difference and NaN as infinite
+    (unless both are NaN at the same place: torch's NaN in -> NaN out). A missing tensor (a gradient
+    that never arrived) differs infinitely from a present one."""
+    if a is None or b is None:
+        return 0.0 if a is None and b is None else float("inf")
     a, b = a.detach().double(), b.detach().double()
     same_inf = torch.isinf(a) & torch.isinf(b) & (torch.sign(a) == torch.sign(b))
-    d = (a - b).abs().masked_fill(same_inf, 0.0)
+    d = (a - b).abs().masked_fill(same_inf | (torch.isnan(a) & torch.isnan(b)), 0.0)
     if d.numel() == 0:
         return 0.0
     return float("inf") if torch.isnan(d).any() else float(d.max())
@@ -50,7 +54,7 @@ class Comparison:
 
 
 def compare(name, got, ref_lowp, truth, dtype, factor) -> Comparison:
-    finite = truth.detach()[torch.isfinite(truth.detach())]
+    finite = truth.detach()[torch.isfinite(truth.detach())] if truth is not None else torch.zeros(0)
     scale = max(1.0, float(finite.abs().max())) if finite.numel() else 1.0
     ref_err = max_abs_diff(ref_lowp, truth)
     return Comparison(name, max_abs_diff(got, truth), ref_err, factor * ref_err + ATOL_FLOOR[dtype] * scale)
@@ -132,6 +136,12 @@ class AttentionCase:
         return t
 
 
+def fresh(t, device, dtype=None):
+    """A new leaf copy of ``t``: ``.to()`` returns ``t`` itself when nothing changes (a float64 master
+    in a float64 run), and a shared leaf would make every run accumulate into one ``.grad``."""
+    return t.detach().to(device=device, dtype=dtype or t.dtype, copy=True)
+
+
 def _as_layout(x, layout):
     if layout == "blhd":  # memory (B, L, H, D), seen as (B, H, L, D): strides but no copy
         return x.transpose(1, 2).contiguous().transpose(1, 2)
@@ -142,17 +152,17 @@ def _run_attention(case, t, dtype, device, backend):
     """Runs forward and backward in ``dtype``; returns {name: tensor} of outputs and gradients."""
     leaf = {}
     for n in ("q", "k", "v"):
-        leaf[n] = _as_layout(t[n].to(device, dtype), case.layout).requires_grad_()
+        leaf[n] = _as_layout(fresh(t[n], device, dtype), case.layout).requires_grad_()
     mask = t.get("mask")
     if mask is not None:
-        mask = mask.to(device)
+        mask = fresh(mask, device)
         if mask.is_floating_point():
-            mask = mask.to(dtype).requires_grad_(case.mask in ("float_grad", "float_bcast"))
+            mask = fresh(mask, device, dtype).requires_grad_(case.mask in ("float_grad", "float_bcast"))
             if mask.requires_grad:
                 leaf["mask"] = mask
     gate = t.get("gate")
     if gate is not None:
-        gate = leaf["gate"] = gate.to(device, dtype).requires_grad_()
+        gate = leaf["gate"] = fresh(gate, device, dtype).requires_grad_()
     out, lse = functional.attention(leaf["q"], leaf["k"], leaf["v"], attn_mask=mask, causal=case.causal,
                                     gate=gate, scale=case.scale, return_lse=True, backend=backend)
     outputs = [out]
@@ -255,17 +265,17 @@ class GateCase:
 
 
 def _run_gate(case, t, dtype, device, backend):
-    x = t["x"].to(device, dtype)
+    x = fresh(t["x"], device, dtype)
     if case.layout == "strided":
         x = x.transpose(0, 1).contiguous().transpose(0, 1)
     x.requires_grad_()
     mask = t["mask"].to(device) if "mask" in t else None
     if case.op == "softmax_gate":
-        other = t["scores"].to(device, dtype).requires_grad_()
+        other = fresh(t["scores"], device, dtype).requires_grad_()
         y, alpha = functional.softmax_gate(other, x, mask=mask, pool=case.pool, return_weights=True,
                                            backend=backend)
     else:
-        other = t["weight"].to(device, dtype).requires_grad_()
+        other = fresh(t["weight"], device, dtype).requires_grad_()
         y, alpha = functional.score_softmax_gate(x, other, mask=mask, scale=case.scale, pool=case.pool,
                                                  return_weights=True, backend=backend)
     outputs, grads = [y], [t["dy"].to(device, dtype)]
