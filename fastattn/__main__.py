@@ -1,8 +1,20 @@
-"""``fastattn`` command line: ``fastattn info`` and ``fastattn bench`` (also ``python -m fastattn``)."""
+"""``fastattn`` command line: ``fastattn info``, ``fastattn check`` and ``fastattn bench``
+(also ``python -m fastattn``)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+from .version import __version__
+
+EXAMPLES = """\
+examples:
+  fastattn info                                  what runs here, and why not
+  fastattn check --quick                         a short correctness sweep of every backend
+  fastattn bench                                 the default sweep (about a minute on a 2-core CPU)
+  fastattn bench --quick --op attention --reps 15 --out r.json --plot r.png
+"""
 
 
 def _info(args):
@@ -22,9 +34,52 @@ def _info(args):
     return 0
 
 
+def _check_device(parser, args):
+    import torch
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("argument --device: no CUDA device is available here (torch.cuda.is_available() is False)")
+
+
+def _output_problem(path):
+    """Why ``path`` cannot be written, or None. Checked before a run so that a typo does not cost the run."""
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    if os.path.isdir(path):
+        return f"{path} is a directory"
+    if not os.path.exists(parent):
+        return f"directory {parent} does not exist"
+    if not os.path.isdir(parent):
+        return f"{parent} is not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        return f"{path} is not writable"
+    return None
+
+
+def _check_outputs(parser, args):
+    if args.out and (why := _output_problem(args.out)):
+        parser.error(f"argument --out: {why}")
+    if args.plot:
+        if why := _output_problem(args.plot):
+            parser.error(f"argument --plot: {why}")
+        try:
+            import matplotlib  # noqa: F401
+            from matplotlib.backend_bases import FigureCanvasBase
+        except ImportError:
+            parser.error("argument --plot: matplotlib is not installed (pip install matplotlib)")
+        formats = FigureCanvasBase.get_supported_filetypes()
+        suffix = os.path.splitext(args.plot)[1].lower().lstrip(".")
+        if suffix not in formats:
+            parser.error(f"argument --plot: {args.plot!r} needs an image suffix matplotlib writes, "
+                         f"e.g. .png, .pdf or .svg")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="fastattn", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="fastattn", description="Fused attention kernels for PyTorch: what runs "
+                                     "here, whether it is right, how fast it is. Also python -m fastattn.",
+                                     epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"fastattn {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
     sub.add_parser("info", help="versions, device, backends")
     c = sub.add_parser("check", help="outputs and gradients of every backend against the float64 reference")
     c.add_argument("--backend", choices=["cuda", "triton", "cpu"], help="only this backend (default: all available)")
@@ -39,18 +94,22 @@ def main(argv=None):
                    help="only these ops (repeatable; gated = attention with an elementwise output gate)")
     p.add_argument("--mode", action="append", choices=["fwd", "bwd", "fwd_bwd"], help="only these modes (repeatable)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if present, else cpu")
-    p.add_argument("--reps", type=int, default=7, help="timed repetitions per row (median reported)")
+    p.add_argument("--reps", type=int, help="timed repetitions per row; the median and interquartile range "
+                                            "are reported (default 7, 3 with --quick)")
     p.add_argument("--out", metavar="FILE.json", help="write the results as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="plot TFLOP/s or GB/s against sequence length (needs matplotlib)")
     args = parser.parse_args(argv)
     if args.command == "info":
         return _info(args)
     if args.command == "check":
+        _check_device(c, args)
         from fastattn import check
         return check.main(args)
+    if args.reps is not None and args.reps < 1:
+        p.error("argument --reps: expected a positive integer")
+    _check_device(p, args)
+    _check_outputs(p, args)
     from fastattn import bench
-    if args.reps < 1:
-        parser.error("--reps: expected a positive integer")
     return bench.main(args)
 
 

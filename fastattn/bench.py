@@ -1,7 +1,7 @@
 """Benchmarks: fastattn's backends side by side with PyTorch's best paths, in the same run.
 
-Timing: CUDA events on a GPU, perf_counter on CPU; warm-up, then the median of repetitions,
-interleaved across providers (each round times every provider once).
+Timing: CUDA events on a GPU, perf_counter on CPU; warm-up, then the median and interquartile range
+of repetitions, interleaved across providers (each round times every provider once).
 Attention TFLOP/s use FlashAttention's count: fwd 4·B·H·Lq·Lk·D (halved for causal), bwd 2.5×,
 fwd_bwd 3.5×. The softmax gates are memory-bound and report GB/s of the bytes they must move.
 """
@@ -11,6 +11,7 @@ import dataclasses
 import datetime
 import itertools
 import json
+import os
 import statistics
 import subprocess
 import time
@@ -198,24 +199,27 @@ def run_config(cfg, device, reps=7, warmup=2):
     for _ in range(reps):
         for provider, rep in reps_of.items():
             times[provider].append(rep())
-    rows = []
-    for provider, ts in times.items():
-        ms = statistics.median(ts)
-        row = {"op": cfg.op, "provider": provider, "mode": cfg.mode, "dtype": str(cfg.dtype).replace("torch.", ""),
-               "B": cfg.B, "Hq": cfg.Hq, "Hkv": cfg.Hkv, "Lq": cfg.Lq, "Lk": cfg.Lk, "D": cfg.D, "Dv": cfg.Dv,
-               "causal": cfg.causal, "mask": cfg.mask, "gate": cfg.gate, "ms": ms, "tflops": None, "gbps": None,
-               "peak_mem_mb": peak_of.get(provider)}
-        if cfg.op in ("attention", "gated"):
-            row["tflops"] = _flops(cfg) / ms / 1e9
-        else:
-            row["gbps"] = _gate_bytes(cfg) / ms / 1e6
-        rows.append(row)
-    return rows
+    return [make_row(cfg, provider, ts, peak_of.get(provider)) for provider, ts in times.items()]
+
+
+def make_row(cfg, provider, times, peak_mem_mb=None):
+    """The result row of ``provider`` on ``cfg`` from its repetition times (ms): median, quartiles, all times."""
+    ms = statistics.median(times)
+    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else (ms, ms, ms)
+    row = {"op": cfg.op, "provider": provider, "mode": cfg.mode, "dtype": str(cfg.dtype).replace("torch.", ""),
+           "B": cfg.B, "Hq": cfg.Hq, "Hkv": cfg.Hkv, "Lq": cfg.Lq, "Lk": cfg.Lk, "D": cfg.D, "Dv": cfg.Dv,
+           "causal": cfg.causal, "mask": cfg.mask, "gate": cfg.gate, "ms": ms, "tflops": None, "gbps": None,
+           "peak_mem_mb": peak_mem_mb, "q1_ms": q1, "q3_ms": q3, "times_ms": list(times)}
+    if cfg.op in ("attention", "gated"):
+        row["tflops"] = _flops(cfg) / ms / 1e9
+    else:
+        row["gbps"] = _gate_bytes(cfg) / ms / 1e6
+    return row
 
 
 def default_configs(device, quick=False, ops=None, modes=None):
     """GPU: the field's standard sweep (batch·seqlen = 16k tokens, seqlen 512..16k, hidden 2048, D 64
-    and 128, bf16 and fp16, causal and not). CPU: issue 2's acceptance sizes, about a minute on 2 cores."""
+    and 128, bf16 and fp16, causal and not). CPU: one length per op in fp32 and bf16, about a minute on 2 cores."""
     configs = []
     if device.type == "cuda":
         seqlens = (1024, 4096) if quick else (512, 1024, 2048, 4096, 8192, 16384)
@@ -278,14 +282,30 @@ def _cpu_name():
     return platform.processor() or "cpu"
 
 
+# An interquartile range wider than this share of the median means the machine's load moved during
+# the run: a speed-up built on such a row may not repeat.
+WIDE_SPREAD = 0.10
+
+
+def _iqr(r):
+    """Interquartile range in ms (0 for a row that carries no quartiles)."""
+    return r.get("q3_ms", r["ms"]) - r.get("q1_ms", r["ms"])
+
+
+def _wide(r):
+    return _iqr(r) > WIDE_SPREAD * r["ms"]
+
+
 def speedup_table(rows):
-    """Text table: each fastattn row's speed-up over the fastest PyTorch provider of the same config."""
+    """Text table: each fastattn row's median and interquartile range, and its speed-up over the fastest
+    PyTorch provider of the same config; rows whose spread is wide are marked and explained below."""
     key = lambda r: (r["op"], r["mode"], r["dtype"], r["B"], r["Hq"], r["Lq"], r["Lk"], r["D"], r["causal"], r["gate"])
     groups = {}
     for r in rows:
         groups.setdefault(key(r), []).append(r)
     lines = [f"{'op':<18} {'mode':<8} {'dtype':<9} {'shape':<22} {'causal':<6} {'provider':<16} {'ms':>9} "
-             f"{'TFLOP/s|GB/s':>12} {'best torch':<22} {'speed-up':>8}"]
+             f"{'IQR':>7} {'TFLOP/s|GB/s':>12} {'best torch (ms, IQR)':<34} {'speed-up':>9}"]
+    wide = 0
     for k, rs in groups.items():
         torch_rows = [r for r in rs if r["provider"].startswith("torch-")]
         best = min(torch_rows, key=lambda r: r["ms"]) if torch_rows else None
@@ -294,46 +314,113 @@ def speedup_table(rows):
                 continue
             rate = r["tflops"] if r["tflops"] is not None else r["gbps"]
             shape = f"B{r['B']} H{r['Hq']} L{r['Lq']} D{r['D']}"
-            up = f"{best['ms'] / r['ms']:.2f}x" if best else "-"
-            bname = f"{best['provider']} {best['ms']:.2f}ms" if best else "-"
+            noisy = _wide(r) or (best is not None and _wide(best))
+            wide += noisy
+            up = (f"{best['ms'] / r['ms']:.2f}x" if best else "-") + ("*" if noisy else " ")
+            bname = f"{best['provider']} {best['ms']:.2f} {_iqr(best):.2f}" if best else "-"
             lines.append(f"{r['op']:<18} {r['mode']:<8} {r['dtype']:<9} {shape:<22} {str(r['causal']):<6} "
-                         f"{r['provider']:<16} {r['ms']:>9.2f} {rate:>12.3f} {bname:<22} {up:>8}")
+                         f"{r['provider']:<16} {r['ms']:>9.2f} {_iqr(r):>7.2f} {rate:>12.3f} {bname:<34} {up:>9}")
+    if wide:
+        lines.append(f"\n* {wide} speed-up(s) rest on a row whose interquartile range exceeds {WIDE_SPREAD:.0%} of its "
+                     f"median: the machine is noisy and these may not repeat; rerun on an idle machine or with "
+                     f"more repetitions (e.g. --reps 21).")
     return "\n".join(lines)
 
 
-def plot(rows, path):
-    """TFLOP/s (or GB/s) against sequence length, one line per provider, a panel per (op, mode, D,
-    causal, dtype). Returns False (and says why) when matplotlib is missing."""
+def _rate(r, ms):
+    """TFLOP/s or GB/s of row ``r`` had it taken ``ms``."""
+    value = r["tflops"] if r["tflops"] is not None else r["gbps"]
+    return value * r["ms"] / ms
+
+
+def _title(env):
+    if not env:
+        return None
+    dev = env["device"]
+    threads = f", {dev['threads']} threads" if dev["type"] == "cpu" and dev.get("threads") else ""
+    commit = f" at {env['commit'][:10]}" if env.get("commit") else ""
+    return f"fastattn {env.get('fastattn', '')}{commit} on {dev['name']} ({dev['type']}{threads}), torch {env['torch']}"
+
+
+def figure(rows, env=None):
+    """A matplotlib figure of ``rows`` titled with ``env`` (device, torch, commit; see ``environment``).
+    Several sequence lengths: TFLOP/s (or GB/s) against length, a line per provider, a panel per (op,
+    mode, D, causal, dtype). One length: grouped bars, a panel per op, a group per configuration, a bar
+    per provider with its interquartile range. The y axis starts at 0 so that heights compare."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    unit = lambda op: "TFLOP/s" if op in ("attention", "gated") else "GB/s"
+    # one colour per provider across all panels, so that a colour means the same thing everywhere
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    color = {p: palette[i % len(palette)] for i, p in enumerate(sorted({r["provider"] for r in rows}))}
+    if len({r["Lq"] for r in rows}) > 1:
+        panels = {}
+        for r in rows:
+            key = (r["op"], r["mode"], r["D"], r["causal"], r["dtype"])
+            panels.setdefault(key, {}).setdefault(r["provider"], []).append(r)
+        n = len(panels)
+        cols = min(4, n)
+        nrows = (n + cols - 1) // cols
+        fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.3 * nrows + 0.4), squeeze=False)
+        for ax, ((op, mode, D, causal, dtype), provs) in zip(axes.flat, panels.items()):
+            for provider, rs in sorted(provs.items()):
+                rs = sorted(rs, key=lambda r: r["Lq"])
+                style = dict(lw=2.2, marker="o") if provider.startswith("fastattn") else dict(lw=1.2, marker=".", ls="--")
+                ax.plot([r["Lq"] for r in rs], [_rate(r, r["ms"]) for r in rs], label=provider, color=color[provider],
+                        **style)
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"{op} {mode} {dtype} D{D}{' causal' if causal else ''}", fontsize=9)
+            ax.set_xlabel("sequence length")
+            ax.set_ylabel(unit(op))
+    else:
+        panels = {}
+        for r in rows:
+            label = f"{r['mode']} {r['dtype']}\nD{r['D']}{' causal' if r['causal'] else ''}"
+            panels.setdefault(r["op"], {}).setdefault(label, {})[r["provider"]] = r
+        n = len(panels)
+        fig, axes = plt.subplots(1, n, figsize=(max(4.5, 1.6 * max(len(g) for g in panels.values())) * n, 4.2),
+                                 squeeze=False)
+        for ax, (op, groups) in zip(axes.flat, panels.items()):
+            providers = sorted({p for g in groups.values() for p in g})
+            width = 0.8 / len(providers)
+            for i, provider in enumerate(providers):
+                xs, ys, lo, hi = [], [], [], []
+                for x, g in enumerate(groups.values()):
+                    if provider in g:
+                        r = g[provider]
+                        y = _rate(r, r["ms"])
+                        xs.append(x - 0.4 + width * (i + 0.5))
+                        ys.append(y)
+                        # the faster quartile (q1) is the higher rate
+                        lo.append(y - _rate(r, r.get("q3_ms", r["ms"])))
+                        hi.append(_rate(r, r.get("q1_ms", r["ms"])) - y)
+                ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=provider, color=color[provider],
+                       edgecolor="black" if provider.startswith("fastattn") else None)
+            ax.set_xticks(range(len(groups)), list(groups), fontsize=7)
+            L = rows[0]["Lq"]
+            ax.set_title(f"{op}, sequence length {L}", fontsize=9)
+            ax.set_ylabel(f"{unit(op)} (median, whiskers: IQR)")
+    for ax in list(axes.flat)[:n]:
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    if title := _title(env):
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot(rows, path, env=None):
+    """Saves ``figure(rows, env)`` to ``path``. Returns False (and says why) when matplotlib is missing."""
     try:
-        import matplotlib
-        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         print("--plot: matplotlib is not installed (pip install matplotlib); wrote no plot")
         return False
-    panels = {}
-    for r in rows:
-        key = (r["op"], r["mode"], r["D"], r["causal"], r["dtype"])
-        panels.setdefault(key, {}).setdefault(r["provider"], []).append(r)
-    n = len(panels)
-    cols = min(4, n)
-    nrows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.3 * nrows), squeeze=False)
-    for ax, ((op, mode, D, causal, dtype), provs) in zip(axes.flat, panels.items()):
-        for provider, rs in sorted(provs.items()):
-            rs = sorted(rs, key=lambda r: r["Lq"])
-            ys = [r["tflops"] if r["tflops"] is not None else r["gbps"] for r in rs]
-            style = dict(lw=2.2, marker="o") if provider.startswith("fastattn") else dict(lw=1.2, marker=".", ls="--")
-            ax.plot([r["Lq"] for r in rs], ys, label=provider, **style)
-        ax.set_xscale("log", base=2)
-        ax.set_title(f"{op} {mode} {dtype} D{D}{' causal' if causal else ''}", fontsize=9)
-        ax.set_xlabel("sequence length")
-        ax.set_ylabel("TFLOP/s" if op in ("attention", "gated") else "GB/s")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    for ax in list(axes.flat)[n:]:
-        ax.axis("off")
-    fig.tight_layout()
+    fig = figure(rows, env)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
@@ -346,14 +433,17 @@ def main(args):
     for i, cfg in enumerate(configs):
         print(f"[{i + 1}/{len(configs)}] {cfg.op} {cfg.mode} {str(cfg.dtype)[6:]} B{cfg.B} H{cfg.Hq} L{cfg.Lq} "
               f"D{cfg.D}{' causal' if cfg.causal else ''}", flush=True)
-        rows += run_config(cfg, device, reps=3 if args.quick else args.reps)
-    result = dict(environment(), results=rows)
+        rows += run_config(cfg, device, reps=args.reps or (3 if args.quick else 7))
+    env = environment()
     print()
     print(speedup_table(rows))
+    print()
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"\nwrote {args.out}")
-    if args.plot and plot(rows, args.plot):
-        print(f"wrote {args.plot}")
+            json.dump(dict(env, results=rows), f, indent=1)
+        print(f"results written to {os.path.abspath(args.out)}")
+    else:
+        print("results not saved (--out FILE.json keeps them, with every repetition's time)")
+    if args.plot and plot(rows, args.plot, env):
+        print(f"plot written to {os.path.abspath(args.plot)}")
     return 0

@@ -1,4 +1,4 @@
-"""The fastattn command line: info, check, bench (JSON, plot, table) and argument errors."""
+"""The fastattn command line: info, check, bench (JSON, plot, table, spread) and argument errors."""
 import json
 import os
 import shutil
@@ -10,7 +10,7 @@ import pytest
 from fastattn.__main__ import main
 
 ROW_KEYS = {"op", "provider", "mode", "dtype", "B", "Hq", "Hkv", "Lq", "Lk", "D", "Dv", "causal", "mask", "gate",
-            "ms", "tflops", "gbps", "peak_mem_mb"}
+            "ms", "tflops", "gbps", "peak_mem_mb", "q1_ms", "q3_ms", "times_ms"}
 
 
 def test_info(capsys):
@@ -54,7 +54,7 @@ def test_check_unavailable_backend(capsys):
 
 def test_bench_writes_json_and_plot(tmp_path, capsys):
     out, png = tmp_path / "r.json", tmp_path / "r.png"
-    assert main(["bench", "--quick", "--op", "attention", "--op", "softmax_gate", "--reps", "1",
+    assert main(["bench", "--quick", "--op", "attention", "--op", "softmax_gate", "--reps", "2",
                  "--out", str(out), "--plot", str(png)]) == 0
     res = json.loads(out.read_text())
     for k in ("fastattn", "commit", "timestamp", "device", "torch", "triton", "cuda", "results"):
@@ -64,13 +64,12 @@ def test_bench_writes_json_and_plot(tmp_path, capsys):
     for r in res["results"]:
         assert set(r) == ROW_KEYS and r["ms"] > 0
         assert (r["tflops"] if r["op"] == "attention" else r["gbps"]) > 0
+        # --reps is honoured under --quick, and every repetition is kept beside the quartiles
+        assert len(r["times_ms"]) == 2 and r["q1_ms"] <= r["ms"] <= r["q3_ms"]
     printed = capsys.readouterr().out
-    assert "speed-up" in printed
-    try:
-        import matplotlib  # noqa: F401
-        assert png.stat().st_size > 0
-    except ImportError:
-        assert "matplotlib is not installed" in printed
+    assert "speed-up" in printed and "IQR" in printed
+    pytest.importorskip("matplotlib")
+    assert png.stat().st_size > 0
 
 
 @pytest.mark.parametrize("argv", [["bench", "--op", "nope"], ["bench", "--reps", "0"], ["check", "--dtype", "fp8"],
@@ -87,3 +86,120 @@ def test_perf_table_is_current():
     script = os.path.join(root, "scripts", "perf_table.py")
     res = subprocess.run([sys.executable, script, "--check"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+
+
+def test_bench_says_where_results_went(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = ["bench", "--quick", "--op", "softmax_gate", "--reps", "1"]
+    assert main(argv + ["--out", "r.json"]) == 0
+    assert f"results written to {tmp_path / 'r.json'}" in capsys.readouterr().out
+    assert main(argv) == 0
+    assert "results not saved" in capsys.readouterr().out
+
+
+@pytest.fixture
+def no_benchmarking(monkeypatch):
+    """Argument errors must come before any timing: a run that starts is a failure."""
+    from fastattn import bench
+
+    def refuse(*a, **k):
+        raise AssertionError("the benchmark ran before its arguments were checked")
+    monkeypatch.setattr(bench, "run_config", refuse)
+
+
+def _usage_error(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage" in err and "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+def test_bench_bad_out_path_fails_before_running(tmp_path, capsys, no_benchmarking):
+    (tmp_path / "file").write_text("")
+    for path, why in [(tmp_path / "missing" / "r.json", "does not exist"),
+                      (tmp_path / "file" / "r.json", "not a directory"),
+                      (tmp_path, "is a directory")]:
+        msg = _usage_error(["bench", "--out", str(path)], capsys)
+        assert "--out" in msg and why in msg, msg
+
+
+def test_bench_unwritable_out_dir(tmp_path, capsys, monkeypatch, no_benchmarking):
+    # os.access stands in for the permission bits, which root (as in CI containers) would override
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(tmp_path) else real(p, mode))
+    msg = _usage_error(["bench", "--out", str(tmp_path / "r.json")], capsys)
+    assert "--out" in msg and "not writable" in msg
+
+
+def test_bench_bad_plot_path_fails_before_running(tmp_path, capsys, monkeypatch, no_benchmarking):
+    pytest.importorskip("matplotlib")
+    msg = _usage_error(["bench", "--plot", str(tmp_path / "missing" / "r.png")], capsys)
+    assert "--plot" in msg and "does not exist" in msg
+    msg = _usage_error(["bench", "--plot", str(tmp_path / "r.txt")], capsys)
+    assert "--plot" in msg and ".png" in msg
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
+    msg = _usage_error(["bench", "--plot", str(tmp_path / "r.png")], capsys)
+    assert "--plot" in msg and "pip install matplotlib" in msg
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the error is for machines without a GPU")
+@pytest.mark.parametrize("command", ["bench", "check"])
+def test_device_cuda_without_gpu(command, capsys, no_benchmarking):
+    msg = _usage_error([command, "--device", "cuda"], capsys)
+    assert "--device" in msg and "no CUDA device" in msg
+
+
+def test_version(capsys):
+    from fastattn.version import __version__
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"fastattn {__version__}"
+
+
+def test_help_names_every_subcommand_with_an_example(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    for command in ("info", "check", "bench"):
+        described = [ln for ln in lines if ln.split()[:1] == [command] and len(ln.split()) > 2]
+        assert described, f"no line describing {command}"
+    assert any(ln.strip().startswith("fastattn bench") for ln in lines), "no example command line"
+
+
+def _row(provider, times, op="attention", Lq=256, mode="fwd", causal=False):
+    from fastattn import bench
+    return bench.make_row(bench.Config(op, mode, __import__("torch").float32, B=1, Hq=2, Hkv=2, Lq=Lq, Lk=Lq, D=16,
+                                       Dv=16, causal=causal), provider, times)
+
+
+def test_wide_spread_is_flagged():
+    from fastattn import bench
+    steady = [_row("fastattn-cpu", [10.0, 10.1, 10.0, 9.9, 10.0]), _row("torch-sdpa-flash", [20.0, 20.2, 19.9, 20.0])]
+    text = bench.speedup_table(steady)
+    assert "IQR" in text and "noisy" not in text
+    noisy = [_row("fastattn-cpu", [10.0, 10.0, 10.0, 10.0, 10.0]), _row("torch-sdpa-flash", [12.0, 20.0, 8.0, 30.0])]
+    text = bench.speedup_table(noisy)
+    assert "noisy" in text and "--reps" in text
+
+
+def test_plot_is_titled_from_zero_and_bars_for_one_length():
+    pytest.importorskip("matplotlib")
+    from fastattn import bench
+    env = {"device": {"type": "cpu", "name": "Test CPU", "threads": 2}, "torch": "9.9.9", "commit": "abcdef1234567"}
+    rows = [_row(p, [t, t]) for p, t in [("fastattn-cpu", 10.0), ("torch-sdpa-flash", 12.0)]]
+    rows += [_row(p, [t, t], causal=True) for p, t in [("fastattn-cpu", 6.0), ("torch-sdpa-flash", 7.0)]]
+    fig = bench.figure(rows, env)
+    title = fig._suptitle.get_text()
+    assert "Test CPU" in title and "9.9.9" in title and "abcdef1" in title
+    from matplotlib.container import BarContainer
+    bars = lambda ax: any(isinstance(c, BarContainer) for c in ax.containers)
+    axes = [ax for ax in fig.axes if ax.axison]
+    assert axes and all(bars(ax) and ax.get_ylim()[0] == 0 for ax in axes)
+    lines = bench.figure(rows + [_row(p, [t, t], Lq=512) for p, t in [("fastattn-cpu", 30.0),
+                                                                       ("torch-sdpa-flash", 40.0)]], env)
+    axes = [ax for ax in lines.axes if ax.axison]
+    assert axes and all(ax.lines and not bars(ax) and ax.get_ylim()[0] == 0 for ax in axes)
