@@ -71,15 +71,11 @@ def attention(q, k, v, attn_mask=None, causal=False, scale=None, gate=None, drop
     if allowed is not None:
         s = s.masked_fill(~allowed, float("-inf"))
 
-    # -- softmax that gives 0 (not NaN) on rows with no allowed key, and zero gradients there
-    m = s.amax(dim=-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
-    e = torch.exp(s - m)
-    denom = e.sum(dim=-1, keepdim=True)
-    nonempty = denom > 0
-    p = e / torch.where(nonempty, denom, torch.ones_like(denom))
-    lse = torch.log(torch.where(nonempty, denom, torch.ones_like(denom))) + m  # log(1) keeps grads finite
-    lse = lse.masked_fill(~nonempty, float("-inf")).squeeze(-1)
+    # -- softmax that gives 0 (not NaN) on rows with no allowed key, and zero gradients there.
+    # A NaN reaching a row (q, an allowed key, a mask entry) makes it NaN, lse included, as torch;
+    # masked keys (-inf) keep weight exactly 0 even then.
+    p, lse, empty = _softmax(s, dim=-1)
+    lse = lse.squeeze(-1)
 
     if dropout_p > 0.0 or dropout_mask is not None:
         if dropout_mask is None:
@@ -88,10 +84,27 @@ def attention(q, k, v, attn_mask=None, causal=False, scale=None, gate=None, drop
 
     # -- weighted values, gate
     out = torch.matmul(p.to(v.dtype), v)  # [B, Hq, Lq, Dv]
+    out = out.masked_fill(empty, 0.0)  # exactly 0, also where a masked value is inf or NaN
     if gate is not None:
         out = out * torch.sigmoid(gate.to(out.dtype))
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out
+
+
+def _softmax(s, dim):
+    """(p, lse, empty) of softmax over ``dim`` (keepdim): p = 0 where s = -inf, and rows with no
+    finite-or-NaN entry (empty) get p = 0 and lse = -inf with zero gradients; NaN spreads as torch."""
+    m = s.amax(dim=dim, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
+    masked = s == float("-inf")
+    # where, not exp(-inf) = 0: no gradient (NaN or not) reaches a masked entry through the sum
+    e = torch.where(masked, torch.zeros_like(s), torch.exp(s - m))
+    denom = e.sum(dim=dim, keepdim=True)
+    empty = denom == 0
+    safe = torch.where(empty, torch.ones_like(denom), denom)  # log(1), x / 1: finite gradients
+    p = torch.where(masked, torch.zeros_like(e), e / safe)
+    lse = (torch.log(safe) + m).masked_fill(empty, float("-inf"))
+    return p, lse, empty
 
 
 def _masked_softmax_over_positions(scores, mask):
@@ -100,11 +113,7 @@ def _masked_softmax_over_positions(scores, mask):
     s = scores.to(acc)
     if mask is not None:
         s = s.masked_fill(~mask[:, :, None], float("-inf"))
-    m = s.amax(dim=1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
-    e = torch.exp(s - m)
-    denom = e.sum(dim=1, keepdim=True)
-    return e / torch.where(denom > 0, denom, torch.ones_like(denom))
+    return _softmax(s, dim=1)[0]
 
 
 def softmax_gate(scores, x, mask=None, pool=False, return_weights=False):

@@ -28,6 +28,8 @@ def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     that never arrived) differs infinitely from a present one."""
     if a is None or b is None:
         return 0.0 if a is None and b is None else float("inf")
+    if a.shape != b.shape:
+        return float("inf")
     a, b = a.detach().double(), b.detach().double()
     same_inf = torch.isinf(a) & torch.isinf(b) & (torch.sign(a) == torch.sign(b))
     d = (a - b).abs().masked_fill(same_inf | (torch.isnan(a) & torch.isnan(b)), 0.0)

@@ -7,6 +7,8 @@ import math
 import torch
 
 import fastattn
+from fastattn import fuzz
+from conftest import assert_all_ok
 
 
 def rand(*shape, seed, device="cpu", dtype=torch.float32, requires_grad=False):
@@ -41,6 +43,52 @@ def transposed_inputs_are_not_copied(monkeypatch, backend, op_name, device="cpu"
     assert seen == [(base.data_ptr(), q.stride())]
     qc = q.contiguous()
     torch.testing.assert_close(out, fastattn.attention(qc, qc, qc, backend=backend))
+
+
+def views_match_reference(backend, kind, dtype, device="cpu"):
+    """Every input laid out as ``kind`` (fuzz.VIEW_KINDS: transposed, stride 0 from expand,
+    overlapping rows from unfold, size-1 dims with odd strides), forward and every gradient: a
+    prefill-like case with a broadcast float bias and a gate, and a decode case (Lq = 1)."""
+    attn = {n: kind for n in ("q", "k", "v", "mask", "gate")}
+    cases = [
+        fuzz.make_attention_case(1, dtype, B=2, Hq=4, Hkv=2, Lq=9, Lk=13, D=16, Dv=8, mask="float_grad",
+                                 mask_shape=(1, 4, 9, 13), gate="elementwise", views=attn),
+        fuzz.make_attention_case(2, dtype, B=2, Hq=2, Hkv=1, Lq=1, Lk=13, D=16, causal="bottom_right", mask="bool",
+                                 gate="headwise", views=attn),
+    ]
+    for case in cases:
+        assert_all_ok(fuzz.check_attention(case, backend, device), case.id)
+    views = {n: kind for n in ("x", "scores", "weight")}
+    for op in ("softmax_gate", "score_softmax_gate"):
+        for pool in (False, True):
+            case = fuzz.make_gate_case(3, dtype, op=op, B=3, N=11, D=16, H=2, pool=pool, mask="random", views=views)
+            assert_all_ok(fuzz.check_gate(case, backend, device), case.id)
+
+
+def nan_reaches_rows_as_in_torch(backend, target, dtype, device="cpu"):
+    """A NaN in ``target`` makes the rows it reaches NaN (output, lse, gradients) exactly where the
+    float64 reference has NaN; fully masked rows stay 0 and masked keys get no NaN gradient."""
+    if target in ("x", "scores", "weight"):
+        op = "softmax_gate" if target == "scores" else "score_softmax_gate"
+        for pool in (False, True):
+            case = fuzz.make_gate_case(4, dtype, op=op, B=3, N=11, D=16, H=2, pool=pool, mask="empty", nan=target,
+                                       weights_grad=True)
+            assert_all_ok(fuzz.check_gate(case, backend, device), case.id)
+            assert fuzz._run_gate(case, dtype, device, backend)["y"].isnan().any(), "the NaN reached no output"
+        return
+    # A NaN value under a masked key is not promised to stay out (0 · NaN in the value GEMM), so v gets
+    # no mask. A NaN key under a float mask reaches even a -inf row (NaN + -inf is NaN, as in torch),
+    # so k gets a bool mask, whose fully masked row 0 must stay exactly 0.
+    mask = {"v": "none", "k": "bool"}.get(target, "float_grad")
+    case = fuzz.make_attention_case(5, dtype, B=2, Hq=2, Hkv=1, Lq=9, Lk=13, D=16, mask=mask, empty_rows=mask != "none",
+                                    gate="elementwise", nan=target, lse_grad=True)
+    assert_all_ok(fuzz.check_attention(case, backend, device), case.id)
+    got = fuzz._run_attention(case, dtype, device, backend)
+    assert got["out"].isnan().any(), "the NaN reached no row"
+    assert got["lse"].isnan().any() == (target in ("q", "k", "mask")), "lse is NaN exactly when the scores are"
+    if target == "k":
+        assert (got["out"][:, :, 0] == 0).all() and (got["lse"][:, :, 0] == -math.inf).all(), \
+            "a fully masked row is not exactly 0"
 
 
 # ------------------------------------------------------------------------------------ registration

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import fastattn
+from fastattn import fuzz
 from fastattn.testing import AttentionCase, attention_cases, check_attention
 import backend_checks as bc
 from conftest import DTYPES, assert_all_ok, dtype_id
@@ -28,6 +29,22 @@ def test_cpu_gradcheck_float64(causal):
     f = lambda q, k, v, b, g: fastattn.attention(q, k, v, attn_mask=b, gate=g, causal=causal,
                                                  return_lse=True, backend="cpu")
     assert torch.autograd.gradcheck(f, args)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("kind", fuzz.VIEW_KINDS)
+def test_every_view_matches_reference(kind, dtype, request):
+    if kind == "expand" and dtype in (torch.bfloat16, torch.float16):
+        # Expanded keys are identical, so exact dq = 0; delta computed from the rounded output
+        # breaks that in half precision (the saturated/repeated-key backward).
+        request.applymarker(pytest.mark.xfail(strict=True, reason="repeated keys: delta from the rounded output"))
+    bc.views_match_reference("cpu", kind, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("target", ["q", "k", "v", "mask", "gate", "x", "scores", "weight"])
+def test_nan_reaches_rows_as_in_torch(target, dtype):
+    bc.nan_reaches_rows_as_in_torch("cpu", target, dtype)
 
 
 def test_fully_masked_rows_are_zero_without_nan():

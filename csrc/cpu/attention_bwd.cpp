@@ -221,7 +221,7 @@ void attention_bwd_kernel(const BwdCtx<scalar_t, acc_t>& c, scalar_t* dk, scalar
 // -- per-row preparation: dO = dout * sig, delta = rowsum(dout * out) - dlse, dgate = dout * out * (1 - sig)
 template <typename scalar_t, typename acc_t>
 void prepare_rows(const AttnShape& s, const at::Tensor& dout, const at::Tensor& out, const scalar_t* gate,
-                  const acc_t* dlse, acc_t* dO, scalar_t* dO_low, acc_t* delta, scalar_t* dgate) {
+                  const acc_t* lse2, const acc_t* dlse, acc_t* dO, scalar_t* dO_low, acc_t* delta, scalar_t* dgate) {
   const int64_t Dv = s.Dv;
   const scalar_t* p_dout = dout.data_ptr<scalar_t>();
   const scalar_t* p_out = out.data_ptr<scalar_t>();
@@ -234,7 +234,16 @@ void prepare_rows(const AttnShape& s, const at::Tensor& dout, const at::Tensor& 
       convert_row(out_row.data(), p_out + row * Dv, Dv);
       delta[row] = dot(dout_row.data(), out_row.data(), Dv) - (dlse ? dlse[row] : acc_t(0));
       acc_t* dO_row = dO + row * Dv;
+      // A row with no allowed key passes no gradient to k and v, even a NaN one (its P is 0, and
+      // 0 * NaN inside the GEMMs would be NaN).
+      const bool empty = lse2[row] == -std::numeric_limits<acc_t>::infinity();
+      if (empty) {
+        delta[row] = 0;
+        std::fill_n(dO_row, Dv, acc_t(0));
+        if (dO_low) std::fill_n(dO_low + row * Dv, Dv, scalar_t(0));
+      }
       if (gate == nullptr) {
+        if (empty) continue;
         std::copy_n(dout_row.data(), Dv, dO_row);
         if (dO_low) std::copy_n(p_dout + b * d_sb + h * d_sh + i * d_sl, Dv, dO_low + row * Dv);
         continue;
@@ -242,11 +251,11 @@ void prepare_rows(const AttnShape& s, const at::Tensor& dout, const at::Tensor& 
       const scalar_t* g = gate + b * s.g_sb + h * s.g_sh + i * s.g_si;
       for (int64_t c = 0; c < Dv; ++c) {
         const acc_t sig = sigmoid(acc_t(g[c * s.g_sc]));
-        dO_row[c] = dout_row[c] * sig;
+        if (!empty) dO_row[c] = dout_row[c] * sig;
         tmp[c] = dout_row[c] * out_row[c] * (acc_t(1) - sig);
       }
       convert_row(dgate + row * Dv, tmp.data(), Dv);
-      if (dO_low) convert_row(dO_low + row * Dv, dO_row, Dv);
+      if (dO_low && !empty) convert_row(dO_low + row * Dv, dO_row, Dv);
     }
   });
 }
@@ -281,7 +290,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
 
   const at::Tensor dout_c = dout.stride(-1) == 1 ? dout : dout.contiguous();
   const at::Tensor out_c = out.contiguous();
-  const at::Tensor lse2 = lse.to(acc_type) * kLog2e;  // -inf stays -inf
+  const at::Tensor lse2 = (lse.to(acc_type) * kLog2e).contiguous();  // -inf stays -inf
   const at::Tensor dlse_c = dlse.has_value() ? dlse->to(acc_type).contiguous() : at::Tensor();
   at::Tensor dO = at::empty(out_shape, q.options().dtype(acc_type));
   at::Tensor delta = at::empty(row_shape, q.options().dtype(acc_type));
@@ -292,7 +301,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "attention_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* p_gate = gate.has_value() ? gate->data_ptr<scalar_t>() : nullptr;
-    prepare_rows<scalar_t, acc_t>(s, dout_c, out_c, p_gate, dlse_c.defined() ? dlse_c.data_ptr<acc_t>() : nullptr,
+    prepare_rows<scalar_t, acc_t>(s, dout_c, out_c, p_gate, lse2.data_ptr<acc_t>(), dlse_c.defined() ? dlse_c.data_ptr<acc_t>() : nullptr,
                                   dO.data_ptr<acc_t>(), bf16_dot ? dO_low.data_ptr<scalar_t>() : nullptr,
                                   delta.data_ptr<acc_t>(),
                                   gate.has_value() ? dgate.data_ptr<scalar_t>() : nullptr);

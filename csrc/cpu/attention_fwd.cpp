@@ -150,7 +150,7 @@ void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* 
         for (int64_t r = 0; r < bm; ++r) {
           acc_t* row = S + r * kBlockN;
           const acc_t m_old = m_buf[r];
-          const acc_t m_new = std::max(m_old, row_max(row, bn));
+          const acc_t m_new = nan_max(m_old, row_max(row, bn));  // a NaN score makes the whole row NaN
           if (m_new == kNegInf) {  // no allowed key yet: contributes nothing
             std::fill_n(row, bn, acc_t(0));
             continue;
@@ -171,8 +171,10 @@ void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* 
         const int64_t row_idx = (b * s.Hq + h) * s.Lq + i;
         acc_t* o = acc + r * Dv;
         const acc_t l = l_buf[r];
-        scale_row(o, l > acc_t(0) ? acc_t(1) / l : acc_t(0), Dv);
-        lse[row_idx] = l > acc_t(0) ? (m_buf[r] + std::log2(l)) * ln2 : kNegInf;
+        const bool empty = l == acc_t(0);  // no allowed key: exactly 0 (not 0 * V, which is NaN for V = inf)
+        if (empty) std::fill_n(o, Dv, acc_t(0));
+        else scale_row(o, acc_t(1) / l, Dv);
+        lse[row_idx] = empty ? kNegInf : (m_buf[r] + std::log2(l)) * ln2;
         if (gate != nullptr) {
           const scalar_t* g = gate + b * s.g_sb + h * s.g_sh + i * s.g_si;
           for (int64_t c = 0; c < Dv; ++c) o[c] *= sigmoid(acc_t(g[c * s.g_sc]));

@@ -30,6 +30,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 namespace fastattn::cpu {
 
@@ -77,15 +78,47 @@ void gemm_fallback(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, 
 }
 }  // namespace detail
 
-// Column-major BLAS sees a row-major matrix as its transpose, so C^T = op(B)^T op(A)^T is computed.
+namespace detail {
+// BLAS requires a leading dimension of at least the row length of the stored (row-major) matrix,
+// but torch views break that: rows that coincide (stride 0 from expand) or overlap (unfold), or a
+// single row whose stride is arbitrary (size-1 dims). MKL then prints an error, skips the call and
+// leaves C as it was. A one-row matrix gets a legal ld (its stride is never used); any other is
+// copied into buf with ld = cols.
+template <typename T>
+const T* legal_ld(const T* p, int64_t rows, int64_t cols, int64_t* ld, std::vector<T>& buf) {
+  const int64_t need = std::max<int64_t>(1, cols);
+  if (*ld >= need) return p;
+  if (rows <= 1) {
+    *ld = need;
+    return p;
+  }
+  buf.resize(size_t(rows * cols));
+  for (int64_t r = 0; r < rows; ++r) std::copy_n(p + r * *ld, cols, buf.data() + r * cols);
+  *ld = need;
+  return buf.data();
+}
+
+template <typename T, typename Blas>
+void gemm_blas(Blas blas, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
+               int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  thread_local std::vector<T> a_buf, b_buf;
+  a = legal_ld(a, trans_a ? k : m, trans_a ? m : k, &lda, a_buf);
+  b = legal_ld(b, trans_b ? n : k, trans_b ? k : n, &ldb, b_buf);
+  TORCH_INTERNAL_ASSERT(ldc >= n || m == 1, "gemm: output leading dimension ", ldc, " < ", n);
+  ldc = std::max<int64_t>(ldc, std::max<int64_t>(1, n));
+  // Column-major BLAS sees a row-major matrix as its transpose, so C^T = op(B)^T op(A)^T is computed.
+  const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
+  const int M = int(m), N = int(n), K = int(k), LDA = int(lda), LDB = int(ldb), LDC = int(ldc);
+  blas(&tb, &ta, &N, &M, &K, &alpha, b, &LDB, a, &LDA, &beta, c, &LDC);
+}
+}  // namespace detail
+
 inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
                  const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
                  int64_t ldc) {
   if (m == 0 || n == 0) return;
   if (kForceGemmFallback || sgemm_ == nullptr) return detail::gemm_fallback(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-  const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
-  const int M = int(m), N = int(n), K = int(k), LDA = int(lda), LDB = int(ldb), LDC = int(ldc);
-  sgemm_(&tb, &ta, &N, &M, &K, &alpha, b, &LDB, a, &LDA, &beta, c, &LDC);
+  detail::gemm_blas(sgemm_, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
 inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, double alpha,
@@ -93,9 +126,7 @@ inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, do
                  int64_t ldc) {
   if (m == 0 || n == 0) return;
   if (kForceGemmFallback || dgemm_ == nullptr) return detail::gemm_fallback(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-  const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
-  const int M = int(m), N = int(n), K = int(k), LDA = int(lda), LDB = int(ldb), LDC = int(ldc);
-  dgemm_(&tb, &ta, &N, &M, &K, &alpha, b, &LDB, a, &LDA, &beta, c, &LDC);
+  detail::gemm_blas(dgemm_, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -310,12 +341,24 @@ static FASTATTN_INLINE vfloat exp2_poly(vfloat x) {
   return x < splat(-126.f) ? splat(0.f) : p * two_n;
 }
 
+// NaN anywhere gives NaN (as torch's max), which then spreads through the row's softmax.
 FASTATTN_VEC_CLONES static float row_max_f32(const float* x, int64_t n) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   vfloat m = splat(kNegInf);
+  vint nan = vint{};
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) m = vmax(m, load(x + i));
-  if (i < n) m = vmax(m, load_tail(x + i, n - i, kNegInf));
+  for (; i + kLanes <= n; i += kLanes) {
+    const vfloat v = load(x + i);
+    m = vmax(m, v);
+    nan |= v != v;
+  }
+  if (i < n) {
+    const vfloat v = load_tail(x + i, n - i, kNegInf);
+    m = vmax(m, v);
+    nan |= v != v;
+  }
+  for (int l = 0; l < kLanes; ++l)
+    if (nan[l]) return std::numeric_limits<float>::quiet_NaN();
   return hmax(m);
 }
 
@@ -337,7 +380,12 @@ FASTATTN_VEC_CLONES static float exp2_shift_sum_f32(float* x, int64_t n, float s
 
 FASTATTN_VEC_CLONES static void softmax_grad_f32(float* ds, const float* p, const float* dp, float delta,
                                                  int64_t n) {
-  for (int64_t i = 0; i < n; ++i) ds[i] = p[i] * (dp[i] - delta);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const vfloat pv = load(p + i);
+    store(ds + i, pv == 0.f ? splat(0.f) : pv * (load(dp + i) - delta));
+  }
+  for (; i < n; ++i) ds[i] = p[i] == 0.f ? 0.f : p[i] * (dp[i] - delta);
 }
 
 FASTATTN_VEC_CLONES static void scale_row_f32(float* x, float a, int64_t n) {
@@ -353,28 +401,48 @@ FASTATTN_VEC_CLONES static float dot_f32(const float* a, const float* b, int64_t
 }
 }  // namespace detail
 
-// max_i x[i] (-inf for n == 0)
+// max_i x[i] (-inf for n == 0; NaN if any x[i] is NaN)
 inline float row_max(const float* x, int64_t n) { return detail::row_max_f32(x, n); }
 inline double row_max(const double* x, int64_t n) {
   double m = -std::numeric_limits<double>::infinity();
-  for (int64_t i = 0; i < n; ++i) m = std::max(m, x[i]);
+  for (int64_t i = 0; i < n; ++i) {
+    if (std::isnan(x[i])) return x[i];
+    m = std::max(m, x[i]);
+  }
   return m;
 }
 
-// x[i] = 2^(x[i] - shift); returns sum_i x[i]. shift must be finite.
-inline float exp2_shift_sum(float* x, int64_t n, float shift) { return detail::exp2_shift_sum_f32(x, n, shift); }
+// max(a, b) that keeps a NaN of either (std::max drops a NaN in its second argument).
+template <typename T>
+inline T nan_max(T a, T b) { return std::isnan(b) ? b : std::max(a, b); }
+
+// x[i] = 2^(x[i] - shift); returns sum_i x[i]. shift must be finite, or NaN (a row that a NaN
+// reached): then every x[i] becomes NaN except masked ones (-inf), which stay exactly 0.
+inline float exp2_shift_sum(float* x, int64_t n, float shift);
+inline double exp2_shift_sum(double* x, int64_t n, double shift);
+template <typename T>
+inline T exp2_nan_row(T* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = x[i] == -std::numeric_limits<T>::infinity() ? T(0) : std::numeric_limits<T>::quiet_NaN();
+  return std::numeric_limits<T>::quiet_NaN();
+}
+inline float exp2_shift_sum(float* x, int64_t n, float shift) {
+  if (std::isnan(shift)) return exp2_nan_row(x, n);
+  return detail::exp2_shift_sum_f32(x, n, shift);
+}
 inline double exp2_shift_sum(double* x, int64_t n, double shift) {
+  if (std::isnan(shift)) return exp2_nan_row(x, n);
   double sum = 0;
   for (int64_t i = 0; i < n; ++i) sum += (x[i] = std::exp2(x[i] - shift));
   return sum;
 }
 
-// dS = P * (dP - delta): the softmax backward, row-wise.
+// dS = P * (dP - delta): the softmax backward, row-wise. Where P is exactly 0 (a masked key) dS is
+// 0 even when a NaN reached the row's delta: masked keys take no part, NaN or not.
 inline void softmax_grad(float* ds, const float* p, const float* dp, float delta, int64_t n) {
   detail::softmax_grad_f32(ds, p, dp, delta, n);
 }
 inline void softmax_grad(double* ds, const double* p, const double* dp, double delta, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) ds[i] = p[i] * (dp[i] - delta);
+  for (int64_t i = 0; i < n; ++i) ds[i] = p[i] == 0 ? 0 : p[i] * (dp[i] - delta);
 }
 
 inline void scale_row(float* x, float a, int64_t n) { detail::scale_row_f32(x, a, n); }

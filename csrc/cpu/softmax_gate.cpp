@@ -379,21 +379,26 @@ int64_t rows_grain(int64_t row_elems) { return std::max<int64_t>(1, kMinTaskElem
 template <typename T>
 void softmax_over_positions(T* a, int64_t N, int64_t H) {
   std::vector<T> m(H, -std::numeric_limits<T>::infinity()), l(H, T(0));
-  // -- max over positions
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  // -- max over positions; a NaN score makes its head NaN (as torch's softmax)
   for (int64_t n = 0; n < N; ++n)
-    for (int64_t h = 0; h < H; ++h) m[h] = std::max(m[h], a[n * H + h]);
-  // -- exponentials in base 2 shifted by the max; a fully masked head keeps -inf everywhere, so 0
+    for (int64_t h = 0; h < H; ++h) m[h] = nan_max(m[h], a[n * H + h]);
+  // -- exponentials in base 2 shifted by the max; a fully masked head keeps -inf everywhere, so 0.
+  // Masked positions (-inf) stay -inf rather than -inf - max, which is NaN for a NaN max.
   for (int64_t h = 0; h < H; ++h)
-    if (m[h] == -std::numeric_limits<T>::infinity()) m[h] = 0;
+    if (m[h] == kNegInf) m[h] = 0;
   for (int64_t n = 0; n < N; ++n)
-    for (int64_t h = 0; h < H; ++h) a[n * H + h] = (a[n * H + h] - m[h]) * T(kLog2e);
+    for (int64_t h = 0; h < H; ++h) {
+      const T x = a[n * H + h];
+      a[n * H + h] = x == kNegInf ? kNegInf : (x - m[h]) * T(kLog2e);
+    }
   exp2_shift_sum(a, N * H, T(0));  // cpu_utils.h: vectorised, exactly 0 at -inf (masked positions)
-  // -- normalise
+  // -- normalise; 0 stays exactly 0 (masked positions, even in a NaN head)
   for (int64_t n = 0; n < N; ++n)
     for (int64_t h = 0; h < H; ++h) l[h] += a[n * H + h];
-  for (int64_t h = 0; h < H; ++h) l[h] = l[h] > 0 ? T(1) / l[h] : T(0);
+  for (int64_t h = 0; h < H; ++h) l[h] = l[h] == 0 ? T(0) : T(1) / l[h];
   for (int64_t n = 0; n < N; ++n)
-    for (int64_t h = 0; h < H; ++h) a[n * H + h] *= l[h];
+    for (int64_t h = 0; h < H; ++h) a[n * H + h] = a[n * H + h] == 0 ? T(0) : a[n * H + h] * l[h];
 }
 
 template <typename T>
@@ -413,7 +418,10 @@ void softmax_over_positions_bwd(T* g, const T* alpha, const T* dalpha, int64_t N
   for (int64_t n = 0; n < N; ++n)
     for (int64_t h = 0; h < H; ++h) delta[h] += alpha[n * H + h] * g[n * H + h];
   for (int64_t n = 0; n < N; ++n)
-    for (int64_t h = 0; h < H; ++h) g[n * H + h] = scale * alpha[n * H + h] * (g[n * H + h] - delta[h]);
+    for (int64_t h = 0; h < H; ++h) {
+      const T a = alpha[n * H + h];  // alpha = 0 (masked) gives 0, even where a NaN reached delta
+      g[n * H + h] = a == 0 ? T(0) : scale * a * (g[n * H + h] - delta[h]);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------------------

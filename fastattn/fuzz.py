@@ -1,0 +1,312 @@
+"""Seeded property fuzzing of every op against the float64 reference (SPEC §2 and §4).
+
+Each case is drawn from one integer seed over the whole input space a torch user can reach: sizes
+that are primes, 1 or 0, head dims 1-256, every dtype, GQA/MQA, every causal mode, bool and float
+masks of random broadcast shapes with fully masked rows and -inf entries, output gates, every kind
+of view (:data:`VIEW_KINDS`), NaN placed in any input, extreme scales. A case runs forward and
+backward on the backend, on the reference in the same dtype and on the reference in float64, and
+is judged by the rule of SPEC §4 (``testing.compare``), where NaN must appear exactly where the
+float64 reference has it. ``case.id`` (the seed and what it drew) reproduces a failure:
+``fastattn check --fuzz N --fuzz-seed S`` or :func:`attention_case` / :func:`gate_case`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+
+import torch
+
+from . import functional, testing
+
+# How an input tensor is laid out in memory (each is a view torch users make):
+#   contiguous; transposed (all dims but the last reversed in memory, e.g. (B, L, H, D) seen as
+#   (B, H, L, D)); expand (stride 0 along the length dim); unfold (rows overlapping: row stride 1 <
+#   the row length); size1 (size-1 dims given odd strides, e.g. a (B, H, 1, D) decode query with
+#   stride(2) == 1, which torch calls contiguous).
+VIEW_KINDS = ("contiguous", "transposed", "expand", "unfold", "size1")
+
+
+def view_of(shape, kind):
+    """(master_shape, build): ``build(t)`` of a tensor ``t`` of ``master_shape`` is a view of
+    ``shape`` laid out as ``kind``; gradients reach ``t`` through it."""
+    shape = tuple(shape)
+    n = len(shape)
+    if kind == "transposed" and n >= 3:
+        perm = list(reversed(range(n - 1))) + [n - 1]  # its own inverse
+        return tuple(shape[i] for i in perm), lambda t: t.permute(perm)
+    if kind == "expand" and n >= 2 and shape[-2] > 1:
+        return shape[:-2] + (1, shape[-1]), lambda t: t.expand(shape)
+    if kind == "unfold" and n >= 2 and shape[-2] > 1 and shape[-1] > 1:
+        L, D = shape[-2], shape[-1]
+        return shape[:-2] + (L - 1 + D,), lambda t: t.unfold(-1, D, 1)
+    if kind == "size1" and 1 in shape:
+        strides = list(torch.empty(shape).stride())
+        odd = iter((1, 3, 7, 5, 11))
+        strides = [next(odd) if s == 1 and i < n - 1 else st for i, (s, st) in enumerate(zip(shape, strides))]
+        return shape, lambda t: t.as_strided(shape, strides)
+    return shape, lambda t: t
+
+
+@dataclasses.dataclass
+class Input:
+    """A float64 master tensor and how the op sees it; ``grad`` when its gradient is checked."""
+    master: torch.Tensor
+    build: object
+    grad: bool = True
+
+    def leaf(self, device, dtype):
+        dt = dtype if self.master.is_floating_point() else self.master.dtype
+        t = testing.fresh(self.master, device, dt)
+        return t.requires_grad_(self.grad)
+
+
+def _sizes(rng, choices, zero_ok):
+    return 0 if zero_ok and rng.random() < 0.04 else rng.choice(choices)
+
+
+
+def _place_nan(rng, t, value=math.nan):
+    if t.numel():
+        t.view(-1)[rng.randrange(t.numel())] = value
+
+
+# --------------------------------------------------------------------------------------- attention
+@dataclasses.dataclass
+class AttentionFuzz:
+    seed: int
+    dtype: torch.dtype
+    desc: str
+    inputs: dict            # name -> Input (q, k, v, mask?, gate?, dout, dlse?)
+    causal: object
+    scale: float | None
+    lse_grad: bool
+
+    @property
+    def id(self):
+        return f"attention-seed{self.seed}-{testing.DTYPE_NAMES[self.dtype]}-{self.desc}"
+
+
+LENGTHS = (1, 2, 3, 5, 7, 13, 17, 31, 64, 97, 130)
+HEAD_DIMS = (1, 2, 3, 8, 16, 31, 40, 59, 64, 96, 128, 200, 256)
+
+
+def attention_case(seed, dtypes, max_len=130, max_dim=256) -> AttentionFuzz:
+    """The attention case drawn from ``seed`` (dtype among ``dtypes``)."""
+    rng = random.Random(seed)
+    lengths = [x for x in LENGTHS if x <= max_len]
+    dims = [x for x in HEAD_DIMS if x <= max_dim]
+    dtype = rng.choice(dtypes)
+    Hkv, group = rng.choice((1, 1, 2, 3)), rng.choice((1, 1, 2, 3))
+    B = 0 if rng.random() < 0.03 else rng.choice((1, 1, 2, 3))
+    Lq, Lk, D = _sizes(rng, lengths, True), _sizes(rng, lengths, True), _sizes(rng, dims, True)
+    Dv = D if rng.random() < 0.6 else _sizes(rng, dims, True)
+    causal = rng.choice((False, False, True, "bottom_right"))
+    mask = rng.choice(("none", "none", "bool", "float", "float_grad"))
+    mask_shape = tuple(s if rng.random() < 0.6 else 1 for s in (B, Hkv * group, Lq, Lk))  # each dim kept or 1
+    empty_rows = mask != "none" and rng.random() < 0.4 and mask_shape[2] > 0
+    gate = rng.choice(("none", "none", "elementwise", "headwise"))
+    views = {n: rng.choice(VIEW_KINDS) for n in ("q", "k", "v", "mask", "gate")}
+    nan = None
+    if rng.random() < 0.15:
+        # NaN in q, k, a float mask or the gate anywhere; in v only where every row sees every key
+        # (a NaN value under a masked key is 0 · NaN inside the value GEMM, which no kernel promises to skip)
+        nan = rng.choice(["q", "k"] + (["mask"] if mask.startswith("float") else []) + (["gate"] if gate != "none" else [])
+                         + (["v"] if mask == "none" and not causal else []))
+    return make_attention_case(
+        seed, dtype, B=B, Hq=Hkv * group, Hkv=Hkv, Lq=Lq, Lk=Lk, D=D, Dv=Dv, causal=causal, mask=mask,
+        mask_shape=mask_shape, empty_rows=empty_rows, gate=gate, views=views, nan=nan,
+        scale=rng.choice((None, None, None, 0.05, 2.0, 20.0)), lse_grad=rng.random() < 0.3)
+
+
+def make_attention_case(seed, dtype, *, B=2, Hq=2, Hkv=2, Lq=17, Lk=17, D=16, Dv=None, causal=False, mask="none",
+                        mask_shape=None, empty_rows=False, gate="none", views=None, nan=None, scale=None,
+                        lse_grad=False) -> AttentionFuzz:
+    """An attention case with the given parameters; values drawn from ``seed``. ``views`` maps
+    q/k/v/mask/gate to a :data:`VIEW_KINDS` entry; ``nan`` names the input that gets one NaN."""
+    rng = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    Dv = D if Dv is None else Dv
+    views = views or {}
+    desc = [f"B{B}-H{Hq}-{Hkv}-L{Lq}-{Lk}-D{D}-{Dv}", f"causal{causal}", f"mask-{mask}", f"gate-{gate}"]
+    if scale is not None:
+        desc.append(f"scale{scale}")
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    def tensor(name, shape, grad=True, values=randn):
+        kind = views.get(name, "contiguous")
+        master_shape, build = view_of(shape, kind)
+        if kind != "contiguous":
+            desc.append(f"{name}:{kind}")
+        return Input(values(*master_shape), build, grad)
+
+    inputs = {"q": tensor("q", (B, Hq, Lq, D)), "k": tensor("k", (B, Hkv, Lk, D)), "v": tensor("v", (B, Hkv, Lk, Dv))}
+    if mask != "none":
+        mask_shape = tuple(mask_shape or (B, Hq, Lq, Lk))
+
+        def mask_values(*ms):
+            if mask == "bool":
+                m = torch.rand(*ms, generator=g) < 0.75
+                if empty_rows:
+                    m[..., 0, :] = False
+                return m
+            m = randn(*ms).masked_fill(torch.rand(*ms, generator=g) < 0.15, -math.inf)
+            if empty_rows:
+                m[..., 0, :] = -math.inf
+            return m
+        # bool masks are not differentiable; float ones are checked when float_grad
+        inputs["mask"] = tensor("mask", mask_shape, grad=mask == "float_grad", values=mask_values)
+        desc.append(f"mask{list(mask_shape)}" + ("-emptyrows" if empty_rows else ""))
+    if gate != "none":
+        inputs["gate"] = tensor("gate", (B, Hq, Lq, Dv if gate == "elementwise" else 1))
+    inputs["dout"] = Input(randn(B, Hq, Lq, Dv), lambda t: t, grad=False)
+    if lse_grad:
+        inputs["dlse"] = Input(randn(B, Hq, Lq), lambda t: t, grad=False)
+    if nan is not None:
+        _place_nan(rng, inputs[nan].master)
+        desc.append(f"nan-{nan}")
+    return AttentionFuzz(seed, dtype, "-".join(desc), inputs, causal, scale, lse_grad)
+
+
+def _run_attention(case: AttentionFuzz, dtype, device, backend):
+    leaves = {n: i.leaf(device, dtype) for n, i in case.inputs.items()}
+    view = {n: case.inputs[n].build(t) for n, t in leaves.items()}
+    out, lse = functional.attention(view["q"], view["k"], view["v"], attn_mask=view.get("mask"),
+                                    causal=case.causal, gate=view.get("gate"), scale=case.scale,
+                                    return_lse=True, backend=backend)
+    outputs, grads = [out], [view["dout"]]
+    if case.lse_grad:
+        outputs.append(lse)
+        grads.append(view["dlse"].to(lse.dtype))
+    wants_grad = [n for n, i in case.inputs.items() if i.grad]
+    if out.requires_grad or lse.requires_grad:
+        torch.autograd.backward([o for o in outputs if o.requires_grad], [d for o, d in zip(outputs, grads)
+                                                                           if o.requires_grad])
+    res = {"out": out.detach(), "lse": lse.detach()}
+    for n in wants_grad:
+        g = leaves[n].grad
+        res["d" + n] = g if g is not None else torch.zeros_like(leaves[n])
+    return res
+
+
+def check_attention(case: AttentionFuzz, backend, device="cpu"):
+    got = _run_attention(case, case.dtype, device, backend)
+    lowp = _run_attention(case, case.dtype, device, "reference")
+    truth = _run_attention(case, torch.float64, device, "reference")
+    return [testing.compare(n, got[n], lowp[n], truth[n], case.dtype, 2 if n in ("out", "lse") else 3)
+            for n in truth]
+
+
+# ---------------------------------------------------------------------------------- softmax gates
+@dataclasses.dataclass
+class GateFuzz:
+    seed: int
+    dtype: torch.dtype
+    desc: str
+    op: str
+    inputs: dict
+    pool: bool
+    scale: float
+    weights_grad: bool
+
+    @property
+    def id(self):
+        return f"{self.op}-seed{self.seed}-{testing.DTYPE_NAMES[self.dtype]}-{self.desc}"
+
+
+def gate_case(seed, dtypes, max_len=130, max_dim=256) -> GateFuzz:
+    """The softmax-gate case drawn from ``seed`` (op and dtype among ``dtypes`` drawn too)."""
+    rng = random.Random(seed)
+    dtype = rng.choice(dtypes)
+    op = rng.choice(("softmax_gate", "score_softmax_gate"))
+    B = 0 if rng.random() < 0.03 else rng.choice((1, 2, 3, 5))
+    N = _sizes(rng, [x for x in LENGTHS if x <= max_len], True)
+    H = rng.choice((1, 1, 2, 3, 4, 8))
+    D = 0 if rng.random() < 0.03 else H * rng.choice([x for x in (1, 2, 3, 8, 16, 24) if H * x <= max_dim] or [1])
+    views = {n: rng.choice(VIEW_KINDS) for n in ("x", "scores", "weight")}
+    nan = rng.choice(("x", "scores" if op == "softmax_gate" else "weight")) if rng.random() < 0.15 else None
+    return make_gate_case(seed, dtype, op=op, B=B, N=N, D=D, H=H, pool=rng.random() < 0.5,
+                          scale=rng.choice((1.0, 1.0, 0.125, 10.0)) if op == "score_softmax_gate" else 1.0,
+                          mask=rng.choice(("none", "none", "random", "empty")), weights_grad=rng.random() < 0.3,
+                          views=views, nan=nan)
+
+
+def make_gate_case(seed, dtype, *, op="softmax_gate", B=3, N=17, D=16, H=2, pool=False, scale=1.0, mask="none",
+                   weights_grad=False, views=None, nan=None) -> GateFuzz:
+    """A softmax-gate case with the given parameters (as :func:`make_attention_case`)."""
+    rng = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    views = views or {}
+    desc = [f"B{B}-N{N}-D{D}-H{H}", "pool" if pool else "gated", f"mask-{mask}"]
+    if scale != 1.0:
+        desc.append(f"scale{scale}")
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    def tensor(name, shape, grad=True):
+        kind = views.get(name, "contiguous")
+        master_shape, build = view_of(shape, kind)
+        if kind != "contiguous":
+            desc.append(f"{name}:{kind}")
+        return Input(randn(*master_shape), build, grad)
+
+    inputs = {"x": tensor("x", (B, N, D))}
+    if op == "softmax_gate":
+        inputs["scores"] = tensor("scores", (B, N, H))
+    else:
+        inputs["weight"] = tensor("weight", (H, D))
+        inputs["weight"].master /= max(1, D) ** 0.5
+    if mask != "none":
+        m = torch.rand(B, N, generator=g) < 0.7
+        if mask == "empty" and B:
+            m[rng.randrange(B)] = False
+        inputs["mask"] = Input(m, lambda t: t, grad=False)
+    inputs["dy"] = Input(randn(B, D) if pool else randn(B, N, D), lambda t: t, grad=False)
+    if weights_grad:
+        inputs["dalpha"] = Input(randn(B, N, H), lambda t: t, grad=False)
+    if nan is not None:
+        _place_nan(rng, inputs[nan].master)
+        desc.append(f"nan-{nan}")
+    return GateFuzz(seed, dtype, "-".join(desc), op, inputs, pool, scale, weights_grad)
+
+
+def _run_gate(case: GateFuzz, dtype, device, backend):
+    leaves = {n: i.leaf(device, dtype) for n, i in case.inputs.items()}
+    view = {n: case.inputs[n].build(t) for n, t in leaves.items()}
+    if case.op == "softmax_gate":
+        y, alpha = functional.softmax_gate(view["scores"], view["x"], mask=view.get("mask"), pool=case.pool,
+                                           return_weights=True, backend=backend)
+    else:
+        y, alpha = functional.score_softmax_gate(view["x"], view["weight"], mask=view.get("mask"), scale=case.scale,
+                                                 pool=case.pool, return_weights=True, backend=backend)
+    outputs, grads = [y], [view["dy"]]
+    if case.weights_grad:
+        outputs.append(alpha)
+        grads.append(view["dalpha"].to(alpha.dtype))
+    if y.requires_grad:
+        torch.autograd.backward(outputs, grads)
+    res = {"y": y.detach(), "alpha": alpha.detach()}
+    for n, i in case.inputs.items():
+        if i.grad:
+            g = leaves[n].grad
+            res["d" + n] = g if g is not None else torch.zeros_like(leaves[n])
+    return res
+
+
+def check_gate(case: GateFuzz, backend, device="cpu"):
+    got = _run_gate(case, case.dtype, device, backend)
+    lowp = _run_gate(case, case.dtype, device, "reference")
+    truth = _run_gate(case, torch.float64, device, "reference")
+    return [testing.compare(n, got[n], lowp[n], truth[n], case.dtype, 2) for n in truth]
+
+
+def run(op, seed, backend, dtypes, device="cpu", **limits):
+    """(case id, comparisons) of the fuzz case ``seed`` of ``op`` ("attention" or "gates")."""
+    if op == "attention":
+        case = attention_case(seed, dtypes, **limits)
+        return case.id, check_attention(case, backend, device)
+    case = gate_case(seed, dtypes, **limits)
+    return case.id, check_gate(case, backend, device)
