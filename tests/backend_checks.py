@@ -2,6 +2,7 @@
 (test_attention_cpu.py / test_ops.py for "cpu", test_triton.py, test_cuda.py): fully masked rows,
 strided inputs reaching the kernel uncopied, torch.library.opcheck of the op family, and
 torch.compile(fullgraph=True) through every op."""
+import itertools
 import math
 
 import torch
@@ -69,8 +70,8 @@ def nan_reaches_rows_as_in_torch(backend, target, dtype, device="cpu"):
     """A NaN in ``target`` makes the rows it reaches NaN (output, lse, gradients) exactly where the
     float64 reference has NaN; fully masked rows stay 0 and masked keys get no NaN gradient."""
     if target in ("x", "scores", "weight"):
-        op = "softmax_gate" if target == "scores" else "score_softmax_gate"
-        for pool in (False, True):
+        ops = {"scores": ["softmax_gate"], "weight": ["score_softmax_gate"]}.get(target, ["softmax_gate", "score_softmax_gate"])
+        for op, pool in itertools.product(ops, (False, True)):
             case = fuzz.make_gate_case(4, dtype, op=op, B=3, N=11, D=16, H=2, pool=pool, mask="empty", nan=target,
                                        weights_grad=True)
             assert_all_ok(fuzz.check_gate(case, backend, device), case.id)

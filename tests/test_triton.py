@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import fastattn
+from fastattn import fuzz
 from fastattn.testing import (AttentionCase, attention_cases, check_attention, check_gate,
                               gate_cases)
 import backend_checks as bc
@@ -65,6 +66,22 @@ def test_triton_gates_two_pass(case, dtype, monkeypatch):
 
 def test_fully_masked_rows_are_zero_without_nan():
     bc.fully_masked_rows_are_zero_without_nan("triton", DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("kind", fuzz.VIEW_KINDS)
+def test_every_view_matches_reference(kind, dtype, request):
+    if kind == "expand" and dtype in (torch.bfloat16, torch.float16):
+        # Expanded keys are identical, so exact dq = 0; delta computed from the rounded output
+        # breaks that in half precision (the saturated/repeated-key backward).
+        request.applymarker(pytest.mark.xfail(strict=True, reason="repeated keys: delta from the rounded output"))
+    bc.views_match_reference("triton", kind, dtype, DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("target", ["q", "k", "v", "mask", "gate", "x", "scores", "weight"])
+def test_nan_reaches_rows_as_in_torch(target, dtype):
+    bc.nan_reaches_rows_as_in_torch("triton", target, dtype, DEVICE)
 
 
 def test_transposed_inputs_are_not_copied(monkeypatch):

@@ -160,7 +160,7 @@ def _attn_fwd(Q, K, V, MASK, GATE, OUT, LSE,
     # -- epilogue: normalise, lse (natural log), output gate; empty rows give 0 and -inf
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
-    o = acc / l_safe[:, None]
+    o = tl.where(empty[:, None], 0.0, acc / l_safe[:, None])  # exactly 0, also where a masked value is NaN
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
     m_row = offs_m < Lq
     m_o = m_row[:, None] & (offs_dv[None, :] < Dv)
@@ -175,7 +175,7 @@ def _attn_fwd(Q, K, V, MASK, GATE, OUT, LSE,
 
 # ----------------------------------------------------------------------------------------- backward
 @triton.jit
-def _attn_bwd_prep(OUT, DOUT, GATE, DLSE, DELTA, DO_GATED, DGATE,
+def _attn_bwd_prep(OUT, DOUT, GATE, DLSE, LSE, DELTA, DO_GATED, DGATE,
                    stride_db, stride_dh, stride_dm, stride_gb, stride_gh, stride_gi, stride_gc,
                    Hq, Lq, Dv,
                    HAS_GATE: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
@@ -201,7 +201,10 @@ def _attn_bwd_prep(OUT, DOUT, GATE, DLSE, DELTA, DO_GATED, DGATE,
                     mask=m_o, other=0.0).to(tl.float32)
         sig = tl.sigmoid(g)
         p_row = (row0 + offs_m[:, None]) * Dv + offs_dv[None, :]
-        tl.store(DO_GATED + p_row, (do * sig).to(DO_GATED.dtype.element_ty), mask=m_o)
+        # a row with no allowed key passes no gradient to v, even through a NaN gate (P = 0, but 0 * NaN
+        # inside the dV dot would be NaN)
+        empty = tl.load(LSE + row0 + offs_m, mask=m_row, other=0.0) == float("-inf")
+        tl.store(DO_GATED + p_row, tl.where(empty[:, None], 0.0, do * sig).to(DO_GATED.dtype.element_ty), mask=m_o)
         tl.store(DGATE + p_row, (do * o * (1.0 - sig)).to(DGATE.dtype.element_ty), mask=m_o)
 
 
@@ -225,12 +228,13 @@ def _dkdv_tiles(dk, dv, k, v, p_q, p_do, p_lse, p_delta, p_mask, offs_n, offs_d,
         sT = _dot(k, qT, None, DOT_PREC) * qk_scale
         sT = _mask_scores(sT, p_mask, offs_m[None, :], offs_n[:, None], Lq, Lk, stride_mi, stride_mj,
                           causal_off, MASK_KIND, CAUSAL_TILE)
-        pT = tl.math.exp2(sT - lse2[None, :])
+        # masked keys (-inf) get P = 0 and dS = 0 even in a row that a NaN reached (NaN lse / delta)
+        pT = tl.where(sT == float("-inf"), 0.0, tl.math.exp2(sT - lse2[None, :]))
         # -- dV += P^T dO
         dv = _dot(pT.to(do.dtype), do, dv, DOT_PREC)
         # -- dP^T = V dO^T, dS^T = P^T * (dP^T - delta)
         dpT = _dot(v, tl.trans(do), None, DOT_PREC)
-        dsT = pT * (dpT - delta[None, :])
+        dsT = tl.where(sT == float("-inf"), 0.0, pT * (dpT - delta[None, :]))
         # -- dK += dS^T Q (scale applied once at the end)
         dk = _dot(dsT.to(qT.dtype), tl.trans(qT), dk, DOT_PREC)
     return dk, dv
@@ -309,10 +313,10 @@ def _dq_tiles(dq, q, do, lse2, delta, p_k, p_v, p_mask, p_dmask, offs_m, offs_d,
         s = _dot(q, kT, None, DOT_PREC) * qk_scale
         s = _mask_scores(s, p_mask, offs_m[:, None], offs_n[None, :], Lq, Lk, stride_mi, stride_mj,
                          causal_off, MASK_KIND, CAUSAL_TILE)
-        p = tl.math.exp2(s - lse2[:, None])
+        p = tl.where(s == float("-inf"), 0.0, tl.math.exp2(s - lse2[:, None]))  # as in _dkdv_tiles
         # -- dP = dO V^T, dS = P * (dP - delta)
         dp = _dot(do, vT, None, DOT_PREC)
-        ds = p * (dp - delta[:, None])
+        ds = tl.where(s == float("-inf"), 0.0, p * (dp - delta[:, None]))
         if NEED_DMASK:  # dL/d(bias) = dS (the bias enters the scores with weight 1)
             tl.store(p_dmask + offs_m[:, None] * Lk + offs_n[None, :], ds.to(p_dmask.dtype.element_ty),
                      mask=(offs_m[:, None] < Lq) & m_key[None, :])
@@ -464,7 +468,7 @@ def attention_bwd(dout, q, k, v, out, lse, mask, gate, dlse, scale, causal, need
     else:
         do_gated, dgate, gate_t, gs = delta, q.new_empty((0,)), q, (0, 0, 0, 0)
     wrap_triton(_attn_bwd_prep)[(triton.cdiv(Lq, C.PREP_BLOCK_M), B * Hq)](
-        out, dout, gate_t, dlse_t, delta, do_gated, dgate if gate is not None else delta,
+        out, dout, gate_t, dlse_t, lse, delta, do_gated, dgate if gate is not None else delta,
         dout.stride(0), dout.stride(1), dout.stride(2), *gs, Hq, Lq, Dv,
         HAS_GATE=gate is not None, HAS_DLSE=dlse is not None,
         BLOCK_M=C.PREP_BLOCK_M, BLOCK_DV=C.head_block(Dv))

@@ -34,6 +34,24 @@ LOG2E: tl.constexpr = tl.constexpr(C.LOG2E)
 
 
 @triton.jit
+def _onehot_dot(a, onehot, acc):
+    """acc + a @ onehot for a 0/1 matrix that maps each row of onehot's inputs to one output (heads
+    to channels, channels to heads). A plain dot would spread a NaN or inf of ``a`` to every output
+    through NaN · 0 and inf · 0; here non-finite values reach only the outputs they map to, and sum
+    as IEEE does (inf + -inf = NaN). The fix-up runs only for tiles that hold a non-finite value."""
+    finite = tl.abs(a) < float("inf")
+    acc = tl.dot(tl.where(finite, a, 0.0), onehot, acc, input_precision="ieee")
+    if tl.sum((~finite).to(tl.int32)) > 0:
+        n_nan = tl.dot((a != a).to(tl.float32), onehot, input_precision="ieee")
+        n_pos = tl.dot((a == float("inf")).to(tl.float32), onehot, input_precision="ieee")
+        n_neg = tl.dot((a == float("-inf")).to(tl.float32), onehot, input_precision="ieee")
+        acc = tl.where(n_pos > 0, float("inf"), acc)
+        acc = tl.where(n_neg > 0, float("-inf"), acc)
+        acc = tl.where((n_nan > 0) | ((n_pos > 0) & (n_neg > 0)), float("nan"), acc)
+    return acc
+
+
+@triton.jit
 def _load_keep(MASK, b, offs_n, N, stride_mb, stride_mn, HAS_MASK: tl.constexpr):
     """[BLOCK_N] positions that take part: in range and (with a mask) True."""
     ok = offs_n < N
@@ -68,11 +86,12 @@ def _gate_fused_fwd(X, S, W, MASK, Y, ALPHA,
     m = tl.max(s2, 0)
     e = tl.math.exp2(s2 - tl.where(m == float("-inf"), 0.0, m)[None, :])
     l = tl.sum(e, 0)
-    alpha = e / tl.where(l == 0.0, 1.0, l)[None, :]
+    # masked positions are exactly 0, even in a head that a NaN reached (where 0 / NaN would be NaN)
+    alpha = tl.where(s2 == float("-inf"), 0.0, e / tl.where(l == 0.0, 1.0, l)[None, :])
     tl.store(ALPHA + (b * N + offs_n[:, None]) * H + offs_h[None, :], alpha, mask=m_n[:, None] & m_h[None, :])
     # -- alpha per channel: [BLOCK_N, BLOCK_H] @ one-hot [BLOCK_H, BLOCK_D] (exact in fp32)
     onehot = ((offs_c[None, :] // Dh) == offs_h[:, None]) & m_c[None, :]
-    a_full = tl.dot(alpha, onehot.to(tl.float32), input_precision="ieee")
+    a_full = _onehot_dot(alpha, onehot.to(tl.float32), tl.zeros([BLOCK_N, BLOCK_D], tl.float32))
     y = a_full * x.to(tl.float32)
     if POOL:
         tl.store(Y + b * D + offs_c, tl.sum(y, 0).to(Y.dtype.element_ty), mask=m_c)
@@ -132,7 +151,7 @@ def _gate_stats(S, MASK, ALPHA, stride_sb, stride_sn, stride_mb, stride_mn, N, H
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         s2 = _scores_log2(S, MASK, b, offs_n, offs_h, m_h, N, stride_sb, stride_sn, stride_mb, stride_mn, HAS_MASK)
-        alpha = tl.math.exp2(s2 - m_safe[None, :]) * inv_l[None, :]
+        alpha = tl.where(s2 == float("-inf"), 0.0, tl.math.exp2(s2 - m_safe[None, :]) * inv_l[None, :])
         tl.store(ALPHA + (b * N + offs_n[:, None]) * H + offs_h[None, :], alpha,
                  mask=(offs_n[:, None] < N) & m_h[None, :])
 
@@ -194,7 +213,7 @@ def _gate_bwd_rows(DY, X, ALPHA, DALPHA, G, DX, stride_dyb, stride_dyn, stride_x
             tl.store(DX + (b * N + offs_n[:, None]) * D + offs_c[None, :], (a * dy).to(DX.dtype.element_ty), mask=m)
         # -- per-head row sums: [BLOCK_N, BLOCK_D] @ one-hot [BLOCK_D, BLOCK_H]
         onehot = ((offs_c[:, None] // Dh) == offs_h[None, :]) & (offs_c[:, None] < D)
-        g = tl.dot(dy * x.to(tl.float32), onehot.to(tl.float32), g, input_precision="ieee")
+        g = _onehot_dot(dy * x.to(tl.float32), onehot.to(tl.float32), g)
     m_g = m_n[:, None] & (offs_h[None, :] < H)
     p_g = (b * N + offs_n[:, None]) * H + offs_h[None, :]
     if HAS_DALPHA:
@@ -213,13 +232,15 @@ def _gate_bwd_ds(ALPHA, G, DS, N, H, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexp
         offs_n = n0 + tl.arange(0, BLOCK_N)
         m = (offs_n[:, None] < N) & m_h[None, :]
         p = (b * N + offs_n[:, None]) * H + offs_h[None, :]
-        dot += tl.sum(tl.load(ALPHA + p, mask=m, other=0.0) * tl.load(G + p, mask=m, other=0.0), 0)
+        a = tl.load(ALPHA + p, mask=m, other=0.0)
+        dot += tl.sum(tl.where(a == 0.0, 0.0, a * tl.load(G + p, mask=m, other=0.0)), 0)  # masked: 0 even if g is NaN
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         m = (offs_n[:, None] < N) & m_h[None, :]
         p = (b * N + offs_n[:, None]) * H + offs_h[None, :]
         a = tl.load(ALPHA + p, mask=m, other=0.0)
-        tl.store(DS + p, (a * (tl.load(G + p, mask=m, other=0.0) - dot[None, :])).to(DS.dtype.element_ty), mask=m)
+        ds = tl.where(a == 0.0, 0.0, a * (tl.load(G + p, mask=m, other=0.0) - dot[None, :]))
+        tl.store(DS + p, ds.to(DS.dtype.element_ty), mask=m)
 
 
 @triton.jit
