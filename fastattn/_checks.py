@@ -1,12 +1,24 @@
-"""Input checks at the API boundary. Every message names the argument and what was expected."""
+"""Input checks at the API boundary. Every message names the argument and what was expected.
+
+Shape checks go through :func:`require` (``torch._check_with``): on concrete sizes it raises the
+given error at once; on symbolic sizes (torch.compile, torch.export with a data-dependent batch) it
+records a runtime assertion instead of guarding, so tracing never stops on a shape check.
+"""
 from __future__ import annotations
 
 import math
 import numbers
 
 import torch
+import torch.nn.attention.bias
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def require(cond, error, message):
+    """Raise ``error(message)`` unless ``cond``; never guards on symbolic sizes (see above)."""
+    torch._check_with(error, cond, lambda: message)
 
 
 def tensor(name, t, ndim=None, allow_bool=False):
@@ -33,8 +45,34 @@ def broadcastable(name, t, shape, names):
         raise ValueError(f"{name}: expected at most {len(shape)} dims broadcastable to "
                          f"{_fmt(shape, names)}, got shape {tuple(t.shape)}")
     for got, want in zip(reversed(t.shape), reversed(shape)):
-        if got not in (1, want):
-            raise ValueError(f"{name}: shape {tuple(t.shape)} is not broadcastable to {_fmt(shape, names)}")
+        # want first: the same symbol on both sides is known equal without a guard
+        require(sym_or(_eq(got, want), _eq(got, 1)), ValueError,
+                f"{name}: shape {tuple(t.shape)} is not broadcastable to {_fmt(shape, names)}")
+
+
+def sym_or(a, b):
+    """a or b without a guard: plain bools combine in Python (what dynamo traces), SymBools symbolically."""
+    if isinstance(a, bool) and isinstance(b, bool):
+        return a or b
+    if a is True or b is True:
+        return True
+    from torch.fx.experimental.symbolic_shapes import sym_or as sym
+    return sym(a, b)
+
+
+def sym_and(a, b):
+    if isinstance(a, bool) and isinstance(b, bool):
+        return a and b
+    if a is False or b is False:
+        return False
+    from torch.fx.experimental.symbolic_shapes import sym_and as sym
+    return sym(a, b)
+
+
+def _eq(a, b):
+    """a == b: True when known statically (the same symbol on both sides), else a SymBool that
+    ``require`` defers, never a guard."""
+    return True if statically_known_true(a == b) else a == b
 
 
 def _fmt(shape, names):
@@ -62,16 +100,16 @@ def attention_inputs(q, k, v, attn_mask, gate, scale_, dropout_p):
     B, Hq, Lq, D = q.shape
     Bk, Hkv, Lk, Dk = k.shape
     Bv, Hv, Lv, Dv = v.shape
-    if Bk != B or Bv != B:
-        raise ValueError(f"k, v: batch size must match q's ({B}), got k {Bk} and v {Bv}")
-    if Hv != Hkv:
-        raise ValueError(f"v: expected {Hkv} heads like k, got {Hv}")
-    if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(f"k: number of kv heads ({Hkv}) must divide the query heads of q ({Hq})")
-    if Dk != D:
-        raise ValueError(f"k: head dim must equal q's ({D}), got {Dk}")
-    if Lv != Lk:
-        raise ValueError(f"v: sequence length must equal k's ({Lk}), got {Lv}")
+    require(sym_and(_eq(Bk, B), _eq(Bv, B)), ValueError, f"k, v: batch size must match q's ({B}), got k {Bk} and v {Bv}")
+    require(_eq(Hv, Hkv), ValueError, f"v: expected {Hkv} heads like k, got {Hv}")
+    # Hq == Hkv == 0 is an empty problem (as SDPA); otherwise the kv heads divide the query heads
+    heads = f"k: number of kv heads ({Hkv}) must divide the query heads of q ({Hq})"
+    if isinstance(Hkv, int) and Hkv == 0:
+        require(_eq(Hq, 0), ValueError, heads)
+    else:
+        require(Hq % Hkv == 0, ValueError, heads)
+    require(_eq(Dk, D), ValueError, f"k: head dim must equal q's ({D}), got {Dk}")
+    require(_eq(Lv, Lk), ValueError, f"v: sequence length must equal k's ({Lk}), got {Lv}")
     if attn_mask is not None:
         tensor("attn_mask", attn_mask, allow_bool=True)
         same([("q", q), ("attn_mask", attn_mask)], "device")
@@ -93,23 +131,99 @@ def gate_inputs(x, scores=None, weight=None, mask=None):
         tensor("scores", scores, ndim=3)
         same([("x", x), ("scores", scores)], "dtype")
         same([("x", x), ("scores", scores)], "device")
-        if tuple(scores.shape[:2]) != (B, N):
-            raise ValueError(f"scores: expected shape (B={B}, N={N}, H), got {tuple(scores.shape)}")
+        require(sym_and(_eq(scores.shape[0], B), _eq(scores.shape[1], N)), ValueError,
+                f"scores: expected shape (B={B}, N={N}, H), got {tuple(scores.shape)}")
         H, what = scores.shape[2], "scores"
     else:
         tensor("weight", weight, ndim=2)
         same([("x", x), ("weight", weight)], "dtype")
         same([("x", x), ("weight", weight)], "device")
-        if weight.shape[1] != D:
-            raise ValueError(f"weight: expected shape (H, D={D}), got {tuple(weight.shape)}")
+        require(_eq(weight.shape[1], D), ValueError, f"weight: expected shape (H, D={D}), got {tuple(weight.shape)}")
         H, what = weight.shape[0], "weight"
-    if H == 0 or D % H != 0:
-        raise ValueError(f"{what}: the number of heads H={H} must divide x's channels D={D}")
+    divides = f"{what}: the number of heads H={H} must divide x's channels D={D}"
+    require(not (isinstance(H, int) and H == 0), ValueError, divides)
+    require(D % H == 0, ValueError, divides)
     if mask is not None:
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
             raise TypeError(f"mask: expected a bool tensor (True = position takes part), got "
                             f"{getattr(mask, 'dtype', type(mask).__name__)}")
         same([("x", x), ("mask", mask)], "device")
-        if tuple(mask.shape) != (B, N):
-            raise ValueError(f"mask: expected shape (B={B}, N={N}), got {tuple(mask.shape)}")
+        require(mask.dim() == 2 and sym_and(_eq(mask.shape[0], B), _eq(mask.shape[1], N)), ValueError,
+                f"mask: expected shape (B={B}, N={N}), got {tuple(mask.shape)}")
     return B, N, D, H
+
+
+# --------------------------------------------------------------------------------------- SDPA drop-in
+# The drop-in raises what torch.nn.functional.scaled_dot_product_attention raises: RuntimeError with
+# torch's messages (dtype names as c10 prints them), so code and tests written against torch see the
+# same exceptions.
+_C10_NAMES = {torch.float32: "float", torch.float64: "double", torch.float16: "c10::Half",
+              torch.bfloat16: "c10::BFloat16", torch.int64: "long int", torch.int32: "int", torch.int16: "short int",
+              torch.int8: "signed char", torch.uint8: "unsigned char", torch.bool: "bool"}
+
+
+def _c10(dtype):
+    return _C10_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def sdpa_inputs(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa):
+    for n, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"scaled_dot_product_attention(): argument '{n}' must be Tensor, not {type(t).__name__}")
+    if query.dim() < 2 or key.dim() < 2 or value.dim() < 2:
+        raise RuntimeError(f"Expected query, key, and value to all be  at least 2 dimensional, but got query.dim: "
+                           f"{query.dim()} key.dim: {key.dim()} and value.dim: {value.dim()} instead.")
+    if not (query.dtype == key.dtype == value.dtype):
+        raise RuntimeError(f"Expected query, key, and value to have the same dtype, but got query.dtype: "
+                           f"{_c10(query.dtype)} key.dtype: {_c10(key.dtype)} and value.dtype: {_c10(value.dtype)} "
+                           f"instead.")
+    if not (query.device == key.device == value.device):
+        raise RuntimeError(f"Expected query, key, and value to have the same device type, but got query.device: "
+                           f"{query.device} key.device: {key.device} and value.device: {value.device} instead.")
+    if not query.is_floating_point():
+        raise RuntimeError(f"expected scalar type Float but found {_c10(query.dtype).capitalize()}")
+    if attn_mask is not None:
+        if attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
+            raise RuntimeError(f"Expected attn_mask dtype to be bool or float or to match query dtype, but got "
+                               f"attn_mask.dtype: {_c10(attn_mask.dtype)} and  query.dtype: {_c10(query.dtype)} "
+                               f"instead.")
+        if attn_mask.device != query.device:
+            raise RuntimeError(f"Expected attn_mask to be on the same device as query, got {attn_mask.device} "
+                               f"and {query.device}")
+        if is_causal:
+            raise RuntimeError("_scaled_dot_product_attention: Explicit attn_mask should not be set when "
+                               "is_causal=True")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p <= 1.0:
+        raise RuntimeError(f"dropout probability has to be between 0 and 1, but got {dropout_p}")
+    E, Ek = query.shape[-1], key.shape[-1]
+    require(_eq(E, Ek), RuntimeError, f"Expected query and key to have the same head dim (last dim), got "
+                                      f"query {tuple(query.shape)} and key {tuple(key.shape)}")
+    require(_eq(key.shape[-2], value.shape[-2]), RuntimeError,
+            f"Expected key and value to have the same sequence length, got key {tuple(key.shape)} and value "
+            f"{tuple(value.shape)}")
+    heads = [t.shape[-3] if t.dim() >= 3 else 1 for t in (query, key, value)]
+    Hq, Hk, Hv = heads
+    if enable_gqa and not (isinstance(Hk, int) and Hk == 0):
+        require(Hq % Hk == 0 and Hq % Hv == 0 if Hk and Hv else False, RuntimeError,
+                "Number of heads in key and value must divide the number of heads in query")
+    else:  # heads broadcast as any other dim
+        for h, name in ((Hk, "key"), (Hv, "value")):
+            require(sym_or(_eq(h, Hq), sym_or(_eq(h, 1), _eq(Hq, 1))), RuntimeError,
+                    f"The size of tensor a ({Hq}) must match the size of tensor b ({h}) at non-singleton dimension "
+                    f"{query.dim() - 3} ({name} has {h} heads, query {Hq}; pass enable_gqa=True for grouped-query "
+                    f"attention)")
+    lead = query.shape[:-3], key.shape[:-3], value.shape[:-3]
+    try:
+        torch.broadcast_shapes(*lead)
+    except RuntimeError as e:
+        raise RuntimeError(f"query, key and value batch dims do not broadcast: {e}") from None
+    if attn_mask is not None and not isinstance(attn_mask, torch.nn.attention.bias.CausalBias):
+        scores = (*torch.broadcast_shapes(*lead), Hq, query.shape[-2], key.shape[-2])
+        if attn_mask.dim() > len(scores):
+            raise RuntimeError(f"attn_mask: expected at most {len(scores)} dims broadcastable to the scores "
+                               f"{tuple(scores)}, got shape {tuple(attn_mask.shape)}")
+        for i, (want, got) in enumerate(zip(reversed(scores), reversed(attn_mask.shape))):
+            require(sym_or(_eq(got, want), _eq(got, 1)), RuntimeError,
+                    f"The size of tensor a ({want}) must match the size of tensor b ({got}) at non-singleton "
+                    f"dimension {len(scores) - 1 - i} (attn_mask {tuple(attn_mask.shape)} against the scores "
+                    f"{tuple(scores)})")

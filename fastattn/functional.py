@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.fx.experimental.symbolic_shapes import guard_or_false
+from torch.nn.attention.bias import CausalBias, CausalVariant
 
 from . import _checks
 from .backends import Problem, select
@@ -41,15 +43,39 @@ def attention(q, k, v, *, attn_mask=None, causal=False, scale=None, gate=None, d
     Returns:
         out (B, Hq, Lq, Dv) in q's dtype (rows with no allowed key are 0), and lse if asked.
     """
+    attn_mask, causal = _causal_bias(attn_mask, causal)
     B, Hq, Hkv, Lq, Lk, D, Dv = _checks.attention_inputs(q, k, v, attn_mask, gate, scale, dropout_p)
     code = causal_code(causal)
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    scale = default_scale(D) if scale is None else float(scale)
     problem = Problem("attention", q.device.type, q.dtype, D=D, Dv=Dv, dropout=dropout_p > 0)
     impl = select(backend, problem)
-    if q.numel() == 0 or Lk == 0 or v.numel() == 0:
+    if _maybe_zero(B, Hq, Lq, Lk, D, Dv):
         impl = select("reference", problem)  # empty problems: no kernel launch
     out, lse = impl.attention(q, k, v, attn_mask, gate, scale, code, dropout_p)
     return (out, lse) if return_lse else out
+
+
+def default_scale(D):
+    """1/sqrt(D); 1 for D = 0, where every score is 0 whatever the scale (SDPA's output there is
+    the plain mean of the values)."""
+    return 1.0 / math.sqrt(D) if D else 1.0
+
+
+def _maybe_zero(*sizes):
+    """Whether any size is 0, decided without a guard: an unknown symbolic size (torch.export with a
+    data-dependent batch) counts as nonzero, and the kernels handle 0 at run time."""
+    return any(guard_or_false(n == 0) for n in sizes)
+
+
+def _causal_bias(attn_mask, causal):
+    """torch's CausalBias masks (torch.nn.attention.bias.causal_upper_left / causal_lower_right) map
+    onto fastattn's own causal modes, which are faster than any mask; other masks pass through."""
+    if not isinstance(attn_mask, CausalBias):
+        return attn_mask, causal
+    if causal:
+        raise ValueError("CausalBias should not be used with causal=True")
+    square = attn_mask.seq_len_q == attn_mask.seq_len_kv
+    return None, True if square or attn_mask.variant == CausalVariant.UPPER_LEFT else "bottom_right"
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
@@ -57,44 +83,36 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` on fastattn's kernels.
 
     Same signature, shapes ((N, ..., Hq, L, E) with any leading dims, broadcast as SDPA does), mask
-    semantics (bool True = attend, float added; dtype bool, float32 or query's), errors for
-    attn_mask with is_causal, and results (rows with no allowed key give 0, as SDPA).
+    semantics (bool True = attend, float added; dtype bool, float32 or query's; torch's CausalBias
+    masks), errors (torch's exception types and messages), and results (rows with no allowed key
+    give 0, as SDPA; zero-size dims give SDPA's shapes and values).
     """
-    for n, t in (("query", query), ("key", key), ("value", value)):
-        _checks.tensor(n, t)
-        if t.dim() < 2:
-            raise ValueError(f"{n}: expected at least 2 dims (..., L, E), got shape {tuple(t.shape)}")
-    if attn_mask is not None and is_causal:
-        raise RuntimeError("attn_mask: an explicit attn_mask must not be set when is_causal=True "
-                           "(as torch.nn.functional.scaled_dot_product_attention)")
-    if attn_mask is not None and attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
-        raise TypeError(f"attn_mask: expected dtype bool, float32 or query's dtype ({query.dtype}), "
-                        f"got {attn_mask.dtype}")
+    if isinstance(attn_mask, CausalBias):
+        if is_causal:
+            raise ValueError("CausalBias should not be used with causal=True")
+    _checks.sdpa_inputs(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+    causal = bool(is_causal)
+    if isinstance(attn_mask, CausalBias):
+        attn_mask, causal = _causal_bias(attn_mask, False)
 
     def heads(t):
         return t.shape[-3] if t.dim() >= 3 else 1
 
-    Hq, Hk, Hv = heads(query), heads(key), heads(value)
-    if Hk != Hv:
-        raise ValueError(f"value: expected {Hk} heads like key, got {Hv}")
-    if Hk != Hq and not (enable_gqa and Hq % Hk == 0) and Hk != 1:
-        raise ValueError(f"key: {Hk} heads do not match query's {Hq}; pass enable_gqa=True for grouped "
-                         f"query attention (query heads a multiple of key heads)")
+    Hq, Hk = heads(query), heads(key)
     lead = torch.broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3])
+    N = math.prod(lead)
     L, S, E, Ev = query.shape[-2], key.shape[-2], query.shape[-1], value.shape[-1]
 
     def to4d(t, h, length, d):
-        return t.expand(*lead, *t.shape[-3 if t.dim() >= 3 else -2:]).reshape(-1, h, length, d)
+        return t.expand(*lead, *t.shape[-3 if t.dim() >= 3 else -2:]).reshape(N, h, length, d)
 
     q4 = to4d(query, Hq, L, E)
     k4 = to4d(key, Hk, S, E)
     v4 = to4d(value, Hk, S, Ev)
     mask4 = None
     if attn_mask is not None:
-        _checks.broadcastable("attn_mask", attn_mask, (*lead, Hq, L, S), ("N",) * len(lead) + ("H", "L", "S"))
-        mask4 = attn_mask.expand(*lead, Hq, L, S).reshape(-1, Hq, L, S)
-    out = attention(q4, k4, v4, attn_mask=mask4, causal=bool(is_causal), scale=scale,
-                    dropout_p=dropout_p)
+        mask4 = attn_mask.expand(*lead, Hq, L, S).reshape(N, Hq, L, S)
+    out = attention(q4, k4, v4, attn_mask=mask4, causal=causal, scale=scale, dropout_p=dropout_p)
     return out.reshape(*lead, *query.shape[-3:-2] if query.dim() >= 3 else (), L, Ev)
 
 
@@ -132,6 +150,6 @@ def score_softmax_gate(x, weight, *, mask=None, scale=1.0, pool=False, return_we
 
 def _gate_backend(backend, op, x):
     impl = select(backend, Problem(op, x.device.type, x.dtype))
-    if x.numel() == 0:
+    if _maybe_zero(*x.shape):
         impl = select("reference", Problem(op, x.device.type, x.dtype))
     return impl

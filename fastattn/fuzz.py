@@ -66,6 +66,16 @@ def _sizes(rng, choices, zero_ok):
 
 
 
+def _fill_row0(inp, value):
+    """Row 0 (dim -2) of the view that ``inp`` builds gets ``value``. A view whose rows share memory
+    (expand, unfold) cannot be written, so its master's first row-length elements are."""
+    view = inp.build(inp.master)
+    try:
+        view[..., 0, :] = value
+    except RuntimeError:
+        inp.master.view(-1, inp.master.shape[-1])[:, :view.shape[-1]] = value
+
+
 def _place_nan(rng, t, value=math.nan):
     if t.numel():
         t.view(-1)[rng.randrange(t.numel())] = value
@@ -148,16 +158,12 @@ def make_attention_case(seed, dtype, *, B=2, Hq=2, Hkv=2, Lq=17, Lk=17, D=16, Dv
 
         def mask_values(*ms):
             if mask == "bool":
-                m = torch.rand(*ms, generator=g) < 0.75
-                if empty_rows:
-                    m[..., 0, :] = False
-                return m
-            m = randn(*ms).masked_fill(torch.rand(*ms, generator=g) < 0.15, -math.inf)
-            if empty_rows:
-                m[..., 0, :] = -math.inf
-            return m
+                return torch.rand(*ms, generator=g) < 0.75
+            return randn(*ms).masked_fill(torch.rand(*ms, generator=g) < 0.15, -math.inf)
         # bool masks are not differentiable; float ones are checked when float_grad
         inputs["mask"] = tensor("mask", mask_shape, grad=mask == "float_grad", values=mask_values)
+        if empty_rows:  # query row 0 sees no key (written through the view, into the master)
+            _fill_row0(inputs["mask"], False if mask == "bool" else -math.inf)
         desc.append(f"mask{list(mask_shape)}" + ("-emptyrows" if empty_rows else ""))
     if gate != "none":
         inputs["gate"] = tensor("gate", (B, Hq, Lq, Dv if gate == "elementwise" else 1))

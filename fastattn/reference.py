@@ -54,8 +54,8 @@ def attention(q, k, v, attn_mask=None, causal=False, scale=None, gate=None, drop
     """
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    if Hkv != Hq:  # GQA / MQA: query head h reads kv head h // (Hq // Hkv)
+    scale = (1.0 / math.sqrt(D) if D else 1.0) if scale is None else scale  # D = 0: every score is 0
+    if Hkv != Hq and Hkv > 0:  # GQA / MQA: query head h reads kv head h // (Hq // Hkv)
         k = k.repeat_interleave(Hq // Hkv, dim=1)
         v = v.repeat_interleave(Hq // Hkv, dim=1)
     acc = _stat_dtype(q.dtype)
@@ -94,6 +94,10 @@ def attention(q, k, v, attn_mask=None, causal=False, scale=None, gate=None, drop
 def _softmax(s, dim):
     """(p, lse, empty) of softmax over ``dim`` (keepdim): p = 0 where s = -inf, and rows with no
     finite-or-NaN entry (empty) get p = 0 and lse = -inf with zero gradients; NaN spreads as torch."""
+    if s.shape[dim] == 0:  # nothing to attend to: every row is empty
+        shape = list(s.shape)
+        shape[dim] = 1
+        return s, s.new_full(shape, float("-inf")), torch.ones(shape, dtype=torch.bool, device=s.device)
     m = s.amax(dim=dim, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
     masked = s == float("-inf")

@@ -1,9 +1,13 @@
 """fastattn.scaled_dot_product_attention is a drop-in for torch.nn.functional.scaled_dot_product_attention."""
+import math
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fastattn
+import fastattn.reference
 
 
 def rand(*shape, seed, dtype=torch.float32):
@@ -73,11 +77,152 @@ def test_dropout_is_random_and_unbiased_in_mean():
     torch.testing.assert_close(draws.mean(0), F.scaled_dot_product_attention(q, k, v), atol=0.05, rtol=0)
 
 
-def test_errors_like_torch():
+_BAD_SDPA_INPUTS = {
+    "mask_with_is_causal": lambda q, k, v: dict(query=q, key=q, value=q, attn_mask=torch.ones(5, 5, dtype=torch.bool),
+                                                is_causal=True),
+    "heads_without_gqa": lambda q, k, v: dict(query=q, key=k, value=v),
+    "int_mask": lambda q, k, v: dict(query=q, key=q, value=q, attn_mask=torch.zeros(5, 5, dtype=torch.int32)),
+    "one_dim_query": lambda q, k, v: dict(query=q[0, 0, 0], key=k, value=v),
+    "dtype_mismatch": lambda q, k, v: dict(query=q.double(), key=q, value=q),
+    "half_bf16_mismatch": lambda q, k, v: dict(query=q.half(), key=q.bfloat16(), value=q),
+    "dropout_above_one": lambda q, k, v: dict(query=q, key=q, value=q, dropout_p=1.5),
+    "mask_not_broadcastable": lambda q, k, v: dict(query=q, key=q, value=q, attn_mask=torch.zeros(3, 5)),
+    "value_heads": lambda q, k, v: dict(query=k, key=k, value=q),
+    "gqa_not_dividing": lambda q, k, v: dict(query=q[:, :3], key=k, value=v, enable_gqa=True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_BAD_SDPA_INPUTS))
+def test_errors_like_torch(case):
+    """The drop-in raises torch's exception type with torch's message (its math path: the one that
+    checks everything), so code and tests written against torch see the same errors."""
     q, k, v = rand(2, 4, 5, 8, seed=1), rand(2, 2, 5, 8, seed=2), rand(2, 2, 5, 8, seed=3)
-    with pytest.raises(RuntimeError, match="attn_mask"):
-        fastattn.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(5, 5, dtype=torch.bool), is_causal=True)
-    with pytest.raises(ValueError, match="enable_gqa"):
-        fastattn.scaled_dot_product_attention(q, k, v)
-    with pytest.raises(TypeError, match="attn_mask"):
-        fastattn.scaled_dot_product_attention(q, q, q, attn_mask=torch.zeros(5, 5, dtype=torch.int32))
+    kwargs = _BAD_SDPA_INPUTS[case](q, k, v)
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH), pytest.raises(Exception) as theirs:
+        F.scaled_dot_product_attention(**kwargs)
+    with pytest.raises(Exception) as ours:
+        fastattn.scaled_dot_product_attention(**kwargs)
+    assert ours.type is theirs.type, (ours.value, theirs.value)
+    assert str(theirs.value).strip() in str(ours.value), (str(ours.value), str(theirs.value))
+
+
+# ------------------------------------------------------------------------------------ CausalBias
+@pytest.mark.parametrize("variant", ["upper_left", "lower_right"])
+@pytest.mark.parametrize("L,S,H", [(5, 5, 2), (4, 7, 2), (7, 4, 2), (5, 7, 16), (1, 9, 3)])
+def test_causal_bias_as_torch(variant, L, S, H):
+    """torch's CausalBias masks give torch's outputs and gradients (CPU: lower right with L > S gives
+    0 on the rows that see no key, as fastattn's own empty rows)."""
+    make = getattr(torch.nn.attention.bias, "causal_" + variant)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns that lower right with L > S has empty rows
+        bias = make(L, S)
+    ours = [rand(2, H, n, 8, seed=s).requires_grad_() for s, n in ((1, L), (2, S), (3, S))]
+    theirs = [t.detach().clone().requires_grad_() for t in ours]
+    a = fastattn.scaled_dot_product_attention(*ours, attn_mask=bias)
+    b = F.scaled_dot_product_attention(*theirs, attn_mask=bias)
+    torch.testing.assert_close(a, b)
+    dout = torch.randn_like(a)
+    a.backward(dout)
+    b.backward(dout)
+    for x, y in zip(ours, theirs):
+        torch.testing.assert_close(x.grad, y.grad)
+
+
+def test_causal_bias_runs_as_a_causal_mode_without_a_mask(monkeypatch):
+    seen, real = [], torch.ops.fastattn.attention_fwd
+
+    def spy(q, k, v, mask, gate, scale, causal):
+        seen.append((mask, causal))
+        return real(q, k, v, mask, gate, scale, causal)
+
+    monkeypatch.setattr(torch.ops.fastattn, "attention_fwd", spy)
+    q, k = rand(1, 2, 4, 8, seed=1), rand(1, 2, 6, 8, seed=2)
+    fastattn.scaled_dot_product_attention(q, k, k, attn_mask=torch.nn.attention.bias.causal_lower_right(4, 6))
+    fastattn.scaled_dot_product_attention(q, k, k, attn_mask=torch.nn.attention.bias.causal_upper_left(4, 6))
+    assert seen == [(None, 2), (None, 1)]
+
+
+def test_causal_bias_with_is_causal_raises_as_torch():
+    q = rand(1, 2, 4, 8, seed=1)
+    bias = torch.nn.attention.bias.causal_upper_left(4, 4)
+    with pytest.raises(ValueError) as theirs:
+        F.scaled_dot_product_attention(q, q, q, attn_mask=bias, is_causal=True)
+    with pytest.raises(ValueError) as ours:
+        fastattn.scaled_dot_product_attention(q, q, q, attn_mask=bias, is_causal=True)
+    assert str(ours.value) == str(theirs.value)
+
+
+@pytest.mark.parametrize("variant", ["upper_left", "lower_right"])
+def test_causal_bias_under_torch_compile(variant):
+    make = getattr(torch.nn.attention.bias, "causal_" + variant)
+
+    def f(q, k, v, bias):  # the bias is an input, as in torch's own compile test (dynamo cannot construct one)
+        return fastattn.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+    q, k, v = rand(1, 16, 5, 8, seed=1), rand(1, 16, 7, 8, seed=2), rand(1, 16, 7, 8, seed=3)
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(q, k, v, make(5, 7)),
+                               F.scaled_dot_product_attention(q, k, v, attn_mask=make(5, 7)))
+
+
+# ------------------------------------------------------------------------------------ zero sizes
+ZERO_SHAPES = [  # (query, key, value) shapes, keyword arguments
+    ((1, 2, 5, 0), (1, 2, 5, 0), (1, 2, 5, 8), {}),        # D = 0: plain mean of the values
+    ((1, 2, 5, 0), (1, 2, 5, 0), (1, 2, 5, 8), {"scale": 0.5}),
+    ((1, 2, 5, 4), (1, 2, 5, 4), (1, 2, 5, 0), {}),        # Dv = 0
+    ((1, 0, 5, 4), (1, 0, 5, 4), (1, 0, 5, 4), {}),        # no heads
+    ((1, 0, 5, 4), (1, 0, 5, 4), (1, 0, 5, 4), {"enable_gqa": True}),
+    ((1, 2, 5, 4), (1, 2, 0, 4), (1, 2, 0, 4), {}),        # no keys: out 0
+    ((1, 2, 5, 4), (1, 2, 0, 4), (1, 2, 0, 4), {"is_causal": True}),
+    ((1, 2, 5, 4), (1, 2, 0, 4), (1, 2, 0, 4), {"attn_mask": "float"}),
+    ((1, 2, 0, 4), (1, 2, 5, 4), (1, 2, 5, 4), {}),        # no queries
+    ((0, 2, 5, 4), (0, 2, 3, 4), (0, 2, 3, 4), {}),        # no batch
+    ((3, 0, 2, 5, 4), (3, 0, 2, 3, 4), (3, 0, 2, 3, 4), {}),  # zero in a leading dim
+]
+
+
+@pytest.mark.parametrize("qs,ks,vs,kwargs", ZERO_SHAPES, ids=[f"{a}-{b}-{c}-{sorted(d)}" for a, b, c, d in ZERO_SHAPES])
+def test_zero_size_dims_as_torch(qs, ks, vs, kwargs):
+    kwargs = dict(kwargs)
+    if kwargs.get("attn_mask") == "float":
+        kwargs["attn_mask"] = torch.zeros(qs[-2], ks[-2])
+    ours = [rand(*s, seed=i).requires_grad_() for i, s in enumerate((qs, ks, vs))]
+    theirs = [t.detach().clone().requires_grad_() for t in ours]
+    a = fastattn.scaled_dot_product_attention(*ours, **kwargs)
+    b = F.scaled_dot_product_attention(*theirs, **kwargs)
+    assert a.shape == b.shape
+    torch.testing.assert_close(a, b)
+    a.backward(torch.ones_like(a))
+    b.backward(torch.ones_like(b))
+    for x, y in zip(ours, theirs):
+        assert x.grad is not None and x.grad.shape == x.shape
+        torch.testing.assert_close(x.grad, y.grad if y.grad is not None else torch.zeros_like(y))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_zero_keys_give_zero_rows_and_minus_inf_lse(backend):
+    q = rand(2, 2, 5, 4, seed=1).requires_grad_()
+    k = rand(2, 2, 0, 4, seed=2).requires_grad_()
+    out, lse = fastattn.attention(q, k, k, return_lse=True, backend=backend)
+    assert out.shape == (2, 2, 5, 4) and (out == 0).all() and (lse == -math.inf).all()
+    out.sum().backward()
+    assert (q.grad == 0).all() and k.grad.shape == k.shape
+
+
+@pytest.mark.parametrize("op", ["softmax_gate", "score_softmax_gate"])
+@pytest.mark.parametrize("pool", [False, True])
+@pytest.mark.parametrize("B,N,D", [(0, 5, 8), (3, 0, 8), (3, 5, 0)])
+def test_zero_size_softmax_gates(op, pool, B, N, D):
+    H = 2
+    x = rand(B, N, D, seed=1).requires_grad_()
+    other = (rand(B, N, H, seed=2) if op == "softmax_gate" else rand(H, D, seed=2)).requires_grad_()
+    args = (other, x) if op == "softmax_gate" else (x, other)
+    y, alpha = getattr(fastattn, op)(*args, pool=pool, return_weights=True)
+    ref_y, ref_alpha = getattr(fastattn.reference, op)(*args, pool=pool, return_weights=True)
+    assert y.shape == ((B, D) if pool else (B, N, D)) and alpha.shape == (B, N, H)
+    if N == 0:
+        assert (y == 0).all()
+    torch.testing.assert_close(y, ref_y)
+    torch.testing.assert_close(alpha, ref_alpha)
+    (y.sum() + alpha.sum()).backward()
+    assert x.grad.shape == x.shape and other.grad.shape == other.shape
