@@ -7,30 +7,41 @@
 
 Mask conventions are torch's here (bool True = masked OUT, float added), the opposite of
 ``fastattn.attention``'s bool masks (True = attend); they are converted once, as broadcast views.
-"""
-from __future__ import annotations
 
+The modules, and torch models holding them, can be compiled with ``torch.jit.script`` (and saved
+with ``torch.jit.save``). TorchScript cannot call fastattn's Python dispatch, so scripted code calls
+the registered ops directly: ``torch.ops.fastattn.attention_fwd`` and ``score_softmax_gate_fwd``,
+fastattn._C's kernels for the tensors' device (so scripting needs fastattn._C), whatever ``backend``
+says. Attention dropout, which those kernels do not fuse, is then applied to materialised weights
+(as with ``need_weights``).
+"""
 import math
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from . import functional
 
 __all__ = ["MultiheadAttention", "GatedMultiheadAttention", "AttentionGate", "replace_attention"]
 
 
-def _keeps_python_path(module, args):
+def _keeps_python_path(module, args: Tuple[Tensor]) -> None:
     """Forward pre-hook that does nothing. Its presence is the point: ``nn.TransformerEncoderLayer``
     skips its fused fast path (``torch._transformer_encoder_layer_fwd``, which would read our weights
-    and bypass our forward) whenever any submodule has forward hooks, so the layer calls our forward."""
+    and bypass our forward) whenever any submodule has forward hooks, so the layer calls our forward.
+    It sits on ``out_proj``, which forward never calls: TorchScript compiles a module's hooks for its
+    forward's full signature but calls them with the call's positional arguments only, so a hook on
+    the attention module itself would make it unscriptable. Scripted layers do not see hooks at all;
+    replace_attention guards those (see there)."""
     return None
 
 
 def _install_python_path_guard(module):
-    if _keeps_python_path not in module._forward_pre_hooks.values():
-        module.register_forward_pre_hook(_keeps_python_path)
+    hooks = module.out_proj._forward_pre_hooks
+    if _keeps_python_path not in hooks.values():
+        module.out_proj.register_forward_pre_hook(_keeps_python_path)
 
 
 class MultiheadAttention(nn.MultiheadAttention):
@@ -39,7 +50,8 @@ class MultiheadAttention(nn.MultiheadAttention):
     A subclass of torch's module: constructor, parameters (names, shapes, initialisation and RNG
     draws), state_dict keys, attributes (``batch_first``, ``_qkv_same_embed_dim``, ...), forward
     signature and return values are torch's, so a state_dict loads either way and code that inspects
-    the module keeps working. ``backend`` (keyword only) is passed to ``fastattn.attention``.
+    the module keeps working. ``backend`` (keyword only) is passed to ``fastattn.attention`` (not
+    when scripted: see the module's docstring).
 
     forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
             average_attn_weights=True, is_causal=False) -> (attn_output, attn_weights or None)
@@ -63,6 +75,11 @@ class MultiheadAttention(nn.MultiheadAttention):
     never NaN; torch gives 0 on its need_weights=False path and NaN on its need_weights=True path.
     Nested-tensor inputs (what ``nn.TransformerEncoder`` makes in eval with a padding mask) are
     unpadded to a key_padding_mask, computed, and returned nested.
+
+    Parameters of mixed dtypes are accepted or refused as torch does: an ``in_proj_bias`` in another
+    dtype than the inputs is added in the inputs' dtype where torch's (L, N, E) view of the input is
+    not contiguous (batch_first with N > 1, or a non-contiguous input), and raises RuntimeError
+    elsewhere; keys or values that end up in another dtype than the queries raise RuntimeError.
     """
 
     def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False,
@@ -74,14 +91,139 @@ class MultiheadAttention(nn.MultiheadAttention):
         self.backend = backend
         _install_python_path_guard(self)
 
-    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
-                average_attn_weights=True, is_causal=False):
-        return _mha_forward(self, query, key, value, key_padding_mask, need_weights, attn_mask,
-                            average_attn_weights, is_causal)
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
+                need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+        if query.is_nested or key.is_nested or value.is_nested:
+            return self._nested_forward(query, key, value, key_padding_mask, need_weights, attn_mask,
+                                        average_attn_weights, is_causal)
+        return self._padded_forward(query, key, value, key_padding_mask, need_weights, attn_mask,
+                                    average_attn_weights, is_causal)
 
-    def _gate_logits(self, query):
+    def _gate_logits(self, query: Tensor) -> Optional[Tensor]:
         """Output-gate logits in query's layout, (..., num_heads, head_dim or 1), or None."""
         return None
+
+    def _padded_forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor],
+                        need_weights: bool, attn_mask: Optional[Tensor], average_attn_weights: bool,
+                        is_causal: bool) -> Tuple[Tensor, Optional[Tensor]]:
+        is_batched = F._mha_shape_check(query, key, value, key_padding_mask, attn_mask, self.num_heads)
+        if is_causal and attn_mask is None:
+            raise RuntimeError("Need attn_mask if specifying the is_causal hint. You may use the Transformer "
+                               "module method `generate_square_subsequent_mask` to create this mask.")
+        kpm = _canonical(key_padding_mask, "key_padding_mask")
+        am = _canonical(attn_mask, "attn_mask")
+        if not self._qkv_same_embed_dim and key.shape[:-1] != value.shape[:-1]:
+            raise AssertionError(f"key's sequence and batch dims {_fmt(key.shape[:-1])} do not match "
+                                 f"value's {_fmt(value.shape[:-1])}")
+        if self._qkv_same_embed_dim and key.shape != value.shape:
+            raise AssertionError(f"key shape {_fmt(key.shape)} does not match value shape {_fmt(value.shape)}")
+        if query.shape[-1] != self.embed_dim:
+            raise AssertionError(f"was expecting embedding dimension of {self.embed_dim}, but got {query.shape[-1]}")
+
+        # -- one layout for the rest: seq_dim is where L/S live in the inputs (and the output)
+        if not is_batched:
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+            if kpm is not None:
+                kpm = kpm.unsqueeze(0)
+            seq_dim = 1
+        else:
+            seq_dim = 1 if self.batch_first else 0
+        bdim = 1 - seq_dim
+        N, L, S = query.shape[bdim], query.shape[seq_dim], key.shape[seq_dim]
+        H, E = self.num_heads, self.embed_dim
+        hd = E // H
+
+        q, k, v = self._in_projection(query, key, value, seq_dim)
+        bias_k, bias_v = self.bias_k, self.bias_v
+        if bias_k is not None and bias_v is not None:  # one more key/value position, always allowed
+            shape = [N, 1, E] if seq_dim == 1 else [1, N, E]
+            k = torch.cat([k, bias_k.reshape(1, 1, E).expand(shape)], dim=seq_dim)
+            v = torch.cat([v, bias_v.reshape(1, 1, E).expand(shape)], dim=seq_dim)
+        if k.dtype != q.dtype or v.dtype != q.dtype:  # torch.cat promotes; torch's attention then raises
+            raise RuntimeError(f"expected query, key and value of one dtype after the in-projection (and "
+                               f"bias_k, bias_v), got query {q.dtype}, key {k.dtype} and value {v.dtype}")
+
+        q, k, v = _heads(q, H, hd, seq_dim), _heads(k, H, hd, seq_dim), _heads(v, H, hd, seq_dim)
+        gate = self._gate_logits(query)
+        if gate is not None:
+            gate = gate.permute(1, 2, 0, 3) if seq_dim == 0 else gate.transpose(1, 2)
+        if self.add_zero_attn:
+            k = torch.cat([k, k.new_zeros([N, H, 1, hd])], dim=2)
+            v = torch.cat([v, v.new_zeros([N, H, 1, hd])], dim=2)
+        extra = int(bias_k is not None) + int(self.add_zero_attn)
+        S_all = S + extra
+
+        # -- masks: torch's convention -> fastattn's, as views broadcastable to (N, H, L, S)
+        # The hint says attn_mask is the causal mask: the kernel masks instead of reading it. With
+        # bias_k/add_zero_attn keys appended, torch itself uses the hint (top-left causal over all keys,
+        # hiding the appended ones from early queries) only without key_padding_mask and need_weights,
+        # and the padded mask otherwise; so do we.
+        causal = bool(is_causal) and (extra == 0 or (kpm is None and not need_weights))
+        if causal:
+            am = None
+        if am is not None:
+            am = _pad_keys(am, extra)
+            am = am.view(1, 1, L, S_all) if am.dim() == 2 else am.reshape(N, H, L, S_all)
+        if kpm is not None:
+            kpm = _pad_keys(kpm, extra).view(N, 1, 1, S_all)
+        mask = _combine(am, kpm, q.dtype)
+
+        dropout_p = self.dropout if self.training else 0.0
+        weights: Optional[Tensor] = None
+        if not need_weights:
+            out = _attention(q, k, v, mask, causal, gate, dropout_p, self.backend)
+        else:
+            out, w = _attention_with_weights(q, k, v, mask, causal, gate, dropout_p, self.backend)
+            weights = w.mean(dim=1) if average_attn_weights else w
+
+        # -- (N, H, L, hd) -> input layout (.., E), out_proj. A 2-D F.linear, as torch's: its bias must
+        # have the input's dtype (addmm), where F.linear on a non-contiguous 3-D input would cast it.
+        out = out.permute(2, 0, 1, 3) if seq_dim == 0 else out.transpose(1, 2)
+        shape = [out.shape[0], out.shape[1], E]
+        out = F.linear(out.reshape(-1, E), self.out_proj.weight, self.out_proj.bias).view(shape)
+        if not is_batched:
+            out = out.squeeze(0)
+            if weights is not None:
+                weights = weights.squeeze(0)
+        return out, weights
+
+    def _in_projection(self, query: Tensor, key: Tensor, value: Tensor, seq_dim: int) -> Tuple[Tensor, Tensor, Tensor]:
+        """In-projection in the inputs' own layout (no transposes): returns q, k, v (..., E)."""
+        E = self.embed_dim
+        b = self.in_proj_bias
+        bq = bk = bv = bkv = b
+        if b is not None:
+            bq, bk, bv, bkv = b[:E], b[E:2 * E], b[2 * E:], b[E:]
+        W = self.in_proj_weight
+        if W is not None:
+            if query is key and key is value:
+                qkv = F.linear(query, W, _bias_for(query, b, seq_dim)).chunk(3, dim=-1)
+                return qkv[0], qkv[1], qkv[2]
+            q = F.linear(query, W[:E], _bias_for(query, bq, seq_dim))
+            if key is value:
+                kv = F.linear(key, W[E:], _bias_for(key, bkv, seq_dim)).chunk(2, dim=-1)
+                return q, kv[0], kv[1]
+            return (q, F.linear(key, W[E:2 * E], _bias_for(key, bk, seq_dim)),
+                    F.linear(value, W[2 * E:], _bias_for(value, bv, seq_dim)))
+        wq, wk, wv = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+        assert wq is not None and wk is not None and wv is not None  # separate weights when not packed
+        return (F.linear(query, wq, _bias_for(query, bq, seq_dim)), F.linear(key, wk, _bias_for(key, bk, seq_dim)),
+                F.linear(value, wv, _bias_for(value, bv, seq_dim)))
+
+    def _nested_forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor],
+                        need_weights: bool, attn_mask: Optional[Tensor], average_attn_weights: bool,
+                        is_causal: bool) -> Tuple[Tensor, Optional[Tensor]]:
+        """Self-attention on a nested (N, ragged L, E) batch, as nn.TransformerEncoder makes in eval:
+        pad, attend with the padding as key_padding_mask, return nested again."""
+        if not (query is key and key is value and self.batch_first) or key_padding_mask is not None:
+            raise AssertionError("fastattn.nn.MultiheadAttention accepts a NestedTensor only for batch_first "
+                                 "self-attention (query is key is value) without key_padding_mask")
+        lengths = torch.tensor([t.shape[0] for t in query.unbind()], device=query.device)
+        x = query.to_padded_tensor(0.0)
+        pad = torch.arange(x.shape[1], device=x.device)[None, :] >= lengths[:, None]  # True = padding
+        out, w = self._padded_forward(x, x, x, pad, need_weights, attn_mask, average_attn_weights, is_causal)
+        return torch._nested_tensor_from_mask(out, ~pad, mask_check=False), w
 
     def extra_repr(self):
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}, " \
@@ -116,170 +258,124 @@ class GatedMultiheadAttention(MultiheadAttention):
         if self.gate_proj.bias is not None:
             nn.init.zeros_(self.gate_proj.bias)
 
-    def _gate_logits(self, query):
+    def _gate_logits(self, query: Tensor) -> Optional[Tensor]:
         g = self.gate_proj(query)
-        return g.unflatten(-1, (self.num_heads, -1))  # (..., H, head_dim) or (..., H, 1)
+        return g.unflatten(-1, [self.num_heads, -1])  # (..., H, head_dim) or (..., H, 1)
 
     def extra_repr(self):
         return super().extra_repr() + f", gate={self.gate!r}"
 
 
 # ---------------------------------------------------------------------------------- MHA forward
-def _canonical(mask, name):
-    """torch's mask convention -> ("allow", bool True = attend) or ("bias", float), or None."""
+# Free functions on tensors and plain values (TorchScript compiles them; its functions cannot take
+# modules or be nested).
+def _fmt(shape: List[int]) -> str:
+    return "(" + ", ".join([str(n) for n in shape]) + ")"
+
+
+def _canonical(mask: Optional[Tensor], name: str) -> Optional[Tensor]:
+    """torch's mask convention -> fastattn's: bool True = may attend, or float added."""
     if mask is None:
         return None
     if mask.dtype == torch.bool:
-        return ("allow", ~mask)
+        return ~mask
     if not torch.is_floating_point(mask):
         raise AssertionError(f"only bool and floating types of {name} are supported")
-    return ("bias", mask)
+    return mask
 
 
-def _as_bias(m, dtype):
-    kind, t = m
-    if kind == "bias":
-        return t.to(dtype)
-    return torch.zeros(t.shape, dtype=dtype, device=t.device).masked_fill_(~t, float("-inf"))
+def _as_bias(m: Tensor, dtype: torch.dtype) -> Tensor:
+    if m.dtype != torch.bool:
+        return m.to(dtype)
+    return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(~m, float("-inf"))
 
 
-def _pad_keys(m, n):
+def _pad_keys(m: Tensor, n: int) -> Tensor:
     """Append n always-allowed key columns (for bias_k/bias_v and add_zero_attn)."""
-    if m is None or n == 0:
+    if n == 0:
         return m
-    kind, t = m
-    return kind, F.pad(t, (0, n), value=True if kind == "allow" else 0.0)
+    return F.pad(m, [0, n], value=1.0 if m.dtype == torch.bool else 0.0)
 
 
-def _combine(a, b, dtype):
+def _combine(a: Optional[Tensor], b: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     """Both masks must hold: bool & bool, or float + float (a bool converted to 0 / -inf)."""
-    if a is None or b is None:
-        return a if b is None else b
-    if a[0] == b[0] == "allow":
-        return "allow", a[1] & b[1]
-    return "bias", _as_bias(a, dtype) + _as_bias(b, dtype)
+    if a is None:
+        return b
+    if b is None:
+        return a
+    if a.dtype == torch.bool and b.dtype == torch.bool:
+        return a & b
+    return _as_bias(a, dtype) + _as_bias(b, dtype)
 
 
-def _project(module, query, key, value):
-    """In-projection in the inputs' own layout (no transposes): returns q, k, v (..., E)."""
-    E = module.embed_dim
-    b = module.in_proj_bias
-    bq, bk, bv = (None, None, None) if b is None else b.chunk(3)
-    if module._qkv_same_embed_dim:
-        W = module.in_proj_weight
-        if query is key and key is value:
-            return F.linear(query, W, b).chunk(3, dim=-1)
-        wq, wk, wv = W.chunk(3)
-        q = F.linear(query, wq, bq)
-        if key is value:
-            k, v = F.linear(key, W[E:], None if b is None else b[E:]).chunk(2, dim=-1)
-            return q, k, v
-        return q, F.linear(key, wk, bk), F.linear(value, wv, bv)
-    return (F.linear(query, module.q_proj_weight, bq), F.linear(key, module.k_proj_weight, bk),
-            F.linear(value, module.v_proj_weight, bv))
+def _bias_for(x: Tensor, b: Optional[Tensor], seq_dim: int) -> Optional[Tensor]:
+    """The in-projection bias for input x, where its dtype differs, as torch treats it. torch projects
+    the (L, N, E) view of x with F.linear, which adds the bias in place to the matmul's result (so in
+    x's dtype) when that view is not contiguous, and otherwise calls addmm, which needs one dtype."""
+    if b is None or b.dtype == x.dtype:
+        return b
+    if (x.transpose(0, 1) if seq_dim == 1 else x).is_contiguous():
+        raise RuntimeError(f"in_proj_bias: expected the input's dtype {x.dtype}, got {b.dtype}")
+    return b.to(x.dtype)
 
 
-def _mha_forward(m, query, key, value, key_padding_mask, need_weights, attn_mask,
-                 average_attn_weights, is_causal):
-    if query.is_nested or key.is_nested or value.is_nested:
-        return _nested_forward(m, query, key, value, key_padding_mask, need_weights, attn_mask,
-                               average_attn_weights, is_causal)
-    is_batched = F._mha_shape_check(query, key, value, key_padding_mask, attn_mask, m.num_heads)
-    if is_causal and attn_mask is None:
-        raise RuntimeError("Need attn_mask if specifying the is_causal hint. You may use the Transformer "
-                           "module method `generate_square_subsequent_mask` to create this mask.")
-    kpm = _canonical(key_padding_mask, "key_padding_mask")
-    am = _canonical(attn_mask, "attn_mask")
-    if not m._qkv_same_embed_dim and key.shape[:-1] != value.shape[:-1]:
-        raise AssertionError(f"key's sequence and batch dims {tuple(key.shape[:-1])} do not match "
-                             f"value's {tuple(value.shape[:-1])}")
-    if m._qkv_same_embed_dim and key.shape != value.shape:
-        raise AssertionError(f"key shape {tuple(key.shape)} does not match value shape {tuple(value.shape)}")
-    if query.shape[-1] != m.embed_dim:
-        raise AssertionError(f"was expecting embedding dimension of {m.embed_dim}, but got {query.shape[-1]}")
+def _heads(t: Tensor, H: int, hd: int, seq_dim: int) -> Tensor:
+    """(.., E) in the input layout -> (N, H, len, hd) view, last stride 1."""
+    t = t.unflatten(-1, [H, hd])
+    return t.permute(1, 2, 0, 3) if seq_dim == 0 else t.transpose(1, 2)
 
-    # -- one layout for the rest: seq_dim is where L/S live in the inputs (and the output)
-    if not is_batched:
-        query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
-        if kpm is not None:
-            kpm = kpm[0], kpm[1].unsqueeze(0)
-        seq_dim = 1
-    else:
-        seq_dim = 1 if m.batch_first else 0
-    bdim = 1 - seq_dim
-    N, L, S = query.shape[bdim], query.shape[seq_dim], key.shape[seq_dim]
-    H, E = m.num_heads, m.embed_dim
-    hd = E // H
 
-    q, k, v = _project(m, query, key, value)
-    if m.bias_k is not None:  # one more key/value position, always allowed
-        shape = (N, 1, E) if seq_dim == 1 else (1, N, E)
-        k = torch.cat([k, m.bias_k.reshape(1, 1, E).expand(shape)], dim=seq_dim)
-        v = torch.cat([v, m.bias_v.reshape(1, 1, E).expand(shape)], dim=seq_dim)
+def _last_dim_contiguous(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
 
-    def heads(t):  # (.., E) in the input layout -> (N, H, len, hd) view, last stride 1
-        t = t.unflatten(-1, (H, hd))
-        return t.permute(1, 2, 0, 3) if seq_dim == 0 else t.transpose(1, 2)
 
-    q, k, v = heads(q), heads(k), heads(v)
-    gate = m._gate_logits(query)
+def _fused_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: bool,
+                     gate: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """fastattn's attention op with its argument conventions (what the fused backends pass it):
+    mask and gate expanded to (B, H, Lq, Lk) / (B, H, Lq, Dv) in q's dtype (a bool mask stays bool)."""
+    B, H, Lq, D = q.shape[0], q.shape[1], q.shape[2], q.shape[3]
+    Lk, Dv = k.shape[2], v.shape[3]
+    m: Optional[Tensor] = None
+    if mask is not None:
+        m = (mask if mask.dtype == torch.bool else mask.to(q.dtype)).expand([B, H, Lq, Lk])
+    g: Optional[Tensor] = None
     if gate is not None:
-        gate = gate.permute(1, 2, 0, 3) if seq_dim == 0 else gate.transpose(1, 2)
-    if m.add_zero_attn:
-        k = torch.cat([k, k.new_zeros(N, H, 1, hd)], dim=2)
-        v = torch.cat([v, v.new_zeros(N, H, 1, hd)], dim=2)
-    extra = int(m.bias_k is not None) + int(m.add_zero_attn)
-    S_all = S + extra
-
-    # -- masks: torch's convention -> fastattn's, as views broadcastable to (N, H, L, S)
-    # The hint says attn_mask is the causal mask: the kernel masks instead of reading it. With
-    # bias_k/add_zero_attn keys appended, torch itself uses the hint (top-left causal over all keys,
-    # hiding the appended ones from early queries) only without key_padding_mask and need_weights,
-    # and the padded mask otherwise; so do we.
-    causal = bool(is_causal) and (extra == 0 or (kpm is None and not need_weights))
-    if causal:
-        am = None
-    if am is not None:
-        am = _pad_keys(am, extra)
-        t = am[1]
-        am = am[0], (t.view(1, 1, L, S_all) if t.dim() == 2 else t.reshape(N, H, L, S_all))
-    if kpm is not None:
-        kpm = _pad_keys(kpm, extra)
-        kpm = kpm[0], kpm[1].view(N, 1, 1, S_all)
-    mask = _combine(am, kpm, q.dtype)
-    mask = None if mask is None else mask[1]
-
-    dropout_p = m.dropout if m.training else 0.0
-    if not need_weights:
-        out = functional.attention(q, k, v, attn_mask=mask, causal=causal, gate=gate,
-                                   dropout_p=dropout_p, backend=m.backend)
-        weights = None
-    else:
-        out, weights = _attention_with_weights(q, k, v, mask, causal, gate, dropout_p, m.backend)
-        if average_attn_weights:
-            weights = weights.mean(dim=1)
-
-    # -- (N, H, L, hd) -> input layout (.., E), out_proj
-    out = out.permute(2, 0, 1, 3) if seq_dim == 0 else out.transpose(1, 2)
-    out = F.linear(out.reshape(*out.shape[:2], E), m.out_proj.weight, m.out_proj.bias)
-    if not is_batched:
-        out = out.squeeze(0)
-        weights = None if weights is None else weights.squeeze(0)
-    return out, weights
+        g = gate.to(q.dtype).expand([B, H, Lq, Dv])
+    return torch.ops.fastattn.attention_fwd(_last_dim_contiguous(q), _last_dim_contiguous(k),
+                                            _last_dim_contiguous(v), m, g, 1.0 / math.sqrt(D), 1 if causal else 0)
 
 
-def _attention_with_weights(q, k, v, mask, causal, gate, dropout_p, backend):
+def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: bool, gate: Optional[Tensor],
+               dropout_p: float, backend: str) -> Tensor:
+    if torch.jit.is_scripting():
+        if dropout_p > 0.0:  # not fused: dropped materialised weights give the output
+            return _attention_with_weights(q, k, v, mask, causal, gate, dropout_p, backend)[0]
+        return _fused_attention(q, k, v, mask, causal, gate)[0]
+    return functional.attention(q, k, v, attn_mask=mask, causal=causal, gate=gate, dropout_p=dropout_p,
+                                backend=backend)
+
+
+def _attention_lse(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: bool, gate: Optional[Tensor],
+                   backend: str) -> Tuple[Tensor, Tensor]:
+    if torch.jit.is_scripting():
+        return _fused_attention(q, k, v, mask, causal, gate)
+    return functional.attention(q, k, v, attn_mask=mask, causal=causal, gate=gate, return_lse=True, backend=backend)
+
+
+def _attention_with_weights(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: bool,
+                            gate: Optional[Tensor], dropout_p: float, backend: str) -> Tuple[Tensor, Tensor]:
     """Output from the kernel, weights recomputed exactly from its lse: p = exp(s - lse)."""
-    out, lse = functional.attention(q, k, v, attn_mask=mask, causal=causal, gate=gate,
-                                    return_lse=True, backend=backend)
+    out, lse = _attention_lse(q, k, v, mask, causal, gate, backend)
     scale = 1.0 / math.sqrt(q.shape[-1])
     s = torch.matmul(q, k.transpose(-1, -2)).to(lse.dtype) * scale  # [N, H, L, S]
-    if mask is not None and mask.dtype != torch.bool:
-        s = s + mask.to(lse.dtype)
-    allowed = mask if mask is not None and mask.dtype == torch.bool else None
+    allowed: Optional[Tensor] = None
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            allowed = mask
+        else:
+            s = s + mask.to(lse.dtype)
     if causal:
-        L, S = s.shape[-2:]
-        tri = torch.ones(L, S, dtype=torch.bool, device=s.device).tril()
+        tri = torch.ones(s.shape[-2], s.shape[-1], dtype=torch.bool, device=s.device).tril()
         allowed = tri if allowed is None else allowed & tri
     if allowed is not None:
         s = s.masked_fill(~allowed, float("-inf"))
@@ -292,20 +388,6 @@ def _attention_with_weights(q, k, v, mask, causal, gate, dropout_p, backend):
         if gate is not None:
             out = out * torch.sigmoid(gate.to(out.dtype))
     return out, p.to(q.dtype)
-
-
-def _nested_forward(m, query, key, value, key_padding_mask, need_weights, attn_mask,
-                    average_attn_weights, is_causal):
-    """Self-attention on a nested (N, ragged L, E) batch, as nn.TransformerEncoder makes in eval:
-    pad, attend with the padding as key_padding_mask, return nested again."""
-    if not (query is key and key is value and m.batch_first) or key_padding_mask is not None:
-        raise AssertionError("fastattn.nn.MultiheadAttention accepts a NestedTensor only for batch_first "
-                             "self-attention (query is key is value) without key_padding_mask")
-    lengths = torch.tensor([t.shape[0] for t in query.unbind()], device=query.device)
-    x = query.to_padded_tensor(0.0)
-    pad = torch.arange(x.shape[1], device=x.device)[None, :] >= lengths[:, None]  # True = padding
-    out, w = _mha_forward(m, x, x, x, pad, need_weights, attn_mask, average_attn_weights, is_causal)
-    return torch._nested_tensor_from_mask(out, ~pad, mask_check=False), w
 
 
 # --------------------------------------------------------------------------------- AttentionGate
@@ -321,6 +403,10 @@ class AttentionGate(nn.Module):
     forward(x, mask=None, return_weights=False): mask (B, N) bool, True = position takes part
     (fastattn's convention); masked positions get α = 0, an all-masked item gives y = 0.
     ``return_weights`` also returns α, (B, N, num_heads), for inspection and plots.
+
+    TorchScript has no return type that depends on an argument's value: scripted, forward returns
+    ``Union[Tensor, Tuple[Tensor, Tensor]]``, which scripted callers refine, e.g. with
+    ``assert isinstance(y, torch.Tensor)``.
     """
 
     def __init__(self, dim, num_heads=1, pool=False, *, scale=1.0, device=None, dtype=None,
@@ -335,16 +421,25 @@ class AttentionGate(nn.Module):
     def reset_parameters(self):
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
-    def forward(self, x, mask=None, return_weights=False):
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None,
+                return_weights: bool = False) -> Union[Tensor, Tuple[Tensor, Tensor]]:
         unbatched = x.dim() == 2
         if unbatched:
             x = x.unsqueeze(0)
-            mask = None if mask is None else mask.unsqueeze(0)
-        y, alpha = functional.score_softmax_gate(x, self.weight, mask=mask, scale=self.scale,
-                                                 pool=self.pool, return_weights=True, backend=self.backend)
+            if mask is not None:
+                mask = mask.unsqueeze(0)
+        if torch.jit.is_scripting():
+            y, alpha = torch.ops.fastattn.score_softmax_gate_fwd(
+                _last_dim_contiguous(x), _last_dim_contiguous(self.weight), mask, float(self.scale), self.pool)
+            alpha = alpha.to(x.dtype)
+        else:
+            y, alpha = functional.score_softmax_gate(x, self.weight, mask=mask, scale=self.scale,
+                                                     pool=self.pool, return_weights=True, backend=self.backend)
         if unbatched:
             y, alpha = y.squeeze(0), alpha.squeeze(0)
-        return (y, alpha) if return_weights else y
+        if return_weights:
+            return y, alpha
+        return y
 
     def extra_repr(self):
         return f"dim={self.dim}, num_heads={self.num_heads}, pool={self.pool}, backend={self.backend!r}"
@@ -358,11 +453,15 @@ def replace_attention(model: nn.Module, backend: str = "auto") -> int:
     buffers, device, dtype, training mode, hooks, and references held elsewhere (optimizers, shared
     submodules) all stay the same objects. Subclasses of torch's module with their own forward are
     left alone. ``nn.TransformerEncoder`` s holding swapped layers stop converting padded input to
-    nested tensors, and swapped modules carry a no-op forward pre-hook that keeps
-    ``nn.TransformerEncoderLayer`` off its fused fast path: the model runs fastattn in training and
-    in eval, with or without grad. Outputs at padded query positions are then those of torch's
-    python path (torch's nested fast path writes 0 there). ``model`` may itself be a
-    MultiheadAttention. Returns how many modules were swapped.
+    nested tensors, and ``nn.TransformerEncoderLayer`` s holding swapped modules get
+    ``activation_relu_or_gelu = 0`` (a flag that only torch's fused paths read: the activation
+    itself is unchanged), which keeps them off their fused fast path, eager and scripted. The model
+    runs fastattn in training and in eval, with or without grad, eager or under ``torch.jit.script``.
+    Outputs at padded query positions are then those of torch's python path (torch's nested fast
+    path writes 0 there); an ``nn.TransformerEncoder`` built later around a swapped layer does not
+    use nested tensors (torch warns so). ``model`` may itself be a MultiheadAttention: every
+    fastattn MultiheadAttention carries a no-op hook that keeps the layer holding it off the fused
+    path in eager (not when scripted). Returns how many modules were swapped.
     """
     count = 0
     for mod in model.modules():
@@ -375,4 +474,8 @@ def replace_attention(model: nn.Module, backend: str = "auto") -> int:
         if isinstance(mod, nn.TransformerEncoder) and any(
                 isinstance(getattr(layer, "self_attn", None), MultiheadAttention) for layer in mod.layers):
             mod.use_nested_tensor = False
+        if isinstance(mod, nn.TransformerEncoderLayer) and isinstance(mod.self_attn, MultiheadAttention):
+            # Scripted layers cannot see hooks; this flag, read only by torch's fused paths, can be
+            # seen: 0 ("neither relu nor gelu") keeps them off, eager and scripted.
+            mod.activation_relu_or_gelu = 0
     return count

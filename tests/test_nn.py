@@ -5,6 +5,7 @@ float32 cases to 1e-5) on random configurations: outputs, weights, gradients of 
 every parameter. Model swaps assert with a spy that fastattn ran and that torch's fused paths did not.
 """
 import copy
+import itertools
 import random
 import warnings
 
@@ -315,13 +316,13 @@ def test_replace_attention_in_torch_models(kind, mode, grad, monkeypatch):
 
 
 def test_encoder_built_around_fastattn_module_takes_nested_input(monkeypatch):
-    """An encoder constructed around fastattn's module (not via replace_attention) still converts
-    padded input to a nested tensor in eval + no_grad; the module handles it."""
+    """An encoder constructed around fastattn's module (not via replace_attention on the encoder or
+    layer) still converts padded input to a nested tensor in eval + no_grad; the module handles it."""
     torch.manual_seed(0)
     ref_layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True,
                                            dtype=torch.float64)
     layer = copy.deepcopy(ref_layer)
-    fastattn.replace_attention(layer)
+    fastattn.replace_attention(layer.self_attn)
     enc = nn.TransformerEncoder(layer, 2).eval()
     ref = nn.TransformerEncoder(ref_layer, 2).eval()
     assert enc.use_nested_tensor  # torch's init checks pass: the conversion will happen
@@ -472,3 +473,99 @@ def test_attention_gate_matches_reference_math(pool, heads, backend):
 def test_attention_gate_rejects_bad_heads():
     with pytest.raises(ValueError, match="num_heads"):
         AttentionGate(10, num_heads=3)
+
+
+# ------------------------------------------------------------------------------- mixed dtypes
+# Whether torch accepts an in_proj_bias of another dtype depends on its (L, N, E) view of the input
+# being non-contiguous (fastattn.nn._bias_for says why); these layouts cover both outcomes.
+IN_PROJ_LAYOUTS = {  # name: (batch_first, the module's input from an (N, L, E) tensor, torch runs)
+    "batch_first": (True, lambda x: x, True),
+    "batch_first-N1": (True, lambda x: x[:1], False),
+    "batch_first-transposed_input": (True, lambda x: x.transpose(0, 1).contiguous().transpose(0, 1), False),
+    "seq_first": (False, lambda x: x.transpose(0, 1).contiguous(), False),
+    "seq_first-noncontiguous_input": (False, lambda x: x.transpose(0, 1), True),
+    "unbatched": (True, lambda x: x[0], False),
+}
+
+
+def _outcome(m, q, k, v, **kw):
+    """("ok", out, weights, grads of the inputs and parameters) or ("raise", exception type)."""
+    q2 = q.detach().clone().requires_grad_()
+    k2 = q2 if k is q else k.detach().clone().requires_grad_()
+    v2 = k2 if v is k else v.detach().clone().requires_grad_()
+    leaves = list({id(t): t for t in (q2, k2, v2)}.values())
+    try:
+        out, w = m(q2, k2, v2, **kw)
+        loss = out.sum() if w is None else out.sum() + w.sum()
+        grads = torch.autograd.grad(loss, leaves + list(m.parameters()))
+    except Exception as e:  # noqa: BLE001  (the type is compared with torch's)
+        return "raise", type(e)
+    return "ok", out, w, grads
+
+
+def _assert_same_outcome(got, want, tol, what):
+    kind = lambda o: "ran" if o[0] == "ok" else f"raised {o[1].__name__}"  # noqa: E731
+    assert kind(got) == kind(want), f"{what}: torch {kind(want)}, fastattn {kind(got)}"
+    if want[0] == "ok":
+        torch.testing.assert_close(got[1], want[1], **tol)
+        assert (got[2] is None) == (want[2] is None)
+        if want[2] is not None:
+            torch.testing.assert_close(got[2], want[2], **tol)
+        for a, b in zip(got[3], want[3]):
+            torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("dtype,bias_dtype", [(torch.float64, torch.float16), (torch.float64, torch.float32),
+                                              (torch.float32, torch.float64)], ids=["f64-f16", "f64-f32", "f32-f64"])
+def test_in_proj_bias_of_another_dtype_matches_torch(dtype, bias_dtype):
+    tol = F64 if dtype == torch.float64 else F32
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    ref = nn.MultiheadAttention(8, 2, dtype=dtype)
+    with torch.no_grad():
+        ref.in_proj_bias.copy_(torch.linspace(-1, 1, 24))
+    ref.in_proj_bias.data = ref.in_proj_bias.data.to(bias_dtype)
+    x = torch.randn(3, 5, 8, generator=gen, dtype=dtype)
+    mem = torch.randn(3, 6, 8, generator=gen, dtype=dtype)
+    runs = []
+    for layout, (batch_first, make, torch_runs) in IN_PROJ_LAYOUTS.items():
+        ref.batch_first = batch_first
+        ours = copy.deepcopy(ref)
+        fastattn.replace_attention(ours)
+        q, kv = make(x), make(mem)
+        for (k, v), mode, need_weights in itertools.product([(q, q), (kv, kv), (kv, kv.clone())], ["train", "eval"],
+                                                            [False, True]):
+            what = f"{layout} {mode} need_weights={need_weights}"
+            want = _outcome(getattr(ref, mode)(), q, k, v, need_weights=need_weights)
+            assert (want[0] == "ok") == torch_runs, f"{what}: torch's behaviour changed"
+            _assert_same_outcome(_outcome(getattr(ours, mode)(), q, k, v, need_weights=need_weights), want, tol, what)
+            runs.append(want[0])
+    assert "ok" in runs and "raise" in runs
+    # out_proj is a 2-D F.linear in torch (addmm): its bias must have the module's dtype
+    ref.out_proj.bias.data = ref.out_proj.bias.data.to(bias_dtype)
+    ours = copy.deepcopy(ref)
+    fastattn.replace_attention(ours)
+    ref.batch_first = ours.batch_first = True
+    _assert_same_outcome(_outcome(ours, x, x, x), _outcome(ref, x, x, x), tol, "out_proj.bias")
+
+
+@pytest.mark.parametrize("what", ["bias_k", "bias_v", "kdim_key"])
+def test_keys_of_another_dtype_raise_like_torch(what):
+    """A float64 bias_k/bias_v in a float32 module promotes the keys/values (torch.cat); keys in
+    another dtype can also come from kdim/vdim projections. torch then raises RuntimeError."""
+    torch.manual_seed(0)
+    kw = dict(add_bias_kv=True) if what != "kdim_key" else dict(kdim=6, vdim=6, bias=False)
+    ref = nn.MultiheadAttention(8, 2, batch_first=True, dtype=torch.float32, **kw)
+    x = torch.randn(2, 5, 8)
+    k = v = x
+    if what == "kdim_key":
+        ref.k_proj_weight.data = ref.k_proj_weight.data.double()
+        k, v = torch.randn(2, 4, 6, dtype=torch.float64), torch.randn(2, 4, 6)
+    else:
+        setattr(ref, what, nn.Parameter(getattr(ref, what).data.double()))
+    ours = copy.deepcopy(ref)
+    fastattn.replace_attention(ours)
+    for need_weights in (False, True):
+        want = _outcome(ref, x, k, v, need_weights=need_weights)
+        assert want == ("raise", RuntimeError)
+        _assert_same_outcome(_outcome(ours, x, k, v, need_weights=need_weights), want, F32, what)

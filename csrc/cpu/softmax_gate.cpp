@@ -416,7 +416,8 @@ void softmax_over_positions_bwd(T* g, const T* alpha, const T* dalpha, int64_t N
   if (dalpha != nullptr)
     for (int64_t i = 0; i < N * H; ++i) g[i] += dalpha[i];
   for (int64_t n = 0; n < N; ++n)
-    for (int64_t h = 0; h < H; ++h) delta[h] += alpha[n * H + h] * g[n * H + h];
+    for (int64_t h = 0; h < H; ++h)  // a masked position (alpha = 0) adds 0, even where x or dy is NaN
+      if (alpha[n * H + h] != 0) delta[h] += alpha[n * H + h] * g[n * H + h];
   for (int64_t n = 0; n < N; ++n)
     for (int64_t h = 0; h < H; ++h) {
       const T a = alpha[n * H + h];  // alpha = 0 (masked) gives 0, even where a NaN reached delta
