@@ -13,11 +13,18 @@
 #endif
 
 TORCH_LIBRARY(fastattn, m) {
-  // causal: 0 none, 1 top_left, 2 bottom_right. mask / gate arrive expanded to (B,Hq,Lq,Lk) / (B,Hq,Lq,Dv).
-  // Returns (out, lse); out is gated when a gate is given; lse is float32 (float64 for float64 inputs).
+  // causal: 0 none, 1 top_left, 2 bottom_right. mask: 4-D, each dim of size 1 or of (B,Hq,Lq,Lk) (broadcast
+  // inside the kernel); gate arrives expanded to (B,Hq,Lq,Dv).
+  // Returns (out, lse, out_acc); out is gated when a gate is given; lse is float32 (float64 for float64 inputs)
+  // and in log2 units (log2 of the softmax denominator of the scores in log2 units: the base every kernel computes
+  // in, so forward and backward never convert it; dlse in the backward is the gradient of this lse);
+  // out_acc is out before its rounding, float32, for float16/bfloat16 inputs (the backward's delta comes from it),
+  // and an empty tensor for float32/float64 inputs (where out is that already).
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? gate, float scale, int causal)"
-        " -> (Tensor, Tensor)");
-  // Returns (dq, dk, dv, dmask, dgate); dmask / dgate are empty tensors when not asked for.
+        " -> (Tensor, Tensor, Tensor)");
+  // out: the forward's out_acc where it has one, else its out. Returns (dq, dk, dv, dmask, dgate); dmask has the
+  // mask's own (4-D, broadcast) shape and dtype, summed over broadcast dims in float32; dmask / dgate are empty
+  // tensors when not asked for.
   m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask,"
         " Tensor? gate, Tensor? dlse, float scale, int causal, bool need_dmask)"
         " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");

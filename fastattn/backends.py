@@ -11,6 +11,7 @@ Triton interpreter on CPU (correct but slow; name ``backend="triton"`` to use it
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 import torch
@@ -18,6 +19,7 @@ import torch
 from . import ops, reference
 
 MAX_FUSED_HEAD_DIM = 256  # SPEC §2: D and Dv up to 256 on fused backends
+LN2 = math.log(2.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,16 +95,19 @@ class FusedBackend(Backend):
 
     def attention(self, q, k, v, mask, gate, scale, causal, dropout_p):
         B, Hq, Lq, _ = q.shape
-        Lk, Dv = k.shape[2], v.shape[3]
+        Dv = v.shape[3]
         if mask is not None:
             if mask.dtype != torch.bool:
                 mask = mask.to(q.dtype)  # kernels read a float mask in q's dtype
-            mask = mask.expand(B, Hq, Lq, Lk)  # stride 0 on broadcast dims, no copy
+            # 4-D but not expanded: the kernels broadcast size-1 dims themselves and return the gradient
+            # of a float mask in this shape, summed in float32, never as a (B, Hq, Lq, Lk) tensor
+            mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
         if gate is not None:
             gate = gate.to(q.dtype).expand(B, Hq, Lq, Dv)
-        return self._op("attention_fwd")(
+        out, lse2, _ = self._op("attention_fwd")(
             _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v),
             mask, gate, scale, causal)
+        return out, lse2 * LN2  # the kernels keep lse in log2 units, the base they compute in
 
     def softmax_gate(self, scores, x, mask, pool):
         return self._op("softmax_gate_fwd")(_last_dim_contiguous(scores), _last_dim_contiguous(x), mask, pool)

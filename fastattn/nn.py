@@ -341,8 +341,10 @@ def _fused_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], ca
     g: Optional[Tensor] = None
     if gate is not None:
         g = gate.to(q.dtype).expand([B, H, Lq, Dv])
-    return torch.ops.fastattn.attention_fwd(_last_dim_contiguous(q), _last_dim_contiguous(k),
-                                            _last_dim_contiguous(v), m, g, 1.0 / math.sqrt(D), 1 if causal else 0)
+    out, lse, _ = torch.ops.fastattn.attention_fwd(_last_dim_contiguous(q), _last_dim_contiguous(k),
+                                                   _last_dim_contiguous(v), m, g, 1.0 / math.sqrt(D),
+                                                   1 if causal else 0)
+    return out, lse
 
 
 def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: bool, gate: Optional[Tensor],
@@ -358,7 +360,8 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: 
 def _attention_lse(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: bool, gate: Optional[Tensor],
                    backend: str) -> Tuple[Tensor, Tensor]:
     if torch.jit.is_scripting():
-        return _fused_attention(q, k, v, mask, causal, gate)
+        out, lse2 = _fused_attention(q, k, v, mask, causal, gate)
+        return out, lse2 * 0.6931471805599453  # the op's lse is in log2 units: times ln 2
     return functional.attention(q, k, v, attn_mask=mask, causal=causal, gate=gate, return_lse=True, backend=backend)
 
 

@@ -8,7 +8,10 @@ Schemas are defined once, in C++ (csrc/fastattn.cpp), and each device registers 
   recomputes the probabilities from the saved lse (FlashAttention), so no Lq × Lk tensor is kept.
 
 Forward ops return float32 statistics (float64 for float64 inputs): ``lse`` for attention, the
-weights ``alpha`` for the softmax gates; both are differentiable outputs.
+weights ``alpha`` for the softmax gates; both are differentiable outputs. The attention ops' lse is
+in log2 units, the base the kernels compute in (``fastattn.attention`` returns it times ln 2, so the
+statistic itself is never converted between forward and backward). attention_fwd also returns
+``out_acc``, its output before rounding to float16/bfloat16, which the backward uses in place of out.
 """
 from __future__ import annotations
 
@@ -41,6 +44,11 @@ def _empty(t):
     return t.new_empty((0,))
 
 
+def has_out_acc(dtype):
+    """Whether attention_fwd returns out_acc (float32, out before rounding) for inputs of ``dtype``."""
+    return dtype in (torch.float16, torch.bfloat16)
+
+
 def register_attention(fwd: str, bwd: str, *, fake: bool = True):
     """Fake implementations and autograd for an attention op pair with the schemas of
     csrc/fastattn.cpp (``fwd`` -> (out, lse), ``bwd`` -> (dq, dk, dv, dmask, dgate)). Every backend
@@ -54,7 +62,8 @@ def register_attention(fwd: str, bwd: str, *, fake: bool = True):
             B, Hq, Lq, _ = q.shape
             out = q.new_empty((B, Hq, Lq, v.shape[-1]))
             lse = q.new_empty((B, Hq, Lq), dtype=_stat_dtype(q.dtype))
-            return out, lse
+            out_acc = q.new_empty((B, Hq, Lq, v.shape[-1]), dtype=torch.float32) if has_out_acc(q.dtype) else _empty(q)
+            return out, lse, out_acc
 
         @torch.library.register_fake(bwd)
         def _bwd_fake(dout, q, k, v, out, lse, mask, gate, dlse, scale, causal, need_dmask):
@@ -64,12 +73,14 @@ def register_attention(fwd: str, bwd: str, *, fake: bool = True):
 
     def setup_context(ctx, inputs, output):
         q, k, v, mask, gate, scale, causal = inputs
-        out, lse = output
-        ctx.save_for_backward(q, k, v, out, lse, mask, gate)
+        out, lse, out_acc = output
+        # delta = rowsum(dout * out) is taken from the unrounded output where there is one: the rounded
+        # one breaks rowsum(dS) = 0, and with it exact zeros of dq (saturated rows, repeated keys)
+        ctx.save_for_backward(q, k, v, out_acc if has_out_acc(q.dtype) else out, lse, mask, gate)
         ctx.scale, ctx.causal = scale, causal
         ctx.need_dmask = mask is not None and mask.is_floating_point() and ctx.needs_input_grad[3]
 
-    def backward(ctx, dout, dlse):
+    def backward(ctx, dout, dlse, _dout_acc):
         q, k, v, out, lse, mask, gate = ctx.saved_tensors
         dq, dk, dv, dmask, dgate = bwd_op()(
             _last_dim_contiguous(dout), q, k, v, out, lse, mask, gate, dlse,

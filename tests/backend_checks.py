@@ -113,7 +113,7 @@ def opcheck_attention(prefix, sample, device="cpu", dtype=torch.float32, D=16, D
     samples = attention_samples(device, dtype, D, Dv)
     torch.library.opcheck(fwd.default, samples[sample])
     q, k, v, mask, gate, scale, causal = samples[1]
-    out, lse = fwd(q, k, v, mask, gate, scale, causal)
+    out, lse, _ = fwd(q, k, v, mask, gate, scale, causal)
     args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), mask,
             gate.detach(), torch.randn_like(lse), scale, causal, False)
     torch.library.opcheck(bwd.default, args)

@@ -6,17 +6,21 @@
 //   q     (B, Hq,  Lq, D)    any strides, stride(-1) == 1; float, double, bfloat16 or half
 //   k     (B, Hkv, Lk, D)    same; query head h reads kv head h / (Hq / Hkv) (GQA / MQA)
 //   v     (B, Hkv, Lk, Dv)   same
-//   mask  (B, Hq,  Lq, Lk)   optional view already expanded (stride 0 on broadcast dims, the last
-//                            one included); bool (true = may attend) or q's dtype (added to scores)
+//   mask  (B, Hq,  Lq, Lk)   optional, 4-D with each dim 1 or full (size-1 dims are broadcast here),
+//                            any strides; bool (true = may attend) or q's dtype (added to scores)
 //   gate  (B, Hq,  Lq, Dv)   optional view already expanded (headwise gate: stride(-1) == 0), q's
 //                            dtype; output = attention * sigmoid(gate)
 //   out   (B, Hq,  Lq, Dv)   contiguous, q's dtype (the gated output when a gate is given)
-//   lse   (B, Hq,  Lq)       contiguous, float32 (float64 for double q): natural-log logsumexp of
-//                            the scaled, masked scores; -inf (and out row 0) for a row with no key
+//   out_acc                  float32 out before rounding, for bf16 / half q (else empty); the
+//                            backward's `out` is this where it exists (delta from the unrounded output)
+//   lse   (B, Hq,  Lq)       contiguous, float32 (float64 for double q): log2 of the softmax denominator
+//                            of the scores in log2 units (scale * LOG2E * q.k); -inf (and out row 0) for a
+//                            row with no key. The backward takes it as it is: no change of base
 //   dout  (B, Hq,  Lq, Dv)   any strides, stride(-1) == 1
 //   dlse  (B, Hq,  Lq)       optional, lse's dtype
 //   dq, dk, dv               contiguous, shapes and dtypes of q, k, v
-//   dmask (B, Hq,  Lq, Lk)   contiguous dL/ds in the mask's dtype when need_dmask, else empty
+//   dmask                    dL/d(mask) in the mask's own shape and dtype when need_dmask, else empty:
+//                            dS summed over the mask's broadcast dims in acc_t, deterministically
 //   dgate (B, Hq,  Lq, Dv)   contiguous, gate's dtype, when a gate is given, else empty
 // scale multiplies q.k; causal: 0 none, 1 top_left (key j <= i), 2 bottom_right (j <= i + Lk - Lq).
 #pragma once
@@ -32,7 +36,7 @@
 
 namespace fastattn::cpu {
 
-std::tuple<at::Tensor, at::Tensor> attention_fwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& gate,
     double scale, int64_t causal);
@@ -61,7 +65,8 @@ struct AttnShape {
   int64_t k_sb, k_sh, k_sl;               // k (B, Hkv, Lk, D)
   int64_t v_sb, v_sh, v_sl;               // v (B, Hkv, Lk, Dv)
   MaskKind mask_kind;
-  int64_t m_sb, m_sh, m_si, m_sj;         // mask (B, Hq, Lq, Lk)
+  int64_t m_sb, m_sh, m_si, m_sj;         // mask (B, Hq, Lq, Lk), 0 on broadcast dims
+  bool m_bcast[4];                        // mask dim of size 1 broadcast over B, Hq, Lq, Lk
   bool has_gate;
   int64_t g_sb, g_sh, g_si, g_sc;         // gate (B, Hq, Lq, Dv)
   bool causal;

@@ -1,6 +1,7 @@
 // Attention backward on CPU: FlashAttention-2, recomputing P = exp(S - lse) tile by tile.
 //   dO = dout * sigmoid(g)                          (gate folded in; the ungated output is never stored)
-//   delta_i = rowsum(dout_i * out_i) - dlse_i       (== rowsum(dO_i * o_i) - dlse_i)
+//   delta_i = rowsum(dout_i * out_i) - dlse_i       (== rowsum(dO_i * o_i) - dlse_i; out unrounded, float32,
+//                                                    for bf16 / half: rowsum(dS_i) = 0 then holds to fp32)
 //   dgate = dout * out * (1 - sigmoid(g))
 //   per tile: dV += P^T dO,  dP = dO V^T,  dS = P * (dP - delta),  dK += scale dS^T Q,  dQ += scale dS K
 //
@@ -10,7 +11,10 @@
 //   two-pass  (when B*Hkv tasks would leave cores idle): pass 1 = one task per (batch, head, query
 //             block) accumulating dQ; pass 2 = one task per (batch, kv head, key block) for dK/dV.
 //             It recomputes S and dP twice (7 tile GEMMs instead of 5) but exposes L/BLOCK times
-//             more parallelism.
+//             more parallelism. With a float-mask gradient, pass 1 has one task per block of the
+//             mask's own shape (b', h', query block'), looping over the (b, h, query blocks) that
+//             broadcast into it: every dmask element and every dQ row has one owner, and dmask is
+//             summed in acc_t in a fixed order (deterministic, no atomics, memory O(mask)).
 // Tiles are float (double for double inputs); bf16 / half tiles are widened once per tile, except
 // that with bf16 on AVX512-BF16 the S = Q K^T and dP = dO V^T GEMMs run on bf16 tiles.
 #include <ATen/ATen.h>
@@ -43,31 +47,34 @@ struct BwdCtx {
   const AttnShape& s;
   const scalar_t *q, *k, *v;  // strided as in s
   const acc_t* dO;         // (B, Hq, Lq, Dv) contiguous: dout * sigmoid(gate)
-  const c10::BFloat16* dO_bf16;  // the same rounded to bfloat16 when bf16_dot, else nullptr
-  bool bf16_dot;           // bfloat16 on AVX512-BF16: S = Q K^T and dP = dO V^T by gemm_nt_bf16
-  const acc_t* lse2;       // (B, Hq, Lq): lse * LOG2E
+  const c10::BFloat16* dO_bf16;  // the same rounded to bfloat16 when bf16_dp, else nullptr
+  bool bf16_dot;           // bfloat16 on AVX512-BF16: S = Q K^T by gemm_nt_bf16
+  bool bf16_dp;            // and dP = dO V^T too; not with a gate, whose dO = dout * sig(g) would be rounded to
+                           // bf16 there while delta takes it unrounded (rowsum(dS) = 0 would break)
+  const acc_t* lse2;       // (B, Hq, Lq): lse, in log2 units
   const acc_t* delta;      // (B, Hq, Lq)
   const at::Tensor* mask;
-  scalar_t* dmask;         // (B, Hq, Lq, Lk) contiguous, or nullptr
+  bool need_dmask;         // accumulate dS into the caller's dmask buffer (see backward_tile)
   acc_t* dq;               // (B, Hq, Lq, D) contiguous accumulator
   acc_t alpha, scale;      // alpha = scale * LOG2E
 };
 
 // Per-thread tile buffers; q/k/v hold widened bf16 / half tiles (empty for float / double),
-// k_pack/v_pack the bf16 K and V tiles packed for gemm_nt_bf16 (bf16_dot only).
+// k_pack/v_pack the bf16 K and V tiles packed for gemm_nt_bf16 (bf16_dot / bf16_dp only).
 template <typename scalar_t, typename acc_t>
 struct BwdBuffers {
   static constexpr bool kConvert = !std::is_same_v<scalar_t, acc_t>;
   std::vector<acc_t> P, dS, dK, dV, q, k, v;
   std::vector<uint32_t> k_pack, v_pack;
-  BwdBuffers(int64_t D, int64_t Dv, bool bf16_dot)
+  BwdBuffers(int64_t D, int64_t Dv, bool bf16_dot, bool bf16_dp)
       : P(kBlockM * kBlockN), dS(kBlockM * kBlockN), dK(kBlockN * D), dV(kBlockN * Dv),
-        q(kConvert ? kBlockM * D : 0), k(kConvert ? kBlockN * D : 0), v(kConvert && !bf16_dot ? kBlockN * Dv : 0),
-        k_pack(bf16_dot ? bf16_pack_size(kBlockN, D) : 0), v_pack(bf16_dot ? bf16_pack_size(kBlockN, Dv) : 0) {}
+        q(kConvert ? kBlockM * D : 0), k(kConvert ? kBlockN * D : 0), v(kConvert && !bf16_dp ? kBlockN * Dv : 0),
+        k_pack(bf16_dot ? bf16_pack_size(kBlockN, D) : 0), v_pack(bf16_dp ? bf16_pack_size(kBlockN, Dv) : 0) {}
 };
 
 // K [bn, D] and V [bn, Dv] tiles of key block j0 of kv head hk, in the accumulation type; with
-// bf16_dot, K and V are also packed into buf.k_pack / buf.v_pack and V is not widened (V = nullptr).
+// bf16_dot, K is also packed into buf.k_pack; with bf16_dp, V is packed into buf.v_pack instead of widened
+// (V = nullptr).
 struct KVTile {
   const void* K;
   const void* V;
@@ -82,8 +89,8 @@ KVTile kv_tile(const BwdCtx<scalar_t, acc_t>& c, BwdBuffers<scalar_t, acc_t>& bu
   const scalar_t* v_tile = c.v + b * s.v_sb + hk * s.v_sh + j0 * s.v_sl;
   t.K = tile_as(k_tile, s.k_sl, bn, s.D, buf.k.data(), &t.ldk);  // still needed by dQ += dS K
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    if (c.bf16_dot) {
-      pack_bt_bf16(buf.k_pack.data(), k_tile, s.k_sl, bn, s.D);
+    if (c.bf16_dot) pack_bt_bf16(buf.k_pack.data(), k_tile, s.k_sl, bn, s.D);
+    if (c.bf16_dp) {
       pack_bt_bf16(buf.v_pack.data(), v_tile, s.v_sl, bn, s.Dv);
       t.V = nullptr;
       return t;
@@ -96,8 +103,12 @@ KVTile kv_tile(const BwdCtx<scalar_t, acc_t>& c, BwdBuffers<scalar_t, acc_t>& bu
 // One (query block, key block) tile of head h: recomputes P and dS, then applies the updates
 // asked for: dQ (into ctx.dq), dK/dV (into buf.dK / buf.dV, [bn, D] / [bn, Dv]), dmask.
 template <typename scalar_t, typename acc_t>
+// dmask_acc (or nullptr): the task's acc_t rows of the mask gradient, row stride dmask_ld, into which dS is
+// added; its row 0 takes every query row when the mask broadcasts over Lq, its column 0 every key when it
+// broadcasts over Lk.
 void backward_tile(const BwdCtx<scalar_t, acc_t>& c, BwdBuffers<scalar_t, acc_t>& buf, const KVTile& kv, int64_t b,
-                   int64_t h, int64_t i0, int64_t bm, int64_t j0, int64_t bn, bool do_dq, bool do_dkv, bool do_dmask) {
+                   int64_t h, int64_t i0, int64_t bm, int64_t j0, int64_t bn, bool do_dq, bool do_dkv,
+                   acc_t* dmask_acc = nullptr, int64_t dmask_ld = 0) {
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   const AttnShape& s = c.s;
   const int64_t D = s.D, Dv = s.Dv;
@@ -120,7 +131,7 @@ void backward_tile(const BwdCtx<scalar_t, acc_t>& c, BwdBuffers<scalar_t, acc_t>
   for (int64_t r = 0; r < bm; ++r) {
     acc_t* row = P + r * kBlockN;
     const acc_t l2 = c.lse2[row0 + r];
-    if (l2 == kNegInf) std::fill_n(row, bn, acc_t(0));  // fully masked row: no gradient
+    if (l2 == kNegInf) std::fill_n(row, bn, acc_t(-0.0));  // fully masked row: no gradient (-0.0: masked)
     else exp2_shift_sum(row, bn, l2);
   }
 
@@ -129,15 +140,27 @@ void backward_tile(const BwdCtx<scalar_t, acc_t>& c, BwdBuffers<scalar_t, acc_t>
 
   // -- dP = dO V^T, dS = P * (dP - delta)   [bm, bn]
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    if (c.bf16_dot) gemm_nt_bf16(bm, bn, Dv, 1.f, c.dO_bf16 + row0 * Dv, Dv, buf.v_pack.data(), dS, kBlockN);
+    if (c.bf16_dp) gemm_nt_bf16(bm, bn, Dv, 1.f, c.dO_bf16 + row0 * Dv, Dv, buf.v_pack.data(), dS, kBlockN);
   }
-  if (!c.bf16_dot) gemm(false, true, bm, bn, Dv, acc_t(1), dO, Dv, V, kv.ldv, acc_t(0), dS, kBlockN);
+  if (!c.bf16_dp) gemm(false, true, bm, bn, Dv, acc_t(1), dO, Dv, V, kv.ldv, acc_t(0), dS, kBlockN);
   for (int64_t r = 0; r < bm; ++r)
     softmax_grad(dS + r * kBlockN, P + r * kBlockN, dS + r * kBlockN, c.delta[row0 + r], bn);
 
-  // -- dmask = dS (dL/ds_ij: the bias enters the scores with weight 1)
-  if (do_dmask)
-    for (int64_t r = 0; r < bm; ++r) convert_row(c.dmask + (row0 + r) * s.Lk + j0, dS + r * kBlockN, bn);
+  // -- dmask += dS (dL/ds_ij: the bias enters the scores with weight 1), summed over broadcast dims
+  if (dmask_acc != nullptr) {
+    const bool sum_rows = s.m_bcast[2], sum_cols = s.m_bcast[3];
+    for (int64_t r = 0; r < bm; ++r) {
+      acc_t* dst = dmask_acc + (sum_rows ? 0 : r * dmask_ld);
+      const acc_t* src = dS + r * kBlockN;
+      if (sum_cols) {
+        acc_t t = 0;
+        for (int64_t col = 0; col < bn; ++col) t += src[col];
+        dst[0] += t;
+      } else {
+        for (int64_t col = 0; col < bn; ++col) dst[j0 + col] += src[col];
+      }
+    }
+  }
 
   // -- dK += scale dS^T Q   [bn, D];  dQ += scale dS K   [bm, D]
   if (do_dkv) gemm(true, false, bn, D, bm, c.scale, dS, kBlockN, Q, ldq, acc_t(1), buf.dK.data(), D);
@@ -162,7 +185,7 @@ void key_block_pass(const BwdCtx<scalar_t, acc_t>& c, BwdBuffers<scalar_t, acc_t
   for (int64_t h = hk * s.group; h < (hk + 1) * s.group; ++h) {
     for (int64_t i0 = first_qblock(s, j0) * kBlockM; i0 < s.Lq; i0 += kBlockM) {
       const int64_t bm = std::min(kBlockM, s.Lq - i0);
-      backward_tile(c, buf, kv, b, h, i0, bm, j0, bn, do_dq, /*do_dkv=*/true, /*do_dmask=*/do_dq && c.dmask != nullptr);
+      backward_tile(c, buf, kv, b, h, i0, bm, j0, bn, do_dq, /*do_dkv=*/true);
     }
   }
   const int64_t kv_row0 = (b * s.Hkv + hk) * s.Lk + j0;
@@ -172,19 +195,54 @@ void key_block_pass(const BwdCtx<scalar_t, acc_t>& c, BwdBuffers<scalar_t, acc_t
   }
 }
 
+// Pass 1 with a float-mask gradient: one task per (b', h', query block') of the mask's own shape; dQ of every
+// (b, h, query block) broadcasting into it, and its dmask rows summed in acc_t, then stored once.
 template <typename scalar_t, typename acc_t>
-void attention_bwd_kernel(const BwdCtx<scalar_t, acc_t>& c, scalar_t* dk, scalar_t* dv) {
+void dq_dmask_pass(const BwdCtx<scalar_t, acc_t>& c, scalar_t* dmask) {
+  const AttnShape& s = c.s;
+  const bool* bc = s.m_bcast;
+  const int64_t mB = bc[0] ? 1 : s.B, mH = bc[1] ? 1 : s.Hq, mL = bc[2] ? 1 : s.Lq, mS = bc[3] ? 1 : s.Lk;
+  const int64_t n_qblocks = (s.Lq + kBlockM - 1) / kBlockM;
+  const int64_t m_qblocks = bc[2] ? 1 : n_qblocks;  // a mask broadcast over Lq takes every query block
+  parallel_dynamic(mB * mH * m_qblocks, [&](const auto& claim) {
+    BwdBuffers<scalar_t, acc_t> buf(s.D, s.Dv, c.bf16_dot, c.bf16_dp);
+    std::vector<acc_t> acc;
+    for (int64_t t; (t = claim()) >= 0;) {
+      const int64_t qb_m = t % m_qblocks, bh_m = t / m_qblocks;
+      const int64_t b_m = bh_m / mH, h_m = bh_m % mH;
+      const int64_t rows = bc[2] ? 1 : std::min(kBlockM, s.Lq - qb_m * kBlockM);
+      acc.assign(size_t(rows * mS), acc_t(0));
+      for (int64_t b = bc[0] ? 0 : b_m; b < (bc[0] ? s.B : b_m + 1); ++b)
+        for (int64_t h = bc[1] ? 0 : h_m; h < (bc[1] ? s.Hq : h_m + 1); ++h)
+          for (int64_t qb = bc[2] ? 0 : qb_m; qb < (bc[2] ? n_qblocks : qb_m + 1); ++qb) {
+            const int64_t i0 = qb * kBlockM, bm = std::min(kBlockM, s.Lq - i0);
+            const int64_t j_end = s.causal ? std::min(s.Lk, i0 + bm + s.causal_off) : s.Lk;
+            for (int64_t j0 = 0; j0 < j_end; j0 += kBlockN) {
+              const int64_t bn = std::min(kBlockN, s.Lk - j0);
+              const KVTile kv = kv_tile(c, buf, b, h / s.group, j0, bn);
+              backward_tile(c, buf, kv, b, h, i0, bm, j0, bn, /*do_dq=*/true, /*do_dkv=*/false, acc.data(), mS);
+            }
+          }
+      // dmask is contiguous (mB, mH, mL, mS)
+      const int64_t row0 = (b_m * mH + h_m) * mL + (bc[2] ? 0 : qb_m * kBlockM);
+      for (int64_t r = 0; r < rows; ++r) convert_row(dmask + (row0 + r) * mS, acc.data() + r * mS, mS);
+    }
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+void attention_bwd_kernel(const BwdCtx<scalar_t, acc_t>& c, scalar_t* dk, scalar_t* dv, scalar_t* dmask) {
   const AttnShape& s = c.s;
   const int64_t n_kblocks = (s.Lk + kBlockN - 1) / kBlockN;
   const int64_t n_qblocks = (s.Lq + kBlockM - 1) / kBlockM;
   const int64_t kv_tasks = s.B * s.Hkv;
   const double threads = at::get_num_threads();
-  const bool two_pass = std::ceil(kv_tasks / threads) > kTwoPassCost * kv_tasks / threads;
+  const bool two_pass = c.need_dmask || std::ceil(kv_tasks / threads) > kTwoPassCost * kv_tasks / threads;
 
   if (!two_pass) {
     // -- kv-owner schedule
     parallel_dynamic(kv_tasks, [&](const auto& claim) {
-      BwdBuffers<scalar_t, acc_t> buf(s.D, s.Dv, c.bf16_dot);
+      BwdBuffers<scalar_t, acc_t> buf(s.D, s.Dv, c.bf16_dot, c.bf16_dp);
       for (int64_t t; (t = claim()) >= 0;)
         for (int64_t kb = 0; kb < n_kblocks; ++kb)
           key_block_pass(c, buf, t / s.Hkv, t % s.Hkv, kb * kBlockN, /*do_dq=*/true, dk, dv);
@@ -192,9 +250,10 @@ void attention_bwd_kernel(const BwdCtx<scalar_t, acc_t>& c, scalar_t* dk, scalar
     return;
   }
 
-  // -- two-pass schedule, pass 1: dQ (and dmask) per (batch, head, query block)
-  parallel_dynamic(s.B * s.Hq * n_qblocks, [&](const auto& claim) {
-    BwdBuffers<scalar_t, acc_t> buf(s.D, s.Dv, c.bf16_dot);
+  // -- two-pass schedule, pass 1: dQ per (batch, head, query block), or per block of the mask with dmask
+  if (c.need_dmask) dq_dmask_pass(c, dmask);
+  else parallel_dynamic(s.B * s.Hq * n_qblocks, [&](const auto& claim) {
+    BwdBuffers<scalar_t, acc_t> buf(s.D, s.Dv, c.bf16_dot, c.bf16_dp);
     for (int64_t t; (t = claim()) >= 0;) {
       const int64_t qb = n_qblocks - 1 - t % n_qblocks, bh = t / n_qblocks;  // heavy (causal) blocks first
       const int64_t b = bh / s.Hq, h = bh % s.Hq;
@@ -203,14 +262,13 @@ void attention_bwd_kernel(const BwdCtx<scalar_t, acc_t>& c, scalar_t* dk, scalar
       for (int64_t j0 = 0; j0 < j_end; j0 += kBlockN) {
         const int64_t bn = std::min(kBlockN, s.Lk - j0);
         const KVTile kv = kv_tile(c, buf, b, h / s.group, j0, bn);
-        backward_tile(c, buf, kv, b, h, i0, bm, j0, bn, /*do_dq=*/true, /*do_dkv=*/false,
-                      /*do_dmask=*/c.dmask != nullptr);
+        backward_tile(c, buf, kv, b, h, i0, bm, j0, bn, /*do_dq=*/true, /*do_dkv=*/false);
       }
     }
   });
   // -- pass 2: dK / dV per (batch, kv head, key block)
   parallel_dynamic(kv_tasks * n_kblocks, [&](const auto& claim) {
-    BwdBuffers<scalar_t, acc_t> buf(s.D, s.Dv, c.bf16_dot);
+    BwdBuffers<scalar_t, acc_t> buf(s.D, s.Dv, c.bf16_dot, c.bf16_dp);
     for (int64_t t; (t = claim()) >= 0;) {
       const int64_t kb = t % n_kblocks, bhk = t / n_kblocks;
       key_block_pass(c, buf, bhk / s.Hkv, bhk % s.Hkv, kb * kBlockN, /*do_dq=*/false, dk, dv);
@@ -224,14 +282,19 @@ void prepare_rows(const AttnShape& s, const at::Tensor& dout, const at::Tensor& 
                   const acc_t* lse2, const acc_t* dlse, acc_t* dO, scalar_t* dO_low, acc_t* delta, scalar_t* dgate) {
   const int64_t Dv = s.Dv;
   const scalar_t* p_dout = dout.data_ptr<scalar_t>();
-  const scalar_t* p_out = out.data_ptr<scalar_t>();
+  // out is the forward's float32 out_acc for bf16 / half (see attention.h), else out itself
+  const bool out_acc = out.scalar_type() != dout.scalar_type();
+  const void* p_out = out.data_ptr();
   const int64_t d_sb = dout.stride(0), d_sh = dout.stride(1), d_sl = dout.stride(2);
   at::parallel_for(0, s.B * s.Hq * s.Lq, 64, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> dout_row(Dv), out_row(Dv), tmp(Dv);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t i = row % s.Lq, h = (row / s.Lq) % s.Hq, b = row / (s.Lq * s.Hq);
       convert_row(dout_row.data(), p_dout + b * d_sb + h * d_sh + i * d_sl, Dv);
-      convert_row(out_row.data(), p_out + row * Dv, Dv);
+      if constexpr (std::is_same_v<acc_t, float>) {
+        if (out_acc) std::copy_n(static_cast<const float*>(p_out) + row * Dv, Dv, out_row.data());
+      }
+      if (!out_acc) convert_row(out_row.data(), static_cast<const scalar_t*>(p_out) + row * Dv, Dv);
       delta[row] = dot(dout_row.data(), out_row.data(), Dv) - (dlse ? dlse[row] : acc_t(0));
       acc_t* dO_row = dO + row * Dv;
       // A row with no allowed key passes no gradient to k and v, even a NaN one (its P is 0, and
@@ -274,8 +337,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   const std::vector<int64_t> out_shape{s.B, s.Hq, s.Lq, s.Dv}, row_shape{s.B, s.Hq, s.Lq};
   TORCH_CHECK(dout.sizes() == out_shape && dout.scalar_type() == dt, "attention_bwd: dout must be (B, Hq, Lq, Dv) = ",
               out_shape, " of q's dtype, got ", dout.sizes(), " ", dout.scalar_type());
-  TORCH_CHECK(out.sizes() == out_shape && out.scalar_type() == dt, "attention_bwd: out must be (B, Hq, Lq, Dv) = ",
-              out_shape, " of q's dtype, got ", out.sizes(), " ", out.scalar_type());
+  const bool low = dt == at::kBFloat16 || dt == at::kHalf;
+  TORCH_CHECK(out.sizes() == out_shape && (out.scalar_type() == dt || (low && out.scalar_type() == at::kFloat)),
+              "attention_bwd: out must be (B, Hq, Lq, Dv) = ", out_shape, " of q's dtype (or float32, the forward's "
+              "out_acc), got ", out.sizes(), " ", out.scalar_type());
   TORCH_CHECK(lse.sizes() == row_shape, "attention_bwd: lse must be (B, Hq, Lq) = ", row_shape, ", got ", lse.sizes());
   TORCH_CHECK(!dlse.has_value() || dlse->sizes() == row_shape, "attention_bwd: dlse must be (B, Hq, Lq) = ", row_shape,
               ", got ", dlse->sizes());
@@ -285,36 +350,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   at::Tensor dq_acc = at::zeros({s.B, s.Hq, s.Lq, s.D}, q.options().dtype(acc_type));
   at::Tensor dk = at::empty({s.B, s.Hkv, s.Lk, s.D}, q.options());
   at::Tensor dv = at::empty({s.B, s.Hkv, s.Lk, s.Dv}, q.options());
-  at::Tensor dmask = need_dmask ? at::zeros({s.B, s.Hq, s.Lq, s.Lk}, q.options()) : at::empty({0}, q.options());
+  at::Tensor dmask = need_dmask ? at::zeros(mask->sizes(), q.options()) : at::empty({0}, q.options());
   at::Tensor dgate = gate.has_value() ? at::empty(out_shape, q.options()) : at::empty({0}, q.options());
 
   const at::Tensor dout_c = dout.stride(-1) == 1 ? dout : dout.contiguous();
   const at::Tensor out_c = out.contiguous();
-  const at::Tensor lse2 = (lse.to(acc_type) * kLog2e).contiguous();  // -inf stays -inf
-  const at::Tensor dlse_c = dlse.has_value() ? dlse->to(acc_type).contiguous() : at::Tensor();
+  const at::Tensor lse2 = lse.to(acc_type).contiguous();  // log2 units, as the forward wrote it
+  // dL/dlse2 -> the natural-log gradient the softmax backward takes: lse = lse2 * ln 2
+  const at::Tensor dlse_c = dlse.has_value() ? (dlse->to(acc_type) * kLog2e).contiguous() : at::Tensor();
   at::Tensor dO = at::empty(out_shape, q.options().dtype(acc_type));
   at::Tensor delta = at::empty(row_shape, q.options().dtype(acc_type));
   // bfloat16 on AVX512-BF16: dP = dO V^T runs on bf16 tiles, so dO is also kept rounded to bf16.
-  const bool bf16_dot = dt == at::kBFloat16 && has_bf16_dot();
-  at::Tensor dO_low = bf16_dot ? at::empty(out_shape, q.options()) : at::Tensor();
+  const bool bf16_dot = dt == at::kBFloat16 && has_bf16_dot(), bf16_dp = bf16_dot && !gate.has_value();
+  at::Tensor dO_low = bf16_dp ? at::empty(out_shape, q.options()) : at::Tensor();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "attention_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* p_gate = gate.has_value() ? gate->data_ptr<scalar_t>() : nullptr;
     prepare_rows<scalar_t, acc_t>(s, dout_c, out_c, p_gate, lse2.data_ptr<acc_t>(), dlse_c.defined() ? dlse_c.data_ptr<acc_t>() : nullptr,
-                                  dO.data_ptr<acc_t>(), bf16_dot ? dO_low.data_ptr<scalar_t>() : nullptr,
+                                  dO.data_ptr<acc_t>(), bf16_dp ? dO_low.data_ptr<scalar_t>() : nullptr,
                                   delta.data_ptr<acc_t>(),
                                   gate.has_value() ? dgate.data_ptr<scalar_t>() : nullptr);
     const BwdCtx<scalar_t, acc_t> ctx{s,
                                       q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
                                       dO.data_ptr<acc_t>(),
-                                      bf16_dot ? reinterpret_cast<const c10::BFloat16*>(dO_low.data_ptr()) : nullptr,
-                                      bf16_dot, lse2.data_ptr<acc_t>(), delta.data_ptr<acc_t>(),
+                                      bf16_dp ? reinterpret_cast<const c10::BFloat16*>(dO_low.data_ptr()) : nullptr,
+                                      bf16_dot, bf16_dp, lse2.data_ptr<acc_t>(), delta.data_ptr<acc_t>(),
                                       mask.has_value() ? &*mask : nullptr,
-                                      need_dmask ? dmask.data_ptr<scalar_t>() : nullptr,
+                                      need_dmask,
                                       dq_acc.data_ptr<acc_t>(),
                                       acc_t(scale * kLog2e), acc_t(scale)};
-    attention_bwd_kernel<scalar_t, acc_t>(ctx, dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>());
+    attention_bwd_kernel<scalar_t, acc_t>(ctx, dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(),
+                                          need_dmask ? dmask.data_ptr<scalar_t>() : nullptr);
   });
   at::Tensor dq = dq_acc.scalar_type() == dt ? dq_acc : dq_acc.to(dt);
   return {dq, dk, dv, dmask, dgate};

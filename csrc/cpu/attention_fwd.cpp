@@ -60,13 +60,19 @@ AttnShape check_and_describe(const char* op, const at::Tensor& q, const at::Tens
   if (mask.has_value()) {
     const at::Tensor& m = *mask;
     TORCH_CHECK(m.device().is_cpu(), op, ": attn_mask must be a CPU tensor");
-    TORCH_CHECK(m.dim() == 4 && m.size(0) == s.B && m.size(1) == s.Hq && m.size(2) == s.Lq && m.size(3) == s.Lk,
-                op, ": attn_mask must be expanded to (B, Hq, Lq, Lk) = (", s.B, ", ", s.Hq, ", ", s.Lq, ", ", s.Lk,
-                "), got ", m.sizes());
+    const int64_t full[4] = {s.B, s.Hq, s.Lq, s.Lk};
+    bool ok = m.dim() == 4;
+    for (int d = 0; ok && d < 4; ++d) ok = m.size(d) == full[d] || m.size(d) == 1;
+    TORCH_CHECK(ok, op, ": attn_mask must be 4-D with each dim 1 or that of (B, Hq, Lq, Lk) = (", s.B, ", ", s.Hq,
+                ", ", s.Lq, ", ", s.Lk, "), got ", m.sizes());
     TORCH_CHECK(m.scalar_type() == at::kBool || m.scalar_type() == dt, op, ": attn_mask must be bool or q's dtype ",
                 dt, ", got ", m.scalar_type());
     s.mask_kind = m.scalar_type() == at::kBool ? MaskKind::kBool : MaskKind::kBias;
-    s.m_sb = m.stride(0); s.m_sh = m.stride(1); s.m_si = m.stride(2); s.m_sj = m.stride(3);
+    int64_t* strides[4] = {&s.m_sb, &s.m_sh, &s.m_si, &s.m_sj};
+    for (int d = 0; d < 4; ++d) {
+      s.m_bcast[d] = m.size(d) == 1 && full[d] != 1;
+      *strides[d] = m.size(d) == 1 ? 0 : m.stride(d);  // a size-1 dim is read at index 0 for every index
+    }
   }
   s.has_gate = gate.has_value();
   if (s.has_gate) {
@@ -91,13 +97,14 @@ using detail::AttnShape;
 
 template <typename scalar_t, typename acc_t>
 void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* v, const at::Tensor* mask,
-                          const scalar_t* gate, scalar_t* out, acc_t* lse, const AttnShape& s, acc_t scale) {
+                          const scalar_t* gate, scalar_t* out, float* out_acc, acc_t* lse, const AttnShape& s,
+                          acc_t alpha) {
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   constexpr bool kConvert = !std::is_same_v<scalar_t, acc_t>;  // bf16 / half tiles are widened once each
   // bfloat16 on AVX512-BF16: Q K^T straight from the bf16 tiles (no widening of Q and K).
   const bool bf16_dot = std::is_same_v<scalar_t, c10::BFloat16> && has_bf16_dot();
-  const acc_t log2e = acc_t(kLog2e), ln2 = acc_t(kLn2);
-  const acc_t alpha = scale * log2e;  // S = alpha * Q K^T, in log2 units
+  // S = alpha * Q K^T in log2 units; alpha = scale * LOG2E rounded once from double, exactly as the backward
+  // does: the same S there gives P = exp2(S - lse) = 1 for a saturated row, whose exact gradient is 0
   const int64_t D = s.D, Dv = s.Dv;
   const int64_t n_qblocks = (s.Lq + kBlockM - 1) / kBlockM;
 
@@ -165,7 +172,7 @@ void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* 
         gemm(false, false, bm, Dv, bn, acc_t(1), S, kBlockN, V, ldv, acc_t(1), acc, Dv);
       }
 
-      // -- normalise, gate, store; lse = ln(sum) + max in natural-log units
+      // -- normalise, gate, store; lse = log2(sum) + max in log2 units (the op's contract)
       for (int64_t r = 0; r < bm; ++r) {
         const int64_t i = i0 + r;
         const int64_t row_idx = (b * s.Hq + h) * s.Lq + i;
@@ -174,10 +181,13 @@ void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* 
         const bool empty = l == acc_t(0);  // no allowed key: exactly 0 (not 0 * V, which is NaN for V = inf)
         if (empty) std::fill_n(o, Dv, acc_t(0));
         else scale_row(o, acc_t(1) / l, Dv);
-        lse[row_idx] = empty ? kNegInf : (m_buf[r] + std::log2(l)) * ln2;
+        lse[row_idx] = empty ? kNegInf : m_buf[r] + std::log2(l);
         if (gate != nullptr) {
           const scalar_t* g = gate + b * s.g_sb + h * s.g_sh + i * s.g_si;
           for (int64_t c = 0; c < Dv; ++c) o[c] *= sigmoid(acc_t(g[c * s.g_sc]));
+        }
+        if constexpr (std::is_same_v<acc_t, float>) {
+          if (out_acc != nullptr) std::copy_n(o, Dv, out_acc + row_idx * Dv);
         }
         convert_row(out + row_idx * Dv, o, Dv);
       }
@@ -187,7 +197,7 @@ void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* 
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> attention_fwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& gate,
     double scale, int64_t causal) {
@@ -195,7 +205,9 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(
   const auto acc_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor out = at::empty({s.B, s.Hq, s.Lq, s.Dv}, q.options());
   at::Tensor lse = at::empty({s.B, s.Hq, s.Lq}, q.options().dtype(acc_type));
-  if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
+  const bool low = q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf;
+  at::Tensor out_acc = low ? at::empty({s.B, s.Hq, s.Lq, s.Dv}, q.options().dtype(at::kFloat)) : at::empty({0}, q.options());
+  if (out.numel() == 0 && lse.numel() == 0) return {out, lse, out_acc};
 
   const at::Tensor* mask_t = mask.has_value() ? &*mask : nullptr;
 
@@ -204,9 +216,9 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(
     attention_fwd_kernel<scalar_t, acc_t>(
         q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), mask_t,
         gate.has_value() ? gate->data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
-        lse.data_ptr<acc_t>(), s, acc_t(scale));
+        low ? out_acc.data_ptr<float>() : nullptr, lse.data_ptr<acc_t>(), s, acc_t(scale * kLog2e));
   });
-  return {out, lse};
+  return {out, lse, out_acc};
 }
 
 }  // namespace fastattn::cpu

@@ -291,6 +291,10 @@ inline const acc_t* tile_as(const scalar_t* src, int64_t ld, int64_t rows, int64
 // auto-vectoriser will not if-convert the clamps and selects without -fno-trapping-math.
 // Row tails are padded with a neutral value (-inf for max / exp, 0 for products).
 // ---------------------------------------------------------------------------------------------
+// A weight that exp2_poly / exp2_shift_sum made from a masked (-inf) score: -0.0.
+template <typename T>
+inline bool is_masked(T p) { return p == T(0) && std::signbit(p); }
+
 namespace detail {
 typedef float vfloat __attribute__((vector_size(64)));
 typedef int32_t vint __attribute__((vector_size(64)));
@@ -322,7 +326,9 @@ static FASTATTN_INLINE float hmax(vfloat v) {
 }
 
 // 2^x: x = n + f with n = round(x), f in [-1/2, 1/2]; 2^f by Cephes' exp2f minimax polynomial
-// (~1 ulp), 2^n built in the exponent bits. x < -126 (including -inf) gives exactly 0.
+// (~1 ulp), 2^n built in the exponent bits. x < -126 gives exactly 0, and x = -inf (a masked score)
+// gives -0.0: the same value, but the softmax backward can tell a masked key (no gradient, NaN or
+// not) from an underflowed one (whose gradient takes a NaN, as torch's does).
 static FASTATTN_INLINE vfloat exp2_poly(vfloat x) {
   constexpr float kRound = 12582912.f;  // 1.5 * 2^23: adding and subtracting it rounds to integer
   vfloat xc = x < splat(-127.f) ? splat(-127.f) : x;
@@ -338,7 +344,8 @@ static FASTATTN_INLINE vfloat exp2_poly(vfloat x) {
   p = p * f + 1.f;
   const vint bits = (__builtin_convertvector(n, vint) + 127) << 23;
   const vfloat two_n = (vfloat)bits;  // reinterpret the bits
-  return x < splat(-126.f) ? splat(0.f) : p * two_n;
+  const vfloat masked = (vfloat)(vint{} + int32_t(0x80000000u));  // -0.0f
+  return x == splat(-std::numeric_limits<float>::infinity()) ? masked : x < splat(-126.f) ? splat(0.f) : p * two_n;
 }
 
 // NaN anywhere gives NaN (as torch's max), which then spreads through the row's softmax.
@@ -380,12 +387,13 @@ FASTATTN_VEC_CLONES static float exp2_shift_sum_f32(float* x, int64_t n, float s
 
 FASTATTN_VEC_CLONES static void softmax_grad_f32(float* ds, const float* p, const float* dp, float delta,
                                                  int64_t n) {
+  const vint neg_zero = vint{} + int32_t(0x80000000u);
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
     const vfloat pv = load(p + i);
-    store(ds + i, pv == 0.f ? splat(0.f) : pv * (load(dp + i) - delta));
+    store(ds + i, (vint)pv == neg_zero ? splat(0.f) : pv * (load(dp + i) - delta));
   }
-  for (; i < n; ++i) ds[i] = p[i] == 0.f ? 0.f : p[i] * (dp[i] - delta);
+  for (; i < n; ++i) ds[i] = is_masked(p[i]) ? 0.f : p[i] * (dp[i] - delta);
 }
 
 FASTATTN_VEC_CLONES static void scale_row_f32(float* x, float a, int64_t n) {
@@ -422,7 +430,7 @@ inline float exp2_shift_sum(float* x, int64_t n, float shift);
 inline double exp2_shift_sum(double* x, int64_t n, double shift);
 template <typename T>
 inline T exp2_nan_row(T* x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) x[i] = x[i] == -std::numeric_limits<T>::infinity() ? T(0) : std::numeric_limits<T>::quiet_NaN();
+  for (int64_t i = 0; i < n; ++i) x[i] = x[i] == -std::numeric_limits<T>::infinity() ? T(-0.0) : std::numeric_limits<T>::quiet_NaN();
   return std::numeric_limits<T>::quiet_NaN();
 }
 inline float exp2_shift_sum(float* x, int64_t n, float shift) {
@@ -432,17 +440,17 @@ inline float exp2_shift_sum(float* x, int64_t n, float shift) {
 inline double exp2_shift_sum(double* x, int64_t n, double shift) {
   if (std::isnan(shift)) return exp2_nan_row(x, n);
   double sum = 0;
-  for (int64_t i = 0; i < n; ++i) sum += (x[i] = std::exp2(x[i] - shift));
+  for (int64_t i = 0; i < n; ++i) sum += (x[i] = x[i] == -std::numeric_limits<double>::infinity() ? -0.0 : std::exp2(x[i] - shift));
   return sum;
 }
 
-// dS = P * (dP - delta): the softmax backward, row-wise. Where P is exactly 0 (a masked key) dS is
-// 0 even when a NaN reached the row's delta: masked keys take no part, NaN or not.
+// dS = P * (dP - delta): the softmax backward, row-wise. Where P is -0.0 (a masked key: see
+// exp2_poly) dS is 0 even when a NaN reached the row's dP or delta: masked keys take no part.
 inline void softmax_grad(float* ds, const float* p, const float* dp, float delta, int64_t n) {
   detail::softmax_grad_f32(ds, p, dp, delta, n);
 }
 inline void softmax_grad(double* ds, const double* p, const double* dp, double delta, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) ds[i] = p[i] == 0 ? 0 : p[i] * (dp[i] - delta);
+  for (int64_t i = 0; i < n; ++i) ds[i] = is_masked(p[i]) ? 0 : p[i] * (dp[i] - delta);
 }
 
 inline void scale_row(float* x, float a, int64_t n) { detail::scale_row_f32(x, a, n); }
