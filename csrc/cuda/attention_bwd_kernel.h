@@ -128,8 +128,9 @@ __global__ void __launch_bounds__(BwdTraits<kD>::kThreads)
       }
     }
 
-    // -- P = exp2(S - lse), dS = P (dP - delta). Rows past Lq and rows with no key (lse = -inf)
-    // get lse2 = +inf, hence P = 0 and dS = 0.
+    // -- P = exp2(S - lse), dS = P (dP - delta), lse in log2 units. Rows past Lq and rows with no key
+    // (lse = -inf) get lse2 = +inf, hence P = 0 and dS = 0; masked keys (S = -inf) get P = dS = 0 even in
+    // a row that a NaN reached.
     const int row0 = m0 + wm * kMmaM;
     const int col0 = n0 + wn * kSCols;
     const int64_t bh = int64_t(b) * p.Hq + h;
@@ -138,7 +139,7 @@ __global__ void __launch_bounds__(BwdTraits<kD>::kThreads)
     for (int r = 0; r < 2; ++r) {
       const int i = row0 + g + 8 * r;
       const float lse = i < p.Lq ? p.lse[bh * p.Lq + i] : -INFINITY;
-      lse2[r] = lse == -INFINITY ? INFINITY : lse * kLog2e;
+      lse2[r] = lse == -INFINITY ? INFINITY : lse;
       delta[r] = i < p.Lq ? p.delta[bh * p.Lq + i] : 0.f;
     }
     scale_and_mask<T, kHasMask>(acc_s, row0, col0, lane, tile_needs_checks(m0, n0, kBN, p), p,
@@ -148,10 +149,11 @@ __global__ void __launch_bounds__(BwdTraits<kD>::kThreads)
     for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        const float p0 = exp2f(acc_s[nt][2 * r] - lse2[r]);
-        const float p1 = exp2f(acc_s[nt][2 * r + 1] - lse2[r]);
-        const float ds0 = p0 * (acc_dp[nt][2 * r] - delta[r]);
-        const float ds1 = p1 * (acc_dp[nt][2 * r + 1] - delta[r]);
+        const bool m0 = acc_s[nt][2 * r] == -INFINITY, m1 = acc_s[nt][2 * r + 1] == -INFINITY;
+        const float p0 = m0 ? 0.f : exp2f(acc_s[nt][2 * r] - lse2[r]);
+        const float p1 = m1 ? 0.f : exp2f(acc_s[nt][2 * r + 1] - lse2[r]);
+        const float ds0 = m0 ? 0.f : p0 * (acc_dp[nt][2 * r] - delta[r]);
+        const float ds1 = m1 ? 0.f : p1 * (acc_dp[nt][2 * r + 1] - delta[r]);
         const int sr = wm * kMmaM + g + 8 * r, sc = wn * kSCols + nt * 8 + 2 * t;  // tile coordinates
         *reinterpret_cast<uint32_t*>(sP + sr * kLdP + sc) = pack2<T>(p0, p1);
         *reinterpret_cast<uint32_t*>(sdS + sr * kLdP + sc) = pack2<T>(ds0, ds1);

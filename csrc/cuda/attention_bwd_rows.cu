@@ -31,13 +31,16 @@ __global__ void __launch_bounds__(kRowsPerBlock * 32) attention_bwd_preprocess_k
   T* do_gated = p.gate ? static_cast<T*>(p.do_gated) + row * p.D : nullptr;
   T* dgate = p.gate ? static_cast<T*>(p.dgate) + row * p.D : nullptr;
 
+  // A row with no allowed key passes no gradient to v, even through a NaN gate (P = 0, but 0 * NaN in the
+  // dV product would be NaN).
+  const bool empty = p.lse[row] == -INFINITY;
   float dot = 0.f;
   for (int c = lane; c < p.D; c += 32) {
     const float oc = to_float(o[c]), dc = to_float(dout[c]);
     dot += oc * dc;
     if (gate) {
       const float s = sigmoidf(to_float(gate[int64_t(c) * p.g_sc]));
-      do_gated[c] = from_float<T>(dc * s);
+      do_gated[c] = from_float<T>(empty ? 0.f : dc * s);
       dgate[c] = from_float<T>(dc * oc * (1.f - s));
     }
   }

@@ -4,7 +4,7 @@
 //   next tile's copy runs under this tile's math); each warp owns 16 query rows:
 //     S = Q K^T (mma.sync m16n8k16, fp32)  ->  scale, mask (base 2)  ->  online softmax (exp2)
 //     ->  O = O * corr + P V (P re-used from the S registers as the A operand, no shared memory)
-//   epilogue: O / l, output gate, lse = (m + log2 l) * ln 2.
+//   epilogue: O / l, output gate, lse = m + log2 l (log2 units, the op's contract).
 // Included by attention_fwd_hdim{64,128}.cu, which instantiate it; see kernel_traits.h for tiles.
 #pragma once
 
@@ -175,7 +175,8 @@ __global__ void __launch_bounds__(FwdTraits<kD>::kThreads)
     __syncthreads();  // this step's K/V buffer is free for step n + 2's prefetch (issued at step n + 1)
   }
 
-  // -- epilogue: out = O / l (* sigmoid(gate)), lse = (m + log2 l) ln 2; rows with no key: 0, -inf
+  // -- epilogue: out = O / l (* sigmoid(gate)), lse = m + log2 l; rows with no key: exactly 0 (not 0 * a NaN
+  // value), -inf. A NaN score, which fmaxf drops from m, reaches l through exp2f and makes the row NaN.
   T* o_ptr = static_cast<T*>(p.out) + b * p.o_sb + h * p.o_sh;
   const T* gate_ptr = p.gate ? static_cast<const T*>(p.gate) + b * p.g_sb + h * p.g_sh : nullptr;
 #pragma unroll
@@ -183,12 +184,13 @@ __global__ void __launch_bounds__(FwdTraits<kD>::kThreads)
     const float l = quad_sum(row_l[r]);
     const int i = row0 + g + 8 * r;
     if (i >= p.Lq) continue;
-    const float inv_l = l > 0.f ? 1.f / l : 0.f;
+    const bool empty = l == 0.f;
+    const float inv_l = empty ? 0.f : 1.f / l;
     T* o_row = o_ptr + int64_t(i) * p.o_sl;
 #pragma unroll
     for (int dt = 0; dt < kDT; ++dt) {
       const int c = dt * 8 + 2 * t;
-      float o0 = acc_o[dt][2 * r] * inv_l, o1 = acc_o[dt][2 * r + 1] * inv_l;
+      float o0 = empty ? 0.f : acc_o[dt][2 * r] * inv_l, o1 = empty ? 0.f : acc_o[dt][2 * r + 1] * inv_l;
       if (gate_ptr) {
         const T* g_row = gate_ptr + int64_t(i) * p.g_si;
         o0 *= sigmoidf(to_float(g_row[int64_t(c) * p.g_sc]));
@@ -197,7 +199,7 @@ __global__ void __launch_bounds__(FwdTraits<kD>::kThreads)
       *reinterpret_cast<uint32_t*>(o_row + c) = pack2<T>(o0, o1);
     }
     if (t == 0)
-      p.lse[(int64_t(b) * p.Hq + h) * p.Lq + i] = l > 0.f ? (row_m[r] + __log2f(l)) * kLn2 : -INFINITY;
+      p.lse[(int64_t(b) * p.Hq + h) * p.Lq + i] = empty ? -INFINITY : row_m[r] + __log2f(l);
   }
 }
 

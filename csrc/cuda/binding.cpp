@@ -109,12 +109,16 @@ void describe_attention(AttnParams& p, const char* op, const Tensor& q, const Te
     check_device(m, op, "mask", q);
     TORCH_CHECK(m.scalar_type() == at::kBool || m.scalar_type() == q.scalar_type(), op,
                 " (cuda): mask must be bool or q's dtype ", q.scalar_type(), ", got ", m.scalar_type());
-    TORCH_CHECK(m.dim() == 4 && m.size(0) == B && m.size(1) == Hq && m.size(2) == Lq && m.size(3) == Lk, op,
-                " (cuda): mask must be expanded to (B, Hq, Lq, Lk) = (", B, ", ", Hq, ", ", Lq, ", ", Lk, "), got ",
-                m.sizes());
+    const int64_t full[4] = {B, Hq, Lq, Lk};
+    bool ok = m.dim() == 4;
+    for (int d = 0; ok && d < 4; ++d) ok = m.size(d) == full[d] || m.size(d) == 1;
+    TORCH_CHECK(ok, op, " (cuda): mask must be 4-D with each dim 1 or that of (B, Hq, Lq, Lk) = (", B, ", ", Hq, ", ",
+                Lq, ", ", Lk, "), got ", m.sizes());
     p.mask = m.data_ptr();
     p.mask_kind = m.scalar_type() == at::kBool ? kMaskBool : kMaskBias;
-    p.m_sb = m.stride(0), p.m_sh = m.stride(1), p.m_si = m.stride(2), p.m_sj = m.stride(3);
+    // a size-1 dim is broadcast: read at index 0 for every index
+    int64_t* strides[4] = {&p.m_sb, &p.m_sh, &p.m_si, &p.m_sj};
+    for (int d = 0; d < 4; ++d) *strides[d] = m.size(d) == 1 ? 0 : m.stride(d);
   }
   p.gate = nullptr;
   p.g_sb = p.g_sh = p.g_si = p.g_sc = 0;
@@ -130,7 +134,7 @@ void describe_attention(AttnParams& p, const char* op, const Tensor& q, const Te
   }
 }
 
-std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
+std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
                                          const OptTensor& mask, const OptTensor& gate, double scale, int64_t causal) {
   const char* op = "attention_fwd";
   const c10::cuda::CUDAGuard guard(q_in.device());
@@ -139,13 +143,15 @@ std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q_in, const Tensor& k_in,
   describe_attention(p, op, q, k, v, mask, gate, scale, causal);
   Tensor out = at::empty({p.B, p.Hq, p.Lq, p.D}, q.options());
   Tensor lse = at::empty({p.B, p.Hq, p.Lq}, q.options().dtype(at::kFloat));
-  if (out.numel() == 0) return {out, lse};
+  if (out.numel() == 0) return {out, lse, out.to(at::kFloat)};
   p.out = out.data_ptr();
   p.o_sb = out.stride(0), p.o_sh = out.stride(1), p.o_sl = out.stride(2);
   p.lse = lse.data_ptr<float>();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   C10_CUDA_CHECK(p.D == 64 ? attention_fwd_hdim64(p, stream) : attention_fwd_hdim128(p, stream));
-  return {out, lse};
+  // out_acc: these kernels do not yet store the float32 accumulator, so it is the rounded output widened (the
+  // contract's shape and dtype; delta then comes from the rounded output, as FlashAttention's does)
+  return {out, lse, out.to(at::kFloat)};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd(
@@ -162,7 +168,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd(
   check_device(out_in, op, "out", q);
   check_device(lse_in, op, "lse", q);
   check_same_dtype(dout_in, q, op, "dout");
-  check_same_dtype(out_in, q, op, "out");
+  TORCH_CHECK(out_in.scalar_type() == q.scalar_type() || out_in.scalar_type() == at::kFloat, op,
+              " (cuda): out must have q's dtype or be the forward's float32 out_acc, got ", out_in.scalar_type());
   TORCH_CHECK(dout_in.sizes() == out_shape && out_in.sizes() == out_shape, op, " (cuda): dout and out must be ",
               at::IntArrayRef(out_shape), ", got dout ", dout_in.sizes(), ", out ", out_in.sizes());
   TORCH_CHECK(lse_in.scalar_type() == at::kFloat && lse_in.sizes() == row_shape, op,
@@ -172,20 +179,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd(
               "mask is ", p.mask_kind == kMaskBool ? "bool" : "absent");
   // The main kernel streams dO with cp.async; with a gate it reads the gated copy instead.
   const Tensor dout = p.gate ? last_dim_contiguous(dout_in) : for_cp_async(dout_in);
-  const Tensor out = last_dim_contiguous(out_in);
+  const Tensor out = last_dim_contiguous(out_in.to(q.scalar_type()));
   const Tensor lse = lse_in.contiguous();
   Tensor dlse;
   if (dlse_in.has_value() && dlse_in->defined()) {
     check_device(*dlse_in, op, "dlse", q);
     TORCH_CHECK(dlse_in->sizes() == row_shape, op, " (cuda): dlse must be ", at::IntArrayRef(row_shape), ", got ",
                 dlse_in->sizes());
-    dlse = dlse_in->to(at::kFloat).contiguous();
+    dlse = (dlse_in->to(at::kFloat) * 1.4426950408889634).contiguous();  // d/d(lse2) -> d/d(natural lse)
   }
 
   const auto f32 = q.options().dtype(at::kFloat);
   Tensor dq = at::empty(q.sizes(), q.options());
   Tensor dk = at::empty(k.sizes(), k.options());
   Tensor dv = at::empty(v.sizes(), v.options());
+  // The kernel writes dS per (b, h, i, j); a broadcast mask's gradient is its sum over the broadcast dims, taken
+  // below. (Reducing inside the kernel, in float32 and O(mask), as the CPU and Triton kernels do, is owed.)
   Tensor dmask = need_dmask ? at::zeros({p.B, p.Hq, p.Lq, p.Lk}, q.options()) : q.new_empty({0});
   Tensor dgate = p.gate ? at::empty(out_shape, q.options()) : q.new_empty({0});
   if (dq.numel() == 0 || dk.numel() == 0) {  // no query or no key: every gradient is 0
@@ -213,6 +222,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd(
   p.dgate = p.gate ? dgate.data_ptr() : nullptr;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   C10_CUDA_CHECK(p.D == 64 ? attention_bwd_hdim64(p, stream) : attention_bwd_hdim128(p, stream));
+  if (need_dmask && dmask.sizes() != mask->sizes()) {
+    std::vector<int64_t> dims;
+    for (int64_t d = 0; d < 4; ++d)
+      if (mask->size(d) == 1 && dmask.size(d) != 1) dims.push_back(d);
+    dmask = dmask.to(at::kFloat).sum(dims, /*keepdim=*/true).to(q.scalar_type());
+  }
   return {dq, dk, dv, dmask, dgate};
 }
 
