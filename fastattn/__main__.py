@@ -12,6 +12,7 @@ EXAMPLES = """\
 examples:
   fastattn info                                  what runs here, and why not
   fastattn check --quick                         a short correctness sweep of every backend
+  fastattn check --fuzz 1000                     1000 random attention and softmax-gate cases per backend
   fastattn bench                                 the default sweep (about a minute on a 2-core CPU)
   fastattn bench --quick --op attention --reps 15 --out r.json --plot r.png
 """
@@ -88,6 +89,9 @@ def main(argv=None):
                    help="only these ops (repeatable)")
     c.add_argument("--dtype", action="append", choices=["fp64", "fp32", "bf16", "fp16"], help="only these dtypes")
     c.add_argument("--quick", action="store_true", help="a smaller sweep (under a minute on a 2-core CPU)")
+    c.add_argument("--fuzz", type=int, metavar="N", help="instead of the sweep: N seeded random cases per op family "
+                   "and backend over the whole input space (fastattn.fuzz), each reproducible from its seed")
+    c.add_argument("--fuzz-seed", type=int, default=0, metavar="S", help="first fuzz seed (default 0)")
     p = sub.add_parser("bench", help="time fastattn against PyTorch's attention paths in the same run")
     p.add_argument("--quick", action="store_true", help="small smoke run")
     p.add_argument("--op", action="append", choices=["attention", "gated", "softmax_gate", "score_softmax_gate"],
@@ -103,6 +107,8 @@ def main(argv=None):
         return _info(args)
     if args.command == "check":
         _check_device(c, args)
+        if args.fuzz is not None and args.fuzz < 1:
+            c.error("argument --fuzz: expected a positive number of cases")
         from fastattn import check
         return check.main(args)
     if args.reps is not None and args.reps < 1:

@@ -48,6 +48,40 @@ def checkable_backends(device_type):
             if n != "reference" and b["available"] and device_type in b["devices"]]
 
 
+def fuzz_main(names, dtypes_for, device, n, first_seed, ops) -> int:
+    """``fastattn check --fuzz N``: N seeded cases per op family and backend (fastattn.fuzz)."""
+    from . import fuzz
+    families = [f for f in ("attention", "gates") if f == "attention" and "attention" in ops
+                or f == "gates" and {"softmax_gate", "score_softmax_gate"} & set(ops)]
+    failures, start, total = [], time.time(), 0
+    for b in names:
+        # the Triton interpreter on CPU is ~1000x slower than a GPU: smaller problems there
+        limits = dict(max_len=64, max_dim=128) if b == "triton" and device.type == "cpu" else {}
+        for family in families:
+            dtypes = dtypes_for(b, "attention" if family == "attention" else "softmax_gate")
+            worst, bad = 0.0, 0
+            for seed in range(first_seed, first_seed + n):
+                total += 1
+                try:
+                    cid, comps = fuzz.run(family, seed, b, dtypes, device.type, **limits)
+                except Exception as e:  # a crash is a failure of that case
+                    cid, comps = f"{family}-seed{seed}", [testing.Comparison(f"error: {type(e).__name__}: {e}",
+                                                                            float("inf"), 0.0, 0.0)]
+                worst = max([worst] + [c.ratio for c in comps])
+                failed = [c for c in comps if not c.ok]
+                if failed:
+                    bad += 1
+                    failures.append(f"{b} {cid}: " + "; ".join(f"{c.name} err {c.err:.3g} > allowed {c.allowed:.3g}"
+                                                               for c in failed))
+            print(f"{b:<9} fuzz {family:<10} {n:>6} cases  worst err/allowed {worst:8.3f}  "
+                  f"{'PASS' if bad == 0 else f'FAIL {bad}'}")
+    for f in failures:
+        print("FAILED", f)
+    print(f"{total} fuzz cases on {device} (seeds {first_seed}..{first_seed + n - 1}), {len(failures)} failed, "
+          f"{time.time() - start:.0f}s")
+    return 1 if failures else 0
+
+
 def main(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     names = [args.backend] if args.backend else checkable_backends(device.type)
@@ -61,6 +95,9 @@ def main(args) -> int:
         return 1
     ops = args.op or OPS
     dtypes = [testing.DTYPE_NAMES_INV[d] for d in args.dtype] if args.dtype else _dtypes(device.type)
+    if getattr(args, "fuzz", None):
+        return fuzz_main(names, lambda b, op: [dt for dt in dtypes if _supports(b, op, dt, device)], device,
+                         args.fuzz, args.fuzz_seed, ops)
     plan = [(b, op, dt, c) for b in names for op in ops for dt in dtypes if _supports(b, op, dt, device)
             for c in _cases(op, args.quick)]
     tty = sys.stdout.isatty()

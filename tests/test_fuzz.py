@@ -1,0 +1,98 @@
+"""Seeded property fuzzing (fastattn.fuzz) of every available backend against the float64 reference,
+forward and backward, over the whole input space: a fast slice in CI, thousands of cases with
+``-m slow``, any number with ``fastattn check --fuzz N``. A failure names the case's seed and what it
+drew; ``fastattn.fuzz.attention_case(seed, dtypes)`` / ``gate_case`` rebuild it."""
+import os
+
+import pytest
+import torch
+
+import fastattn
+from fastattn import fuzz
+
+ALL_DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+CHUNK = 100
+
+
+def _run(family, backend, seeds, device, **limits):
+    dtypes = ALL_DTYPES if backend in ("cpu", "reference") else ALL_DTYPES[1:]
+    failures = []
+    for seed in seeds:
+        cid, comps = fuzz.run(family, seed, backend, dtypes, device, **limits)
+        bad = [c for c in comps if not c.ok]
+        if bad:
+            failures.append(f"{cid}: " + "; ".join(f"{c.name} err {c.err:.3g} > allowed {c.allowed:.3g}" for c in bad))
+    assert not failures, f"{len(failures)} of {len(seeds)} fuzz cases failed:\n" + "\n".join(failures)
+
+
+@pytest.mark.parametrize("family", ["attention", "gates"])
+@pytest.mark.parametrize("chunk", range(6))
+def test_fuzz_cpu(family, chunk):
+    if not fastattn.backends()["cpu"]["available"]:
+        pytest.skip(fastattn.backends()["cpu"]["reason"])
+    _run(family, "cpu", range(chunk * CHUNK, (chunk + 1) * CHUNK), "cpu")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["attention", "gates"])
+@pytest.mark.parametrize("chunk", range(6, 60))
+def test_fuzz_cpu_long(family, chunk):
+    _run(family, "cpu", range(chunk * CHUNK, (chunk + 1) * CHUNK), "cpu")
+
+
+def _triton_device():
+    if torch.cuda.is_available() and not INTERPRET:
+        return "cuda"
+    if INTERPRET:
+        return "cpu"
+    pytest.skip("the Triton backend needs a CUDA device or TRITON_INTERPRET=1")
+
+
+# In the interpreter (CPU, ~1000x slower than a GPU) fewer and smaller cases.
+_TRITON_N = 40 if INTERPRET else 400
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("family", ["attention", "gates"])
+def test_fuzz_triton(family):
+    device = _triton_device()
+    limits = dict(max_len=64, max_dim=128) if device == "cpu" else {}
+    _run(family, "triton", range(_TRITON_N), device, **limits)
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+@pytest.mark.parametrize("family", ["attention", "gates"])
+def test_fuzz_triton_long(family):
+    device = _triton_device()
+    limits = dict(max_len=64, max_dim=128) if device == "cpu" else {}
+    _run(family, "triton", range(_TRITON_N, 10 * _TRITON_N), device, **limits)
+
+
+def test_fuzz_covers_the_input_space():
+    """The generator reaches every kind of input it promises, so a green run means something."""
+    cases = [fuzz.attention_case(s, ALL_DTYPES) for s in range(600)]
+    ids = " ".join(c.id for c in cases)
+    for needle in ("nan-", "emptyrows", "causalTrue", "causalbottom_right", "mask-bool", "mask-float_grad",
+                   "gate-elementwise", "gate-headwise", "scale20", "-L1-", "-L0-", "B0-",
+                   *(f":{k}" for k in fuzz.VIEW_KINDS if k != "contiguous")):
+        assert needle in ids, needle
+    assert {c.dtype for c in cases} == set(ALL_DTYPES)
+    assert any(c.inputs["q"].master.shape[1] != c.inputs["k"].master.shape[1] for c in cases)  # GQA
+    gates = " ".join(fuzz.gate_case(s, ALL_DTYPES).id for s in range(300))
+    for needle in ("softmax_gate", "score_softmax_gate", "pool", "mask-empty", "nan-", "scale10.0", "-N0-", "x:unfold"):
+        assert needle in gates, needle
+
+
+def test_fuzz_reports_a_broken_kernel(monkeypatch):
+    """Plant a bug (dq off by 1% when the scale is not the default) and the fuzz finds it."""
+    real = torch.ops.fastattn.attention_bwd
+
+    def broken(dout, q, k, v, out, lse, mask, gate, dlse, scale, causal, need_dmask):
+        dq, dk, dv, dmask, dgate = real(dout, q, k, v, out, lse, mask, gate, dlse, scale, causal, need_dmask)
+        return (dq * 1.01 if abs(scale - q.shape[-1] ** -0.5) > 1e-6 else dq), dk, dv, dmask, dgate
+
+    monkeypatch.setattr(torch.ops.fastattn, "attention_bwd", broken)
+    with pytest.raises(AssertionError, match="dq err"):
+        _run("attention", "cpu", range(100), "cpu")
