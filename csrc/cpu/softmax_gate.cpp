@@ -410,18 +410,26 @@ void mask_positions(T* a, const bool* mask_b, int64_t N, int64_t H) {
 }
 
 // In: g (N, H). Out, in place: scale * dscores = scale * alpha * (g + dalpha - Σ_n alpha * (g + dalpha)).
+// Computed as scale * alpha_m * (g_m * S - Σ_n alpha_n g_n) with S = Σ_n alpha_n, in double: the same value
+// when S = 1, but it does not lean on the rounded alphas summing to 1. With a saturated softmax (alpha
+// one-hot) the exact dscores, Σ_n alpha_n (g_m - g_n), is ~0 while g is large; g_m - delta would carry
+// ulp(1) * g_m of error from the rounding of alpha_m alone (times scale in dweight and dx).
 template <typename T>
 void softmax_over_positions_bwd(T* g, const T* alpha, const T* dalpha, int64_t N, int64_t H, T scale) {
-  std::vector<T> delta(H, T(0));
+  std::vector<double> delta(H, 0.0), sum(H, 0.0);
   if (dalpha != nullptr)
     for (int64_t i = 0; i < N * H; ++i) g[i] += dalpha[i];
   for (int64_t n = 0; n < N; ++n)
-    for (int64_t h = 0; h < H; ++h)  // a masked position (alpha = 0) adds 0, even where x or dy is NaN
-      if (alpha[n * H + h] != 0) delta[h] += alpha[n * H + h] * g[n * H + h];
+    for (int64_t h = 0; h < H; ++h) {
+      const double a = alpha[n * H + h];
+      if (a == 0) continue;  // a masked position adds 0, even where x or dy is NaN
+      delta[h] += a * double(g[n * H + h]);
+      sum[h] += a;
+    }
   for (int64_t n = 0; n < N; ++n)
     for (int64_t h = 0; h < H; ++h) {
       const T a = alpha[n * H + h];  // alpha = 0 (masked) gives 0, even where a NaN reached delta
-      g[n * H + h] = a == 0 ? T(0) : scale * a * (g[n * H + h] - delta[h]);
+      g[n * H + h] = a == 0 ? T(0) : T(double(scale) * double(a) * (double(g[n * H + h]) * sum[h] - delta[h]));
     }
 }
 
@@ -443,19 +451,40 @@ void alpha_from_scores(at::opmath_type<scalar_t>* alpha, Slab<const scalar_t> sc
   softmax_over_positions(a, d.N, d.H);
 }
 
-// alpha rows [r0, r1) = scale * x @ w^T (masked rows -inf), before the softmax
+// The type score_softmax_gate makes its scores and their softmax in: double for float32 inputs. A score is a
+// sum of D products times scale, and rounded to float it carries ulp(|score|) into every alpha, which a large
+// scale turns into errors past SPEC's rule (the float32 reference, rounded alike, then wins by chance).
 template <typename scalar_t>
-void scores_from_x(at::opmath_type<scalar_t>* alpha, Slab<const scalar_t> x, const at::opmath_type<scalar_t>* w,
-                   at::opmath_type<scalar_t> scale, const bool* mask, const Dims& d, int64_t r0, int64_t r1) {
+using score_t = std::conditional_t<std::is_same_v<scalar_t, float>, double, at::opmath_type<scalar_t>>;
+
+// s rows [r0, r1) = scale * x @ w^T (masked rows -inf), before the softmax; S is score_t<scalar_t>
+template <typename scalar_t, typename S>
+void scores_from_x(S* s, Slab<const scalar_t> x, const S* w, S scale, const bool* mask, const Dims& d, int64_t r0,
+                   int64_t r1) {
   using acc_t = at::opmath_type<scalar_t>;
   AccRow<scalar_t> x_row(d.D);
+  std::vector<S> wide(std::is_same_v<S, acc_t> ? 0 : d.D);
   for (int64_t r = r0; r < r1; ++r) {
     if (mask != nullptr && !mask[r]) {
-      for (int64_t h = 0; h < d.H; ++h) alpha[r * d.H + h] = -std::numeric_limits<acc_t>::infinity();
+      for (int64_t h = 0; h < d.H; ++h) s[r * d.H + h] = -std::numeric_limits<S>::infinity();
       continue;
     }
-    linear_scores(alpha + r * d.H, x_row.read(x.row(r / d.N, r % d.N), d.D), w, d.H, d.D, scale);
+    const acc_t* xr = x_row.read(x.row(r / d.N, r % d.N), d.D);
+    if constexpr (std::is_same_v<S, acc_t>) {
+      linear_scores(s + r * d.H, xr, w, d.H, d.D, scale);
+    } else {
+      std::copy_n(xr, d.D, wide.data());
+      linear_scores(s + r * d.H, wide.data(), w, d.H, d.D, scale);
+    }
   }
+}
+
+// alpha[b] from the scores s[b] (softmax over positions in S, stored in alpha's type)
+template <typename S, typename A>
+void alpha_of_scores(A* alpha, S* s, const Dims& d, int64_t b) {
+  S* sb = s + b * d.N * d.H;
+  softmax_over_positions(sb, d.N, d.H);
+  if constexpr (!std::is_same_v<S, A>) std::copy_n(sb, d.N * d.H, alpha + b * d.N * d.H);
 }
 
 // y rows [r0, r1) = alpha ⊙ x
@@ -725,14 +754,18 @@ std::tuple<at::Tensor, at::Tensor> score_softmax_gate_fwd(const at::Tensor& x_in
   const Dims d = check_weight(weight_in, x);
   const at::Tensor mask = check_mask(mask_in, d);
   const at::ScalarType acc = acc_dtype(x.scalar_type());
-  const at::Tensor w = weight_in.to(acc).contiguous();  // (H, D), small
+  const at::ScalarType wide = x.scalar_type() == at::kFloat ? at::kDouble : acc;  // score_t
+  const at::Tensor w = weight_in.to(wide).contiguous();  // (H, D), small
   at::Tensor alpha = at::empty({d.B, d.N, d.H}, x.options().dtype(acc));
+  at::Tensor scores = wide == acc ? alpha : at::empty({d.B, d.N, d.H}, x.options().dtype(wide));
   at::Tensor y = empty_y(x, d, pool);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "score_softmax_gate_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    using S = score_t<scalar_t>;
     acc_t* alpha_ptr = alpha.data_ptr<acc_t>();
-    const acc_t* w_ptr = w.data_ptr<acc_t>();
+    S* s_ptr = scores.data_ptr<S>();
+    const S* w_ptr = w.data_ptr<S>();
     const bool* m_ptr = mask_ptr(mask);
     const Slab<const scalar_t> x_slab = slab_of<const scalar_t>(x, true);
     const int64_t threads = at::get_num_threads();
@@ -741,8 +774,8 @@ std::tuple<at::Tensor, at::Tensor> score_softmax_gate_fwd(const at::Tensor& x_in
       scalar_t* y_ptr = y.data_ptr<scalar_t>();
       at::parallel_for(0, d.B, 1, [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
-          scores_from_x<scalar_t>(alpha_ptr, x_slab, w_ptr, acc_t(scale), m_ptr, d, b * d.N, (b + 1) * d.N);
-          softmax_over_positions(alpha_ptr + b * d.N * d.H, d.N, d.H);
+          scores_from_x<scalar_t>(s_ptr, x_slab, w_ptr, S(scale), m_ptr, d, b * d.N, (b + 1) * d.N);
+          alpha_of_scores(alpha_ptr, s_ptr, d, b);
           if (pool)
             pool_channels(y_ptr, x_slab, alpha_ptr, d, b, 0, d.D);
           else
@@ -753,10 +786,10 @@ std::tuple<at::Tensor, at::Tensor> score_softmax_gate_fwd(const at::Tensor& x_in
     }
     // -- few batch items: one parallel loop per stage
     at::parallel_for(0, d.B * d.N, rows_grain(d.D * d.H), [&](int64_t r0, int64_t r1) {
-      scores_from_x<scalar_t>(alpha_ptr, x_slab, w_ptr, acc_t(scale), m_ptr, d, r0, r1);
+      scores_from_x<scalar_t>(s_ptr, x_slab, w_ptr, S(scale), m_ptr, d, r0, r1);
     });
     at::parallel_for(0, d.B, rows_grain(d.N * d.H), [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) softmax_over_positions(alpha_ptr + b * d.N * d.H, d.N, d.H);
+      for (int64_t b = b0; b < b1; ++b) alpha_of_scores(alpha_ptr, s_ptr, d, b);
     });
     gate_or_pool(y, x_slab, alpha_ptr, d, pool);
   });
