@@ -3,23 +3,52 @@ online softmax in base 2 with the scale folded in, lse saved; backward recompute
 
 Op contract (the CPU kernels' one, csrc/cpu/attention.h):
     q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv): any strides, stride(-1) == 1
-    mask (B, Hq, Lq, Lk): optional view already expanded (stride 0 on broadcast dims), bool
-        (True = may attend) or q's dtype (added to the scores)
+    mask (B', H', Lq', Lk'): optional, 4-D, each dim 1 or the full size of (B, Hq, Lq, Lk), any strides;
+        the kernels broadcast size-1 dims themselves (stride 0). bool (True = may attend) or q's dtype
+        (added to the scores)
     gate (B, Hq, Lq, Dv): optional expanded view (headwise: stride(-1) == 0), q's dtype
     causal: 0 none, 1 top_left (key j <= i), 2 bottom_right (j <= i + Lk - Lq)
-    out (B, Hq, Lq, Dv) contiguous in q's dtype (gated), lse (B, Hq, Lq) float32, -inf on empty rows
-Backward returns (dq, dk, dv, dmask, dgate); dmask (B, Hq, Lq, Lk) is dL/dscores when need_dmask
-(autograd of the expand sums it over the broadcast dims), dgate (B, Hq, Lq, Dv); empty otherwise.
+    returns out (B, Hq, Lq, Dv) contiguous in q's dtype (gated); lse (B, Hq, Lq) float32 in log2 units
+    (log2 of the softmax denominator of the scores in log2 units = the natural lse * LOG2E, the base the
+    kernels compute in, so the backward reads it as it is; -inf on empty rows); out_acc (B, Hq, Lq, Dv):
+    the gated output before rounding, float32, for float16 / bfloat16 inputs (empty for float32)
+Backward takes out = the forward's out_acc where it has one (float32), else out; lse as the forward
+wrote it, dlse = the gradient of that log2-unit lse; returns (dq, dk, dv, dmask, dgate): dmask =
+dL/dmask in the mask's own shape and dtype when need_dmask (dS summed over the mask's broadcast dims in
+float32, rounded once), dgate (B, Hq, Lq, Dv); empty tensors otherwise.
 
 Kernels:
-    _attn_fwd        grid (Lq / BLOCK_M, B * Hq)   O, lse
-    _attn_bwd_prep   grid (Lq / BLOCK_M, B * Hq)   delta = rowsum(dO' * O') - dlse, dO = dO' * sig(g),
+    _attn_fwd        grid (Lq / BLOCK_M, B * Hq)   O, lse (and O before rounding: out_acc)
+    _attn_bwd_prep   grid (Lq / BLOCK_M, B * Hq)   dO = dO' * sig(g), delta = rowsum(dO * O) - dlse,
                                                    dgate = dO' * O' * (1 - sig(g)) (O' is the gated output)
     _attn_bwd_dkdv   grid (Lk / BLOCK_N, B * Hkv)  dK, dV of a key tile, summed over the GQA group's heads
-    _attn_bwd_dq     grid (Lq / BLOCK_M, B * Hq)   dQ of a query tile (and dmask = dS when asked)
+    _attn_bwd_dq     grid (Lq / BLOCK_M, B * Hq)   dQ of a query tile (and dmask = dS for a full-shape mask)
+    _attn_bwd_dmask  grid (tiles of (Lq', Lk'), B' * H')   dmask of a broadcast mask, one tile per program
 Two backward kernels instead of one with atomics: no atomics means deterministic gradients and
 autotuning without resetting outputs; the price is recomputing S and dP in both (7 tile GEMMs
 instead of 5), the tutorial's choice too. Not measured against a fused atomic dQ yet (no GPU).
+
+dmask of a broadcast float mask (some of B', H', Lq', Lk' are 1 where the scores' dims are not):
+_attn_bwd_dmask owns a [BLOCK_M, BLOCK_N] tile of the mask (its rows / keys, or all of them along a
+broadcast Lq' / Lk') and loops over every (batch, head) pair, query tile and key tile that broadcasts
+into it, recomputing S, P, dP (2 tile GEMMs) and adding dS to one fp32 register tile, reduced over
+the broadcast Lq / Lk and stored once in the mask's dtype. Deterministic (fixed loop order, no
+atomics), no memory beyond the mask-shaped output. dQ then runs without dmask. Why not inside the dQ
+kernel: its programs loop over keys for one (batch, head), so a dS sum across heads would need the
+whole [BLOCK_M, Lk] row in registers or read-modify-writes of a global fp32 buffer, and a mask
+broadcast over Lq would serialise all query tiles of a head into one program.
+
+Half precision (float16 / bfloat16) keeps rowsum(dS) = rowsum(P * (dP - delta)) = dlse * LOG2E (0 without
+an lse gradient) to fp32 accuracy,
+which is what makes dq exactly 0 where it should be (repeated keys, saturated rows) and the gradient of a
+mask broadcast over keys right: delta must be rowsum(P dP) for the P and dP the backward uses. Three
+things see to it: delta comes from out_acc (not the rounded out); with a gate, from the dO the dots read
+(dO' * sig rounded to q's dtype) times the ungated O (out_acc / sig); and the forward's P V takes P to
+~16 bits as P_hi + P_lo (two tile GEMMs, configs.PRECISE_PV), not P rounded to 8 (bf16) / 11 (fp16) bits,
+whose error in delta (~2^-9 |dP|) alone put dq of repeated keys at the SPEC §4 bound (bf16 2.0e-3 vs 2e-3
+allowed, fp16 5.6e-4 vs 5e-4; 2.6e-6 / 4.8e-7 with the split; test_repeated_keys_keep_dq_zero_in_bf16).
+The price is one more tile GEMM per key tile in the half-precision forward (3 instead of 2), not
+measured yet (no GPU).
 
 Offsets: batch / head offsets are int64; offsets inside one (batch, head) slice are int32, so one
 slice of q, k, v, out (L x row stride) and one (Lq x Lk) mask slice must stay below 2^31 elements.
@@ -34,10 +63,11 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from fastattn.ops import has_out_acc
+
 from . import configs as C
 
 LOG2E: tl.constexpr = tl.constexpr(C.LOG2E)
-LN2: tl.constexpr = tl.constexpr(C.LN2)
 
 MASK_NONE, MASK_BOOL, MASK_BIAS = 0, 1, 2
 _INTERPRET: tl.constexpr = tl.constexpr(C.INTERPRET)
@@ -54,6 +84,21 @@ def _dot(a, b, acc, DOT_PREC: tl.constexpr):
         if b.dtype == tl.bfloat16:
             b = b.to(tl.float32)
     return tl.dot(a, b, acc, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _cvt(x, dtype: tl.constexpr):
+    """fp32 x in ``dtype``, rounded to nearest even as on a GPU. Triton 3.9's interpreter truncates
+    float32 -> bfloat16 (and its "rtne" mode neither carries nor ties to even): a bias that sums up over a
+    GEMM (P rounded for P V and P^T dO), so there (only) the rounding is done on the bits, as torch does.
+    The branch is compiled out on a GPU."""
+    if _INTERPRET:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            r = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+            r = tl.where(x != x, 0x7FC0, r)  # NaN stays a (quiet) NaN
+            return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return x.to(dtype)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -88,7 +133,7 @@ def _causal_bounds_q(start_m, Lk, causal_off, BLOCK_M: tl.constexpr, BLOCK_N: tl
 @triton.jit
 def _fwd_tiles(acc, l_i, m_i, q, p_k, p_v, p_mask, offs_m, offs_d, offs_dv, lo, hi,
                Lq, Lk, D, Dv, stride_kn, stride_vn, stride_mi, stride_mj, qk_scale, causal_off,
-               MASK_KIND: tl.constexpr, CAUSAL_TILE: tl.constexpr, BLOCK_N: tl.constexpr,
+               MASK_KIND: tl.constexpr, CAUSAL_TILE: tl.constexpr, SPLIT_P: tl.constexpr, BLOCK_N: tl.constexpr,
                DOT_PREC: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -108,20 +153,23 @@ def _fwd_tiles(acc, l_i, m_i, q, p_k, p_v, p_mask, offs_m, offs_d, offs_dv, lo, 
         # -- O += P V   [BLOCK_M, BLOCK_DV]
         v = tl.load(p_v + offs_n[:, None] * stride_vn + offs_dv[None, :],
                     mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < Dv), other=0.0)    # [BLOCK_N, BLOCK_DV]
-        acc = _dot(p.to(v.dtype), v, acc * corr[:, None], DOT_PREC)
+        p_hi = _cvt(p, v.dtype)
+        acc = _dot(p_hi, v, acc * corr[:, None], DOT_PREC)
+        if SPLIT_P:  # + (P - P_hi) V: P to ~16 bits, not 8 (bf16) / 11 (fp16); see the module docstring
+            acc = _dot(_cvt(p - p_hi.to(tl.float32), v.dtype), v, acc, DOT_PREC)
     return acc, l_i, m_i
 
 
 @triton.autotune(configs=C.FWD_CONFIGS, key=["LQ_KEY", "LK_KEY", "BLOCK_D", "BLOCK_DV", "MASK_KIND", "CAUSAL",
-                                             "HAS_GATE"],
+                                             "HAS_GATE", "STORE_ACC", "SPLIT_P"],
                  prune_configs_by={"early_config_prune": C.prune_fwd})
 @triton.jit
-def _attn_fwd(Q, K, V, MASK, GATE, OUT, LSE,
+def _attn_fwd(Q, K, V, MASK, GATE, OUT, LSE, OUT_ACC,
               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
               stride_mb, stride_mh, stride_mi, stride_mj, stride_gb, stride_gh, stride_gi, stride_gc,
               Hq, GROUP, Lq, Lk, D, Dv, qk_scale, causal_off, LQ_KEY, LK_KEY,
-              MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_GATE: tl.constexpr,
-              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr,
+              MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_GATE: tl.constexpr, STORE_ACC: tl.constexpr,
+              SPLIT_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     if CAUSAL:  # heaviest query tiles (most keys) first: better tail balance
@@ -148,20 +196,20 @@ def _attn_fwd(Q, K, V, MASK, GATE, OUT, LSE,
         mid, hi = _causal_bounds_q(start_m, Lk, causal_off, BLOCK_M, BLOCK_N)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, p_k, p_v, p_mask, offs_m, offs_d, offs_dv, 0, mid,
                                    Lq, Lk, D, Dv, stride_kn, stride_vn, stride_mi, stride_mj, qk_scale, causal_off,
-                                   MASK_KIND, False, BLOCK_N, DOT_PREC)
+                                   MASK_KIND, False, SPLIT_P, BLOCK_N, DOT_PREC)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, p_k, p_v, p_mask, offs_m, offs_d, offs_dv, mid, hi,
                                    Lq, Lk, D, Dv, stride_kn, stride_vn, stride_mi, stride_mj, qk_scale, causal_off,
-                                   MASK_KIND, True, BLOCK_N, DOT_PREC)
+                                   MASK_KIND, True, SPLIT_P, BLOCK_N, DOT_PREC)
     else:
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, p_k, p_v, p_mask, offs_m, offs_d, offs_dv, 0, Lk,
                                    Lq, Lk, D, Dv, stride_kn, stride_vn, stride_mi, stride_mj, qk_scale, causal_off,
-                                   MASK_KIND, False, BLOCK_N, DOT_PREC)
+                                   MASK_KIND, False, SPLIT_P, BLOCK_N, DOT_PREC)
 
-    # -- epilogue: normalise, lse (natural log), output gate; empty rows give 0 and -inf
+    # -- epilogue: normalise, lse (log2 units), output gate; empty rows give 0 and -inf
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     o = tl.where(empty[:, None], 0.0, acc / l_safe[:, None])  # exactly 0, also where a masked value is NaN
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
+    lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(l_safe))  # log2 units (the op's contract)
     m_row = offs_m < Lq
     m_o = m_row[:, None] & (offs_dv[None, :] < Dv)
     if HAS_GATE:
@@ -169,7 +217,10 @@ def _attn_fwd(Q, K, V, MASK, GATE, OUT, LSE,
                     mask=m_o, other=0.0).to(tl.float32)
         o = o * tl.sigmoid(g)
     row0 = pid_bh.to(tl.int64) * Lq
-    tl.store(OUT + (row0 + offs_m[:, None]) * Dv + offs_dv[None, :], o.to(OUT.dtype.element_ty), mask=m_o)
+    p_o = (row0 + offs_m[:, None]) * Dv + offs_dv[None, :]
+    tl.store(OUT + p_o, _cvt(o, OUT.dtype.element_ty), mask=m_o)
+    if STORE_ACC:  # half inputs: the fp32 tile just rounded into OUT, for the backward's delta
+        tl.store(OUT_ACC + p_o, o, mask=m_o)
     tl.store(LSE + row0 + offs_m, lse, mask=m_row)
 
 
@@ -178,7 +229,8 @@ def _attn_fwd(Q, K, V, MASK, GATE, OUT, LSE,
 def _attn_bwd_prep(OUT, DOUT, GATE, DLSE, LSE, DELTA, DO_GATED, DGATE,
                    stride_db, stride_dh, stride_dm, stride_gb, stride_gh, stride_gi, stride_gc,
                    Hq, Lq, Dv,
-                   HAS_GATE: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+                   HAS_GATE: tl.constexpr, HAS_DLSE: tl.constexpr, ROUNDED_DO: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hq).to(tl.int64)
@@ -191,11 +243,10 @@ def _attn_bwd_prep(OUT, DOUT, GATE, DLSE, LSE, DELTA, DO_GATED, DGATE,
     o = tl.load(OUT + (row0 + offs_m[:, None]) * Dv + offs_dv[None, :], mask=m_o, other=0.0).to(tl.float32)
     do = tl.load(DOUT + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dm + offs_dv[None, :],
                  mask=m_o, other=0.0).to(tl.float32)
-    # -- delta = rowsum(dO' * O') (== rowsum(dO * O) of the ungated output) - dlse
-    delta = tl.sum(o * do, 1)
-    if HAS_DLSE:
-        delta -= tl.load(DLSE + row0 + offs_m, mask=m_row, other=0.0)
-    tl.store(DELTA + row0 + offs_m, delta, mask=m_row)
+    # -- delta = rowsum(dO * O) - dlse, with O ungated and dO = dO' * sig(g) as the dots will read it (rounded
+    # to q's dtype): rowsum(dS) = rowsum(P * (dP - delta)) is then 0 up to fp32 sums, which keeps exact zeros
+    # of dq (repeated keys, saturated rows). O is the forward's unrounded out_acc for half inputs. dlse is the
+    # gradient of the log2-unit lse, so dL/d(natural lse) = dlse * LOG2E.
     if HAS_GATE:
         g = tl.load(GATE + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gi + offs_dv[None, :] * stride_gc,
                     mask=m_o, other=0.0).to(tl.float32)
@@ -204,8 +255,19 @@ def _attn_bwd_prep(OUT, DOUT, GATE, DLSE, LSE, DELTA, DO_GATED, DGATE,
         # a row with no allowed key passes no gradient to v, even through a NaN gate (P = 0, but 0 * NaN
         # inside the dV dot would be NaN)
         empty = tl.load(LSE + row0 + offs_m, mask=m_row, other=0.0) == float("-inf")
-        tl.store(DO_GATED + p_row, tl.where(empty[:, None], 0.0, do * sig).to(DO_GATED.dtype.element_ty), mask=m_o)
-        tl.store(DGATE + p_row, (do * o * (1.0 - sig)).to(DGATE.dtype.element_ty), mask=m_o)
+        do_g = _cvt(tl.where(empty[:, None], 0.0, do * sig), DO_GATED.dtype.element_ty)
+        tl.store(DO_GATED + p_row, do_g, mask=m_o)
+        if ROUNDED_DO:  # O = O' / sig (where sig = 0, dO is 0 too and the term is 0)
+            delta = tl.sum(tl.where(sig == 0.0, 0.0, do_g.to(tl.float32) * (o / sig)), 1)
+        else:           # float32: dO' * O' == (dO' * sig) * O
+            delta = tl.sum(o * do, 1)
+    else:
+        delta = tl.sum(o * do, 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + row0 + offs_m, mask=m_row, other=0.0) * LOG2E
+    tl.store(DELTA + row0 + offs_m, delta, mask=m_row)
+    if HAS_GATE:
+        tl.store(DGATE + p_row, _cvt(do * o * (1.0 - sig), DGATE.dtype.element_ty), mask=m_o)
 
 
 @triton.jit
@@ -222,7 +284,7 @@ def _dkdv_tiles(dk, dv, k, v, p_q, p_do, p_lse, p_delta, p_mask, offs_n, offs_d,
         do = tl.load(p_do + offs_m[:, None] * stride_dom + offs_dv[None, :],
                      mask=m_row[:, None] & (offs_dv[None, :] < Dv), other=0.0)           # [BLOCK_M, BLOCK_DV]
         lse = tl.load(p_lse + offs_m, mask=m_row, other=float("-inf"))
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)  # empty row -> P = 0
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse)  # empty row -> P = 0
         delta = tl.load(p_delta + offs_m, mask=m_row, other=0.0)
         # -- recompute P^T = 2^(S^T - lse2)   [BLOCK_N, BLOCK_M]
         sT = _dot(k, qT, None, DOT_PREC) * qk_scale
@@ -231,12 +293,12 @@ def _dkdv_tiles(dk, dv, k, v, p_q, p_do, p_lse, p_delta, p_mask, offs_n, offs_d,
         # masked keys (-inf) get P = 0 and dS = 0 even in a row that a NaN reached (NaN lse / delta)
         pT = tl.where(sT == float("-inf"), 0.0, tl.math.exp2(sT - lse2[None, :]))
         # -- dV += P^T dO
-        dv = _dot(pT.to(do.dtype), do, dv, DOT_PREC)
+        dv = _dot(_cvt(pT, do.dtype), do, dv, DOT_PREC)
         # -- dP^T = V dO^T, dS^T = P^T * (dP^T - delta)
         dpT = _dot(v, tl.trans(do), None, DOT_PREC)
         dsT = tl.where(sT == float("-inf"), 0.0, pT * (dpT - delta[None, :]))
         # -- dK += dS^T Q (scale applied once at the end)
-        dk = _dot(dsT.to(qT.dtype), tl.trans(qT), dk, DOT_PREC)
+        dk = _dot(_cvt(dsT, qT.dtype), tl.trans(qT), dk, DOT_PREC)
     return dk, dv
 
 
@@ -293,8 +355,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, MASK, DK, DV,
     kv_row0 = pid_bk.to(tl.int64) * Lk
     m_k = m_key[:, None] & (offs_d[None, :] < D)
     m_v = m_key[:, None] & (offs_dv[None, :] < Dv)
-    tl.store(DK + (kv_row0 + offs_n[:, None]) * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=m_k)
-    tl.store(DV + (kv_row0 + offs_n[:, None]) * Dv + offs_dv[None, :], dv.to(DV.dtype.element_ty), mask=m_v)
+    tl.store(DK + (kv_row0 + offs_n[:, None]) * D + offs_d[None, :], _cvt(dk * scale, DK.dtype.element_ty), mask=m_k)
+    tl.store(DV + (kv_row0 + offs_n[:, None]) * Dv + offs_dv[None, :], _cvt(dv, DV.dtype.element_ty), mask=m_v)
 
 
 @triton.jit
@@ -318,10 +380,10 @@ def _dq_tiles(dq, q, do, lse2, delta, p_k, p_v, p_mask, p_dmask, offs_m, offs_d,
         dp = _dot(do, vT, None, DOT_PREC)
         ds = tl.where(s == float("-inf"), 0.0, p * (dp - delta[:, None]))
         if NEED_DMASK:  # dL/d(bias) = dS (the bias enters the scores with weight 1)
-            tl.store(p_dmask + offs_m[:, None] * Lk + offs_n[None, :], ds.to(p_dmask.dtype.element_ty),
+            tl.store(p_dmask + offs_m[:, None] * Lk + offs_n[None, :], _cvt(ds, p_dmask.dtype.element_ty),
                      mask=(offs_m[:, None] < Lq) & m_key[None, :])
         # -- dQ += dS K
-        dq = _dot(ds.to(kT.dtype), tl.trans(kT), dq, DOT_PREC)
+        dq = _dot(_cvt(ds, kT.dtype), tl.trans(kT), dq, DOT_PREC)
     return dq
 
 
@@ -355,7 +417,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, MASK, DQ, DMASK,
     do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :],
                  mask=m_row[:, None] & (offs_dv[None, :] < Dv), other=0.0)                 # [BLOCK_M, BLOCK_DV]
     lse = tl.load(LSE + row0 + offs_m, mask=m_row, other=float("-inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)  # empty row -> P = 0
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse)  # empty row -> P = 0
     delta = tl.load(DELTA + row0 + offs_m, mask=m_row, other=0.0)
 
     p_k = K + b * stride_kb + hk * stride_kh
@@ -375,8 +437,135 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, MASK, DQ, DMASK,
         dq = _dq_tiles(dq, q, do, lse2, delta, p_k, p_v, p_mask, p_dmask, offs_m, offs_d, offs_dv, 0, Lk,
                        Lq, Lk, D, Dv, stride_kn, stride_vn, stride_mi, stride_mj, qk_scale, causal_off,
                        MASK_KIND, False, NEED_DMASK, BLOCK_N, DOT_PREC)
-    tl.store(DQ + (row0 + offs_m[:, None]) * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
+    tl.store(DQ + (row0 + offs_m[:, None]) * D + offs_d[None, :], _cvt(dq * scale, DQ.dtype.element_ty),
              mask=m_row[:, None] & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _dmask_tile(acc, q, do, lse2, delta, kT, vT, p_mask, offs_m, offs_n, Lq, Lk, stride_mi, stride_mj, qk_scale,
+                causal_off, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr):
+    """acc + dS of one (query tile, key tile), computed exactly as in _dq_tiles (0 where masked)."""
+    s = _dot(q, kT, None, DOT_PREC) * qk_scale
+    s = _mask_scores(s, p_mask, offs_m[:, None], offs_n[None, :], Lq, Lk, stride_mi, stride_mj,
+                     causal_off, 2, CAUSAL)
+    p = tl.where(s == float("-inf"), 0.0, tl.math.exp2(s - lse2[:, None]))
+    dp = _dot(do, vT, None, DOT_PREC)
+    return acc + tl.where(s == float("-inf"), 0.0, p * (dp - delta[:, None]))
+
+
+@triton.autotune(configs=C.BWD_DMASK_CONFIGS, key=["LQ_KEY", "LK_KEY", "BLOCK_D", "BLOCK_DV", "CAUSAL", "BCAST_Q",
+                                                   "BCAST_K"],
+                 prune_configs_by={"early_config_prune": C.prune_bwd})
+@triton.jit
+def _attn_bwd_dmask(Q, K, V, DO, LSE, DELTA, MASK, DMASK,
+                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                    stride_dob, stride_doh, stride_dom, stride_mb, stride_mh, stride_mi, stride_mj,
+                    stride_db, stride_dh, stride_di,
+                    Hq, GROUP, Lq, Lk, D, Dv, qk_scale, causal_off, HM, LKM, NB, NH, LQ_KEY, LK_KEY,
+                    CAUSAL: tl.constexpr, BCAST_Q: tl.constexpr, BCAST_K: tl.constexpr,
+                    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dL/dmask of a broadcast float mask (B', H', Lq', Lk'), contiguous in DMASK. Program (tile, b' * H' + h')
+    owns rows [BLOCK_M] x keys [BLOCK_N] of the mask (one row / one key when that dim is broadcast) and sums
+    dS over the NB batch items b' + [0, NB) and NH heads h' + [0, NH) that read it (NB = B when B' = 1, else
+    1; NH likewise), over all query tiles when BCAST_Q (Lq' = 1 < Lq) and all key tiles when BCAST_K
+    (Lk' = 1 < Lk), in one fp32 register tile, in a fixed order; one store at the end."""
+    n_tiles_k = tl.cdiv(LKM, BLOCK_N)
+    pid_m = tl.program_id(0) // n_tiles_k
+    pid_n = tl.program_id(0) % n_tiles_k
+    pid_bh = tl.program_id(1)
+    bm = pid_bh // HM                                  # the mask's own batch / head index
+    hm = pid_bh % HM
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    if BCAST_Q:
+        m_lo = 0
+        m_hi = Lq
+    else:
+        m_lo = pid_m * BLOCK_M
+        m_hi = m_lo + BLOCK_M
+    if BCAST_K:
+        n_lo = 0
+        n_hi = Lk
+    else:
+        n_lo = pid_n * BLOCK_N
+        n_hi = n_lo + BLOCK_N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)     # entries never reached (skipped tiles, empty loops) stay 0
+    for bi in range(NB):
+        b = (bm + bi).to(tl.int64)
+        for hi_ in range(NH):
+            h = (hm + hi_).to(tl.int64)
+            hk = h // GROUP                            # GQA / MQA
+            row0 = (b * Hq + h) * Lq
+            p_q = Q + b * stride_qb + h * stride_qh
+            p_do = DO + b * stride_dob + h * stride_doh
+            p_k = K + b * stride_kb + hk * stride_kh
+            p_v = V + b * stride_vb + hk * stride_vh
+            p_mask = MASK + b * stride_mb + h * stride_mh
+            if BCAST_Q and not BCAST_K:
+                # one key tile against every query tile: K, V loaded once per head
+                offs_n = n_lo + tl.arange(0, BLOCK_N)
+                m_key = offs_n < Lk
+                kT = tl.load(p_k + offs_n[None, :] * stride_kn + offs_d[:, None],
+                             mask=m_key[None, :] & (offs_d[:, None] < D), other=0.0)     # [BLOCK_D, BLOCK_N]
+                vT = tl.load(p_v + offs_n[None, :] * stride_vn + offs_dv[:, None],
+                             mask=m_key[None, :] & (offs_dv[:, None] < Dv), other=0.0)   # [BLOCK_DV, BLOCK_N]
+                m_start = m_lo
+                if CAUSAL:  # query tiles wholly above this key tile's diagonal see none of its keys
+                    m_start = (tl.maximum(n_lo - causal_off, 0) // BLOCK_M) * BLOCK_M
+                for start_m in range(m_start, m_hi, BLOCK_M):
+                    offs_m = start_m + tl.arange(0, BLOCK_M)
+                    m_row = offs_m < Lq
+                    q = tl.load(p_q + offs_m[:, None] * stride_qm + offs_d[None, :],
+                                mask=m_row[:, None] & (offs_d[None, :] < D), other=0.0)
+                    do = tl.load(p_do + offs_m[:, None] * stride_dom + offs_dv[None, :],
+                                 mask=m_row[:, None] & (offs_dv[None, :] < Dv), other=0.0)
+                    lse = tl.load(LSE + row0 + offs_m, mask=m_row, other=float("-inf"))
+                    lse2 = tl.where(lse == float("-inf"), float("inf"), lse)
+                    delta = tl.load(DELTA + row0 + offs_m, mask=m_row, other=0.0)
+                    acc = _dmask_tile(acc, q, do, lse2, delta, kT, vT, p_mask, offs_m, offs_n, Lq, Lk,
+                                      stride_mi, stride_mj, qk_scale, causal_off, CAUSAL, DOT_PREC)
+            else:
+                for start_m in range(m_lo, m_hi, BLOCK_M):
+                    offs_m = start_m + tl.arange(0, BLOCK_M)
+                    m_row = offs_m < Lq
+                    q = tl.load(p_q + offs_m[:, None] * stride_qm + offs_d[None, :],
+                                mask=m_row[:, None] & (offs_d[None, :] < D), other=0.0)
+                    do = tl.load(p_do + offs_m[:, None] * stride_dom + offs_dv[None, :],
+                                 mask=m_row[:, None] & (offs_dv[None, :] < Dv), other=0.0)
+                    lse = tl.load(LSE + row0 + offs_m, mask=m_row, other=float("-inf"))
+                    lse2 = tl.where(lse == float("-inf"), float("inf"), lse)  # empty row -> P = 0
+                    delta = tl.load(DELTA + row0 + offs_m, mask=m_row, other=0.0)
+                    n_end = n_hi
+                    if CAUSAL:  # key tiles past the diagonal are skipped (dS = 0 there)
+                        _, hi = _causal_bounds_q(start_m, Lk, causal_off, BLOCK_M, BLOCK_N)
+                        n_end = tl.minimum(n_hi, hi)
+                    for start_n in range(n_lo, n_end, BLOCK_N):
+                        offs_n = start_n + tl.arange(0, BLOCK_N)
+                        m_key = offs_n < Lk
+                        kT = tl.load(p_k + offs_n[None, :] * stride_kn + offs_d[:, None],
+                                     mask=m_key[None, :] & (offs_d[:, None] < D), other=0.0)
+                        vT = tl.load(p_v + offs_n[None, :] * stride_vn + offs_dv[:, None],
+                                     mask=m_key[None, :] & (offs_dv[:, None] < Dv), other=0.0)
+                        acc = _dmask_tile(acc, q, do, lse2, delta, kT, vT, p_mask, offs_m, offs_n, Lq, Lk,
+                                          stride_mi, stride_mj, qk_scale, causal_off, CAUSAL, DOT_PREC)
+
+    # -- reduce over the broadcast query / key axis, round once, store the program's own entries
+    p_out = DMASK + bm.to(tl.int64) * stride_db + hm.to(tl.int64) * stride_dh
+    if BCAST_Q and BCAST_K:
+        total = tl.sum(tl.sum(acc, 1), 0)
+        tl.store(p_out, _cvt(total, DMASK.dtype.element_ty))
+    elif BCAST_Q:
+        offs_n = n_lo + tl.arange(0, BLOCK_N)
+        tl.store(p_out + offs_n, _cvt(tl.sum(acc, 0), DMASK.dtype.element_ty), mask=offs_n < Lk)
+    elif BCAST_K:
+        offs_m = m_lo + tl.arange(0, BLOCK_M)
+        tl.store(p_out + offs_m * stride_di, _cvt(tl.sum(acc, 1), DMASK.dtype.element_ty), mask=offs_m < Lq)
+    else:
+        offs_m = m_lo + tl.arange(0, BLOCK_M)
+        offs_n = n_lo + tl.arange(0, BLOCK_N)
+        tl.store(p_out + offs_m[:, None] * stride_di + offs_n[None, :], _cvt(acc, DMASK.dtype.element_ty),
+                 mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk))
 
 
 # ---------------------------------------------------------------------------------------- launchers
@@ -403,8 +592,9 @@ def _check(q, k, v, mask, gate, causal):
     for n, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(-1) != 1:
             raise ValueError(f"triton_attention: {n} must have stride(-1) == 1")
-    if mask is not None and tuple(mask.shape) != (B, Hq, Lq, Lk):
-        raise ValueError(f"triton_attention: mask must be expanded to {(B, Hq, Lq, Lk)}, got {tuple(mask.shape)}")
+    if mask is not None and (mask.dim() != 4 or any(m not in (1, n) for m, n in zip(mask.shape, (B, Hq, Lq, Lk)))):
+        raise ValueError(f"triton_attention: mask must be 4-D with each dim 1 or that of {(B, Hq, Lq, Lk)}, "
+                         f"got {tuple(mask.shape)}")
     if gate is not None and tuple(gate.shape) != (B, Hq, Lq, v.shape[3]):
         raise ValueError(f"triton_attention: gate must be expanded to {(B, Hq, Lq, v.shape[3])}, got {tuple(gate.shape)}")
     if causal not in (0, 1, 2):
@@ -412,14 +602,16 @@ def _check(q, k, v, mask, gate, causal):
 
 
 def _mask_args(mask, q):
-    """(kind, tensor, 4 strides); a bool mask is read as bytes, a float mask in q's dtype."""
+    """(kind, tensor, 4 strides); a bool mask is read as bytes, a float mask in q's dtype. A size-1 dim
+    gets stride 0: the kernels index it with every b, h, i or j of the scores (broadcast)."""
     if mask is None:
         return MASK_NONE, q, (0, 0, 0, 0)
+    strides = tuple(0 if n == 1 else st for n, st in zip(mask.shape, mask.stride()))
     if mask.dtype == torch.bool:
-        return MASK_BOOL, mask.view(torch.uint8), tuple(mask.stride())
+        return MASK_BOOL, mask.view(torch.uint8), strides
     if mask.dtype != q.dtype:
         raise TypeError(f"triton_attention: a float mask must have q's dtype {q.dtype}, got {mask.dtype}")
-    return MASK_BIAS, mask, tuple(mask.stride())
+    return MASK_BIAS, mask, strides
 
 
 def attention_fwd(q, k, v, mask, gate, scale, causal):
@@ -428,6 +620,8 @@ def attention_fwd(q, k, v, mask, gate, scale, causal):
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     out = torch.empty((B, Hq, Lq, Dv), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
+    store_acc = has_out_acc(q.dtype)
+    out_acc = torch.empty((B, Hq, Lq, Dv), dtype=torch.float32, device=q.device) if store_acc else q.new_empty((0,))
     mask_kind, mask_t, ms = _mask_args(mask, q)
     gate_t, gs = (gate, tuple(gate.stride())) if gate is not None else (q, (0, 0, 0, 0))
 
@@ -435,14 +629,15 @@ def attention_fwd(q, k, v, mask, gate, scale, causal):
         return (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)
 
     wrap_triton(_attn_fwd)[grid](
-        q, k, v, mask_t, gate_t, out, lse,
+        q, k, v, mask_t, gate_t, out, lse, out_acc if store_acc else out,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), *ms, *gs,
         Hq, Hq // Hkv, Lq, Lk, D, Dv, scale * C.LOG2E, Lk - Lq if causal == 2 else 0,
         C.length_key(Lq), C.length_key(Lk),
-        MASK_KIND=mask_kind, CAUSAL=causal != 0, HAS_GATE=gate is not None,
+        MASK_KIND=mask_kind, CAUSAL=causal != 0, HAS_GATE=gate is not None, STORE_ACC=store_acc,
+        SPLIT_P=store_acc and C.PRECISE_PV,
         BLOCK_D=C.head_block(D), BLOCK_DV=C.head_block(Dv), DOT_PREC=_dot_precision(q.dtype))
-    return out, lse
+    return out, lse, out_acc
 
 
 def attention_bwd(dout, q, k, v, out, lse, mask, gate, dlse, scale, causal, need_dmask):
@@ -455,7 +650,9 @@ def attention_bwd(dout, q, k, v, out, lse, mask, gate, dlse, scale, causal, need
     dev = q.device
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
-    out = out.contiguous()
+    if tuple(out.shape) != (B, Hq, Lq, Dv):
+        raise ValueError(f"triton_attention_bwd: out must be {(B, Hq, Lq, Dv)}, got {tuple(out.shape)}")
+    out = out.contiguous()  # any float dtype (the forward's float32 out_acc, or out): read as fp32
     lse = lse.contiguous()
     dlse_t = dlse.to(torch.float32).contiguous() if dlse is not None else lse
 
@@ -470,15 +667,22 @@ def attention_bwd(dout, q, k, v, out, lse, mask, gate, dlse, scale, causal, need
     wrap_triton(_attn_bwd_prep)[(triton.cdiv(Lq, C.PREP_BLOCK_M), B * Hq)](
         out, dout, gate_t, dlse_t, lse, delta, do_gated, dgate if gate is not None else delta,
         dout.stride(0), dout.stride(1), dout.stride(2), *gs, Hq, Lq, Dv,
-        HAS_GATE=gate is not None, HAS_DLSE=dlse is not None,
+        HAS_GATE=gate is not None, HAS_DLSE=dlse is not None, ROUNDED_DO=q.dtype != torch.float32,
         BLOCK_M=C.PREP_BLOCK_M, BLOCK_DV=C.head_block(Dv))
     do, ds_ = (do_gated, tuple(do_gated.stride())) if gate is not None else (dout, tuple(dout.stride()))
 
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty((B, Hkv, Lk, D), dtype=k.dtype, device=dev)
     dv = torch.empty((B, Hkv, Lk, Dv), dtype=v.dtype, device=dev)
-    # dmask is dS; entries in skipped (fully masked causal) tiles are never written, so start at 0
-    dmask = torch.zeros((B, Hq, Lq, Lk), dtype=q.dtype, device=dev) if need_dmask else q.new_empty((0,))
+    # dmask of a full-shape mask is dS, written by the dQ kernel; entries in skipped (fully masked causal)
+    # tiles are never written, so start at 0. A broadcast mask gets its own kernel (see the docstring).
+    bcast = need_dmask and tuple(mask.shape) != (B, Hq, Lq, Lk)
+    if not need_dmask:
+        dmask = q.new_empty((0,))
+    elif bcast:
+        dmask = torch.empty(tuple(mask.shape), dtype=mask.dtype, device=dev)  # every entry written once
+    else:
+        dmask = torch.zeros((B, Hq, Lq, Lk), dtype=mask.dtype, device=dev)
     common = dict(MASK_KIND=mask_kind, CAUSAL=causal != 0, BLOCK_D=C.head_block(D), BLOCK_DV=C.head_block(Dv),
                   DOT_PREC=_dot_precision(q.dtype))
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -488,8 +692,18 @@ def attention_bwd(dout, q, k, v, out, lse, mask, gate, dlse, scale, causal, need
         q, k, v, do, lse, delta, mask_t, dk, dv, *strides,
         Hq, Hkv, Hq // Hkv, Lq, Lk, D, Dv, scale, scale * C.LOG2E, off, C.length_key(Lq), C.length_key(Lk),
         **common)
+    fused_dmask = need_dmask and not bcast
     wrap_triton(_attn_bwd_dq)[lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)](
-        q, k, v, do, lse, delta, mask_t, dq, dmask if need_dmask else dq, *strides,
+        q, k, v, do, lse, delta, mask_t, dq, dmask if fused_dmask else dq, *strides,
         Hq, Hq // Hkv, Lq, Lk, D, Dv, scale, scale * C.LOG2E, off, C.length_key(Lq), C.length_key(Lk),
-        NEED_DMASK=need_dmask, **common)
+        NEED_DMASK=fused_dmask, **common)
+    if bcast and dmask.numel():
+        Bm, Hm, Lqm, Lkm = mask.shape
+        common.pop("MASK_KIND")
+        wrap_triton(_attn_bwd_dmask)[
+                lambda meta: (triton.cdiv(Lqm, meta["BLOCK_M"]) * triton.cdiv(Lkm, meta["BLOCK_N"]), Bm * Hm)](
+            q, k, v, do, lse, delta, mask_t, dmask, *strides, dmask.stride(0), dmask.stride(1), dmask.stride(2),
+            Hq, Hq // Hkv, Lq, Lk, D, Dv, scale * C.LOG2E, off, Hm, Lkm,
+            B if Bm == 1 else 1, Hq if Hm == 1 else 1, C.length_key(Lq), C.length_key(Lk),
+            BCAST_Q=Lqm != Lq, BCAST_K=Lkm != Lk, **common)
     return dq, dk, dv, dmask, dgate

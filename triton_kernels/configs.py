@@ -86,6 +86,14 @@ def prune_fwd(configs, named_args, **kwargs):
     return keep if autotune_enabled() else keep[:1]
 
 
+# float16 / bfloat16 forward: P V as P_hi V + P_lo V (P to ~16 bits) instead of P rounded to the inputs'
+# dtype: one more tile GEMM per key tile (3 instead of 2 in the forward), so that out_acc, and the
+# backward's delta taken from it, match the backward's P (see attention.py's docstring). False brings back
+# the tutorial's single GEMM; the repeated-key / broadcast-over-keys mask gradients then miss SPEC §4 in
+# half precision (tests/test_triton.py: test_repeated_keys_keep_dq_zero_in_bf16, expand views).
+PRECISE_PV = True
+
+
 # ----------------------------------------------------------------------------------- attention bwd
 # dK/dV kernel: one program owns BLOCK_N keys (dK, dV accumulators [BLOCK_N, D] in registers) and
 # streams BLOCK_M query rows; dQ kernel: the mirror image (dQ [BLOCK_M, D] in registers, keys stream).
@@ -110,6 +118,21 @@ else:
         _cfg(4, 3, BLOCK_M=16, BLOCK_N=64),    # short query side (Lq <= 16)
     ]
     PREP_BLOCK_M = 64   # memory-bound row pass: 64 rows x Dv of out and dout per program
+
+# dmask of a broadcast float mask (_attn_bwd_dmask): a program owns a [BLOCK_M, BLOCK_N] fp32 tile of the
+# summed dS and streams q/dO (BLOCK_M rows) and k/v (BLOCK_N keys) tiles of every (batch, head) that reads it:
+# 2 tile GEMMs per step (S, dP), no accumulator beyond the tile, so square-ish tiles as in the forward.
+# Unmeasured starting set, like the others (no GPU yet).
+if INTERPRET:
+    BWD_DMASK_CONFIGS = [_cfg(4, 1, BLOCK_M=32, BLOCK_N=16)]
+else:
+    BWD_DMASK_CONFIGS = [
+        _cfg(4, 3, BLOCK_M=64, BLOCK_N=64),
+        _cfg(8, 3, BLOCK_M=128, BLOCK_N=64),
+        _cfg(4, 3, BLOCK_M=64, BLOCK_N=32),    # D 128-256
+        _cfg(4, 2, BLOCK_M=32, BLOCK_N=32),    # D 256
+        _cfg(4, 3, BLOCK_M=16, BLOCK_N=64),    # short query side (Lq <= 16)
+    ]
 
 
 def prune_bwd(configs, named_args, **kwargs):

@@ -35,7 +35,7 @@ def _register(name):
 
 @_register("triton_attention_fwd")
 def triton_attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], gate: Optional[Tensor],
-                         scale: float, causal: int) -> tuple[Tensor, Tensor]:
+                         scale: float, causal: int) -> tuple[Tensor, Tensor, Tensor]:
     return _attn.attention_fwd(q, k, v, mask, gate, scale, causal)
 
 
