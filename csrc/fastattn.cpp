@@ -14,7 +14,8 @@
 
 TORCH_LIBRARY(fastattn, m) {
   // causal: 0 none, 1 top_left, 2 bottom_right. mask: 4-D, each dim of size 1 or of (B,Hq,Lq,Lk) (broadcast
-  // inside the kernel); gate arrives expanded to (B,Hq,Lq,Dv).
+  // inside the kernel); gate: (B,Hq,Lq,Dv), or (B,Hq,Lq,1) headwise (broadcast over Dv inside the kernel, its
+  // gradient summed over Dv in float32 there).
   // Returns (out, lse, out_acc); out is gated when a gate is given; lse is float32 (float64 for float64 inputs)
   // and in log2 units (log2 of the softmax denominator of the scores in log2 units: the base every kernel computes
   // in, so forward and backward never convert it; dlse in the backward is the gradient of this lse);

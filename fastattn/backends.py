@@ -103,7 +103,11 @@ class FusedBackend(Backend):
             # of a float mask in this shape, summed in float32, never as a (B, Hq, Lq, Lk) tensor
             mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
         if gate is not None:
-            gate = gate.to(q.dtype).expand(B, Hq, Lq, Dv)
+            # (B, Hq, Lq, Dv) or, headwise, (B, Hq, Lq, 1): the kernels broadcast a headwise gate over Dv
+            # themselves and sum its gradient there in float32
+            gate = gate.to(q.dtype)
+            gate = gate.reshape((1,) * (4 - gate.dim()) + tuple(gate.shape))
+            gate = gate.expand(B, Hq, Lq, gate.shape[-1])
         out, lse2, _ = self._op("attention_fwd")(
             _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v),
             mask, gate, scale, causal)
@@ -120,7 +124,7 @@ class FusedBackend(Backend):
 class ExtensionBackend(FusedBackend):
     """Kernels compiled into fastattn._C (csrc/cpu/, csrc/cuda/), one op per device (dispatch key)."""
 
-    # What csrc/cuda/ covers (issue 6, first round). Strict on purpose: no GPU measurement exists
+    # What csrc/cuda/ covers. Strict on purpose: no GPU measurement exists
     # yet, so "auto" sends everything else to triton/reference; the per-shape choice between cuda
     # and triton awaits the first GPU benchmark round (bench/results/).
     CUDA_DTYPES = (torch.float16, torch.bfloat16)
@@ -205,7 +209,7 @@ _BACKENDS = {
         ReferenceBackend(),
     )
 }
-# "cuda" joins the CUDA order only once its kernels have passed the test sweep on a GPU (issue 6):
+# "cuda" joins the CUDA order only once its kernels have passed the test sweep on a GPU:
 # until then "auto" must not pick kernels that have never run (SPEC §3); backend="cuda" runs them.
 _AUTO_ORDER = {"cuda": ("triton", "reference"), "cpu": ("cpu", "reference")}
 _AVAILABILITY: dict = {}

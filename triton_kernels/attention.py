@@ -230,7 +230,7 @@ def _attn_bwd_prep(OUT, DOUT, GATE, DLSE, LSE, DELTA, DO_GATED, DGATE,
                    stride_db, stride_dh, stride_dm, stride_gb, stride_gh, stride_gi, stride_gc,
                    Hq, Lq, Dv,
                    HAS_GATE: tl.constexpr, HAS_DLSE: tl.constexpr, ROUNDED_DO: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+                   HEADWISE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hq).to(tl.int64)
@@ -267,7 +267,12 @@ def _attn_bwd_prep(OUT, DOUT, GATE, DLSE, LSE, DELTA, DO_GATED, DGATE,
         delta -= tl.load(DLSE + row0 + offs_m, mask=m_row, other=0.0) * LOG2E
     tl.store(DELTA + row0 + offs_m, delta, mask=m_row)
     if HAS_GATE:
-        tl.store(DGATE + p_row, _cvt(do * o * (1.0 - sig), DGATE.dtype.element_ty), mask=m_o)
+        dg = do * o * (1.0 - sig)
+        if HEADWISE:  # one logit per row (DGATE is (B, Hq, Lq, 1)): its gradient is the row's fp32 sum
+            tl.store(DGATE + row0 + offs_m, _cvt(tl.sum(tl.where(m_o, dg, 0.0), 1), DGATE.dtype.element_ty),
+                     mask=m_row)
+        else:
+            tl.store(DGATE + p_row, _cvt(dg, DGATE.dtype.element_ty), mask=m_o)
 
 
 @triton.jit
@@ -576,6 +581,12 @@ def _dot_precision(dtype):
     return "tf32"  # float16 / bfloat16 operands: tensor cores, fp32 accumulation (the flag is moot)
 
 
+def _gate_strides(gate):
+    """A headwise (B, Hq, Lq, 1) gate is read with stride 0 over Dv."""
+    st = tuple(gate.stride())
+    return st[:3] + ((0,) if gate.shape[3] == 1 else st[3:])
+
+
 def _check(q, k, v, mask, gate, causal):
     """Boundary checks of the op (the public API checks user input; this guards direct op calls)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
@@ -595,8 +606,9 @@ def _check(q, k, v, mask, gate, causal):
     if mask is not None and (mask.dim() != 4 or any(m not in (1, n) for m, n in zip(mask.shape, (B, Hq, Lq, Lk)))):
         raise ValueError(f"triton_attention: mask must be 4-D with each dim 1 or that of {(B, Hq, Lq, Lk)}, "
                          f"got {tuple(mask.shape)}")
-    if gate is not None and tuple(gate.shape) != (B, Hq, Lq, v.shape[3]):
-        raise ValueError(f"triton_attention: gate must be expanded to {(B, Hq, Lq, v.shape[3])}, got {tuple(gate.shape)}")
+    if gate is not None and tuple(gate.shape) not in ((B, Hq, Lq, v.shape[3]), (B, Hq, Lq, 1)):
+        raise ValueError(f"triton_attention: gate must be {(B, Hq, Lq, v.shape[3])} or headwise {(B, Hq, Lq, 1)}, "
+                         f"got {tuple(gate.shape)}")
     if causal not in (0, 1, 2):
         raise ValueError(f"triton_attention: causal must be 0, 1 or 2, got {causal}")
 
@@ -623,7 +635,7 @@ def attention_fwd(q, k, v, mask, gate, scale, causal):
     store_acc = has_out_acc(q.dtype)
     out_acc = torch.empty((B, Hq, Lq, Dv), dtype=torch.float32, device=q.device) if store_acc else q.new_empty((0,))
     mask_kind, mask_t, ms = _mask_args(mask, q)
-    gate_t, gs = (gate, tuple(gate.stride())) if gate is not None else (q, (0, 0, 0, 0))
+    gate_t, gs = (gate, _gate_strides(gate)) if gate is not None else (q, (0, 0, 0, 0))
 
     def grid(meta):
         return (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)
@@ -660,14 +672,15 @@ def attention_bwd(dout, q, k, v, out, lse, mask, gate, dlse, scale, causal, need
     delta = torch.empty((B, Hq, Lq), dtype=torch.float32, device=dev)
     if gate is not None:
         do_gated = torch.empty((B, Hq, Lq, Dv), dtype=q.dtype, device=dev)
-        dgate = torch.empty((B, Hq, Lq, Dv), dtype=gate.dtype, device=dev)
-        gate_t, gs = gate, tuple(gate.stride())
+        dgate = torch.empty(tuple(gate.shape), dtype=gate.dtype, device=dev)
+        gate_t, gs = gate, _gate_strides(gate)
     else:
         do_gated, dgate, gate_t, gs = delta, q.new_empty((0,)), q, (0, 0, 0, 0)
     wrap_triton(_attn_bwd_prep)[(triton.cdiv(Lq, C.PREP_BLOCK_M), B * Hq)](
         out, dout, gate_t, dlse_t, lse, delta, do_gated, dgate if gate is not None else delta,
         dout.stride(0), dout.stride(1), dout.stride(2), *gs, Hq, Lq, Dv,
         HAS_GATE=gate is not None, HAS_DLSE=dlse is not None, ROUNDED_DO=q.dtype != torch.float32,
+        HEADWISE=gate is not None and gate.shape[3] == 1 and Dv != 1,
         BLOCK_M=C.PREP_BLOCK_M, BLOCK_DV=C.head_block(Dv))
     do, ds_ = (do_gated, tuple(do_gated.stride())) if gate is not None else (dout, tuple(dout.stride()))
 

@@ -3,7 +3,7 @@
 Evidence: the GPU numbers below follow the Triton fused-attention tutorial (06-fused-attention.py) and
 FlashAttention-2's Triton kernels on A100/H100 (BLOCK_M 128 x BLOCK_N 64 with 8 warps for D <= 128 in
 the forward; 64 x 64 / 128 x 32 tiles in the backward). They are a starting set for the autotuner, not
-measured on our kernels yet (no GPU was lent to issue 4): ``fastattn bench`` on an H100 is the next step,
+measured on our kernels yet (no GPU run so far): ``fastattn bench`` on an H100 is the next step,
 and each line should then carry what won and what lost.
 
 Under the interpreter (TRITON_INTERPRET=1, CI on CPU) every kernel gets one small config: autotuning

@@ -8,8 +8,8 @@
 //   v     (B, Hkv, Lk, Dv)   same
 //   mask  (B, Hq,  Lq, Lk)   optional, 4-D with each dim 1 or full (size-1 dims are broadcast here),
 //                            any strides; bool (true = may attend) or q's dtype (added to scores)
-//   gate  (B, Hq,  Lq, Dv)   optional view already expanded (headwise gate: stride(-1) == 0), q's
-//                            dtype; output = attention * sigmoid(gate)
+//   gate  (B, Hq,  Lq, Dv)   optional, q's dtype, or (B, Hq, Lq, 1) headwise (read with stride 0 over Dv);
+//                            output = attention * sigmoid(gate)
 //   out   (B, Hq,  Lq, Dv)   contiguous, q's dtype (the gated output when a gate is given)
 //   out_acc                  float32 out before rounding, for bf16 / half q (else empty); the
 //                            backward's `out` is this where it exists (delta from the unrounded output)
@@ -21,7 +21,8 @@
 //   dq, dk, dv               contiguous, shapes and dtypes of q, k, v
 //   dmask                    dL/d(mask) in the mask's own shape and dtype when need_dmask, else empty:
 //                            dS summed over the mask's broadcast dims in acc_t, deterministically
-//   dgate (B, Hq,  Lq, Dv)   contiguous, gate's dtype, when a gate is given, else empty
+//   dgate                    contiguous, the gate's shape and dtype when a gate is given, else empty; a
+//                            headwise gate's gradient is summed over Dv in acc_t
 // scale multiplies q.k; causal: 0 none, 1 top_left (key j <= i), 2 bottom_right (j <= i + Lk - Lq).
 #pragma once
 
@@ -67,7 +68,7 @@ struct AttnShape {
   MaskKind mask_kind;
   int64_t m_sb, m_sh, m_si, m_sj;         // mask (B, Hq, Lq, Lk), 0 on broadcast dims
   bool m_bcast[4];                        // mask dim of size 1 broadcast over B, Hq, Lq, Lk
-  bool has_gate;
+  bool has_gate, gate_headwise;
   int64_t g_sb, g_sh, g_si, g_sc;         // gate (B, Hq, Lq, Dv)
   bool causal;
   int64_t causal_off;                     // query i sees keys j <= i + causal_off

@@ -317,7 +317,13 @@ void prepare_rows(const AttnShape& s, const at::Tensor& dout, const at::Tensor& 
         if (!empty) dO_row[c] = dout_row[c] * sig;
         tmp[c] = dout_row[c] * out_row[c] * (acc_t(1) - sig);
       }
-      convert_row(dgate + row * Dv, tmp.data(), Dv);
+      if (s.gate_headwise) {  // one logit per row: its gradient is the row's sum, taken here in acc_t
+        acc_t t = 0;
+        for (int64_t c = 0; c < Dv; ++c) t += tmp[c];
+        dgate[row] = scalar_t(t);
+      } else {
+        convert_row(dgate + row * Dv, tmp.data(), Dv);
+      }
       if (dO_low && !empty) convert_row(dO_low + row * Dv, dO_row, Dv);
     }
   });
@@ -351,7 +357,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   at::Tensor dk = at::empty({s.B, s.Hkv, s.Lk, s.D}, q.options());
   at::Tensor dv = at::empty({s.B, s.Hkv, s.Lk, s.Dv}, q.options());
   at::Tensor dmask = need_dmask ? at::zeros(mask->sizes(), q.options()) : at::empty({0}, q.options());
-  at::Tensor dgate = gate.has_value() ? at::empty(out_shape, q.options()) : at::empty({0}, q.options());
+  at::Tensor dgate = gate.has_value() ? at::empty(gate->sizes(), q.options()) : at::empty({0}, q.options());
 
   const at::Tensor dout_c = dout.stride(-1) == 1 ? dout : dout.contiguous();
   const at::Tensor out_c = out.contiguous();

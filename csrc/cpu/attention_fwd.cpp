@@ -78,11 +78,13 @@ AttnShape check_and_describe(const char* op, const at::Tensor& q, const at::Tens
   if (s.has_gate) {
     const at::Tensor& g = *gate;
     TORCH_CHECK(g.device().is_cpu(), op, ": gate must be a CPU tensor");
-    TORCH_CHECK(g.dim() == 4 && g.size(0) == s.B && g.size(1) == s.Hq && g.size(2) == s.Lq && g.size(3) == s.Dv,
-                op, ": gate must be expanded to (B, Hq, Lq, Dv) = (", s.B, ", ", s.Hq, ", ", s.Lq, ", ", s.Dv,
-                "), got ", g.sizes());
+    TORCH_CHECK(g.dim() == 4 && g.size(0) == s.B && g.size(1) == s.Hq && g.size(2) == s.Lq &&
+                    (g.size(3) == s.Dv || g.size(3) == 1),
+                op, ": gate must be (B, Hq, Lq, Dv) = (", s.B, ", ", s.Hq, ", ", s.Lq, ", ", s.Dv,
+                ") or headwise (B, Hq, Lq, 1), got ", g.sizes());
     TORCH_CHECK(g.scalar_type() == dt, op, ": gate must have q's dtype ", dt, ", got ", g.scalar_type());
-    s.g_sb = g.stride(0); s.g_sh = g.stride(1); s.g_si = g.stride(2); s.g_sc = g.stride(3);
+    s.gate_headwise = g.size(3) == 1 && s.Dv != 1;
+    s.g_sb = g.stride(0); s.g_sh = g.stride(1); s.g_si = g.stride(2); s.g_sc = g.size(3) == 1 ? 0 : g.stride(3);
   }
   s.causal = causal != 0;
   s.causal_off = causal == 2 ? s.Lk - s.Lq : 0;

@@ -126,11 +126,11 @@ void describe_attention(AttnParams& p, const char* op, const Tensor& q, const Te
     const Tensor& g = *gate;
     check_device(g, op, "gate", q);
     check_same_dtype(g, q, op, "gate");
-    TORCH_CHECK(g.dim() == 4 && g.size(0) == B && g.size(1) == Hq && g.size(2) == Lq && g.size(3) == Dv, op,
-                " (cuda): gate must be expanded to (B, Hq, Lq, Dv) = (", B, ", ", Hq, ", ", Lq, ", ", Dv, "), got ",
-                g.sizes());
+    TORCH_CHECK(g.dim() == 4 && g.size(0) == B && g.size(1) == Hq && g.size(2) == Lq && (g.size(3) == Dv || g.size(3) == 1),
+                op, " (cuda): gate must be (B, Hq, Lq, Dv) = (", B, ", ", Hq, ", ", Lq, ", ", Dv,
+                ") or headwise (B, Hq, Lq, 1), got ", g.sizes());
     p.gate = g.data_ptr();
-    p.g_sb = g.stride(0), p.g_sh = g.stride(1), p.g_si = g.stride(2), p.g_sc = g.stride(3);
+    p.g_sb = g.stride(0), p.g_sh = g.stride(1), p.g_si = g.stride(2), p.g_sc = g.size(3) == 1 ? 0 : g.stride(3);
   }
 }
 
@@ -228,6 +228,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd(
       if (mask->size(d) == 1 && dmask.size(d) != 1) dims.push_back(d);
     dmask = dmask.to(at::kFloat).sum(dims, /*keepdim=*/true).to(q.scalar_type());
   }
+  if (p.gate && gate->size(3) == 1 && dgate.size(3) != 1)  // headwise: the gradient of one logit per row
+    dgate = dgate.to(at::kFloat).sum(3, /*keepdim=*/true).to(q.scalar_type());
   return {dq, dk, dv, dmask, dgate};
 }
 

@@ -1,6 +1,6 @@
 // Tile sizes of the CUDA attention kernels, in one place.
 //
-// No GPU measurement exists yet (issue 6: the first GPU round tunes these). Every number below is
+// No GPU measurement exists yet (the first GPU round tunes these). Every number below is
 // a starting point with its reason; replace the reason with the measurement when there is one.
 // sm_90a builds these same sm_80-style kernels (mma.sync + ldmatrix + cp.async); a wgmma/TMA
 // Hopper path is out of scope for now.
