@@ -90,8 +90,8 @@ def _dot(a, b, acc, DOT_PREC: tl.constexpr):
 def _cvt(x, dtype: tl.constexpr):
     """fp32 x in ``dtype``, rounded to nearest even as on a GPU. Triton 3.9's interpreter truncates
     float32 -> bfloat16 (and its "rtne" mode neither carries nor ties to even): a bias that sums up over a
-    GEMM (P rounded for P V and P^T dO), so there (only) the rounding is done on the bits, as torch does.
-    The branch is compiled out on a GPU."""
+    GEMM (P rounded for P V and P^T dO) and a one-ulp error in stored outputs, so under the interpreter
+    the rounding is done on the bits, as torch does. The branch is compiled out on a GPU."""
     if _INTERPRET:
         if dtype == tl.bfloat16:
             bits = x.to(tl.uint32, bitcast=True)

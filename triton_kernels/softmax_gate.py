@@ -28,7 +28,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from . import configs as C
-from .attention import _dot
+from .attention import _cvt, _dot
 
 LOG2E: tl.constexpr = tl.constexpr(C.LOG2E)
 
@@ -94,9 +94,9 @@ def _gate_fused_fwd(X, S, W, MASK, Y, ALPHA,
     a_full = _onehot_dot(alpha, onehot.to(tl.float32), tl.zeros([BLOCK_N, BLOCK_D], tl.float32))
     y = a_full * x.to(tl.float32)
     if POOL:
-        tl.store(Y + b * D + offs_c, tl.sum(y, 0).to(Y.dtype.element_ty), mask=m_c)
+        tl.store(Y + b * D + offs_c, _cvt(tl.sum(y, 0), Y.dtype.element_ty), mask=m_c)
     else:
-        tl.store(Y + (b * N + offs_n[:, None]) * D + offs_c[None, :], y.to(Y.dtype.element_ty),
+        tl.store(Y + (b * N + offs_n[:, None]) * D + offs_c[None, :], _cvt(y, Y.dtype.element_ty),
                  mask=m_n[:, None] & m_c[None, :])
 
 
@@ -171,7 +171,7 @@ def _gate_apply(X, ALPHA, Y, stride_xb, stride_xn, N, D, H, Dh, BLOCK_N: tl.cons
     m = (offs_n[:, None] < N) & (offs_c[None, :] < D)
     x = tl.load(X + b * stride_xb + offs_n[:, None] * stride_xn + offs_c[None, :], mask=m, other=0.0)
     a = _alpha_channels(ALPHA, b, offs_n, offs_c, N, D, H, Dh)
-    tl.store(Y + (b * N + offs_n[:, None]) * D + offs_c[None, :], (a * x.to(tl.float32)).to(Y.dtype.element_ty), mask=m)
+    tl.store(Y + (b * N + offs_n[:, None]) * D + offs_c[None, :], _cvt(a * x.to(tl.float32), Y.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -210,7 +210,7 @@ def _gate_bwd_rows(DY, X, ALPHA, DALPHA, G, DX, stride_dyb, stride_dyn, stride_x
         x = tl.load(X + b * stride_xb + offs_n[:, None] * stride_xn + offs_c[None, :], mask=m, other=0.0)
         if WRITE_DX:
             a = _alpha_channels(ALPHA, b, offs_n, offs_c, N, D, H, Dh)
-            tl.store(DX + (b * N + offs_n[:, None]) * D + offs_c[None, :], (a * dy).to(DX.dtype.element_ty), mask=m)
+            tl.store(DX + (b * N + offs_n[:, None]) * D + offs_c[None, :], _cvt(a * dy, DX.dtype.element_ty), mask=m)
         # -- per-head row sums: [BLOCK_N, BLOCK_D] @ one-hot [BLOCK_D, BLOCK_H]
         onehot = ((offs_c[:, None] // Dh) == offs_h[None, :]) & (offs_c[:, None] < D)
         g = _onehot_dot(dy * x.to(tl.float32), onehot.to(tl.float32), g)
@@ -240,7 +240,7 @@ def _gate_bwd_ds(ALPHA, G, DS, N, H, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexp
         p = (b * N + offs_n[:, None]) * H + offs_h[None, :]
         a = tl.load(ALPHA + p, mask=m, other=0.0)
         ds = tl.where(a == 0.0, 0.0, a * (tl.load(G + p, mask=m, other=0.0) - dot[None, :]))
-        tl.store(DS + p, ds.to(DS.dtype.element_ty), mask=m)
+        tl.store(DS + p, _cvt(ds, DS.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -267,7 +267,7 @@ def _score_bwd(DY, X, W, ALPHA, DS, DX, DW_PART, stride_dyb, stride_dyn, stride_
                      other=0.0)                                                           # [BLOCK_N, BLOCK_H]
         a = _alpha_channels(ALPHA, b, offs_n, offs_c, N, D, H, Dh)
         dx = a * dy.to(tl.float32) + scale * tl.dot(ds, w, input_precision="ieee")
-        tl.store(DX + (b * N + offs_n[:, None]) * D + offs_c[None, :], dx.to(DX.dtype.element_ty), mask=m)
+        tl.store(DX + (b * N + offs_n[:, None]) * D + offs_c[None, :], _cvt(dx, DX.dtype.element_ty), mask=m)
         dw = tl.dot(tl.trans(ds), x.to(tl.float32), dw, input_precision="ieee")
     part = b * tl.num_programs(1) + split
     tl.store(DW_PART + (part * H + offs_h[:, None]) * D + offs_c[None, :], dw, mask=m_h[:, None] & m_c[None, :])
