@@ -92,6 +92,28 @@ def nan_reaches_rows_as_in_torch(backend, target, dtype, device="cpu"):
             "a fully masked row is not exactly 0"
 
 
+def broadcast_mask_gradient(backend, dtype, device="cpu"):
+    """A float mask's gradient comes back in the mask's own shape, summed over its broadcast dims in
+    float32 inside the kernel: within SPEC §4 in every dtype (a per-query bias, whose exact gradient is
+    0, included), and never as a (B, Hq, Lq, Lk) tensor from the op."""
+    B, Hq, Hkv, Lq, Lk = 2, 4, 2, 37, 29
+    shapes = [(1, 1, Lq, 1), (1, 1, Lq, Lk), (B, 1, 1, Lk), (1, Hq, Lq, 1), (B, Hq, Lq, Lk), (1, 1, 1, 1)]
+    for i, shape in enumerate(shapes):
+        case = fuzz.make_attention_case(10 + i, dtype, B=B, Hq=Hq, Hkv=Hkv, Lq=Lq, Lk=Lk, D=16, mask="float_grad",
+                                        mask_shape=shape, causal=(False, True, "bottom_right")[i % 3],
+                                        lse_grad=i % 2 == 0)
+        assert_all_ok(fuzz.check_attention(case, backend, device), case.id)
+    prefix = "" if backend == "cpu" else backend + "_"
+    q, k, v = (rand(B, h, n, 16, seed=s, device=device, dtype=dtype) for s, h, n in ((1, Hq, Lq), (2, Hkv, Lk), (3, Hkv, Lk)))
+    for shape in shapes:
+        bias = rand(*shape, seed=4, device=device, dtype=dtype)
+        out, lse, out_acc = getattr(torch.ops.fastattn, prefix + "attention_fwd")(q, k, v, bias, None, 0.25, 1)
+        saved = out_acc if out_acc.numel() else out
+        grads = getattr(torch.ops.fastattn, prefix + "attention_bwd")(
+            torch.randn_like(out), q, k, v, saved, lse, bias, None, None, 0.25, 1, True)
+        assert grads[3].shape == shape and grads[3].dtype == dtype
+
+
 # ------------------------------------------------------------------------------------ registration
 def attention_samples(device="cpu", dtype=torch.float32, D=16, Dv=8):
     """Argument tuples for ``<prefix>attention_fwd``: no mask, bool mask + gate, broadcast float bias

@@ -44,6 +44,11 @@ def test_nan_reaches_rows_as_in_torch(target, dtype):
     bc.nan_reaches_rows_as_in_torch("cpu", target, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_broadcast_mask_gradient(dtype):
+    bc.broadcast_mask_gradient("cpu", dtype)
+
+
 def test_fully_masked_rows_are_zero_without_nan():
     bc.fully_masked_rows_are_zero_without_nan("cpu")
 
