@@ -135,19 +135,20 @@ def attention_case(seed, dtypes, max_len=130, max_dim=256) -> AttentionFuzz:
     return make_attention_case(
         seed, dtype, B=B, Hq=Hkv * group, Hkv=Hkv, Lq=Lq, Lk=Lk, D=D, Dv=Dv, causal=causal, mask=mask,
         mask_shape=mask_shape, empty_rows=empty_rows, gate=gate, views=views, nan=nan,
-        scale=_scale(rng, dtype, D), lse_grad=rng.random() < 0.3)
+        scale=_scale(rng, dtype, max(D, Dv), Lk), lse_grad=rng.random() < 0.3)
 
 
-def _scale(rng, dtype, D):
+def _scale(rng, dtype, D, Lk):
     """None (1/sqrt(D)) mostly, or an extreme scale. Saturating scales stay where the SPEC rule can hold:
     a recomputed backward (FlashAttention's, and torch's own CPU flash kernel) misses exact zeros of dq
     and dk (a row with one key that counts) by the float32 rounding of scale · |dP| · |k|, because
     delta = rowsum(dO ⊙ O) and dP = dO Vᵀ are rounded apart, while the reference differentiates its own
     softmax and hits them. Against float32's absolute floor that shows at scale 2, against half
-    precision's at scale 20 with D > 64, and in float32 with a single key at any scale (README, Numerics)."""
+    precision's at scale 20 with a head dim (D or Dv) > 64 or a single key, and in float32 with a single
+    key at any scale (README, Numerics)."""
     if dtype == torch.float32:
         extreme = (0.05,)
-    elif dtype == torch.float64 or D <= 64:
+    elif dtype == torch.float64 or (D <= 64 and Lk > 1):
         extreme = (0.05, 2.0, 20.0)
     else:
         extreme = (0.05, 2.0)

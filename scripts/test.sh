@@ -16,7 +16,7 @@ rc=0
 "${pytest_cmd[@]}" "$@" || rc=$?
 echo "--- Triton backend in the interpreter (TRITON_INTERPRET=1, CPU tensors)"
 irc=0
-TRITON_INTERPRET=1 "${pytest_cmd[@]}" -m triton "$@" || irc=$?
+TRITON_INTERPRET=1 "${pytest_cmd[@]}" -m "triton and not slow" "$@" || irc=$?
 [ "$irc" -eq 5 ] && irc=0   # 5: the selection held no Triton test
 [ "$rc" -ne 0 ] && exit "$rc"
 exit "$irc"
