@@ -11,6 +11,7 @@ import numbers
 
 import torch
 import torch.nn.attention.bias
+from torch.fx.experimental import symbolic_shapes
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -52,21 +53,16 @@ def broadcastable(name, t, shape, names):
 
 def sym_or(a, b):
     """a or b without a guard: plain bools combine in Python (what dynamo traces), SymBools symbolically."""
-    if isinstance(a, bool) and isinstance(b, bool):
-        return a or b
     if a is True or b is True:
         return True
-    from torch.fx.experimental.symbolic_shapes import sym_or as sym
-    return sym(a, b)
+    return False if a is False and b is False else symbolic_shapes.sym_or(a, b)
 
 
 def sym_and(a, b):
-    if isinstance(a, bool) and isinstance(b, bool):
-        return a and b
+    """a and b without a guard (as sym_or)."""
     if a is False or b is False:
         return False
-    from torch.fx.experimental.symbolic_shapes import sym_and as sym
-    return sym(a, b)
+    return True if a is True and b is True else symbolic_shapes.sym_and(a, b)
 
 
 def _eq(a, b):

@@ -447,6 +447,30 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, MASK, DQ, DMASK,
 
 
 @triton.jit
+def _load_rows(p_q, p_do, p_lse, p_delta, offs_m, offs_d, offs_dv, Lq, D, Dv, stride_qm, stride_dom):
+    """Q [BLOCK_M, BLOCK_D] and dO [BLOCK_M, BLOCK_DV] rows, their lse (+inf for an empty row: P = 0) and delta."""
+    m_row = offs_m < Lq
+    q = tl.load(p_q + offs_m[:, None] * stride_qm + offs_d[None, :], mask=m_row[:, None] & (offs_d[None, :] < D),
+                other=0.0)
+    do = tl.load(p_do + offs_m[:, None] * stride_dom + offs_dv[None, :],
+                 mask=m_row[:, None] & (offs_dv[None, :] < Dv), other=0.0)
+    lse = tl.load(p_lse + offs_m, mask=m_row, other=float("-inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse)
+    return q, do, lse2, tl.load(p_delta + offs_m, mask=m_row, other=0.0)
+
+
+@triton.jit
+def _load_kv_t(p_k, p_v, offs_n, offs_d, offs_dv, Lk, D, Dv, stride_kn, stride_vn):
+    """K^T [BLOCK_D, BLOCK_N] and V^T [BLOCK_DV, BLOCK_N] of keys offs_n (0 past Lk)."""
+    m_key = offs_n < Lk
+    kT = tl.load(p_k + offs_n[None, :] * stride_kn + offs_d[:, None], mask=m_key[None, :] & (offs_d[:, None] < D),
+                 other=0.0)
+    vT = tl.load(p_v + offs_n[None, :] * stride_vn + offs_dv[:, None], mask=m_key[None, :] & (offs_dv[:, None] < Dv),
+                 other=0.0)
+    return kT, vT
+
+
+@triton.jit
 def _dmask_tile(acc, q, do, lse2, delta, kT, vT, p_mask, offs_m, offs_n, Lq, Lk, stride_mi, stride_mj, qk_scale,
                 causal_off, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr):
     """acc + dS of one (query tile, key tile), computed exactly as in _dq_tiles (0 where masked)."""
@@ -511,47 +535,28 @@ def _attn_bwd_dmask(Q, K, V, DO, LSE, DELTA, MASK, DMASK,
                 # one key tile against every query tile: K, V loaded once per head
                 offs_n = n_lo + tl.arange(0, BLOCK_N)
                 m_key = offs_n < Lk
-                kT = tl.load(p_k + offs_n[None, :] * stride_kn + offs_d[:, None],
-                             mask=m_key[None, :] & (offs_d[:, None] < D), other=0.0)     # [BLOCK_D, BLOCK_N]
-                vT = tl.load(p_v + offs_n[None, :] * stride_vn + offs_dv[:, None],
-                             mask=m_key[None, :] & (offs_dv[:, None] < Dv), other=0.0)   # [BLOCK_DV, BLOCK_N]
+                kT, vT = _load_kv_t(p_k, p_v, offs_n, offs_d, offs_dv, Lk, D, Dv, stride_kn, stride_vn)
                 m_start = m_lo
                 if CAUSAL:  # query tiles wholly above this key tile's diagonal see none of its keys
                     m_start = (tl.maximum(n_lo - causal_off, 0) // BLOCK_M) * BLOCK_M
                 for start_m in range(m_start, m_hi, BLOCK_M):
                     offs_m = start_m + tl.arange(0, BLOCK_M)
-                    m_row = offs_m < Lq
-                    q = tl.load(p_q + offs_m[:, None] * stride_qm + offs_d[None, :],
-                                mask=m_row[:, None] & (offs_d[None, :] < D), other=0.0)
-                    do = tl.load(p_do + offs_m[:, None] * stride_dom + offs_dv[None, :],
-                                 mask=m_row[:, None] & (offs_dv[None, :] < Dv), other=0.0)
-                    lse = tl.load(LSE + row0 + offs_m, mask=m_row, other=float("-inf"))
-                    lse2 = tl.where(lse == float("-inf"), float("inf"), lse)
-                    delta = tl.load(DELTA + row0 + offs_m, mask=m_row, other=0.0)
+                    q, do, lse2, delta = _load_rows(p_q, p_do, LSE + row0, DELTA + row0, offs_m, offs_d, offs_dv,
+                                                    Lq, D, Dv, stride_qm, stride_dom)
                     acc = _dmask_tile(acc, q, do, lse2, delta, kT, vT, p_mask, offs_m, offs_n, Lq, Lk,
                                       stride_mi, stride_mj, qk_scale, causal_off, CAUSAL, DOT_PREC)
             else:
                 for start_m in range(m_lo, m_hi, BLOCK_M):
                     offs_m = start_m + tl.arange(0, BLOCK_M)
-                    m_row = offs_m < Lq
-                    q = tl.load(p_q + offs_m[:, None] * stride_qm + offs_d[None, :],
-                                mask=m_row[:, None] & (offs_d[None, :] < D), other=0.0)
-                    do = tl.load(p_do + offs_m[:, None] * stride_dom + offs_dv[None, :],
-                                 mask=m_row[:, None] & (offs_dv[None, :] < Dv), other=0.0)
-                    lse = tl.load(LSE + row0 + offs_m, mask=m_row, other=float("-inf"))
-                    lse2 = tl.where(lse == float("-inf"), float("inf"), lse)  # empty row -> P = 0
-                    delta = tl.load(DELTA + row0 + offs_m, mask=m_row, other=0.0)
+                    q, do, lse2, delta = _load_rows(p_q, p_do, LSE + row0, DELTA + row0, offs_m, offs_d, offs_dv,
+                                                    Lq, D, Dv, stride_qm, stride_dom)
                     n_end = n_hi
                     if CAUSAL:  # key tiles past the diagonal are skipped (dS = 0 there)
                         _, hi = _causal_bounds_q(start_m, Lk, causal_off, BLOCK_M, BLOCK_N)
                         n_end = tl.minimum(n_hi, hi)
                     for start_n in range(n_lo, n_end, BLOCK_N):
                         offs_n = start_n + tl.arange(0, BLOCK_N)
-                        m_key = offs_n < Lk
-                        kT = tl.load(p_k + offs_n[None, :] * stride_kn + offs_d[:, None],
-                                     mask=m_key[None, :] & (offs_d[:, None] < D), other=0.0)
-                        vT = tl.load(p_v + offs_n[None, :] * stride_vn + offs_dv[:, None],
-                                     mask=m_key[None, :] & (offs_dv[:, None] < Dv), other=0.0)
+                        kT, vT = _load_kv_t(p_k, p_v, offs_n, offs_d, offs_dv, Lk, D, Dv, stride_kn, stride_vn)
                         acc = _dmask_tile(acc, q, do, lse2, delta, kT, vT, p_mask, offs_m, offs_n, Lq, Lk,
                                           stride_mi, stride_mj, qk_scale, causal_off, CAUSAL, DOT_PREC)
 
