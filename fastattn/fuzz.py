@@ -212,23 +212,28 @@ def _run_attention(case: AttentionFuzz, dtype, device, backend, rounded_to=None)
     if case.lse_grad:
         outputs.append(lse)
         grads.append(view["dlse"].to(lse.dtype))
-    wants_grad = [n for n, i in case.inputs.items() if i.grad]
     if out.requires_grad or lse.requires_grad:
         torch.autograd.backward([o for o in outputs if o.requires_grad], [d for o, d in zip(outputs, grads)
                                                                            if o.requires_grad])
-    res = {"out": out.detach(), "lse": lse.detach()}
-    for n in wants_grad:
-        g = leaves[n].grad
-        res["d" + n] = g if g is not None else torch.zeros_like(leaves[n])
-    return res
+    return {"out": out.detach(), "lse": lse.detach(), **_grads(case.inputs, leaves)}
+
+
+def _grads(inputs, leaves):
+    """{"d<name>": gradient} of every input whose gradient is checked (zeros where none arrived)."""
+    return {"d" + n: leaves[n].grad if leaves[n].grad is not None else torch.zeros_like(leaves[n])
+            for n, i in inputs.items() if i.grad}
+
+
+def _check(run, case, backend, device, factor):
+    """The backend, the reference in the case's dtype and in float64 (on the same inputs), by SPEC §4."""
+    got = run(case, case.dtype, device, backend)
+    lowp = run(case, case.dtype, device, "reference")
+    truth = run(case, torch.float64, device, "reference", rounded_to=case.dtype)
+    return [testing.compare(n, got[n], lowp[n], truth[n], case.dtype, factor(n)) for n in truth]
 
 
 def check_attention(case: AttentionFuzz, backend, device="cpu"):
-    got = _run_attention(case, case.dtype, device, backend)
-    lowp = _run_attention(case, case.dtype, device, "reference")
-    truth = _run_attention(case, torch.float64, device, "reference", rounded_to=case.dtype)
-    return [testing.compare(n, got[n], lowp[n], truth[n], case.dtype, 2 if n in ("out", "lse") else 3)
-            for n in truth]
+    return _check(_run_attention, case, backend, device, lambda n: 2 if n in ("out", "lse") else 3)
 
 
 # ---------------------------------------------------------------------------------- softmax gates
@@ -320,19 +325,11 @@ def _run_gate(case: GateFuzz, dtype, device, backend, rounded_to=None):
         grads.append(view["dalpha"].to(alpha.dtype))
     if y.requires_grad:
         torch.autograd.backward(outputs, grads)
-    res = {"y": y.detach(), "alpha": alpha.detach()}
-    for n, i in case.inputs.items():
-        if i.grad:
-            g = leaves[n].grad
-            res["d" + n] = g if g is not None else torch.zeros_like(leaves[n])
-    return res
+    return {"y": y.detach(), "alpha": alpha.detach(), **_grads(case.inputs, leaves)}
 
 
 def check_gate(case: GateFuzz, backend, device="cpu"):
-    got = _run_gate(case, case.dtype, device, backend)
-    lowp = _run_gate(case, case.dtype, device, "reference")
-    truth = _run_gate(case, torch.float64, device, "reference", rounded_to=case.dtype)
-    return [testing.compare(n, got[n], lowp[n], truth[n], case.dtype, 2) for n in truth]
+    return _check(_run_gate, case, backend, device, lambda n: 2)
 
 
 def run(op, seed, backend, dtypes, device="cpu", **limits):
