@@ -10,7 +10,6 @@ import math
 import numbers
 
 import torch
-import torch.nn.attention.bias
 from torch.fx.experimental import symbolic_shapes
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
@@ -213,7 +212,7 @@ def sdpa_inputs(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa):
         torch.broadcast_shapes(*lead)
     except RuntimeError as e:
         raise RuntimeError(f"query, key and value batch dims do not broadcast: {e}") from None
-    if attn_mask is not None and not isinstance(attn_mask, torch.nn.attention.bias.CausalBias):
+    if attn_mask is not None:
         scores = (*torch.broadcast_shapes(*lead), Hq, query.shape[-2], key.shape[-2])
         if attn_mask.dim() > len(scores):
             raise RuntimeError(f"attn_mask: expected at most {len(scores)} dims broadcastable to the scores "

@@ -87,13 +87,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     masks), errors (torch's exception types and messages), and results (rows with no allowed key
     give 0, as SDPA; zero-size dims give SDPA's shapes and values).
     """
-    if isinstance(attn_mask, CausalBias):
-        if is_causal:
-            raise ValueError("CausalBias should not be used with causal=True")
+    attn_mask, causal = _causal_bias(attn_mask, bool(is_causal))  # first, as torch's CausalBias dispatch
     _checks.sdpa_inputs(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
-    causal = bool(is_causal)
-    if isinstance(attn_mask, CausalBias):
-        attn_mask, causal = _causal_bias(attn_mask, False)
 
     def heads(t):
         return t.shape[-3] if t.dim() >= 3 else 1

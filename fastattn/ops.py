@@ -49,12 +49,14 @@ def has_out_acc(dtype):
     return dtype in (torch.float16, torch.bfloat16)
 
 
-def register_attention(fwd: str, bwd: str, *, fake: bool = True):
+def register_attention(fwd: str, bwd: str, *, fake: bool = True, acc_devices=("cpu", "cuda")):
     """Fake implementations and autograd for an attention op pair with the schemas of
-    csrc/fastattn.cpp (``fwd`` -> (out, lse), ``bwd`` -> (dq, dk, dv, dmask, dgate)). Every backend
-    that defines such a pair (C++ here; Triton in fastattn.triton_kernels) registers it this way.
-    ``fake=False`` skips the fake implementations (torch.library.triton_op makes its own)."""
+    csrc/fastattn.cpp (``fwd`` -> (out, lse, out_acc), ``bwd`` -> (dq, dk, dv, dmask, dgate)). Every
+    backend that defines such a pair (C++ here; Triton in fastattn.triton_kernels) registers it this way.
+    ``fake=False`` skips the fake implementations (torch.library.triton_op makes its own);
+    ``acc_devices``: the device types on which the kernels return out_acc (elsewhere it is empty)."""
     bwd_op = lambda: getattr(torch.ops.fastattn, bwd.split("::")[1])
+    with_acc = lambda q: has_out_acc(q.dtype) and q.device.type in acc_devices
 
     if fake:
         @torch.library.register_fake(fwd)
@@ -62,7 +64,7 @@ def register_attention(fwd: str, bwd: str, *, fake: bool = True):
             B, Hq, Lq, _ = q.shape
             out = q.new_empty((B, Hq, Lq, v.shape[-1]))
             lse = q.new_empty((B, Hq, Lq), dtype=_stat_dtype(q.dtype))
-            out_acc = q.new_empty((B, Hq, Lq, v.shape[-1]), dtype=torch.float32) if has_out_acc(q.dtype) else _empty(q)
+            out_acc = q.new_empty((B, Hq, Lq, v.shape[-1]), dtype=torch.float32) if with_acc(q) else _empty(q)
             return out, lse, out_acc
 
         @torch.library.register_fake(bwd)
@@ -76,7 +78,7 @@ def register_attention(fwd: str, bwd: str, *, fake: bool = True):
         out, lse, out_acc = output
         # delta = rowsum(dout * out) is taken from the unrounded output where there is one: the rounded
         # one breaks rowsum(dS) = 0, and with it exact zeros of dq (saturated rows, repeated keys)
-        ctx.save_for_backward(q, k, v, out_acc if has_out_acc(q.dtype) else out, lse, mask, gate)
+        ctx.save_for_backward(q, k, v, out_acc if with_acc(q) else out, lse, mask, gate)
         ctx.scale, ctx.causal = scale, causal
         ctx.need_dmask = mask is not None and mask.is_floating_point() and ctx.needs_input_grad[3]
 
@@ -143,5 +145,6 @@ def register_softmax_gates(prefix: str = "", *, fake: bool = True):
 
 
 if _C is not None:
-    register_attention("fastattn::attention_fwd", "fastattn::attention_bwd")
+    # csrc/cuda's kernels do not store their float32 accumulator yet: no out_acc there
+    register_attention("fastattn::attention_fwd", "fastattn::attention_bwd", acc_devices=("cpu",))
     register_softmax_gates()

@@ -426,8 +426,6 @@ inline T nan_max(T a, T b) { return std::isnan(b) ? b : std::max(a, b); }
 
 // x[i] = 2^(x[i] - shift); returns sum_i x[i]. shift must be finite, or NaN (a row that a NaN
 // reached): then every x[i] becomes NaN except masked ones (-inf), which stay exactly 0.
-inline float exp2_shift_sum(float* x, int64_t n, float shift);
-inline double exp2_shift_sum(double* x, int64_t n, double shift);
 template <typename T>
 inline T exp2_nan_row(T* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] = x[i] == -std::numeric_limits<T>::infinity() ? T(-0.0) : std::numeric_limits<T>::quiet_NaN();

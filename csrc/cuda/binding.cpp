@@ -143,15 +143,14 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Tensor& q_in, const Tenso
   describe_attention(p, op, q, k, v, mask, gate, scale, causal);
   Tensor out = at::empty({p.B, p.Hq, p.Lq, p.D}, q.options());
   Tensor lse = at::empty({p.B, p.Hq, p.Lq}, q.options().dtype(at::kFloat));
-  if (out.numel() == 0) return {out, lse, out.to(at::kFloat)};
+  Tensor no_acc = q.new_empty({0});  // these kernels do not store their float32 accumulator (yet): out serves
+  if (out.numel() == 0) return {out, lse, no_acc};
   p.out = out.data_ptr();
   p.o_sb = out.stride(0), p.o_sh = out.stride(1), p.o_sl = out.stride(2);
   p.lse = lse.data_ptr<float>();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   C10_CUDA_CHECK(p.D == 64 ? attention_fwd_hdim64(p, stream) : attention_fwd_hdim128(p, stream));
-  // out_acc: these kernels do not yet store the float32 accumulator, so it is the rounded output widened (the
-  // contract's shape and dtype; delta then comes from the rounded output, as FlashAttention's does)
-  return {out, lse, out.to(at::kFloat)};
+  return {out, lse, no_acc};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd(
@@ -168,8 +167,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd(
   check_device(out_in, op, "out", q);
   check_device(lse_in, op, "lse", q);
   check_same_dtype(dout_in, q, op, "dout");
-  TORCH_CHECK(out_in.scalar_type() == q.scalar_type() || out_in.scalar_type() == at::kFloat, op,
-              " (cuda): out must have q's dtype or be the forward's float32 out_acc, got ", out_in.scalar_type());
+  check_same_dtype(out_in, q, op, "out");
   TORCH_CHECK(dout_in.sizes() == out_shape && out_in.sizes() == out_shape, op, " (cuda): dout and out must be ",
               at::IntArrayRef(out_shape), ", got dout ", dout_in.sizes(), ", out ", out_in.sizes());
   TORCH_CHECK(lse_in.scalar_type() == at::kFloat && lse_in.sizes() == row_shape, op,
@@ -179,7 +177,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd(
               "mask is ", p.mask_kind == kMaskBool ? "bool" : "absent");
   // The main kernel streams dO with cp.async; with a gate it reads the gated copy instead.
   const Tensor dout = p.gate ? last_dim_contiguous(dout_in) : for_cp_async(dout_in);
-  const Tensor out = last_dim_contiguous(out_in.to(q.scalar_type()));
+  const Tensor out = last_dim_contiguous(out_in);
   const Tensor lse = lse_in.contiguous();
   Tensor dlse;
   if (dlse_in.has_value() && dlse_in->defined()) {
