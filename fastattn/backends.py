@@ -121,14 +121,24 @@ class FusedBackend(Backend):
             _last_dim_contiguous(x), _last_dim_contiguous(weight), mask, scale, pool)
 
 
+# What csrc/cuda covers, on a GPU and under the CPU emulation of the tests (csrc/cuda/emu/). Strict on
+# purpose: no GPU measurement exists yet, so "auto" sends everything else to triton/reference; the
+# per-shape choice between cuda and triton awaits the first GPU benchmark round (bench/results/).
+CUDA_DTYPES = (torch.float16, torch.bfloat16)
+CUDA_HEAD_DIMS = (64, 128)
+
+
+def cuda_kernels_unsupported(p: Problem) -> str | None:
+    """Why csrc/cuda's kernels cannot run ``p`` (None when they can)."""
+    if p.dtype not in CUDA_DTYPES:
+        return f"the cuda kernels cover float16 and bfloat16, got {p.dtype}"
+    if p.op == "attention" and not (p.D == p.Dv and p.D in CUDA_HEAD_DIMS):
+        return f"the cuda attention kernels cover D == Dv in {CUDA_HEAD_DIMS}, got D={p.D}, Dv={p.Dv}"
+    return None
+
+
 class ExtensionBackend(FusedBackend):
     """Kernels compiled into fastattn._C (csrc/cpu/, csrc/cuda/), one op per device (dispatch key)."""
-
-    # What csrc/cuda/ covers. Strict on purpose: no GPU measurement exists
-    # yet, so "auto" sends everything else to triton/reference; the per-shape choice between cuda
-    # and triton awaits the first GPU benchmark round (bench/results/).
-    CUDA_DTYPES = (torch.float16, torch.bfloat16)
-    CUDA_HEAD_DIMS = (64, 128)
 
     def __init__(self, name, device_type):
         self.name, self.device_types = name, (device_type,)
@@ -151,11 +161,7 @@ class ExtensionBackend(FusedBackend):
         why = super().unsupported(p)
         if why or self.name != "cuda":
             return why
-        if p.dtype not in self.CUDA_DTYPES:
-            return f"the cuda kernels cover float16 and bfloat16, got {p.dtype}"
-        if p.op == "attention" and not (p.D == p.Dv and p.D in self.CUDA_HEAD_DIMS):
-            return f"the cuda attention kernels cover D == Dv in {self.CUDA_HEAD_DIMS}, got D={p.D}, Dv={p.Dv}"
-        return None
+        return cuda_kernels_unsupported(p)
 
 
 class TritonBackend(FusedBackend):
@@ -225,6 +231,13 @@ def backends() -> dict:
     """{name: {"available": bool, "reason": str | None, "devices": tuple}} for every backend."""
     return {n: {"available": _unavailable(n) is None, "reason": _unavailable(n), "devices": b.device_types}
             for n, b in _BACKENDS.items()}
+
+
+def register(backend: Backend) -> None:
+    """Adds a backend that lives outside this module (the tests' CUDA emulation, "cuda_emu"): it is
+    then named like any other; "auto" never picks it."""
+    _BACKENDS[backend.name] = backend
+    _AVAILABILITY.pop(backend.name, None)
 
 
 def select(backend: str, problem: Problem) -> Backend:

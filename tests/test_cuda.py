@@ -2,15 +2,13 @@
 gradient, on a CUDA device. The sweep of fastattn.testing, moved onto what the cuda kernels cover
 (float16 / bfloat16, D == Dv in {64, 128}), plus shapes that cross several tiles of both kernels
 (128-query forward tiles, 64-key backward tiles, the K/V and Q/dO double buffers) and GQA groups."""
-import dataclasses
-
 import pytest
 import torch
 
 import fastattn
 import backend_checks as bc
 from conftest import assert_all_ok, dtype_id
-from fastattn.testing import AttentionCase, attention_cases, check_attention, check_gate, gate_cases
+from fastattn.testing import check_attention, check_gate, gate_cases
 
 _CUDA = fastattn.backends()["cuda"]
 pytestmark = pytest.mark.skipif(
@@ -20,31 +18,7 @@ pytestmark = pytest.mark.skipif(
 DTYPES = [torch.float16, torch.bfloat16]
 
 
-def _covered(case: AttentionCase) -> AttentionCase:
-    D = 64 if case.D <= 64 else 128
-    return dataclasses.replace(case, D=D, Dv=None)
-
-
-def _attention_cases():
-    cases = [_covered(c) for c in attention_cases()]
-    cases += [
-        AttentionCase(B=1, Hq=2, Lq=300, Lk=517, D=128),                                   # tails of both tiles
-        AttentionCase(B=1, Hq=2, Lq=517, Lk=300, D=64, causal="bottom_right"),             # empty leading rows
-        AttentionCase(B=1, Hq=2, Lq=1023, Lk=1023, D=64, causal=True),                     # many tiles, diagonal
-        AttentionCase(B=2, Hq=8, Hkv=2, Lq=257, Lk=190, D=128, causal=True, gate="headwise"),  # GQA group 4
-        AttentionCase(B=1, Hq=4, Hkv=1, Lq=130, Lk=129, D=64, mask="float_grad", gate="elementwise"),  # MQA
-        AttentionCase(B=1, Hq=2, Lq=200, Lk=333, D=128, mask="bool", masked_rows=True, lse_grad=True),
-        AttentionCase(B=2, Hq=2, Lq=129, Lk=129, D=128, layout="blhd", mask="float_bcast", causal="bottom_right"),
-    ]
-    seen, out = set(), []
-    for c in cases:
-        if c.id not in seen:
-            seen.add(c.id)
-            out.append(c)
-    return out
-
-
-CASES = _attention_cases()
+CASES = bc.cuda_attention_cases()
 GATE_CASES = gate_cases()
 
 

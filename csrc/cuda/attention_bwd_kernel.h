@@ -149,11 +149,11 @@ __global__ void __launch_bounds__(BwdTraits<kD>::kThreads)
     for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        const bool m0 = acc_s[nt][2 * r] == -INFINITY, m1 = acc_s[nt][2 * r + 1] == -INFINITY;
-        const float p0 = m0 ? 0.f : exp2f(acc_s[nt][2 * r] - lse2[r]);
-        const float p1 = m1 ? 0.f : exp2f(acc_s[nt][2 * r + 1] - lse2[r]);
-        const float ds0 = m0 ? 0.f : p0 * (acc_dp[nt][2 * r] - delta[r]);
-        const float ds1 = m1 ? 0.f : p1 * (acc_dp[nt][2 * r + 1] - delta[r]);
+        const bool masked0 = acc_s[nt][2 * r] == -INFINITY, masked1 = acc_s[nt][2 * r + 1] == -INFINITY;
+        const float p0 = masked0 ? 0.f : exp2f(acc_s[nt][2 * r] - lse2[r]);
+        const float p1 = masked1 ? 0.f : exp2f(acc_s[nt][2 * r + 1] - lse2[r]);
+        const float ds0 = masked0 ? 0.f : p0 * (acc_dp[nt][2 * r] - delta[r]);
+        const float ds1 = masked1 ? 0.f : p1 * (acc_dp[nt][2 * r + 1] - delta[r]);
         const int sr = wm * kMmaM + g + 8 * r, sc = wn * kSCols + nt * 8 + 2 * t;  // tile coordinates
         *reinterpret_cast<uint32_t*>(sP + sr * kLdP + sc) = pack2<T>(p0, p1);
         *reinterpret_cast<uint32_t*>(sdS + sr * kLdP + sc) = pack2<T>(ds0, ds1);

@@ -6,11 +6,18 @@
 // attention: float16 / bfloat16, D == Dv in {64, 128}, sm_80+, any causal mode, bool or float mask
 // (with its gradient), gate, GQA. softmax gates: float16 / bfloat16.
 #include <ATen/ATen.h>
+#include <cuda_runtime_api.h>
+#include <torch/library.h>
+#ifdef FASTATTN_CUDA_EMU
+#include "emu/binding_emu.h"  // the CPU emulation runs this file on CPU tensors (csrc/cuda/emu/emu.h)
+#else
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <cuda_runtime_api.h>
-#include <torch/library.h>
+constexpr c10::DeviceType kKernelDevice = c10::DeviceType::CUDA;
+#define FASTATTN_CUDA_OPS(m) TORCH_LIBRARY_IMPL(fastattn, CUDA, m)
+#define FASTATTN_CUDA_OP(m, name, fn) m.impl(name, fn)
+#endif
 
 #include <cmath>
 #include <optional>
@@ -25,7 +32,8 @@ using Tensor = at::Tensor;
 using OptTensor = std::optional<at::Tensor>;
 
 void check_device(const Tensor& t, const char* op, const char* name, const Tensor& ref) {
-  TORCH_CHECK(t.is_cuda(), op, " (cuda): ", name, " must be a CUDA tensor, got ", t.device());
+  TORCH_CHECK(t.device().type() == kKernelDevice, op, " (cuda): ", name, " must be a ", c10::DeviceTypeName(kKernelDevice),
+              " tensor, got ", t.device());
   TORCH_CHECK(t.device() == ref.device(), op, " (cuda): ", name, " must be on ", ref.device(), " like the other inputs, got ",
               t.device());
 }
@@ -396,11 +404,11 @@ std::tuple<Tensor, Tensor> score_softmax_gate_bwd_cuda(const Tensor& dy, const T
 }  // namespace
 }  // namespace fastattn::cuda
 
-TORCH_LIBRARY_IMPL(fastattn, CUDA, m) {
-  m.impl("attention_fwd", &fastattn::cuda::attention_fwd);
-  m.impl("attention_bwd", &fastattn::cuda::attention_bwd);
-  m.impl("softmax_gate_fwd", &fastattn::cuda::softmax_gate_fwd_cuda);
-  m.impl("softmax_gate_bwd", &fastattn::cuda::softmax_gate_bwd_cuda);
-  m.impl("score_softmax_gate_fwd", &fastattn::cuda::score_softmax_gate_fwd_cuda);
-  m.impl("score_softmax_gate_bwd", &fastattn::cuda::score_softmax_gate_bwd_cuda);
+FASTATTN_CUDA_OPS(m) {
+  FASTATTN_CUDA_OP(m, "attention_fwd", &fastattn::cuda::attention_fwd);
+  FASTATTN_CUDA_OP(m, "attention_bwd", &fastattn::cuda::attention_bwd);
+  FASTATTN_CUDA_OP(m, "softmax_gate_fwd", &fastattn::cuda::softmax_gate_fwd_cuda);
+  FASTATTN_CUDA_OP(m, "softmax_gate_bwd", &fastattn::cuda::softmax_gate_bwd_cuda);
+  FASTATTN_CUDA_OP(m, "score_softmax_gate_fwd", &fastattn::cuda::score_softmax_gate_fwd_cuda);
+  FASTATTN_CUDA_OP(m, "score_softmax_gate_bwd", &fastattn::cuda::score_softmax_gate_bwd_cuda);
 }

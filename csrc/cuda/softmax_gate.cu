@@ -13,6 +13,7 @@
 #include <cuda_runtime.h>
 
 #include <cmath>
+#include <cstring>
 
 #include "params.h"
 #include "ptx.h"
@@ -29,7 +30,8 @@ template <typename T, int kVec>
 __device__ __forceinline__ void load_vec(const T* p, float (&v)[kVec]) {
   if constexpr (kVec == 8) {
     const uint4 raw = *reinterpret_cast<const uint4*>(p);
-    const T* e = reinterpret_cast<const T*>(&raw);
+    T e[8];  // memcpy, not a T* into raw: reading a uint4 object through another type is undefined
+    memcpy(e, &raw, sizeof(raw));
 #pragma unroll
     for (int i = 0; i < 8; ++i) v[i] = to_float(e[i]);
   } else {
@@ -40,10 +42,11 @@ __device__ __forceinline__ void load_vec(const T* p, float (&v)[kVec]) {
 template <typename T, int kVec>
 __device__ __forceinline__ void store_vec(T* p, const float (&v)[kVec]) {
   if constexpr (kVec == 8) {
-    uint4 raw;
-    T* e = reinterpret_cast<T*>(&raw);
+    T e[8];
 #pragma unroll
     for (int i = 0; i < 8; ++i) e[i] = from_float<T>(v[i]);
+    uint4 raw;
+    memcpy(&raw, e, sizeof(raw));
     *reinterpret_cast<uint4*>(p) = raw;
   } else {
 #pragma unroll

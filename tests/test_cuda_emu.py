@@ -1,0 +1,115 @@
+"""csrc/cuda's kernels, run on the CPU under the emulation (csrc/cuda/emu/emu.h), through the binding's
+own parameter filling: the CUDA backend's whole sweep against the reference (SPEC §4, forward and
+every gradient), the emulation's checks of memory, barriers and warp collectives on every case, and
+a mutation test: known bugs planted in a copy of the kernels, each of which must be caught."""
+import pytest
+import torch
+
+import backend_checks as bc
+import cuda_emu
+from conftest import assert_all_ok, dtype_id
+from fastattn.testing import AttentionCase, check_attention, check_gate, gate_cases
+
+_WHY = cuda_emu.build.requirements()
+pytestmark = pytest.mark.skipif(_WHY is not None, reason=f"the CUDA emulation cannot be built here: {_WHY}")
+
+DTYPES = [torch.float16, torch.bfloat16]
+CASES = bc.cuda_attention_cases()
+GATE_CASES = gate_cases()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def emulation():
+    if _WHY is None:
+        cuda_emu.load()
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_emulated_attention_matches_reference(case, dtype):
+    assert_all_ok(check_attention(case, dtype, backend="cuda_emu"), case.id)
+
+
+@pytest.mark.parametrize("case", GATE_CASES, ids=[c.id for c in GATE_CASES])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_emulated_softmax_gates_match_reference(case, dtype):
+    assert_all_ok(check_gate(case, dtype, backend="cuda_emu"), case.id)
+
+
+def test_fully_masked_rows_are_zero_without_nan():
+    bc.fully_masked_rows_are_zero_without_nan("cuda_emu", "cpu", torch.float16, D=64)
+
+
+def test_transposed_inputs_are_not_copied(monkeypatch):
+    bc.transposed_inputs_are_not_copied(monkeypatch, "cuda_emu", "cuda_emu_attention_fwd", "cpu", torch.float16)
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("schedule", [1, 2 + 7], ids=["reversed", "random"])
+def test_other_architectures_and_thread_orders(arch, schedule):
+    """The launches fit both architectures' limits, and no result depends on the order in which
+    threads and blocks run (a race the shadow checks missed would show here)."""
+    case = AttentionCase(B=1, Hq=4, Hkv=2, Lq=150, Lk=140, D=128, causal="bottom_right", mask="float_grad",
+                         gate="elementwise", lse_grad=True)
+    with cuda_emu.settings(arch=arch, schedule=schedule):
+        assert_all_ok(check_attention(case, torch.bfloat16, backend="cuda_emu"), case.id)
+
+
+# ------------------------------------------------------------------------------------- mutations
+# Known bugs, planted one at a time in a copy of csrc/cuda: (id, file, text, replacement). Each must
+# make the emulation fail the case below (an error of its checks, or a result outside SPEC §4).
+FWD, BWD = "attention_fwd_kernel.h", "attention_bwd_kernel.h"
+MUTATIONS = [
+    ("ldmatrix-lane-offsets-swapped", FWD,
+     "(lane & 7) + ((lane >> 4) & 1) * 8) * kLd + kk * 16 +\n                                  ((lane >> 3) & 1) * 8));",
+     "(lane & 7) + ((lane >> 3) & 1) * 8) * kLd + kk * 16 +\n                                  ((lane >> 4) & 1) * 8));"),
+    ("ldmatrix-trans-column-offset-missing", FWD,
+     "dt2 * 16 +\n                                        (lane >> 4) * 8));", "dt2 * 16));"),
+    ("quad-reduction-dropped", FWD, "const float l = quad_sum(row_l[r]);", "const float l = row_l[r];"),
+    ("causal-off-by-one", "mask.h", "(p.causal && j > i + p.causal_off)", "(p.causal && j >= i + p.causal_off)"),
+    ("cp-async-wait-late-fwd", FWD, "cp_async_wait<2>();  // V_n landed", "cp_async_wait<3>();"),
+    ("cp-async-wait-late-bwd", BWD, "cp_async_wait<0>();  // this step's Q, dO (and at step 0 K, V) landed",
+     "cp_async_wait<1>();"),
+    ("final-syncthreads-missing-fwd", FWD, "__syncthreads();  // this step's K/V buffer is free", "//"),
+    ("k-prefetch-past-the-end", FWD, "k_ptr + int64_t(n1) * p.k_sl, p.k_sl,\n                                            p.Lk - n1",
+     "k_ptr + int64_t(n1) * p.k_sl, p.k_sl,\n                                            p.Lk - n0"),
+    ("syncthreads-before-dv-dk-missing", BWD, "__syncthreads();  // sP, sdS complete", ""),
+    ("dmask-row-of-the-wrong-tile", BWD, "const int i = m0 + sr, j = n0 + sc;", "const int i = sr, j = n0 + sc;"),
+    ("dgate-sign", "attention_bwd_rows.cu", "dc * oc * (1.f - s)", "dc * oc * (1.f + s)"),
+    ("block-reduce-first-barrier-missing", "softmax_gate.cu", "__syncthreads();  // red may still be read", "//"),
+]
+MUTATION_CASE = AttentionCase(B=1, Hq=2, Hkv=1, Lq=150, Lk=140, D=64, causal="bottom_right", mask="float_grad",
+                              gate="elementwise")
+MUTATION_GATE_CASE = dict(case=[c for c in GATE_CASES if c.op == "softmax_gate" and c.N > 100][0])
+
+
+def _mutation_outcome(check):
+    """'error: ...' when the emulation's checks stop the kernel, 'wrong: ...' when the results miss
+    SPEC §4, None when the case passes."""
+    try:
+        bad = [c for c in check() if not c.ok]
+    except RuntimeError as e:
+        if "CUDA emulation" not in str(e):
+            raise
+        return "error: " + str(e).split("CUDA emulation: ", 1)[1][:300]
+    return "wrong: " + ", ".join(f"{c.name} {c.ratio:.3g}x" for c in bad) if bad else None
+
+
+def _mutation_check(file):
+    if file == "softmax_gate.cu":
+        return lambda: check_gate(MUTATION_GATE_CASE["case"], torch.float16, backend="cuda_emu")
+    return lambda: check_attention(MUTATION_CASE, torch.float16, backend="cuda_emu")
+
+
+def test_mutation_cases_pass_unmutated():
+    assert _mutation_outcome(_mutation_check(FWD)) is None
+    assert _mutation_outcome(_mutation_check("softmax_gate.cu")) is None
+
+
+@pytest.mark.parametrize("mutation", MUTATIONS, ids=[m[0] for m in MUTATIONS])
+def test_planted_bug_is_caught(mutation):
+    name, file, old, new = mutation
+    with cuda_emu.using(cuda_emu.kernels([(file, old, new)])):
+        outcome = _mutation_outcome(_mutation_check(file))
+    print(f"{name}: {outcome}")
+    assert outcome is not None, f"the emulation did not catch {name}"
