@@ -117,3 +117,25 @@ def stats(reset: bool = False) -> dict:
     out = (ctypes.c_int64 * 5)()
     lib.fastattn_emu_stats(out, int(reset))
     return dict(zip(("launches", "blocks", "threads", "switches", "collectives"), out))
+
+
+PROBE = os.path.join(REPO, "tests", "cuda_probe", "layout_probe.cu")
+PROBE_WORDS = 17
+
+
+def layout_probe(bf16: bool) -> torch.Tensor:
+    """tests/cuda_probe/layout_probe.cu under the emulation: every lane's registers, (32, 17) int32."""
+    lib = load()
+    probe = ctypes.CDLL(build.build_extra(build_dir(), PROBE))
+    probe.fastattn_layout_probe.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    lib.fastattn_emu_register_buffer.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    lib.fastattn_emu_unregister_buffer.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    out = torch.zeros(32, PROBE_WORDS, dtype=torch.int32)
+    lib.fastattn_emu_register_buffer(out.data_ptr(), out.numel() * 4, 1)
+    try:
+        err = probe.fastattn_layout_probe(int(bf16), out.data_ptr())
+    finally:
+        lib.fastattn_emu_unregister_buffer(out.data_ptr(), 1)
+    if err != 0:
+        raise RuntimeError(lib.fastattn_emu_last_error().decode())
+    return out

@@ -89,3 +89,28 @@ def test_opcheck_softmax_gates(pool):
 
 def test_torch_compile_fullgraph():
     bc.torch_compile_fullgraph("cuda", "cuda", torch.float16, dim=256)  # head dim 64: covered by the kernels
+
+
+def test_layout_probe_matches_the_emulation():
+    """tests/cuda_probe/layout_probe.cu on this GPU and under the CPU emulation (csrc/cuda/emu/): every
+    lane's ldmatrix, ldmatrix.trans and mma.sync registers agree bit for bit, so the fragment layouts
+    the emulation implements from the PTX ISA are the hardware's."""
+    import cuda_emu
+    from torch.utils.cpp_extension import load_inline
+
+    why = cuda_emu.build.requirements()
+    if why:
+        pytest.skip(f"the CUDA emulation cannot be built here: {why}")
+    gpu = load_inline(
+        "fastattn_layout_probe", functions=["probe"], with_cuda=True,
+        cuda_sources=[open(cuda_emu.PROBE).read()], extra_include_paths=[f"{cuda_emu.REPO}/csrc/cuda"],
+        cpp_sources=['extern "C" int fastattn_layout_probe(int, uint32_t*);\n'
+                     "torch::Tensor probe(bool bf16) {\n"
+                     "  auto out = torch::zeros({32, 17}, torch::dtype(torch::kInt32).device(torch::kCUDA));\n"
+                     "  TORCH_CHECK(fastattn_layout_probe(bf16, reinterpret_cast<uint32_t*>(out.data_ptr<int>())) == 0);\n"
+                     "  return out; }\n"])
+    for bf16 in (False, True):
+        hw = gpu.probe(bf16).cpu()
+        emulated = cuda_emu.layout_probe(bf16)
+        bad = (hw != emulated).nonzero().tolist()
+        assert not bad, f"{'bf16' if bf16 else 'fp16'}: (lane, word) differing: {bad[:8]}"

@@ -11,7 +11,11 @@ from conftest import assert_all_ok, dtype_id
 from fastattn.testing import AttentionCase, check_attention, check_gate, gate_cases
 
 _WHY = cuda_emu.build.requirements()
-pytestmark = pytest.mark.skipif(_WHY is not None, reason=f"the CUDA emulation cannot be built here: {_WHY}")
+if _WHY is not None:
+    _WHY = f"the CUDA emulation cannot be built here: {_WHY}"
+elif torch.cuda.is_available():  # the GPU round's minutes go to the real kernels (test_cuda.py)
+    _WHY = "a CUDA device runs these kernels for real (test_cuda.py, and its layout probe against the emulation)"
+pytestmark = pytest.mark.skipif(_WHY is not None, reason=str(_WHY))
 
 DTYPES = [torch.float16, torch.bfloat16]
 CASES = bc.cuda_attention_cases()
@@ -113,3 +117,22 @@ def test_planted_bug_is_caught(mutation):
         outcome = _mutation_outcome(_mutation_check(file))
     print(f"{name}: {outcome}")
     assert outcome is not None, f"the emulation did not catch {name}"
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp16", "bf16"])
+def test_layout_probe_multiplies(bf16):
+    """The probe that a GPU round compares with the hardware (test_cuda.py): its ldmatrix'd fragments
+    through mma give D = A B, read back in the PTX ISA's accumulator layout; a quad sum sums a quad."""
+    regs = cuda_emu.layout_probe(bf16)
+    i, j = torch.meshgrid(torch.arange(16), torch.arange(16), indexing="ij")
+    A = (i * 16 + j).double()
+    B = ((i * 7 + j * 3) % 17 - 8).double()[:8].T  # the probe stores B^T [n][k]
+    d = regs[:, 12:16].contiguous().view(torch.float32)
+    D = torch.empty(16, 8, dtype=torch.float64)
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        for e in range(4):
+            D[g + 8 * (e >= 2), 2 * t + e % 2] = float(d[lane, e])
+    assert torch.equal(D, A @ B)
+    quad = regs[:, 16].contiguous().view(torch.float32)
+    assert torch.equal(quad, torch.tensor([float(sum(range(l // 4 * 4, l // 4 * 4 + 4))) for l in range(32)]))

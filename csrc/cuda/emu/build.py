@@ -213,6 +213,27 @@ def build_kernels(out_dir: str, mutations=(), jobs: int = 2) -> str:
     return so
 
 
+def build_extra(out_dir: str, path: str) -> str:
+    """A kernel file of the tests (``path``, including csrc/cuda's headers), translated and built as a
+    shared object of its own; its extern "C" functions are then called through ctypes."""
+    inc = cuda_include()
+    text = translate(os.path.basename(path), _read(path))
+    key = _hash(repr(KERNEL_FLAGS), CXX, text, _deps(os.path.join(EMU_DIR, "prelude.h")),
+                _deps(os.path.join(CUDA_SRC, "ptx.h")))
+    so = os.path.join(out_dir, f"{os.path.basename(path).split('.')[0]}-{key}.so")
+    if os.path.exists(so):
+        return so
+    src = os.path.join(out_dir, f"{key}-{os.path.basename(path)}")
+    _write_if_changed(src, text)
+    obj = src[:-3] + ".o"
+    _run([CXX, *KERNEL_FLAGS, "-include", os.path.join(EMU_DIR, "prelude.h"), "-I", CUDA_SRC, "-I", EMU_DIR,
+          "-I", inc, "-x", "c++", "-c", src, "-o", obj])
+    tmp = so + f".tmp{os.getpid()}"
+    _run([CXX, "-shared", "-Wl,-Bsymbolic", "-o", tmp, obj])
+    os.replace(tmp, so)
+    return so
+
+
 def _compile_all(jobs_list, jobs):
     todo = [(o, cmd) for o, cmd in jobs_list if not os.path.exists(o)]
 

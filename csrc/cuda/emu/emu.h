@@ -93,6 +93,9 @@ int fastattn_emu_set_schedule(int schedule);
 // The kernels' shared object to run (a build of csrc/cuda/*.cu, or of a mutated copy). Returns 0 on
 // success, else -1 (fastattn_emu_last_error says why).
 int fastattn_emu_use_kernels(const char* path);
+// Global memory for kernels called directly (the tests' probes): see register_buffer.
+void fastattn_emu_register_buffer(void* p, size_t bytes, int writable);
+void fastattn_emu_unregister_buffer(void* p, int writable);
 // The message of the last failed launch or call ("" when none).
 const char* fastattn_emu_last_error();
 // Counters since the last reset: launches, blocks, threads, context switches, warp collectives.

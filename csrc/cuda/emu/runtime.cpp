@@ -204,9 +204,9 @@ const Range* find_range(const std::vector<Range>& list, size_t& hint, uintptr_t 
   return nullptr;
 }
 
-void check_global(uintptr_t p, size_t n, bool write, const char* what) {
+void check_global(uintptr_t p, size_t n, size_t align, bool write, const char* what) {
   Emu& e = emu();
-  if (p % (n >= 16 ? 16 : n) != 0)
+  if (p % align != 0)
     fail("misaligned global %s of %zu bytes at %p (%s)", write ? "store" : "load", n, (void*)p, what);
   // an input may also be an allocation of an earlier call (a forward's output in the backward): read-only wins
   if (find_range(e.inputs, e.input_hint, p, n) != nullptr) {
@@ -250,20 +250,22 @@ void check_shared(size_t off, size_t n, size_t align, int tid, bool write, const
   for (size_t i = 0; i < n; ++i) shared_byte(off + i, tid, write, what);
 }
 
-void access(const void* a, size_t n, bool write) {
+// `align`: what the access needs (its size for the plain hooks; 1 for the unaligned ones, which the
+// compiler emits where it cannot prove alignment, as for a memcpy that nvcc would split by alignment).
+void access(const void* a, size_t n, bool write, size_t align) {
   Emu& e = emu();
   Thread* t = e.cur;
   if (t == nullptr) return;  // the kernel files' host code (launch set-up)
   const uintptr_t p = reinterpret_cast<uintptr_t>(a);
   const uintptr_t smem = reinterpret_cast<uintptr_t>(e.smem);
   if (p - smem < kSmemCapacity) {
-    check_shared(p - smem, n, n >= 16 ? 16 : n, t->index, write, write ? "store" : "load");
+    check_shared(p - smem, n, align, t->index, write, write ? "store" : "load");
     return;
   }
   const uintptr_t stacks = reinterpret_cast<uintptr_t>(e.stacks);
   if (p - stacks < kMaxThreads * (kStackBytes + kGuardBytes)) return;  // the threads' registers and locals
   if (p - e.host_stack_lo < e.host_stack_hi - e.host_stack_lo) return;  // the kernel's arguments
-  check_global(p, n, write, write ? "store" : "load");
+  check_global(p, n, align, write, write ? "store" : "load");
 }
 
 // ------------------------------------------------------------------------------------ scheduling
@@ -589,7 +591,7 @@ unsigned shfl_xor(unsigned mask, unsigned v, int lane_mask, int width) {
 
 float atomic_add(float* address, float v) {
   current("atomicAdd");
-  check_global(reinterpret_cast<uintptr_t>(address), 4, true, "atomicAdd");
+  check_global(reinterpret_cast<uintptr_t>(address), 4, 4, true, "atomicAdd");
   const float old = *address;  // threads never run at the same time: a plain add is atomic here
   *address = old + v;
   return old;
@@ -611,7 +613,7 @@ void cp_async(uint32_t dst, const void* src, int cp_size, int src_size) {
   if (src_size > 0) {
     if (reinterpret_cast<uintptr_t>(src) % uintptr_t(cp_size) != 0)
       fail("cp.async: source %p not aligned to its cp-size %d", src, cp_size);
-    check_global(reinterpret_cast<uintptr_t>(src), size_t(src_size), false, "cp.async source");
+    check_global(reinterpret_cast<uintptr_t>(src), size_t(src_size), 1, false, "cp.async source");
   }
   t.open.push_back({dst, static_cast<const unsigned char*>(src), cp_size, src_size});
 }
@@ -784,13 +786,13 @@ void __tsan_func_entry(void*) {}
 void __tsan_func_exit() {}
 void __tsan_vptr_update(void**, void*) {}
 void __tsan_vptr_read(void**) {}
-void __tsan_read_range(void* a, size_t n) { fastattn_emu::access(a, n, false); }
-void __tsan_write_range(void* a, size_t n) { fastattn_emu::access(a, n, true); }
-#define FASTATTN_EMU_TSAN_HOOKS(N)                                                  \
-  void __tsan_read##N(void* a) { fastattn_emu::access(a, N, false); }              \
-  void __tsan_write##N(void* a) { fastattn_emu::access(a, N, true); }              \
-  void __tsan_unaligned_read##N(void* a) { fastattn_emu::access(a, N, false); }    \
-  void __tsan_unaligned_write##N(void* a) { fastattn_emu::access(a, N, true); }
+void __tsan_read_range(void* a, size_t n) { fastattn_emu::access(a, n, false, 1); }
+void __tsan_write_range(void* a, size_t n) { fastattn_emu::access(a, n, true, 1); }
+#define FASTATTN_EMU_TSAN_HOOKS(N)                                                   \
+  void __tsan_read##N(void* a) { fastattn_emu::access(a, N, false, N); }            \
+  void __tsan_write##N(void* a) { fastattn_emu::access(a, N, true, N); }            \
+  void __tsan_unaligned_read##N(void* a) { fastattn_emu::access(a, N, false, 1); }  \
+  void __tsan_unaligned_write##N(void* a) { fastattn_emu::access(a, N, true, 1); }
 FASTATTN_EMU_TSAN_HOOKS(1)
 FASTATTN_EMU_TSAN_HOOKS(2)
 FASTATTN_EMU_TSAN_HOOKS(4)
@@ -870,6 +872,11 @@ int fastattn_emu_use_kernels(const char* path) {
   e.kernels_handle = h;  // builds stay loaded: a switch back must not unload code a table points into
   return 0;
 }
+
+void fastattn_emu_register_buffer(void* p, size_t bytes, int writable) {
+  fastattn_emu::register_buffer(p, bytes, writable != 0);
+}
+void fastattn_emu_unregister_buffer(void* p, int writable) { fastattn_emu::unregister_buffer(p, writable != 0); }
 
 const char* fastattn_emu_last_error() { return fastattn_emu::emu().error.c_str(); }
 
