@@ -81,6 +81,11 @@ MUTATIONS = [
     ("dmask-row-of-the-wrong-tile", BWD, "const int i = m0 + sr, j = n0 + sc;", "const int i = sr, j = n0 + sc;"),
     ("dgate-sign", "attention_bwd_rows.cu", "dc * oc * (1.f - s)", "dc * oc * (1.f + s)"),
     ("block-reduce-first-barrier-missing", "softmax_gate.cu", "__syncthreads();  // red may still be read", "//"),
+    ("barrier-in-divergent-code", "softmax_gate.cu", "if (lane == 0) red[warp] = x;",
+     "if (lane == 0) {\n    red[warp] = x;\n    __syncthreads();\n    return x;\n  }"),
+    ("dynamic-smem-attribute-missing", FWD,
+     "cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);",
+     "cudaError_t err = cudaSuccess;"),
 ]
 MUTATION_CASE = AttentionCase(B=1, Hq=2, Hkv=1, Lq=150, Lk=140, D=64, causal="bottom_right", mask="float_grad",
                               gate="elementwise")

@@ -54,6 +54,7 @@ unsigned char* dynamic_smem();
 void* static_smem(const char* key, size_t bytes, size_t align);
 
 // -- synchronisation and collectives
+// Every thread of the block must wait at the same call (its return address tells them apart).
 void syncthreads();
 float shfl_xor(unsigned mask, float v, int lane_mask, int width);
 int shfl_xor(unsigned mask, int v, int lane_mask, int width);

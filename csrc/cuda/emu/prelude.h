@@ -41,7 +41,8 @@ inline cudaError_t cudaFuncSetAttribute(T* func, cudaFuncAttribute attr, int val
   return ::cudaFuncSetAttribute(reinterpret_cast<const void*>(func), attr, value);
 }
 
-inline void __syncthreads() { ::fastattn_emu::syncthreads(); }
+// Inlined, so that the runtime sees each call site of the kernel code as its own return address.
+__attribute__((always_inline)) inline void __syncthreads() { ::fastattn_emu::syncthreads(); }
 inline float __shfl_xor_sync(unsigned mask, float v, int lane_mask, int width = 32) {
   return ::fastattn_emu::shfl_xor(mask, v, lane_mask, width);
 }

@@ -120,6 +120,7 @@ struct Launch {
   void (*thunk)(void*) = nullptr;
   void* ctx = nullptr;
   int nthreads = 0, live = 0, barrier_arrived = 0;
+  const void* barrier_site = nullptr;  // the __syncthreads the waiting threads called
   std::vector<Thread> threads;
   std::vector<WarpSync> warps;
   std::vector<std::pair<std::string, size_t>> statics;  // __shared__ declaration -> offset
@@ -573,8 +574,12 @@ void* static_smem(const char* key, size_t bytes, size_t align) {
 }
 
 void syncthreads() {
+  const void* site = __builtin_return_address(0);
   Thread& t = current("__syncthreads");
   Launch& L = *emu().launch;
+  if (L.barrier_arrived == 0) L.barrier_site = site;
+  if (site != L.barrier_site)  // a __syncthreads in code the block does not run uniformly: a hang on a GPU
+    fail("threads of the block wait at different __syncthreads (code at %p and %p)", L.barrier_site, site);
   t.state = State::kBarrier;
   if (++L.barrier_arrived == L.live) {
     release_barrier(L);  // the last thread to arrive goes on
