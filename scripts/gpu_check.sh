@@ -55,7 +55,8 @@ fi
 FASTATTN_TRITON_AUTOTUNE=0 step tests tests.log bash scripts/test.sh -q -p no:warnings
 if [ "$have_gpu" = 1 ]; then step sanitize sanitize.log bash scripts/cuda_sanitize.sh; else skip sanitize; fi
 step check check.log "$py" -m fastattn check $quick
-gpu=$("$py" -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))" 2>/dev/null || echo gpu)
+gpu=cpu-rehearsal
+[ "$have_gpu" = 1 ] && gpu=$("$py" -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))")
 json="$OUT/bench-$(date +%Y-%m-%d)-$gpu.json"
 step bench bench.log "$py" -m fastattn bench $quick --out "$json" --plot "$OUT/bench-$gpu.png"
 
