@@ -47,12 +47,12 @@ if [ "${status[build]}" != 0 ]; then  # the CUDA sources broke the build: keep t
 fi
 # the hardware's fragments against the emulation's first: a mismatch there voids the emulated results
 if [ "$have_gpu" = 1 ]; then
-  step layout layout.log bash scripts/test.sh -q -p no:warnings test_cuda.py -k layout_probe
+  step layout layout.log bash scripts/test.sh -p no:warnings test_cuda.py -k layout_probe
 else
   skip layout
 fi
 # one Triton config per kernel in the tests (autotuning is for the benchmark, not for correctness)
-FASTATTN_TRITON_AUTOTUNE=0 step tests tests.log bash scripts/test.sh -q -p no:warnings
+FASTATTN_TRITON_AUTOTUNE=0 step tests tests.log bash scripts/test.sh -p no:warnings
 if [ "$have_gpu" = 1 ]; then step sanitize sanitize.log bash scripts/cuda_sanitize.sh; else skip sanitize; fi
 step check check.log "$py" -m fastattn check $quick
 gpu=cpu-rehearsal
