@@ -24,6 +24,8 @@ struct CUDAStream {
 inline CUDAStream getCurrentCUDAStream() { return {}; }
 }  // namespace c10::cuda
 
+#define cudaDeviceGetAttribute ::fastattn_emu::device_get_attribute  // not CUDA's (see prelude.h)
+
 #define C10_CUDA_CHECK(EXPR)                                                                 \
   do {                                                                                       \
     const cudaError_t fastattn_emu_err = (EXPR);                                             \

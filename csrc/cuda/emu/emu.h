@@ -78,6 +78,12 @@ void unregister_buffer(const void* p, bool writable);
 // The kernels' host entry points in use (a KernelTable of host_entries.h), or nullptr.
 const void* kernel_table();
 
+// The CUDA runtime calls of the kernels and the binding (cudaFuncSetAttribute, cudaGetLastError,
+// cudaDeviceGetAttribute), under names of their own: see prelude.h.
+cudaError_t func_set_attribute(const void* func, cudaFuncAttribute attr, int value);
+cudaError_t get_last_error();
+cudaError_t device_get_attribute(int* value, cudaDeviceAttr attr, int device);
+
 // Records an error for the running launch (the launch returns cudaErrorLaunchFailure and the
 // message says what); inside a kernel thread it does not return.
 [[noreturn]] void fail(const char* fmt, ...);

@@ -35,11 +35,14 @@
 #define blockDim (::fastattn_emu::block_dim())
 #define gridDim (::fastattn_emu::grid_dim())
 
-// cuda_runtime.h's C++ overload, which it declares for nvcc only
+// The CUDA runtime calls, on the emulation's runtime. Macros, not definitions of the CUDA names: in a
+// process that has CUDA's real runtime loaded (torch's CUDA builds) those would bind to it.
 template <typename T>
-inline cudaError_t cudaFuncSetAttribute(T* func, cudaFuncAttribute attr, int value) {
-  return ::cudaFuncSetAttribute(reinterpret_cast<const void*>(func), attr, value);
+inline cudaError_t fastattn_emu_func_set_attribute(T* func, cudaFuncAttribute attr, int value) {
+  return ::fastattn_emu::func_set_attribute(reinterpret_cast<const void*>(func), attr, value);
 }
+#define cudaFuncSetAttribute fastattn_emu_func_set_attribute
+#define cudaGetLastError ::fastattn_emu::get_last_error
 
 // Inlined, so that the runtime sees each call site of the kernel code as its own return address.
 __attribute__((always_inline)) inline void __syncthreads() { ::fastattn_emu::syncthreads(); }

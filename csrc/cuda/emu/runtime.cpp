@@ -805,15 +805,20 @@ FASTATTN_EMU_TSAN_HOOKS(8)
 FASTATTN_EMU_TSAN_HOOKS(16)
 #undef FASTATTN_EMU_TSAN_HOOKS
 
+}  // extern "C"
+
 // ------------------------------------------------------------------------------------ CUDA runtime
-cudaError_t cudaFuncSetAttribute(const void* func, enum cudaFuncAttribute attr, int value) {
-  auto& e = fastattn_emu::emu();
+// Under their own names (prelude.h and binding_emu.h map the CUDA ones onto them): a process that has
+// CUDA's real runtime loaded (torch's CUDA builds) must not bind the kernels' calls to it.
+namespace fastattn_emu {
+
+cudaError_t func_set_attribute(const void* func, cudaFuncAttribute attr, int value) {
+  Emu& e = emu();
   if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaSuccess;
-  if (value < 0 || size_t(value) > fastattn_emu::smem_limit(e.arch))
-    return fastattn_emu::launch_error(
-        cudaErrorInvalidValue, fastattn_emu::format("cudaFuncSetAttribute: %d bytes of dynamic shared memory, over "
-                                                    "sm_%d's %zu",
-                                                    value, e.arch, fastattn_emu::smem_limit(e.arch)));
+  if (value < 0 || size_t(value) > smem_limit(e.arch))
+    return launch_error(cudaErrorInvalidValue,
+                        format("cudaFuncSetAttribute: %d bytes of dynamic shared memory, over sm_%d's %zu", value,
+                               e.arch, smem_limit(e.arch)));
   for (auto& a : e.max_dyn_smem)
     if (a.first == func) {
       a.second = value;
@@ -823,26 +828,24 @@ cudaError_t cudaFuncSetAttribute(const void* func, enum cudaFuncAttribute attr, 
   return cudaSuccess;
 }
 
-cudaError_t cudaGetLastError() {
-  auto& e = fastattn_emu::emu();
+cudaError_t get_last_error() {
+  Emu& e = emu();
   const cudaError_t r = e.pending;
   e.pending = cudaSuccess;
   return r;
 }
 
-cudaError_t cudaDeviceGetAttribute(int* value, enum cudaDeviceAttr attr, int) {
-  const int arch = fastattn_emu::emu().arch;
+cudaError_t device_get_attribute(int* value, cudaDeviceAttr attr, int) {
+  const int arch = emu().arch;
   if (attr == cudaDevAttrComputeCapabilityMajor) *value = arch / 10;
   else if (attr == cudaDevAttrComputeCapabilityMinor) *value = arch % 10;
   else return cudaErrorInvalidValue;
   return cudaSuccess;
 }
 
-const char* cudaGetErrorString(cudaError_t error) {
-  auto& e = fastattn_emu::emu();
-  return error == cudaSuccess ? "no error" : e.error.c_str();
-}
+}  // namespace fastattn_emu
 
+extern "C" {
 // ------------------------------------------------------------------------------------ control (emu.h)
 int fastattn_emu_set_arch(int sm) {
   auto& e = fastattn_emu::emu();
