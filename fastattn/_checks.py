@@ -18,7 +18,17 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def require(cond, error, message):
     """Raise ``error(message)`` unless ``cond``; never guards on symbolic sizes (see above)."""
-    torch._check_with(error, cond, lambda: message)
+    # Plain bools are decided here, symbolic ones go to torch._check under dynamo: torch 2.11's dynamo
+    # cannot trace torch._check_with, nor torch._check with a message closure. A deferred runtime
+    # assertion raises RuntimeError whatever the error type, so nothing is lost.
+    if cond is True:
+        return
+    if cond is False:
+        raise error(message)
+    if torch.compiler.is_dynamo_compiling():
+        torch._check(cond)
+    else:
+        torch._check_with(error, cond, lambda: message)
 
 
 def tensor(name, t, ndim=None, allow_bool=False):

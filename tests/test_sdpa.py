@@ -183,6 +183,8 @@ ZERO_SHAPES = [  # (query, key, value) shapes, keyword arguments
 
 @pytest.mark.parametrize("qs,ks,vs,kwargs", ZERO_SHAPES, ids=[f"{a}-{b}-{c}-{sorted(d)}" for a, b, c, d in ZERO_SHAPES])
 def test_zero_size_dims_as_torch(qs, ks, vs, kwargs):
+    if qs[-3] == 0 and tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) < (2, 13):
+        pytest.skip("torch's own SDPA dies of SIGFPE on zero heads before 2.13 (seen with 2.11 on a CPU)")
     kwargs = dict(kwargs)
     if kwargs.get("attn_mask") == "float":
         kwargs["attn_mask"] = torch.zeros(qs[-2], ks[-2])
