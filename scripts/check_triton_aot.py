@@ -1,0 +1,467 @@
+#!/usr/bin/env python
+"""Compiles every Triton kernel of fastattn ahead of time for sm_80 / sm_90, without a GPU or a driver,
+and fails on a kept autotune config that could not launch (shared memory per block over the target's
+limit) or that spills registers to local memory.
+
+How: the project's own launchers (triton_kernels/attention.py, softmax_gate.py) run on meta tensors with
+``wrap_triton`` replaced by a recorder, so each launch is captured with the arguments the op would pass.
+Each launch is specialised by triton's own binder (pointer and integer arguments divisible by 16 get
+``tt.divisibility``, integers equal to 1 become constants: what the runtime does); an autotuned kernel
+is expanded into the configs its ``early_config_prune`` keeps for those arguments and the target. Each
+specialisation is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``:
+shared memory comes from the compiled metadata, registers / spill stores / stack frame from the bundled
+ptxas's ``-v`` log (``knobs.nvidia.dump_ptxas_log``; neither triton 3.6 nor 3.9 puts them in the
+metadata without a driver).
+
+    python scripts/check_triton_aot.py          # CI: fp16 + bf16 and an fp32 subset, sm_80 + sm_90 (~6-9 min
+                                                #     on 2 cores); exit status 1 on any failing config
+    python scripts/check_triton_aot.py --table bench/results/triton_aot.txt   # refresh the committed table
+    python scripts/check_triton_aot.py --full   # slow job: also the plain and bool-mask variants, head dims
+                                                #     24 / 96 / 111, fp32 at every head dim
+    python scripts/check_triton_aot.py --arch 90 --dtypes fp16 --heads 72 --kernels _attn_fwd -v
+
+Default variants: attention with every option on (float mask with its gradient, elementwise gate, GQA,
+causal, lse gradient: the heaviest specialisation of each kernel), broadcast masks for the dmask kernel,
+the gates plain and with mask + pooling + alpha gradient; each at a long and a 16-row query side, so that
+both the long-sequence and the decode configs are kept.
+
+Triton's cache goes to a private temporary directory, one per compile and removed after it: every
+compile runs ptxas (whose log is the only source of register counts), and nothing accumulates.
+Works with triton 3.6 and 3.9: the binder (``create_function_from_signature``), ``JITFunction._pack_args``,
+``Autotuner.prune_configs`` and ``knobs.nvidia.dump_ptxas_log`` are in both.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import io
+import itertools
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+
+# shared memory one block may opt in to (CUDA programming guide, compute capabilities table)
+SMEM_LIMIT = {80: 166_912, 90: 232_448}
+DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+# head dims: each head block of the config tables (BLOCK_D <= 64, 128, 256), with a multiple of 16 and with
+# one that is not (rows not 16-element aligned: the runtime's divisibility attribute is lost, the kernels'
+# ALIGN hint takes over), and the small blocks 16 / 32. --full adds more, and 111 (rows not even 16-byte
+# aligned: ALIGN = 1).
+HEAD_DIMS = (16, 32, 40, 64, 72, 128, 200, 256)
+FULL_HEAD_DIMS = (16, 24, 32, 40, 64, 72, 96, 111, 128, 200, 256)
+QUICK_HEAD_DIMS = (64, 72, 256)
+# fp32 compiles: CI takes one head dim of each of the two larger blocks, --full all of them
+FP32_SUBSET_HEAD_DIMS = (72, 256)
+GATE_HEADS = 8
+
+
+# ------------------------------------------------------------------------------------------ recording
+@dataclass
+class Launch:
+    kernel: object          # triton Autotuner or JITFunction, as the launcher passed it to wrap_triton
+    args: tuple
+    kwargs: dict
+
+
+class _Recorder:
+    """Stands in for ``torch.library.wrap_triton``: ``wrap_triton(k)[grid](*args, **kw)`` records."""
+
+    def __init__(self):
+        self.launches: list[Launch] = []
+
+    def __call__(self, kernel):
+        rec = self
+
+        class _Grid:
+            def __getitem__(self, grid):
+                return lambda *args, **kwargs: rec.launches.append(Launch(kernel, args, kwargs))
+
+        return _Grid()
+
+
+@contextlib.contextmanager
+def _recording():
+    from fastattn.triton_kernels import attention, softmax_gate
+    rec = _Recorder()
+    saved = attention.wrap_triton, softmax_gate.wrap_triton
+    attention.wrap_triton = softmax_gate.wrap_triton = rec
+    try:
+        yield rec
+    finally:
+        attention.wrap_triton, softmax_gate.wrap_triton = saved
+
+
+def _attention_scenarios(dtype, D):
+    """(variant, kernels, thunk): thunk calls the attention launchers on meta tensors; kernels names the
+    kernels whose launches count (None: all). full: float mask with its gradient (full shape: dS written by
+    the dQ kernel), elementwise gate, GQA, causal bottom-right, lse gradient: the heaviest specialisation
+    of every kernel. bcast: the same with broadcast masks, (1, 1, Lq, Lk) and key padding (B, 1, 1, Lk),
+    for the dmask kernel. plain: no mask, gate or causal, one kv head per query head; bool: key-padding
+    bool mask, headwise gate, causal top-left. Long sequences keep every config with BLOCK_M > 16; a
+    16-row query side keeps the decode configs."""
+    import torch
+    from fastattn.triton_kernels import attention as A
+    mk = lambda *s, dt=dtype: torch.empty(*s, dtype=dt, device="meta")
+
+    def run(Lq, Lk, Hkv, mask_shapes, gate, causal, bool_mask=False):
+        B, Hq = 2, 4
+        q, k, v = mk(B, Hq, Lq, D), mk(B, Hkv, Lk, D), mk(B, Hkv, Lk, D)
+        g = mk(*gate) if gate else None
+        mdt = torch.bool if bool_mask else dtype
+        m0 = mk(*mask_shapes[0], dt=mdt) if mask_shapes else None
+        out, lse, out_acc = A.attention_fwd(q, k, v, m0, g, 0.125, causal)
+        o = out_acc if out_acc.numel() else out
+        dlse = mk(B, Hq, Lq, dt=torch.float32) if mask_shapes else None
+        for shape in mask_shapes or [None]:
+            m = mk(*shape, dt=mdt) if shape else None
+            A.attention_bwd(mk(B, Hq, Lq, D), q, k, v, o, lse, m, g, dlse, 0.125, causal,
+                            m is not None and not bool_mask)
+
+    for Lq, Lk in ((1024, 1024), (16, 1024)):
+        yield "full", None, lambda Lq=Lq, Lk=Lk: run(Lq, Lk, 2, [(2, 4, Lq, Lk)], (2, 4, Lq, D), 2)
+        yield "bcast", {"_attn_bwd_dmask"}, lambda Lq=Lq, Lk=Lk: run(Lq, Lk, 2, [(1, 1, Lq, Lk), (2, 1, 1, Lk)],
+                                                                    (2, 4, Lq, D), 2)
+        yield "plain", None, lambda Lq=Lq, Lk=Lk: run(Lq, Lk, 4, None, None, 0)
+        yield "bool", None, lambda Lq=Lq, Lk=Lk: run(Lq, Lk, 4, [(2, 1, 1, Lk)], (2, 4, Lq, 1), 1, bool_mask=True)
+
+
+def _gate_scenarios(dtype, D):
+    """softmax_gate / score_softmax_gate forward and backward: the one-pass kernel (the largest item it
+    takes) and the two-pass kernels (long N); plain, and full: mask, pooling, an alpha gradient."""
+    import torch
+    from fastattn.triton_kernels import configs as C, softmax_gate as G
+    mk = lambda *s, dt=dtype: torch.empty(*s, dtype=dt, device="meta")
+    H = next(h for h in (GATE_HEADS, 4, 3, 2, 1) if D % h == 0)   # heads must divide D
+
+    def run(N, full):
+        x, scores, w = mk(2, N, D), mk(2, N, H), mk(H, D)
+        mask = mk(2, N, dt=torch.bool) if full else None
+        y, alpha = G.softmax_gate_fwd(scores, x, mask, full)
+        dy = mk(*y.shape)
+        dalpha = mk(2, N, H, dt=torch.float32) if full else None
+        G.softmax_gate_bwd(dy, x, alpha, dalpha, full)
+        y, alpha = G.score_softmax_gate_fwd(x, w, mask, 0.5, full)
+        G.score_softmax_gate_bwd(dy, x, w, alpha, dalpha, 0.5, full)
+
+    fused_n = C.FUSED_MAX_ELEMS // C.head_block(D)
+    for N in (fused_n, 4096):
+        yield "gate-plain", None, lambda N=N: run(N, False)
+        yield "gate-full", None, lambda N=N: run(N, True)
+
+
+# variants compiled by default; --full adds the others (their specialisations are lighter than full's)
+CI_VARIANTS = {"full", "bcast", "gate-plain", "gate-full"}
+ALL_VARIANTS = CI_VARIANTS | {"plain", "bool"}
+
+
+# --------------------------------------------------------------------------------------- specialising
+@dataclass
+class Job:
+    arch: int
+    module: str
+    name: str
+    signature: dict
+    constexprs: dict
+    attrs: dict
+    options: dict
+    config: str
+    flags: str                                     # the kernel's own constexpr switches, as launched
+    contexts: list = field(default_factory=list)   # (dtype, D, variant) that launch this compile
+
+    def key(self):
+        return (self.arch, self.module, self.name, repr(sorted(self.signature.items())),
+                repr(sorted(self.constexprs.items())), repr(sorted(self.attrs.items())),
+                repr(sorted(self.options.items())))
+
+
+def _kernel_name(kernel):
+    return getattr(kernel, "fn", kernel).__name__
+
+
+def _flags(fn, kwargs):
+    """Declared constexprs other than tiles and derived ones: True flags by name, other values as K=V."""
+    out = []
+    for p in fn.params:
+        if not p.is_constexpr or p.name.startswith("BLOCK_") or p.name in ("DOT_PREC", "ALIGN") \
+                or p.name not in kwargs:
+            continue
+        v = kwargs[p.name]
+        if v is True:
+            out.append(p.name)
+        elif v is not False:
+            out.append(f"{p.name}={v}")
+    return " ".join(out) or "-"
+
+
+def _config_label(kw, num_warps, num_stages):
+    if "BLOCK_M" in kw and "BLOCK_N" in kw:
+        tiles = f"{kw['BLOCK_M']}x{kw['BLOCK_N']}"
+    else:   # fixed-tile kernels: every tile, m64 dv128 / n64 d128 h16
+        tiles = " ".join(f"{k[6:].lower()}{v}" for k, v in sorted(kw.items()) if k.startswith("BLOCK_"))
+    return f"{tiles} w{num_warps} s{num_stages}"
+
+
+def _specialise(launch, arch, backend, binders):
+    """Jobs for one recorded launch: one per kept config of an autotuned kernel, else one."""
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import create_function_from_signature
+    kernel = launch.kernel
+    if isinstance(kernel, Autotuner):
+        # what Autotuner.run does before benchmarking: prune with the launch's own arguments
+        kernel.nargs = dict(zip(kernel.arg_names, launch.args))
+        try:
+            configs = [c.all_kwargs() for c in kernel.prune_configs(dict(launch.kwargs))]
+        finally:
+            kernel.nargs = None
+        fn = kernel.fn
+    else:
+        configs, fn = [{}], kernel
+    if fn not in binders:
+        binders[fn] = create_function_from_signature(fn.signature, fn.params, backend)
+    jobs = []
+    for cfg in configs:
+        kwargs = {**launch.kwargs, **cfg}
+        bound, spec, options = binders[fn](*launch.args, **kwargs)
+        opts, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, options)
+        opts = dict(opts.__dict__)
+        tiles = {k: v for k, v in kwargs.items() if k.startswith("BLOCK_")}
+        jobs.append(Job(arch, fn.fn.__module__, fn.__name__, signature, constexprs, attrs, opts,
+                        _config_label(tiles, opts["num_warps"], opts["num_stages"]), _flags(fn, kwargs)))
+    return jobs
+
+
+def collect_jobs(arches, dtypes, head_dims, fp32_head_dims, variants):
+    import torch
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    jobs = {}
+    for arch in arches:
+        # the prune functions size configs for this target's shared memory (meta tensors have no device)
+        os.environ["FASTATTN_TRITON_AOT_ARCH"] = str(arch)
+        backend = make_backend(GPUTarget("cuda", arch, 32))
+        binders = {}
+        for dname in dtypes:
+            dtype = getattr(torch, DTYPES[dname])
+            for D in (fp32_head_dims if dname == "fp32" else head_dims):
+                for variant, kernels, thunk in itertools.chain(_attention_scenarios(dtype, D),
+                                                               _gate_scenarios(dtype, D)):
+                    if variant not in variants:
+                        continue
+                    with _recording() as rec:
+                        thunk()
+                    for launch in rec.launches:
+                        if kernels is not None and _kernel_name(launch.kernel) not in kernels:
+                            continue
+                        for job in _specialise(launch, arch, backend, binders):
+                            job = jobs.setdefault(job.key(), job)
+                            if (dname, D, variant) not in job.contexts:
+                                job.contexts.append((dname, D, variant))
+    return list(jobs.values())
+
+
+# ------------------------------------------------------------------------------------------- compiling
+_PTXAS_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_PTXAS_REGS = re.compile(r"Used (\d+) registers")
+
+
+def _quiet():
+    # triton 3.9 warns once per process that its fp-fusion default will change; the check compiles with
+    # the default the runtime uses
+    warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION.*")
+
+
+def _worker_init(cache_root):
+    os.environ["TRITON_CACHE_DIR"] = cache_root
+    _quiet()
+
+
+def compile_job(job: Job, cache_root: str) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.autotuner import Autotuner
+    fn = getattr(importlib.import_module(job.module), job.name)
+    if isinstance(fn, Autotuner):
+        fn = fn.fn
+    cache = tempfile.mkdtemp(dir=cache_root)
+    triton.knobs.cache.dir = cache           # a fresh cache: ptxas runs, and its log is printed
+    triton.knobs.nvidia.dump_ptxas_log = True
+    log = io.StringIO()
+    t0 = time.perf_counter()
+    res = {"error": None}
+    try:
+        with contextlib.redirect_stdout(log):
+            k = triton.compile(ASTSource(fn, job.signature, job.constexprs, job.attrs),
+                               target=GPUTarget("cuda", job.arch, 32), options=job.options)
+        res["shared"] = int(k.metadata.shared)
+        text = log.getvalue()
+        frame, regs = _PTXAS_FRAME.search(text), _PTXAS_REGS.search(text)
+        if frame is None or regs is None:
+            raise RuntimeError(f"no ptxas usage in the log: {text[-500:]!r}")
+        res.update(regs=int(regs.group(1)), stack=int(frame.group(1)), spill_stores=int(frame.group(2)),
+                   spill_loads=int(frame.group(3)))
+    except Exception as e:                   # reported as a failing row, the sweep goes on
+        res["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    res["seconds"] = time.perf_counter() - t0
+    return res
+
+
+def _cost(job):
+    """Rough compile-time order: longest first keeps every process busy to the end."""
+    fp32 = any(c[0] == "fp32" for c in job.contexts)
+    return fp32, job.name.startswith("_attn"), max(c[1] for c in job.contexts)
+
+
+# ------------------------------------------------------------------------------------------- reporting
+def _status(job, res):
+    if res["error"]:
+        return "ERROR"
+    if res["shared"] > SMEM_LIMIT[job.arch]:
+        return "OVER-SMEM"
+    if res["spill_stores"] or res["stack"]:
+        return "SPILL"
+    return "ok"
+
+
+def _row_context(job):
+    dname, D, variant = job.contexts[0]
+    Ds = sorted({c[1] for c in job.contexts if c[0] == dname})
+    return dname, ",".join(map(str, Ds)), "+".join(sorted({c[2] for c in job.contexts}))
+
+
+def format_table(results):
+    header = ("arch", "kernel", "dtype", "D", "variant", "config", "flags", "shared_B", "regs", "spill_st", "stack",
+              "status")
+    rows = []
+    for job, res in results:
+        dname, Ds, variants = _row_context(job)
+        err = res["error"] is not None
+        rows.append((f"sm_{job.arch}", job.name, dname, Ds, variants, job.config, job.flags,
+                     "-" if err else str(res["shared"]), "-" if err else str(res["regs"]),
+                     "-" if err else str(res["spill_stores"]), "-" if err else str(res["stack"]),
+                     _status(job, res)))
+    order = {"fp16": 0, "bf16": 1, "fp32": 2}
+    rows.sort(key=lambda r: (r[0], r[1], order.get(r[2], 9), int(r[3].split(",")[0]), r[4], r[5], r[6]))
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def toolchain(arches):
+    """triton's version and the ptxas release it runs per arch (3.9 runs a newer ptxas for sm_90)."""
+    import triton
+    from triton.backends.nvidia.compiler import get_ptxas_version
+    parts = [f"triton {triton.__version__}"]
+    for arch in arches:
+        m = re.search(r"release (\S+),", get_ptxas_version(arch))
+        parts.append(f"ptxas {m.group(1) if m else '?'} for sm_{arch}")
+    return ", ".join(parts)
+
+
+def summary(results, arches):
+    lines = []
+    for arch in arches:
+        rs = [(j, r) for j, r in results if j.arch == arch]
+        st = [_status(j, r) for j, r in rs]
+        lines.append(f"sm_{arch}: {len(rs)} compiles, {st.count('OVER-SMEM')} over the shared-memory limit "
+                     f"({SMEM_LIMIT[arch]} B), {st.count('SPILL')} spilling (not over the limit), "
+                     f"{st.count('ERROR')} failed to compile")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", default="80,90", help="compute capabilities, comma-separated (80, 90)")
+    ap.add_argument("--dtypes", default="fp16,bf16,fp32",
+                    help="fp16, bf16, fp32 (fp32 over the head dims of --fp32-heads)")
+    ap.add_argument("--heads", help=f"head dims (default {','.join(map(str, HEAD_DIMS))})")
+    ap.add_argument("--fp32-heads", help=f"fp32 head dims (default {','.join(map(str, FP32_SUBSET_HEAD_DIMS))}; "
+                                         "--full: those of --heads)")
+    ap.add_argument("--full", action="store_true", help="every variant (plain, bool mask too), more head dims, fp32 at each")
+    ap.add_argument("--quick", action="store_true", help=f"head dims {','.join(map(str, QUICK_HEAD_DIMS))} only")
+    ap.add_argument("--kernels", help="only kernels whose name contains one of these (comma-separated)")
+    ap.add_argument("-j", "--jobs", type=int, default=len(os.sched_getaffinity(0)), help="compile processes")
+    ap.add_argument("--table", help="also write the table (and the summary) to this file")
+    ap.add_argument("--list", action="store_true", help="list the compiles, do not run them")
+    ap.add_argument("-v", "--verbose", action="store_true", help="a line per compile, with its time")
+    args = ap.parse_args(argv)
+
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        sys.exit("check_triton_aot: unset TRITON_INTERPRET (the configs under test are the GPU ones)")
+    arches = [int(a) for a in args.arch.split(",")]
+    for a in arches:
+        if a not in SMEM_LIMIT:
+            sys.exit(f"check_triton_aot: unknown arch {a} (known: {sorted(SMEM_LIMIT)})")
+    dtypes = [d for d in args.dtypes.split(",") if d]
+    heads = (tuple(int(d) for d in args.heads.split(",")) if args.heads
+             else QUICK_HEAD_DIMS if args.quick else FULL_HEAD_DIMS if args.full else HEAD_DIMS)
+    fp32_heads = (tuple(int(d) for d in args.fp32_heads.split(",")) if args.fp32_heads
+                  else heads if args.full else FP32_SUBSET_HEAD_DIMS)
+
+    _quiet()
+    cache_root = tempfile.mkdtemp(prefix="fastattn-triton-aot-")
+    os.environ["TRITON_CACHE_DIR"] = cache_root   # before triton is imported: nothing lands in ~/.triton
+    try:
+        t0 = time.perf_counter()
+        variants = ALL_VARIANTS if args.full else CI_VARIANTS
+        jobs = collect_jobs(arches, dtypes, heads, fp32_heads, variants)
+        if args.kernels:
+            pats = args.kernels.split(",")
+            jobs = [j for j in jobs if any(p in j.name for p in pats)]
+        jobs.sort(key=_cost, reverse=True)
+        print(f"check_triton_aot: {len(jobs)} compiles (arch {args.arch}, dtypes {','.join(dtypes)}, head dims "
+              f"{','.join(map(str, heads))}; fp32 {','.join(map(str, fp32_heads))}), {args.jobs} processes",
+              flush=True)
+        if args.list:
+            for j in jobs:
+                print(f"sm_{j.arch} {j.name} {j.config} {j.contexts}")
+            return 0
+        results = []
+        import multiprocessing as mp
+        with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                                 initargs=(cache_root,)) as pool:
+            futs = {pool.submit(compile_job, j, cache_root): j for j in jobs}
+            for n, f in enumerate(as_completed(futs), 1):
+                job = futs[f]
+                res = f.result()
+                results.append((job, res))
+                st = _status(job, res)
+                if st != "ok" or n % 25 == 0 or args.verbose:
+                    dname, Ds, variants = _row_context(job)
+                    print(f"  [{n}/{len(jobs)}] sm_{job.arch} {job.name} {dname} D={Ds} {job.config}: {st}"
+                          + (f" ({res['error']})" if res["error"] else "") + f" [{res['seconds']:.1f} s]", flush=True)
+        elapsed = time.perf_counter() - t0
+    finally:
+        shutil.rmtree(cache_root, ignore_errors=True)
+
+    table = format_table(results)
+    summ = summary(results, arches)
+    bad = [(j, r) for j, r in results if _status(j, r) != "ok"]
+    if bad:
+        print(f"\nFAILED: {len(bad)} kept configs cannot launch, spill or do not compile:")
+        for j, r in sorted(bad, key=lambda x: (x[0].arch, x[0].name, x[0].config)):
+            dname, Ds, variants = _row_context(j)
+            print(f"  sm_{j.arch} {j.name} {dname} D={Ds} {variants} {j.config} [{j.flags}]: {_status(j, r)} "
+                  + (r["error"] if r["error"] else
+                     f"shared {r['shared']} B (limit {SMEM_LIMIT[j.arch]}), {r['regs']} regs, "
+                     f"{r['spill_stores']} B spill stores, {r['stack']} B stack"))
+    if args.table:
+        with open(args.table, "w") as f:
+            f.write(f"# python scripts/check_triton_aot.py {' '.join(argv if argv is not None else sys.argv[1:])}\n"
+                    f"# {toolchain(arches)}\n{table}\n\n{summ}\n")
+    print("\n" + table + "\n\n" + summ + f"\n{toolchain(arches)}; {len(results)} compiles in {elapsed:.0f} s")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
