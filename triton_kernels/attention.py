@@ -61,7 +61,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
+from ._compat import wrap_triton
 
 from fastattn.ops import has_out_acc
 

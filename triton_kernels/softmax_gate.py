@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
+from ._compat import wrap_triton
 
 from . import configs as C
 from .attention import _cvt, _dot
