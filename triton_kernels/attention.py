@@ -52,6 +52,9 @@ measured yet (no GPU).
 
 Offsets: batch / head offsets are int64; offsets inside one (batch, head) slice are int32, so one
 slice of q, k, v, out (L x row stride) and one (Lq x Lk) mask slice must stay below 2^31 elements.
+Head-dim rows: when head dims and strides are multiples of 16 bytes the launchers say so (ALIGN, see
+_aligned), so head dims such as 40, 72, 200 load as 16-byte vectors like multiples of 16 do. Tiles per
+head dim and precision: configs.py.
 
 float32 inputs: tl.dot runs in exact fp32 ("ieee") by default, so results match torch's fp32 matmul;
 when ``torch.backends.cuda.matmul.allow_tf32`` is True the dots use TF32, as torch's matmuls do then.
@@ -102,6 +105,22 @@ def _cvt(x, dtype: tl.constexpr):
 
 
 # ------------------------------------------------------------------------------------------ helpers
+@triton.jit
+def _aligned(x, ALIGN: tl.constexpr):
+    """x, which the launcher checked is a multiple of ALIGN, in a form the compiler can see is one. The
+    runtime marks only multiples of 16 elements; ALIGN = 16 bytes of elements (8 half, 4 float) extends
+    that to head dims such as 40, 72 or 200, so their rows still load as 16-byte vectors, and K / V / Q
+    tiles are staged in shared memory by cp.async instead of in registers (which spills). The // and *
+    by a power of two are two shifts; tl.multiple_of on a kernel argument does not reach triton 3.9's
+    alignment analysis."""
+    return x // ALIGN * ALIGN
+
+
+@triton.jit
+def _aligned3(a, b, c, ALIGN: tl.constexpr):
+    return _aligned(a, ALIGN), _aligned(b, ALIGN), _aligned(c, ALIGN)
+
+
 @triton.jit
 def _mask_scores(s, p_mask, i2, j2, Lq, Lk, stride_mi, stride_mj, causal_off,
                  MASK_KIND: tl.constexpr, CAUSAL_TILE: tl.constexpr):
@@ -170,14 +189,20 @@ def _attn_fwd(Q, K, V, MASK, GATE, OUT, LSE, OUT_ACC,
               Hq, GROUP, Lq, Lk, D, Dv, qk_scale, causal_off, LQ_KEY, LK_KEY,
               MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_GATE: tl.constexpr, STORE_ACC: tl.constexpr,
               SPLIT_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    D, Dv = _aligned(D, ALIGN), _aligned(Dv, ALIGN)
+    stride_qb, stride_qh, stride_qm = _aligned3(stride_qb, stride_qh, stride_qm, ALIGN)
+    stride_kb, stride_kh, stride_kn = _aligned3(stride_kb, stride_kh, stride_kn, ALIGN)
+    stride_vb, stride_vh, stride_vn = _aligned3(stride_vb, stride_vh, stride_vn, ALIGN)
     pid_m = tl.program_id(0)
     if CAUSAL:  # heaviest query tiles (most keys) first: better tail balance
         pid_m = tl.num_programs(0) - 1 - pid_m
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hq).to(tl.int64)
     h = (pid_bh % Hq).to(tl.int64)
-    hk = h // GROUP                                   # GQA / MQA: kv head shared by GROUP query heads
+    # GQA / MQA: kv head shared by GROUP query heads (divided in 32 bits: a 64-bit division is a call
+    # into ptxas's runtime, with a stack frame)
+    hk = ((pid_bh % Hq) // GROUP).to(tl.int64)
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -230,7 +255,9 @@ def _attn_bwd_prep(OUT, DOUT, GATE, DLSE, LSE, DELTA, DO_GATED, DGATE,
                    stride_db, stride_dh, stride_dm, stride_gb, stride_gh, stride_gi, stride_gc,
                    Hq, Lq, Dv,
                    HAS_GATE: tl.constexpr, HAS_DLSE: tl.constexpr, ROUNDED_DO: tl.constexpr,
-                   HEADWISE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+                   HEADWISE: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+    Dv = _aligned(Dv, ALIGN)
+    stride_db, stride_dh, stride_dm = _aligned3(stride_db, stride_dh, stride_dm, ALIGN)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hq).to(tl.int64)
@@ -276,12 +303,26 @@ def _attn_bwd_prep(OUT, DOUT, GATE, DLSE, LSE, DELTA, DO_GATED, DGATE,
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, p_q, p_do, p_lse, p_delta, p_mask, offs_n, offs_d, offs_dv, lo, hi,
-                Lq, Lk, D, Dv, stride_qm, stride_dom, stride_mi, stride_mj, qk_scale, causal_off,
+def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, b, h0, GROUP, Hq, offs_n, offs_d, offs_dv, lo, hi,
+                Lq, Lk, D, Dv, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom,
+                stride_mb, stride_mh, stride_mi, stride_mj, qk_scale, causal_off,
                 MASK_KIND: tl.constexpr, CAUSAL_TILE: tl.constexpr, BLOCK_M: tl.constexpr,
                 DOT_PREC: tl.constexpr):
     # Transposed orientation (keys along rows): the tiles dK += dS^T Q and dV += P^T dO need no transposes.
-    for start_m in range(lo, hi, BLOCK_M):
+    # One flat loop over (query head h0 + g of the GQA group, query tile in [lo, hi)), pipelined as a whole:
+    # a loop over heads around the loop over tiles needed ~50 more registers and spilled (GQA + mask +
+    # causal, scripts/check_triton_aot.py).
+    n_m = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_M)
+    for it in range(0, GROUP * n_m):
+        g = it // n_m
+        h = h0 + g
+        start_m = lo + (it - g * n_m) * BLOCK_M
+        row0 = (b * Hq + h) * Lq
+        p_q = Q + b * stride_qb + h * stride_qh
+        p_do = DO + b * stride_dob + h * stride_doh
+        p_lse = LSE + row0
+        p_delta = DELTA + row0
+        p_mask = MASK + b * stride_mb + h * stride_mh
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_row = offs_m < Lq
         qT = tl.load(p_q + offs_m[None, :] * stride_qm + offs_d[:, None],
@@ -308,15 +349,20 @@ def _dkdv_tiles(dk, dv, k, v, p_q, p_do, p_lse, p_delta, p_mask, offs_n, offs_d,
 
 
 @triton.autotune(configs=C.BWD_DKDV_CONFIGS, key=["LQ_KEY", "LK_KEY", "BLOCK_D", "BLOCK_DV", "MASK_KIND", "CAUSAL"],
-                 prune_configs_by={"early_config_prune": C.prune_bwd})
+                 prune_configs_by={"early_config_prune": C.prune_dkdv})
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, MASK, DK, DV,
                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                    stride_dob, stride_doh, stride_dom, stride_mb, stride_mh, stride_mi, stride_mj,
                    Hq, Hkv, GROUP, Lq, Lk, D, Dv, scale, qk_scale, causal_off, LQ_KEY, LK_KEY,
                    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr,
-                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr, ALIGN: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    D, Dv = _aligned(D, ALIGN), _aligned(Dv, ALIGN)
+    stride_qb, stride_qh, stride_qm = _aligned3(stride_qb, stride_qh, stride_qm, ALIGN)
+    stride_kb, stride_kh, stride_kn = _aligned3(stride_kb, stride_kh, stride_kn, ALIGN)
+    stride_vb, stride_vh, stride_vn = _aligned3(stride_vb, stride_vh, stride_vn, ALIGN)
+    stride_dob, stride_doh, stride_dom = _aligned3(stride_dob, stride_doh, stride_dom, ALIGN)
     pid_n = tl.program_id(0)
     pid_bk = tl.program_id(1)
     b = (pid_bk // Hkv).to(tl.int64)
@@ -339,23 +385,21 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, MASK, DK, DV,
         lo = (tl.maximum(start_n - causal_off, 0) // BLOCK_M) * BLOCK_M
         mid = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - causal_off, 0), BLOCK_M) * BLOCK_M
         mid = tl.maximum(tl.minimum(mid, Lq), lo)
-    for g in range(GROUP):  # the query heads that share this kv head: dK, dV summed in registers
-        h = hk * GROUP + g
-        row0 = (b * Hq + h) * Lq
-        p_q = Q + b * stride_qb + h * stride_qh
-        p_do = DO + b * stride_dob + h * stride_doh
-        p_mask = MASK + b * stride_mb + h * stride_mh
-        if CAUSAL:
-            dk, dv = _dkdv_tiles(dk, dv, k, v, p_q, p_do, LSE + row0, DELTA + row0, p_mask, offs_n, offs_d, offs_dv,
-                                 lo, mid, Lq, Lk, D, Dv, stride_qm, stride_dom, stride_mi, stride_mj, qk_scale,
-                                 causal_off, MASK_KIND, True, BLOCK_M, DOT_PREC)
-            dk, dv = _dkdv_tiles(dk, dv, k, v, p_q, p_do, LSE + row0, DELTA + row0, p_mask, offs_n, offs_d, offs_dv,
-                                 mid, Lq, Lq, Lk, D, Dv, stride_qm, stride_dom, stride_mi, stride_mj, qk_scale,
-                                 causal_off, MASK_KIND, False, BLOCK_M, DOT_PREC)
-        else:
-            dk, dv = _dkdv_tiles(dk, dv, k, v, p_q, p_do, LSE + row0, DELTA + row0, p_mask, offs_n, offs_d, offs_dv,
-                                 0, Lq, Lq, Lk, D, Dv, stride_qm, stride_dom, stride_mi, stride_mj, qk_scale,
-                                 causal_off, MASK_KIND, False, BLOCK_M, DOT_PREC)
+    # the GROUP query heads that share this kv head: dK, dV summed in registers
+    if CAUSAL:
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, b, hk * GROUP, GROUP, Hq, offs_n, offs_d,
+                             offs_dv, lo, mid, Lq, Lk, D, Dv, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh,
+                             stride_dom, stride_mb, stride_mh, stride_mi, stride_mj, qk_scale, causal_off,
+                             MASK_KIND, True, BLOCK_M, DOT_PREC)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, b, hk * GROUP, GROUP, Hq, offs_n, offs_d,
+                             offs_dv, mid, Lq, Lq, Lk, D, Dv, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh,
+                             stride_dom, stride_mb, stride_mh, stride_mi, stride_mj, qk_scale, causal_off,
+                             MASK_KIND, False, BLOCK_M, DOT_PREC)
+    else:
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, b, hk * GROUP, GROUP, Hq, offs_n, offs_d,
+                             offs_dv, 0, Lq, Lq, Lk, D, Dv, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh,
+                             stride_dom, stride_mb, stride_mh, stride_mi, stride_mj, qk_scale, causal_off,
+                             MASK_KIND, False, BLOCK_M, DOT_PREC)
 
     kv_row0 = pid_bk.to(tl.int64) * Lk
     m_k = m_key[:, None] & (offs_d[None, :] < D)
@@ -394,22 +438,27 @@ def _dq_tiles(dq, q, do, lse2, delta, p_k, p_v, p_mask, p_dmask, offs_m, offs_d,
 
 @triton.autotune(configs=C.BWD_DQ_CONFIGS, key=["LQ_KEY", "LK_KEY", "BLOCK_D", "BLOCK_DV", "MASK_KIND", "CAUSAL",
                                                 "NEED_DMASK"],
-                 prune_configs_by={"early_config_prune": C.prune_bwd})
+                 prune_configs_by={"early_config_prune": C.prune_dq})
 @triton.jit
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, MASK, DQ, DMASK,
                  stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                  stride_dob, stride_doh, stride_dom, stride_mb, stride_mh, stride_mi, stride_mj,
                  Hq, GROUP, Lq, Lk, D, Dv, scale, qk_scale, causal_off, LQ_KEY, LK_KEY,
                  MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, NEED_DMASK: tl.constexpr,
-                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr,
+                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr, ALIGN: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    D, Dv = _aligned(D, ALIGN), _aligned(Dv, ALIGN)
+    stride_qb, stride_qh, stride_qm = _aligned3(stride_qb, stride_qh, stride_qm, ALIGN)
+    stride_kb, stride_kh, stride_kn = _aligned3(stride_kb, stride_kh, stride_kn, ALIGN)
+    stride_vb, stride_vh, stride_vn = _aligned3(stride_vb, stride_vh, stride_vn, ALIGN)
+    stride_dob, stride_doh, stride_dom = _aligned3(stride_dob, stride_doh, stride_dom, ALIGN)
     pid_m = tl.program_id(0)
     if CAUSAL:
         pid_m = tl.num_programs(0) - 1 - pid_m
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hq).to(tl.int64)
     h = (pid_bh % Hq).to(tl.int64)
-    hk = h // GROUP
+    hk = ((pid_bh % Hq) // GROUP).to(tl.int64)   # in 32 bits, as in _attn_fwd
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -484,7 +533,7 @@ def _dmask_tile(acc, q, do, lse2, delta, kT, vT, p_mask, offs_m, offs_n, Lq, Lk,
 
 @triton.autotune(configs=C.BWD_DMASK_CONFIGS, key=["LQ_KEY", "LK_KEY", "BLOCK_D", "BLOCK_DV", "CAUSAL", "BCAST_Q",
                                                    "BCAST_K"],
-                 prune_configs_by={"early_config_prune": C.prune_bwd})
+                 prune_configs_by={"early_config_prune": C.prune_dmask})
 @triton.jit
 def _attn_bwd_dmask(Q, K, V, DO, LSE, DELTA, MASK, DMASK,
                     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
@@ -492,13 +541,18 @@ def _attn_bwd_dmask(Q, K, V, DO, LSE, DELTA, MASK, DMASK,
                     stride_db, stride_dh, stride_di,
                     Hq, GROUP, Lq, Lk, D, Dv, qk_scale, causal_off, HM, LKM, NB, NH, LQ_KEY, LK_KEY,
                     CAUSAL: tl.constexpr, BCAST_Q: tl.constexpr, BCAST_K: tl.constexpr,
-                    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr,
+                    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr, ALIGN: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dL/dmask of a broadcast float mask (B', H', Lq', Lk'), contiguous in DMASK. Program (tile, b' * H' + h')
     owns rows [BLOCK_M] x keys [BLOCK_N] of the mask (one row / one key when that dim is broadcast) and sums
     dS over the NB batch items b' + [0, NB) and NH heads h' + [0, NH) that read it (NB = B when B' = 1, else
     1; NH likewise), over all query tiles when BCAST_Q (Lq' = 1 < Lq) and all key tiles when BCAST_K
     (Lk' = 1 < Lk), in one fp32 register tile, in a fixed order; one store at the end."""
+    D, Dv = _aligned(D, ALIGN), _aligned(Dv, ALIGN)
+    stride_qb, stride_qh, stride_qm = _aligned3(stride_qb, stride_qh, stride_qm, ALIGN)
+    stride_kb, stride_kh, stride_kn = _aligned3(stride_kb, stride_kh, stride_kn, ALIGN)
+    stride_vb, stride_vh, stride_vn = _aligned3(stride_vb, stride_vh, stride_vn, ALIGN)
+    stride_dob, stride_doh, stride_dom = _aligned3(stride_dob, stride_doh, stride_dom, ALIGN)
     n_tiles_k = tl.cdiv(LKM, BLOCK_N)
     pid_m = tl.program_id(0) // n_tiles_k
     pid_n = tl.program_id(0) % n_tiles_k
@@ -524,7 +578,7 @@ def _attn_bwd_dmask(Q, K, V, DO, LSE, DELTA, MASK, DMASK,
         b = (bm + bi).to(tl.int64)
         for hi_ in range(NH):
             h = (hm + hi_).to(tl.int64)
-            hk = h // GROUP                            # GQA / MQA
+            hk = ((hm + hi_) // GROUP).to(tl.int64)   # GQA / MQA, in 32 bits as in _attn_fwd
             row0 = (b * Hq + h) * Lq
             p_q = Q + b * stride_qb + h * stride_qh
             p_do = DO + b * stride_dob + h * stride_doh
@@ -584,6 +638,14 @@ def _dot_precision(dtype):
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
     return "tf32"  # float16 / bfloat16 operands: tensor cores, fp32 accumulation (the flag is moot)
+
+
+def _align(dtype, dims, *tensors):
+    """ALIGN of the kernels (see _aligned): 16 bytes of ``dtype`` elements when the head dims and every
+    stride but the last of ``tensors`` are multiples of it (a size-1 dim's stride is never used), else 1."""
+    a = 16 // dtype.itemsize
+    vals = list(dims) + [st for t in tensors for n, st in zip(t.shape[:-1], t.stride()[:-1]) if n != 1]
+    return a if all(v % a == 0 for v in vals) else 1
 
 
 def _gate_strides(gate):
@@ -653,7 +715,8 @@ def attention_fwd(q, k, v, mask, gate, scale, causal):
         C.length_key(Lq), C.length_key(Lk),
         MASK_KIND=mask_kind, CAUSAL=causal != 0, HAS_GATE=gate is not None, STORE_ACC=store_acc,
         SPLIT_P=store_acc and C.PRECISE_PV,
-        BLOCK_D=C.head_block(D), BLOCK_DV=C.head_block(Dv), DOT_PREC=_dot_precision(q.dtype))
+        BLOCK_D=C.head_block(D), BLOCK_DV=C.head_block(Dv), DOT_PREC=_dot_precision(q.dtype),
+        ALIGN=_align(q.dtype, (D, Dv), q, k, v))
     return out, lse, out_acc
 
 
@@ -681,12 +744,13 @@ def attention_bwd(dout, q, k, v, out, lse, mask, gate, dlse, scale, causal, need
         gate_t, gs = gate, _gate_strides(gate)
     else:
         do_gated, dgate, gate_t, gs = delta, q.new_empty((0,)), q, (0, 0, 0, 0)
-    wrap_triton(_attn_bwd_prep)[(triton.cdiv(Lq, C.PREP_BLOCK_M), B * Hq)](
+    prep_m = C.prep_block_m(C.head_block(Dv))
+    wrap_triton(_attn_bwd_prep)[(triton.cdiv(Lq, prep_m), B * Hq)](
         out, dout, gate_t, dlse_t, lse, delta, do_gated, dgate if gate is not None else delta,
         dout.stride(0), dout.stride(1), dout.stride(2), *gs, Hq, Lq, Dv,
         HAS_GATE=gate is not None, HAS_DLSE=dlse is not None, ROUNDED_DO=q.dtype != torch.float32,
-        HEADWISE=gate is not None and gate.shape[3] == 1 and Dv != 1,
-        BLOCK_M=C.PREP_BLOCK_M, BLOCK_DV=C.head_block(Dv))
+        HEADWISE=gate is not None and gate.shape[3] == 1 and Dv != 1, ALIGN=_align(q.dtype, (Dv,), dout),
+        BLOCK_M=prep_m, BLOCK_DV=C.head_block(Dv))
     do, ds_ = (do_gated, tuple(do_gated.stride())) if gate is not None else (dout, tuple(dout.stride()))
 
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -702,7 +766,7 @@ def attention_bwd(dout, q, k, v, out, lse, mask, gate, dlse, scale, causal, need
     else:
         dmask = torch.zeros((B, Hq, Lq, Lk), dtype=mask.dtype, device=dev)
     common = dict(MASK_KIND=mask_kind, CAUSAL=causal != 0, BLOCK_D=C.head_block(D), BLOCK_DV=C.head_block(Dv),
-                  DOT_PREC=_dot_precision(q.dtype))
+                  DOT_PREC=_dot_precision(q.dtype), ALIGN=_align(q.dtype, (D, Dv), q, k, v, do))
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), ds_[0], ds_[1], ds_[2], *ms)
     off = Lk - Lq if causal == 2 else 0

@@ -1,10 +1,12 @@
 """Tile sizes and autotune configs of fastattn's Triton kernels, in one place, each with its reason.
 
-Evidence: the GPU numbers below follow the Triton fused-attention tutorial (06-fused-attention.py) and
+Evidence: the starting points follow the Triton fused-attention tutorial (06-fused-attention.py) and
 FlashAttention-2's Triton kernels on A100/H100 (BLOCK_M 128 x BLOCK_N 64 with 8 warps for D <= 128 in
-the forward; 64 x 64 / 128 x 32 tiles in the backward). They are a starting set for the autotuner, not
-measured on our kernels yet (no GPU run so far): ``fastattn bench`` on an H100 is the next step,
-and each line should then carry what won and what lost.
+the forward). What is kept is what compiles for sm_80 and sm_90 within the shared memory of a block and
+without register spills, per head block and precision (scripts/check_triton_aot.py compiles every kept
+config without a GPU; its table is bench/results/triton_aot.txt). Speed is not measured on our kernels
+yet (no GPU run so far): ``fastattn bench`` on an H100 is the next step, and each line should then carry
+what won and what lost.
 
 Under the interpreter (TRITON_INTERPRET=1, CI on CPU) every kernel gets one small config: autotuning
 would only multiply the (slow) interpreted runs, and small tiles make the test shapes cross several
@@ -12,6 +14,7 @@ tiles, diagonal tiles and ragged edges, which is what the tests are for.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import triton
@@ -43,47 +46,134 @@ def length_key(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
-def _cfg(num_warps, num_stages, **tiles):
-    return triton.Config(tiles, num_warps=num_warps, num_stages=num_stages)
+def _cfg(num_warps, num_stages, BLOCK_M, BLOCK_N, min_cc=0, max_cc=1000):
+    """A config for the compute capabilities [min_cc, max_cc]: Hopper (wgmma, operands from shared
+    memory) and Ampere (mma, operands in registers) spill at different tiles."""
+    c = triton.Config({"BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N}, num_warps=num_warps, num_stages=num_stages)
+    c.min_cc, c.max_cc = min_cc, max_cc
+    return c
+
+
+# ------------------------------------------------------------------------------------- launchability
+# Configs come per head block (BLOCK_D, BLOCK_DV <= the key) and per input precision, each list best guess
+# first (FASTATTN_TRITON_AUTOTUNE=0 keeps the first that fits). Register tiles grow with the head dim, so
+# one list for every head dim either spills at 256 or wastes the GPU at 64. Each list is what compiles
+# without spills for sm_80 and sm_90 in scripts/check_triton_aot.py (table: bench/results/triton_aot.txt);
+# speed on a GPU is unmeasured. The prune functions then drop what cannot launch on the device (shared
+# memory per block, below) or would only add masked work (tiles far past the sequence).
+#
+# Shared memory a block may opt in to, per compute capability (CUDA programming guide).
+SMEM_PER_BLOCK = {80: 166_912, 86: 101_376, 87: 166_912, 89: 101_376, 90: 232_448, 100: 232_448,
+                  103: 232_448, 120: 101_376}
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_target(index: int) -> tuple[int, int]:
+    import torch
+    props = torch.cuda.get_device_properties(index)
+    cc = props.major * 10 + props.minor
+    return cc, getattr(props, "shared_memory_per_block_optin", 0) or SMEM_PER_BLOCK.get(cc, 101_376)
+
+
+def target(named_args) -> tuple[int, int]:
+    """(compute capability, shared memory per block) of the launch's device. Tensors on no GPU (meta /
+    fake tensors in scripts/check_triton_aot.py) take the capability FASTATTN_TRITON_AOT_ARCH names."""
+    dev = next(v.device for v in named_args.values() if hasattr(v, "device"))
+    if dev.type == "cuda":
+        import torch
+        return _cuda_target(dev.index if dev.index is not None else torch.cuda.current_device())
+    cc = int(os.environ.get("FASTATTN_TRITON_AOT_ARCH", "90"))
+    return cc, SMEM_PER_BLOCK[cc]
+
+
+def _union(*tables):
+    out = []
+    for table in tables:
+        for cfgs in table.values():
+            out += [c for c in cfgs if all(c is not o for o in out)]
+    return out
+
+
+def _for_head(table, d):
+    return next(cfgs for top, cfgs in sorted(table.items()) if d <= top)
+
+
+def _arg(named_args, kwargs, name):
+    return named_args[name] if name in named_args else kwargs[name]
+
+
+# elements of the tiles a kernel streams (one set per pipeline stage) and of those it loads once, given
+# (BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV)
+_TILES = {
+    "fwd": (lambda m, n, d, dv: n * (d + dv), lambda m, n, d, dv: m * d),        # K, V / Q
+    "dkdv": (lambda m, n, d, dv: m * (d + dv), lambda m, n, d, dv: n * (d + dv)),  # Q, dO / K, V
+    "dq": (lambda m, n, d, dv: n * (d + dv), lambda m, n, d, dv: m * (d + dv)),    # K, V / Q, dO
+    "dmask": (lambda m, n, d, dv: (m + n) * (d + dv), lambda m, n, d, dv: 0),     # all four
+}
+
+
+def _smem_bytes(kernel, c, d, dv, esize, mask_esize):
+    """Upper estimate of a config's shared memory as triton 3.6-3.9 lay it out: num_stages buffers of the
+    tiles the loop streams (with the mask tile), the tiles loaded once, and one [max(BLOCK_M, BLOCK_N),
+    head] tile of layout-conversion scratch. The compiled sizes in the check stay below it."""
+    m, n, stages = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages
+    streamed, owned = _TILES[kernel]
+    return (stages * (streamed(m, n, d, dv) * esize + m * n * mask_esize) + owned(m, n, d, dv) * esize
+            + max(m, n) * max(d, dv) * esize)
+
+
+def _select(kernel, half, fp32, named_args, kwargs, length_ok):
+    """The configs of the head block's list (``half`` or ``fp32`` by the inputs' element size) meant for the
+    device's capability that fit its shared memory, those that pass ``length_ok`` if any do; at least one
+    (the smallest, should none fit)."""
+    bd, bdv = _arg(named_args, kwargs, "BLOCK_D"), _arg(named_args, kwargs, "BLOCK_DV")
+    esize = named_args["Q"].element_size()
+    # mask tile: none (MASK_KIND 0), bytes (1: bool), q's dtype (2, and the dmask kernel, which has no kind)
+    mask_esize = {0: 0, 1: 1}.get(kwargs.get("MASK_KIND", 2), esize)
+    cc, smem = target(named_args)
+    cands = [c for c in _for_head(fp32 if esize == 4 else half, max(bd, bdv)) if c.min_cc <= cc <= c.max_cc]
+    size = {id(c): _smem_bytes(kernel, c, bd, bdv, esize, mask_esize) for c in cands}
+    keep = [c for c in cands if size[id(c)] <= smem]
+    keep = [c for c in keep if length_ok(c)] or keep or [min(cands, key=lambda c: size[id(c)])]
+    return keep if autotune_enabled() else keep[:1]
+
+
+def _covers(block: int, n: int) -> bool:
+    """A tile of ``block`` rows is not far past a length ``n`` (decode: Lq = 1): it only adds masked work."""
+    return block <= max(MIN_DOT_DIM, triton.next_power_of_2(n))
 
 
 # ----------------------------------------------------------------------------------- attention fwd
 # Tiles: BLOCK_M query rows stay in registers (with their O accumulator [BLOCK_M, Dv]); BLOCK_N keys
-# stream through shared memory, num_stages deep.
+# stream through shared memory, num_stages deep. BLOCK_M = 16 configs are for decode (Lq <= 64).
+# float32 runs its dots on FMA units (exact "ieee" products): each thread holds its rows and columns of
+# both operands over the whole reduction, so fp32 tiles are a quarter of the half-precision ones.
 if INTERPRET:
-    FWD_CONFIGS = [_cfg(4, 1, BLOCK_M=32, BLOCK_N=16)]   # BLOCK_M != BLOCK_N: exercises the causal bounds
+    FWD_HALF = FWD_FP32 = {256: [_cfg(4, 1, 32, 16)]}   # BLOCK_M != BLOCK_N: exercises the causal bounds
 else:
-    FWD_CONFIGS = [
-        _cfg(8, 3, BLOCK_M=128, BLOCK_N=64),    # tutorial / FA2 default for D 64-128 on H100
-        _cfg(8, 4, BLOCK_M=128, BLOCK_N=128),   # D <= 64: more work per K/V load
-        _cfg(4, 3, BLOCK_M=64, BLOCK_N=64),     # few (batch, head) pairs: more programs per SM
-        _cfg(4, 4, BLOCK_M=64, BLOCK_N=32),     # D = 256: registers (acc 64 x 256 fp32 = 128 regs/thread)
-        _cfg(8, 2, BLOCK_M=128, BLOCK_N=32),    # D = 256 with 8 warps
-        _cfg(4, 3, BLOCK_M=16, BLOCK_N=128),    # decode (Lq <= 16): do not waste 112 of 128 query rows
-        _cfg(4, 3, BLOCK_M=16, BLOCK_N=64),     # decode at D = 256
-    ]
+    FWD_HALF = {
+        64: [_cfg(8, 3, 128, 64),     # tutorial / FA2 default on H100
+             _cfg(4, 3, 64, 64),      # few (batch, head) pairs: more programs per SM
+             _cfg(4, 3, 16, 64)],
+        128: [_cfg(8, 3, 64, 32), _cfg(8, 3, 32, 64), _cfg(4, 3, 16, 64)],
+        256: [_cfg(8, 2, 32, 32),     # O accumulator 32 x 256 fp32 over 8 warps: 32 registers a thread
+              _cfg(4, 2, 16, 32)],
+    }
+    FWD_FP32 = {
+        64: [_cfg(4, 2, 32, 32), _cfg(4, 2, 16, 16)],
+        128: [_cfg(4, 2, 16, 16)],
+        256: [_cfg(4, 2, 16, 16)],
+    }
+FWD_CONFIGS = _union(FWD_HALF, FWD_FP32)
 
 
 def prune_fwd(configs, named_args, **kwargs):
-    """Drops configs that cannot fit (tiles x head dim beyond the register budget) or waste work
-    (BLOCK_M far above Lq); always keeps at least one."""
     if INTERPRET:
         return configs
-    d = max(named_args["BLOCK_D"] if "BLOCK_D" in named_args else kwargs["BLOCK_D"],
-            named_args["BLOCK_DV"] if "BLOCK_DV" in named_args else kwargs["BLOCK_DV"])
     lq = named_args["Lq"]
-    keep = []
-    for c in configs:
-        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        if bm * d > 128 * 128 or bn * d > 128 * 128:   # register / shared memory limit (H100, 2 stages)
-            continue
-        if bm > max(MIN_DOT_DIM, triton.next_power_of_2(lq)):
-            continue
-        if bm == 16 and lq > 64:                        # tiny query tiles only for decode-like shapes
-            continue
-        keep.append(c)
-    keep = keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
-    return keep if autotune_enabled() else keep[:1]
+    # tiny query tiles only for decode-like shapes
+    return _select("fwd", FWD_HALF, FWD_FP32, named_args, kwargs,
+                   lambda c: _covers(c.kwargs["BLOCK_M"], lq) and (c.kwargs["BLOCK_M"] > 16 or lq <= 64))
 
 
 # float16 / bfloat16 forward: P V as P_hi V + P_lo V (P to ~16 bits) instead of P rounded to the inputs'
@@ -95,70 +185,123 @@ PRECISE_PV = True
 
 
 # ----------------------------------------------------------------------------------- attention bwd
-# dK/dV kernel: one program owns BLOCK_N keys (dK, dV accumulators [BLOCK_N, D] in registers) and
-# streams BLOCK_M query rows; dQ kernel: the mirror image (dQ [BLOCK_M, D] in registers, keys stream).
-# The owned side is the larger tile, as in the tutorial (BLOCK_M1 32 x BLOCK_N1 128 / BLOCK_M2 128 x
-# BLOCK_N2 32 at D 64); at D 256 both halve to stay within registers.
+# dK/dV kernel: one program owns BLOCK_N keys (dK, dV accumulators [BLOCK_N, D] in registers, with K and V)
+# and streams BLOCK_M query rows; dQ kernel: the mirror image (dQ [BLOCK_M, D] in registers, keys stream).
+# The owned side is the larger tile, as in the tutorial, until the accumulators fill the registers: at
+# D 256 the owned tile is 16-32 keys / 16-32 rows.
 if INTERPRET:
-    BWD_DKDV_CONFIGS = [_cfg(4, 1, BLOCK_M=16, BLOCK_N=32)]
-    BWD_DQ_CONFIGS = [_cfg(4, 1, BLOCK_M=32, BLOCK_N=16)]
+    DKDV_HALF = DKDV_FP32 = {256: [_cfg(4, 1, 16, 32)]}
+    DQ_HALF = DQ_FP32 = {256: [_cfg(4, 1, 32, 16)]}
     PREP_BLOCK_M = 32
 else:
-    BWD_DKDV_CONFIGS = [
-        _cfg(4, 3, BLOCK_M=32, BLOCK_N=128),   # tutorial's H100 choice, D 64
-        _cfg(8, 3, BLOCK_M=64, BLOCK_N=128),   # D 64-128, many key tiles
-        _cfg(4, 3, BLOCK_M=32, BLOCK_N=64),    # D 128-256
-        _cfg(4, 2, BLOCK_M=16, BLOCK_N=64),    # D 256 (dK + dV accumulators: 2 x 64 x 256 fp32)
-    ]
-    BWD_DQ_CONFIGS = [
-        _cfg(4, 3, BLOCK_M=128, BLOCK_N=32),
-        _cfg(8, 3, BLOCK_M=128, BLOCK_N=64),
-        _cfg(4, 3, BLOCK_M=64, BLOCK_N=32),
-        _cfg(4, 2, BLOCK_M=64, BLOCK_N=16),
-        _cfg(4, 3, BLOCK_M=16, BLOCK_N=64),    # short query side (Lq <= 16)
-    ]
-    PREP_BLOCK_M = 64   # memory-bound row pass: 64 rows x Dv of out and dout per program
+    DKDV_HALF = {
+        64: [_cfg(8, 3, 32, 128, min_cc=90), _cfg(8, 2, 16, 128), _cfg(4, 2, 16, 64)],
+        128: [_cfg(8, 3, 32, 64), _cfg(8, 3, 16, 128, min_cc=90)],
+        256: [_cfg(8, 1, 32, 32), _cfg(4, 3, 32, 16)],
+    }
+    DKDV_FP32 = {
+        64: [_cfg(4, 2, 16, 32)],
+        128: [_cfg(4, 2, 16, 16)],
+        256: [_cfg(8, 2, 16, 16)],
+    }
+    DQ_HALF = {
+        64: [_cfg(8, 3, 128, 32), _cfg(4, 3, 64, 32), _cfg(4, 3, 16, 32)],
+        128: [_cfg(8, 3, 64, 32), _cfg(4, 2, 64, 16), _cfg(4, 3, 16, 64)],
+        256: [_cfg(4, 2, 32, 32), _cfg(4, 2, 16, 32)],
+    }
+    DQ_FP32 = {
+        64: [_cfg(4, 2, 32, 16)],
+        128: [_cfg(8, 2, 16, 16)],
+        256: [_cfg(8, 1, 16, 16)],
+    }
+    PREP_BLOCK_M = 64
+BWD_DKDV_CONFIGS = _union(DKDV_HALF, DKDV_FP32)
+BWD_DQ_CONFIGS = _union(DQ_HALF, DQ_FP32)
+
+# memory-bound row pass (_attn_bwd_prep): out, dout, gate and their products are [BLOCK_M, Dv] fp32 tiles
+# in registers; 2048 elements per tile (16 per thread at 4 warps; 16 rows at Dv 256) keeps the five of
+# them clear of spills.
+PREP_TILE_ELEMS = 2048
+
+
+def prep_block_m(block_dv: int) -> int:
+    if INTERPRET:
+        return PREP_BLOCK_M
+    return max(16, min(PREP_BLOCK_M, PREP_TILE_ELEMS // block_dv))
+
 
 # dmask of a broadcast float mask (_attn_bwd_dmask): a program owns a [BLOCK_M, BLOCK_N] fp32 tile of the
 # summed dS and streams q/dO (BLOCK_M rows) and k/v (BLOCK_N keys) tiles of every (batch, head) that reads it:
 # 2 tile GEMMs per step (S, dP), no accumulator beyond the tile, so square-ish tiles as in the forward.
-# Unmeasured starting set, like the others (no GPU yet).
 if INTERPRET:
-    BWD_DMASK_CONFIGS = [_cfg(4, 1, BLOCK_M=32, BLOCK_N=16)]
+    DMASK_HALF = DMASK_FP32 = {256: [_cfg(4, 1, 32, 16)]}
 else:
-    BWD_DMASK_CONFIGS = [
-        _cfg(4, 3, BLOCK_M=64, BLOCK_N=64),
-        _cfg(8, 3, BLOCK_M=128, BLOCK_N=64),
-        _cfg(4, 3, BLOCK_M=64, BLOCK_N=32),    # D 128-256
-        _cfg(4, 2, BLOCK_M=32, BLOCK_N=32),    # D 256
-        _cfg(4, 3, BLOCK_M=16, BLOCK_N=64),    # short query side (Lq <= 16)
-    ]
+    DMASK_HALF = {
+        64: [_cfg(8, 3, 64, 32)],
+        128: [_cfg(8, 3, 32, 64), _cfg(8, 3, 16, 64)],
+        256: [_cfg(8, 2, 16, 32)],
+    }
+    DMASK_FP32 = {
+        64: [_cfg(4, 2, 16, 16)],
+        128: [_cfg(8, 1, 16, 16)],
+        256: [_cfg(8, 2, 32, 32), _cfg(4, 1, 16, 16)],
+    }
+BWD_DMASK_CONFIGS = _union(DMASK_HALF, DMASK_FP32)
+
+_BWD_TABLES = {"dkdv": (DKDV_HALF, DKDV_FP32), "dq": (DQ_HALF, DQ_FP32), "dmask": (DMASK_HALF, DMASK_FP32)}
 
 
-def prune_bwd(configs, named_args, **kwargs):
+def _prune_bwd(kernel, configs, named_args, kwargs):
     if INTERPRET:
         return configs
-    d = max(kwargs.get("BLOCK_D", named_args.get("BLOCK_D")), kwargs.get("BLOCK_DV", named_args.get("BLOCK_DV")))
-    keep = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * d <= 128 * 64 * 128]
-    keep = [c for c in keep if (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * d <= 160 * 128]
-    # tiles far longer than the sequence only add masked work (decode: Lq = 1)
-    fits = [c for c in keep if c.kwargs["BLOCK_M"] <= max(MIN_DOT_DIM, triton.next_power_of_2(named_args["Lq"]))
-            and c.kwargs["BLOCK_N"] <= max(MIN_DOT_DIM, triton.next_power_of_2(named_args["Lk"]))]
-    keep = fits or keep
-    keep = keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
-    return keep if autotune_enabled() else keep[:1]
+    half, fp32 = _BWD_TABLES[kernel]
+    lq, lk = named_args["Lq"], named_args["Lk"]
+    return _select(kernel, half, fp32, named_args, kwargs,
+                   lambda c: _covers(c.kwargs["BLOCK_M"], lq) and _covers(c.kwargs["BLOCK_N"], lk))
+
+
+def prune_dkdv(configs, named_args, **kwargs):
+    return _prune_bwd("dkdv", configs, named_args, kwargs)
+
+
+def prune_dq(configs, named_args, **kwargs):
+    return _prune_bwd("dq", configs, named_args, kwargs)
+
+
+def prune_dmask(configs, named_args, **kwargs):
+    return _prune_bwd("dmask", configs, named_args, kwargs)
 
 
 # ----------------------------------------------------------------------------------- softmax gates
 # Memory-bound: a program moves GATE_BLOCK_N x GATE_BLOCK_D elements of x per step (16-32 KiB), enough
 # in flight to cover HBM latency without spilling. FUSED_MAX_ELEMS is the largest (N x D) slab of one
-# batch item that the one-pass kernel keeps in registers (x, the expanded alpha and y: 3 x 8192 fp32
-# over 8 warps = 96 registers per thread); larger items take the two-pass path (scores/stats, then apply).
+# batch item that the one-pass kernel keeps in registers (x, the expanded alpha and y: 3 x 4096 fp32
+# over 8 warps = 48 registers per thread, with room for the fp32 dots); larger items take the two-pass
+# path (scores/stats, then apply).
+# The kernels with fp32 dots on FMA units (_gate_bwd_rows: [N, D] @ one-hot [D, H]; _score_bwd: ds W and
+# ds^T x) take smaller tiles: an FMA dot holds each thread's rows and columns of both operands over the
+# whole reduction, (rows + columns) x K registers, so K (16 channels a step in the rows kernel, 16
+# positions in _score_bwd) and the output tile per thread must both stay small.
 if INTERPRET:
     GATE_BLOCK_N, GATE_BLOCK_D, GATE_WARPS = 16, 32, 4
+    GATE_POOL_BLOCK_N = 16
+    GATE_ROWS_BLOCK_N, GATE_ROWS_BLOCK_D, GATE_SCORE_BWD_BLOCK_N = 16, 32, 16
     FUSED_MAX_ELEMS = 128 * 64
 else:
     GATE_BLOCK_N, GATE_BLOCK_D, GATE_WARPS = 64, 128, 4
-    FUSED_MAX_ELEMS = 8192
+    # the pool kernel also holds the gathered alpha tile (fp32, with a 64-bit address per element)
+    GATE_POOL_BLOCK_N = 32
+    GATE_ROWS_BLOCK_N, GATE_ROWS_BLOCK_D, GATE_SCORE_BWD_BLOCK_N = 64, 16, 16
+    FUSED_MAX_ELEMS = 4096
+# float32 scores x W^T reduce over D on FMA units: chunks of 32 channels in _gate_scores, and the one-pass
+# kernel (the whole D at once) only up to D 64
+GATE_FP32_SCORES_BLOCK_D, FUSED_FP32_SCORES_MAX_D = 32, 64
+
+
+def gate_block_d(dtype) -> int:
+    """Channel tile of the two-pass kernels: float32 tiles take twice the registers, so half as wide."""
+    return GATE_BLOCK_D if dtype.itemsize < 4 or INTERPRET else GATE_BLOCK_D // 2
+
+
 GATE_STATS_BLOCK_N = 32 if INTERPRET else 256   # scores are (B, N, H) fp32: small, long tiles over N
 GATE_FUSED_WARPS = 8

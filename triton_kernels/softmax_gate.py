@@ -28,7 +28,7 @@ import triton.language as tl
 from ._compat import wrap_triton
 
 from . import configs as C
-from .attention import _cvt, _dot
+from .attention import _align, _aligned, _cvt, _dot
 
 LOG2E: tl.constexpr = tl.constexpr(C.LOG2E)
 
@@ -65,7 +65,10 @@ def _gate_fused_fwd(X, S, W, MASK, Y, ALPHA,
                     stride_xb, stride_xn, stride_sb, stride_sn, stride_wh, stride_mb, stride_mn,
                     N, D, H, Dh, scale,
                     COMPUTE_SCORES: tl.constexpr, HAS_MASK: tl.constexpr, POOL: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PREC: tl.constexpr):
+                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PREC: tl.constexpr,
+                    ALIGN: tl.constexpr):
+    D, stride_xb, stride_xn = _aligned(D, ALIGN), _aligned(stride_xb, ALIGN), _aligned(stride_xn, ALIGN)
+    stride_wh = _aligned(stride_wh, ALIGN)
     b = tl.program_id(0).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
     offs_c = tl.arange(0, BLOCK_D)
@@ -102,8 +105,11 @@ def _gate_fused_fwd(X, S, W, MASK, Y, ALPHA,
 
 @triton.jit
 def _gate_scores(X, W, S32, stride_xb, stride_xn, stride_wh, N, D, H, scale,
-                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PREC: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PREC: tl.constexpr,
+                 ALIGN: tl.constexpr):
     """Pass 1 of the two-pass score_softmax_gate: S32 (B, N, H) fp32 = scale x W^T."""
+    D, stride_xb, stride_xn = _aligned(D, ALIGN), _aligned(stride_xb, ALIGN), _aligned(stride_xn, ALIGN)
+    stride_wh = _aligned(stride_wh, ALIGN)
     b = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_h = tl.arange(0, BLOCK_H)
@@ -164,7 +170,9 @@ def _alpha_channels(ALPHA, b, offs_n, offs_c, N, D, H, Dh):
 
 
 @triton.jit
-def _gate_apply(X, ALPHA, Y, stride_xb, stride_xn, N, D, H, Dh, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _gate_apply(X, ALPHA, Y, stride_xb, stride_xn, N, D, H, Dh, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                ALIGN: tl.constexpr):
+    D, stride_xb, stride_xn = _aligned(D, ALIGN), _aligned(stride_xb, ALIGN), _aligned(stride_xn, ALIGN)
     b = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_c = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -176,8 +184,9 @@ def _gate_apply(X, ALPHA, Y, stride_xb, stride_xn, N, D, H, Dh, BLOCK_N: tl.cons
 
 @triton.jit
 def _gate_pool(X, ALPHA, PART, stride_xb, stride_xn, N, D, H, Dh, N_PER_SPLIT,
-               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr):
     """PART[b, split, c] = Σ_{n in split} alpha[b, n, h(c)] x[b, n, c] (fp32; summed over splits after)."""
+    D, stride_xb, stride_xn = _aligned(D, ALIGN), _aligned(stride_xb, ALIGN), _aligned(stride_xn, ALIGN)
     b = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     offs_c = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -194,9 +203,11 @@ def _gate_pool(X, ALPHA, PART, stride_xb, stride_xn, N, D, H, Dh, N_PER_SPLIT,
 @triton.jit
 def _gate_bwd_rows(DY, X, ALPHA, DALPHA, G, DX, stride_dyb, stride_dyn, stride_xb, stride_xn, N, D, H, Dh,
                    HAS_DALPHA: tl.constexpr, WRITE_DX: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, ALIGN: tl.constexpr):
     """g[b, n, h] = Σ_{c in h} dy x (+ dalpha) and (softmax_gate) dx = alpha ⊙ dy, in one pass.
     dy of a pooled output is (B, D): stride_dyn = 0 broadcasts it over n."""
+    D, stride_xb, stride_xn = _aligned(D, ALIGN), _aligned(stride_xb, ALIGN), _aligned(stride_xn, ALIGN)
+    stride_dyb, stride_dyn = _aligned(stride_dyb, ALIGN), _aligned(stride_dyn, ALIGN)
     b = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_h = tl.arange(0, BLOCK_H)
@@ -246,8 +257,11 @@ def _gate_bwd_ds(ALPHA, G, DS, N, H, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexp
 @triton.jit
 def _score_bwd(DY, X, W, ALPHA, DS, DX, DW_PART, stride_dyb, stride_dyn, stride_xb, stride_xn, stride_wh,
                N, D, H, Dh, scale, N_PER_SPLIT,
-               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, ALIGN: tl.constexpr):
     """score_softmax_gate, pass 2: dx = alpha ⊙ dy + scale ds W; DW_PART[b, split] = ds^T x."""
+    D, stride_xb, stride_xn = _aligned(D, ALIGN), _aligned(stride_xb, ALIGN), _aligned(stride_xn, ALIGN)
+    stride_dyb, stride_dyn = _aligned(stride_dyb, ALIGN), _aligned(stride_dyn, ALIGN)
+    stride_wh = _aligned(stride_wh, ALIGN)
     b = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     offs_c = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -316,22 +330,25 @@ def _forward(x, scores, weight, mask, scale, pool):
     alpha = torch.empty((B, N, H), dtype=torch.float32, device=dev)
     y = torch.empty((B, D) if pool else (B, N, D), dtype=x.dtype, device=dev)
     mask_t, smb, smn = _mask_args(mask, x)
+    align = _align(x.dtype, (D,), x, *([weight] if weight is not None else []))
     bn, bd, bh = C.head_block(N), C.head_block(D), C.head_block(H)
-    if bn * bd <= C.FUSED_MAX_ELEMS:
+    fp32 = x.dtype == torch.float32
+    if bn * bd <= C.FUSED_MAX_ELEMS and (scores is not None or not fp32 or bd <= C.FUSED_FP32_SCORES_MAX_D):
         # -- one pass over x
         s_t, ss = (scores, scores.stride()) if scores is not None else (x, (0, 0, 0))
         w_t, swh = (weight, weight.stride(0)) if weight is not None else (x, 0)
         wrap_triton(_gate_fused_fwd)[(B,)](
             x, s_t, w_t, mask_t, y, alpha, x.stride(0), x.stride(1), ss[0], ss[1], swh, smb, smn,
             N, D, H, Dh, scale, COMPUTE_SCORES=scores is None, HAS_MASK=mask is not None, POOL=pool,
-            BLOCK_N=bn, BLOCK_D=bd, BLOCK_H=bh, DOT_PREC=_dot_precision(x.dtype), num_warps=C.GATE_FUSED_WARPS)
+            BLOCK_N=bn, BLOCK_D=bd, BLOCK_H=bh, DOT_PREC=_dot_precision(x.dtype), ALIGN=align,
+            num_warps=C.GATE_FUSED_WARPS)
         return y, alpha
     # -- two passes: scores (score variant) and alpha, then y
     if scores is None:
         wrap_triton(_gate_scores)[(B, triton.cdiv(N, C.GATE_BLOCK_N))](
             x, weight, alpha, x.stride(0), x.stride(1), weight.stride(0), N, D, H, scale,
-            BLOCK_N=C.GATE_BLOCK_N, BLOCK_D=min(bd, C.GATE_BLOCK_D), BLOCK_H=bh,
-            DOT_PREC=_dot_precision(x.dtype), num_warps=C.GATE_WARPS)
+            BLOCK_N=C.GATE_BLOCK_N, BLOCK_D=min(bd, C.GATE_FP32_SCORES_BLOCK_D if fp32 else C.GATE_BLOCK_D),
+            BLOCK_H=bh, DOT_PREC=_dot_precision(x.dtype), ALIGN=align, num_warps=C.GATE_WARPS)
         s_t, ss = alpha, alpha.stride()   # _gate_stats turns the scores into alpha in place
     else:
         s_t, ss = scores, scores.stride()
@@ -339,19 +356,19 @@ def _forward(x, scores, weight, mask, scale, pool):
     wrap_triton(_gate_stats)[(B, triton.cdiv(H, bh_stats))](
         s_t, mask_t, alpha, ss[0], ss[1], smb, smn, N, H,
         HAS_MASK=mask is not None, BLOCK_N=C.GATE_STATS_BLOCK_N, BLOCK_H=bh_stats, num_warps=C.GATE_WARPS)
-    bd = min(bd, C.GATE_BLOCK_D)
+    bd = min(bd, C.gate_block_d(x.dtype))
     d_blocks = triton.cdiv(D, bd)
     if pool:
         split, n_per = _splits(B, N, d_blocks)
         part = torch.empty((B, split, D), dtype=torch.float32, device=dev)
         wrap_triton(_gate_pool)[(B, split, d_blocks)](
             x, alpha, part, x.stride(0), x.stride(1), N, D, H, Dh, n_per,
-            BLOCK_N=C.GATE_BLOCK_N, BLOCK_D=bd, num_warps=C.GATE_WARPS)
+            BLOCK_N=C.GATE_POOL_BLOCK_N, BLOCK_D=bd, ALIGN=align, num_warps=C.GATE_WARPS)
         y = part.sum(1).to(x.dtype)
     else:
         wrap_triton(_gate_apply)[(B, triton.cdiv(N, C.GATE_BLOCK_N), d_blocks)](
             x, alpha, y, x.stride(0), x.stride(1), N, D, H, Dh,
-            BLOCK_N=C.GATE_BLOCK_N, BLOCK_D=bd, num_warps=C.GATE_WARPS)
+            BLOCK_N=C.GATE_BLOCK_N, BLOCK_D=bd, ALIGN=align, num_warps=C.GATE_WARPS)
     return y, alpha
 
 
@@ -373,10 +390,11 @@ def _rows_and_ds(dy, x, alpha, dalpha, pool, dx, ds):
     sdn = 0 if pool else dy.stride(1)
     dalpha_t = dalpha.contiguous() if dalpha is not None else g
     bh = C.head_block(H)
-    wrap_triton(_gate_bwd_rows)[(B, triton.cdiv(N, C.GATE_BLOCK_N))](
+    wrap_triton(_gate_bwd_rows)[(B, triton.cdiv(N, C.GATE_ROWS_BLOCK_N))](
         dy, x, alpha, dalpha_t, g, dx if dx is not None else g, dy.stride(0), sdn, x.stride(0), x.stride(1),
         N, D, H, D // H, HAS_DALPHA=dalpha is not None, WRITE_DX=dx is not None,
-        BLOCK_N=C.GATE_BLOCK_N, BLOCK_D=min(C.head_block(D), C.GATE_BLOCK_D), BLOCK_H=bh, num_warps=C.GATE_WARPS)
+        BLOCK_N=C.GATE_ROWS_BLOCK_N, BLOCK_D=min(C.head_block(D), C.GATE_ROWS_BLOCK_D), BLOCK_H=bh,
+        ALIGN=_align(x.dtype, (D,), x, dy), num_warps=C.GATE_WARPS)
     bh_ds = min(bh, 64)
     wrap_triton(_gate_bwd_ds)[(B, triton.cdiv(H, bh_ds))](
         alpha, g, ds if ds is not None else g, N, H, BLOCK_N=C.GATE_STATS_BLOCK_N, BLOCK_H=bh_ds,
@@ -399,13 +417,14 @@ def score_softmax_gate_bwd(dy, x, weight, alpha, dalpha, scale, pool):
     alpha = alpha.contiguous()
     ds = _rows_and_ds(dy, x, alpha, dalpha, pool, None, None)   # ds written over g (fp32)
     dx = torch.empty((B, N, D), dtype=x.dtype, device=x.device)
-    bd = min(C.head_block(D), C.GATE_BLOCK_D)
+    bd = min(C.head_block(D), C.gate_block_d(x.dtype))
     d_blocks = triton.cdiv(D, bd)
     split, n_per = _splits(B, N, d_blocks)
     dw_part = torch.empty((B * split, H, D), dtype=torch.float32, device=x.device)
     wrap_triton(_score_bwd)[(B, split, d_blocks)](
         dy, x, weight, alpha, ds, dx, dw_part, dy.stride(0), 0 if pool else dy.stride(1), x.stride(0), x.stride(1),
         weight.stride(0), N, D, H, D // H, scale, n_per,
-        BLOCK_N=C.GATE_BLOCK_N, BLOCK_D=bd, BLOCK_H=C.head_block(H), num_warps=C.GATE_WARPS)
+        BLOCK_N=C.GATE_SCORE_BWD_BLOCK_N, BLOCK_D=bd, BLOCK_H=C.head_block(H), ALIGN=_align(x.dtype, (D,), x, dy, weight),
+        num_warps=C.GATE_WARPS)
     dweight = (dw_part.sum(0) * scale).to(weight.dtype)
     return dx, dweight
