@@ -1,0 +1,57 @@
+"""scripts/check_triton_aot.py, the ahead-of-time compile check of the Triton kernels (run by .ci/run):
+it must report a config that cannot launch and one that spills, and pass a good one. The configs are
+planted in the attention forward's table and compiled for sm_90 without a GPU, in this process.
+The whole sweep (every variant, head dim and fp32 at each) is the slow test."""
+import importlib.util
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+triton = pytest.importorskip("triton")
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") == "1",
+                                reason="the interpreter's configs are one small tile per kernel; "
+                                       "the check compiles the GPU ones")
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "check_triton_aot.py"
+
+
+@pytest.fixture
+def aot():
+    spec = importlib.util.spec_from_file_location("check_triton_aot", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod          # its dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    yield mod
+    del sys.modules[spec.name]
+
+
+def test_check_reports_over_limit_and_spilling_configs(aot, monkeypatch, tmp_path):
+    from fastattn.triton_kernels import configs as C
+    monkeypatch.setattr(C, "FWD_HALF", {
+        64: [C._cfg(8, 3, 128, 64)],     # the table's own first D 64 config: fits, no spill
+        128: [C._cfg(8, 4, 128, 128)],   # 4 stages of 128 keys x (K + V) at D 128: about 290 KB of shared memory
+        256: [C._cfg(4, 1, 128, 16)],    # a 128 x 256 fp32 accumulator over 128 threads: 256 registers each
+    })
+    # compile_job points triton's cache and ptxas log switches at its own; restore them afterwards
+    monkeypatch.setattr(triton.knobs.cache, "dir", triton.knobs.cache.dir)
+    monkeypatch.setattr(triton.knobs.nvidia, "dump_ptxas_log", triton.knobs.nvidia.dump_ptxas_log)
+    monkeypatch.setenv("FASTATTN_TRITON_AOT_ARCH", "90")
+    aot._quiet()
+    jobs = [j for j in aot.collect_jobs([90], ["fp16"], [64, 128, 256], (), {"full"}) if j.name == "_attn_fwd"]
+    status = {}
+    for job in jobs:
+        res = aot.compile_job(job, str(tmp_path))
+        status.setdefault(job.contexts[0][1], set()).add(aot._status(job, res))
+    assert status == {64: {"ok"}, 128: {"OVER-SMEM"}, 256: {"SPILL"}}, status
+
+
+@pytest.mark.slow
+def test_full_sweep_passes():
+    """Every kernel x kept config x head dim (16-256, 111 included) x fp16 / bf16 / fp32, every variant,
+    sm_80 and sm_90 (long: fp32 compiles take up to a minute or more each)."""
+    r = subprocess.run([sys.executable, str(SCRIPT), "--full"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
