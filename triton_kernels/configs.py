@@ -76,14 +76,15 @@ def _cuda_target(index: int) -> tuple[int, int]:
 
 
 def target(named_args) -> tuple[int, int]:
-    """(compute capability, shared memory per block) of the launch's device. Tensors on no GPU (meta /
-    fake tensors in scripts/check_triton_aot.py) take the capability FASTATTN_TRITON_AOT_ARCH names."""
+    """(compute capability, shared memory per block) of the launch's device. Tensors on no GPU (meta
+    tensors in scripts/check_triton_aot.py, fake CUDA tensors traced on a machine without one) take the
+    capability FASTATTN_TRITON_AOT_ARCH names (default 90)."""
+    import torch
     dev = next(v.device for v in named_args.values() if hasattr(v, "device"))
-    if dev.type == "cuda":
-        import torch
+    if dev.type == "cuda" and torch.cuda.is_available():
         return _cuda_target(dev.index if dev.index is not None else torch.cuda.current_device())
     cc = int(os.environ.get("FASTATTN_TRITON_AOT_ARCH", "90"))
-    return cc, SMEM_PER_BLOCK[cc]
+    return cc, SMEM_PER_BLOCK.get(cc, 101_376)
 
 
 def _union(*tables):
@@ -128,10 +129,15 @@ def _select(kernel, half, fp32, named_args, kwargs, length_ok):
     (the smallest, should none fit)."""
     bd, bdv = _arg(named_args, kwargs, "BLOCK_D"), _arg(named_args, kwargs, "BLOCK_DV")
     esize = named_args["Q"].element_size()
+    # half-precision rows not 16-byte aligned (ALIGN 1: D = 111) load element by element through registers
+    # instead of cp.async into shared memory: the tiles of the next head block (fp32 tiles are small already)
+    head = max(bd, bdv)
+    if esize < 4 and _arg(named_args, kwargs, "ALIGN") == 1:
+        head = min(2 * head, 256)
     # mask tile: none (MASK_KIND 0), bytes (1: bool), q's dtype (2, and the dmask kernel, which has no kind)
     mask_esize = {0: 0, 1: 1}.get(kwargs.get("MASK_KIND", 2), esize)
     cc, smem = target(named_args)
-    cands = [c for c in _for_head(fp32 if esize == 4 else half, max(bd, bdv)) if c.min_cc <= cc <= c.max_cc]
+    cands = [c for c in _for_head(fp32 if esize == 4 else half, head) if c.min_cc <= cc <= c.max_cc]
     size = {id(c): _smem_bytes(kernel, c, bd, bdv, esize, mask_esize) for c in cands}
     keep = [c for c in cands if size[id(c)] <= smem]
     keep = [c for c in keep if length_ok(c)] or keep or [min(cands, key=lambda c: size[id(c)])]
@@ -200,7 +206,7 @@ else:
         256: [_cfg(8, 1, 32, 32), _cfg(4, 3, 32, 16)],
     }
     DKDV_FP32 = {
-        64: [_cfg(4, 2, 16, 32)],
+        64: [_cfg(4, 2, 16, 16)],
         128: [_cfg(4, 2, 16, 16)],
         256: [_cfg(8, 2, 16, 16)],
     }
@@ -296,12 +302,21 @@ else:
 # float32 scores x W^T reduce over D on FMA units: chunks of 32 channels in _gate_scores, and the one-pass
 # kernel (the whole D at once) only up to D 64
 GATE_FP32_SCORES_BLOCK_D, FUSED_FP32_SCORES_MAX_D = 32, 64
+# float32 alpha expanded to the channels ([N, H] x one-hot [H, D] on FMA units) in the one-pass kernel: at
+# most 128 positions (256 x 16 spilled at 255 registers)
+FUSED_FP32_MAX_N = 128
 
 
-def gate_block_d(dtype) -> int:
-    """Channel tile of the two-pass kernels: float32 tiles take twice the registers, so half as wide."""
-    return GATE_BLOCK_D if dtype.itemsize < 4 or INTERPRET else GATE_BLOCK_D // 2
+def gate_block_d(dtype, align: int) -> int:
+    """Channel tile of the two-pass kernels: float32 tiles take twice the registers, and rows not 16-byte
+    aligned (ALIGN 1) load element by element, so each halves it."""
+    if INTERPRET:
+        return GATE_BLOCK_D
+    return GATE_BLOCK_D // (2 if dtype.itemsize == 4 else 1) // (2 if align == 1 else 1)
 
 
+# the rows kernel over 8 warps: at 4, ptxas spilled a few bytes at 128 registers (triton 3.6, sm_90, dx
+# written) and at 16 or 32 rows it capped registers at 72-80 and spilled too (both triton versions)
+GATE_ROWS_WARPS = 8
 GATE_STATS_BLOCK_N = 32 if INTERPRET else 256   # scores are (B, N, H) fp32: small, long tiles over N
 GATE_FUSED_WARPS = 8

@@ -333,7 +333,8 @@ def _forward(x, scores, weight, mask, scale, pool):
     align = _align(x.dtype, (D,), x, *([weight] if weight is not None else []))
     bn, bd, bh = C.head_block(N), C.head_block(D), C.head_block(H)
     fp32 = x.dtype == torch.float32
-    if bn * bd <= C.FUSED_MAX_ELEMS and (scores is not None or not fp32 or bd <= C.FUSED_FP32_SCORES_MAX_D):
+    if bn * bd <= C.FUSED_MAX_ELEMS and (not fp32 or (bn <= C.FUSED_FP32_MAX_N and (
+            scores is not None or bd <= C.FUSED_FP32_SCORES_MAX_D))):
         # -- one pass over x
         s_t, ss = (scores, scores.stride()) if scores is not None else (x, (0, 0, 0))
         w_t, swh = (weight, weight.stride(0)) if weight is not None else (x, 0)
@@ -356,7 +357,7 @@ def _forward(x, scores, weight, mask, scale, pool):
     wrap_triton(_gate_stats)[(B, triton.cdiv(H, bh_stats))](
         s_t, mask_t, alpha, ss[0], ss[1], smb, smn, N, H,
         HAS_MASK=mask is not None, BLOCK_N=C.GATE_STATS_BLOCK_N, BLOCK_H=bh_stats, num_warps=C.GATE_WARPS)
-    bd = min(bd, C.gate_block_d(x.dtype))
+    bd = min(bd, C.gate_block_d(x.dtype, align))
     d_blocks = triton.cdiv(D, bd)
     if pool:
         split, n_per = _splits(B, N, d_blocks)
@@ -394,7 +395,7 @@ def _rows_and_ds(dy, x, alpha, dalpha, pool, dx, ds):
         dy, x, alpha, dalpha_t, g, dx if dx is not None else g, dy.stride(0), sdn, x.stride(0), x.stride(1),
         N, D, H, D // H, HAS_DALPHA=dalpha is not None, WRITE_DX=dx is not None,
         BLOCK_N=C.GATE_ROWS_BLOCK_N, BLOCK_D=min(C.head_block(D), C.GATE_ROWS_BLOCK_D), BLOCK_H=bh,
-        ALIGN=_align(x.dtype, (D,), x, dy), num_warps=C.GATE_WARPS)
+        ALIGN=_align(x.dtype, (D,), x, dy), num_warps=C.GATE_ROWS_WARPS)
     bh_ds = min(bh, 64)
     wrap_triton(_gate_bwd_ds)[(B, triton.cdiv(H, bh_ds))](
         alpha, g, ds if ds is not None else g, N, H, BLOCK_N=C.GATE_STATS_BLOCK_N, BLOCK_H=bh_ds,
@@ -417,14 +418,15 @@ def score_softmax_gate_bwd(dy, x, weight, alpha, dalpha, scale, pool):
     alpha = alpha.contiguous()
     ds = _rows_and_ds(dy, x, alpha, dalpha, pool, None, None)   # ds written over g (fp32)
     dx = torch.empty((B, N, D), dtype=x.dtype, device=x.device)
-    bd = min(C.head_block(D), C.gate_block_d(x.dtype))
+    align = _align(x.dtype, (D,), x, dy, weight)
+    bd = min(C.head_block(D), C.gate_block_d(x.dtype, align))
     d_blocks = triton.cdiv(D, bd)
     split, n_per = _splits(B, N, d_blocks)
     dw_part = torch.empty((B * split, H, D), dtype=torch.float32, device=x.device)
     wrap_triton(_score_bwd)[(B, split, d_blocks)](
         dy, x, weight, alpha, ds, dx, dw_part, dy.stride(0), 0 if pool else dy.stride(1), x.stride(0), x.stride(1),
         weight.stride(0), N, D, H, D // H, scale, n_per,
-        BLOCK_N=C.GATE_SCORE_BWD_BLOCK_N, BLOCK_D=bd, BLOCK_H=C.head_block(H), ALIGN=_align(x.dtype, (D,), x, dy, weight),
+        BLOCK_N=C.GATE_SCORE_BWD_BLOCK_N, BLOCK_D=bd, BLOCK_H=C.head_block(H), ALIGN=align,
         num_warps=C.GATE_WARPS)
     dweight = (dw_part.sum(0) * scale).to(weight.dtype)
     return dx, dweight
