@@ -46,10 +46,14 @@ def length_key(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
-def _cfg(num_warps, num_stages, BLOCK_M, BLOCK_N, min_cc=0, max_cc=1000):
+def _cfg(num_warps, num_stages, BLOCK_M, BLOCK_N, min_cc=0, max_cc=1000, maxnreg=None):
     """A config for the compute capabilities [min_cc, max_cc]: Hopper (wgmma, operands from shared
-    memory) and Ampere (mma, operands in registers) spill at different tiles."""
-    c = triton.Config({"BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N}, num_warps=num_warps, num_stages=num_stages)
+    memory) and Ampere (mma, operands in registers) spill at different tiles. ``maxnreg`` states a
+    register budget to ptxas (.maxnreg): without one, ptxas settles on a count of its own (80, 96, 128)
+    and may spill a few bytes there; with one, some kernels compile without spills, others (most fp32
+    ones) spill more, so it is set only on the configs where it removed the spills."""
+    c = triton.Config({"BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N}, num_warps=num_warps, num_stages=num_stages,
+                      maxnreg=None if INTERPRET else maxnreg)
     c.min_cc, c.max_cc = min_cc, max_cc
     return c
 
@@ -160,14 +164,14 @@ else:
     FWD_HALF = {
         64: [_cfg(8, 3, 128, 64),     # tutorial / FA2 default on H100
              _cfg(4, 3, 64, 64),      # few (batch, head) pairs: more programs per SM
-             _cfg(4, 3, 16, 64)],
+             _cfg(4, 3, 16, 64, maxnreg=255)],
         128: [_cfg(8, 3, 64, 32), _cfg(8, 3, 32, 64), _cfg(4, 3, 16, 64)],
-        256: [_cfg(8, 2, 32, 32),     # O accumulator 32 x 256 fp32 over 8 warps: 32 registers a thread
+        256: [_cfg(8, 2, 32, 32, maxnreg=255),   # O accumulator 32 x 256 fp32 over 8 warps: 32 registers a thread
               _cfg(4, 2, 16, 32)],
     }
     FWD_FP32 = {
         64: [_cfg(4, 2, 32, 32), _cfg(4, 2, 16, 16)],
-        128: [_cfg(4, 2, 16, 16)],
+        128: [_cfg(4, 2, 16, 16, maxnreg=255)],
         256: [_cfg(4, 2, 16, 16)],
     }
 FWD_CONFIGS = _union(FWD_HALF, FWD_FP32)
@@ -206,17 +210,17 @@ else:
         256: [_cfg(8, 1, 32, 32), _cfg(4, 3, 32, 16)],
     }
     DKDV_FP32 = {
-        64: [_cfg(4, 2, 16, 16)],
-        128: [_cfg(4, 2, 16, 16)],
+        64: [_cfg(4, 2, 16, 16, maxnreg=255)],
+        128: [_cfg(8, 2, 16, 16)],
         256: [_cfg(8, 2, 16, 16)],
     }
     DQ_HALF = {
         64: [_cfg(8, 3, 128, 32), _cfg(4, 3, 64, 32), _cfg(4, 3, 16, 32)],
         128: [_cfg(8, 3, 64, 32), _cfg(4, 2, 64, 16), _cfg(4, 3, 16, 64)],
-        256: [_cfg(4, 2, 32, 32), _cfg(4, 2, 16, 32)],
+        256: [_cfg(8, 2, 32, 32, maxnreg=255), _cfg(4, 2, 16, 32)],
     }
     DQ_FP32 = {
-        64: [_cfg(4, 2, 32, 16)],
+        64: [_cfg(4, 2, 32, 16, maxnreg=255)],
         128: [_cfg(8, 2, 16, 16)],
         256: [_cfg(8, 1, 16, 16)],
     }
@@ -248,8 +252,8 @@ else:
         256: [_cfg(8, 2, 16, 32)],
     }
     DMASK_FP32 = {
-        64: [_cfg(4, 2, 16, 16)],
-        128: [_cfg(8, 1, 16, 16)],
+        64: [_cfg(4, 2, 16, 16, maxnreg=255)],
+        128: [_cfg(8, 1, 16, 16, maxnreg=255)],
         256: [_cfg(8, 2, 32, 32), _cfg(4, 1, 16, 16)],
     }
 BWD_DMASK_CONFIGS = _union(DMASK_HALF, DMASK_FP32)
