@@ -255,6 +255,7 @@ def environment():
                                 cwd=__file__.rsplit("/", 2)[0], timeout=5).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
+    commit = commit or os.environ.get("FASTATTN_COMMIT")  # a copy of the tree without .git (GPU machine)
     try:
         import triton
         triton_version = triton.__version__
@@ -430,17 +431,18 @@ def main(args):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     configs = default_configs(device, quick=args.quick, ops=args.op, modes=args.mode)
     rows = []
+    env = environment()
     for i, cfg in enumerate(configs):
         print(f"[{i + 1}/{len(configs)}] {cfg.op} {cfg.mode} {str(cfg.dtype)[6:]} B{cfg.B} H{cfg.Hq} L{cfg.Lq} "
               f"D{cfg.D}{' causal' if cfg.causal else ''}", flush=True)
         rows += run_config(cfg, device, reps=args.reps or (3 if args.quick else 7))
-    env = environment()
+        if args.out:  # after every config, so an interrupted run keeps what it measured
+            with open(args.out, "w") as f:
+                json.dump(dict(env, results=rows), f, indent=1)
     print()
     print(speedup_table(rows))
     print()
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(env, results=rows), f, indent=1)
         print(f"results written to {os.path.abspath(args.out)}")
     else:
         print("results not saved (--out FILE.json keeps them, with every repetition's time)")

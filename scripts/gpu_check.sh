@@ -1,76 +1,115 @@
 #!/usr/bin/env bash
 # The whole GPU round in one command (see GPU.md): build the extension with all cores, compare the
-# hardware's ldmatrix/mma fragments with the CPU emulation's (layout), run the test suite on the GPU
-# (cuda and triton backends, every gradient), compute-sanitizer on a small sweep, `fastattn check`
-# and `fastattn bench`; logs, JSON and PNG under $OUT, a short summary last. Uses the machine's own
-# Python and packages (no registry access).
-# Usage on the lent machine (repo root):  bash scripts/gpu_check.sh [--quick]
+# hardware's ldmatrix/mma fragments with the CPU emulation's (layout), then side by side the test
+# suite on the GPU (cuda and triton backends, every gradient), compute-sanitizer on a small sweep and
+# `fastattn check`; `fastattn bench` last, alone on the GPU. Uses the machine's own Python and packages
+# (no registry access); pytest-xdist and pytest-timeout are used where installed.
+# Usage on the lent machine (repo root):  bash scripts/gpu_check.sh [--quick]   (--quick: the bench's
+#   headline configs, every mode; and, without a GPU, the quick `fastattn check`)
+#   FASTATTN_ROUND_BUDGET=S   finish inside S seconds: every step gets a share of what is left and is
+#                             stopped (SIGINT, so pytest still prints its summary) when that runs out
+#   BENCH_RESERVE=S           of that budget, S seconds kept for the bench (default 170)
+#   TORCH_CUDA_ARCH_LIST      default: this GPU's architecture only (a shorter build)
+# $OUT gets env.txt, summary.txt, the bench JSON and PNG, and logs.tgz (every step's log): few files,
+# as the device tool brings back at most 8.
 # Without a GPU it rehearses the round: every step runs, the GPU-only ones (layout, sanitize) report
 # "skip" and the rest run on the CPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_out}"
-mkdir -p "$OUT"
+logs="$OUT/logs"
+mkdir -p "$logs"
 quick=""
 [ "${1:-}" = "--quick" ] && quick="--quick"
-py="${PYTHON:-python3}"
+export PYTHON="${PYTHON:-python3}"
+case "$PYTHON" in */*) PYTHON="$(cd "$(dirname "$PYTHON")" && pwd)/$(basename "$PYTHON")" ;; esac
+py="$PYTHON"
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}" PYTHONUNBUFFERED=1
-stamp() { date +%s; }
-declare -A took status
+budget="${FASTATTN_ROUND_BUDGET:-0}"
+t_start=$(date +%s)
+left() { echo $(( budget - ($(date +%s) - t_start) )); }
 
-step() {  # step NAME LOG COMMAND...: run, log, record status and duration
-  local name=$1 log=$2; shift 2
-  local t0; t0=$(stamp)
-  echo "== $name: $*" | tee "$OUT/$log"
-  "$@" >>"$OUT/$log" 2>&1
-  status[$name]=$?
-  took[$name]=$(( $(stamp) - t0 ))
-  tail -n 25 "$OUT/$log"
+step() {  # step NAME CAP COMMAND...: run under min(CAP, time left) seconds, log to $logs/NAME.log
+  local name=$1 cap=$2; shift 2
+  local lim=$cap t0 rc
+  if [ "$budget" -gt 0 ]; then
+    lim=$(( $(left) - 15 ))   # 15 s kept for the summary and the archive
+    [ "$lim" -gt "$cap" ] && lim=$cap
+  fi
+  if [ "$lim" -lt 10 ]; then echo "timeout 0" >"$logs/$name.rc"; echo "== $name: no time left"; return; fi
+  t0=$(date +%s)
+  echo "== $name (≤${lim}s): $*" | tee "$logs/$name.log"
+  # SIGINT back to its default first: a background job of a script starts with it ignored
+  "$py" -c 'import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execvp(sys.argv[1], sys.argv[1:])' \
+      timeout -s INT -k 20 "$lim" "$@" >>"$logs/$name.log" 2>&1
+  rc=$?
+  echo "$rc $(( $(date +%s) - t0 ))" >"$logs/$name.rc"
+  echo "== $name: rc $rc in $(( $(date +%s) - t0 ))s"
+  tail -n 8 "$logs/$name.log"
 }
+skip() { echo "skip 0" >"$logs/$1.rc"; echo "== $1: skip (no GPU)"; }
 
 have_gpu=$("$py" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
 "$py" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__,
   torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU: rehearsal')" | tee "$OUT/env.txt"
-[ "$have_gpu" = 1 ] && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >>"$OUT/env.txt" 2>&1
-skip() { status[$1]=skip; took[$1]=0; echo "== $1: skip (no GPU)"; }
+if [ "$have_gpu" = 1 ]; then
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv >>"$OUT/env.txt" 2>&1
+  export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$("$py" -c "import torch; a, b = torch.cuda.get_device_capability(); print(f'{a}.{b}' + ('a' if a == 9 else ''))")}"
+fi
 
-step build build.log "$py" -m pip install --no-build-isolation --no-deps --no-index -v -e .
-if [ "${status[build]}" != 0 ]; then  # no PEP 660 editable support there: build in place instead
-  step build build.log "$py" setup.py build_ext --inplace
+step build 300 "$py" -m pip install --no-build-isolation --no-deps --no-index -v -e .
+if [ "$(cut -d' ' -f1 "$logs/build.rc")" != 0 ]; then  # no PEP 660 editable support: build in place
+  step build 300 "$py" setup.py build_ext --inplace
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
-if [ "${status[build]}" != 0 ]; then  # the CUDA sources broke the build: keep the round for the rest
+if [ "$(cut -d' ' -f1 "$logs/build.rc")" != 0 ]; then  # the CUDA sources broke the build: keep the rest
   echo "!! build with CUDA failed (see build.log); rebuilding without csrc/cuda (FASTATTN_CUDA=0)"
-  cp "$OUT/build.log" "$OUT/build-cuda-failed.log"
-  FASTATTN_CUDA=0 step build build.log "$py" setup.py build_ext --inplace
-  status[build]=1   # still reported as a failure in the summary
+  mv "$logs/build.log" "$logs/build-cuda-failed.log"
+  FASTATTN_CUDA=0 step build 300 "$py" setup.py build_ext --inplace
+  echo "1 0" >"$logs/build.rc"   # still reported as a failure in the summary
 fi
 # the hardware's fragments against the emulation's first: a mismatch there voids the emulated results
 if [ "$have_gpu" = 1 ]; then
-  step layout layout.log bash scripts/test.sh -p no:warnings test_cuda.py -k layout_probe
+  step layout 60 bash scripts/test.sh -p no:warnings test_cuda.py -k layout_probe
 else
   skip layout
 fi
-# one Triton config per kernel in the tests (autotuning is for the benchmark, not for correctness)
-FASTATTN_TRITON_AUTOTUNE=0 step tests tests.log bash scripts/test.sh -p no:warnings
-if [ "$have_gpu" = 1 ]; then step sanitize sanitize.log bash scripts/cuda_sanitize.sh; else skip sanitize; fi
-step check check.log "$py" -m fastattn check $quick
+
+# correctness, side by side: one Triton config per kernel in the tests (autotuning is for the bench);
+# with a budget, BENCH_RESERVE seconds of it are kept for the bench
+cap=420
+[ "$budget" -gt 0 ] && cap=$(( $(left) - 15 - ${BENCH_RESERVE:-170} ))
+par=()
+"$py" -c "import xdist" 2>/dev/null && par+=(-n "$(( $(nproc) > 12 ? 10 : 2 ))")
+"$py" -c "import pytest_timeout" 2>/dev/null && par+=(--timeout 240)
+FASTATTN_TRITON_AUTOTUNE=0 step tests "$cap" bash scripts/test.sh -p no:warnings -v -rfE "${par[@]}" &
+if [ "$have_gpu" = 1 ]; then OUT="$logs" step sanitize "$cap" bash scripts/cuda_sanitize.sh & else skip sanitize; fi
+check_args=$quick
+[ "$have_gpu" = 1 ] && check_args=""   # the full sweep on a GPU: --quick shortens only the bench there
+step check "$cap" "$py" -m fastattn check $check_args &
+wait
+
 gpu=cpu-rehearsal
 [ "$have_gpu" = 1 ] && gpu=$("$py" -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))")
 json="$OUT/bench-$(date +%Y-%m-%d)-$gpu.json"
-step bench bench.log "$py" -m fastattn bench $quick --out "$json" --plot "$OUT/bench-$gpu.png"
+modes=()
+[ -n "$quick" ] && [ "$have_gpu" = 1 ] && modes=(--mode fwd --mode bwd --mode fwd_bwd)
+step bench 600 "$py" -m fastattn bench $quick "${modes[@]}" --out "$json"
+[ -f "$json" ] && "$py" -c "import json, sys; from fastattn import bench
+rows = json.load(open(sys.argv[1]))
+bench.plot(rows['results'], sys.argv[2], rows)" "$json" "$OUT/bench-$gpu.png" >>"$logs/bench.log" 2>&1
 
-echo
-echo "== summary ($OUT)"
-for s in build layout tests sanitize check bench; do
-  st=${status[$s]:-1}
-  printf '%-8s %-4s %5ss\n' "$s" "$([ "$st" = 0 ] && echo ok || { [ "$st" = skip ] && echo skip || echo FAIL; })" \
-    "${took[$s]:-?}"
-done
-grep -E "passed|failed" "$OUT/tests.log" | tail -1
-grep -E "cases on" "$OUT/check.log" | tail -1
-fails=0
-for s in build layout tests sanitize check bench; do
-  case "${status[$s]:-1}" in 0|skip) ;; *) fails=1 ;; esac
-done
-exit $fails
+{
+  echo "== summary ($OUT)"
+  for s in build layout tests sanitize check bench; do
+    read -r st secs <"$logs/$s.rc" 2>/dev/null || { st=1; secs="?"; }
+    case "$st" in 0) word=ok ;; skip) word=skip ;; 124|130|timeout) word=TIMEOUT ;; *) word=FAIL ;; esac
+    printf '%-8s %-7s %5ss\n' "$s" "$word" "$secs"
+  done
+  grep -hE "^(=+ )?[0-9]+ (passed|failed)|passed|failed" "$logs/tests.log" | tail -2
+  grep -hE "^FAILED|^ERROR" "$logs/tests.log" | head -40
+  grep -hE "cases on" "$logs/check.log" | tail -1
+  grep -hE "ERROR SUMMARY" "$logs"/sanitize-*.log 2>/dev/null
+} | tee "$OUT/summary.txt"
+tar -czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$logs"
+! grep -qE "^[a-z]+ +(FAIL|TIMEOUT)" "$OUT/summary.txt"

@@ -8,8 +8,9 @@
 # (test_triton.py skips itself there). Arguments go to both runs.
 set -euo pipefail
 cd "$(dirname "$0")/../tests"
-pytest_cmd=(python -m pytest -q -p no:cacheprovider -c ../pyproject.toml --rootdir ..)
-if [ -n "${TRITON_INTERPRET:-}" ] || python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+py="${PYTHON:-python}"
+pytest_cmd=("$py" -m pytest -q -p no:cacheprovider -c ../pyproject.toml --rootdir ..)
+if [ -n "${TRITON_INTERPRET:-}" ] || "$py" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   exec "${pytest_cmd[@]}" "$@"
 fi
 rc=0
