@@ -84,7 +84,8 @@ def main(argv=None):
     sub.add_parser("info", help="versions, device, backends")
     c = sub.add_parser("check", help="outputs and gradients of every backend against the float64 reference")
     c.add_argument("--backend", choices=["cuda", "triton", "cpu"], help="only this backend (default: all available)")
-    c.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if present, else cpu")
+    c.add_argument("--device", choices=["cpu", "cuda"],
+                   help="default: the device of --backend, else cuda if present, else cpu")
     c.add_argument("--op", action="append", choices=["attention", "softmax_gate", "score_softmax_gate"],
                    help="only these ops (repeatable)")
     c.add_argument("--dtype", action="append", choices=["fp64", "fp32", "bf16", "fp16"], help="only these dtypes")

@@ -83,7 +83,10 @@ def fuzz_main(names, dtypes_for, device, n, first_seed, ops) -> int:
 
 
 def main(args) -> int:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    default = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.backend and not args.device and args.backend in backends():  # --backend cpu on a GPU machine: cpu
+        default = backends()[args.backend]["devices"][0]
+    device = torch.device(args.device or default)
     names = [args.backend] if args.backend else checkable_backends(device.type)
     if args.backend and args.backend not in checkable_backends(device.type):
         b = backends()[args.backend]

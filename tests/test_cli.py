@@ -47,6 +47,14 @@ def test_check_fails_when_a_backend_is_wrong(capsys, monkeypatch):
     assert "FAIL" in capsys.readouterr().out
 
 
+def test_check_runs_a_backend_on_its_own_device(capsys, monkeypatch):
+    """On a GPU machine `check --backend cpu` checks the CPU kernels rather than refusing the GPU."""
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert main(["check", "--quick", "--op", "softmax_gate", "--dtype", "fp32", "--backend", "cpu"]) == 0
+    assert "cases on cpu" in capsys.readouterr().out
+
+
 def test_check_unavailable_backend(capsys):
     assert main(["check", "--backend", "cuda", "--device", "cpu"]) == 2
     assert "cannot run here" in capsys.readouterr().err
@@ -54,7 +62,7 @@ def test_check_unavailable_backend(capsys):
 
 def test_bench_writes_json_and_plot(tmp_path, capsys):
     out, png = tmp_path / "r.json", tmp_path / "r.png"
-    assert main(["bench", "--quick", "--op", "attention", "--op", "softmax_gate", "--reps", "2",
+    assert main(["bench", "--quick", "--device", "cpu", "--op", "attention", "--op", "softmax_gate", "--reps", "2",
                  "--out", str(out), "--plot", str(png)]) == 0
     res = json.loads(out.read_text())
     for k in ("fastattn", "commit", "timestamp", "device", "torch", "triton", "cuda", "results"):
