@@ -11,10 +11,15 @@ Environment:
     FASTATTN_CUDA=0     never build the CUDA sources (csrc/cuda/), even where nvcc and CUDA torch exist
     FASTATTN_CUDA=1     require them (fail if CUDA torch or nvcc is missing)
     MAX_JOBS=N          parallel compile jobs (ninja)
+    CXX=...             the C++ compiler (default c++); one that links libstdc++ statically is replaced
 """
 import glob
 import os
+import shlex
+import shutil
+import subprocess
 import sys
+import tempfile
 
 from setuptools import setup
 
@@ -32,6 +37,46 @@ except ImportError:  # the classic isolated-build trap: say what to do instead o
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def _links_libstdcxx_statically(cxx):
+    """True when ``cxx`` puts libstdc++ itself into a shared library (a toolchain configured with static
+    standard libraries). The extension would then carry a second libstdc++ whose locale nobody set up:
+    every number formatted into an error message is dropped, or the process crashes. Unknown: False."""
+    readelf = shutil.which("readelf")
+    if not readelf or not shutil.which(shlex.split(cxx)[0]):
+        return False
+    with tempfile.TemporaryDirectory() as d:
+        src, lib = os.path.join(d, "probe.cpp"), os.path.join(d, "probe.so")
+        with open(src, "w") as f:
+            f.write("#include <sstream>\nstd::string f(long x) { std::ostringstream s; s << x; return s.str(); }\n")
+        if subprocess.run(shlex.split(cxx) + ["-shared", "-fPIC", src, "-o", lib], capture_output=True).returncode:
+            return False
+        needed = subprocess.run([readelf, "-d", lib], capture_output=True, text=True).stdout
+        return "libstdc++" not in needed
+
+
+def _use_shared_libstdcxx():
+    """Keep the extension on the process's own libstdc++ (the one torch uses): if CXX links it statically,
+    build with the first g++ / c++ on PATH or in /usr/bin that does not."""
+    if not sys.platform.startswith("linux"):
+        return
+    cxx = os.environ.get("CXX", "c++")
+    if not _links_libstdcxx_statically(cxx):
+        return
+    dirs = os.environ.get("PATH", "").split(os.pathsep) + ["/usr/bin"]
+    for d in dict.fromkeys(dirs):
+        for name in ("g++", "c++"):
+            alt = os.path.join(d, name)
+            if os.access(alt, os.X_OK) and not _links_libstdcxx_statically(alt):
+                print(f"fastattn: CXX={cxx} links libstdc++ statically; building with {alt} instead")
+                os.environ["CXX"] = alt
+                cc = os.path.join(d, "gcc" if name == "g++" else "cc")
+                if os.access(cc, os.X_OK):
+                    os.environ["CC"] = cc
+                return
+    sys.exit(f"fastattn: CXX={cxx} links libstdc++ statically, which breaks the extension's error messages "
+             "(and can crash them); set CXX to a C++ compiler that links it as a shared library")
+
+
 def _want_cuda():
     flag = os.environ.get("FASTATTN_CUDA", "auto").lower()
     have = torch.version.cuda is not None and CUDA_HOME is not None
@@ -45,6 +90,7 @@ def _want_cuda():
 
 
 def _extension():
+    _use_shared_libstdcxx()
     rel = lambda pattern: sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
     cxx = ["-O3", "-fopenmp", "-DFASTATTN_VERSION=\"%s\"" % _version()]
