@@ -681,13 +681,14 @@ def _check(q, k, v, mask, gate, causal):
 
 
 def _mask_args(mask, q):
-    """(kind, tensor, 4 strides); a bool mask is read as bytes, a float mask in q's dtype. A size-1 dim
-    gets stride 0: the kernels index it with every b, h, i or j of the scores (broadcast)."""
+    """(kind, tensor, 4 strides); a bool mask is passed as it is (Triton reads torch.bool as bytes, and a
+    dtype view would stop Inductor from lowering the op), a float mask in q's dtype. A size-1 dim gets
+    stride 0: the kernels index it with every b, h, i or j of the scores (broadcast)."""
     if mask is None:
         return MASK_NONE, q, (0, 0, 0, 0)
     strides = tuple(0 if n == 1 else st for n, st in zip(mask.shape, mask.stride()))
     if mask.dtype == torch.bool:
-        return MASK_BOOL, mask.view(torch.uint8), strides
+        return MASK_BOOL, mask, strides
     if mask.dtype != q.dtype:
         raise TypeError(f"triton_attention: a float mask must have q's dtype {q.dtype}, got {mask.dtype}")
     return MASK_BIAS, mask, strides

@@ -310,7 +310,7 @@ def _check(x, other, other_name, mask):
 def _mask_args(mask, x):
     if mask is None:
         return x, 0, 0
-    return mask.view(torch.uint8), mask.stride(0), mask.stride(1)
+    return mask, mask.stride(0), mask.stride(1)
 
 
 def _splits(B, N, d_blocks):
