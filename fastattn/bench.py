@@ -250,12 +250,13 @@ def default_configs(device, quick=False, ops=None, modes=None):
 
 
 def environment():
+    # FASTATTN_COMMIT first: a copied tree (the GPU machine's) may carry a .git that is not its commit
+    commit = os.environ.get("FASTATTN_COMMIT")
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=__file__.rsplit("/", 2)[0], timeout=5).stdout.strip() or None
+        commit = commit or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                          cwd=__file__.rsplit("/", 2)[0], timeout=5).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
-    commit = commit or os.environ.get("FASTATTN_COMMIT")  # a copy of the tree without .git (GPU machine)
     try:
         import triton
         triton_version = triton.__version__

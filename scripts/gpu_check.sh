@@ -5,11 +5,12 @@
 # `fastattn check`; `fastattn bench` last, alone on the GPU. Uses the machine's own Python and packages
 # (no registry access); pytest-xdist and pytest-timeout are used where installed.
 # Usage on the lent machine (repo root):  bash scripts/gpu_check.sh [--quick]   (--quick: the bench's
-#   headline configs, every mode; and, without a GPU, the quick `fastattn check`)
+#   headline configs, every mode)
 #   FASTATTN_ROUND_BUDGET=S   finish inside S seconds: every step gets a share of what is left and is
 #                             stopped (SIGINT, so pytest still prints its summary) when that runs out
 #   BENCH_RESERVE=S           of that budget, S seconds kept for the bench (default 170)
 #   TORCH_CUDA_ARCH_LIST      default: this GPU's architecture only (a shorter build)
+#   FASTATTN_COMMIT           the commit the bench JSON records (the copied tree's .git may be stale)
 # $OUT gets env.txt, summary.txt, the bench JSON and PNG, and logs.tgz (every step's log): few files,
 # as the device tool brings back at most 8.
 # Without a GPU it rehearses the round: every step runs, the GPU-only ones (layout, sanitize) report
@@ -68,25 +69,26 @@ if [ "$(cut -d' ' -f1 "$logs/build.rc")" != 0 ]; then  # the CUDA sources broke 
   FASTATTN_CUDA=0 step build 300 "$py" setup.py build_ext --inplace
   echo "1 0" >"$logs/build.rc"   # still reported as a failure in the summary
 fi
-# the hardware's fragments against the emulation's first: a mismatch there voids the emulated results
-if [ "$have_gpu" = 1 ]; then
-  step layout 60 bash scripts/test.sh -p no:warnings test_cuda.py -k layout_probe
-else
-  skip layout
-fi
-
-# correctness, side by side: one Triton config per kernel in the tests (autotuning is for the bench);
-# with a budget, BENCH_RESERVE seconds of it are kept for the bench
+# correctness, side by side (on an H200 the suite took 110 s for test_cuda/test_triton/test_cli over 12
+# workers and did not finish in 240 s whole over 10 beside the sanitizer and a full `check`): the layout
+# probe (the hardware's fragments against the emulation's: a mismatch voids the emulated results), the
+# suite with one Triton config per kernel (autotuning is for the bench), compute-sanitizer, and the
+# quick `fastattn check` (the suite already holds the full sweep). With a budget, BENCH_RESERVE seconds
+# of it are kept for the bench.
 cap=420
 [ "$budget" -gt 0 ] && cap=$(( $(left) - 15 - ${BENCH_RESERVE:-170} ))
 par=()
-"$py" -c "import xdist" 2>/dev/null && par+=(-n "$(( $(nproc) > 12 ? 10 : 2 ))")
+"$py" -c "import xdist" 2>/dev/null && par+=(-n "$(( $(nproc) > 12 ? 12 : 2 ))")
 "$py" -c "import pytest_timeout" 2>/dev/null && par+=(--timeout 240)
-FASTATTN_TRITON_AUTOTUNE=0 step tests "$cap" bash scripts/test.sh -p no:warnings -v -rfE "${par[@]}" &
-if [ "$have_gpu" = 1 ]; then OUT="$logs" step sanitize "$cap" bash scripts/cuda_sanitize.sh & else skip sanitize; fi
-check_args=$quick
-[ "$have_gpu" = 1 ] && check_args=""   # the full sweep on a GPU: --quick shortens only the bench there
-step check "$cap" "$py" -m fastattn check $check_args &
+if [ "$have_gpu" = 1 ]; then
+  step layout 120 bash scripts/test.sh -p no:warnings test_cuda.py -k layout_probe &
+  OUT="$logs" step sanitize "$cap" bash scripts/cuda_sanitize.sh &
+else
+  skip layout
+  skip sanitize
+fi
+FASTATTN_TRITON_AUTOTUNE=0 step tests "$cap" bash scripts/test.sh -p no:warnings -v -rfE --durations=30 "${par[@]}" &
+step check "$cap" "$py" -m fastattn check --quick &
 wait
 
 gpu=cpu-rehearsal
