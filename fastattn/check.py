@@ -84,8 +84,9 @@ def fuzz_main(names, dtypes_for, device, n, first_seed, ops) -> int:
 
 def main(args) -> int:
     default = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.backend and not args.device and args.backend in backends():  # --backend cpu on a GPU machine: cpu
-        default = backends()[args.backend]["devices"][0]
+    if args.backend:  # a backend that cannot run there runs on its own device (--backend cpu on a GPU machine)
+        devices = backends()[args.backend]["devices"]
+        default = default if default in devices else devices[0]
     device = torch.device(args.device or default)
     names = [args.backend] if args.backend else checkable_backends(device.type)
     if args.backend and args.backend not in checkable_backends(device.type):

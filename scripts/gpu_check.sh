@@ -108,7 +108,7 @@ bench.plot(rows['results'], sys.argv[2], rows)" "$json" "$OUT/bench-$gpu.png" >>
     case "$st" in 0) word=ok ;; skip) word=skip ;; 124|130|timeout) word=TIMEOUT ;; *) word=FAIL ;; esac
     printf '%-8s %-7s %5ss\n' "$s" "$word" "$secs"
   done
-  grep -hE "^(=+ )?[0-9]+ (passed|failed)|passed|failed" "$logs/tests.log" | tail -2
+  grep -hE "[0-9]+ (passed|failed)" "$logs/tests.log" | tail -2
   grep -hE "^FAILED|^ERROR" "$logs/tests.log" | head -40
   grep -hE "cases on" "$logs/check.log" | tail -1
   grep -hE "ERROR SUMMARY" "$logs"/sanitize-*.log 2>/dev/null

@@ -213,6 +213,13 @@ def test_torch_compile_fullgraph():
     bc.torch_compile_fullgraph("triton", DEVICE)
 
 
+def test_check_cli_runs_triton_where_it_can_without_a_device(capsys):
+    """`fastattn check --backend triton` without --device: on the GPU, or on CPU tensors in the interpreter."""
+    from fastattn.__main__ import main
+    assert main(["check", "--quick", "--backend", "triton", "--op", "softmax_gate", "--dtype", "fp32"]) == 0
+    assert f"cases on {DEVICE}" in capsys.readouterr().out
+
+
 def test_check_cli_covers_the_dtypes_triton_supports(capsys):
     """`fastattn check --backend triton` checks fp32/bf16/fp16 and does not count float64 (refused by design)."""
     from fastattn.__main__ import main
