@@ -95,7 +95,7 @@ def main(argv=None):
     c.add_argument("--fuzz-seed", type=int, default=0, metavar="S", help="first fuzz seed (default 0)")
     p = sub.add_parser("bench", help="time fastattn against PyTorch's attention paths in the same run")
     p.add_argument("--quick", action="store_true", help="small smoke run")
-    p.add_argument("--op", action="append", choices=["attention", "gated", "softmax_gate", "score_softmax_gate"],
+    p.add_argument("--op", action="append", choices=["attention", "gated", "bias", "softmax_gate", "score_softmax_gate"],
                    help="only these ops (repeatable; gated = attention with an elementwise output gate)")
     p.add_argument("--mode", action="append", choices=["fwd", "bwd", "fwd_bwd"], help="only these modes (repeatable)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if present, else cpu")

@@ -26,7 +26,7 @@ from .version import __version__
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    op: str                  # attention, gated, softmax_gate, score_softmax_gate
+    op: str                  # attention, gated, bias (a float bias with its gradient), softmax_gate, score_softmax_gate
     mode: str                # fwd, bwd, fwd_bwd
     dtype: torch.dtype
     B: int
@@ -39,6 +39,9 @@ class Config:
     causal: bool = False
     mask: str = "none"
     gate: str = "none"
+
+
+ATTENTION_OPS = ("attention", "gated", "bias")
 
 
 def _sync(device):
@@ -71,18 +74,26 @@ def _sdpa_backends(device):
 
 
 def _attention_providers(cfg, device):
-    """{provider: callable(q, k, v, gate) -> out} for an attention config."""
+    """{provider: callable(q, k, v, extra) -> out} for an attention config; ``extra`` is the gate for
+    op "gated", the float bias for op "bias", else None."""
     from torch.nn.attention import sdpa_kernel
     providers = {}
+    bias = cfg.op == "bias"
     for name in _fastattn_backends(device):
-        providers[f"fastattn-{name}"] = (lambda n: lambda q, k, v, g: functional.attention(
-            q, k, v, causal=cfg.causal, gate=g, backend=n))(name)
+        providers[f"fastattn-{name}"] = (lambda n: lambda q, k, v, e: functional.attention(
+            q, k, v, causal=cfg.causal, attn_mask=e if bias else None, gate=None if bias else e, backend=n))(name)
+
+    # SDPA takes a mask or is_causal, not both: a causal bias is masked above the diagonal on every call,
+    # as a model whose bias trains has to
+    above = torch.ones(cfg.Lq, cfg.Lk, dtype=torch.bool, device=device).triu_(1) if bias and cfg.causal else None
 
     def sdpa(backend):
-        def run(q, k, v, g):
+        def run(q, k, v, e):
+            mask = (e if above is None else e.masked_fill(above, float("-inf"))) if bias else None
             with sdpa_kernel([backend]):
-                o = F.scaled_dot_product_attention(q, k, v, is_causal=cfg.causal, enable_gqa=cfg.Hq != cfg.Hkv)
-            return o * torch.sigmoid(g) if g is not None else o
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=cfg.causal and not bias,
+                                                   enable_gqa=cfg.Hq != cfg.Hkv)
+            return o * torch.sigmoid(e) if e is not None and not bias else o
         return run
 
     for provider, backend in _sdpa_backends(device).items():
@@ -173,9 +184,12 @@ def run_config(cfg, device, reps=7, warmup=2):
     once), so a change in machine load falls on all providers alike; the median is reported."""
     g = torch.Generator(device=device).manual_seed(0)
     mk = lambda *s: torch.randn(*s, generator=g, device=device, dtype=cfg.dtype)
-    if cfg.op in ("attention", "gated"):
+    if cfg.op in ATTENTION_OPS:
+        # the bias is one (1, H, Lq, Lk) table shared by the batch, as a learned relative-position bias
+        extra = (mk(1, cfg.Hq, cfg.Lq, cfg.Lk) if cfg.mask == "float_grad" else
+                 mk(cfg.B, cfg.Hq, cfg.Lq, cfg.Dv) if cfg.gate != "none" else None)
         inputs = [mk(cfg.B, cfg.Hq, cfg.Lq, cfg.D), mk(cfg.B, cfg.Hkv, cfg.Lk, cfg.D), mk(cfg.B, cfg.Hkv, cfg.Lk, cfg.Dv),
-                  mk(cfg.B, cfg.Hq, cfg.Lq, cfg.Dv) if cfg.gate != "none" else None]
+                  extra]
         providers = _attention_providers(cfg, device)
     else:
         H = cfg.Hq
@@ -210,7 +224,7 @@ def make_row(cfg, provider, times, peak_mem_mb=None):
            "B": cfg.B, "Hq": cfg.Hq, "Hkv": cfg.Hkv, "Lq": cfg.Lq, "Lk": cfg.Lk, "D": cfg.D, "Dv": cfg.Dv,
            "causal": cfg.causal, "mask": cfg.mask, "gate": cfg.gate, "ms": ms, "tflops": None, "gbps": None,
            "peak_mem_mb": peak_mem_mb, "q1_ms": q1, "q3_ms": q3, "times_ms": list(times)}
-    if cfg.op in ("attention", "gated"):
+    if cfg.op in ATTENTION_OPS:
         row["tflops"] = _flops(cfg) / ms / 1e9
     else:
         row["gbps"] = _gate_bytes(cfg) / ms / 1e6
@@ -224,25 +238,29 @@ def default_configs(device, quick=False, ops=None, modes=None):
     if device.type == "cuda":
         seqlens = (1024, 4096) if quick else (512, 1024, 2048, 4096, 8192, 16384)
         dtypes = (torch.bfloat16,) if quick else (torch.bfloat16, torch.float16)
-        heads_dims = [(2048 // D, D) for D in ((128,) if quick else (64, 128))]
+        heads_dims = [(2048 // D, D) for D in ((128,) if quick else (128, 64))]
         gate_sizes = [(32, 1024, 512)] if quick else [(32, 1024, 512), (8, 4096, 1024)]
     else:
         seqlens = (256,) if quick else (1024,)
         dtypes = (torch.float32,) if quick else (torch.float32, torch.bfloat16)
         heads_dims = [(8, 64)]
         gate_sizes = [(8, 256, 512)] if quick else [(32, 1024, 512)]
+    asked_modes = modes
     modes = modes or (("fwd",) if quick else ("fwd", "fwd_bwd") if device.type == "cpu" else ("fwd", "bwd", "fwd_bwd"))
-    ops = ops or (("attention", "gated", "softmax_gate", "score_softmax_gate") if device.type == "cuda"
+    ops = ops or (("attention", "gated", "bias", "softmax_gate", "score_softmax_gate") if device.type == "cuda"
                   else ("attention", "softmax_gate", "score_softmax_gate"))
     for op in ops:
         for dtype in dtypes:
-            if op in ("attention", "gated"):
+            if op in ATTENTION_OPS:
                 for (H, D), causal, mode, L in itertools.product(heads_dims, (False, True), modes, seqlens):
-                    if op == "gated" and len(heads_dims) > 1 and D != 128:
-                        continue  # the gated comparison at one head dim keeps the GPU sweep short
+                    if op != "attention" and len(heads_dims) > 1 and D != 128:
+                        continue  # the gated and bias comparisons at one head dim keep the GPU sweep short
+                    if op == "bias" and ((mode == "fwd" and not asked_modes) or L > 8192):
+                        continue  # what it is for is the gradient; a 16k² bias per head is 8 GiB before its gradient
                     B = max(1, 16384 // L) if device.type == "cuda" else 2
                     configs.append(Config(op, mode, dtype, B=B, Hq=H, Hkv=H, Lq=L, Lk=L, D=D, Dv=D, causal=causal,
-                                          gate="elementwise" if op == "gated" else "none"))
+                                          gate="elementwise" if op == "gated" else "none",
+                                          mask="float_grad" if op == "bias" else "none"))
             else:
                 for (B, N, D), mode in itertools.product(gate_sizes, ("fwd_bwd",) if device.type == "cpu" else modes):
                     configs.append(Config(op, mode, dtype, B=B, Hq=8, Lq=N, D=D))
@@ -352,7 +370,7 @@ def figure(rows, env=None):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    unit = lambda op: "TFLOP/s" if op in ("attention", "gated") else "GB/s"
+    unit = lambda op: "TFLOP/s" if op in ATTENTION_OPS else "GB/s"
     # one colour per provider across all panels, so that a colour means the same thing everywhere
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     color = {p: palette[i % len(palette)] for i, p in enumerate(sorted({r["provider"] for r in rows}))}

@@ -5,13 +5,19 @@
 # memory nothing wrote). Small shapes only: the tools slow kernels down 10-100x, racecheck far more
 # (the default selection did not finish under it in 230 s on an H200), so the three others take a
 # smaller one: both head dims, causal, float mask with gradient, empty rows, one softmax gate.
+# The Triton kernels get memcheck and racecheck on a few bf16 cases of tests/test_triton.py: every
+# attention variant family (causal both ways, bool and float masks with gradient, both gates, GQA,
+# empty rows, D 256) and both softmax-gate paths. PyTorch's caching allocator is off under the tools,
+# so an access past a tensor's end lands outside any allocation and is reported.
 # Usage (repo root): bash scripts/cuda_sanitize.sh [memcheck's pytest -k expression [the others']]
 set -uo pipefail
 cd "$(dirname "$0")/../tests"
 py="${PYTHON:-python3}"
 sel="${1:-L17 or L37 or L113-203 or L300 or GQA or B2-H8-2 or softmax_gate-B3-N17}"
 small="${2:-bf16 and (L17-D64-causal or L37-D64-float_grad or L203-113-D128-causal) or bf16-softmax_gate-B3-N17-D40-H4-pool}"
+triton_sel="${FASTATTN_SANITIZE_TRITON:-bf16 and (L17-D40-causal or L23-41-D59-causalBR-bool-gate-headwise or L29-45-D48-float_grad-gate-elementwise-emptyrows or H4-2-L33-47-D64-causal-bool-emptyrows or L9-21-D256 or two_pass and (N97-D59-H1-pool or N17-D40-H4) or gates_match_reference and N37-D48-H4-pool)}"
 OUT="${OUT:-$PWD/../gpu_out}"
+export PYTORCH_NO_CUDA_MEMORY_CACHING=1 FASTATTN_TRITON_AUTOTUNE=0
 mkdir -p "$OUT"
 rc=0
 for tool in memcheck racecheck synccheck initcheck; do
@@ -24,5 +30,14 @@ for tool in memcheck racecheck synccheck initcheck; do
   r=$?
   tail -n 5 "$OUT/sanitize-$tool.log"
   [ "$r" -ne 0 ] && rc=1 && echo "   $tool: FAILED (rc $r), see $OUT/sanitize-$tool.log"
+done
+for tool in memcheck racecheck; do
+  echo "== compute-sanitizer --tool $tool (Triton)"
+  compute-sanitizer --tool "$tool" --error-exitcode 99 --target-processes all \
+      "$py" -m pytest -x -q -p no:cacheprovider -c ../pyproject.toml --rootdir .. test_triton.py -k "$triton_sel" \
+      >"$OUT/sanitize-triton-$tool.log" 2>&1
+  r=$?
+  tail -n 5 "$OUT/sanitize-triton-$tool.log"
+  [ "$r" -ne 0 ] && rc=1 && echo "   Triton $tool: FAILED (rc $r), see $OUT/sanitize-triton-$tool.log"
 done
 exit $rc

@@ -87,7 +87,10 @@ else
   skip layout
   skip sanitize
 fi
-FASTATTN_TRITON_AUTOTUNE=0 step tests "$cap" bash scripts/test.sh -p no:warnings -v -rfE --durations=30 "${par[@]}" &
+# on a GPU the files whose tests run there (CPU-only files are CI's: they took ~150 s of the round)
+tests=()
+[ "$have_gpu" = 1 ] && read -ra tests <<<"${FASTATTN_GPU_TESTS:-test_cuda.py test_triton.py test_fuzz.py test_cli.py test_errors.py test_package.py}"
+FASTATTN_TRITON_AUTOTUNE=0 step tests "$cap" bash scripts/test.sh -p no:warnings -v -rfE --durations=30 "${par[@]}" "${tests[@]}" &
 step check "$cap" "$py" -m fastattn check --quick &
 wait
 
@@ -97,21 +100,32 @@ json="$OUT/bench-$(date +%Y-%m-%d)-$gpu.json"
 modes=()
 [ -n "$quick" ] && [ "$have_gpu" = 1 ] && modes=(--mode fwd --mode bwd --mode fwd_bwd)
 step bench 600 "$py" -m fastattn bench $quick "${modes[@]}" --out "$json"
-[ -f "$json" ] && "$py" -c "import json, sys; from fastattn import bench
+plot() { [ -f "$1" ] && "$py" -c "import json, sys; from fastattn import bench
 rows = json.load(open(sys.argv[1]))
-bench.plot(rows['results'], sys.argv[2], rows)" "$json" "$OUT/bench-$gpu.png" >>"$logs/bench.log" 2>&1
+bench.plot(rows['results'], sys.argv[2], rows)" "$1" "$2" >>"$logs/bench.log" 2>&1; }
+plot "$json" "$OUT/bench-$gpu.png"
+# what time is left goes to the attention sweep over lengths (fwd and fwd+bwd, D 64 and 128, bf16 and
+# fp16); its JSON is written after every config, so a run stopped by the budget keeps what it measured
+if [ -n "$quick" ] && [ "$have_gpu" = 1 ] && [ "$budget" -gt 0 ] && [ "$(left)" -gt 60 ]; then
+  sweep="$OUT/bench-$(date +%Y-%m-%d)-$gpu-sweep.json"
+  step sweep 600 "$py" -m fastattn bench --op attention --mode fwd --mode fwd_bwd --out "$sweep"
+  plot "$sweep" "$OUT/bench-$gpu-sweep.png"
+fi
 
 {
   echo "== summary ($OUT)"
-  for s in build layout tests sanitize check bench; do
-    read -r st secs <"$logs/$s.rc" 2>/dev/null || { st=1; secs="?"; }
-    case "$st" in 0) word=ok ;; skip) word=skip ;; 124|130|timeout) word=TIMEOUT ;; *) word=FAIL ;; esac
+  for s in build layout tests sanitize check bench sweep; do
+    if [ "$s" = sweep ] && [ ! -f "$logs/sweep.rc" ]; then st=skip secs=0
+    else read -r st secs <"$logs/$s.rc" 2>/dev/null || { st=1; secs="?"; }; fi
+    case "$s:$st" in  # the sweep takes what time is left: stopped by the budget is its normal end
+      *:0) word=ok ;; *:skip) word=skip ;; sweep:124|sweep:130|sweep:137|sweep:timeout) word=cut ;;
+      *:124|*:130|*:137|*:timeout) word=TIMEOUT ;; *) word=FAIL ;; esac
     printf '%-8s %-7s %5ss\n' "$s" "$word" "$secs"
   done
   grep -hE "[0-9]+ (passed|failed)" "$logs/tests.log" | tail -2
   grep -hE "^FAILED|^ERROR" "$logs/tests.log" | head -40
   grep -hE "cases on" "$logs/check.log" | tail -1
-  grep -hE "ERROR SUMMARY" "$logs"/sanitize-*.log 2>/dev/null
+  grep -HE "ERROR SUMMARY|RACECHECK SUMMARY" "$logs"/sanitize-*.log 2>/dev/null
 } | tee "$OUT/summary.txt"
 tar -czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$logs"
 ! grep -qE "^[a-z]+ +(FAIL|TIMEOUT)" "$OUT/summary.txt"

@@ -211,3 +211,30 @@ def test_plot_is_titled_from_zero_and_bars_for_one_length():
                                                                        ("torch-sdpa-flash", 40.0)]], env)
     axes = [ax for ax in lines.axes if ax.axison]
     assert axes and all(ax.lines and not bars(ax) and ax.get_ylim()[0] == 0 for ax in axes)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_bench_bias_providers_compute_the_same_attention(causal):
+    """Every provider of the float-bias comparison applies the bias (and, causal, the causal mask) and
+    passes its gradient back: fastattn against SDPA, on the inputs the bench times."""
+    import torch
+    from fastattn import bench
+    cfg = bench.Config("bias", "fwd_bwd", torch.float64, B=2, Hq=2, Hkv=2, Lq=24, Lk=24, D=16, Dv=16,
+                       causal=causal, mask="float_grad")
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 24, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    bias = (3 * torch.randn(1, 2, 24, 24, generator=g, dtype=torch.float64)).requires_grad_()
+    results = {}
+    for name, fn in bench._attention_providers(cfg, torch.device("cpu")).items():
+        try:
+            out = fn(q, k, v, bias)
+        except RuntimeError:  # an SDPA backend that refuses a mask (flash) is skipped by the bench too
+            continue
+        results[name] = (out, torch.autograd.grad(out.square().sum(), bias)[0])
+    assert {"fastattn-cpu", "torch-sdpa-math"} <= set(results)
+    want_out, want_grad = results["torch-sdpa-math"]
+    assert not torch.allclose(want_out, bench._attention_providers(
+        cfg, torch.device("cpu"))["torch-sdpa-math"](q, k, v, torch.zeros_like(bias)))
+    for name, (out, grad) in results.items():
+        torch.testing.assert_close(out, want_out, msg=name)
+        torch.testing.assert_close(grad, want_grad, msg=name)
