@@ -2,7 +2,6 @@
 (test_attention_cpu.py / test_ops.py for "cpu", test_triton.py, test_cuda.py): fully masked rows,
 strided inputs reaching the kernel uncopied, torch.library.opcheck of the op family, and
 torch.compile(fullgraph=True) through every op."""
-import dataclasses
 import itertools
 import math
 
@@ -10,7 +9,8 @@ import torch
 
 import fastattn
 from fastattn import fuzz
-from fastattn.testing import AttentionCase, attention_cases
+from fastattn.backends import Problem, cuda_kernels_unsupported
+from fastattn.testing import AttentionCase, attention_cases, cases_covered
 from conftest import assert_all_ok
 
 
@@ -195,17 +195,11 @@ def torch_compile_fullgraph(backend="auto", device="cpu", dtype=torch.float32, d
         torch.testing.assert_close(a, b)
 
 
-def _cuda_covered(case: AttentionCase) -> AttentionCase:
-    D = 64 if case.D <= 64 else 128
-    return dataclasses.replace(case, D=D, Dv=None)
-
-
 def cuda_attention_cases():
     """The sweep of fastattn.testing moved onto what csrc/cuda covers (float16 / bfloat16, D == Dv in
     {64, 128}), plus shapes that cross several tiles of both kernels (128-query forward tiles, 64-key
     backward tiles, the K/V and Q/dO double buffers) and GQA groups: on a GPU and under the emulation."""
-    cases = [_cuda_covered(c) for c in attention_cases()]
-    cases += [
+    cases = attention_cases() + [
         AttentionCase(B=1, Hq=2, Lq=300, Lk=517, D=128),                                   # tails of both tiles
         AttentionCase(B=1, Hq=2, Lq=517, Lk=300, D=64, causal="bottom_right"),             # empty leading rows
         AttentionCase(B=1, Hq=2, Lq=1023, Lk=1023, D=64, causal=True),                     # many tiles, diagonal
@@ -214,9 +208,5 @@ def cuda_attention_cases():
         AttentionCase(B=1, Hq=2, Lq=200, Lk=333, D=128, mask="bool", masked_rows=True, lse_grad=True),
         AttentionCase(B=2, Hq=2, Lq=129, Lk=129, D=128, layout="blhd", mask="float_bcast", causal="bottom_right"),
     ]
-    seen, out = set(), []
-    for c in cases:
-        if c.id not in seen:
-            seen.add(c.id)
-            out.append(c)
-    return out
+    refuses = lambda D, Dv: cuda_kernels_unsupported(Problem("attention", "cuda", torch.float16, D=D, Dv=Dv))
+    return cases_covered(cases, refuses)

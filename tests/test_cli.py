@@ -238,3 +238,21 @@ def test_bench_bias_providers_compute_the_same_attention(causal):
     for name, (out, grad) in results.items():
         torch.testing.assert_close(out, want_out, msg=name)
         torch.testing.assert_close(grad, want_grad, msg=name)
+
+
+@pytest.mark.parametrize("quick", [True, False], ids=["quick", "full"])
+def test_check_plans_only_cases_each_backend_covers(quick):
+    """`fastattn check` moves the sweep onto the head dims a backend covers (the cuda kernels: D == Dv in
+    {64, 128}) instead of counting a refusal as a failure, and keeps every other case as it is."""
+    import torch
+    from fastattn import check, testing
+    from fastattn.backends import _BACKENDS, Problem
+    for name, dev in (("cuda", "cuda"), ("triton", "cuda"), ("cpu", "cpu")):
+        for dt in (torch.float16, torch.bfloat16):
+            cases = check._cases("attention", quick, name, dt, torch.device(dev))
+            refused = [c.id for c in cases
+                       if _BACKENDS[name].unsupported(Problem("attention", dev, dt, D=c.D, Dv=c.Dv or c.D))]
+            assert not refused, f"{name}: {refused}"
+            assert len(cases) > 0.7 * len(testing.attention_cases(quick=quick)), name
+    assert check._cases("attention", quick, "triton", torch.bfloat16, torch.device("cuda")) == \
+        testing.attention_cases(quick=quick)
