@@ -55,3 +55,27 @@ def test_full_sweep_passes():
     sm_80 and sm_90 (long: fp32 compiles take up to a minute or more each)."""
     r = subprocess.run([sys.executable, str(SCRIPT), "--full"], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+
+
+def test_kernels_build_with_float_arguments_typed_as_inductor_types_them(aot, monkeypatch, tmp_path):
+    """torch.compile (Inductor, torch 2.11) builds a wrapped kernel with its Python float arguments (the
+    softmax scales) typed fp64 where triton's launcher says fp32: every kernel that takes one must still
+    build, its float math in fp32 (an fp64 scale turned the forward's accumulator fp64 and tl.dot refused it)."""
+    import dataclasses
+    monkeypatch.setattr(triton.knobs.cache, "dir", triton.knobs.cache.dir)
+    monkeypatch.setattr(triton.knobs.nvidia, "dump_ptxas_log", triton.knobs.nvidia.dump_ptxas_log)
+    monkeypatch.setenv("FASTATTN_TRITON_AOT_ARCH", "90")
+    aot._quiet()
+    first = {}
+    for job in aot.collect_jobs([90], ["bf16", "fp32"], [32], [32], {"full", "bcast", "gate-full"}):
+        if "fp32" in job.signature.values():
+            first.setdefault((job.name, job.contexts[0][0]), job)
+    assert {name for name, _ in first} == {"_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq", "_attn_bwd_dmask",
+                                           "_gate_fused_fwd", "_score_bwd", "_gate_scores"}
+    errors = {}
+    for (name, dtype), job in first.items():
+        sig = {k: "fp64" if v == "fp32" else v for k, v in job.signature.items()}
+        res = aot.compile_job(dataclasses.replace(job, signature=sig), str(tmp_path))
+        if res["error"]:
+            errors[f"{name} {dtype}"] = res["error"]
+    assert not errors, errors

@@ -190,6 +190,8 @@ def _attn_fwd(Q, K, V, MASK, GATE, OUT, LSE, OUT_ACC,
               MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_GATE: tl.constexpr, STORE_ACC: tl.constexpr,
               SPLIT_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr,
               ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # torch.compile types a Python float argument fp64 (triton's launcher: fp32): the math stays fp32
+    qk_scale = tl.cast(qk_scale, tl.float32)
     D, Dv = _aligned(D, ALIGN), _aligned(Dv, ALIGN)
     stride_qb, stride_qh, stride_qm = _aligned3(stride_qb, stride_qh, stride_qm, ALIGN)
     stride_kb, stride_kh, stride_kn = _aligned3(stride_kb, stride_kh, stride_kn, ALIGN)
@@ -358,6 +360,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, MASK, DK, DV,
                    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr, ALIGN: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    scale = tl.cast(scale, tl.float32)
+    qk_scale = tl.cast(qk_scale, tl.float32)  # fp32 under torch.compile too (see _attn_fwd)
     D, Dv = _aligned(D, ALIGN), _aligned(Dv, ALIGN)
     stride_qb, stride_qh, stride_qm = _aligned3(stride_qb, stride_qh, stride_qm, ALIGN)
     stride_kb, stride_kh, stride_kn = _aligned3(stride_kb, stride_kh, stride_kn, ALIGN)
@@ -447,6 +451,8 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, MASK, DQ, DMASK,
                  MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, NEED_DMASK: tl.constexpr,
                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr, ALIGN: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    scale = tl.cast(scale, tl.float32)
+    qk_scale = tl.cast(qk_scale, tl.float32)  # fp32 under torch.compile too (see _attn_fwd)
     D, Dv = _aligned(D, ALIGN), _aligned(Dv, ALIGN)
     stride_qb, stride_qh, stride_qm = _aligned3(stride_qb, stride_qh, stride_qm, ALIGN)
     stride_kb, stride_kh, stride_kn = _aligned3(stride_kb, stride_kh, stride_kn, ALIGN)
@@ -548,6 +554,7 @@ def _attn_bwd_dmask(Q, K, V, DO, LSE, DELTA, MASK, DMASK,
     dS over the NB batch items b' + [0, NB) and NH heads h' + [0, NH) that read it (NB = B when B' = 1, else
     1; NH likewise), over all query tiles when BCAST_Q (Lq' = 1 < Lq) and all key tiles when BCAST_K
     (Lk' = 1 < Lk), in one fp32 register tile, in a fixed order; one store at the end."""
+    qk_scale = tl.cast(qk_scale, tl.float32)  # fp32 under torch.compile too (see _attn_fwd)
     D, Dv = _aligned(D, ALIGN), _aligned(Dv, ALIGN)
     stride_qb, stride_qh, stride_qm = _aligned3(stride_qb, stride_qh, stride_qm, ALIGN)
     stride_kb, stride_kh, stride_kn = _aligned3(stride_kb, stride_kh, stride_kn, ALIGN)

@@ -67,6 +67,8 @@ def _gate_fused_fwd(X, S, W, MASK, Y, ALPHA,
                     COMPUTE_SCORES: tl.constexpr, HAS_MASK: tl.constexpr, POOL: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PREC: tl.constexpr,
                     ALIGN: tl.constexpr):
+    # torch.compile types a Python float argument fp64 (triton's launcher: fp32): the math stays fp32
+    scale = tl.cast(scale, tl.float32)
     D, stride_xb, stride_xn = _aligned(D, ALIGN), _aligned(stride_xb, ALIGN), _aligned(stride_xn, ALIGN)
     stride_wh = _aligned(stride_wh, ALIGN)
     b = tl.program_id(0).to(tl.int64)
@@ -108,6 +110,7 @@ def _gate_scores(X, W, S32, stride_xb, stride_xn, stride_wh, N, D, H, scale,
                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PREC: tl.constexpr,
                  ALIGN: tl.constexpr):
     """Pass 1 of the two-pass score_softmax_gate: S32 (B, N, H) fp32 = scale x W^T."""
+    scale = tl.cast(scale, tl.float32)  # fp32 under torch.compile too (see _gate_fused_fwd)
     D, stride_xb, stride_xn = _aligned(D, ALIGN), _aligned(stride_xb, ALIGN), _aligned(stride_xn, ALIGN)
     stride_wh = _aligned(stride_wh, ALIGN)
     b = tl.program_id(0).to(tl.int64)
@@ -259,6 +262,7 @@ def _score_bwd(DY, X, W, ALPHA, DS, DX, DW_PART, stride_dyb, stride_dyn, stride_
                N, D, H, Dh, scale, N_PER_SPLIT,
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, ALIGN: tl.constexpr):
     """score_softmax_gate, pass 2: dx = alpha ⊙ dy + scale ds W; DW_PART[b, split] = ds^T x."""
+    scale = tl.cast(scale, tl.float32)  # fp32 under torch.compile too (see _gate_fused_fwd)
     D, stride_xb, stride_xn = _aligned(D, ALIGN), _aligned(stride_xb, ALIGN), _aligned(stride_xn, ALIGN)
     stride_dyb, stride_dyn = _aligned(stride_dyb, ALIGN), _aligned(stride_dyn, ALIGN)
     stride_wh = _aligned(stride_wh, ALIGN)
