@@ -31,6 +31,9 @@ class Problem:
     D: int = 0                   # attention head dims (0 for the softmax gates)
     Dv: int = 0
     dropout: bool = False
+    causal: bool = False         # attention: what "auto" weighs (a backend's speed depends on them)
+    float_mask: bool = False
+    grad: bool = False           # a gradient will be asked of the call (the backward kernels run too)
 
     @property
     def head_dim(self) -> int:
@@ -121,9 +124,8 @@ class FusedBackend(Backend):
             _last_dim_contiguous(x), _last_dim_contiguous(weight), mask, scale, pool)
 
 
-# What csrc/cuda covers, on a GPU and under the CPU emulation of the tests (csrc/cuda/emu/). Strict on
-# purpose: no GPU measurement exists yet, so "auto" sends everything else to triton/reference; the
-# per-shape choice between cuda and triton awaits the first GPU benchmark round (bench/results/).
+# What csrc/cuda covers, on a GPU and under the CPU emulation of the tests (csrc/cuda/emu/); "auto"
+# sends everything else to triton / reference.
 CUDA_DTYPES = (torch.float16, torch.bfloat16)
 CUDA_HEAD_DIMS = (64, 128)
 
@@ -215,9 +217,27 @@ _BACKENDS = {
         ReferenceBackend(),
     )
 }
-# "cuda" joins the CUDA order only once its kernels have passed the test sweep on a GPU:
-# until then "auto" must not pick kernels that have never run (SPEC §3); backend="cuda" runs them.
-_AUTO_ORDER = {"cuda": ("triton", "reference"), "cpu": ("cpu", "reference")}
+
+def auto_order(p: Problem) -> tuple:
+    """The backends "auto" tries for ``p``, fastest first (the first available one that supports ``p``
+    runs it). On CUDA tensors, from bench/results/2026-11-26-nvidia-h200*.json (H200, bf16, D 64 and
+    128, L 512-16k, 16k tokens; torch 2.11, triton 3.6; fp16 assumed alike), where csrc/cuda's kernels
+    passed the GPU test sweep and compute-sanitizer first:
+    - softmax gates: cuda (B32 N1024 D512: fwd 0.09 ms vs triton 0.20, fwd+bwd 0.41 vs 1.05);
+    - attention with a float mask: triton (bias fwd+bwd 6.25 vs 8.55 ms at L1024, 23.0 vs 33.7 at L4096;
+      fwd 1.81 vs 2.18 and 5.67 vs 8.02);
+    - attention with a gradient: triton (fwd+bwd D128 L4096 12.05 vs 13.54 ms; D64 8.74 vs 13.01), but
+      causal at D 128 cuda (7.30 vs 7.59 ms at L4096, 26.06 vs 26.35 at 16k; 708 vs 899 MB peak);
+    - attention without one: cuda (fwd ahead of triton at every length: 2.2-2.7x at D 128, gated or
+      not; 1.01-1.5x at D 64)."""
+    if p.device_type == "cpu":
+        return "cpu", "reference"
+    if p.device_type != "cuda":
+        return ("reference",)
+    if p.op == "attention" and (p.float_mask or p.grad and not (p.causal and p.head_dim == 128)):
+        return "triton", "cuda", "reference"
+    return "cuda", "triton", "reference"
+
 _AVAILABILITY: dict = {}
 
 
@@ -244,7 +264,7 @@ def select(backend: str, problem: Problem) -> Backend:
     """The backend that runs ``problem``: the named one (or an error saying why it cannot), or,
     for "auto", the first in the device's order that is available and supports it."""
     if backend == "auto":
-        for name in _AUTO_ORDER.get(problem.device_type, ("reference",)):
+        for name in auto_order(problem):
             if _unavailable(name) is None and _BACKENDS[name].unsupported(problem) is None:
                 return _BACKENDS[name]
         return _BACKENDS["reference"]

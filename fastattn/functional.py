@@ -47,7 +47,9 @@ def attention(q, k, v, *, attn_mask=None, causal=False, scale=None, gate=None, d
     B, Hq, Hkv, Lq, Lk, D, Dv = _checks.attention_inputs(q, k, v, attn_mask, gate, scale, dropout_p)
     code = causal_code(causal)
     scale = default_scale(D) if scale is None else float(scale)
-    problem = Problem("attention", q.device.type, q.dtype, D=D, Dv=Dv, dropout=dropout_p > 0)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, attn_mask, gate))
+    problem = Problem("attention", q.device.type, q.dtype, D=D, Dv=Dv, dropout=dropout_p > 0, causal=code != 0,
+                      float_mask=attn_mask is not None and attn_mask.is_floating_point(), grad=grad)
     impl = select(backend, problem)
     if _maybe_zero(B, Hq, Lq, Lk, D, Dv):
         impl = select("reference", problem)  # empty problems: no kernel launch

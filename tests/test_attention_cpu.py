@@ -68,6 +68,37 @@ def test_auto_picks_cpu_and_reference_for_dropout():
     assert all(v["available"] or v["reason"] for v in info.values())
 
 
+def test_auto_picks_by_the_committed_gpu_measurements():
+    """On CUDA tensors "auto" tries first the backend the H200 benchmark found fastest for the call
+    (backends.auto_order), then the other fused one."""
+    from fastattn.backends import Problem, auto_order
+    att = lambda D=128, **kw: Problem("attention", "cuda", torch.bfloat16, D=D, Dv=D, **kw)
+    assert auto_order(Problem("softmax_gate", "cuda", torch.bfloat16))[0] == "cuda"
+    assert auto_order(att())[0] == "cuda"
+    assert auto_order(att(causal=True))[0] == "cuda"
+    assert auto_order(att(grad=True)) == ("triton", "cuda", "reference")
+    assert auto_order(att(grad=True, causal=True))[0] == "cuda"
+    assert auto_order(att(64, grad=True, causal=True))[0] == "triton"
+    assert auto_order(att(float_mask=True))[0] == "triton"
+    assert auto_order(att(float_mask=True, grad=True, causal=True))[0] == "triton"
+    assert auto_order(Problem("attention", "cpu", torch.float32, D=64, Dv=64)) == ("cpu", "reference")
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_attention_tells_auto_what_it_weighs(monkeypatch, grad):
+    """fastattn.attention hands "auto" the causal mode, the mask's kind and whether a gradient will be
+    asked (an input that requires grad, with grad mode on)."""
+    import fastattn.functional as F
+    seen, real = [], F.select
+    monkeypatch.setattr(F, "select", lambda backend, p: seen.append(p) or real(backend, p))
+    q = torch.randn(1, 2, 5, 8, requires_grad=grad)
+    bias = torch.randn(5, 5)
+    fastattn.attention(q, q, q, causal=True, attn_mask=bias)
+    with torch.no_grad():
+        fastattn.attention(q, q, q, attn_mask=bias > 0)
+    assert [(p.causal, p.float_mask, p.grad) for p in seen] == [(True, True, grad), (False, False, False)]
+
+
 def test_cuda_backend_refuses_what_its_kernels_do_not_cover():
     """Checked on the predicate itself, so it holds without a GPU: auto then falls through to triton."""
     from fastattn.backends import _BACKENDS, Problem
