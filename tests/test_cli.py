@@ -256,3 +256,18 @@ def test_check_plans_only_cases_each_backend_covers(quick):
             assert len(cases) > 0.7 * len(testing.attention_cases(quick=quick)), name
     assert check._cases("attention", quick, "triton", torch.bfloat16, torch.device("cuda")) == \
         testing.attention_cases(quick=quick)
+
+
+def test_bench_gate_forward_has_a_copy_yardstick_that_is_never_the_best_torch():
+    """A softmax-gate forward is timed beside a plain copy of x (the bytes it must move), reported in
+    GB/s like the op, and left out of the speed-up: copying x is no way to compute the gate."""
+    import torch
+    from fastattn import bench
+    cfg = bench.Config("softmax_gate", "fwd", torch.float32, B=4, Hq=2, Lq=64, D=256)
+    rows = bench.run_config(cfg, torch.device("cpu"), reps=3, warmup=1)
+    copy = [r for r in rows if r["provider"] == "copy"]
+    assert len(copy) == 1 and copy[0]["gbps"] > 0
+    table = bench.speedup_table(rows)
+    assert "torch-eager" in table and "copy" not in table
+    assert "copy" not in {r["provider"] for r in bench.run_config(
+        bench.Config("softmax_gate", "fwd_bwd", torch.float32, B=4, Hq=2, Lq=64, D=256), torch.device("cpu"), reps=1)}
