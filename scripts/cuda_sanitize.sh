@@ -20,24 +20,20 @@ OUT="${OUT:-$PWD/../gpu_out}"
 export PYTORCH_NO_CUDA_MEMORY_CACHING=1 FASTATTN_TRITON_AUTOTUNE=0
 mkdir -p "$OUT"
 rc=0
-for tool in memcheck racecheck synccheck initcheck; do
-  k="$small"
-  [ "$tool" = memcheck ] && k="$sel"
-  echo "== compute-sanitizer --tool $tool"
-  compute-sanitizer --tool "$tool" --error-exitcode 99 --target-processes all \
-      "$py" -m pytest -x -q -p no:cacheprovider -c ../pyproject.toml --rootdir .. test_cuda.py -k "$k" \
-      >"$OUT/sanitize-$tool.log" 2>&1
-  r=$?
-  tail -n 5 "$OUT/sanitize-$tool.log"
-  [ "$r" -ne 0 ] && rc=1 && echo "   $tool: FAILED (rc $r), see $OUT/sanitize-$tool.log"
+sanitize() {  # sanitize TOOL LOG-NAME TEST-FILE -k-EXPRESSION
+  echo "== compute-sanitizer --tool $1 ($3)"
+  compute-sanitizer --tool "$1" --error-exitcode 99 --target-processes all \
+      "$py" -m pytest -x -q -p no:cacheprovider -c ../pyproject.toml --rootdir .. "$3" -k "$4" \
+      >"$OUT/sanitize-$2.log" 2>&1
+  local r=$?
+  tail -n 5 "$OUT/sanitize-$2.log"
+  [ "$r" -ne 0 ] && rc=1 && echo "   $1 on $3: FAILED (rc $r), see $OUT/sanitize-$2.log"
+}
+sanitize memcheck memcheck test_cuda.py "$sel"
+for tool in racecheck synccheck initcheck; do
+  sanitize "$tool" "$tool" test_cuda.py "$small"
 done
 for tool in memcheck racecheck; do
-  echo "== compute-sanitizer --tool $tool (Triton)"
-  compute-sanitizer --tool "$tool" --error-exitcode 99 --target-processes all \
-      "$py" -m pytest -x -q -p no:cacheprovider -c ../pyproject.toml --rootdir .. test_triton.py -k "$triton_sel" \
-      >"$OUT/sanitize-triton-$tool.log" 2>&1
-  r=$?
-  tail -n 5 "$OUT/sanitize-triton-$tool.log"
-  [ "$r" -ne 0 ] && rc=1 && echo "   Triton $tool: FAILED (rc $r), see $OUT/sanitize-triton-$tool.log"
+  sanitize "$tool" "triton-$tool" test_triton.py "$triton_sel"
 done
 exit $rc
