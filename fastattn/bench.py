@@ -296,6 +296,19 @@ def environment():
             "device": dev, "torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda}
 
 
+def triton_autotune_choices():
+    """{kernel: {autotune key: the config it chose}} of the Triton kernels run in this process: the
+    evidence the config tables are tuned from (empty without triton, or when no kernel had a choice)."""
+    try:
+        from triton.runtime.autotuner import Autotuner
+        from .triton_kernels import attention, softmax_gate
+    except Exception:  # noqa: BLE001  (no triton, or its kernels failed to load: nothing was tuned)
+        return {}
+    return {name: {", ".join(map(str, key)): str(cfg) for key, cfg in obj.cache.items()}
+            for mod in (attention, softmax_gate) for name, obj in sorted(vars(mod).items())
+            if isinstance(obj, Autotuner) and obj.cache}
+
+
 def _cpu_name():
     try:
         with open("/proc/cpuinfo") as f:
@@ -463,7 +476,7 @@ def main(args):
         rows += run_config(cfg, device, reps=args.reps or (3 if args.quick else 7))
         if args.out:  # after every config, so an interrupted run keeps what it measured
             with open(args.out, "w") as f:
-                json.dump(dict(env, results=rows), f, indent=1)
+                json.dump(dict(env, results=rows, triton_autotune=triton_autotune_choices()), f, indent=1)
     print()
     print(speedup_table(rows))
     print()

@@ -271,3 +271,26 @@ def test_bench_gate_forward_has_a_copy_yardstick_that_is_never_the_best_torch():
     assert "torch-eager" in table and "copy" not in table
     assert "copy" not in {r["provider"] for r in bench.run_config(
         bench.Config("softmax_gate", "fwd_bwd", torch.float32, B=4, Hq=2, Lq=64, D=256), torch.device("cpu"), reps=1)}
+
+
+def test_bench_json_records_the_triton_autotune_choices(tmp_path, monkeypatch):
+    """The bench JSON keeps each autotuned Triton kernel's chosen config per autotune key: what the
+    config tables are tuned from."""
+    import json
+    triton = pytest.importorskip("triton")
+    from fastattn import bench
+    from fastattn.__main__ import main
+    from fastattn.triton_kernels import attention
+    def kernel(X, n, BLOCK_M: triton.language.constexpr):
+        pass
+
+    tuned = triton.autotune(configs=[triton.Config({"BLOCK_M": 16}), triton.Config({"BLOCK_M": 64})],
+                            key=["n"])(triton.jit(kernel))
+    tuned.cache[(4096, "torch.bfloat16")] = tuned.configs[1]
+    monkeypatch.setattr(attention, "_tuned_for_the_test", tuned, raising=False)
+    out = tmp_path / "r.json"
+    assert main(["bench", "--quick", "--device", "cpu", "--op", "softmax_gate", "--reps", "1", "--out", str(out)]) == 0
+    choices = json.load(open(out))["triton_autotune"]
+    assert list(choices["_tuned_for_the_test"]) == ["4096, torch.bfloat16"]
+    assert "BLOCK_M: 64" in choices["_tuned_for_the_test"]["4096, torch.bfloat16"]
+    assert bench.triton_autotune_choices() == choices
