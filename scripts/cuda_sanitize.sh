@@ -9,8 +9,22 @@
 # attention variant family (causal both ways, bool and float masks with gradient, both gates, GQA,
 # empty rows, D 256) and both softmax-gate paths. PyTorch's caching allocator is off under the tools,
 # so an access past a tensor's end lands outside any allocation and is reported.
+# Racecheck on the Triton kernels reports one pattern that is no race: Triton's reduction lowering
+# (tl.sum across lanes) leaves the result in every lane of a butterfly and stores it to its scratch
+# from all of them, unpredicated (the PTX of _gate_pool: st.shared.v4 at one address per column from
+# the 4 lanes of a row group). The lanes hold the same bits (each sum is the same pairs added in a
+# commuted order), so those write-write pairs at a single instruction are counted and reported but
+# pass; any other hazard fails (`--classify LOG` prints the two counts of a racecheck log).
 # Usage (repo root): bash scripts/cuda_sanitize.sh [memcheck's pytest -k expression [the others']]
 set -uo pipefail
+classify() {  # classify LOG: "same N" (write-write pairs at one instruction), "other M" (the rest)
+  awk '/Race reported between/ { match($0, /between [A-Za-z]+ access at [^ ]+/)
+         first = substr($0, RSTART + 8, RLENGTH - 8); want = 1; next }
+       want && /and [A-Za-z]+ access at/ { match($0, /and [A-Za-z]+ access at [^ ]+/)
+         if (substr($0, RSTART + 4, RLENGTH - 4) == first) same++; else other++; want = 0 }
+       END { printf "same %d\nother %d\n", same, other }' "$1"
+}
+if [ "${1:-}" = --classify ]; then classify "$2"; exit 0; fi
 cd "$(dirname "$0")/../tests"
 py="${PYTHON:-python3}"
 sel="${1:-L17 or L37 or L113-203 or L300 or GQA or B2-H8-2 or softmax_gate-B3-N17}"
@@ -27,6 +41,12 @@ sanitize() {  # sanitize TOOL LOG-NAME TEST-FILE -k-EXPRESSION
       >"$OUT/sanitize-$2.log" 2>&1
   local r=$?
   tail -n 5 "$OUT/sanitize-$2.log"
+  if [ "$r" -ne 0 ] && [ "$1:$3" = racecheck:test_triton.py ] && grep -q " passed" "$OUT/sanitize-$2.log" \
+      && ! grep -qE "[0-9]+ failed" "$OUT/sanitize-$2.log" && classify "$OUT/sanitize-$2.log" | grep -q "^other 0$"; then
+    echo "   racecheck on $3: only same-instruction write-write pairs ($(classify "$OUT/sanitize-$2.log" | head -1)):" \
+         "Triton's replicated reduction stores, not a race (see the top of this script)"
+    r=0
+  fi
   [ "$r" -ne 0 ] && rc=1 && echo "   $1 on $3: FAILED (rc $r), see $OUT/sanitize-$2.log"
 }
 sanitize memcheck memcheck test_cuda.py "$sel"

@@ -126,6 +126,7 @@ fi
   grep -hE "^FAILED|^ERROR" "$logs/tests.log" | head -40
   grep -hE "cases on" "$logs/check.log" | tail -1
   grep -HE "ERROR SUMMARY|RACECHECK SUMMARY" "$logs"/sanitize-*.log 2>/dev/null
+  grep -h "same-instruction" "$logs/sanitize.log" 2>/dev/null
 } | tee "$OUT/summary.txt"
 tar -czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$logs"
 ! grep -qE "^[a-z]+ +(FAIL|TIMEOUT)" "$OUT/summary.txt"

@@ -97,3 +97,25 @@ def test_gate_check_reports_a_planted_bug(broken, bug, case, name, dtype):
     assert all(c.ok for c in check_gate(case, dtype, "cpu"))
     got = {c.name: c for c in check_gate(case, dtype, broken(bug))}
     assert not got[name].ok, f"a planted {bug} bug went unreported: {got[name]}"
+
+
+def test_sanitizer_passes_only_same_instruction_write_pairs(tmp_path):
+    """scripts/cuda_sanitize.sh lets Triton's replicated reduction stores (write-write at one
+    instruction) pass racecheck and counts every other hazard pair against it."""
+    import pathlib
+    import subprocess
+    script = pathlib.Path(__file__).resolve().parent.parent / "scripts" / "cuda_sanitize.sh"
+    same = ("========= Error: Race reported between Write access at _gate_pool+0x3290 in softmax_gate.py:200\n"
+            "=========     and Write access at _gate_pool+0x3290 in softmax_gate.py:200 [29 hazards]\n")
+    counts = {}
+    for name, other in [("benign", ""),
+                        ("read", "========= Error: Race reported between Write access at k+0x10 in a.py:1\n"
+                                 "=========     and Read access at k+0x20 in a.py:2 [3 hazards]\n"),
+                        ("two_pcs", "========= Error: Race reported between Write access at k+0x10 in a.py:1\n"
+                                    "=========     and Write access at k+0x30 in a.py:1 [1 hazards]\n")]:
+        log = tmp_path / f"{name}.log"
+        log.write_text(".." + same + other + same + "11 passed\n")
+        out = subprocess.run(["bash", str(script), "--classify", str(log)], capture_output=True, text=True).stdout
+        counts[name] = out.split()
+    assert counts == {"benign": ["same", "2", "other", "0"], "read": ["same", "2", "other", "1"],
+                      "two_pcs": ["same", "2", "other", "1"]}
