@@ -218,6 +218,7 @@ _BACKENDS = {
     )
 }
 
+
 def auto_order(p: Problem) -> tuple:
     """The backends "auto" tries for ``p``, fastest first (the first available one that supports ``p``
     runs it). On CUDA tensors, from bench/results/2026-11-26-nvidia-h200*.json (H200, bf16, D 64 and
@@ -237,6 +238,7 @@ def auto_order(p: Problem) -> tuple:
     if p.op == "attention" and (p.float_mask or p.grad and not (p.causal and p.head_dim == 128)):
         return "triton", "cuda", "reference"
     return "cuda", "triton", "reference"
+
 
 _AVAILABILITY: dict = {}
 

@@ -234,10 +234,10 @@ def cases_covered(cases, refuses):
     """``cases`` moved onto what a backend covers: a case whose head dims ``refuses(D, Dv)`` (a reason, or
     None) is run at the smallest head dim D == Dv that is accepted and holds both, else the largest
     accepted (the cuda kernels' 64 / 128); ids repeated by the move are kept once."""
+    ok = [d for d in HEAD_DIMS if refuses(d, d) is None]
     out, seen = [], set()
     for c in cases:
         if refuses(c.D, c.Dv or c.D) is not None:
-            ok = [d for d in HEAD_DIMS if refuses(d, d) is None]
             if not ok:
                 continue
             c = dataclasses.replace(c, D=next((d for d in ok if d >= max(c.D, c.Dv or c.D)), ok[-1]), Dv=None)
