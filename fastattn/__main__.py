@@ -98,6 +98,9 @@ def main(argv=None):
     p.add_argument("--op", action="append", choices=["attention", "gated", "bias", "softmax_gate", "score_softmax_gate"],
                    help="only these ops (repeatable; gated = attention with an elementwise output gate)")
     p.add_argument("--mode", action="append", choices=["fwd", "bwd", "fwd_bwd"], help="only these modes (repeatable)")
+    p.add_argument("--dtype", action="append", choices=["fp32", "bf16", "fp16"], help="only these dtypes (repeatable)")
+    p.add_argument("--head-dim", action="append", type=int, metavar="D",
+                   help="attention at these head dims instead of the sweep's (repeatable; hidden size kept)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if present, else cpu")
     p.add_argument("--reps", type=int, help="timed repetitions per row; the median and interquartile range "
                                             "are reported (default 7, 3 with --quick)")
@@ -114,6 +117,8 @@ def main(argv=None):
         return check.main(args)
     if args.reps is not None and args.reps < 1:
         p.error("argument --reps: expected a positive integer")
+    if any(d < 1 for d in args.head_dim or ()):
+        p.error("argument --head-dim: expected a positive integer")
     _check_device(p, args)
     _check_outputs(p, args)
     from fastattn import bench

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from . import functional
 from .backends import backends
+from .testing import DTYPE_NAMES_INV
 from .version import __version__
 
 
@@ -235,22 +236,26 @@ def make_row(cfg, provider, times, peak_mem_mb=None):
     return row
 
 
-def default_configs(device, quick=False, ops=None, modes=None):
+def default_configs(device, quick=False, ops=None, modes=None, dtypes=None, head_dims=None):
     """GPU: the field's standard sweep (batch·seqlen = 16k tokens, seqlen 512..16k, hidden 2048, D 64
-    and 128, bf16 and fp16, causal and not). CPU: one length per op in fp32 and bf16, about a minute on 2 cores."""
+    and 128, bf16 and fp16, causal and not). CPU: one length per op in fp32 and bf16, about a minute on 2 cores.
+    ``dtypes`` / ``head_dims`` replace the sweep's own (the hidden size stays: H = 2048 // D on a GPU)."""
     configs = []
     if device.type == "cuda":
         seqlens = (1024, 4096) if quick else (512, 1024, 2048, 4096, 8192, 16384)
-        dtypes = (torch.bfloat16,) if quick else (torch.bfloat16, torch.float16)
+        dtypes_default = (torch.bfloat16,) if quick else (torch.bfloat16, torch.float16)
         heads_dims = [(2048 // D, D) for D in ((128,) if quick else (128, 64))]
         # the last is large enough (512 MiB of x in bf16) for the kernels to run at full bandwidth
         gate_sizes = [(32, 1024, 512), (32, 8192, 1024)] if quick else [(32, 1024, 512), (8, 4096, 1024),
                                                                          (32, 8192, 1024)]
     else:
         seqlens = (256,) if quick else (1024,)
-        dtypes = (torch.float32,) if quick else (torch.float32, torch.bfloat16)
+        dtypes_default = (torch.float32,) if quick else (torch.float32, torch.bfloat16)
         heads_dims = [(8, 64)]
         gate_sizes = [(8, 256, 512)] if quick else [(32, 1024, 512)]
+    dtypes = dtypes or dtypes_default
+    if head_dims:
+        heads_dims = [(max(1, 2048 // D) if device.type == "cuda" else heads_dims[0][0], D) for D in head_dims]
     asked_modes = modes
     modes = modes or (("fwd",) if quick else ("fwd", "fwd_bwd") if device.type == "cpu" else ("fwd", "bwd", "fwd_bwd"))
     ops = ops or (("attention", "gated", "bias", "softmax_gate", "score_softmax_gate") if device.type == "cuda"
@@ -467,7 +472,8 @@ def plot(rows, path, env=None):
 
 def main(args):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    configs = default_configs(device, quick=args.quick, ops=args.op, modes=args.mode)
+    configs = default_configs(device, quick=args.quick, ops=args.op, modes=args.mode,
+                              dtypes=[DTYPE_NAMES_INV[d] for d in args.dtype or ()], head_dims=args.head_dim)
     rows = []
     env = environment()
     for i, cfg in enumerate(configs):

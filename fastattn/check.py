@@ -57,8 +57,7 @@ def fuzz_main(names, dtypes_for, device, n, first_seed, ops) -> int:
                 or f == "gates" and {"softmax_gate", "score_softmax_gate"} & set(ops)]
     failures, start, total = [], time.time(), 0
     for b in names:
-        # the Triton interpreter on CPU is ~1000x slower than a GPU: smaller problems there
-        limits = dict(max_len=64, max_dim=128) if b == "triton" and device.type == "cpu" else {}
+        limits = fuzz.limits(b, device.type)
         for family in families:
             dtypes = dtypes_for(b, "attention" if family == "attention" else "softmax_gate")
             worst, bad = 0.0, 0

@@ -107,18 +107,19 @@ LENGTHS = (1, 2, 3, 5, 7, 13, 17, 31, 64, 97, 130)
 HEAD_DIMS = (1, 2, 3, 8, 16, 31, 40, 59, 64, 96, 128, 200, 256)
 
 
-def attention_case(seed, dtypes, max_len=130, max_dim=256) -> AttentionFuzz:
-    """The attention case drawn from ``seed`` (dtype among ``dtypes``)."""
+def attention_case(seed, dtypes, max_len=130, max_dim=256, head_dims=None) -> AttentionFuzz:
+    """The attention case drawn from ``seed`` (dtype among ``dtypes``). ``head_dims``: draw only these,
+    with D == Dv (a backend that covers no others: see :func:`limits`)."""
     rng = random.Random(seed)
     lengths = [x for x in LENGTHS if x <= max_len]
-    dims = [x for x in HEAD_DIMS if x <= max_dim]
+    dims = [x for x in (head_dims or HEAD_DIMS) if x <= max_dim]
     dtype = rng.choice(dtypes)
     Hkv, group = rng.choice((1, 1, 2, 3)), rng.choice((1, 1, 2, 3))
     B = 0 if rng.random() < 0.03 else rng.choice((1, 1, 2, 3))
     Lq, Lk, D = _sizes(rng, lengths, True), _sizes(rng, lengths, True), _sizes(rng, dims, True)
     if dtype == torch.float32 and Lk == 1:  # one key: every row saturated (see _scale)
         Lk = 2
-    Dv = D if rng.random() < 0.6 else _sizes(rng, dims, True)
+    Dv = D if head_dims or rng.random() < 0.6 else _sizes(rng, dims, True)
     causal = rng.choice((False, False, True, "bottom_right"))
     mask = rng.choice(("none", "none", "bool", "float", "float_grad"))
     mask_shape = tuple(s if rng.random() < 0.6 else 1 for s in (B, Hkv * group, Lq, Lk))  # each dim kept or 1
@@ -332,10 +333,24 @@ def check_gate(case: GateFuzz, backend, device="cpu"):
     return _check(_run_gate, case, backend, device, lambda n: 2)
 
 
-def run(op, seed, backend, dtypes, device="cpu", **limits):
-    """(case id, comparisons) of the fuzz case ``seed`` of ``op`` ("attention" or "gates")."""
+def limits(backend, device_type) -> dict:
+    """What of the input space ``backend`` is fuzzed over on ``device_type`` (keywords of :func:`run`): the
+    Triton interpreter on the CPU, ~1000x slower than a GPU, gets smaller problems; the cuda kernels cover
+    attention at D == Dv in ``backends.CUDA_HEAD_DIMS`` alone (other head dims are refused by name,
+    tests/test_cuda.py), so their attention cases draw only those."""
+    if backend == "triton" and device_type == "cpu":
+        return dict(max_len=64, max_dim=128)
+    if backend == "cuda":
+        from .backends import CUDA_HEAD_DIMS
+        return dict(head_dims=CUDA_HEAD_DIMS)
+    return {}
+
+
+def run(op, seed, backend, dtypes, device="cpu", max_len=130, max_dim=256, head_dims=None):
+    """(case id, comparisons) of the fuzz case ``seed`` of ``op`` ("attention" or "gates"); the keywords
+    bound the case drawn (:func:`limits`)."""
     if op == "attention":
-        case = attention_case(seed, dtypes, **limits)
+        case = attention_case(seed, dtypes, max_len, max_dim, head_dims)
         return case.id, check_attention(case, backend, device)
-    case = gate_case(seed, dtypes, **limits)
+    case = gate_case(seed, dtypes, max_len, max_dim)
     return case.id, check_gate(case, backend, device)

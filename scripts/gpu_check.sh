@@ -11,6 +11,7 @@
 #   BENCH_RESERVE=S           of that budget, S seconds kept for the bench (default 170)
 #   TORCH_CUDA_ARCH_LIST      default: this GPU's architecture only (a shorter build)
 #   FASTATTN_COMMIT           the commit the bench JSON records (the copied tree's .git may be stale)
+#   SWEEP_ARGS                extra `fastattn bench` arguments for the length sweep (see below)
 # $OUT gets env.txt, summary.txt, the bench JSON and PNG, and logs.tgz (every step's log): few files,
 # as the device tool brings back at most 8.
 # Without a GPU it rehearses the round: every step runs, the GPU-only ones (layout, sanitize) report
@@ -87,9 +88,12 @@ else
   skip layout
   skip sanitize
 fi
-# on a GPU the files whose tests run there (CPU-only files are CI's: they took ~150 s of the round)
+# on a GPU the tests that run there, the long (slow) sweeps of the GPU backends' fuzz included; the CPU
+# ones are CI's (they took ~150 s of the round, the CPU fuzz 600 s of its workers)
 tests=()
-[ "$have_gpu" = 1 ] && read -ra tests <<<"${FASTATTN_GPU_TESTS:-test_cuda.py test_triton.py test_fuzz.py test_cli.py test_errors.py test_package.py}"
+gpu_fuzz="test_fuzz.py::test_fuzz_triton test_fuzz.py::test_fuzz_triton_long test_fuzz.py::test_fuzz_cuda test_fuzz.py::test_fuzz_cuda_long"
+[ "$have_gpu" = 1 ] && read -ra tests <<<"${FASTATTN_GPU_TESTS:-test_cuda.py test_triton.py $gpu_fuzz test_cli.py test_errors.py test_package.py}"
+[ "$have_gpu" = 1 ] && tests+=(-m "slow or not slow")
 FASTATTN_TRITON_AUTOTUNE=0 step tests "$cap" bash scripts/test.sh -p no:warnings -v -rfE --durations=30 "${par[@]}" "${tests[@]}" &
 step check "$cap" "$py" -m fastattn check --quick &
 wait
@@ -105,10 +109,12 @@ rows = json.load(open(sys.argv[1]))
 bench.plot(rows['results'], sys.argv[2], rows)" "$1" "$2" >>"$logs/bench.log" 2>&1; }
 plot "$json" "$OUT/bench-$gpu.png"
 # what time is left goes to the attention sweep over lengths (fwd and fwd+bwd, D 64 and 128, bf16 and
-# fp16); its JSON is written after every config, so a run stopped by the budget keeps what it measured
+# fp16; SWEEP_ARGS, e.g. "--dtype fp16 --head-dim 64", narrows it to what an earlier round did not reach);
+# its JSON is written after every config, so a run stopped by the budget keeps what it measured
 if [ -n "$quick" ] && [ "$have_gpu" = 1 ] && [ "$budget" -gt 0 ] && [ "$(left)" -gt 60 ]; then
   sweep="$OUT/bench-$(date +%Y-%m-%d)-$gpu-sweep.json"
-  step sweep 600 "$py" -m fastattn bench --op attention --mode fwd --mode fwd_bwd --out "$sweep"
+  read -ra sweep_args <<<"${SWEEP_ARGS:-}"
+  step sweep 600 "$py" -m fastattn bench --op attention --mode fwd --mode fwd_bwd "${sweep_args[@]}" --out "$sweep"
   plot "$sweep" "$OUT/bench-$gpu-sweep.png"
 fi
 

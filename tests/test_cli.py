@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from fastattn.__main__ import main
 
@@ -80,8 +81,18 @@ def test_bench_writes_json_and_plot(tmp_path, capsys):
     assert png.stat().st_size > 0
 
 
-@pytest.mark.parametrize("argv", [["bench", "--op", "nope"], ["bench", "--reps", "0"], ["check", "--dtype", "fp8"],
-                                  ["frobnicate"], []])
+def test_bench_runs_only_the_dtypes_and_head_dims_asked(monkeypatch):
+    from fastattn import bench
+    seen = []
+    monkeypatch.setattr(bench, "run_config", lambda cfg, device, reps: seen.append(cfg) or [])
+    assert main(["bench", "--device", "cpu", "--op", "attention", "--dtype", "bf16", "--head-dim", "32",
+                 "--head-dim", "96"]) == 0
+    assert {(c.dtype, c.D, c.Dv) for c in seen} == {(torch.bfloat16, 32, 32), (torch.bfloat16, 96, 96)}
+    assert {c.causal for c in seen} == {False, True}
+
+
+@pytest.mark.parametrize("argv", [["bench", "--op", "nope"], ["bench", "--reps", "0"], ["bench", "--head-dim", "0"],
+                                  ["bench", "--dtype", "fp64"], ["check", "--dtype", "fp8"], ["frobnicate"], []])
 def test_argument_errors(argv, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)

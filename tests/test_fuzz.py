@@ -9,17 +9,23 @@ import torch
 
 import fastattn
 from fastattn import fuzz
+from fastattn.backends import CUDA_DTYPES, Problem, cuda_kernels_unsupported
 
 ALL_DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 CHUNK = 100
 
 
-def _run(family, backend, seeds, device, **limits):
-    dtypes = ALL_DTYPES if backend in ("cpu", "reference") else ALL_DTYPES[1:]
+def _dtypes(backend):
+    if backend in ("cpu", "reference"):
+        return ALL_DTYPES
+    return list(CUDA_DTYPES) if backend == "cuda" else ALL_DTYPES[1:]
+
+
+def _run(family, backend, seeds, device):
     failures = []
     for seed in seeds:
-        cid, comps = fuzz.run(family, seed, backend, dtypes, device, **limits)
+        cid, comps = fuzz.run(family, seed, backend, _dtypes(backend), device, **fuzz.limits(backend, device))
         bad = [c for c in comps if not c.ok]
         if bad:
             failures.append(f"{cid}: " + "; ".join(f"{c.name} err {c.err:.3g} > allowed {c.allowed:.3g}" for c in bad))
@@ -56,18 +62,40 @@ _TRITON_N = 40 if INTERPRET else 400
 @pytest.mark.triton
 @pytest.mark.parametrize("family", ["attention", "gates"])
 def test_fuzz_triton(family):
-    device = _triton_device()
-    limits = dict(max_len=64, max_dim=128) if device == "cpu" else {}
-    _run(family, "triton", range(_TRITON_N), device, **limits)
+    _run(family, "triton", range(_TRITON_N), _triton_device())
 
 
 @pytest.mark.slow
 @pytest.mark.triton
 @pytest.mark.parametrize("family", ["attention", "gates"])
 def test_fuzz_triton_long(family):
-    device = _triton_device()
-    limits = dict(max_len=64, max_dim=128) if device == "cpu" else {}
-    _run(family, "triton", range(_TRITON_N, 10 * _TRITON_N), device, **limits)
+    _run(family, "triton", range(_TRITON_N, 10 * _TRITON_N), _triton_device())
+
+
+_CUDA = fastattn.backends()["cuda"]
+needs_cuda = pytest.mark.skipif(not _CUDA["available"], reason=f"the cuda backend: {_CUDA['reason']}")
+
+
+@needs_cuda
+@pytest.mark.parametrize("family", ["attention", "gates"])
+def test_fuzz_cuda(family):
+    _run(family, "cuda", range(400), "cuda")
+
+
+@pytest.mark.slow
+@needs_cuda
+@pytest.mark.parametrize("family", ["attention", "gates"])
+def test_fuzz_cuda_long(family):
+    _run(family, "cuda", range(400, 4000), "cuda")
+
+
+def test_fuzz_draws_only_what_the_cuda_kernels_cover():
+    """The cuda fuzz runs kernels, not refusals: every attention case it draws is one they accept."""
+    for seed in range(400):
+        case = fuzz.attention_case(seed, list(CUDA_DTYPES), **fuzz.limits("cuda", "cuda"))
+        q, v = (case.inputs[n].build(case.inputs[n].master) for n in ("q", "v"))
+        p = Problem("attention", "cuda", case.dtype, D=q.shape[-1], Dv=v.shape[-1])
+        assert q.numel() == 0 or v.numel() == 0 or cuda_kernels_unsupported(p) is None, case.id
 
 
 def test_fuzz_covers_the_input_space():
