@@ -116,10 +116,10 @@ def attention_case(seed, dtypes, max_len=130, max_dim=256, head_dims=None) -> At
     dtype = rng.choice(dtypes)
     Hkv, group = rng.choice((1, 1, 2, 3)), rng.choice((1, 1, 2, 3))
     B = 0 if rng.random() < 0.03 else rng.choice((1, 1, 2, 3))
-    Lq, Lk, D = _sizes(rng, lengths, True), _sizes(rng, lengths, True), _sizes(rng, dims, True)
+    Lq, Lk, D = _sizes(rng, lengths, True), _sizes(rng, lengths, True), _sizes(rng, dims, not head_dims)
     if dtype == torch.float32 and Lk == 1:  # one key: every row saturated (see _scale)
         Lk = 2
-    Dv = D if head_dims or rng.random() < 0.6 else _sizes(rng, dims, True)
+    Dv = D if head_dims or rng.random() < 0.6 else _sizes(rng, dims, not head_dims)
     causal = rng.choice((False, False, True, "bottom_right"))
     mask = rng.choice(("none", "none", "bool", "float", "float_grad"))
     mask_shape = tuple(s if rng.random() < 0.6 else 1 for s in (B, Hkv * group, Lq, Lk))  # each dim kept or 1
@@ -213,24 +213,48 @@ def _run_attention(case: AttentionFuzz, dtype, device, backend, rounded_to=None)
     if case.lse_grad:
         outputs.append(lse)
         grads.append(view["dlse"].to(lse.dtype))
-    if out.requires_grad or lse.requires_grad:
-        torch.autograd.backward([o for o in outputs if o.requires_grad], [d for o, d in zip(outputs, grads)
-                                                                           if o.requires_grad])
-    return {"out": out.detach(), "lse": lse.detach(), **_grads(case.inputs, leaves)}
+    return {"out": out.detach(), "lse": lse.detach()}, _backward(outputs, grads, case.inputs, leaves, view)
 
 
-def _grads(inputs, leaves):
-    """{"d<name>": gradient} of every input whose gradient is checked (zeros where none arrived)."""
-    return {"d" + n: leaves[n].grad if leaves[n].grad is not None else torch.zeros_like(leaves[n])
-            for n, i in inputs.items() if i.grad}
+def _backward(outputs, grads, inputs, leaves, view):
+    """Backpropagate; ({"d<name>": gradient of the leaf} of every input whose gradient is checked, zeros where
+    none arrived, {"d<name>": the largest sum of |gradient at the view| over the positions that see one element
+    of the leaf}: the size of the per-position gradients the op returned and torch's autograd summed into the
+    leaf's, see ``testing.compare``)."""
+    checked = [n for n, i in inputs.items() if i.grad]
+    for n in checked:
+        if view[n].requires_grad and not view[n].is_leaf:
+            view[n].retain_grad()
+    pairs = [(o, d) for o, d in zip(outputs, grads) if o.requires_grad]
+    if pairs:
+        torch.autograd.backward([o for o, _ in pairs], [d for _, d in pairs])
+    leaf_grads = {"d" + n: leaves[n].grad if leaves[n].grad is not None else torch.zeros_like(leaves[n])
+                  for n in checked}
+    sizes = {"d" + n: _summed_size(inputs[n], leaves[n], view[n].grad) for n in checked}
+    return leaf_grads, sizes
+
+
+def _summed_size(inp, leaf, g):
+    if g is None:
+        return 0.0
+    g = torch.nan_to_num(g.detach(), nan=0.0, posinf=0.0, neginf=0.0).abs()
+    t = torch.zeros_like(leaf, requires_grad=True)
+    (summed,) = torch.autograd.grad(inp.build(t), t, g)  # leaf-shaped: sum of |g| over the positions viewing it
+    return float(summed.max()) if summed.numel() else 0.0
 
 
 def _check(run, case, backend, device, factor):
     """The backend, the reference in the case's dtype and in float64 (on the same inputs), by SPEC §4."""
-    got = run(case, case.dtype, device, backend)
-    lowp = run(case, case.dtype, device, "reference")
-    truth = run(case, torch.float64, device, "reference", rounded_to=case.dtype)
-    return [testing.compare(n, got[n], lowp[n], truth[n], case.dtype, factor(n)) for n in truth]
+    got = _merged(run(case, case.dtype, device, backend))
+    lowp = _merged(run(case, case.dtype, device, "reference"))
+    truth_out, (truth_grads, sizes) = run(case, torch.float64, device, "reference", rounded_to=case.dtype)
+    truth = {**truth_out, **truth_grads}
+    return [testing.compare(n, got[n], lowp[n], truth[n], case.dtype, factor(n), sizes.get(n, 0.0)) for n in truth]
+
+
+def _merged(result):
+    outs, (grads, _) = result
+    return {**outs, **grads}
 
 
 def check_attention(case: AttentionFuzz, backend, device="cpu"):
@@ -324,9 +348,7 @@ def _run_gate(case: GateFuzz, dtype, device, backend, rounded_to=None):
     if case.weights_grad:
         outputs.append(alpha)
         grads.append(view["dalpha"].to(alpha.dtype))
-    if y.requires_grad:
-        torch.autograd.backward(outputs, grads)
-    return {"y": y.detach(), "alpha": alpha.detach(), **_grads(case.inputs, leaves)}
+    return {"y": y.detach(), "alpha": alpha.detach()}, _backward(outputs, grads, case.inputs, leaves, view)
 
 
 def check_gate(case: GateFuzz, backend, device="cpu"):

@@ -145,6 +145,5 @@ def register_softmax_gates(prefix: str = "", *, fake: bool = True):
 
 
 if _C is not None:
-    # csrc/cuda's kernels do not store their float32 accumulator yet: no out_acc there
-    register_attention("fastattn::attention_fwd", "fastattn::attention_bwd", acc_devices=("cpu",))
+    register_attention("fastattn::attention_fwd", "fastattn::attention_bwd")
     register_softmax_gates()

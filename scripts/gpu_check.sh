@@ -12,6 +12,8 @@
 #   TORCH_CUDA_ARCH_LIST      default: this GPU's architecture only (a shorter build)
 #   FASTATTN_COMMIT           the commit the bench JSON records (the copied tree's .git may be stale)
 #   SWEEP_ARGS                extra `fastattn bench` arguments for the length sweep (see below)
+#   BENCH_ARGS, CHECK_ARGS    extra arguments of the bench (e.g. "--op attention"), of `fastattn check`
+#                             (default --quick); FASTATTN_GPU_TESTS: the test files (a short confirming round)
 # $OUT gets env.txt, summary.txt, the bench JSON and PNG, and logs.tgz (every step's log): few files,
 # as the device tool brings back at most 8.
 # Without a GPU it rehearses the round: every step runs, the GPU-only ones (layout, sanitize) report
@@ -95,7 +97,8 @@ gpu_fuzz="test_fuzz.py::test_fuzz_triton test_fuzz.py::test_fuzz_triton_long tes
 [ "$have_gpu" = 1 ] && read -ra tests <<<"${FASTATTN_GPU_TESTS:-test_cuda.py test_triton.py $gpu_fuzz test_cli.py test_errors.py test_package.py}"
 [ "$have_gpu" = 1 ] && tests+=(-m "slow or not slow")
 FASTATTN_TRITON_AUTOTUNE=0 step tests "$cap" bash scripts/test.sh -p no:warnings -v -rfE --durations=30 "${par[@]}" "${tests[@]}" &
-step check "$cap" "$py" -m fastattn check --quick &
+read -ra check_args <<<"${CHECK_ARGS:---quick}"
+step check "$cap" "$py" -m fastattn check "${check_args[@]}" &
 wait
 
 gpu=cpu-rehearsal
@@ -103,7 +106,8 @@ gpu=cpu-rehearsal
 json="$OUT/bench-$(date +%Y-%m-%d)-$gpu.json"
 modes=()
 [ -n "$quick" ] && [ "$have_gpu" = 1 ] && modes=(--mode fwd --mode bwd --mode fwd_bwd)
-step bench 600 "$py" -m fastattn bench $quick "${modes[@]}" --out "$json"
+read -ra bench_args <<<"${BENCH_ARGS:-}"
+step bench 600 "$py" -m fastattn bench $quick "${modes[@]}" "${bench_args[@]}" --out "$json"
 plot() { [ -f "$1" ] && "$py" -c "import json, sys; from fastattn import bench
 rows = json.load(open(sys.argv[1]))
 bench.plot(rows['results'], sys.argv[2], rows)" "$1" "$2" >>"$logs/bench.log" 2>&1; }

@@ -9,9 +9,26 @@ import torch
 
 import fastattn
 from fastattn import fuzz
-from fastattn.backends import Problem, cuda_kernels_unsupported
+from fastattn.backends import CUDA_DTYPES, Problem, cuda_kernels_unsupported
 from fastattn.testing import AttentionCase, attention_cases, cases_covered
 from conftest import assert_all_ok
+
+
+FUZZ_DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+
+
+def fuzz_passes(family, backend, seeds, device, limits_of=None):
+    """fastattn.fuzz's cases ``seeds`` of ``family`` on ``backend``, in the dtypes it takes, over the input
+    space ``fuzz.limits`` gives it (of ``limits_of`` when set: the emulated cuda kernels as the real ones)."""
+    dtypes = {"cpu": FUZZ_DTYPES, "reference": FUZZ_DTYPES, "triton": FUZZ_DTYPES[1:]}.get(backend, list(CUDA_DTYPES))
+    limits = fuzz.limits(limits_of or backend, device)
+    failures = []
+    for seed in seeds:
+        cid, comps = fuzz.run(family, seed, backend, dtypes, device, **limits)
+        bad = [c for c in comps if not c.ok]
+        if bad:
+            failures.append(f"{cid}: " + "; ".join(f"{c.name} err {c.err:.3g} > allowed {c.allowed:.3g}" for c in bad))
+    assert not failures, f"{len(failures)} of {len(seeds)} fuzz cases failed:\n" + "\n".join(failures)
 
 
 def rand(*shape, seed, device="cpu", dtype=torch.float32, requires_grad=False):
@@ -77,7 +94,7 @@ def nan_reaches_rows_as_in_torch(backend, target, dtype, device="cpu"):
             case = fuzz.make_gate_case(4, dtype, op=op, B=3, N=11, D=16, H=2, pool=pool, mask="empty", nan=target,
                                        weights_grad=True)
             assert_all_ok(fuzz.check_gate(case, backend, device), case.id)
-            assert fuzz._run_gate(case, dtype, device, backend)["y"].isnan().any(), "the NaN reached no output"
+            assert fuzz._run_gate(case, dtype, device, backend)[0]["y"].isnan().any(), "the NaN reached no output"
         return
     # A NaN value under a masked key is not promised to stay out (0 · NaN in the value GEMM), so v gets
     # no mask. A NaN key under a float mask reaches even a -inf row (NaN + -inf is NaN, as in torch),
@@ -86,7 +103,7 @@ def nan_reaches_rows_as_in_torch(backend, target, dtype, device="cpu"):
     case = fuzz.make_attention_case(5, dtype, B=2, Hq=2, Hkv=1, Lq=9, Lk=13, D=16, mask=mask, empty_rows=mask != "none",
                                     gate="elementwise", nan=target, lse_grad=True)
     assert_all_ok(fuzz.check_attention(case, backend, device), case.id)
-    got = fuzz._run_attention(case, dtype, device, backend)
+    got = fuzz._run_attention(case, dtype, device, backend)[0]
     assert got["out"].isnan().any(), "the NaN reached no row"
     assert got["lse"].isnan().any() == (target in ("q", "k", "mask")), "lse is NaN exactly when the scores are"
     if target == "k":

@@ -40,6 +40,14 @@ def test_emulated_softmax_gates_match_reference(case, dtype):
     assert_all_ok(check_gate(case, dtype, backend="cuda_emu"), case.id)
 
 
+@pytest.mark.parametrize("family, n", [("attention", 200), ("gates", 400)])
+def test_emulated_fuzz(family, n):
+    """The fuzz of the cuda backend (test_fuzz.py on a GPU), fewer cases: NaN anywhere (in a float mask under
+    the causal rule, in a gate input, at masked positions), broadcast float masks with their gradient, gates
+    with saturated softmax rows, every view kind."""
+    bc.fuzz_passes(family, "cuda_emu", range(n), "cpu", limits_of="cuda")
+
+
 def test_fully_masked_rows_are_zero_without_nan():
     bc.fully_masked_rows_are_zero_without_nan("cuda_emu", "cpu", torch.float16, D=64)
 
@@ -78,7 +86,8 @@ MUTATIONS = [
     ("k-prefetch-past-the-end", FWD, "k_ptr + int64_t(n1) * p.k_sl, p.k_sl,\n                                            p.Lk - n1",
      "k_ptr + int64_t(n1) * p.k_sl, p.k_sl,\n                                            p.Lk - n0"),
     ("syncthreads-before-dv-dk-missing", BWD, "__syncthreads();  // sP, sdS complete", ""),
-    ("dmask-row-of-the-wrong-tile", BWD, "const int i = m0 + sr, j = n0 + sc;", "const int i = sr, j = n0 + sc;"),
+    ("dmask-row-of-the-wrong-tile", BWD, "const int i = m0 + sr, j = n0 + sc;\n          if (i < p.Lq) {\n            T* d",
+     "const int i = sr, j = n0 + sc;\n          if (i < p.Lq) {\n            T* d"),
     ("dgate-sign", "attention_bwd_rows.cu", "dc * oc * (1.f - s)", "dc * oc * (1.f + s)"),
     ("block-reduce-first-barrier-missing", "softmax_gate.cu", "__syncthreads();  // red may still be read", "//"),
     ("barrier-in-divergent-code", "softmax_gate.cu", "if (lane == 0) red[warp] = x;",

@@ -145,6 +145,7 @@ __global__ void __launch_bounds__(BwdTraits<kD>::kThreads)
     scale_and_mask<T, kHasMask>(acc_s, row0, col0, lane, tile_needs_checks(m0, n0, kBN, p), p,
                                 kHasMask ? mask_head_ptr(p, b, h, mask_bytes) : nullptr);
     T* dmask_bh = p.dmask ? static_cast<T*>(p.dmask) + bh * p.Lq * p.Lk : nullptr;
+    float* dmask_acc_bh = p.dmask_accum ? p.dmask_accum + b * p.dm_sb + h * p.dm_sh : nullptr;
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
@@ -163,6 +164,13 @@ __global__ void __launch_bounds__(BwdTraits<kD>::kThreads)
             T* d = dmask_bh + int64_t(i) * p.Lk + j;
             if (j < p.Lk) d[0] = from_float<T>(ds0);
             if (j + 1 < p.Lk) d[1] = from_float<T>(ds1);
+          }
+        } else if (dmask_acc_bh != nullptr) {  // broadcast: summed in float32, rounded once (by the caller)
+          const int i = m0 + sr, j = n0 + sc;
+          if (i < p.Lq) {
+            float* d = dmask_acc_bh + int64_t(i) * p.dm_si + int64_t(j) * p.dm_sj;
+            if (j < p.Lk && ds0 != 0.f) atomicAdd(d, ds0);  // masked entries add nothing: fewer atomics
+            if (j + 1 < p.Lk && ds1 != 0.f) atomicAdd(d + p.dm_sj, ds1);
           }
         }
       }

@@ -1,11 +1,19 @@
 // Row-wise stages of the attention backward (memory-bound, one pass each):
 //   preprocess: delta = rowsum(dout * out) - dlse; with a gate (out = o * sigmoid(gate)):
 //               dO = dout * sigmoid(gate) (what the main kernel multiplies with V and P),
-//               dgate = dout * out * (1 - sigmoid(gate))
+//               dgate = dout * out * (1 - sigmoid(gate)).
+//               delta must be rowsum(P * dP) for the P and dP the main kernel computes: then rowsum(dS) =
+//               rowsum(P * (dP - delta)) is 0 up to float32 sums, which keeps the exact zeros of dq (saturated
+//               rows, repeated keys) and the gradient of a mask broadcast over keys. So out is the forward's
+//               float32 out_acc, not out rounded to 8 (bf16) / 11 (fp16) bits, whose error times the scale
+//               lands in dq and dk; with a gate, delta = rowsum(dO * o) with dO rounded as the kernel reads it
+//               and o = out_acc / sigmoid(gate), the ungated output.
 //   convert:    dq = scale * dq_accum, in q's dtype
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+
+#include <type_traits>
 
 #include "params.h"
 #include "ptx.h"
@@ -16,7 +24,7 @@ namespace {
 
 constexpr int kRowsPerBlock = 8;  // one warp per (b, h, i) row
 
-template <typename T>
+template <typename T, typename TOut>
 __global__ void __launch_bounds__(kRowsPerBlock * 32) attention_bwd_preprocess_kernel(const AttnBwdParams p) {
   const int64_t rows = int64_t(p.B) * p.Hq * p.Lq;
   const int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
@@ -25,27 +33,40 @@ __global__ void __launch_bounds__(kRowsPerBlock * 32) attention_bwd_preprocess_k
   const int i = int(row % p.Lq);
   const int64_t bh = row / p.Lq;
   const int h = int(bh % p.Hq), b = int(bh / p.Hq);
-  const T* o = static_cast<const T*>(p.out) + b * p.o_sb + h * p.o_sh + int64_t(i) * p.o_sl;
+  const TOut* o = static_cast<const TOut*>(p.out) + b * p.o_sb + h * p.o_sh + int64_t(i) * p.o_sl;
   const T* dout = static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh + int64_t(i) * p.do_sl;
   const T* gate = p.gate ? static_cast<const T*>(p.gate) + b * p.g_sb + h * p.g_sh + int64_t(i) * p.g_si : nullptr;
   T* do_gated = p.gate ? static_cast<T*>(p.do_gated) + row * p.D : nullptr;
-  T* dgate = p.gate ? static_cast<T*>(p.dgate) + row * p.D : nullptr;
+  const bool headwise = p.gate && p.g_sc == 0;  // one gate logit per row: its gradient is the row's float32 sum
+  T* dgate = p.gate ? static_cast<T*>(p.dgate) + row * (headwise ? 1 : p.D) : nullptr;
 
   // A row with no allowed key passes no gradient to v, even through a NaN gate (P = 0, but 0 * NaN in the
   // dV product would be NaN).
   const bool empty = p.lse[row] == -INFINITY;
-  float dot = 0.f;
+  float dot = 0.f, dgate_sum = 0.f;
   for (int c = lane; c < p.D; c += 32) {
     const float oc = to_float(o[c]), dc = to_float(dout[c]);
-    dot += oc * dc;
     if (gate) {
       const float s = sigmoidf(to_float(gate[int64_t(c) * p.g_sc]));
-      do_gated[c] = from_float<T>(empty ? 0.f : dc * s);
-      dgate[c] = from_float<T>(dc * oc * (1.f - s));
+      const T dg = from_float<T>(empty ? 0.f : dc * s);
+      do_gated[c] = dg;
+      const float dgc = dc * oc * (1.f - s);
+      if (headwise)
+        dgate_sum += dgc;
+      else
+        dgate[c] = from_float<T>(dgc);
+      // where sigmoid(gate) = 0 the gated dO is 0 too, and so is its term
+      dot += std::is_same_v<TOut, float> ? (s == 0.f ? 0.f : to_float(dg) * (oc / s)) : oc * dc;
+    } else {
+      dot += oc * dc;
     }
   }
   dot = warp_sum(dot);
   if (lane == 0) p.delta[row] = dot - (p.dlse ? p.dlse[row] : 0.f);
+  if (headwise) {
+    dgate_sum = warp_sum(dgate_sum);
+    if (lane == 0) dgate[0] = from_float<T>(dgate_sum);
+  }
 }
 
 template <typename T>
@@ -66,8 +87,11 @@ cudaError_t attention_bwd_preprocess(const AttnBwdParams& p, cudaStream_t stream
   const int64_t rows = int64_t(p.B) * p.Hq * p.Lq;
   if (rows == 0) return cudaSuccess;
   FA_DTYPE_SWITCH(p.is_bf16, T, [&] {
-    attention_bwd_preprocess_kernel<T>
-        <<<unsigned((rows + kRowsPerBlock - 1) / kRowsPerBlock), kRowsPerBlock * 32, 0, stream>>>(p);
+    const unsigned blocks = unsigned((rows + kRowsPerBlock - 1) / kRowsPerBlock);
+    if (p.out_is_acc)
+      attention_bwd_preprocess_kernel<T, float><<<blocks, kRowsPerBlock * 32, 0, stream>>>(p);
+    else
+      attention_bwd_preprocess_kernel<T, T><<<blocks, kRowsPerBlock * 32, 0, stream>>>(p);
   });
   return cudaGetLastError();
 }

@@ -151,14 +151,15 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Tensor& q_in, const Tenso
   describe_attention(p, op, q, k, v, mask, gate, scale, causal);
   Tensor out = at::empty({p.B, p.Hq, p.Lq, p.D}, q.options());
   Tensor lse = at::empty({p.B, p.Hq, p.Lq}, q.options().dtype(at::kFloat));
-  Tensor no_acc = q.new_empty({0});  // these kernels do not store their float32 accumulator (yet): out serves
-  if (out.numel() == 0) return {out, lse, no_acc};
+  Tensor out_acc = at::empty({p.B, p.Hq, p.Lq, p.D}, q.options().dtype(at::kFloat));  // float16/bfloat16 only
+  if (out.numel() == 0) return {out, lse, out_acc};
   p.out = out.data_ptr();
   p.o_sb = out.stride(0), p.o_sh = out.stride(1), p.o_sl = out.stride(2);
   p.lse = lse.data_ptr<float>();
+  p.out_acc = out_acc.data_ptr<float>();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   C10_CUDA_CHECK(p.D == 64 ? attention_fwd_hdim64(p, stream) : attention_fwd_hdim128(p, stream));
-  return {out, lse, no_acc};
+  return {out, lse, out_acc};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd(
@@ -175,7 +176,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd(
   check_device(out_in, op, "out", q);
   check_device(lse_in, op, "lse", q);
   check_same_dtype(dout_in, q, op, "dout");
-  check_same_dtype(out_in, q, op, "out");
+  TORCH_CHECK(out_in.scalar_type() == q.scalar_type() || out_in.scalar_type() == at::kFloat, op,
+              " (cuda): out must be q's dtype ", q.scalar_type(), " or the forward's float32 out_acc, got ",
+              out_in.scalar_type());
   TORCH_CHECK(dout_in.sizes() == out_shape && out_in.sizes() == out_shape, op, " (cuda): dout and out must be ",
               at::IntArrayRef(out_shape), ", got dout ", dout_in.sizes(), ", out ", out_in.sizes());
   TORCH_CHECK(lse_in.scalar_type() == at::kFloat && lse_in.sizes() == row_shape, op,
@@ -199,20 +202,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd(
   Tensor dq = at::empty(q.sizes(), q.options());
   Tensor dk = at::empty(k.sizes(), k.options());
   Tensor dv = at::empty(v.sizes(), v.options());
-  // The kernel writes dS per (b, h, i, j); a broadcast mask's gradient is its sum over the broadcast dims, taken
-  // below. (Reducing inside the kernel, in float32 and O(mask), as the CPU and Triton kernels do, is owed.)
-  Tensor dmask = need_dmask ? at::zeros({p.B, p.Hq, p.Lq, p.Lk}, q.options()) : q.new_empty({0});
-  Tensor dgate = p.gate ? at::empty(out_shape, q.options()) : q.new_empty({0});
+  // The gradient of a float mask: dS per (b, h, i, j) for a full-shape mask; for a broadcast one its sum over the
+  // broadcast dims, which the kernel accumulates in float32 in the mask's own shape (O(mask) memory, one rounding).
+  const std::vector<int64_t> full{p.B, p.Hq, p.Lq, p.Lk};
+  const bool dmask_bcast = need_dmask && mask->sizes() != at::IntArrayRef(full);
+  Tensor dmask = need_dmask && !dmask_bcast ? at::zeros(full, q.options()) : q.new_empty({0});
+  Tensor dmask_accum = dmask_bcast ? at::zeros(mask->sizes(), q.options().dtype(at::kFloat)) : Tensor();
+  const bool headwise = p.gate && gate->size(3) == 1;
+  Tensor dgate = p.gate ? at::empty({p.B, p.Hq, p.Lq, headwise ? 1 : p.D}, q.options()) : q.new_empty({0});
   if (dq.numel() == 0 || dk.numel() == 0) {  // no query or no key: every gradient is 0
     dq.zero_(), dk.zero_(), dv.zero_();
     if (dgate.numel()) dgate.zero_();
-    return {dq, dk, dv, dmask, dgate};
+    return {dq, dk, dv, dmask_bcast ? dmask_accum.to(q.scalar_type()) : dmask, dgate};
   }
   Tensor delta = at::empty(row_shape, f32);
   Tensor dq_accum = at::zeros(out_shape, f32);
   Tensor do_gated = p.gate ? at::empty(out_shape, q.options()) : Tensor();
 
   p.out = const_cast<void*>(out.data_ptr());
+  p.out_is_acc = out.scalar_type() == at::kFloat;
   p.o_sb = out.stride(0), p.o_sh = out.stride(1), p.o_sl = out.stride(2);
   p.lse = lse.data_ptr<float>();
   p.dout = dout.data_ptr();
@@ -224,19 +232,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd(
   p.dq = dq.data_ptr();
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
-  p.dmask = need_dmask ? dmask.data_ptr() : nullptr;
+  p.dmask = need_dmask && !dmask_bcast ? dmask.data_ptr() : nullptr;
+  p.dmask_accum = dmask_bcast ? dmask_accum.data_ptr<float>() : nullptr;
+  if (dmask_bcast) {
+    int64_t* strides[4] = {&p.dm_sb, &p.dm_sh, &p.dm_si, &p.dm_sj};
+    for (int d = 0; d < 4; ++d) *strides[d] = mask->size(d) == 1 ? 0 : dmask_accum.stride(d);
+  }
   p.dgate = p.gate ? dgate.data_ptr() : nullptr;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   C10_CUDA_CHECK(p.D == 64 ? attention_bwd_hdim64(p, stream) : attention_bwd_hdim128(p, stream));
-  if (need_dmask && dmask.sizes() != mask->sizes()) {
-    std::vector<int64_t> dims;
-    for (int64_t d = 0; d < 4; ++d)
-      if (mask->size(d) == 1 && dmask.size(d) != 1) dims.push_back(d);
-    dmask = dmask.to(at::kFloat).sum(dims, /*keepdim=*/true).to(q.scalar_type());
-  }
-  if (p.gate && gate->size(3) == 1 && dgate.size(3) != 1)  // headwise: the gradient of one logit per row
-    dgate = dgate.to(at::kFloat).sum(3, /*keepdim=*/true).to(q.scalar_type());
-  return {dq, dk, dv, dmask, dgate};
+  return {dq, dk, dv, dmask_bcast ? dmask_accum.to(q.scalar_type()) : dmask, dgate};
 }
 
 // ------------------------------------------------------------------------------------ softmax gates

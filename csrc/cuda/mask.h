@@ -24,7 +24,6 @@ __device__ __forceinline__ void scale_and_mask(float (&s)[kNT][4], int row0, int
       const int i = row0 + g + 8 * (e >> 1);
       const int j = col0 + 8 * nt + 2 * t + (e & 1);
       float x = s[nt][e] * p.scale_log2;
-      if (check_bounds && (j >= p.Lk || (p.causal && j > i + p.causal_off))) x = -INFINITY;
       if constexpr (kHasMask) {
         if (i < p.Lq && j < p.Lk) {  // the mask view has no element outside (Lq, Lk)
           const int64_t off = int64_t(i) * p.m_si + int64_t(j) * p.m_sj;
@@ -35,6 +34,8 @@ __device__ __forceinline__ void scale_and_mask(float (&s)[kNT][4], int row0, int
           }
         }
       }
+      // after the bias: a key the causal rule hides is -inf even where the bias is NaN (as torch's masked_fill)
+      if (check_bounds && (j >= p.Lk || (p.causal && j > i + p.causal_off))) x = -INFINITY;
       s[nt][e] = x;
     }
   }

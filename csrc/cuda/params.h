@@ -8,7 +8,8 @@
 //   q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv): any strides, stride(-1) == 1
 //   mask (B, Hq, Lq, Lk) expanded view (stride 0 on broadcast dims): bool (true = may attend) or
 //        q's dtype (a bias added to the scores); gate (B, Hq, Lq, Dv) expanded view, q's dtype
-//   out (B, Hq, Lq, Dv) q's dtype, lse (B, Hq, Lq) float32 contiguous
+//   out (B, Hq, Lq, Dv) q's dtype, lse (B, Hq, Lq) float32 contiguous; out_acc (B, Hq, Lq, Dv) float32
+//        contiguous: out before its rounding to q's dtype, which the backward reads in place of out
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -33,9 +34,11 @@ struct AttnParams {
   int64_t m_sb, m_sh, m_si, m_sj;
   int64_t g_sb, g_sh, g_si, g_sc;  // g_sc == 0 for a headwise gate
   // -- forward outputs (backward inputs): out (gated when a gate is given) and lse
-  void* out;
+  void* out;  // forward: q's dtype; backward: q's dtype, or the forward's out_acc when out_is_acc
   int64_t o_sb, o_sh, o_sl;
-  float* lse;  // (B, Hq, Lq) contiguous
+  float* lse;      // (B, Hq, Lq) contiguous
+  float* out_acc;  // forward: out unrounded, float32 contiguous (nullptr: not kept)
+  bool out_is_acc; // backward: out is float32 (the forward's out_acc)
 
   int B, Hq, Hkv, group;  // group = Hq / Hkv
   int Lq, Lk, D;          // D == Dv (the kernels cover D in {64, 128})
@@ -60,8 +63,12 @@ struct AttnBwdParams : AttnParams {
   void* dq;     // (B, Hq, Lq, D)
   void* dk;     // (B, Hkv, Lk, D)
   void* dv;     // (B, Hkv, Lk, Dv)
-  void* dmask;  // (B, Hq, Lq, Lk) in q's dtype (dL/dscore), or nullptr; zero-filled by the caller
-  void* dgate;  // (B, Hq, Lq, Dv) in q's dtype when gate != nullptr
+  void* dmask;  // (B, Hq, Lq, Lk) in q's dtype (dL/dscore) for a full-shape float mask, or nullptr
+  // a float mask broadcast over some dims: its gradient, the sum of dS over them, accumulated in float32 in the
+  // mask's own shape (zero-filled by the caller; dm_s* are its strides, 0 on the broadcast dims), or nullptr
+  float* dmask_accum;
+  int64_t dm_sb, dm_sh, dm_si, dm_sj;
+  void* dgate;  // (B, Hq, Lq, Dv) in q's dtype when gate != nullptr; (B, Hq, Lq, 1) for a headwise gate
 };
 
 // Host entry points (attention_fwd_hdim*.cu, attention_bwd_hdim*.cu). They launch on `stream` and

@@ -112,6 +112,16 @@ __device__ __forceinline__ __half from_float<__half>(float x) { return __float2h
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
+// Two floats x, y -> (hi, lo) register pairs with x = hi + lo (and y) to ~16 (bf16) / ~22 (fp16) bits: hi
+// rounded to T, lo what that rounding left, rounded to T. Two MMAs, one with each, carry what one with hi
+// alone rounds away (a value of 1 - 2^-12 is 1 in bfloat16).
+template <typename T>
+__device__ __forceinline__ void split2(float x, float y, uint32_t& hi, uint32_t& lo) {
+  const float hx = to_float(from_float<T>(x)), hy = to_float(from_float<T>(y));
+  hi = pack2<T>(hx, hy);
+  lo = pack2<T>(x - hx, y - hy);
+}
+
 __device__ __forceinline__ float sigmoidf(float x) { return 1.f / (1.f + __expf(-x)); }
 
 // Reductions over the 4 lanes of a quad (the lanes that share an MMA accumulator row).

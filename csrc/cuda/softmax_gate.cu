@@ -110,18 +110,21 @@ __global__ void __launch_bounds__(kSoftmaxThreads) softmax_positions_kernel(cons
       return a[int64_t(n) * p.H] * kLog2e;
     }
   };
-  // -- max over positions
+  // -- max over positions (fmaxf passes over NaN: a NaN score reaches the sum below instead)
   float m = -INFINITY;
   for (int n = threadIdx.x; n < p.N; n += kSoftmaxThreads) m = fmaxf(m, score(n));
   m = block_reduce<true>(m, red);
-  if (m == -INFINITY) m = 0.f;  // every position masked: exp2(-inf) = 0 everywhere
-  // -- sum of exp2(s - m)
+  if (fabsf(m) == INFINITY) m = 0.f;  // every position masked (exp2(-inf) = 0 everywhere), or a +inf score (as torch)
+  // -- sum of exp2(s - m); NaN when any unmasked score is NaN
   float l = 0.f;
   for (int n = threadIdx.x; n < p.N; n += kSoftmaxThreads) l += exp2f(score(n) - m);
   l = block_reduce<false>(l, red);
-  const float inv_l = l > 0.f ? 1.f / l : 0.f;
-  // -- normalise (each thread rewrites only the positions it read)
-  for (int n = threadIdx.x; n < p.N; n += kSoftmaxThreads) a[int64_t(n) * p.H] = exp2f(score(n) - m) * inv_l;
+  const float inv_l = l == 0.f ? 0.f : 1.f / l;  // a NaN sum makes every unmasked alpha NaN, as torch's softmax
+  // -- normalise (each thread rewrites only the positions it read); masked positions are exactly 0, NaN or not
+  for (int n = threadIdx.x; n < p.N; n += kSoftmaxThreads) {
+    const float sn = score(n);
+    a[int64_t(n) * p.H] = sn == -INFINITY ? 0.f : exp2f(sn - m) * inv_l;
+  }
 }
 
 // -- Grid-stride loop over (row = b*N + n, kVec-channel group c) of a (B, N, D) tensor: calls
@@ -172,8 +175,7 @@ __global__ void __launch_bounds__(32 * kPoolRows) pool_kernel(const GateParams p
     const T* x = static_cast<const T*>(p.x) + b * p.x_sb + c;
     const float* alpha = p.alpha + int64_t(b) * p.N * p.H + c / Dh;
     for (int n = n_begin + threadIdx.y; n < n_end; n += kPoolRows) {
-      const float a = alpha[int64_t(n) * p.H];
-      if (a == 0.f) continue;  // masked positions
+      const float a = alpha[int64_t(n) * p.H];  // masked positions too: 0 * NaN is NaN, as in torch's sum
       float v[kVec];
       load_vec<T, kVec>(x + n * p.x_sn, v);
 #pragma unroll
@@ -223,7 +225,9 @@ __global__ void __launch_bounds__(kWarpRowsPerBlock * 32) gate_bwd_rows_kernel(c
   }
 }
 
-// -- dscores[b, :, h] = alpha * (g - sum_n alpha g), in place in g (and to p.dscores in x's dtype)
+// -- dscores[b, :, h] = alpha * (g - sum_n alpha g), in place in g (and to p.dscores in x's dtype). Masked
+// positions (alpha = 0) take no part: their g may be NaN (NaN in x or dy there) and their dscores is 0, as
+// the gradient of torch's masked softmax.
 template <typename T>
 __global__ void __launch_bounds__(kSoftmaxThreads) softmax_positions_bwd_kernel(const GateBwdParams p) {
   __shared__ float red[32];
@@ -232,12 +236,12 @@ __global__ void __launch_bounds__(kSoftmaxThreads) softmax_positions_bwd_kernel(
   float dot = 0.f;
   for (int n = threadIdx.x; n < p.N; n += kSoftmaxThreads) {
     const int64_t k = base + int64_t(n) * p.H;
-    dot += p.alpha[k] * p.g[k];
+    if (p.alpha[k] != 0.f) dot += p.alpha[k] * p.g[k];
   }
   dot = block_reduce<false>(dot, red);
   for (int n = threadIdx.x; n < p.N; n += kSoftmaxThreads) {
     const int64_t k = base + int64_t(n) * p.H;
-    const float ds = p.alpha[k] * (p.g[k] - dot);
+    const float ds = p.alpha[k] == 0.f ? 0.f : p.alpha[k] * (p.g[k] - dot);
     p.g[k] = ds;
     if (p.dscores != nullptr) static_cast<T*>(p.dscores)[k] = from_float<T>(ds);
   }
