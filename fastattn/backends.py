@@ -227,15 +227,15 @@ def auto_order(p: Problem) -> tuple:
     - softmax gates: cuda (B32 N1024 D512: fwd 0.09 ms vs triton 0.20, fwd+bwd 0.41 vs 1.05);
     - attention with a float mask: triton (bias fwd+bwd 6.25 vs 8.55 ms at L1024, 23.0 vs 33.7 at L4096;
       fwd 1.81 vs 2.18 and 5.67 vs 8.02);
-    - attention with a gradient: triton (fwd+bwd D128 L4096 12.05 vs 13.54 ms; D64 8.74 vs 13.01), but
-      causal at D 128 cuda (7.30 vs 7.59 ms at L4096, 26.06 vs 26.35 at 16k; 708 vs 899 MB peak);
-    - attention without one: cuda (fwd ahead of triton at every length: 2.2-2.7x at D 128, gated or
-      not; 1.01-1.5x at D 64)."""
+    - attention with a gradient: triton (fwd+bwd D128 L4096 12.22 vs 14.89 ms, causal 7.56 vs 8.07,
+      gated 12.27 vs 15.16; D64 8.74 vs 13.01);
+    - attention without one: cuda (fwd D128 L4096 3.05 vs 5.58 ms, causal 1.77 vs 3.77, gated 3.19 vs
+      5.46; L1024 0.95 vs 1.72; 1.01-1.5x at D 64)."""
     if p.device_type == "cpu":
         return "cpu", "reference"
     if p.device_type != "cuda":
         return ("reference",)
-    if p.op == "attention" and (p.float_mask or p.grad and not (p.causal and p.head_dim == 128)):
+    if p.op == "attention" and (p.float_mask or p.grad):
         return "triton", "cuda", "reference"
     return "cuda", "triton", "reference"
 

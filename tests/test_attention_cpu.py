@@ -77,7 +77,7 @@ def test_auto_picks_by_the_committed_gpu_measurements():
     assert auto_order(att())[0] == "cuda"
     assert auto_order(att(causal=True))[0] == "cuda"
     assert auto_order(att(grad=True)) == ("triton", "cuda", "reference")
-    assert auto_order(att(grad=True, causal=True))[0] == "cuda"
+    assert auto_order(att(grad=True, causal=True))[0] == "triton"
     assert auto_order(att(64, grad=True, causal=True))[0] == "triton"
     assert auto_order(att(float_mask=True))[0] == "triton"
     assert auto_order(att(float_mask=True, grad=True, causal=True))[0] == "triton"

@@ -79,3 +79,34 @@ def test_kernels_build_with_float_arguments_typed_as_inductor_types_them(aot, mo
         if res["error"]:
             errors[f"{name} {dtype}"] = res["error"]
     assert not errors, errors
+
+
+
+def test_the_configs_gpu_runs_chose_lead_their_lists():
+    """Where committed bench runs recorded autotuning's choices (``triton_autotune``, per kernel and key),
+    the config chosen most often at a head block, when one is, is the first of its list: the one
+    FASTATTN_TRITON_AUTOTUNE=0 runs."""
+    import collections
+    import json
+    from fastattn.triton_kernels import configs as C
+    lists = {"_attn_fwd": C.FWD_HALF, "_attn_bwd_dkdv": C.DKDV_HALF, "_attn_bwd_dq": C.DQ_HALF,
+             "_attn_bwd_dmask": C.DMASK_HALF}
+    fields = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+    votes = collections.defaultdict(collections.Counter)
+    for path in sorted((ROOT / "bench" / "results").glob("*.json")):
+        for kernel, chosen in json.loads(path.read_text()).get("triton_autotune", {}).items():
+            for key, cfg in chosen.items():
+                d, dv = (int(x) for x in key.split(", ")[2:4])  # the autotune key: Lq, Lk, D, Dv, ...
+                pick = dict(kv.split(": ") for kv in cfg.split(", "))
+                votes[kernel, C.head_block(max(d, dv))][tuple(int(pick[f]) for f in fields)] += 1
+    assert votes, "no committed run recorded triton_autotune"
+    checked = 0
+    for (kernel, head), counts in votes.items():
+        (best, n), *rest = counts.most_common()
+        if rest and rest[0][1] == n:
+            continue  # a tie: no evidence for either
+        first = lists[kernel][head][0]
+        assert (first.kwargs["BLOCK_M"], first.kwargs["BLOCK_N"], first.num_warps, first.num_stages) == best, \
+            (kernel, head, counts)
+        checked += 1
+    assert checked >= 4

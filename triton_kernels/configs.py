@@ -4,9 +4,9 @@ Evidence: the starting points follow the Triton fused-attention tutorial (06-fus
 FlashAttention-2's Triton kernels on A100/H100 (BLOCK_M 128 x BLOCK_N 64 with 8 warps for D <= 128 in
 the forward). What is kept is what compiles for sm_80 and sm_90 within the shared memory of a block and
 without register spills, per head block and precision (scripts/check_triton_aot.py compiles every kept
-config without a GPU; its table is bench/results/triton_aot.txt). Speed is not measured on our kernels
-yet (no GPU run so far): ``fastattn bench`` on an H100 is the next step, and each line should then carry
-what won and what lost.
+config without a GPU; its table is bench/results/triton_aot.txt). Speed: ``fastattn bench`` records
+which config autotuning chose per key (its JSON's ``triton_autotune``); where a GPU run chose, that
+config leads its list (what FASTATTN_TRITON_AUTOTUNE=0 runs), with the run named beside it.
 
 Under the interpreter (TRITON_INTERPRET=1, CI on CPU) every kernel gets one small config: autotuning
 would only multiply the (slow) interpreted runs, and small tiles make the test shapes cross several
@@ -62,9 +62,12 @@ def _cfg(num_warps, num_stages, BLOCK_M, BLOCK_N, min_cc=0, max_cc=1000, maxnreg
 # Configs come per head block (BLOCK_D, BLOCK_DV <= the key) and per input precision, each list best guess
 # first (FASTATTN_TRITON_AUTOTUNE=0 keeps the first that fits). Register tiles grow with the head dim, so
 # one list for every head dim either spills at 256 or wastes the GPU at 64. Each list is what compiles
-# without spills for sm_80 and sm_90 in scripts/check_triton_aot.py (table: bench/results/triton_aot.txt);
-# speed on a GPU is unmeasured. The prune functions then drop what cannot launch on the device (shared
-# memory per block, below) or would only add masked work (tiles far past the sequence).
+# without spills for sm_80 and sm_90 in scripts/check_triton_aot.py (table: bench/results/triton_aot.txt).
+# H200 below: bench/results/2026-11-26-nvidia-h200*.json, bf16; D 128 at L 1k and 4k, causal or not, gated
+# or not, float mask or not; D 64 at L 512-16k, causal or not: how many of the kernel's keys autotuning
+# gave the config (tests/test_triton_aot.py checks that the most chosen leads). The prune
+# functions then drop what cannot launch on the device (shared memory per block, below) or would only add
+# masked work (tiles far past the sequence).
 #
 # Shared memory a block may opt in to, per compute capability (CUDA programming guide).
 SMEM_PER_BLOCK = {80: 166_912, 86: 101_376, 87: 166_912, 89: 101_376, 90: 232_448, 100: 232_448,
@@ -162,10 +165,11 @@ if INTERPRET:
     FWD_HALF = FWD_FP32 = {256: [_cfg(4, 1, 32, 16)]}   # BLOCK_M != BLOCK_N: exercises the causal bounds
 else:
     FWD_HALF = {
-        64: [_cfg(8, 3, 128, 64),     # tutorial / FA2 default on H100
-             _cfg(4, 3, 64, 64),      # few (batch, head) pairs: more programs per SM
+        64: [_cfg(4, 3, 64, 64),      # H200: 12 of 12 keys (L 512-16k, causal or not)
+             _cfg(8, 3, 128, 64),     # tutorial / FA2 default on H100
              _cfg(4, 3, 16, 64, maxnreg=255)],
-        128: [_cfg(8, 3, 64, 32), _cfg(8, 3, 32, 64), _cfg(4, 3, 16, 64)],
+        128: [_cfg(8, 3, 32, 64),     # H200: 12 of 12 keys
+              _cfg(8, 3, 64, 32), _cfg(4, 3, 16, 64)],
         256: [_cfg(8, 2, 32, 32, maxnreg=255),   # O accumulator 32 x 256 fp32 over 8 warps: 32 registers a thread
               _cfg(4, 2, 16, 32)],
     }
@@ -205,8 +209,10 @@ if INTERPRET:
     PREP_BLOCK_M = 32
 else:
     DKDV_HALF = {
-        64: [_cfg(8, 3, 32, 128, min_cc=90), _cfg(8, 2, 16, 128), _cfg(4, 2, 16, 64)],
-        128: [_cfg(8, 3, 32, 64), _cfg(8, 3, 16, 128, min_cc=90)],
+        64: [_cfg(8, 3, 32, 128, min_cc=90),   # H200: 9 of 12 keys (the rest 16 x 64, 4 warps, 2 stages)
+             _cfg(8, 2, 16, 128), _cfg(4, 2, 16, 64)],
+        128: [_cfg(8, 3, 16, 128, min_cc=90),   # H200: 8 of 8 keys
+              _cfg(8, 3, 32, 64)],
         256: [_cfg(8, 1, 32, 32), _cfg(4, 3, 32, 16)],
     }
     DKDV_FP32 = {
@@ -215,8 +221,10 @@ else:
         256: [_cfg(8, 2, 16, 16)],
     }
     DQ_HALF = {
-        64: [_cfg(8, 3, 128, 32), _cfg(4, 3, 64, 32), _cfg(4, 3, 16, 32)],
-        128: [_cfg(8, 3, 64, 32), _cfg(4, 2, 64, 16), _cfg(4, 3, 16, 64)],
+        64: [_cfg(8, 3, 128, 32),     # H200: 6 of 12 keys, the next the other 6 (a tie)
+             _cfg(4, 3, 64, 32), _cfg(4, 3, 16, 32)],
+        128: [_cfg(4, 2, 64, 16),     # H200: 8 of 8 keys
+              _cfg(8, 3, 64, 32), _cfg(4, 3, 16, 64)],
         256: [_cfg(8, 2, 32, 32, maxnreg=255), _cfg(4, 2, 16, 32)],
     }
     DQ_FP32 = {
@@ -248,7 +256,8 @@ if INTERPRET:
 else:
     DMASK_HALF = {
         64: [_cfg(8, 3, 64, 32)],
-        128: [_cfg(8, 3, 32, 64), _cfg(8, 3, 16, 64)],
+        128: [_cfg(8, 3, 32, 64),     # H200: 4 of 4 keys
+              _cfg(8, 3, 16, 64)],
         256: [_cfg(8, 2, 16, 32)],
     }
     DMASK_FP32 = {
