@@ -54,11 +54,13 @@ def test_fuzz_triton(family):
     _run(family, "triton", range(_TRITON_N), _triton_device())
 
 
+# The long GPU sweeps come in chunks of the quick one's size, which pytest-xdist spreads over its workers.
 @pytest.mark.slow
 @pytest.mark.triton
 @pytest.mark.parametrize("family", ["attention", "gates"])
-def test_fuzz_triton_long(family):
-    _run(family, "triton", range(_TRITON_N, 10 * _TRITON_N), _triton_device())
+@pytest.mark.parametrize("chunk", range(1, 10))
+def test_fuzz_triton_long(family, chunk):
+    _run(family, "triton", range(chunk * _TRITON_N, (chunk + 1) * _TRITON_N), _triton_device())
 
 
 _CUDA = fastattn.backends()["cuda"]
@@ -74,8 +76,9 @@ def test_fuzz_cuda(family):
 @pytest.mark.slow
 @needs_cuda
 @pytest.mark.parametrize("family", ["attention", "gates"])
-def test_fuzz_cuda_long(family):
-    _run(family, "cuda", range(400, 4000), "cuda")
+@pytest.mark.parametrize("chunk", range(1, 10))
+def test_fuzz_cuda_long(family, chunk):
+    _run(family, "cuda", range(chunk * 400, (chunk + 1) * 400), "cuda")
 
 
 def test_fuzz_draws_only_what_the_cuda_kernels_cover():
