@@ -73,6 +73,10 @@ def test_cuda_transposed_inputs_are_not_copied(monkeypatch):
     bc.transposed_inputs_are_not_copied(monkeypatch, "cuda", "attention_fwd", "cuda", torch.float16)
 
 
+def test_repeated_keys_keep_dq_exact():
+    bc.repeated_keys_keep_dq_exact("cuda", "cuda")
+
+
 def test_fully_masked_rows_are_zero_without_nan():
     bc.fully_masked_rows_are_zero_without_nan("cuda", "cuda", torch.float16, D=64)
 

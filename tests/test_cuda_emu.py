@@ -48,6 +48,10 @@ def test_emulated_fuzz(family, n):
     bc.fuzz_passes(family, "cuda_emu", range(n), "cpu", limits_of="cuda")
 
 
+def test_repeated_keys_keep_dq_exact():
+    bc.repeated_keys_keep_dq_exact("cuda_emu", "cpu")
+
+
 def test_fully_masked_rows_are_zero_without_nan():
     bc.fully_masked_rows_are_zero_without_nan("cuda_emu", "cpu", torch.float16, D=64)
 

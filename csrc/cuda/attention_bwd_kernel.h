@@ -4,9 +4,9 @@
 // through a double buffer, for every query head of the kv head's GQA group (so dK, dV need no
 // atomics). Per query tile, with P recomputed from the saved lse (no Lq x Lk tensor is kept):
 //     S = Q K^T, dP = dO V^T          [64 x 64]  warps 4 (rows) x 2 (cols)
-//     P = exp2(S - lse), dS = P (dP - delta)      -> shared memory (fp16/bf16), dmask (optional)
+//     P = exp2(S - lse), dS = P (dP - delta)      -> shared memory (fp16/bf16; dS also its low part), dmask
 //     dV += P^T dO, dK += dS^T Q     [64 x D]   A operands via ldmatrix.trans of P, dS
-//     dQ += dS K                     [64 x D]   fp32 atomics into dq_accum (many key tiles add to it)
+//     dQ += (dS_hi + dS_lo) K        [64 x D]   fp32 atomics into dq_accum (many key tiles add to it)
 // dO is the gated upstream gradient and delta = rowsum(dout * out) - dlse, both made by
 // attention_bwd_preprocess (attention_bwd_rows.cu). dK = scale * dS^T Q, dQ = scale * dS K: the
 // scale is applied once, at the end.
@@ -44,6 +44,7 @@ __global__ void __launch_bounds__(BwdTraits<kD>::kThreads)
   T* sdO = sQ + 2 * kBM * kLd;             // [2][kBM][kLd]
   T* sP = sdO + 2 * kBM * kLd;             // [kBM][kLdP]  queries x keys
   T* sdS = sP + kBM * kLdP;                // [kBM][kLdP]
+  T* sdS_lo = sdS + kBM * kLdP;            // [kBM][kLdP]  what rounding dS to T left (split2)
 
   const int n_block = blockIdx.x;
   const int b = blockIdx.z, hk = blockIdx.y;
@@ -157,7 +158,8 @@ __global__ void __launch_bounds__(BwdTraits<kD>::kThreads)
         const float ds1 = masked1 ? 0.f : p1 * (acc_dp[nt][2 * r + 1] - delta[r]);
         const int sr = wm * kMmaM + g + 8 * r, sc = wn * kSCols + nt * 8 + 2 * t;  // tile coordinates
         *reinterpret_cast<uint32_t*>(sP + sr * kLdP + sc) = pack2<T>(p0, p1);
-        *reinterpret_cast<uint32_t*>(sdS + sr * kLdP + sc) = pack2<T>(ds0, ds1);
+        split2<T>(ds0, ds1, *reinterpret_cast<uint32_t*>(sdS + sr * kLdP + sc),
+                  *reinterpret_cast<uint32_t*>(sdS_lo + sr * kLdP + sc));
         if (dmask_bh != nullptr) {  // dL/dscore = dS, for a float mask that wants its gradient
           const int i = m0 + sr, j = n0 + sc;
           if (i < p.Lq) {
@@ -199,7 +201,10 @@ __global__ void __launch_bounds__(BwdTraits<kD>::kThreads)
       }
     }
 
-    // -- dQ += dS K   [16 x kDCols] per warp: query rows 16 wm.., d cols kDCols wn..
+    // -- dQ += dS K   [16 x kDCols] per warp: query rows 16 wm.., d cols kDCols wn.. dS goes in as dS_hi +
+    // dS_lo (two MMAs per tile): rowsum(dS) = 0 holds to float32 rounding, and dq = scale * sum_j dS_ij k_j
+    // keeps it where it matters (every key the same: dq exactly 0) only if dS is not rounded to 8 (bf16) /
+    // 11 (fp16) bits first. dK takes dS_hi alone, as FlashAttention (no such cancellation along queries).
     {
       float acc_dq[kDT][4];
 #pragma unroll
@@ -208,9 +213,10 @@ __global__ void __launch_bounds__(BwdTraits<kD>::kThreads)
         for (int e = 0; e < 4; ++e) acc_dq[i][e] = 0.f;
 #pragma unroll
       for (int kk = 0; kk < kBN / 16; ++kk) {
-        uint32_t a[4];
-        ldmatrix_x4(a, smem_addr(sdS + (wm * kMmaM + (lane & 7) + ((lane >> 3) & 1) * 8) * kLdP + kk * 16 +
-                                 (lane >> 4) * 8));
+        uint32_t a[4], a_lo[4];
+        const int a_off = (wm * kMmaM + (lane & 7) + ((lane >> 3) & 1) * 8) * kLdP + kk * 16 + (lane >> 4) * 8;
+        ldmatrix_x4(a, smem_addr(sdS + a_off));
+        ldmatrix_x4(a_lo, smem_addr(sdS_lo + a_off));
 #pragma unroll
         for (int dt2 = 0; dt2 < kDT / 2; ++dt2) {
           uint32_t bk[4];
@@ -218,6 +224,8 @@ __global__ void __launch_bounds__(BwdTraits<kD>::kThreads)
                                           dt2 * 16 + (lane >> 4) * 8));
           mma_16816<T>(acc_dq[2 * dt2], a, bk[0], bk[1]);
           mma_16816<T>(acc_dq[2 * dt2 + 1], a, bk[2], bk[3]);
+          mma_16816<T>(acc_dq[2 * dt2], a_lo, bk[0], bk[1]);
+          mma_16816<T>(acc_dq[2 * dt2 + 1], a_lo, bk[2], bk[3]);
         }
       }
       float* dq = p.dq_accum + bh * p.Lq * kD;

@@ -50,7 +50,7 @@ struct BwdTraits {
   static constexpr int kLdP = kBlockN + kSmemPad;  // P and dS tiles (queries x keys)
   static constexpr int kSmemElems = 2 * kBlockN * kLd        // K, V
                                     + 2 * 2 * kBlockM * kLd  // Q, dO, double-buffered
-                                    + 2 * kBlockM * kLdP;    // P, dS
+                                    + 3 * kBlockM * kLdP;    // P, dS and dS's low part (dQ's)
   static constexpr int kSmemBytes = kSmemElems * 2;
 };
 
