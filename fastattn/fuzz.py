@@ -119,7 +119,7 @@ def attention_case(seed, dtypes, max_len=130, max_dim=256, head_dims=None) -> At
     Lq, Lk, D = _sizes(rng, lengths, True), _sizes(rng, lengths, True), _sizes(rng, dims, not head_dims)
     if dtype == torch.float32 and Lk == 1:  # one key: every row saturated (see _scale)
         Lk = 2
-    Dv = D if head_dims or rng.random() < 0.6 else _sizes(rng, dims, not head_dims)
+    Dv = D if head_dims or rng.random() < 0.6 else _sizes(rng, dims, True)
     causal = rng.choice((False, False, True, "bottom_right"))
     mask = rng.choice(("none", "none", "bool", "float", "float_grad"))
     mask_shape = tuple(s if rng.random() < 0.6 else 1 for s in (B, Hkv * group, Lq, Lk))  # each dim kept or 1
@@ -218,9 +218,8 @@ def _run_attention(case: AttentionFuzz, dtype, device, backend, rounded_to=None)
 
 def _backward(outputs, grads, inputs, leaves, view):
     """Backpropagate; ({"d<name>": gradient of the leaf} of every input whose gradient is checked, zeros where
-    none arrived, {"d<name>": the largest sum of |gradient at the view| over the positions that see one element
-    of the leaf}: the size of the per-position gradients the op returned and torch's autograd summed into the
-    leaf's, see ``testing.compare``)."""
+    none arrived, {"d<name>": gradient at the view the op saw, or None}: the per-position gradients the op
+    returned, which torch's autograd summed into the leaf's)."""
     checked = [n for n, i in inputs.items() if i.grad]
     for n in checked:
         if view[n].requires_grad and not view[n].is_leaf:
@@ -230,16 +229,17 @@ def _backward(outputs, grads, inputs, leaves, view):
         torch.autograd.backward([o for o, _ in pairs], [d for _, d in pairs])
     leaf_grads = {"d" + n: leaves[n].grad if leaves[n].grad is not None else torch.zeros_like(leaves[n])
                   for n in checked}
-    sizes = {"d" + n: _summed_size(inputs[n], leaves[n], view[n].grad) for n in checked}
-    return leaf_grads, sizes
+    return leaf_grads, {"d" + n: view[n].grad for n in checked}
 
 
-def _summed_size(inp, leaf, g):
+def _summed_size(inp, leaf_grad, g):
+    """The largest sum of |g| (a gradient at the view) over the positions that see one element of the leaf:
+    the size of the terms torch's autograd summed into that element (see ``testing.compare``)."""
     if g is None:
         return 0.0
     g = torch.nan_to_num(g.detach(), nan=0.0, posinf=0.0, neginf=0.0).abs()
-    t = torch.zeros_like(leaf, requires_grad=True)
-    (summed,) = torch.autograd.grad(inp.build(t), t, g)  # leaf-shaped: sum of |g| over the positions viewing it
+    t = torch.zeros_like(leaf_grad, requires_grad=True)
+    (summed,) = torch.autograd.grad(inp.build(t), t, g)
     return float(summed.max()) if summed.numel() else 0.0
 
 
@@ -247,9 +247,10 @@ def _check(run, case, backend, device, factor):
     """The backend, the reference in the case's dtype and in float64 (on the same inputs), by SPEC §4."""
     got = _merged(run(case, case.dtype, device, backend))
     lowp = _merged(run(case, case.dtype, device, "reference"))
-    truth_out, (truth_grads, sizes) = run(case, torch.float64, device, "reference", rounded_to=case.dtype)
+    truth_out, (truth_grads, view_grads) = run(case, torch.float64, device, "reference", rounded_to=case.dtype)
     truth = {**truth_out, **truth_grads}
-    return [testing.compare(n, got[n], lowp[n], truth[n], case.dtype, factor(n), sizes.get(n, 0.0)) for n in truth]
+    size = lambda n: _summed_size(case.inputs[n[1:]], truth_grads[n], view_grads[n]) if n in view_grads else 0.0
+    return [testing.compare(n, got[n], lowp[n], truth[n], case.dtype, factor(n), size(n)) for n in truth]
 
 
 def _merged(result):
