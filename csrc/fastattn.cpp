@@ -20,9 +20,10 @@ TORCH_LIBRARY(fastattn, m) {
   // and in log2 units (log2 of the softmax denominator of the scores in log2 units: the base every kernel computes
   // in, so forward and backward never convert it; dlse in the backward is the gradient of this lse);
   // out_acc is out before its rounding, float32, for float16/bfloat16 inputs (the backward's delta comes from it),
-  // and an empty tensor for float32/float64 inputs (where out is that already) and from csrc/cuda's kernels.
-  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? gate, float scale, int causal)"
-        " -> (Tensor, Tensor, Tensor)");
+  // and an empty tensor for float32/float64 inputs (where out is that already). need_acc=false (a forward no
+  // gradient will follow) returns it empty too and lets a kernel skip the extra precision kept for the backward.
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? gate, float scale, int causal,"
+        " bool need_acc=True) -> (Tensor, Tensor, Tensor)");
   // out: the forward's out_acc where it has one, else its out. Returns (dq, dk, dv, dmask, dgate); dmask has the
   // mask's own (4-D, broadcast) shape and dtype, summed over broadcast dims in float32; dmask / dgate are empty
   // tensors when not asked for.

@@ -61,7 +61,7 @@ class ReferenceBackend(Backend):
     def unsupported(self, p):
         return None
 
-    def attention(self, q, k, v, mask, gate, scale, causal, dropout_p):
+    def attention(self, q, k, v, mask, gate, scale, causal, dropout_p, grad):
         causal = (False, True, "bottom_right")[causal]  # from the kernels' code back to the API's value
         return reference.attention(q, k, v, attn_mask=mask, causal=causal, scale=scale, gate=gate,
                                    dropout_p=dropout_p, return_lse=True)
@@ -96,7 +96,7 @@ class FusedBackend(Backend):
     def _op(self, name):
         return getattr(torch.ops.fastattn, self.op_prefix + name)
 
-    def attention(self, q, k, v, mask, gate, scale, causal, dropout_p):
+    def attention(self, q, k, v, mask, gate, scale, causal, dropout_p, grad):
         B, Hq, Lq, _ = q.shape
         Dv = v.shape[3]
         if mask is not None:
@@ -111,9 +111,10 @@ class FusedBackend(Backend):
             gate = gate.to(q.dtype)
             gate = gate.reshape((1,) * (4 - gate.dim()) + tuple(gate.shape))
             gate = gate.expand(B, Hq, Lq, gate.shape[-1])
+        # without a gradient to follow, the kernels skip out_acc and the precise P V kept for the backward
         out, lse2, _ = self._op("attention_fwd")(
             _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v),
-            mask, gate, scale, causal)
+            mask, gate, scale, causal, grad)
         return out, lse2 * LN2  # the kernels keep lse in log2 units, the base they compute in
 
     def softmax_gate(self, scores, x, mask, pool):

@@ -53,7 +53,7 @@ def attention(q, k, v, *, attn_mask=None, causal=False, scale=None, gate=None, d
     impl = select(backend, problem)
     if _maybe_zero(B, Hq, Lq, Lk, D, Dv):
         impl = select("reference", problem)  # empty problems: no kernel launch
-    out, lse = impl.attention(q, k, v, attn_mask, gate, scale, code, dropout_p)
+    out, lse = impl.attention(q, k, v, attn_mask, gate, scale, code, dropout_p, grad)
     return (out, lse) if return_lse else out
 
 

@@ -369,11 +369,20 @@ def limits(backend, device_type) -> dict:
     return {}
 
 
-def run(op, seed, backend, dtypes, device="cpu", max_len=130, max_dim=256, head_dims=None):
+def forward_only(case):
+    """``case`` as inference: no input requires a gradient, so no backward runs and the kernels may skip what
+    only a backward needs (attention's out_acc and its precise P V); the outputs are checked alone."""
+    inputs = {n: dataclasses.replace(i, grad=False) for n, i in case.inputs.items()}
+    flags = {f: False for f in ("lse_grad", "weights_grad") if hasattr(case, f)}
+    return dataclasses.replace(case, inputs=inputs, desc=case.desc + "-forward", **flags)
+
+
+def run(op, seed, backend, dtypes, device="cpu", max_len=130, max_dim=256, head_dims=None, inference=False):
     """(case id, comparisons) of the fuzz case ``seed`` of ``op`` ("attention" or "gates"); the keywords
-    bound the case drawn (:func:`limits`)."""
+    bound the case drawn (:func:`limits`); ``inference``: its forward alone (:func:`forward_only`)."""
+    only = forward_only if inference else (lambda c: c)
     if op == "attention":
-        case = attention_case(seed, dtypes, max_len, max_dim, head_dims)
+        case = only(attention_case(seed, dtypes, max_len, max_dim, head_dims))
         return case.id, check_attention(case, backend, device)
-    case = gate_case(seed, dtypes, max_len, max_dim)
+    case = only(gate_case(seed, dtypes, max_len, max_dim))
     return case.id, check_gate(case, backend, device)

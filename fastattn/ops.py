@@ -11,7 +11,9 @@ Forward ops return float32 statistics (float64 for float64 inputs): ``lse`` for 
 weights ``alpha`` for the softmax gates; both are differentiable outputs. The attention ops' lse is
 in log2 units, the base the kernels compute in (``fastattn.attention`` returns it times ln 2, so the
 statistic itself is never converted between forward and backward). attention_fwd also returns
-``out_acc``, its output before rounding to float16/bfloat16, which the backward uses in place of out.
+``out_acc``, its output before rounding to float16/bfloat16, which the backward uses in place of out;
+``need_acc=False`` (no gradient will be asked) returns it empty and lets the kernels skip what only the
+backward needs.
 """
 from __future__ import annotations
 
@@ -56,15 +58,15 @@ def register_attention(fwd: str, bwd: str, *, fake: bool = True, acc_devices=("c
     ``fake=False`` skips the fake implementations (torch.library.triton_op makes its own);
     ``acc_devices``: the device types on which the kernels return out_acc (elsewhere it is empty)."""
     bwd_op = lambda: getattr(torch.ops.fastattn, bwd.split("::")[1])
-    with_acc = lambda q: has_out_acc(q.dtype) and q.device.type in acc_devices
+    with_acc = lambda q, need_acc: need_acc and has_out_acc(q.dtype) and q.device.type in acc_devices
 
     if fake:
         @torch.library.register_fake(fwd)
-        def _fwd_fake(q, k, v, mask, gate, scale, causal):
+        def _fwd_fake(q, k, v, mask, gate, scale, causal, need_acc=True):
             B, Hq, Lq, _ = q.shape
             out = q.new_empty((B, Hq, Lq, v.shape[-1]))
             lse = q.new_empty((B, Hq, Lq), dtype=_stat_dtype(q.dtype))
-            out_acc = q.new_empty((B, Hq, Lq, v.shape[-1]), dtype=torch.float32) if with_acc(q) else _empty(q)
+            out_acc = q.new_empty((B, Hq, Lq, v.shape[-1]), dtype=torch.float32) if with_acc(q, need_acc) else _empty(q)
             return out, lse, out_acc
 
         @torch.library.register_fake(bwd)
@@ -74,11 +76,11 @@ def register_attention(fwd: str, bwd: str, *, fake: bool = True, acc_devices=("c
             return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask, dgate
 
     def setup_context(ctx, inputs, output):
-        q, k, v, mask, gate, scale, causal = inputs
+        q, k, v, mask, gate, scale, causal, *need_acc = inputs
         out, lse, out_acc = output
         # delta = rowsum(dout * out) is taken from the unrounded output where there is one: the rounded
         # one breaks rowsum(dS) = 0, and with it exact zeros of dq (saturated rows, repeated keys)
-        ctx.save_for_backward(q, k, v, out_acc if with_acc(q) else out, lse, mask, gate)
+        ctx.save_for_backward(q, k, v, out_acc if with_acc(q, *need_acc or [True]) else out, lse, mask, gate)
         ctx.scale, ctx.causal = scale, causal
         ctx.need_dmask = mask is not None and mask.is_floating_point() and ctx.needs_input_grad[3]
 
@@ -88,7 +90,7 @@ def register_attention(fwd: str, bwd: str, *, fake: bool = True, acc_devices=("c
             _last_dim_contiguous(dout), q, k, v, out, lse, mask, gate, dlse,
             ctx.scale, ctx.causal, ctx.need_dmask)
         return (dq, dk, dv, dmask if ctx.need_dmask else None,
-                dgate if gate is not None else None, None, None)
+                dgate if gate is not None else None, None, None, None)
 
     torch.library.register_autograd(fwd, backward, setup_context=setup_context)
 

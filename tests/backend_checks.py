@@ -17,14 +17,15 @@ from conftest import assert_all_ok
 FUZZ_DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 
 
-def fuzz_passes(family, backend, seeds, device, limits_of=None):
+def fuzz_passes(family, backend, seeds, device, limits_of=None, inference=False):
     """fastattn.fuzz's cases ``seeds`` of ``family`` on ``backend``, in the dtypes it takes, over the input
-    space ``fuzz.limits`` gives it (of ``limits_of`` when set: the emulated cuda kernels as the real ones)."""
+    space ``fuzz.limits`` gives it (of ``limits_of`` when set: the emulated cuda kernels as the real ones);
+    ``inference``: their forwards alone, with no input requiring a gradient."""
     dtypes = {"cpu": FUZZ_DTYPES, "reference": FUZZ_DTYPES, "triton": FUZZ_DTYPES[1:]}.get(backend, list(CUDA_DTYPES))
     limits = fuzz.limits(limits_of or backend, device)
     failures = []
     for seed in seeds:
-        cid, comps = fuzz.run(family, seed, backend, dtypes, device, **limits)
+        cid, comps = fuzz.run(family, seed, backend, dtypes, device, inference=inference, **limits)
         bad = [c for c in comps if not c.ok]
         if bad:
             failures.append(f"{cid}: " + "; ".join(f"{c.name} err {c.err:.3g} > allowed {c.allowed:.3g}" for c in bad))

@@ -48,6 +48,12 @@ def test_emulated_fuzz(family, n):
     bc.fuzz_passes(family, "cuda_emu", range(n), "cpu", limits_of="cuda")
 
 
+def test_emulated_fuzz_forward_only():
+    """Inference: with no gradient to follow the forward skips out_acc and rounds P to half precision for P V
+    (one MMA per tile), which must still meet SPEC §4 on every input."""
+    bc.fuzz_passes("attention", "cuda_emu", range(300), "cpu", limits_of="cuda", inference=True)
+
+
 def test_repeated_keys_keep_dq_exact():
     bc.repeated_keys_keep_dq_exact("cuda_emu", "cpu")
 

@@ -17,8 +17,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 CHUNK = 100
 
 
-def _run(family, backend, seeds, device):
-    bc.fuzz_passes(family, backend, seeds, device)
+def _run(family, backend, seeds, device, inference=False):
+    bc.fuzz_passes(family, backend, seeds, device, inference=inference)
 
 
 @pytest.mark.parametrize("family", ["attention", "gates"])
@@ -54,6 +54,12 @@ def test_fuzz_triton(family):
     _run(family, "triton", range(_TRITON_N), _triton_device())
 
 
+@pytest.mark.triton
+def test_fuzz_triton_forward_only():
+    """Inference: the forward without out_acc or the two-part P V kept for a backward."""
+    _run("attention", "triton", range(_TRITON_N), _triton_device(), inference=True)
+
+
 # The long GPU sweeps come in chunks of the quick one's size, which pytest-xdist spreads over its workers.
 @pytest.mark.slow
 @pytest.mark.triton
@@ -71,6 +77,12 @@ needs_cuda = pytest.mark.skipif(not _CUDA["available"], reason=f"the cuda backen
 @pytest.mark.parametrize("family", ["attention", "gates"])
 def test_fuzz_cuda(family):
     _run(family, "cuda", range(400), "cuda")
+
+
+@needs_cuda
+def test_fuzz_cuda_forward_only():
+    """Inference: the forward without out_acc, P rounded for P V (test_cuda_emu.py has its emulated twin)."""
+    _run("attention", "cuda", range(400), "cuda", inference=True)
 
 
 @pytest.mark.slow

@@ -31,7 +31,7 @@ class _Broken(B.Backend):
     def __init__(self, bug):
         self.name, self.bug, self.real = "broken_" + bug, bug, B._BACKENDS["cpu"]
 
-    def attention(self, q, k, v, mask, gate, scale, causal, dropout_p):
+    def attention(self, q, k, v, mask, gate, scale, causal, dropout_p, grad):
         if self.bug == "dq":
             q = _ScaleGrad.apply(q, 1.05)
         elif self.bug == "dgate" and gate is not None:
@@ -46,7 +46,7 @@ class _Broken(B.Backend):
             mask = shifted if mask is None else (mask & shifted if mask.dtype == torch.bool
                                                  else mask.masked_fill(~shifted, float("-inf")))
             causal = 0
-        return self.real.attention(q, k, v, mask, gate, scale, causal, dropout_p)
+        return self.real.attention(q, k, v, mask, gate, scale, causal, dropout_p, grad)
 
     def softmax_gate(self, scores, x, mask, pool):
         if self.bug == "dscores":

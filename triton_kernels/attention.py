@@ -701,13 +701,13 @@ def _mask_args(mask, q):
     return MASK_BIAS, mask, strides
 
 
-def attention_fwd(q, k, v, mask, gate, scale, causal):
+def attention_fwd(q, k, v, mask, gate, scale, causal, need_acc=True):
     _check(q, k, v, mask, gate, causal)
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     out = torch.empty((B, Hq, Lq, Dv), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
-    store_acc = has_out_acc(q.dtype)
+    store_acc = need_acc and has_out_acc(q.dtype)
     out_acc = torch.empty((B, Hq, Lq, Dv), dtype=torch.float32, device=q.device) if store_acc else q.new_empty((0,))
     mask_kind, mask_t, ms = _mask_args(mask, q)
     gate_t, gs = (gate, _gate_strides(gate)) if gate is not None else (q, (0, 0, 0, 0))

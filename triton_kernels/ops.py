@@ -35,8 +35,8 @@ def _register(name):
 
 @_register("triton_attention_fwd")
 def triton_attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], gate: Optional[Tensor],
-                         scale: float, causal: int) -> tuple[Tensor, Tensor, Tensor]:
-    return _attn.attention_fwd(q, k, v, mask, gate, scale, causal)
+                         scale: float, causal: int, need_acc: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    return _attn.attention_fwd(q, k, v, mask, gate, scale, causal, need_acc)
 
 
 @_register("triton_attention_bwd")

@@ -40,7 +40,7 @@ namespace fastattn::cpu {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& gate,
-    double scale, int64_t causal);
+    double scale, int64_t causal, bool need_acc);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

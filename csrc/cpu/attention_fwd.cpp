@@ -202,13 +202,13 @@ void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& gate,
-    double scale, int64_t causal) {
+    double scale, int64_t causal, bool need_acc) {
   const AttnShape s = detail::check_and_describe("attention_fwd", q, k, v, mask, gate, causal);
   const auto acc_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor out = at::empty({s.B, s.Hq, s.Lq, s.Dv}, q.options());
   at::Tensor lse = at::empty({s.B, s.Hq, s.Lq}, q.options().dtype(acc_type));
-  const bool low = q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf;
-  at::Tensor out_acc = low ? at::empty({s.B, s.Hq, s.Lq, s.Dv}, q.options().dtype(at::kFloat)) : at::empty({0}, q.options());
+  const bool keep_acc = need_acc && (q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf);
+  at::Tensor out_acc = keep_acc ? at::empty({s.B, s.Hq, s.Lq, s.Dv}, q.options().dtype(at::kFloat)) : at::empty({0}, q.options());
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse, out_acc};
 
   const at::Tensor* mask_t = mask.has_value() ? &*mask : nullptr;
@@ -218,7 +218,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd(
     attention_fwd_kernel<scalar_t, acc_t>(
         q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), mask_t,
         gate.has_value() ? gate->data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
-        low ? out_acc.data_ptr<float>() : nullptr, lse.data_ptr<acc_t>(), s, acc_t(scale * kLog2e));
+        keep_acc ? out_acc.data_ptr<float>() : nullptr, lse.data_ptr<acc_t>(), s, acc_t(scale * kLog2e));
   });
   return {out, lse, out_acc};
 }

@@ -22,7 +22,9 @@
 
 namespace fastattn::cuda {
 
-template <typename T, int kD, bool kHasMask>
+// kKeepAcc: a backward follows (p.out_acc set), so P V keeps P to ~16 bits and out_acc is stored; without one
+// (inference) P is rounded to T as in FlashAttention, one MMA per tile.
+template <typename T, int kD, bool kHasMask, bool kKeepAcc>
 __global__ void __launch_bounds__(FwdTraits<kD>::kThreads)
     attention_fwd_kernel(const AttnParams p) {
   using Tr = FwdTraits<kD>;
@@ -155,17 +157,24 @@ __global__ void __launch_bounds__(FwdTraits<kD>::kThreads)
     cp_async_wait<2>();  // V_n landed
     __syncthreads();
 
-    // -- O += P V   [16 x kD] per warp; P's C fragments are the A fragments of this product. P goes in as
-    // P_hi + P_lo (two MMAs per tile, split2), not P rounded to 8 (bf16) / 11 (fp16) bits: the backward's
-    // delta = rowsum(dO * O) must equal rowsum(P * dP) for the float32 P it recomputes, or dq and dk of
-    // saturated rows and repeated values (exactly 0) get that rounding times the scale (attention_bwd_rows.cu).
+    // -- O += P V   [16 x kD] per warp; P's C fragments are the A fragments of this product. With kKeepAcc P
+    // goes in as P_hi + P_lo (two MMAs per tile, split2), not P rounded to 8 (bf16) / 11 (fp16) bits: the
+    // backward's delta = rowsum(dO * O) must equal rowsum(P * dP) for the float32 P it recomputes, or dq and dk
+    // of saturated rows and repeated values (exactly 0) get that rounding times the scale (attention_bwd_rows.cu).
 #pragma unroll
     for (int kk = 0; kk < kBN / 16; ++kk) {
       uint32_t a[4], a_lo[4];
-      split2<T>(acc_s[2 * kk][0], acc_s[2 * kk][1], a[0], a_lo[0]);
-      split2<T>(acc_s[2 * kk][2], acc_s[2 * kk][3], a[1], a_lo[1]);
-      split2<T>(acc_s[2 * kk + 1][0], acc_s[2 * kk + 1][1], a[2], a_lo[2]);
-      split2<T>(acc_s[2 * kk + 1][2], acc_s[2 * kk + 1][3], a[3], a_lo[3]);
+      if constexpr (kKeepAcc) {
+        split2<T>(acc_s[2 * kk][0], acc_s[2 * kk][1], a[0], a_lo[0]);
+        split2<T>(acc_s[2 * kk][2], acc_s[2 * kk][3], a[1], a_lo[1]);
+        split2<T>(acc_s[2 * kk + 1][0], acc_s[2 * kk + 1][1], a[2], a_lo[2]);
+        split2<T>(acc_s[2 * kk + 1][2], acc_s[2 * kk + 1][3], a[3], a_lo[3]);
+      } else {
+        a[0] = pack2<T>(acc_s[2 * kk][0], acc_s[2 * kk][1]);
+        a[1] = pack2<T>(acc_s[2 * kk][2], acc_s[2 * kk][3]);
+        a[2] = pack2<T>(acc_s[2 * kk + 1][0], acc_s[2 * kk + 1][1]);
+        a[3] = pack2<T>(acc_s[2 * kk + 1][2], acc_s[2 * kk + 1][3]);
+      }
 #pragma unroll
       for (int dt2 = 0; dt2 < kDT / 2; ++dt2) {
         uint32_t bv[4];  // b0, b1 of d tile 2*dt2, then of 2*dt2 + 1
@@ -173,8 +182,10 @@ __global__ void __launch_bounds__(FwdTraits<kD>::kThreads)
                                         (lane >> 4) * 8));
         mma_16816<T>(acc_o[2 * dt2], a, bv[0], bv[1]);
         mma_16816<T>(acc_o[2 * dt2 + 1], a, bv[2], bv[3]);
-        mma_16816<T>(acc_o[2 * dt2], a_lo, bv[0], bv[1]);
-        mma_16816<T>(acc_o[2 * dt2 + 1], a_lo, bv[2], bv[3]);
+        if constexpr (kKeepAcc) {
+          mma_16816<T>(acc_o[2 * dt2], a_lo, bv[0], bv[1]);
+          mma_16816<T>(acc_o[2 * dt2 + 1], a_lo, bv[2], bv[3]);
+        }
       }
     }
     __syncthreads();  // this step's K/V buffer is free for step n + 2's prefetch (issued at step n + 1)
@@ -183,7 +194,7 @@ __global__ void __launch_bounds__(FwdTraits<kD>::kThreads)
   // -- epilogue: out = O / l (* sigmoid(gate)), lse = m + log2 l; rows with no key: exactly 0 (not 0 * a NaN
   // value), -inf. A NaN score, which fmaxf drops from m, reaches l through exp2f and makes the row NaN.
   T* o_ptr = static_cast<T*>(p.out) + b * p.o_sb + h * p.o_sh;
-  float* acc_ptr = p.out_acc ? p.out_acc + (int64_t(b) * p.Hq + h) * p.Lq * p.D : nullptr;
+  float* acc_ptr = kKeepAcc ? p.out_acc + (int64_t(b) * p.Hq + h) * p.Lq * p.D : nullptr;
   const T* gate_ptr = p.gate ? static_cast<const T*>(p.gate) + b * p.g_sb + h * p.g_sh : nullptr;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -203,17 +214,17 @@ __global__ void __launch_bounds__(FwdTraits<kD>::kThreads)
         o1 *= sigmoidf(to_float(g_row[int64_t(c + 1) * p.g_sc]));
       }
       *reinterpret_cast<uint32_t*>(o_row + c) = pack2<T>(o0, o1);
-      if (acc_ptr) *reinterpret_cast<float2*>(acc_ptr + int64_t(i) * p.D + c) = make_float2(o0, o1);
+      if constexpr (kKeepAcc) *reinterpret_cast<float2*>(acc_ptr + int64_t(i) * p.D + c) = make_float2(o0, o1);
     }
     if (t == 0)
       p.lse[(int64_t(b) * p.Hq + h) * p.Lq + i] = empty ? -INFINITY : row_m[r] + __log2f(l);
   }
 }
 
-template <typename T, int kD, bool kHasMask>
+template <typename T, int kD, bool kHasMask, bool kKeepAcc>
 cudaError_t launch_attention_fwd(const AttnParams& p, cudaStream_t stream) {
   using Tr = FwdTraits<kD>;
-  auto kernel = attention_fwd_kernel<T, kD, kHasMask>;
+  auto kernel = attention_fwd_kernel<T, kD, kHasMask, kKeepAcc>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
   if (err != cudaSuccess) return err;
   const dim3 grid((p.Lq + Tr::kBlockM - 1) / Tr::kBlockM, p.Hq, p.B);
@@ -225,7 +236,9 @@ template <int kD>
 cudaError_t run_attention_fwd(const AttnParams& p, cudaStream_t stream) {
   return FA_DTYPE_SWITCH(p.is_bf16, T, [&] {
     return FA_BOOL_SWITCH(p.mask_kind != kMaskNone, kHasMask, [&] {
-      return launch_attention_fwd<T, kD, kHasMask>(p, stream);
+      return FA_BOOL_SWITCH(p.out_acc != nullptr, kKeepAcc, [&] {
+        return launch_attention_fwd<T, kD, kHasMask, kKeepAcc>(p, stream);
+      });
     });
   });
 }

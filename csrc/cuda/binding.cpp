@@ -143,7 +143,8 @@ void describe_attention(AttnParams& p, const char* op, const Tensor& q, const Te
 }
 
 std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
-                                         const OptTensor& mask, const OptTensor& gate, double scale, int64_t causal) {
+                                         const OptTensor& mask, const OptTensor& gate, double scale, int64_t causal,
+                                         bool need_acc) {
   const char* op = "attention_fwd";
   const c10::cuda::CUDAGuard guard(q_in.device());
   const Tensor q = for_cp_async(q_in), k = for_cp_async(k_in), v = for_cp_async(v_in);
@@ -151,12 +152,13 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Tensor& q_in, const Tenso
   describe_attention(p, op, q, k, v, mask, gate, scale, causal);
   Tensor out = at::empty({p.B, p.Hq, p.Lq, p.D}, q.options());
   Tensor lse = at::empty({p.B, p.Hq, p.Lq}, q.options().dtype(at::kFloat));
-  Tensor out_acc = at::empty({p.B, p.Hq, p.Lq, p.D}, q.options().dtype(at::kFloat));  // float16/bfloat16 only
+  // float16/bfloat16 only
+  Tensor out_acc = need_acc ? at::empty({p.B, p.Hq, p.Lq, p.D}, q.options().dtype(at::kFloat)) : at::empty({0}, q.options());
   if (out.numel() == 0) return {out, lse, out_acc};
   p.out = out.data_ptr();
   p.o_sb = out.stride(0), p.o_sh = out.stride(1), p.o_sl = out.stride(2);
   p.lse = lse.data_ptr<float>();
-  p.out_acc = out_acc.data_ptr<float>();
+  p.out_acc = need_acc ? out_acc.data_ptr<float>() : nullptr;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   C10_CUDA_CHECK(p.D == 64 ? attention_fwd_hdim64(p, stream) : attention_fwd_hdim128(p, stream));
   return {out, lse, out_acc};
