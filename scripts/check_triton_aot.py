@@ -103,19 +103,23 @@ def _attention_scenarios(dtype, D):
     kernels whose launches count (None: all). full: float mask with its gradient (full shape: dS written by
     the dQ kernel), elementwise gate, GQA, causal bottom-right, lse gradient: the heaviest specialisation
     of every kernel. bcast: the same with broadcast masks, (1, 1, Lq, Lk) and key padding (B, 1, 1, Lk),
-    for the dmask kernel. plain: no mask, gate or causal, one kv head per query head; bool: key-padding
+    for the dmask kernel. plain: no mask, gate or causal, one kv head per query head, and its forward
+    without a backward to follow (need_acc=False); light: the forward's ``light_only`` configs (kept for
+    launches without a mask or gate: their heaviest, causal with GQA, for training and inference); bool: key-padding
     bool mask, headwise gate, causal top-left. Long sequences keep every config with BLOCK_M > 16; a
     16-row query side keeps the decode configs."""
     import torch
     from fastattn.triton_kernels import attention as A
     mk = lambda *s, dt=dtype: torch.empty(*s, dtype=dt, device="meta")
 
-    def run(Lq, Lk, Hkv, mask_shapes, gate, causal, bool_mask=False):
+    def run(Lq, Lk, Hkv, mask_shapes, gate, causal, bool_mask=False, inference=False):
         B, Hq = 2, 4
         q, k, v = mk(B, Hq, Lq, D), mk(B, Hkv, Lk, D), mk(B, Hkv, Lk, D)
         g = mk(*gate) if gate else None
         mdt = torch.bool if bool_mask else dtype
         m0 = mk(*mask_shapes[0], dt=mdt) if mask_shapes else None
+        if inference:  # the forward no backward follows: no out_acc, one P V GEMM
+            A.attention_fwd(q, k, v, m0, g, 0.125, causal, need_acc=False)
         out, lse, out_acc = A.attention_fwd(q, k, v, m0, g, 0.125, causal)
         o = out_acc if out_acc.numel() else out
         dlse = mk(B, Hq, Lq, dt=torch.float32) if mask_shapes else None
@@ -128,7 +132,9 @@ def _attention_scenarios(dtype, D):
         yield "full", None, lambda Lq=Lq, Lk=Lk: run(Lq, Lk, 2, [(2, 4, Lq, Lk)], (2, 4, Lq, D), 2)
         yield "bcast", {"_attn_bwd_dmask"}, lambda Lq=Lq, Lk=Lk: run(Lq, Lk, 2, [(1, 1, Lq, Lk), (2, 1, 1, Lk)],
                                                                     (2, 4, Lq, D), 2)
-        yield "plain", None, lambda Lq=Lq, Lk=Lk: run(Lq, Lk, 4, None, None, 0)
+        yield "plain", None, lambda Lq=Lq, Lk=Lk: run(Lq, Lk, 4, None, None, 0, inference=True)
+        if Lq == Lk:
+            yield "light", {"_attn_fwd"}, lambda Lq=Lq: run(Lq, Lq, 2, None, None, 2, inference=True)
         yield "bool", None, lambda Lq=Lq, Lk=Lk: run(Lq, Lk, 4, [(2, 1, 1, Lk)], (2, 4, Lq, 1), 1, bool_mask=True)
 
 
@@ -157,7 +163,7 @@ def _gate_scenarios(dtype, D):
 
 
 # variants compiled by default; --full adds the others (their specialisations are lighter than full's)
-CI_VARIANTS = {"full", "bcast", "gate-plain", "gate-full"}
+CI_VARIANTS = {"full", "bcast", "light", "gate-plain", "gate-full"}
 ALL_VARIANTS = CI_VARIANTS | {"plain", "bool"}
 
 
@@ -208,8 +214,9 @@ def _config_label(kw, num_warps, num_stages):
     return f"{tiles} w{num_warps} s{num_stages}"
 
 
-def _specialise(launch, arch, backend, binders):
-    """Jobs for one recorded launch: one per kept config of an autotuned kernel, else one."""
+def _specialise(launch, arch, backend, binders, light_only=False):
+    """Jobs for one recorded launch: one per kept config of an autotuned kernel (``light_only``: of those
+    marked so alone; the other variants compile the rest), else one."""
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import create_function_from_signature
     kernel = launch.kernel
@@ -217,7 +224,8 @@ def _specialise(launch, arch, backend, binders):
         # what Autotuner.run does before benchmarking: prune with the launch's own arguments
         kernel.nargs = dict(zip(kernel.arg_names, launch.args))
         try:
-            configs = [c.all_kwargs() for c in kernel.prune_configs(dict(launch.kwargs))]
+            configs = [c.all_kwargs() for c in kernel.prune_configs(dict(launch.kwargs))
+                       if getattr(c, "light_only", False) or not light_only]
         finally:
             kernel.nargs = None
         fn = kernel.fn
@@ -259,7 +267,7 @@ def collect_jobs(arches, dtypes, head_dims, fp32_head_dims, variants):
                     for launch in rec.launches:
                         if kernels is not None and _kernel_name(launch.kernel) not in kernels:
                             continue
-                        for job in _specialise(launch, arch, backend, binders):
+                        for job in _specialise(launch, arch, backend, binders, light_only=variant == "light"):
                             job = jobs.setdefault(job.key(), job)
                             if (dname, D, variant) not in job.contexts:
                                 job.contexts.append((dname, D, variant))

@@ -110,3 +110,19 @@ def test_the_configs_gpu_runs_chose_lead_their_lists():
             (kernel, head, counts)
         checked += 1
     assert checked >= 4
+
+
+@pytest.mark.parametrize("mask_kind, gate, kept", [(0, False, True), (1, False, False), (2, False, False),
+                                                   (0, True, False)])
+def test_light_only_configs_are_kept_without_a_mask_or_gate_alone(monkeypatch, mask_kind, gate, kept):
+    """The forward's ``light_only`` tiles spill with a mask or a gate (triton 3.6): the prune keeps them for
+    launches with neither, where the check compiles them (its "light" variant)."""
+    import torch
+    from fastattn.triton_kernels import configs as C
+    monkeypatch.setenv("FASTATTN_TRITON_AOT_ARCH", "90")
+    light = [c for c in C.FWD_HALF[128] if c.light_only]
+    assert light, "no light_only config to check"
+    q = torch.empty(1, 1, 1024, 128, dtype=torch.bfloat16, device="meta")
+    named = {"Q": q, "Lq": 1024, "BLOCK_D": 128, "BLOCK_DV": 128, "ALIGN": 8}
+    chosen = C.prune_fwd(C.FWD_CONFIGS, named, MASK_KIND=mask_kind, HAS_GATE=gate, CAUSAL=True)
+    assert all((c in chosen) == kept for c in light), [str(c) for c in chosen]
