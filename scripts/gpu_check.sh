@@ -93,7 +93,8 @@ fi
 # on a GPU the tests that run there, the long (slow) sweeps of the GPU backends' fuzz included; the CPU
 # ones are CI's (they took ~150 s of the round, the CPU fuzz 600 s of its workers)
 tests=()
-gpu_fuzz="test_fuzz.py::test_fuzz_triton test_fuzz.py::test_fuzz_triton_long test_fuzz.py::test_fuzz_cuda test_fuzz.py::test_fuzz_cuda_long"
+gpu_fuzz="test_fuzz.py::test_fuzz_triton test_fuzz.py::test_fuzz_triton_long test_fuzz.py::test_fuzz_triton_forward_only \
+  test_fuzz.py::test_fuzz_cuda test_fuzz.py::test_fuzz_cuda_long test_fuzz.py::test_fuzz_cuda_forward_only"
 [ "$have_gpu" = 1 ] && read -ra tests <<<"${FASTATTN_GPU_TESTS:-test_cuda.py test_triton.py $gpu_fuzz test_cli.py test_errors.py test_package.py}"
 [ "$have_gpu" = 1 ] && tests+=(-m "slow or not slow")
 FASTATTN_TRITON_AUTOTUNE=0 step tests "$cap" bash scripts/test.sh -p no:warnings -v -rfE --durations=30 "${par[@]}" "${tests[@]}" &

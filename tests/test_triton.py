@@ -149,6 +149,35 @@ def test_repeated_keys_keep_dq_zero_in_bf16():
     assert_all_ok(fuzz.check_attention(case, "triton", DEVICE), case.id)
 
 
+@pytest.mark.skipif(INTERPRET, reason="the interpreter has one config per kernel; the GPU's lists are longer")
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("inference", [False, True], ids=["train", "inference"])
+def test_every_kept_config_matches_reference(monkeypatch, D, gated, inference):
+    """Autotuning may run any config the prune keeps, and the tests otherwise run the first alone: each in turn,
+    forced on every autotuned attention kernel at once (the i-th kept, or the last), on a ragged causal GQA case."""
+    from triton.runtime.autotuner import Autotuner
+    from fastattn.triton_kernels import attention as A, configs as C
+    real, state = C._select, {"i": 0, "n": 1}
+
+    def ith(*args, **kwargs):
+        keep = real(*args, **kwargs)
+        state["n"] = max(state["n"], len(keep))
+        return [keep[min(state["i"], len(keep) - 1)]]
+
+    monkeypatch.setattr(C, "autotune_enabled", lambda: True)
+    monkeypatch.setattr(C, "_select", ith)
+    tuned = [k for k in vars(A).values() if isinstance(k, Autotuner)]
+    case = fuzz.make_attention_case(D, torch.bfloat16, B=2, Hq=4, Hkv=2, Lq=300, Lk=300, D=D, causal=True,
+                                    gate="elementwise" if gated else "none")
+    case = fuzz.forward_only(case) if inference else case
+    while state["i"] < state["n"]:
+        for k in tuned:
+            k.cache.clear()
+        assert_all_ok(fuzz.check_attention(case, "triton", DEVICE), f"{case.id} config {state['i']}")
+        state["i"] += 1
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_out_acc_is_the_unrounded_gated_output(dtype):
     """attention_fwd's third output: out before rounding (float32) for half inputs, empty for float32."""
