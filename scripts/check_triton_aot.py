@@ -104,15 +104,16 @@ def _attention_scenarios(dtype, D):
     the dQ kernel), elementwise gate, GQA, causal bottom-right, lse gradient: the heaviest specialisation
     of every kernel. bcast: the same with broadcast masks, (1, 1, Lq, Lk) and key padding (B, 1, 1, Lk),
     for the dmask kernel. plain: no mask, gate or causal, one kv head per query head, and its forward
-    without a backward to follow (need_acc=False); light: the forward's ``light_only`` configs (kept for
-    launches without a mask or gate: their heaviest, causal with GQA, for training and inference); bool: key-padding
+    without a backward to follow (need_acc=False); light: the forward's ``light_only`` configs at the launches
+    that keep them (causal with GQA, no mask: for training and inference without a gate, for inference
+    with one); bool: key-padding
     bool mask, headwise gate, causal top-left. Long sequences keep every config with BLOCK_M > 16; a
     16-row query side keeps the decode configs."""
     import torch
     from fastattn.triton_kernels import attention as A
     mk = lambda *s, dt=dtype: torch.empty(*s, dtype=dt, device="meta")
 
-    def run(Lq, Lk, Hkv, mask_shapes, gate, causal, bool_mask=False, inference=False):
+    def run(Lq, Lk, Hkv, mask_shapes, gate, causal, bool_mask=False, inference=False, train=True):
         B, Hq = 2, 4
         q, k, v = mk(B, Hq, Lq, D), mk(B, Hkv, Lk, D), mk(B, Hkv, Lk, D)
         g = mk(*gate) if gate else None
@@ -120,6 +121,8 @@ def _attention_scenarios(dtype, D):
         m0 = mk(*mask_shapes[0], dt=mdt) if mask_shapes else None
         if inference:  # the forward no backward follows: no out_acc, one P V GEMM
             A.attention_fwd(q, k, v, m0, g, 0.125, causal, need_acc=False)
+        if not train:
+            return
         out, lse, out_acc = A.attention_fwd(q, k, v, m0, g, 0.125, causal)
         o = out_acc if out_acc.numel() else out
         dlse = mk(B, Hq, Lq, dt=torch.float32) if mask_shapes else None
@@ -135,6 +138,8 @@ def _attention_scenarios(dtype, D):
         yield "plain", None, lambda Lq=Lq, Lk=Lk: run(Lq, Lk, 4, None, None, 0, inference=True)
         if Lq == Lk:
             yield "light", {"_attn_fwd"}, lambda Lq=Lq: run(Lq, Lq, 2, None, None, 2, inference=True)
+            yield "light", {"_attn_fwd"}, lambda Lq=Lq: run(Lq, Lq, 2, None, (2, 4, Lq, D), 2, inference=True,
+                                                            train=False)
         yield "bool", None, lambda Lq=Lq, Lk=Lk: run(Lq, Lk, 4, [(2, 1, 1, Lk)], (2, 4, Lq, 1), 1, bool_mask=True)
 
 

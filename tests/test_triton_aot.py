@@ -112,11 +112,12 @@ def test_the_configs_gpu_runs_chose_lead_their_lists():
     assert checked >= 4
 
 
-@pytest.mark.parametrize("mask_kind, gate, kept", [(0, False, True), (1, False, False), (2, False, False),
-                                                   (0, True, False)])
-def test_light_only_configs_are_kept_without_a_mask_or_gate_alone(monkeypatch, mask_kind, gate, kept):
-    """The forward's ``light_only`` tiles spill with a mask or a gate (triton 3.6): the prune keeps them for
-    launches with neither, where the check compiles them (its "light" variant)."""
+@pytest.mark.parametrize("mask_kind, gate, acc, kept", [(0, False, True, True), (0, False, False, True),
+                                                        (0, True, False, True), (0, True, True, False),
+                                                        (1, False, False, False), (2, False, True, False)])
+def test_light_only_configs_are_kept_where_they_do_not_spill(monkeypatch, mask_kind, gate, acc, kept):
+    """The forward's ``light_only`` tiles spill with a mask, or with a gate and out_acc (triton 3.6): the prune
+    keeps them for the other launches alone, which the check compiles (its "light" variant)."""
     import torch
     from fastattn.triton_kernels import configs as C
     monkeypatch.setenv("FASTATTN_TRITON_AOT_ARCH", "90")
@@ -124,5 +125,5 @@ def test_light_only_configs_are_kept_without_a_mask_or_gate_alone(monkeypatch, m
     assert light, "no light_only config to check"
     q = torch.empty(1, 1, 1024, 128, dtype=torch.bfloat16, device="meta")
     named = {"Q": q, "Lq": 1024, "BLOCK_D": 128, "BLOCK_DV": 128, "ALIGN": 8}
-    chosen = C.prune_fwd(C.FWD_CONFIGS, named, MASK_KIND=mask_kind, HAS_GATE=gate, CAUSAL=True)
+    chosen = C.prune_fwd(C.FWD_CONFIGS, named, MASK_KIND=mask_kind, HAS_GATE=gate, STORE_ACC=acc, CAUSAL=True)
     assert all((c in chosen) == kept for c in light), [str(c) for c in chosen]

@@ -52,8 +52,8 @@ def _cfg(num_warps, num_stages, BLOCK_M, BLOCK_N, min_cc=0, max_cc=1000, maxnreg
     register budget to ptxas (.maxnreg): without one, ptxas settles on a count of its own (80, 96, 128)
     and may spill a few bytes there; with one, some kernels compile without spills, others (most fp32
     ones) spill more, so it is set only on the configs where it removed the spills. ``light_only``: kept
-    only for launches without a mask or a gate (the forward's registers grow with them: such a tile
-    spills there)."""
+    only for launches without a mask, and with a gate only where out_acc is not kept (inference): the
+    forward's registers grow with each, and such a tile spills there."""
     c = triton.Config({"BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N}, num_warps=num_warps, num_stages=num_stages,
                       maxnreg=None if INTERPRET else maxnreg)
     c.min_cc, c.max_cc, c.light_only = min_cc, max_cc, light_only
@@ -134,7 +134,7 @@ def _smem_bytes(kernel, c, d, dv, esize, mask_esize):
 
 def _select(kernel, half, fp32, named_args, kwargs, length_ok):
     """The configs of the head block's list (``half`` or ``fp32`` by the inputs' element size) meant for the
-    device's capability (and for launches with a mask or gate, not ``light_only``) that fit its shared memory, those that pass ``length_ok`` if any do; at least one
+    device's capability (not ``light_only`` where a launch has a mask, or a gate and out_acc) that fit its shared memory, those that pass ``length_ok`` if any do; at least one
     (the smallest, should none fit)."""
     bd, bdv = _arg(named_args, kwargs, "BLOCK_D"), _arg(named_args, kwargs, "BLOCK_DV")
     esize = named_args["Q"].element_size()
@@ -146,7 +146,7 @@ def _select(kernel, half, fp32, named_args, kwargs, length_ok):
     # mask tile: none (MASK_KIND 0), bytes (1: bool), q's dtype (2, and the dmask kernel, which has no kind)
     mask_esize = {0: 0, 1: 1}.get(kwargs.get("MASK_KIND", 2), esize)
     cc, smem = target(named_args)
-    light = kwargs.get("MASK_KIND", 2) == 0 and not kwargs.get("HAS_GATE", True)
+    light = kwargs.get("MASK_KIND", 2) == 0 and not (kwargs.get("HAS_GATE", True) and kwargs.get("STORE_ACC", True))
     cands = [c for c in _for_head(fp32 if esize == 4 else half, head)
              if c.min_cc <= cc <= c.max_cc and (light or not c.light_only)]
     size = {id(c): _smem_bytes(kernel, c, bd, bdv, esize, mask_esize) for c in cands}
@@ -173,8 +173,8 @@ else:
              _cfg(8, 3, 128, 64),     # tutorial / FA2 default on H100
              _cfg(4, 3, 16, 64, maxnreg=255)],
         128: [_cfg(8, 3, 32, 64),     # H200: 12 of 12 keys
-              # the tutorial's Hopper tile (wgmma takes 64 rows a warpgroup); with a mask or a gate it spills
-              # on triton 3.6 (64-96 B at 255 registers)
+              # the tutorial's Hopper tile (wgmma takes 64 rows a warpgroup); with a mask, or a gate and
+              # out_acc, it spills on triton 3.6 (56-112 B at 255 registers)
               _cfg(8, 3, 128, 64, min_cc=90, light_only=True),
               _cfg(8, 3, 64, 32), _cfg(4, 3, 16, 64)],
         256: [_cfg(8, 2, 32, 32, maxnreg=255),   # O accumulator 32 x 256 fp32 over 8 warps: 32 registers a thread
