@@ -226,17 +226,18 @@ def auto_order(p: Problem) -> tuple:
     128, L 512-16k, 16k tokens; torch 2.11, triton 3.6; fp16 assumed alike), where csrc/cuda's kernels
     passed the GPU test sweep and compute-sanitizer first:
     - softmax gates: cuda (B32 N1024 D512: fwd 0.09 ms vs triton 0.20, fwd+bwd 0.41 vs 1.05);
-    - attention with a float mask: triton (bias fwd+bwd 6.25 vs 8.55 ms at L1024, 23.0 vs 33.7 at L4096;
-      fwd 1.81 vs 2.18 and 5.67 vs 8.02);
-    - attention with a gradient: triton (fwd+bwd D128 L4096 12.22 vs 14.89 ms, causal 7.56 vs 8.07,
-      gated 12.27 vs 15.16; D64 8.74 vs 13.01);
-    - attention without one: cuda (fwd D128 L4096 3.05 vs 5.58 ms, causal 1.77 vs 3.77, gated 3.19 vs
-      5.46; L1024 0.95 vs 1.72; 1.01-1.5x at D 64)."""
+    - attention with a float mask: triton (bias fwd+bwd 6.58 vs 8.02 ms at L1024, 23.3 vs 29.3 at L4096;
+      fwd 1.32 vs 2.24 and 4.00 vs 8.36);
+    - attention with a gradient: triton (fwd+bwd D128 L4096 9.06 vs 15.41 ms, causal 5.42 vs 8.30,
+      gated 12.43 vs 15.66; D64 8.74 vs 13.01);
+    - attention without one at D > 64: triton, whose 128x64 Hopper tile runs there (fwd D128 L4096 1.80
+      vs 2.48 ms, causal 1.32 vs 1.49, gated 2.12 vs 2.70; L1024 0.73 vs 0.78; cuda leads causal at
+      L1024 alone, 0.62 vs 0.82); at D 64: cuda (1.01-1.5x)."""
     if p.device_type == "cpu":
         return "cpu", "reference"
     if p.device_type != "cuda":
         return ("reference",)
-    if p.op == "attention" and (p.float_mask or p.grad):
+    if p.op == "attention" and (p.float_mask or p.grad or p.head_dim > 64):
         return "triton", "cuda", "reference"
     return "cuda", "triton", "reference"
 

@@ -74,8 +74,10 @@ def test_auto_picks_by_the_committed_gpu_measurements():
     from fastattn.backends import Problem, auto_order
     att = lambda D=128, **kw: Problem("attention", "cuda", torch.bfloat16, D=D, Dv=D, **kw)
     assert auto_order(Problem("softmax_gate", "cuda", torch.bfloat16))[0] == "cuda"
-    assert auto_order(att())[0] == "cuda"
-    assert auto_order(att(causal=True))[0] == "cuda"
+    assert auto_order(att())[0] == "triton"
+    assert auto_order(att(causal=True))[0] == "triton"
+    assert auto_order(att(64)) == ("cuda", "triton", "reference")
+    assert auto_order(att(64, causal=True))[0] == "cuda"
     assert auto_order(att(grad=True)) == ("triton", "cuda", "reference")
     assert auto_order(att(grad=True, causal=True))[0] == "triton"
     assert auto_order(att(64, grad=True, causal=True))[0] == "triton"
