@@ -66,7 +66,13 @@ __device__ __forceinline__ float block_reduce(float x, float* red) {
   return kMax ? warp_max(x) : warp_sum(x);
 }
 
-// -- score_softmax_gate: alpha[b, n, h] <- scale * x[b, n, :] . w[h, :] (-inf where masked)
+// -- score_softmax_gate: alpha[b, n, h] <- scale * x[b, n, :] . w[h, :] (-inf where masked). Heads go in
+// groups of kScoreHeads, each with its own accumulator, so that a group reads x once (x is read once from
+// memory for H <= kScoreHeads), two chunks of it in flight a lane: one dependent chain per head, x re-read
+// per head from L1, kept the loads waiting (on an H200, B32 N8192 D1024 H8 bf16: score_softmax_gate's
+// forward took 2.65 ms, softmax_gate's 0.42).
+constexpr int kScoreHeads = 8;
+
 template <typename T, int kVec>
 __global__ void __launch_bounds__(kWarpRowsPerBlock * 32) scores_kernel(const GateParams p) {
   const int64_t row = int64_t(blockIdx.x) * kWarpRowsPerBlock + threadIdx.x / 32;
@@ -79,17 +85,36 @@ __global__ void __launch_bounds__(kWarpRowsPerBlock * 32) scores_kernel(const Ga
     return;
   }
   const T* x = static_cast<const T*>(p.x) + b * p.x_sb + n * p.x_sn;
-  for (int h = 0; h < p.H; ++h) {
-    const float* w = p.weight + int64_t(h) * p.D;
-    float dot = 0.f;
-    for (int c = lane * kVec; c < p.D; c += 32 * kVec) {  // x re-read per head from L1
+  for (int h0 = 0; h0 < p.H; h0 += kScoreHeads) {
+    const int nh = min(kScoreHeads, p.H - h0);
+    float dot[kScoreHeads];
+#pragma unroll
+    for (int j = 0; j < kScoreHeads; ++j) dot[j] = 0.f;
+#pragma unroll 2
+    for (int c = lane * kVec; c < p.D; c += 32 * kVec) {
       float xv[kVec];
       load_vec<T, kVec>(x + c, xv);
 #pragma unroll
-      for (int e = 0; e < kVec; ++e) dot += xv[e] * w[c + e];
+      for (int j = 0; j < kScoreHeads; ++j) {
+        // heads past H (a last, partial group) read head H - 1 again: no branch, their sums are dropped
+        const float* w = p.weight + int64_t(min(h0 + j, p.H - 1)) * p.D + c;
+        if constexpr (kVec == 8) {  // weight: float32 (H, D) made contiguous by the binding, D % 8 == 0
+          const float4 lo = *reinterpret_cast<const float4*>(w), hi = *reinterpret_cast<const float4*>(w + 4);
+          dot[j] += xv[0] * lo.x; dot[j] += xv[1] * lo.y; dot[j] += xv[2] * lo.z; dot[j] += xv[3] * lo.w;
+          dot[j] += xv[4] * hi.x; dot[j] += xv[5] * hi.y; dot[j] += xv[6] * hi.z; dot[j] += xv[7] * hi.w;
+        } else {
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) dot[j] += xv[e] * w[e];
+        }
+      }
     }
-    dot = warp_sum(dot);
-    if (lane == 0) a[h] = p.scale * dot;
+#pragma unroll
+    for (int j = 0; j < kScoreHeads; ++j) {
+      if (j < nh) {  // nh is the same on every lane: all 32 take part in the shuffles
+        const float s = warp_sum(dot[j]);
+        if (lane == j) a[h0 + j] = p.scale * s;
+      }
+    }
   }
 }
 
