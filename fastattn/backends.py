@@ -232,7 +232,7 @@ def auto_order(p: Problem) -> tuple:
       gated 12.43 vs 15.66; D64 8.74 vs 13.01);
     - attention without one at D > 64: triton, whose 128x64 Hopper tile runs there (fwd D128 L4096 1.80
       vs 2.48 ms, causal 1.32 vs 1.49, gated 2.12 vs 2.70; L1024 0.73 vs 0.78; cuda leads causal at
-      L1024 alone, 0.62 vs 0.82); at D 64: cuda (1.01-1.5x)."""
+      L1024 alone, 0.62 vs 0.82, gated 0.81 vs 1.00); at D 64: cuda (1.01-1.5x)."""
     if p.device_type == "cpu":
         return "cpu", "reference"
     if p.device_type != "cuda":
