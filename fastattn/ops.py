@@ -76,11 +76,11 @@ def register_attention(fwd: str, bwd: str, *, fake: bool = True, acc_devices=("c
             return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask, dgate
 
     def setup_context(ctx, inputs, output):
-        q, k, v, mask, gate, scale, causal, *need_acc = inputs
+        q, k, v, mask, gate, scale, causal, need_acc = inputs
         out, lse, out_acc = output
         # delta = rowsum(dout * out) is taken from the unrounded output where there is one: the rounded
         # one breaks rowsum(dS) = 0, and with it exact zeros of dq (saturated rows, repeated keys)
-        ctx.save_for_backward(q, k, v, out_acc if with_acc(q, *need_acc or [True]) else out, lse, mask, gate)
+        ctx.save_for_backward(q, k, v, out_acc if with_acc(q, need_acc) else out, lse, mask, gate)
         ctx.scale, ctx.causal = scale, causal
         ctx.need_dmask = mask is not None and mask.is_floating_point() and ctx.needs_input_grad[3]
 

@@ -134,7 +134,8 @@ def _smem_bytes(kernel, c, d, dv, esize, mask_esize):
 
 def _select(kernel, half, fp32, named_args, kwargs, length_ok):
     """The configs of the head block's list (``half`` or ``fp32`` by the inputs' element size) meant for the
-    device's capability (not ``light_only`` where a launch has a mask, or a gate and out_acc) that fit its shared memory, those that pass ``length_ok`` if any do; at least one
+    device's capability (not ``light_only`` where a launch has a mask, or a gate and out_acc) that fit its
+    shared memory, those that pass ``length_ok`` if any do; at least one
     (the smallest, should none fit)."""
     bd, bdv = _arg(named_args, kwargs, "BLOCK_D"), _arg(named_args, kwargs, "BLOCK_DV")
     esize = named_args["Q"].element_size()
@@ -146,7 +147,8 @@ def _select(kernel, half, fp32, named_args, kwargs, length_ok):
     # mask tile: none (MASK_KIND 0), bytes (1: bool), q's dtype (2, and the dmask kernel, which has no kind)
     mask_esize = {0: 0, 1: 1}.get(kwargs.get("MASK_KIND", 2), esize)
     cc, smem = target(named_args)
-    light = kwargs.get("MASK_KIND", 2) == 0 and not (kwargs.get("HAS_GATE", True) and kwargs.get("STORE_ACC", True))
+    gate_and_acc = kwargs.get("HAS_GATE", True) and kwargs.get("STORE_ACC", True)
+    light = kwargs.get("MASK_KIND", 2) == 0 and not gate_and_acc
     cands = [c for c in _for_head(fp32 if esize == 4 else half, head)
              if c.min_cc <= cc <= c.max_cc and (light or not c.light_only)]
     size = {id(c): _smem_bytes(kernel, c, bd, bdv, esize, mask_esize) for c in cands}

@@ -152,7 +152,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Tensor& q_in, const Tenso
   describe_attention(p, op, q, k, v, mask, gate, scale, causal);
   Tensor out = at::empty({p.B, p.Hq, p.Lq, p.D}, q.options());
   Tensor lse = at::empty({p.B, p.Hq, p.Lq}, q.options().dtype(at::kFloat));
-  // float16/bfloat16 only
+  // out before rounding (these kernels take float16/bfloat16 alone), where a backward follows
   Tensor out_acc = need_acc ? at::empty({p.B, p.Hq, p.Lq, p.D}, q.options().dtype(at::kFloat)) : at::empty({0}, q.options());
   if (out.numel() == 0) return {out, lse, out_acc};
   p.out = out.data_ptr();
