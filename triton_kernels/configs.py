@@ -51,7 +51,10 @@ def _cfg(num_warps, num_stages, BLOCK_M, BLOCK_N, min_cc=0, max_cc=1000, maxnreg
     memory) and Ampere (mma, operands in registers) spill at different tiles. ``maxnreg`` states a
     register budget to ptxas (.maxnreg): without one, ptxas settles on a count of its own (80, 96, 128)
     and may spill a few bytes there; with one, some kernels compile without spills, others (most fp32
-    ones) spill more, so it is set only on the configs where it removed the spills. ``light_only``: kept
+    ones) spill more, so it is set only on the configs where it removed the spills. Stage and warp
+    counts that look arbitrary were picked the same way: the nearest setting that spills in no launch of
+    ``scripts/check_triton_aot.py --full`` under either triton's ptxas (3.6: 12.8; 3.9: 12.9 and 13.4;
+    e.g. fp32 dK/dV at D 65-128 spilled 16 B with a bool mask at 2 stages). ``light_only``: kept
     only for launches without a mask, and with a gate only where out_acc is not kept (inference): the
     forward's registers grow with each, and such a tile spills there."""
     c = triton.Config({"BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N}, num_warps=num_warps, num_stages=num_stages,
@@ -179,12 +182,12 @@ else:
               # out_acc, it spills on triton 3.6 (56-112 B at 255 registers). H200: 20 of the 20 keys where
               # it may run (-bb42c89, -2782909.json); gated inference at L4096: 2.12 ms against 3.49 with 32x64
               _cfg(8, 3, 128, 64, min_cc=90, light_only=True),
-              _cfg(8, 3, 64, 32), _cfg(4, 3, 16, 64)],
+              _cfg(8, 3, 64, 32), _cfg(4, 2, 16, 64)],
         256: [_cfg(8, 2, 32, 32, maxnreg=255),   # O accumulator 32 x 256 fp32 over 8 warps: 32 registers a thread
               _cfg(4, 2, 16, 32)],
     }
     FWD_FP32 = {
-        64: [_cfg(4, 2, 32, 32), _cfg(4, 2, 16, 16)],
+        64: [_cfg(4, 3, 32, 32), _cfg(4, 2, 16, 16)],
         128: [_cfg(4, 2, 16, 16, maxnreg=255)],
         256: [_cfg(4, 2, 16, 16)],
     }
@@ -223,11 +226,11 @@ else:
              _cfg(8, 2, 16, 128), _cfg(4, 2, 16, 64)],
         128: [_cfg(8, 3, 16, 128, min_cc=90),   # H200: 8 of 8 keys
               _cfg(8, 3, 32, 64)],
-        256: [_cfg(8, 1, 32, 32), _cfg(4, 3, 32, 16)],
+        256: [_cfg(8, 1, 32, 32), _cfg(8, 2, 32, 16)],
     }
     DKDV_FP32 = {
         64: [_cfg(4, 2, 16, 16, maxnreg=255)],
-        128: [_cfg(4, 2, 16, 16)],
+        128: [_cfg(4, 3, 16, 16)],
         256: [_cfg(8, 2, 16, 16)],
     }
     DQ_HALF = {
@@ -235,12 +238,12 @@ else:
              _cfg(4, 3, 64, 32), _cfg(4, 3, 16, 32)],
         128: [_cfg(4, 2, 64, 16),     # H200: 8 of 8 keys
               _cfg(8, 3, 64, 32), _cfg(4, 3, 16, 64)],
-        256: [_cfg(8, 2, 32, 32, maxnreg=255), _cfg(4, 2, 16, 32)],
+        256: [_cfg(8, 2, 32, 32, maxnreg=255), _cfg(4, 2, 16, 32, maxnreg=255)],
     }
     DQ_FP32 = {
         64: [_cfg(4, 2, 32, 16, maxnreg=255)],
         128: [_cfg(8, 2, 16, 16)],
-        256: [_cfg(8, 1, 16, 16)],
+        256: [_cfg(8, 1, 16, 16, maxnreg=255)],
     }
     PREP_BLOCK_M = 64
 BWD_DKDV_CONFIGS = _union(DKDV_HALF, DKDV_FP32)
@@ -328,6 +331,12 @@ GATE_FP32_SCORES_BLOCK_D, FUSED_FP32_SCORES_MAX_D = 32, 64
 # float32 alpha expanded to the channels ([N, H] x one-hot [H, D] on FMA units) in the one-pass kernel: at
 # most 128 positions (256 x 16 spilled at 255 registers)
 FUSED_FP32_MAX_N = 128
+
+
+def gate_rows_block_n(dtype, align: int) -> int:
+    """Rows of _gate_bwd_rows: 16-bit rows not 16-byte aligned (ALIGN 1) load dy and x element by element,
+    whose addresses spilled at 64 rows with the dx store (sm_80, 8 warps)."""
+    return GATE_ROWS_BLOCK_N // (2 if align == 1 and dtype.itemsize == 2 and not INTERPRET else 1)
 
 
 def gate_block_d(dtype, align: int) -> int:

@@ -395,11 +395,13 @@ def _rows_and_ds(dy, x, alpha, dalpha, pool, dx, ds):
     sdn = 0 if pool else dy.stride(1)
     dalpha_t = dalpha.contiguous() if dalpha is not None else g
     bh = C.head_block(H)
-    wrap_triton(_gate_bwd_rows)[(B, triton.cdiv(N, C.GATE_ROWS_BLOCK_N))](
+    align = _align(x.dtype, (D,), x, dy)
+    bn = C.gate_rows_block_n(x.dtype, align)
+    wrap_triton(_gate_bwd_rows)[(B, triton.cdiv(N, bn))](
         dy, x, alpha, dalpha_t, g, dx if dx is not None else g, dy.stride(0), sdn, x.stride(0), x.stride(1),
         N, D, H, D // H, HAS_DALPHA=dalpha is not None, WRITE_DX=dx is not None,
-        BLOCK_N=C.GATE_ROWS_BLOCK_N, BLOCK_D=min(C.head_block(D), C.GATE_ROWS_BLOCK_D), BLOCK_H=bh,
-        ALIGN=_align(x.dtype, (D,), x, dy), num_warps=C.GATE_ROWS_WARPS)
+        BLOCK_N=bn, BLOCK_D=min(C.head_block(D), C.GATE_ROWS_BLOCK_D), BLOCK_H=bh,
+        ALIGN=align, num_warps=C.GATE_ROWS_WARPS)
     bh_ds = min(bh, 64)
     wrap_triton(_gate_bwd_ds)[(B, triton.cdiv(H, bh_ds))](
         alpha, g, ds if ds is not None else g, N, H, BLOCK_N=C.GATE_STATS_BLOCK_N, BLOCK_H=bh_ds,
