@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "attention_contract.h"
 #include "cpu/attention.h"
 #include "cpu/softmax_gate.h"
 
@@ -12,8 +13,9 @@
 #define FASTATTN_VERSION "unknown"
 #endif
 
+// Shapes and semantics of every op: attention_contract.h.
 TORCH_LIBRARY(fastattn, m) {
-  // causal: 0 none, 1 top_left, 2 bottom_right. mask: 4-D, each dim of size 1 or of (B,Hq,Lq,Lk) (broadcast
+  // causal: a CausalMode (0 none, 1 top_left, 2 bottom_right). mask: 4-D, each dim of size 1 or of (B,Hq,Lq,Lk) (broadcast
   // inside the kernel); gate: (B,Hq,Lq,Dv), or (B,Hq,Lq,1) headwise (broadcast over Dv inside the kernel, its
   // gradient summed over Dv in float32 there).
   // Returns (out, lse, out_acc); out is gated when a gate is given; lse is float32 (float64 for float64 inputs)
@@ -52,6 +54,20 @@ TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
 
 // A Python module so that `import fastattn._C` loads the library (and with it the registrations above).
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  // The contract's codes and constants, as attention_contract.h defines them (fastattn/contract.py mirrors
+  // them for code that runs without this extension; a test checks that the two agree).
+  m.def("contract", []() {
+    pybind11::dict c;
+    c["CAUSAL_NONE"] = int(fastattn::kCausalNone);
+    c["CAUSAL_TOP_LEFT"] = int(fastattn::kCausalTopLeft);
+    c["CAUSAL_BOTTOM_RIGHT"] = int(fastattn::kCausalBottomRight);
+    c["MASK_NONE"] = int(fastattn::kMaskNone);
+    c["MASK_BOOL"] = int(fastattn::kMaskBool);
+    c["MASK_BIAS"] = int(fastattn::kMaskBias);
+    c["LOG2E"] = fastattn::kLog2e;
+    c["LN2"] = fastattn::kLn2;
+    return c;
+  });
   m.def("build_info", []() {
     pybind11::dict info;
     info["version"] = FASTATTN_VERSION;

@@ -1,4 +1,4 @@
-"""Backends and the choice among them (SPEC.md §3).
+"""Backends and the choice among them (docs/CONTRACT.md §3).
 
 A backend is an object with a name, a reason it is unavailable (or None), a reason it cannot run a
 given problem (or None), and one method per op. ``fastattn.functional`` checks the inputs, builds a
@@ -17,9 +17,9 @@ import os
 import torch
 
 from . import ops, reference
+from .contract import LN2, causal_arg
 
-MAX_FUSED_HEAD_DIM = 256  # SPEC §2: D and Dv up to 256 on fused backends
-LN2 = math.log(2.0)
+MAX_FUSED_HEAD_DIM = 256  # docs/CONTRACT.md §2.1: D and Dv up to 256 on fused backends
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,8 +62,7 @@ class ReferenceBackend(Backend):
         return None
 
     def attention(self, q, k, v, mask, gate, scale, causal, dropout_p, grad):
-        causal = (False, True, "bottom_right")[causal]  # from the kernels' code back to the API's value
-        return reference.attention(q, k, v, attn_mask=mask, causal=causal, scale=scale, gate=gate,
+        return reference.attention(q, k, v, attn_mask=mask, causal=causal_arg(causal), scale=scale, gate=gate,
                                    dropout_p=dropout_p, return_lse=True)
 
     def softmax_gate(self, scores, x, mask, pool):
@@ -72,10 +71,6 @@ class ReferenceBackend(Backend):
     def score_softmax_gate(self, x, weight, mask, scale, pool):
         return reference.score_softmax_gate(x, weight, mask=mask, scale=scale, pool=pool,
                                             return_weights=True)
-
-
-def _last_dim_contiguous(t):
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 class FusedBackend(Backend):
@@ -113,16 +108,16 @@ class FusedBackend(Backend):
             gate = gate.expand(B, Hq, Lq, gate.shape[-1])
         # without a gradient to follow, the kernels skip out_acc and the precise P V kept for the backward
         out, lse2, _ = self._op("attention_fwd")(
-            _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v),
+            ops.last_dim_contiguous(q), ops.last_dim_contiguous(k), ops.last_dim_contiguous(v),
             mask, gate, scale, causal, grad)
         return out, lse2 * LN2  # the kernels keep lse in log2 units, the base they compute in
 
     def softmax_gate(self, scores, x, mask, pool):
-        return self._op("softmax_gate_fwd")(_last_dim_contiguous(scores), _last_dim_contiguous(x), mask, pool)
+        return self._op("softmax_gate_fwd")(ops.last_dim_contiguous(scores), ops.last_dim_contiguous(x), mask, pool)
 
     def score_softmax_gate(self, x, weight, mask, scale, pool):
         return self._op("score_softmax_gate_fwd")(
-            _last_dim_contiguous(x), _last_dim_contiguous(weight), mask, scale, pool)
+            ops.last_dim_contiguous(x), ops.last_dim_contiguous(weight), mask, scale, pool)
 
 
 # What csrc/cuda covers, on a GPU and under the CPU emulation of the tests (csrc/cuda/emu/); "auto"
@@ -140,31 +135,35 @@ def cuda_kernels_unsupported(p: Problem) -> str | None:
     return None
 
 
-class ExtensionBackend(FusedBackend):
-    """Kernels compiled into fastattn._C (csrc/cpu/, csrc/cuda/), one op per device (dispatch key)."""
+class CpuBackend(FusedBackend):
+    """C++ kernels compiled into fastattn._C (csrc/cpu/), registered for CPU tensors."""
+    name = "cpu"
+    device_types = ("cpu",)
 
-    def __init__(self, name, device_type):
-        self.name, self.device_types = name, (device_type,)
+    def unavailable(self):
+        return ops.extension_error()
+
+
+class CudaBackend(FusedBackend):
+    """Hand-written CUDA kernels compiled into fastattn._C (csrc/cuda/), registered for CUDA tensors."""
+    name = "cuda"
+    device_types = ("cuda",)
 
     def unavailable(self):
         if ops.extension_error() is not None:
             return ops.extension_error()
-        if self.name == "cuda":
-            if not ops._C.build_info()["cuda"]:
-                return "fastattn._C was built without CUDA kernels (no CUDA torch/nvcc at build time, " \
-                       "or FASTATTN_CUDA=0)"
-            if not torch.cuda.is_available():
-                return "no CUDA device is available"
-            if torch.cuda.get_device_capability() < (8, 0):
-                return "the CUDA kernels need compute capability 8.0 or newer (mma.sync, cp.async), " \
-                       f"got {torch.cuda.get_device_capability()}"
+        if not ops._C.build_info()["cuda"]:
+            return "fastattn._C was built without CUDA kernels (no CUDA torch/nvcc at build time, " \
+                   "or FASTATTN_CUDA=0)"
+        if not torch.cuda.is_available():
+            return "no CUDA device is available"
+        if torch.cuda.get_device_capability() < (8, 0):
+            return "the CUDA kernels need compute capability 8.0 or newer (mma.sync, cp.async), " \
+                   f"got {torch.cuda.get_device_capability()}"
         return None
 
     def unsupported(self, p):
-        why = super().unsupported(p)
-        if why or self.name != "cuda":
-            return why
-        return cuda_kernels_unsupported(p)
+        return super().unsupported(p) or cuda_kernels_unsupported(p)
 
 
 class TritonBackend(FusedBackend):
@@ -212,9 +211,9 @@ class TritonBackend(FusedBackend):
 _BACKENDS = {
     b.name: b
     for b in (
-        ExtensionBackend("cuda", "cuda"),
+        CudaBackend(),
         TritonBackend(),
-        ExtensionBackend("cpu", "cpu"),
+        CpuBackend(),
         ReferenceBackend(),
     )
 }

@@ -41,6 +41,16 @@ class Config:
     mask: str = "none"
     gate: str = "none"
 
+    # The softmax gates' shape (B, N, D) with H heads rides on the attention fields, so that every result row
+    # has one schema (B, Hq, Lq, D): H is Hq, N is Lq.
+    @property
+    def H(self) -> int:
+        return self.Hq
+
+    @property
+    def N(self) -> int:
+        return self.Lq
+
 
 ATTENTION_OPS = ("attention", "gated", "bias")
 
@@ -156,7 +166,7 @@ def _flops(cfg):
 
 def _gate_bytes(cfg):
     e = torch.finfo(cfg.dtype).bits // 8
-    x = cfg.B * cfg.Lq * cfg.D * e
+    x = cfg.B * cfg.N * cfg.D * e
     fwd, bwd = 2 * x, 3 * x  # fwd: read x, write y; bwd: read x, dy, write dx (scores/α are H/D of that)
     return {"fwd": fwd, "bwd": bwd, "fwd_bwd": fwd + bwd}[cfg.mode]
 
@@ -197,9 +207,8 @@ def run_config(cfg, device, reps=7, warmup=2):
                   extra]
         providers = _attention_providers(cfg, device)
     else:
-        H = cfg.Hq
-        other = mk(cfg.B, cfg.Lq, H) if cfg.op == "softmax_gate" else mk(H, cfg.D) / cfg.D ** 0.5
-        inputs = [other, mk(cfg.B, cfg.Lq, cfg.D)]
+        other = mk(cfg.B, cfg.N, cfg.H) if cfg.op == "softmax_gate" else mk(cfg.H, cfg.D) / cfg.D ** 0.5
+        inputs = [other, mk(cfg.B, cfg.N, cfg.D)]
         providers = _gate_providers(cfg, device)
     reps_of, peak_of = {}, {}
     for provider, fn in providers.items():

@@ -1,4 +1,4 @@
-"""``fastattn check``: every available backend against the float64 reference, by the rule of SPEC §4.
+"""``fastattn check``: every available backend against the float64 reference, by the rule of docs/CONTRACT.md §4.
 
 Runs each op forward and backward over the sweep of ``fastattn.testing`` (odd sizes, causal modes,
 masks, gates, GQA, strided layouts) in every dtype the backend supports on the device, and prints

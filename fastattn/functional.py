@@ -1,4 +1,4 @@
-"""Public ops: check the inputs, pick a backend, call it (SPEC.md §1).
+"""Public ops: check the inputs, pick a backend, call it (docs/CONTRACT.md §1).
 
 Path of a call: here -> backends.select -> backend method -> torch.ops.fastattn.<op> (ops.py adds
 fake + autograd) -> kernel in csrc/cpu/, csrc/cuda/ or triton_kernels/.
@@ -13,7 +13,7 @@ from torch.nn.attention.bias import CausalBias, CausalVariant
 
 from . import _checks
 from .backends import Problem, select
-from .reference import causal_code
+from .contract import causal_code
 
 __all__ = ["attention", "scaled_dot_product_attention", "softmax_gate", "score_softmax_gate"]
 

@@ -1,4 +1,4 @@
-"""Seeded property fuzzing of every op against the float64 reference (SPEC §2 and §4).
+"""Seeded property fuzzing of every op against the float64 reference (docs/CONTRACT.md §2 and §4).
 
 Each case is drawn from one integer seed over the whole input space a torch user can reach: sizes
 that are primes, 1 or 0, head dims 1-256, every dtype, GQA/MQA, every causal mode, bool and float
@@ -7,7 +7,7 @@ of view (:data:`VIEW_KINDS`), NaN placed in any input, extreme scales. A case ru
 backward on the backend, on the reference in the same dtype and on the reference in float64 (on
 the same inputs, i.e. rounded to the case's dtype, as FlashAttention's tests do: the error measured
 is the arithmetic's, not the inputs' rounding, which near-ties of a saturated softmax would turn
-into noise), and is judged by the rule of SPEC §4 (``testing.compare``), where NaN must appear
+into noise), and is judged by the rule of docs/CONTRACT.md §4 (``testing.compare``), where NaN must appear
 exactly where the float64 reference has it. ``case.id`` (the seed and what it drew) reproduces a failure:
 ``fastattn check --fuzz N --fuzz-seed S`` or :func:`attention_case` / :func:`gate_case`.
 """
@@ -128,7 +128,7 @@ def attention_case(seed, dtypes, max_len=130, max_dim=256, head_dims=None) -> At
     views = {n: rng.choice(VIEW_KINDS) for n in ("q", "k", "v", "mask", "gate")}
     # NaN anywhere in a float mask. In q, k, v or the gate only where no causal or bool mask hides entries:
     # a NaN there meets 0 in the GEMMs (0 · NaN = NaN) of tiles that a kernel computes but may equally skip,
-    # so whether it spreads is not promised (SPEC §2 promises it for the entries that take part).
+    # so whether it spreads is not promised (docs/CONTRACT.md §2.2 promises it for the entries that take part).
     unmasked = mask != "bool" and not causal
     targets = (["q", "k"] + (["gate"] if gate != "none" else []) + (["v"] if mask == "none" else [])) * unmasked
     targets += ["mask"] if mask.startswith("float") else []
@@ -140,13 +140,13 @@ def attention_case(seed, dtypes, max_len=130, max_dim=256, head_dims=None) -> At
 
 
 def _scale(rng, dtype, D, Lk):
-    """None (1/sqrt(D)) mostly, or an extreme scale. Saturating scales stay where the SPEC rule can hold:
-    a recomputed backward (FlashAttention's, and torch's own CPU flash kernel) misses exact zeros of dq
-    and dk (a row with one key that counts) by the float32 rounding of scale · |dP| · |k|, because
-    delta = rowsum(dO ⊙ O) and dP = dO Vᵀ are rounded apart, while the reference differentiates its own
-    softmax and hits them. Against float32's absolute floor that shows at scale 2, against half
-    precision's at scale 20 with a head dim (D or Dv) > 64 or a single key, and in float32 with a single
-    key at any scale (README, Numerics)."""
+    """None (1/sqrt(D)) mostly, or an extreme scale. Saturating scales stay where the rule of
+    docs/CONTRACT.md §4 can hold: a recomputed backward (FlashAttention's, and torch's own CPU flash
+    kernel) misses exact zeros of dq and dk (a row with one key that counts) by the float32 rounding
+    of scale · |dP| · |k|, because delta = rowsum(dO ⊙ O) and dP = dO Vᵀ are rounded apart, while the
+    reference differentiates its own softmax and hits them. Against float32's absolute floor that shows
+    at scale 2, against half precision's at scale 20 with a head dim (D or Dv) > 64 or a single key, and
+    in float32 with a single key at any scale (README, Numerics)."""
     if dtype == torch.float32:
         extreme = (0.05,)
     elif dtype == torch.float64 or (D <= 64 and Lk > 1):
@@ -244,7 +244,7 @@ def _summed_size(inp, leaf_grad, g):
 
 
 def _check(run, case, backend, device, factor):
-    """The backend, the reference in the case's dtype and in float64 (on the same inputs), by SPEC §4."""
+    """The backend, the reference in the case's dtype and in float64 (on the same inputs), by docs/CONTRACT.md §4."""
     got = _merged(run(case, case.dtype, device, backend))
     lowp = _merged(run(case, case.dtype, device, "reference"))
     truth_out, (truth_grads, view_grads) = run(case, torch.float64, device, "reference", rounded_to=case.dtype)

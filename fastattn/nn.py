@@ -1,4 +1,4 @@
-"""Drop-in modules on fastattn's kernels (SPEC.md §5).
+"""Drop-in modules on fastattn's kernels (docs/CONTRACT.md §5).
 
     fastattn.nn.MultiheadAttention          # torch.nn.MultiheadAttention, same everything, fastattn inside
     fastattn.nn.GatedMultiheadAttention     # + the output gate of "Gated Attention for LLMs", fused
@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import functional
+from . import contract, functional
+from .ops import last_dim_contiguous
 
 __all__ = ["MultiheadAttention", "GatedMultiheadAttention", "AttentionGate", "replace_attention"]
 
@@ -325,10 +326,6 @@ def _heads(t: Tensor, H: int, hd: int, seq_dim: int) -> Tensor:
     return t.permute(1, 2, 0, 3) if seq_dim == 0 else t.transpose(1, 2)
 
 
-def _last_dim_contiguous(t: Tensor) -> Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _fused_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: bool,
                      gate: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     """fastattn's attention op with its argument conventions (what the fused backends pass it):
@@ -341,8 +338,8 @@ def _fused_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], ca
     g: Optional[Tensor] = None
     if gate is not None:
         g = gate.to(q.dtype).expand([B, H, Lq, Dv])
-    out, lse, _ = torch.ops.fastattn.attention_fwd(_last_dim_contiguous(q), _last_dim_contiguous(k),
-                                                   _last_dim_contiguous(v), m, g, 1.0 / math.sqrt(D),
+    out, lse, _ = torch.ops.fastattn.attention_fwd(last_dim_contiguous(q), last_dim_contiguous(k),
+                                                   last_dim_contiguous(v), m, g, 1.0 / math.sqrt(D),
                                                    1 if causal else 0)
     return out, lse
 
@@ -378,7 +375,7 @@ def _attention_with_weights(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tens
         else:
             s = s + mask.to(lse.dtype)
     if causal:
-        tri = torch.ones(s.shape[-2], s.shape[-1], dtype=torch.bool, device=s.device).tril()
+        tri = contract.causal_allowed(s.shape[-2], s.shape[-1], 0, s.device)  # top_left
         allowed = tri if allowed is None else allowed & tri
     if allowed is not None:
         s = s.masked_fill(~allowed, float("-inf"))
@@ -433,7 +430,7 @@ class AttentionGate(nn.Module):
                 mask = mask.unsqueeze(0)
         if torch.jit.is_scripting():
             y, alpha = torch.ops.fastattn.score_softmax_gate_fwd(
-                _last_dim_contiguous(x), _last_dim_contiguous(self.weight), mask, float(self.scale), self.pool)
+                last_dim_contiguous(x), last_dim_contiguous(self.weight), mask, float(self.scale), self.pool)
             alpha = alpha.to(x.dtype)
         else:
             y, alpha = functional.score_softmax_gate(x, self.weight, mask=mask, scale=self.scale,

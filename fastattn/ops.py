@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from .contract import stat_dtype
+
 _EXTENSION_ERROR: str | None = None
 try:
     from . import _C  # noqa: F401  (loading it registers the schemas and kernels)
@@ -33,13 +35,10 @@ def extension_error() -> str | None:
     return _EXTENSION_ERROR
 
 
-def _stat_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _last_dim_contiguous(t):
-    """Kernels need stride(-1) == 1 (a gradient from ``.sum()`` arrives with all strides 0)."""
-    return t if t is None or t.stride(-1) == 1 or t.dim() == 0 else t.contiguous()
+def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with stride(-1) == 1, copied only when it lacks it: what every kernel needs (a gradient from
+    ``.sum()`` arrives with all strides 0). 0-d tensors pass as they are. TorchScript compiles it."""
+    return t if t.dim() == 0 or t.stride(-1) == 1 else t.contiguous()
 
 
 def _empty(t):
@@ -51,13 +50,14 @@ def has_out_acc(dtype):
     return dtype in (torch.float16, torch.bfloat16)
 
 
-def register_attention(fwd: str, bwd: str, *, fake: bool = True, acc_devices=("cpu", "cuda")):
-    """Fake implementations and autograd for an attention op pair with the schemas of
-    csrc/fastattn.cpp (``fwd`` -> (out, lse, out_acc), ``bwd`` -> (dq, dk, dv, dmask, dgate)). Every
-    backend that defines such a pair (C++ here; Triton in fastattn.triton_kernels) registers it this way.
+def register_attention(prefix: str = "", *, fake: bool = True, acc_devices=("cpu", "cuda")):
+    """Fake implementations and autograd for ``fastattn::{prefix}attention_{fwd,bwd}`` (schemas of
+    csrc/fastattn.cpp: fwd -> (out, lse, out_acc), bwd -> (dq, dk, dv, dmask, dgate)). Every backend that
+    defines such a pair (C++ here; Triton in fastattn.triton_kernels) registers it this way.
     ``fake=False`` skips the fake implementations (torch.library.triton_op makes its own);
     ``acc_devices``: the device types on which the kernels return out_acc (elsewhere it is empty)."""
-    bwd_op = lambda: getattr(torch.ops.fastattn, bwd.split("::")[1])
+    fwd, bwd = f"fastattn::{prefix}attention_fwd", f"fastattn::{prefix}attention_bwd"
+    bwd_op = lambda: getattr(torch.ops.fastattn, prefix + "attention_bwd")
     with_acc = lambda q, need_acc: need_acc and has_out_acc(q.dtype) and q.device.type in acc_devices
 
     if fake:
@@ -65,7 +65,7 @@ def register_attention(fwd: str, bwd: str, *, fake: bool = True, acc_devices=("c
         def _fwd_fake(q, k, v, mask, gate, scale, causal, need_acc=True):
             B, Hq, Lq, _ = q.shape
             out = q.new_empty((B, Hq, Lq, v.shape[-1]))
-            lse = q.new_empty((B, Hq, Lq), dtype=_stat_dtype(q.dtype))
+            lse = q.new_empty((B, Hq, Lq), dtype=stat_dtype(q.dtype))
             out_acc = q.new_empty((B, Hq, Lq, v.shape[-1]), dtype=torch.float32) if with_acc(q, need_acc) else _empty(q)
             return out, lse, out_acc
 
@@ -87,7 +87,7 @@ def register_attention(fwd: str, bwd: str, *, fake: bool = True, acc_devices=("c
     def backward(ctx, dout, dlse, _dout_acc):
         q, k, v, out, lse, mask, gate = ctx.saved_tensors
         dq, dk, dv, dmask, dgate = bwd_op()(
-            _last_dim_contiguous(dout), q, k, v, out, lse, mask, gate, dlse,
+            last_dim_contiguous(dout), q, k, v, out, lse, mask, gate, dlse,
             ctx.scale, ctx.causal, ctx.need_dmask)
         return (dq, dk, dv, dmask if ctx.need_dmask else None,
                 dgate if gate is not None else None, None, None, None)
@@ -105,7 +105,7 @@ def register_softmax_gates(prefix: str = "", *, fake: bool = True):
     def out_fake(x, H, pool):
         B, N, D = x.shape
         y = x.new_empty((B, D) if pool else (B, N, D))
-        return y, x.new_empty((B, N, H), dtype=_stat_dtype(x.dtype))
+        return y, x.new_empty((B, N, H), dtype=stat_dtype(x.dtype))
 
     if fake:
         torch.library.register_fake(name("softmax_gate_fwd"))(
@@ -125,7 +125,7 @@ def register_softmax_gates(prefix: str = "", *, fake: bool = True):
     def gate_backward(ctx, dy, dalpha):
         x, alpha = ctx.saved_tensors
         dscores, dx = op("softmax_gate_bwd")(
-            _last_dim_contiguous(dy), x, alpha, None if dalpha is None else dalpha.contiguous(), ctx.pool)
+            last_dim_contiguous(dy), x, alpha, None if dalpha is None else dalpha.contiguous(), ctx.pool)
         return dscores, dx, None, None
 
     torch.library.register_autograd(name("softmax_gate_fwd"), gate_backward, setup_context=gate_setup_context)
@@ -138,7 +138,7 @@ def register_softmax_gates(prefix: str = "", *, fake: bool = True):
     def score_backward(ctx, dy, dalpha):
         x, weight, alpha = ctx.saved_tensors
         dx, dweight = op("score_softmax_gate_bwd")(
-            _last_dim_contiguous(dy), x, weight, alpha,
+            last_dim_contiguous(dy), x, weight, alpha,
             None if dalpha is None else dalpha.contiguous(), ctx.scale, ctx.pool)
         return dx, dweight, None, None, None
 
@@ -147,5 +147,5 @@ def register_softmax_gates(prefix: str = "", *, fake: bool = True):
 
 
 if _C is not None:
-    register_attention("fastattn::attention_fwd", "fastattn::attention_bwd")
+    register_attention()
     register_softmax_gates()

@@ -1,9 +1,9 @@
-"""Plain-PyTorch reference: the executable definition of every fastattn op (SPEC.md §1).
+"""Plain-PyTorch reference: the executable definition of every fastattn op (docs/CONTRACT.md §1).
 
 Short and obviously right, any device, any float dtype including float64. It materialises the
 scores. In float16/bfloat16 the matmuls run in that dtype and the softmax statistics in float32
-(SPEC §2), so the reference run "in the same low precision" is a fair yardstick for the kernels
-(SPEC §4), and the same call in float64 is the truth they are measured against.
+(docs/CONTRACT.md §2.1), so the reference run "in the same low precision" is a fair yardstick for the
+kernels (docs/CONTRACT.md §4), and the same call in float64 is the truth they are measured against.
 
 Inputs are assumed valid here: ``fastattn.functional`` checks them before any backend runs.
 """
@@ -13,33 +13,18 @@ import math
 
 import torch
 
-__all__ = ["attention", "softmax_gate", "score_softmax_gate", "causal_code"]
+from . import contract
+from .contract import CAUSAL_NONE, causal_code, stat_dtype
 
-_CAUSAL_CODES = {False: 0, None: 0, True: 1, "top_left": 1, "bottom_right": 2}
-
-
-def causal_code(causal) -> int:
-    """0 (none), 1 (top_left, as SDPA's is_causal) or 2 (bottom_right, as FlashAttention)."""
-    try:
-        return _CAUSAL_CODES[causal]
-    except (KeyError, TypeError):
-        raise ValueError(
-            f"causal: expected False, True, 'top_left' or 'bottom_right', got {causal!r}"
-        ) from None
-
-
-def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+__all__ = ["attention", "softmax_gate", "score_softmax_gate"]
 
 
 def causal_allowed(Lq: int, Lk: int, causal, device=None) -> torch.Tensor | None:
     """Bool (Lq, Lk), True where query i may see key j, or None when not causal."""
     code = causal_code(causal)
-    if code == 0:
+    if code == CAUSAL_NONE:
         return None
-    i = torch.arange(Lq, device=device)[:, None]
-    j = torch.arange(Lk, device=device)[None, :]
-    return j <= i if code == 1 else j <= i + (Lk - Lq)
+    return contract.causal_allowed(Lq, Lk, contract.causal_offset(code, Lq, Lk), device)
 
 
 def attention(q, k, v, attn_mask=None, causal=False, scale=None, gate=None, dropout_p=0.0,
@@ -58,7 +43,7 @@ def attention(q, k, v, attn_mask=None, causal=False, scale=None, gate=None, drop
     if Hkv != Hq and Hkv > 0:  # GQA / MQA: query head h reads kv head h // (Hq // Hkv)
         k = k.repeat_interleave(Hq // Hkv, dim=1)
         v = v.repeat_interleave(Hq // Hkv, dim=1)
-    acc = _stat_dtype(q.dtype)
+    acc = stat_dtype(q.dtype)
 
     # -- scores, in the inputs' precision, then the statistics' precision
     s = torch.matmul(q, k.transpose(-1, -2)).to(acc) * scale  # [B, Hq, Lq, Lk]
@@ -113,7 +98,7 @@ def _softmax(s, dim):
 
 def _masked_softmax_over_positions(scores, mask):
     """softmax over dim 1 of (B, N, H), positions with mask False excluded; all-masked -> 0."""
-    acc = _stat_dtype(scores.dtype)
+    acc = stat_dtype(scores.dtype)
     s = scores.to(acc)
     if mask is not None:
         s = s.masked_fill(~mask[:, :, None], float("-inf"))

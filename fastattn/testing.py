@@ -1,4 +1,4 @@
-"""The correctness rule of SPEC.md §4 and the case sweeps, shared by tests/ and ``fastattn check``.
+"""The correctness rule of docs/CONTRACT.md §4 and the case sweeps, shared by tests/ and ``fastattn check``.
 
 Rule, for each output and gradient: err(backend) <= factor · err(reference in the same dtype) + atol,
 where err is the max absolute difference from the reference run in float64, factor = 2 for
@@ -56,11 +56,12 @@ class Comparison:
 
 
 def compare(name, got, ref_lowp, truth, dtype, factor, magnitude=0.0) -> Comparison:
-    """SPEC §4: err(got) <= factor * err(ref_lowp) + floor, errors against ``truth``; the floor is one rounding
-    in ``dtype`` at the size of the values rounded: max |truth|, or ``magnitude`` where that is larger. The
-    gradient of a tensor seen through an expanding or overlapping view is a sum, taken by torch's autograd,
-    of the op's per-position gradients, each rounded to ``dtype`` by the op: ``magnitude`` is then the largest
-    sum of their sizes, |terms| that may cancel to a sum near 0 while each carries its own rounding."""
+    """docs/CONTRACT.md §4: err(got) <= factor * err(ref_lowp) + floor, errors against ``truth``; the
+    floor is one rounding in ``dtype`` at the size of the values rounded: max |truth|, or ``magnitude``
+    where that is larger. The gradient of a tensor seen through an expanding or overlapping view is a
+    sum, taken by torch's autograd, of the op's per-position gradients, each rounded to ``dtype`` by the
+    op: ``magnitude`` is then the largest sum of their sizes, |terms| that may cancel to a sum near 0
+    while each carries its own rounding."""
     finite = truth.detach()[torch.isfinite(truth.detach())] if truth is not None else torch.zeros(0)
     scale = max(1.0, float(finite.abs().max()) if finite.numel() else 0.0, magnitude)
     ref_err = max_abs_diff(ref_lowp, truth)
@@ -185,7 +186,7 @@ def _run_attention(case, t, dtype, device, backend):
 
 
 def check_attention(case: AttentionCase, dtype, backend, device="cpu") -> list[Comparison]:
-    """Runs ``backend`` in ``dtype``, the reference in ``dtype`` and in float64; compares (SPEC §4)."""
+    """Runs ``backend`` in ``dtype``, the reference in ``dtype`` and in float64; compares (docs/CONTRACT.md §4)."""
     t = case.inputs(dtype)
     got = _run_attention(case, t, dtype, device, backend)
     lowp = _run_attention(case, t, dtype, device, "reference")
@@ -194,7 +195,7 @@ def check_attention(case: AttentionCase, dtype, backend, device="cpu") -> list[C
 
 
 def attention_cases(quick=False):
-    """The sweep of SPEC §4 / STYLE 8: odd sizes x causal modes x masks x gates x GQA x layouts."""
+    """The attention sweep of docs/CONTRACT.md §4: odd sizes x causal modes x masks x gates x GQA x layouts."""
     shapes = [(1, 1, 64), (17, 17, 40), (97, 97, 59), (113, 203, 64), (203, 113, 128)]
     if quick:
         shapes = [(1, 1, 64), (17, 17, 40), (113, 203, 64)]

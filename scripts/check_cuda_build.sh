@@ -33,21 +33,29 @@ done | xargs -P "$jobs" -I{} bash -c '
   fi' "$NVCC" "${flags[@]}"
 t1=$(date +%s)
 
+# The dynamic shared memory of each attention kernel, as kernel_traits.h computes it (a host program reads
+# the traits: the one definition), for the head dims the kernels cover.
+cat >"$out/traits.cpp" <<'CPP'
+#include <cstdio>
+#include "cuda/kernel_traits.h"
+using namespace fastattn::cuda;
+int main() {
+  std::printf("fwd 64 %d\nfwd 128 %d\n", FwdTraits<64>::kSmemBytes, FwdTraits<128>::kSmemBytes);
+  std::printf("bwd 64 %d\nbwd 128 %d\n", BwdTraits<64>::kSmemBytes, BwdTraits<128>::kSmemBytes);
+}
+CPP
+"${CXX:-c++}" -std=c++17 -Icsrc "$out/traits.cpp" -o "$out/traits" && "$out/traits" >"$out/traits.txt" || exit 1
+
 python3 - "$out" <<'PY'
 import glob, os, re, subprocess, sys
 
 out = sys.argv[1]
 SMEM_LIMIT = 163 * 1024  # sm_80 opt-in maximum per block (sm_90: 227 KB)
-# Dynamic shared memory per kernel family, as kernel_traits.h computes it (kept in sync by hand).
+DYN_SMEM = {(k, int(d)): int(n) for k, d, n in (l.split() for l in open(os.path.join(out, "traits.txt")))}
+
 def dyn_smem(name):
     m = re.search(r"attention_(fwd|bwd)_kernel<[^,]+, (\d+),", name)
-    if not m:
-        return 0
-    kind, d = m.group(1), int(m.group(2))
-    ld = d + 8
-    if kind == "fwd":
-        return (128 * ld + 4 * 64 * ld) * 2
-    return (2 * 64 * ld + 4 * 64 * ld + 2 * 64 * 72) * 2
+    return DYN_SMEM[m.group(1), int(m.group(2))] if m else 0
 
 def demangle(names):
     try:

@@ -161,7 +161,7 @@ def _gate_scenarios(dtype, D):
         y, alpha = G.score_softmax_gate_fwd(x, w, mask, 0.5, full)
         G.score_softmax_gate_bwd(dy, x, w, alpha, dalpha, 0.5, full)
 
-    fused_n = C.FUSED_MAX_ELEMS // C.head_block(D)
+    fused_n = C.FUSED_MAX_ELEMS // C.dot_block(D)
     for N in (fused_n, 4096):
         yield "gate-plain", None, lambda N=N: run(N, False)
         yield "gate-full", None, lambda N=N: run(N, True)

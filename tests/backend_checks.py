@@ -35,7 +35,7 @@ def fuzz_passes(family, backend, seeds, device, limits_of=None, inference=False)
 def repeated_keys_keep_dq_exact(backend, device):
     """Fuzz cases of the cuda kernels' input space whose exact dq is 0 by symmetry (every key the same: k from
     expand) and whose expanded q sums many such rows into one element of its gradient: with dS rounded to
-    half precision before dq's GEMM they missed SPEC §4 by 1.07-3.3x."""
+    half precision before dq's GEMM they miss docs/CONTRACT.md §4 by 1.07-3.3x."""
     for seed in (731, 1264, 2838):
         case = fuzz.attention_case(seed, list(CUDA_DTYPES), **fuzz.limits("cuda", "cuda"))
         assert "k:expand" in case.id and "q:" in case.id, case.id
@@ -124,7 +124,7 @@ def nan_reaches_rows_as_in_torch(backend, target, dtype, device="cpu"):
 
 def broadcast_mask_gradient(backend, dtype, device="cpu"):
     """A float mask's gradient comes back in the mask's own shape, summed over its broadcast dims in
-    float32 inside the kernel: within SPEC §4 in every dtype (a per-query bias, whose exact gradient is
+    float32 inside the kernel: within docs/CONTRACT.md §4 in every dtype (a per-query bias, whose exact gradient is
     0, included), and never as a (B, Hq, Lq, Lk) tensor from the op."""
     B, Hq, Hkv, Lq, Lk = 2, 4, 2, 37, 29
     shapes = [(1, 1, Lq, 1), (1, 1, Lq, Lk), (B, 1, 1, Lk), (1, Hq, Lq, 1), (B, Hq, Lq, Lk), (1, 1, 1, 1)]

@@ -67,7 +67,7 @@ def load():
     lib.fastattn_emu_last_error.restype = ctypes.c_char_p
     lib.fastattn_emu_use_kernels.argtypes = [ctypes.c_char_p]
     torch.ops.load_library(module)
-    ops.register_attention(f"fastattn::{PREFIX}attention_fwd", f"fastattn::{PREFIX}attention_bwd", acc_devices=("cpu",))
+    ops.register_attention(PREFIX, acc_devices=("cpu",))
     ops.register_softmax_gates(PREFIX)
     register_backend(EmulatedCudaBackend())
     _STATE.update(lib=lib, lib_def=lib_def, clean=clean)

@@ -1,4 +1,4 @@
-"""The C++ CPU attention kernels against the reference (SPEC §4), forward and every gradient."""
+"""The C++ CPU attention kernels against the reference (docs/CONTRACT.md §4), forward and every gradient."""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""The hand-written CUDA backend (csrc/cuda/) against the reference (SPEC §4), forward and every
+"""The hand-written CUDA backend (csrc/cuda/) against the reference (docs/CONTRACT.md §4), forward and every
 gradient, on a CUDA device. The sweep of fastattn.testing, moved onto what the cuda kernels cover
 (float16 / bfloat16, D == Dv in {64, 128}), plus shapes that cross several tiles of both kernels
 (128-query forward tiles, 64-key backward tiles, the K/V and Q/dO double buffers) and GQA groups."""

@@ -1,5 +1,5 @@
 """csrc/cuda's kernels, run on the CPU under the emulation (csrc/cuda/emu/emu.h), through the binding's
-own parameter filling: the CUDA backend's whole sweep against the reference (SPEC §4, forward and
+own parameter filling: the CUDA backend's whole sweep against the reference (docs/CONTRACT.md §4, forward and
 every gradient), the emulation's checks of memory, barriers and warp collectives on every case, and
 a mutation test: known bugs planted in a copy of the kernels, each of which must be caught."""
 import pytest
@@ -50,7 +50,7 @@ def test_emulated_fuzz(family, n):
 
 def test_emulated_fuzz_forward_only():
     """Inference: with no gradient to follow the forward skips out_acc and rounds P to half precision for P V
-    (one MMA per tile), which must still meet SPEC §4 on every input."""
+    (one MMA per tile), which must still meet docs/CONTRACT.md §4 on every input."""
     bc.fuzz_passes("attention", "cuda_emu", range(300), "cpu", limits_of="cuda", inference=True)
 
 
@@ -79,7 +79,7 @@ def test_other_architectures_and_thread_orders(arch, schedule):
 
 # ------------------------------------------------------------------------------------- mutations
 # Known bugs, planted one at a time in a copy of csrc/cuda: (id, file, text, replacement). Each must
-# make the emulation fail the case below (an error of its checks, or a result outside SPEC §4).
+# make the emulation fail the case below (an error of its checks, or a result outside docs/CONTRACT.md §4).
 FWD, BWD = "attention_fwd_kernel.h", "attention_bwd_kernel.h"
 MUTATIONS = [
     ("ldmatrix-lane-offsets-swapped", FWD,
@@ -102,8 +102,8 @@ MUTATIONS = [
     ("block-reduce-first-barrier-missing", "softmax_gate.cu", "__syncthreads();  // red may still be read", "//"),
     ("barrier-in-divergent-code", "softmax_gate.cu", "if (lane == 0) red[warp] = x;",
      "if (lane == 0) {\n    red[warp] = x;\n    __syncthreads();\n    return x;\n  }"),
-    ("dynamic-smem-attribute-missing", FWD,
-     "cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);",
+    ("dynamic-smem-attribute-missing", "static_switch.h",
+     "cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);",
      "cudaError_t err = cudaSuccess;"),
 ]
 MUTATION_CASE = AttentionCase(B=1, Hq=2, Hkv=1, Lq=150, Lk=140, D=64, causal="bottom_right", mask="float_grad",
@@ -113,7 +113,7 @@ MUTATION_GATE_CASE = dict(case=[c for c in GATE_CASES if c.op == "softmax_gate" 
 
 def _mutation_outcome(check):
     """'error: ...' when the emulation's checks stop the kernel, 'wrong: ...' when the results miss
-    SPEC §4, None when the case passes."""
+    docs/CONTRACT.md §4, None when the case passes."""
     try:
         bad = [c for c in check() if not c.ok]
     except RuntimeError as e:

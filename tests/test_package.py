@@ -19,3 +19,13 @@ def test_triton_kernels_install_under_fastattn():
     # the global name belongs to Triton's own package (or nobody): never to fastattn's folder
     spec = importlib.util.find_spec("triton_kernels")
     assert spec is None or os.path.dirname(spec.origin) != os.path.dirname(ours.__file__)
+
+
+def test_python_contract_matches_the_header():
+    """fastattn/contract.py mirrors csrc/attention_contract.h: every code and constant the extension exports
+    has the same value in Python, and Python defines no code the header lacks."""
+    from fastattn import contract, ops
+    exported = ops._C.contract()
+    assert exported == {name: getattr(contract, name, None) for name in exported}
+    mirrored = {n for n in vars(contract) if n.isupper() and not n.startswith("_")}
+    assert mirrored == set(exported)

@@ -1,4 +1,4 @@
-"""The C++ CPU softmax_gate / score_softmax_gate kernels against the reference (SPEC §4)."""
+"""The C++ CPU softmax_gate / score_softmax_gate kernels against the reference (docs/CONTRACT.md §4)."""
 import pytest
 import torch
 

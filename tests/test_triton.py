@@ -1,4 +1,4 @@
-"""The Triton backend against the reference (SPEC §4), forward and every gradient; opcheck of its ops;
+"""The Triton backend against the reference (docs/CONTRACT.md §4), forward and every gradient; opcheck of its ops;
 torch.compile(fullgraph=True) through them.
 
 On a GPU this runs the full sweeps on CUDA tensors. Without one, scripts/test.sh reruns this file

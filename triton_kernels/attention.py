@@ -45,15 +45,16 @@ mask broadcast over keys right: delta must be rowsum(P dP) for the P and dP the 
 things see to it: delta comes from out_acc (not the rounded out); with a gate, from the dO the dots read
 (dO' * sig rounded to q's dtype) times the ungated O (out_acc / sig); and the forward's P V takes P to
 ~16 bits as P_hi + P_lo (two tile GEMMs, configs.PRECISE_PV), not P rounded to 8 (bf16) / 11 (fp16) bits,
-whose error in delta (~2^-9 |dP|) alone put dq of repeated keys at the SPEC §4 bound (bf16 2.0e-3 vs 2e-3
-allowed, fp16 5.6e-4 vs 5e-4; 2.6e-6 / 4.8e-7 with the split; test_repeated_keys_keep_dq_zero_in_bf16).
+whose error in delta (~2^-9 |dP|) alone put dq of repeated keys at the bound of docs/CONTRACT.md §4
+(bf16 2.0e-3 vs 2e-3 allowed, fp16 5.6e-4 vs 5e-4; 2.6e-6 / 4.8e-7 with the split;
+test_repeated_keys_keep_dq_zero_in_bf16).
 The price is one more tile GEMM per key tile in the half-precision forward (3 instead of 2), not
 measured yet (no GPU).
 
 Offsets: batch / head offsets are int64; offsets inside one (batch, head) slice are int32, so one
 slice of q, k, v, out (L x row stride) and one (Lq x Lk) mask slice must stay below 2^31 elements.
 Head-dim rows: when head dims and strides are multiples of 16 bytes the launchers say so (ALIGN, see
-_aligned), so head dims such as 40, 72, 200 load as 16-byte vectors like multiples of 16 do. Tiles per
+assume_aligned), so head dims such as 40, 72, 200 load as 16-byte vectors like multiples of 16 do. Tiles per
 head dim and precision: configs.py.
 
 float32 inputs: tl.dot runs in exact fp32 ("ieee") by default, so results match torch's fp32 matmul;
@@ -66,61 +67,21 @@ import triton
 import triton.language as tl
 from ._compat import wrap_triton
 
+from fastattn import contract
+from fastattn.contract import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE
 from fastattn.ops import has_out_acc
 
 from . import configs as C
+from .common import align_elems, assume_aligned, assume_aligned3, cast_rne, dot_acc, dot_precision
 
-LOG2E: tl.constexpr = tl.constexpr(C.LOG2E)
-
-MASK_NONE, MASK_BOOL, MASK_BIAS = 0, 1, 2
-_INTERPRET: tl.constexpr = tl.constexpr(C.INTERPRET)
-
-
-@triton.jit
-def _dot(a, b, acc, DOT_PREC: tl.constexpr):
-    """acc + a @ b with fp32 accumulation. Triton 3.9's interpreter multiplies bfloat16 tiles as their
-    raw 16-bit patterns, so there (only) bfloat16 operands are widened first: exact products summed in
-    fp32, which is what the tensor cores compute. The branch is compiled out on a GPU."""
-    if _INTERPRET:
-        if a.dtype == tl.bfloat16:
-            a = a.to(tl.float32)
-        if b.dtype == tl.bfloat16:
-            b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=DOT_PREC)
-
-
-@triton.jit
-def _cvt(x, dtype: tl.constexpr):
-    """fp32 x in ``dtype``, rounded to nearest even as on a GPU. Triton 3.9's interpreter truncates
-    float32 -> bfloat16 (and its "rtne" mode neither carries nor ties to even): a bias that sums up over a
-    GEMM (P rounded for P V and P^T dO) and a one-ulp error in stored outputs, so under the interpreter
-    the rounding is done on the bits, as torch does. The branch is compiled out on a GPU."""
-    if _INTERPRET:
-        if dtype == tl.bfloat16:
-            bits = x.to(tl.uint32, bitcast=True)
-            r = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-            r = tl.where(x != x, 0x7FC0, r)  # NaN stays a (quiet) NaN
-            return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    return x.to(dtype)
+# The contract's constants (fastattn/contract.py), as constexprs the kernels may read.
+LOG2E: tl.constexpr = tl.constexpr(contract.LOG2E)
+MASK_NONE: tl.constexpr = tl.constexpr(contract.MASK_NONE)
+MASK_BOOL: tl.constexpr = tl.constexpr(contract.MASK_BOOL)
+MASK_BIAS: tl.constexpr = tl.constexpr(contract.MASK_BIAS)
 
 
 # ------------------------------------------------------------------------------------------ helpers
-@triton.jit
-def _aligned(x, ALIGN: tl.constexpr):
-    """x, which the launcher checked is a multiple of ALIGN, in a form the compiler can see is one. The
-    runtime marks only multiples of 16 elements; ALIGN = 16 bytes of elements (8 half, 4 float) extends
-    that to head dims such as 40, 72 or 200, so their rows still load as 16-byte vectors, and K / V / Q
-    tiles are staged in shared memory by cp.async instead of in registers (which spills). The // and *
-    by a power of two are two shifts; tl.multiple_of on a kernel argument does not reach triton 3.9's
-    alignment analysis."""
-    return x // ALIGN * ALIGN
-
-
-@triton.jit
-def _aligned3(a, b, c, ALIGN: tl.constexpr):
-    return _aligned(a, ALIGN), _aligned(b, ALIGN), _aligned(c, ALIGN)
-
-
 @triton.jit
 def _mask_scores(s, p_mask, i2, j2, Lq, Lk, stride_mi, stride_mj, causal_off,
                  MASK_KIND: tl.constexpr, CAUSAL_TILE: tl.constexpr):
@@ -130,10 +91,10 @@ def _mask_scores(s, p_mask, i2, j2, Lq, Lk, stride_mi, stride_mj, causal_off,
     ok = (i2 < Lq) & (j2 < Lk)
     if CAUSAL_TILE:
         ok = ok & (j2 <= i2 + causal_off)
-    if MASK_KIND == 1:
+    if MASK_KIND == MASK_BOOL:
         keep = tl.load(p_mask + i2 * stride_mi + j2 * stride_mj, mask=ok, other=0)
         ok = ok & (keep != 0)
-    if MASK_KIND == 2:
+    if MASK_KIND == MASK_BIAS:
         bias = tl.load(p_mask + i2 * stride_mi + j2 * stride_mj, mask=ok, other=0.0).to(tl.float32)
         s = s + bias * LOG2E
     return tl.where(ok, s, float("-inf"))
@@ -151,7 +112,7 @@ def _causal_bounds_q(start_m, Lk, causal_off, BLOCK_M: tl.constexpr, BLOCK_N: tl
 # ------------------------------------------------------------------------------------------ forward
 @triton.jit
 def _fwd_tiles(acc, l_i, m_i, q, p_k, p_v, p_mask, offs_m, offs_d, offs_dv, lo, hi,
-               Lq, Lk, D, Dv, stride_kn, stride_vn, stride_mi, stride_mj, qk_scale, causal_off,
+               Lq, Lk, D, Dv, stride_kn, stride_vn, stride_mi, stride_mj, scale_log2, causal_off,
                MASK_KIND: tl.constexpr, CAUSAL_TILE: tl.constexpr, SPLIT_P: tl.constexpr, BLOCK_N: tl.constexpr,
                DOT_PREC: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
@@ -159,7 +120,7 @@ def _fwd_tiles(acc, l_i, m_i, q, p_k, p_v, p_mask, offs_m, offs_d, offs_dv, lo, 
         # -- scores S = Q K^T, in log2 units   [BLOCK_M, BLOCK_N]
         kT = tl.load(p_k + offs_n[None, :] * stride_kn + offs_d[:, None],
                      mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < D), other=0.0)     # [BLOCK_D, BLOCK_N]
-        s = _dot(q, kT, None, DOT_PREC) * qk_scale
+        s = dot_acc(q, kT, None, DOT_PREC) * scale_log2
         s = _mask_scores(s, p_mask, offs_m[:, None], offs_n[None, :], Lq, Lk, stride_mi, stride_mj,
                          causal_off, MASK_KIND, CAUSAL_TILE)
         # -- online softmax update (a row with no allowed key so far keeps m = -inf, p = 0)
@@ -172,10 +133,10 @@ def _fwd_tiles(acc, l_i, m_i, q, p_k, p_v, p_mask, offs_m, offs_d, offs_dv, lo, 
         # -- O += P V   [BLOCK_M, BLOCK_DV]
         v = tl.load(p_v + offs_n[:, None] * stride_vn + offs_dv[None, :],
                     mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < Dv), other=0.0)    # [BLOCK_N, BLOCK_DV]
-        p_hi = _cvt(p, v.dtype)
-        acc = _dot(p_hi, v, acc * corr[:, None], DOT_PREC)
+        p_hi = cast_rne(p, v.dtype)
+        acc = dot_acc(p_hi, v, acc * corr[:, None], DOT_PREC)
         if SPLIT_P:  # + (P - P_hi) V: P to ~16 bits, not 8 (bf16) / 11 (fp16); see the module docstring
-            acc = _dot(_cvt(p - p_hi.to(tl.float32), v.dtype), v, acc, DOT_PREC)
+            acc = dot_acc(cast_rne(p - p_hi.to(tl.float32), v.dtype), v, acc, DOT_PREC)
     return acc, l_i, m_i
 
 
@@ -186,16 +147,16 @@ def _fwd_tiles(acc, l_i, m_i, q, p_k, p_v, p_mask, offs_m, offs_d, offs_dv, lo, 
 def _attn_fwd(Q, K, V, MASK, GATE, OUT, LSE, OUT_ACC,
               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
               stride_mb, stride_mh, stride_mi, stride_mj, stride_gb, stride_gh, stride_gi, stride_gc,
-              Hq, GROUP, Lq, Lk, D, Dv, qk_scale, causal_off, LQ_KEY, LK_KEY,
+              Hq, GROUP, Lq, Lk, D, Dv, scale_log2, causal_off, LQ_KEY, LK_KEY,
               MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_GATE: tl.constexpr, STORE_ACC: tl.constexpr,
               SPLIT_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr,
               ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # torch.compile types a Python float argument fp64 (triton's launcher: fp32): the math stays fp32
-    qk_scale = tl.cast(qk_scale, tl.float32)
-    D, Dv = _aligned(D, ALIGN), _aligned(Dv, ALIGN)
-    stride_qb, stride_qh, stride_qm = _aligned3(stride_qb, stride_qh, stride_qm, ALIGN)
-    stride_kb, stride_kh, stride_kn = _aligned3(stride_kb, stride_kh, stride_kn, ALIGN)
-    stride_vb, stride_vh, stride_vn = _aligned3(stride_vb, stride_vh, stride_vn, ALIGN)
+    scale_log2 = tl.cast(scale_log2, tl.float32)
+    D, Dv = assume_aligned(D, ALIGN), assume_aligned(Dv, ALIGN)
+    stride_qb, stride_qh, stride_qm = assume_aligned3(stride_qb, stride_qh, stride_qm, ALIGN)
+    stride_kb, stride_kh, stride_kn = assume_aligned3(stride_kb, stride_kh, stride_kn, ALIGN)
+    stride_vb, stride_vh, stride_vn = assume_aligned3(stride_vb, stride_vh, stride_vn, ALIGN)
     pid_m = tl.program_id(0)
     if CAUSAL:  # heaviest query tiles (most keys) first: better tail balance
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -222,14 +183,14 @@ def _attn_fwd(Q, K, V, MASK, GATE, OUT, LSE, OUT_ACC,
     if CAUSAL:
         mid, hi = _causal_bounds_q(start_m, Lk, causal_off, BLOCK_M, BLOCK_N)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, p_k, p_v, p_mask, offs_m, offs_d, offs_dv, 0, mid,
-                                   Lq, Lk, D, Dv, stride_kn, stride_vn, stride_mi, stride_mj, qk_scale, causal_off,
+                                   Lq, Lk, D, Dv, stride_kn, stride_vn, stride_mi, stride_mj, scale_log2, causal_off,
                                    MASK_KIND, False, SPLIT_P, BLOCK_N, DOT_PREC)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, p_k, p_v, p_mask, offs_m, offs_d, offs_dv, mid, hi,
-                                   Lq, Lk, D, Dv, stride_kn, stride_vn, stride_mi, stride_mj, qk_scale, causal_off,
+                                   Lq, Lk, D, Dv, stride_kn, stride_vn, stride_mi, stride_mj, scale_log2, causal_off,
                                    MASK_KIND, True, SPLIT_P, BLOCK_N, DOT_PREC)
     else:
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, p_k, p_v, p_mask, offs_m, offs_d, offs_dv, 0, Lk,
-                                   Lq, Lk, D, Dv, stride_kn, stride_vn, stride_mi, stride_mj, qk_scale, causal_off,
+                                   Lq, Lk, D, Dv, stride_kn, stride_vn, stride_mi, stride_mj, scale_log2, causal_off,
                                    MASK_KIND, False, SPLIT_P, BLOCK_N, DOT_PREC)
 
     # -- epilogue: normalise, lse (log2 units), output gate; empty rows give 0 and -inf
@@ -245,7 +206,7 @@ def _attn_fwd(Q, K, V, MASK, GATE, OUT, LSE, OUT_ACC,
         o = o * tl.sigmoid(g)
     row0 = pid_bh.to(tl.int64) * Lq
     p_o = (row0 + offs_m[:, None]) * Dv + offs_dv[None, :]
-    tl.store(OUT + p_o, _cvt(o, OUT.dtype.element_ty), mask=m_o)
+    tl.store(OUT + p_o, cast_rne(o, OUT.dtype.element_ty), mask=m_o)
     if STORE_ACC:  # half inputs: the fp32 tile just rounded into OUT, for the backward's delta
         tl.store(OUT_ACC + p_o, o, mask=m_o)
     tl.store(LSE + row0 + offs_m, lse, mask=m_row)
@@ -258,8 +219,8 @@ def _attn_bwd_prep(OUT, DOUT, GATE, DLSE, LSE, DELTA, DO_GATED, DGATE,
                    Hq, Lq, Dv,
                    HAS_GATE: tl.constexpr, HAS_DLSE: tl.constexpr, ROUNDED_DO: tl.constexpr,
                    HEADWISE: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
-    Dv = _aligned(Dv, ALIGN)
-    stride_db, stride_dh, stride_dm = _aligned3(stride_db, stride_dh, stride_dm, ALIGN)
+    Dv = assume_aligned(Dv, ALIGN)
+    stride_db, stride_dh, stride_dm = assume_aligned3(stride_db, stride_dh, stride_dm, ALIGN)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hq).to(tl.int64)
@@ -284,7 +245,7 @@ def _attn_bwd_prep(OUT, DOUT, GATE, DLSE, LSE, DELTA, DO_GATED, DGATE,
         # a row with no allowed key passes no gradient to v, even through a NaN gate (P = 0, but 0 * NaN
         # inside the dV dot would be NaN)
         empty = tl.load(LSE + row0 + offs_m, mask=m_row, other=0.0) == float("-inf")
-        do_g = _cvt(tl.where(empty[:, None], 0.0, do * sig), DO_GATED.dtype.element_ty)
+        do_g = cast_rne(tl.where(empty[:, None], 0.0, do * sig), DO_GATED.dtype.element_ty)
         tl.store(DO_GATED + p_row, do_g, mask=m_o)
         if ROUNDED_DO:  # O = O' / sig (where sig = 0, dO is 0 too and the term is 0)
             delta = tl.sum(tl.where(sig == 0.0, 0.0, do_g.to(tl.float32) * (o / sig)), 1)
@@ -298,16 +259,16 @@ def _attn_bwd_prep(OUT, DOUT, GATE, DLSE, LSE, DELTA, DO_GATED, DGATE,
     if HAS_GATE:
         dg = do * o * (1.0 - sig)
         if HEADWISE:  # one logit per row (DGATE is (B, Hq, Lq, 1)): its gradient is the row's fp32 sum
-            tl.store(DGATE + row0 + offs_m, _cvt(tl.sum(tl.where(m_o, dg, 0.0), 1), DGATE.dtype.element_ty),
+            tl.store(DGATE + row0 + offs_m, cast_rne(tl.sum(tl.where(m_o, dg, 0.0), 1), DGATE.dtype.element_ty),
                      mask=m_row)
         else:
-            tl.store(DGATE + p_row, _cvt(dg, DGATE.dtype.element_ty), mask=m_o)
+            tl.store(DGATE + p_row, cast_rne(dg, DGATE.dtype.element_ty), mask=m_o)
 
 
 @triton.jit
 def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, b, h0, GROUP, Hq, offs_n, offs_d, offs_dv, lo, hi,
                 Lq, Lk, D, Dv, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom,
-                stride_mb, stride_mh, stride_mi, stride_mj, qk_scale, causal_off,
+                stride_mb, stride_mh, stride_mi, stride_mj, scale_log2, causal_off,
                 MASK_KIND: tl.constexpr, CAUSAL_TILE: tl.constexpr, BLOCK_M: tl.constexpr,
                 DOT_PREC: tl.constexpr):
     # Transposed orientation (keys along rows): the tiles dK += dS^T Q and dV += P^T dO need no transposes.
@@ -335,18 +296,18 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, b, h0, GROUP, Hq, offs_n,
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse)  # empty row -> P = 0
         delta = tl.load(p_delta + offs_m, mask=m_row, other=0.0)
         # -- recompute P^T = 2^(S^T - lse2)   [BLOCK_N, BLOCK_M]
-        sT = _dot(k, qT, None, DOT_PREC) * qk_scale
+        sT = dot_acc(k, qT, None, DOT_PREC) * scale_log2
         sT = _mask_scores(sT, p_mask, offs_m[None, :], offs_n[:, None], Lq, Lk, stride_mi, stride_mj,
                           causal_off, MASK_KIND, CAUSAL_TILE)
         # masked keys (-inf) get P = 0 and dS = 0 even in a row that a NaN reached (NaN lse / delta)
         pT = tl.where(sT == float("-inf"), 0.0, tl.math.exp2(sT - lse2[None, :]))
         # -- dV += P^T dO
-        dv = _dot(_cvt(pT, do.dtype), do, dv, DOT_PREC)
+        dv = dot_acc(cast_rne(pT, do.dtype), do, dv, DOT_PREC)
         # -- dP^T = V dO^T, dS^T = P^T * (dP^T - delta)
-        dpT = _dot(v, tl.trans(do), None, DOT_PREC)
+        dpT = dot_acc(v, tl.trans(do), None, DOT_PREC)
         dsT = tl.where(sT == float("-inf"), 0.0, pT * (dpT - delta[None, :]))
         # -- dK += dS^T Q (scale applied once at the end)
-        dk = _dot(_cvt(dsT, qT.dtype), tl.trans(qT), dk, DOT_PREC)
+        dk = dot_acc(cast_rne(dsT, qT.dtype), tl.trans(qT), dk, DOT_PREC)
     return dk, dv
 
 
@@ -356,17 +317,17 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, b, h0, GROUP, Hq, offs_n,
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, MASK, DK, DV,
                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                    stride_dob, stride_doh, stride_dom, stride_mb, stride_mh, stride_mi, stride_mj,
-                   Hq, Hkv, GROUP, Lq, Lk, D, Dv, scale, qk_scale, causal_off, LQ_KEY, LK_KEY,
+                   Hq, Hkv, GROUP, Lq, Lk, D, Dv, scale, scale_log2, causal_off, LQ_KEY, LK_KEY,
                    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr, ALIGN: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     scale = tl.cast(scale, tl.float32)
-    qk_scale = tl.cast(qk_scale, tl.float32)  # fp32 under torch.compile too (see _attn_fwd)
-    D, Dv = _aligned(D, ALIGN), _aligned(Dv, ALIGN)
-    stride_qb, stride_qh, stride_qm = _aligned3(stride_qb, stride_qh, stride_qm, ALIGN)
-    stride_kb, stride_kh, stride_kn = _aligned3(stride_kb, stride_kh, stride_kn, ALIGN)
-    stride_vb, stride_vh, stride_vn = _aligned3(stride_vb, stride_vh, stride_vn, ALIGN)
-    stride_dob, stride_doh, stride_dom = _aligned3(stride_dob, stride_doh, stride_dom, ALIGN)
+    scale_log2 = tl.cast(scale_log2, tl.float32)  # fp32 under torch.compile too (see _attn_fwd)
+    D, Dv = assume_aligned(D, ALIGN), assume_aligned(Dv, ALIGN)
+    stride_qb, stride_qh, stride_qm = assume_aligned3(stride_qb, stride_qh, stride_qm, ALIGN)
+    stride_kb, stride_kh, stride_kn = assume_aligned3(stride_kb, stride_kh, stride_kn, ALIGN)
+    stride_vb, stride_vh, stride_vn = assume_aligned3(stride_vb, stride_vh, stride_vn, ALIGN)
+    stride_dob, stride_doh, stride_dom = assume_aligned3(stride_dob, stride_doh, stride_dom, ALIGN)
     pid_n = tl.program_id(0)
     pid_bk = tl.program_id(1)
     b = (pid_bk // Hkv).to(tl.int64)
@@ -393,28 +354,28 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, MASK, DK, DV,
     if CAUSAL:
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, b, hk * GROUP, GROUP, Hq, offs_n, offs_d,
                              offs_dv, lo, mid, Lq, Lk, D, Dv, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh,
-                             stride_dom, stride_mb, stride_mh, stride_mi, stride_mj, qk_scale, causal_off,
+                             stride_dom, stride_mb, stride_mh, stride_mi, stride_mj, scale_log2, causal_off,
                              MASK_KIND, True, BLOCK_M, DOT_PREC)
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, b, hk * GROUP, GROUP, Hq, offs_n, offs_d,
                              offs_dv, mid, Lq, Lq, Lk, D, Dv, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh,
-                             stride_dom, stride_mb, stride_mh, stride_mi, stride_mj, qk_scale, causal_off,
+                             stride_dom, stride_mb, stride_mh, stride_mi, stride_mj, scale_log2, causal_off,
                              MASK_KIND, False, BLOCK_M, DOT_PREC)
     else:
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, b, hk * GROUP, GROUP, Hq, offs_n, offs_d,
                              offs_dv, 0, Lq, Lq, Lk, D, Dv, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh,
-                             stride_dom, stride_mb, stride_mh, stride_mi, stride_mj, qk_scale, causal_off,
+                             stride_dom, stride_mb, stride_mh, stride_mi, stride_mj, scale_log2, causal_off,
                              MASK_KIND, False, BLOCK_M, DOT_PREC)
 
     kv_row0 = pid_bk.to(tl.int64) * Lk
     m_k = m_key[:, None] & (offs_d[None, :] < D)
     m_v = m_key[:, None] & (offs_dv[None, :] < Dv)
-    tl.store(DK + (kv_row0 + offs_n[:, None]) * D + offs_d[None, :], _cvt(dk * scale, DK.dtype.element_ty), mask=m_k)
-    tl.store(DV + (kv_row0 + offs_n[:, None]) * Dv + offs_dv[None, :], _cvt(dv, DV.dtype.element_ty), mask=m_v)
+    tl.store(DK + (kv_row0 + offs_n[:, None]) * D + offs_d[None, :], cast_rne(dk * scale, DK.dtype.element_ty), mask=m_k)
+    tl.store(DV + (kv_row0 + offs_n[:, None]) * Dv + offs_dv[None, :], cast_rne(dv, DV.dtype.element_ty), mask=m_v)
 
 
 @triton.jit
 def _dq_tiles(dq, q, do, lse2, delta, p_k, p_v, p_mask, p_dmask, offs_m, offs_d, offs_dv, lo, hi,
-              Lq, Lk, D, Dv, stride_kn, stride_vn, stride_mi, stride_mj, qk_scale, causal_off,
+              Lq, Lk, D, Dv, stride_kn, stride_vn, stride_mi, stride_mj, scale_log2, causal_off,
               MASK_KIND: tl.constexpr, CAUSAL_TILE: tl.constexpr, NEED_DMASK: tl.constexpr,
               BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
@@ -425,18 +386,18 @@ def _dq_tiles(dq, q, do, lse2, delta, p_k, p_v, p_mask, p_dmask, offs_m, offs_d,
         vT = tl.load(p_v + offs_n[None, :] * stride_vn + offs_dv[:, None],
                      mask=m_key[None, :] & (offs_dv[:, None] < Dv), other=0.0)           # [BLOCK_DV, BLOCK_N]
         # -- recompute P   [BLOCK_M, BLOCK_N]
-        s = _dot(q, kT, None, DOT_PREC) * qk_scale
+        s = dot_acc(q, kT, None, DOT_PREC) * scale_log2
         s = _mask_scores(s, p_mask, offs_m[:, None], offs_n[None, :], Lq, Lk, stride_mi, stride_mj,
                          causal_off, MASK_KIND, CAUSAL_TILE)
         p = tl.where(s == float("-inf"), 0.0, tl.math.exp2(s - lse2[:, None]))  # as in _dkdv_tiles
         # -- dP = dO V^T, dS = P * (dP - delta)
-        dp = _dot(do, vT, None, DOT_PREC)
+        dp = dot_acc(do, vT, None, DOT_PREC)
         ds = tl.where(s == float("-inf"), 0.0, p * (dp - delta[:, None]))
         if NEED_DMASK:  # dL/d(bias) = dS (the bias enters the scores with weight 1)
-            tl.store(p_dmask + offs_m[:, None] * Lk + offs_n[None, :], _cvt(ds, p_dmask.dtype.element_ty),
+            tl.store(p_dmask + offs_m[:, None] * Lk + offs_n[None, :], cast_rne(ds, p_dmask.dtype.element_ty),
                      mask=(offs_m[:, None] < Lq) & m_key[None, :])
         # -- dQ += dS K
-        dq = _dot(_cvt(ds, kT.dtype), tl.trans(kT), dq, DOT_PREC)
+        dq = dot_acc(cast_rne(ds, kT.dtype), tl.trans(kT), dq, DOT_PREC)
     return dq
 
 
@@ -447,17 +408,17 @@ def _dq_tiles(dq, q, do, lse2, delta, p_k, p_v, p_mask, p_dmask, offs_m, offs_d,
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, MASK, DQ, DMASK,
                  stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                  stride_dob, stride_doh, stride_dom, stride_mb, stride_mh, stride_mi, stride_mj,
-                 Hq, GROUP, Lq, Lk, D, Dv, scale, qk_scale, causal_off, LQ_KEY, LK_KEY,
+                 Hq, GROUP, Lq, Lk, D, Dv, scale, scale_log2, causal_off, LQ_KEY, LK_KEY,
                  MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, NEED_DMASK: tl.constexpr,
                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr, ALIGN: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     scale = tl.cast(scale, tl.float32)
-    qk_scale = tl.cast(qk_scale, tl.float32)  # fp32 under torch.compile too (see _attn_fwd)
-    D, Dv = _aligned(D, ALIGN), _aligned(Dv, ALIGN)
-    stride_qb, stride_qh, stride_qm = _aligned3(stride_qb, stride_qh, stride_qm, ALIGN)
-    stride_kb, stride_kh, stride_kn = _aligned3(stride_kb, stride_kh, stride_kn, ALIGN)
-    stride_vb, stride_vh, stride_vn = _aligned3(stride_vb, stride_vh, stride_vn, ALIGN)
-    stride_dob, stride_doh, stride_dom = _aligned3(stride_dob, stride_doh, stride_dom, ALIGN)
+    scale_log2 = tl.cast(scale_log2, tl.float32)  # fp32 under torch.compile too (see _attn_fwd)
+    D, Dv = assume_aligned(D, ALIGN), assume_aligned(Dv, ALIGN)
+    stride_qb, stride_qh, stride_qm = assume_aligned3(stride_qb, stride_qh, stride_qm, ALIGN)
+    stride_kb, stride_kh, stride_kn = assume_aligned3(stride_kb, stride_kh, stride_kn, ALIGN)
+    stride_vb, stride_vh, stride_vn = assume_aligned3(stride_vb, stride_vh, stride_vn, ALIGN)
+    stride_dob, stride_doh, stride_dom = assume_aligned3(stride_dob, stride_doh, stride_dom, ALIGN)
     pid_m = tl.program_id(0)
     if CAUSAL:
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -488,16 +449,16 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, MASK, DQ, DMASK,
     if CAUSAL:
         mid, hi = _causal_bounds_q(start_m, Lk, causal_off, BLOCK_M, BLOCK_N)
         dq = _dq_tiles(dq, q, do, lse2, delta, p_k, p_v, p_mask, p_dmask, offs_m, offs_d, offs_dv, 0, mid,
-                       Lq, Lk, D, Dv, stride_kn, stride_vn, stride_mi, stride_mj, qk_scale, causal_off,
+                       Lq, Lk, D, Dv, stride_kn, stride_vn, stride_mi, stride_mj, scale_log2, causal_off,
                        MASK_KIND, False, NEED_DMASK, BLOCK_N, DOT_PREC)
         dq = _dq_tiles(dq, q, do, lse2, delta, p_k, p_v, p_mask, p_dmask, offs_m, offs_d, offs_dv, mid, hi,
-                       Lq, Lk, D, Dv, stride_kn, stride_vn, stride_mi, stride_mj, qk_scale, causal_off,
+                       Lq, Lk, D, Dv, stride_kn, stride_vn, stride_mi, stride_mj, scale_log2, causal_off,
                        MASK_KIND, True, NEED_DMASK, BLOCK_N, DOT_PREC)
     else:
         dq = _dq_tiles(dq, q, do, lse2, delta, p_k, p_v, p_mask, p_dmask, offs_m, offs_d, offs_dv, 0, Lk,
-                       Lq, Lk, D, Dv, stride_kn, stride_vn, stride_mi, stride_mj, qk_scale, causal_off,
+                       Lq, Lk, D, Dv, stride_kn, stride_vn, stride_mi, stride_mj, scale_log2, causal_off,
                        MASK_KIND, False, NEED_DMASK, BLOCK_N, DOT_PREC)
-    tl.store(DQ + (row0 + offs_m[:, None]) * D + offs_d[None, :], _cvt(dq * scale, DQ.dtype.element_ty),
+    tl.store(DQ + (row0 + offs_m[:, None]) * D + offs_d[None, :], cast_rne(dq * scale, DQ.dtype.element_ty),
              mask=m_row[:, None] & (offs_d[None, :] < D))
 
 
@@ -526,14 +487,14 @@ def _load_kv_t(p_k, p_v, offs_n, offs_d, offs_dv, Lk, D, Dv, stride_kn, stride_v
 
 
 @triton.jit
-def _dmask_tile(acc, q, do, lse2, delta, kT, vT, p_mask, offs_m, offs_n, Lq, Lk, stride_mi, stride_mj, qk_scale,
+def _dmask_tile(acc, q, do, lse2, delta, kT, vT, p_mask, offs_m, offs_n, Lq, Lk, stride_mi, stride_mj, scale_log2,
                 causal_off, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr):
     """acc + dS of one (query tile, key tile), computed exactly as in _dq_tiles (0 where masked)."""
-    s = _dot(q, kT, None, DOT_PREC) * qk_scale
+    s = dot_acc(q, kT, None, DOT_PREC) * scale_log2
     s = _mask_scores(s, p_mask, offs_m[:, None], offs_n[None, :], Lq, Lk, stride_mi, stride_mj,
                      causal_off, 2, CAUSAL)
     p = tl.where(s == float("-inf"), 0.0, tl.math.exp2(s - lse2[:, None]))
-    dp = _dot(do, vT, None, DOT_PREC)
+    dp = dot_acc(do, vT, None, DOT_PREC)
     return acc + tl.where(s == float("-inf"), 0.0, p * (dp - delta[:, None]))
 
 
@@ -545,7 +506,7 @@ def _attn_bwd_dmask(Q, K, V, DO, LSE, DELTA, MASK, DMASK,
                     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                     stride_dob, stride_doh, stride_dom, stride_mb, stride_mh, stride_mi, stride_mj,
                     stride_db, stride_dh, stride_di,
-                    Hq, GROUP, Lq, Lk, D, Dv, qk_scale, causal_off, HM, LKM, NB, NH, LQ_KEY, LK_KEY,
+                    Hq, GROUP, Lq, Lk, D, Dv, scale_log2, causal_off, HM, LKM, NB, NH, LQ_KEY, LK_KEY,
                     CAUSAL: tl.constexpr, BCAST_Q: tl.constexpr, BCAST_K: tl.constexpr,
                     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr, ALIGN: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -554,12 +515,12 @@ def _attn_bwd_dmask(Q, K, V, DO, LSE, DELTA, MASK, DMASK,
     dS over the NB batch items b' + [0, NB) and NH heads h' + [0, NH) that read it (NB = B when B' = 1, else
     1; NH likewise), over all query tiles when BCAST_Q (Lq' = 1 < Lq) and all key tiles when BCAST_K
     (Lk' = 1 < Lk), in one fp32 register tile, in a fixed order; one store at the end."""
-    qk_scale = tl.cast(qk_scale, tl.float32)  # fp32 under torch.compile too (see _attn_fwd)
-    D, Dv = _aligned(D, ALIGN), _aligned(Dv, ALIGN)
-    stride_qb, stride_qh, stride_qm = _aligned3(stride_qb, stride_qh, stride_qm, ALIGN)
-    stride_kb, stride_kh, stride_kn = _aligned3(stride_kb, stride_kh, stride_kn, ALIGN)
-    stride_vb, stride_vh, stride_vn = _aligned3(stride_vb, stride_vh, stride_vn, ALIGN)
-    stride_dob, stride_doh, stride_dom = _aligned3(stride_dob, stride_doh, stride_dom, ALIGN)
+    scale_log2 = tl.cast(scale_log2, tl.float32)  # fp32 under torch.compile too (see _attn_fwd)
+    D, Dv = assume_aligned(D, ALIGN), assume_aligned(Dv, ALIGN)
+    stride_qb, stride_qh, stride_qm = assume_aligned3(stride_qb, stride_qh, stride_qm, ALIGN)
+    stride_kb, stride_kh, stride_kn = assume_aligned3(stride_kb, stride_kh, stride_kn, ALIGN)
+    stride_vb, stride_vh, stride_vn = assume_aligned3(stride_vb, stride_vh, stride_vn, ALIGN)
+    stride_dob, stride_doh, stride_dom = assume_aligned3(stride_dob, stride_doh, stride_dom, ALIGN)
     n_tiles_k = tl.cdiv(LKM, BLOCK_N)
     pid_m = tl.program_id(0) // n_tiles_k
     pid_n = tl.program_id(0) % n_tiles_k
@@ -605,7 +566,7 @@ def _attn_bwd_dmask(Q, K, V, DO, LSE, DELTA, MASK, DMASK,
                     q, do, lse2, delta = _load_rows(p_q, p_do, LSE + row0, DELTA + row0, offs_m, offs_d, offs_dv,
                                                     Lq, D, Dv, stride_qm, stride_dom)
                     acc = _dmask_tile(acc, q, do, lse2, delta, kT, vT, p_mask, offs_m, offs_n, Lq, Lk,
-                                      stride_mi, stride_mj, qk_scale, causal_off, CAUSAL, DOT_PREC)
+                                      stride_mi, stride_mj, scale_log2, causal_off, CAUSAL, DOT_PREC)
             else:
                 for start_m in range(m_lo, m_hi, BLOCK_M):
                     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -619,42 +580,27 @@ def _attn_bwd_dmask(Q, K, V, DO, LSE, DELTA, MASK, DMASK,
                         offs_n = start_n + tl.arange(0, BLOCK_N)
                         kT, vT = _load_kv_t(p_k, p_v, offs_n, offs_d, offs_dv, Lk, D, Dv, stride_kn, stride_vn)
                         acc = _dmask_tile(acc, q, do, lse2, delta, kT, vT, p_mask, offs_m, offs_n, Lq, Lk,
-                                          stride_mi, stride_mj, qk_scale, causal_off, CAUSAL, DOT_PREC)
+                                          stride_mi, stride_mj, scale_log2, causal_off, CAUSAL, DOT_PREC)
 
     # -- reduce over the broadcast query / key axis, round once, store the program's own entries
     p_out = DMASK + bm.to(tl.int64) * stride_db + hm.to(tl.int64) * stride_dh
     if BCAST_Q and BCAST_K:
         total = tl.sum(tl.sum(acc, 1), 0)
-        tl.store(p_out, _cvt(total, DMASK.dtype.element_ty))
+        tl.store(p_out, cast_rne(total, DMASK.dtype.element_ty))
     elif BCAST_Q:
         offs_n = n_lo + tl.arange(0, BLOCK_N)
-        tl.store(p_out + offs_n, _cvt(tl.sum(acc, 0), DMASK.dtype.element_ty), mask=offs_n < Lk)
+        tl.store(p_out + offs_n, cast_rne(tl.sum(acc, 0), DMASK.dtype.element_ty), mask=offs_n < Lk)
     elif BCAST_K:
         offs_m = m_lo + tl.arange(0, BLOCK_M)
-        tl.store(p_out + offs_m * stride_di, _cvt(tl.sum(acc, 1), DMASK.dtype.element_ty), mask=offs_m < Lq)
+        tl.store(p_out + offs_m * stride_di, cast_rne(tl.sum(acc, 1), DMASK.dtype.element_ty), mask=offs_m < Lq)
     else:
         offs_m = m_lo + tl.arange(0, BLOCK_M)
         offs_n = n_lo + tl.arange(0, BLOCK_N)
-        tl.store(p_out + offs_m[:, None] * stride_di + offs_n[None, :], _cvt(acc, DMASK.dtype.element_ty),
+        tl.store(p_out + offs_m[:, None] * stride_di + offs_n[None, :], cast_rne(acc, DMASK.dtype.element_ty),
                  mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk))
 
 
 # ---------------------------------------------------------------------------------------- launchers
-def _dot_precision(dtype):
-    """Exact fp32 dots for float32 unless torch itself allows TF32 matmuls (documented above)."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"  # float16 / bfloat16 operands: tensor cores, fp32 accumulation (the flag is moot)
-
-
-def _align(dtype, dims, *tensors):
-    """ALIGN of the kernels (see _aligned): 16 bytes of ``dtype`` elements when the head dims and every
-    stride but the last of ``tensors`` are multiples of it (a size-1 dim's stride is never used), else 1."""
-    a = 16 // dtype.itemsize
-    vals = list(dims) + [st for t in tensors for n, st in zip(t.shape[:-1], t.stride()[:-1]) if n != 1]
-    return a if all(v % a == 0 for v in vals) else 1
-
-
 def _gate_strides(gate):
     """A headwise (B, Hq, Lq, 1) gate is read with stride 0 over Dv."""
     st = tuple(gate.stride())
@@ -683,7 +629,7 @@ def _check(q, k, v, mask, gate, causal):
     if gate is not None and tuple(gate.shape) not in ((B, Hq, Lq, v.shape[3]), (B, Hq, Lq, 1)):
         raise ValueError(f"triton_attention: gate must be {(B, Hq, Lq, v.shape[3])} or headwise {(B, Hq, Lq, 1)}, "
                          f"got {tuple(gate.shape)}")
-    if causal not in (0, 1, 2):
+    if causal not in (contract.CAUSAL_NONE, contract.CAUSAL_TOP_LEFT, contract.CAUSAL_BOTTOM_RIGHT):
         raise ValueError(f"triton_attention: causal must be 0, 1 or 2, got {causal}")
 
 
@@ -692,13 +638,13 @@ def _mask_args(mask, q):
     dtype view would stop Inductor from lowering the op), a float mask in q's dtype. A size-1 dim gets
     stride 0: the kernels index it with every b, h, i or j of the scores (broadcast)."""
     if mask is None:
-        return MASK_NONE, q, (0, 0, 0, 0)
+        return contract.MASK_NONE, q, (0, 0, 0, 0)
     strides = tuple(0 if n == 1 else st for n, st in zip(mask.shape, mask.stride()))
     if mask.dtype == torch.bool:
-        return MASK_BOOL, mask, strides
+        return contract.MASK_BOOL, mask, strides
     if mask.dtype != q.dtype:
         raise TypeError(f"triton_attention: a float mask must have q's dtype {q.dtype}, got {mask.dtype}")
-    return MASK_BIAS, mask, strides
+    return contract.MASK_BIAS, mask, strides
 
 
 def attention_fwd(q, k, v, mask, gate, scale, causal, need_acc=True):
@@ -719,12 +665,12 @@ def attention_fwd(q, k, v, mask, gate, scale, causal, need_acc=True):
         q, k, v, mask_t, gate_t, out, lse, out_acc if store_acc else out,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), *ms, *gs,
-        Hq, Hq // Hkv, Lq, Lk, D, Dv, scale * C.LOG2E, Lk - Lq if causal == 2 else 0,
+        Hq, Hq // Hkv, Lq, Lk, D, Dv, scale * contract.LOG2E, Lk - Lq if causal == CAUSAL_BOTTOM_RIGHT else 0,
         C.length_key(Lq), C.length_key(Lk),
-        MASK_KIND=mask_kind, CAUSAL=causal != 0, HAS_GATE=gate is not None, STORE_ACC=store_acc,
+        MASK_KIND=mask_kind, CAUSAL=causal != CAUSAL_NONE, HAS_GATE=gate is not None, STORE_ACC=store_acc,
         SPLIT_P=store_acc and C.PRECISE_PV,
-        BLOCK_D=C.head_block(D), BLOCK_DV=C.head_block(Dv), DOT_PREC=_dot_precision(q.dtype),
-        ALIGN=_align(q.dtype, (D, Dv), q, k, v))
+        BLOCK_D=C.head_block(D), BLOCK_DV=C.head_block(Dv), DOT_PREC=dot_precision(q.dtype),
+        ALIGN=align_elems(q.dtype, (D, Dv), q, k, v))
     return out, lse, out_acc
 
 
@@ -733,7 +679,7 @@ def attention_bwd(dout, q, k, v, out, lse, mask, gate, dlse, scale, causal, need
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     mask_kind, mask_t, ms = _mask_args(mask, q)
-    if need_dmask and mask_kind != MASK_BIAS:
+    if need_dmask and mask_kind != contract.MASK_BIAS:
         raise ValueError("triton_attention_bwd: need_dmask requires a float mask")
     dev = q.device
     if dout.stride(-1) != 1:
@@ -757,7 +703,7 @@ def attention_bwd(dout, q, k, v, out, lse, mask, gate, dlse, scale, causal, need
         out, dout, gate_t, dlse_t, lse, delta, do_gated, dgate if gate is not None else delta,
         dout.stride(0), dout.stride(1), dout.stride(2), *gs, Hq, Lq, Dv,
         HAS_GATE=gate is not None, HAS_DLSE=dlse is not None, ROUNDED_DO=q.dtype != torch.float32,
-        HEADWISE=gate is not None and gate.shape[3] == 1 and Dv != 1, ALIGN=_align(q.dtype, (Dv,), dout),
+        HEADWISE=gate is not None and gate.shape[3] == 1 and Dv != 1, ALIGN=align_elems(q.dtype, (Dv,), dout),
         BLOCK_M=prep_m, BLOCK_DV=C.head_block(Dv))
     do, ds_ = (do_gated, tuple(do_gated.stride())) if gate is not None else (dout, tuple(dout.stride()))
 
@@ -773,19 +719,19 @@ def attention_bwd(dout, q, k, v, out, lse, mask, gate, dlse, scale, causal, need
         dmask = torch.empty(tuple(mask.shape), dtype=mask.dtype, device=dev)  # every entry written once
     else:
         dmask = torch.zeros((B, Hq, Lq, Lk), dtype=mask.dtype, device=dev)
-    common = dict(MASK_KIND=mask_kind, CAUSAL=causal != 0, BLOCK_D=C.head_block(D), BLOCK_DV=C.head_block(Dv),
-                  DOT_PREC=_dot_precision(q.dtype), ALIGN=_align(q.dtype, (D, Dv), q, k, v, do))
+    common = dict(MASK_KIND=mask_kind, CAUSAL=causal != CAUSAL_NONE, BLOCK_D=C.head_block(D), BLOCK_DV=C.head_block(Dv),
+                  DOT_PREC=dot_precision(q.dtype), ALIGN=align_elems(q.dtype, (D, Dv), q, k, v, do))
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), ds_[0], ds_[1], ds_[2], *ms)
-    off = Lk - Lq if causal == 2 else 0
+    off = Lk - Lq if causal == CAUSAL_BOTTOM_RIGHT else 0
     wrap_triton(_attn_bwd_dkdv)[lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv)](
         q, k, v, do, lse, delta, mask_t, dk, dv, *strides,
-        Hq, Hkv, Hq // Hkv, Lq, Lk, D, Dv, scale, scale * C.LOG2E, off, C.length_key(Lq), C.length_key(Lk),
+        Hq, Hkv, Hq // Hkv, Lq, Lk, D, Dv, scale, scale * contract.LOG2E, off, C.length_key(Lq), C.length_key(Lk),
         **common)
     fused_dmask = need_dmask and not bcast
     wrap_triton(_attn_bwd_dq)[lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)](
         q, k, v, do, lse, delta, mask_t, dq, dmask if fused_dmask else dq, *strides,
-        Hq, Hq // Hkv, Lq, Lk, D, Dv, scale, scale * C.LOG2E, off, C.length_key(Lq), C.length_key(Lk),
+        Hq, Hq // Hkv, Lq, Lk, D, Dv, scale, scale * contract.LOG2E, off, C.length_key(Lq), C.length_key(Lk),
         NEED_DMASK=fused_dmask, **common)
     if bcast and dmask.numel():
         Bm, Hm, Lqm, Lkm = mask.shape
@@ -793,7 +739,7 @@ def attention_bwd(dout, q, k, v, out, lse, mask, gate, dlse, scale, causal, need
         wrap_triton(_attn_bwd_dmask)[
                 lambda meta: (triton.cdiv(Lqm, meta["BLOCK_M"]) * triton.cdiv(Lkm, meta["BLOCK_N"]), Bm * Hm)](
             q, k, v, do, lse, delta, mask_t, dmask, *strides, dmask.stride(0), dmask.stride(1), dmask.stride(2),
-            Hq, Hq // Hkv, Lq, Lk, D, Dv, scale * C.LOG2E, off, Hm, Lkm,
+            Hq, Hq // Hkv, Lq, Lk, D, Dv, scale * contract.LOG2E, off, Hm, Lkm,
             B if Bm == 1 else 1, Hq if Hm == 1 else 1, C.length_key(Lq), C.length_key(Lk),
             BCAST_Q=Lqm != Lq, BCAST_K=Lkm != Lk, **common)
     return dq, dk, dv, dmask, dgate

@@ -19,6 +19,8 @@ import os
 
 import triton
 
+from fastattn.contract import MASK_BIAS, MASK_BOOL, MASK_NONE
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -27,17 +29,20 @@ def autotune_enabled() -> bool:
     rounds: one compile per specialisation instead of one per config). Read at call time."""
     return os.environ.get("FASTATTN_TRITON_AUTOTUNE", "1") != "0"
 
-LOG2E = 1.4426950408889634   # softmax in base 2: e^x = 2^(x * LOG2E)
-LN2 = 0.6931471805599453
-
 # tl.dot needs every dimension >= 16; head dims are padded up to the next power of two (40 -> 64,
 # 111 -> 128) and the padding lanes are masked on load (zeros add nothing to the dots).
 MIN_DOT_DIM = 16
 
 
+def dot_block(n: int) -> int:
+    """Register tile covering n elements along one dim of a tl.dot (a length, a number of heads, channels):
+    next power of two, at least 16."""
+    return max(MIN_DOT_DIM, triton.next_power_of_2(n))
+
+
 def head_block(d: int) -> int:
-    """Register tile width for a head dim: next power of two, at least 16."""
-    return max(MIN_DOT_DIM, triton.next_power_of_2(d))
+    """The tile of a head dim, which selects its config list (BLOCK_D, BLOCK_DV)."""
+    return dot_block(d)
 
 
 def length_key(n: int) -> int:
@@ -147,11 +152,12 @@ def _select(kernel, half, fp32, named_args, kwargs, length_ok):
     head = max(bd, bdv)
     if esize < 4 and _arg(named_args, kwargs, "ALIGN") == 1:
         head = min(2 * head, 256)
-    # mask tile: none (MASK_KIND 0), bytes (1: bool), q's dtype (2, and the dmask kernel, which has no kind)
-    mask_esize = {0: 0, 1: 1}.get(kwargs.get("MASK_KIND", 2), esize)
+    # mask tile: none, bytes (bool), q's dtype (a bias, and the dmask kernel, which has no kind)
+    kind = kwargs.get("MASK_KIND", MASK_BIAS)
+    mask_esize = {MASK_NONE: 0, MASK_BOOL: 1}.get(kind, esize)
     cc, smem = target(named_args)
     gate_and_acc = kwargs.get("HAS_GATE", True) and kwargs.get("STORE_ACC", True)
-    light = kwargs.get("MASK_KIND", 2) == 0 and not gate_and_acc
+    light = kind == MASK_NONE and not gate_and_acc
     cands = [c for c in _for_head(fp32 if esize == 4 else half, head)
              if c.min_cc <= cc <= c.max_cc and (light or not c.light_only)]
     size = {id(c): _smem_bytes(kernel, c, bd, bdv, esize, mask_esize) for c in cands}
@@ -206,8 +212,9 @@ def prune_fwd(configs, named_args, **kwargs):
 # float16 / bfloat16 forward: P V as P_hi V + P_lo V (P to ~16 bits) instead of P rounded to the inputs'
 # dtype: one more tile GEMM per key tile (3 instead of 2 in the forward), so that out_acc, and the
 # backward's delta taken from it, match the backward's P (see attention.py's docstring). False brings back
-# the tutorial's single GEMM; the repeated-key / broadcast-over-keys mask gradients then miss SPEC §4 in
-# half precision (tests/test_triton.py: test_repeated_keys_keep_dq_zero_in_bf16, expand views).
+# the tutorial's single GEMM; the repeated-key / broadcast-over-keys mask gradients then miss the rule of
+# docs/CONTRACT.md §4 in half precision (tests/test_triton.py: test_repeated_keys_keep_dq_zero_in_bf16,
+# expand views).
 PRECISE_PV = True
 
 
@@ -351,4 +358,8 @@ def gate_block_d(dtype, align: int) -> int:
 # written) and at 16 or 32 rows it capped registers at 72-80 and spilled too (both triton versions)
 GATE_ROWS_WARPS = 8
 GATE_STATS_BLOCK_N = 32 if INTERPRET else 256   # scores are (B, N, H) fp32: small, long tiles over N
+GATE_STATS_MAX_BLOCK_H = 64  # heads per _gate_stats program (H up to 64 in one; more take several)
+# Reductions over N (pool, dW) run as about this many programs, split over N, whose partial sums are added
+# in a fixed order (deterministic): 4 per SM of an H100 / H200 (132 SMs) fill the GPU.
+GATE_SPLIT_PROGRAMS = 16 if INTERPRET else 4 * 132
 GATE_FUSED_WARPS = 8

@@ -69,6 +69,5 @@ def triton_score_softmax_gate_bwd(dy: Tensor, x: Tensor, weight: Tensor, alpha: 
     return _gate.score_softmax_gate_bwd(dy, x, weight, alpha, dalpha, scale, pool)
 
 
-_fastattn_ops.register_attention("fastattn::triton_attention_fwd", "fastattn::triton_attention_bwd",
-                                 fake=not USE_TRITON_OP)
+_fastattn_ops.register_attention("triton_", fake=not USE_TRITON_OP)
 _fastattn_ops.register_softmax_gates("triton_", fake=not USE_TRITON_OP)

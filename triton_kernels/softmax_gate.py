@@ -1,4 +1,4 @@
-"""softmax_gate / score_softmax_gate in Triton (SPEC §1.2): memory-bound kernels over x (B, N, D).
+"""softmax_gate / score_softmax_gate in Triton (docs/CONTRACT.md §1.2): memory-bound kernels over x (B, N, D).
 
 Contract (the CPU kernels' one, csrc/cpu/softmax_gate.h): x (B, N, D) and scores (B, N, H) with
 stride(-1) == 1, weight (H, D), mask bool (B, N); channel c belongs to head c // (D // H);
@@ -27,10 +27,12 @@ import triton
 import triton.language as tl
 from ._compat import wrap_triton
 
-from . import configs as C
-from .attention import _align, _aligned, _cvt, _dot
+from fastattn import contract
 
-LOG2E: tl.constexpr = tl.constexpr(C.LOG2E)
+from . import configs as C
+from .common import align_elems, assume_aligned, assume_aligned3, cast_rne, dot_acc, dot_precision
+
+LOG2E: tl.constexpr = tl.constexpr(contract.LOG2E)
 
 
 @triton.jit
@@ -69,8 +71,8 @@ def _gate_fused_fwd(X, S, W, MASK, Y, ALPHA,
                     ALIGN: tl.constexpr):
     # torch.compile types a Python float argument fp64 (triton's launcher: fp32): the math stays fp32
     scale = tl.cast(scale, tl.float32)
-    D, stride_xb, stride_xn = _aligned(D, ALIGN), _aligned(stride_xb, ALIGN), _aligned(stride_xn, ALIGN)
-    stride_wh = _aligned(stride_wh, ALIGN)
+    D, stride_xb, stride_xn = assume_aligned3(D, stride_xb, stride_xn, ALIGN)
+    stride_wh = assume_aligned(stride_wh, ALIGN)
     b = tl.program_id(0).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
     offs_c = tl.arange(0, BLOCK_D)
@@ -81,7 +83,7 @@ def _gate_fused_fwd(X, S, W, MASK, Y, ALPHA,
     # -- scores   [BLOCK_N, BLOCK_H]
     if COMPUTE_SCORES:
         w = tl.load(W + offs_h[:, None] * stride_wh + offs_c[None, :], mask=m_h[:, None] & m_c[None, :], other=0.0)
-        s = _dot(x, tl.trans(w), None, DOT_PREC) * scale
+        s = dot_acc(x, tl.trans(w), None, DOT_PREC) * scale
     else:
         s = tl.load(S + b * stride_sb + offs_n[:, None] * stride_sn + offs_h[None, :],
                     mask=m_n[:, None] & m_h[None, :], other=0.0).to(tl.float32)
@@ -99,9 +101,9 @@ def _gate_fused_fwd(X, S, W, MASK, Y, ALPHA,
     a_full = _onehot_dot(alpha, onehot.to(tl.float32), tl.zeros([BLOCK_N, BLOCK_D], tl.float32))
     y = a_full * x.to(tl.float32)
     if POOL:
-        tl.store(Y + b * D + offs_c, _cvt(tl.sum(y, 0), Y.dtype.element_ty), mask=m_c)
+        tl.store(Y + b * D + offs_c, cast_rne(tl.sum(y, 0), Y.dtype.element_ty), mask=m_c)
     else:
-        tl.store(Y + (b * N + offs_n[:, None]) * D + offs_c[None, :], _cvt(y, Y.dtype.element_ty),
+        tl.store(Y + (b * N + offs_n[:, None]) * D + offs_c[None, :], cast_rne(y, Y.dtype.element_ty),
                  mask=m_n[:, None] & m_c[None, :])
 
 
@@ -111,8 +113,8 @@ def _gate_scores(X, W, S32, stride_xb, stride_xn, stride_wh, N, D, H, scale,
                  ALIGN: tl.constexpr):
     """Pass 1 of the two-pass score_softmax_gate: S32 (B, N, H) fp32 = scale x W^T."""
     scale = tl.cast(scale, tl.float32)  # fp32 under torch.compile too (see _gate_fused_fwd)
-    D, stride_xb, stride_xn = _aligned(D, ALIGN), _aligned(stride_xb, ALIGN), _aligned(stride_xn, ALIGN)
-    stride_wh = _aligned(stride_wh, ALIGN)
+    D, stride_xb, stride_xn = assume_aligned3(D, stride_xb, stride_xn, ALIGN)
+    stride_wh = assume_aligned(stride_wh, ALIGN)
     b = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_h = tl.arange(0, BLOCK_H)
@@ -124,7 +126,7 @@ def _gate_scores(X, W, S32, stride_xb, stride_xn, stride_wh, N, D, H, scale,
         x = tl.load(X + b * stride_xb + offs_n[:, None] * stride_xn + offs_c[None, :],
                     mask=m_n[:, None] & m_c[None, :], other=0.0)
         w = tl.load(W + offs_h[:, None] * stride_wh + offs_c[None, :], mask=m_h[:, None] & m_c[None, :], other=0.0)
-        acc = _dot(x, tl.trans(w), acc, DOT_PREC)
+        acc = dot_acc(x, tl.trans(w), acc, DOT_PREC)
     tl.store(S32 + (b * N + offs_n[:, None]) * H + offs_h[None, :], acc * scale, mask=m_n[:, None] & m_h[None, :])
 
 
@@ -175,21 +177,21 @@ def _alpha_channels(ALPHA, b, offs_n, offs_c, N, D, H, Dh):
 @triton.jit
 def _gate_apply(X, ALPHA, Y, stride_xb, stride_xn, N, D, H, Dh, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 ALIGN: tl.constexpr):
-    D, stride_xb, stride_xn = _aligned(D, ALIGN), _aligned(stride_xb, ALIGN), _aligned(stride_xn, ALIGN)
+    D, stride_xb, stride_xn = assume_aligned3(D, stride_xb, stride_xn, ALIGN)
     b = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_c = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     m = (offs_n[:, None] < N) & (offs_c[None, :] < D)
     x = tl.load(X + b * stride_xb + offs_n[:, None] * stride_xn + offs_c[None, :], mask=m, other=0.0)
     a = _alpha_channels(ALPHA, b, offs_n, offs_c, N, D, H, Dh)
-    tl.store(Y + (b * N + offs_n[:, None]) * D + offs_c[None, :], _cvt(a * x.to(tl.float32), Y.dtype.element_ty), mask=m)
+    tl.store(Y + (b * N + offs_n[:, None]) * D + offs_c[None, :], cast_rne(a * x.to(tl.float32), Y.dtype.element_ty), mask=m)
 
 
 @triton.jit
 def _gate_pool(X, ALPHA, PART, stride_xb, stride_xn, N, D, H, Dh, N_PER_SPLIT,
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr):
     """PART[b, split, c] = Σ_{n in split} alpha[b, n, h(c)] x[b, n, c] (fp32; summed over splits after)."""
-    D, stride_xb, stride_xn = _aligned(D, ALIGN), _aligned(stride_xb, ALIGN), _aligned(stride_xn, ALIGN)
+    D, stride_xb, stride_xn = assume_aligned3(D, stride_xb, stride_xn, ALIGN)
     b = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     offs_c = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -209,8 +211,8 @@ def _gate_bwd_rows(DY, X, ALPHA, DALPHA, G, DX, stride_dyb, stride_dyn, stride_x
                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, ALIGN: tl.constexpr):
     """g[b, n, h] = Σ_{c in h} dy x (+ dalpha) and (softmax_gate) dx = alpha ⊙ dy, in one pass.
     dy of a pooled output is (B, D): stride_dyn = 0 broadcasts it over n."""
-    D, stride_xb, stride_xn = _aligned(D, ALIGN), _aligned(stride_xb, ALIGN), _aligned(stride_xn, ALIGN)
-    stride_dyb, stride_dyn = _aligned(stride_dyb, ALIGN), _aligned(stride_dyn, ALIGN)
+    D, stride_xb, stride_xn = assume_aligned3(D, stride_xb, stride_xn, ALIGN)
+    stride_dyb, stride_dyn = assume_aligned(stride_dyb, ALIGN), assume_aligned(stride_dyn, ALIGN)
     b = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_h = tl.arange(0, BLOCK_H)
@@ -224,7 +226,7 @@ def _gate_bwd_rows(DY, X, ALPHA, DALPHA, G, DX, stride_dyb, stride_dyn, stride_x
         x = tl.load(X + b * stride_xb + offs_n[:, None] * stride_xn + offs_c[None, :], mask=m, other=0.0)
         if WRITE_DX:
             a = _alpha_channels(ALPHA, b, offs_n, offs_c, N, D, H, Dh)
-            tl.store(DX + (b * N + offs_n[:, None]) * D + offs_c[None, :], _cvt(a * dy, DX.dtype.element_ty), mask=m)
+            tl.store(DX + (b * N + offs_n[:, None]) * D + offs_c[None, :], cast_rne(a * dy, DX.dtype.element_ty), mask=m)
         # -- per-head row sums: [BLOCK_N, BLOCK_D] @ one-hot [BLOCK_D, BLOCK_H]
         onehot = ((offs_c[:, None] // Dh) == offs_h[None, :]) & (offs_c[:, None] < D)
         g = _onehot_dot(dy * x.to(tl.float32), onehot.to(tl.float32), g)
@@ -254,7 +256,7 @@ def _gate_bwd_ds(ALPHA, G, DS, N, H, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexp
         p = (b * N + offs_n[:, None]) * H + offs_h[None, :]
         a = tl.load(ALPHA + p, mask=m, other=0.0)
         ds = tl.where(a == 0.0, 0.0, a * (tl.load(G + p, mask=m, other=0.0) - dot[None, :]))
-        tl.store(DS + p, _cvt(ds, DS.dtype.element_ty), mask=m)
+        tl.store(DS + p, cast_rne(ds, DS.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -263,9 +265,9 @@ def _score_bwd(DY, X, W, ALPHA, DS, DX, DW_PART, stride_dyb, stride_dyn, stride_
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, ALIGN: tl.constexpr):
     """score_softmax_gate, pass 2: dx = alpha ⊙ dy + scale ds W; DW_PART[b, split] = ds^T x."""
     scale = tl.cast(scale, tl.float32)  # fp32 under torch.compile too (see _gate_fused_fwd)
-    D, stride_xb, stride_xn = _aligned(D, ALIGN), _aligned(stride_xb, ALIGN), _aligned(stride_xn, ALIGN)
-    stride_dyb, stride_dyn = _aligned(stride_dyb, ALIGN), _aligned(stride_dyn, ALIGN)
-    stride_wh = _aligned(stride_wh, ALIGN)
+    D, stride_xb, stride_xn = assume_aligned3(D, stride_xb, stride_xn, ALIGN)
+    stride_dyb, stride_dyn = assume_aligned(stride_dyb, ALIGN), assume_aligned(stride_dyn, ALIGN)
+    stride_wh = assume_aligned(stride_wh, ALIGN)
     b = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     offs_c = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -285,17 +287,13 @@ def _score_bwd(DY, X, W, ALPHA, DS, DX, DW_PART, stride_dyb, stride_dyn, stride_
                      other=0.0)                                                           # [BLOCK_N, BLOCK_H]
         a = _alpha_channels(ALPHA, b, offs_n, offs_c, N, D, H, Dh)
         dx = a * dy.to(tl.float32) + scale * tl.dot(ds, w, input_precision="ieee")
-        tl.store(DX + (b * N + offs_n[:, None]) * D + offs_c[None, :], _cvt(dx, DX.dtype.element_ty), mask=m)
+        tl.store(DX + (b * N + offs_n[:, None]) * D + offs_c[None, :], cast_rne(dx, DX.dtype.element_ty), mask=m)
         dw = tl.dot(tl.trans(ds), x.to(tl.float32), dw, input_precision="ieee")
     part = b * tl.num_programs(1) + split
     tl.store(DW_PART + (part * H + offs_h[:, None]) * D + offs_c[None, :], dw, mask=m_h[:, None] & m_c[None, :])
 
 
 # ---------------------------------------------------------------------------------------- launchers
-def _dot_precision(dtype):
-    return "ieee" if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
-
-
 def _check(x, other, other_name, mask):
     if x.dim() != 3 or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"triton softmax gate: x must be (B, N, D) float16/bfloat16/float32, got "
@@ -320,8 +318,7 @@ def _mask_args(mask, x):
 def _splits(B, N, d_blocks):
     """Programs over N for the reductions (pool, dW): enough to fill the GPU, deterministic sums."""
     n_blocks = triton.cdiv(N, C.GATE_BLOCK_N)
-    target = 16 if C.INTERPRET else 4 * 132
-    split = max(1, min(n_blocks, target // max(1, B * d_blocks)))
+    split = max(1, min(n_blocks, C.GATE_SPLIT_PROGRAMS // max(1, B * d_blocks)))
     n_per = triton.cdiv(n_blocks, split) * C.GATE_BLOCK_N
     return triton.cdiv(N, n_per), n_per
 
@@ -334,8 +331,8 @@ def _forward(x, scores, weight, mask, scale, pool):
     alpha = torch.empty((B, N, H), dtype=torch.float32, device=dev)
     y = torch.empty((B, D) if pool else (B, N, D), dtype=x.dtype, device=dev)
     mask_t, smb, smn = _mask_args(mask, x)
-    align = _align(x.dtype, (D,), x, *([weight] if weight is not None else []))
-    bn, bd, bh = C.head_block(N), C.head_block(D), C.head_block(H)
+    align = align_elems(x.dtype, (D,), x, *([weight] if weight is not None else []))
+    bn, bd, bh = C.dot_block(N), C.dot_block(D), C.dot_block(H)
     fp32 = x.dtype == torch.float32
     if bn * bd <= C.FUSED_MAX_ELEMS and (not fp32 or (bn <= C.FUSED_FP32_MAX_N and (
             scores is not None or bd <= C.FUSED_FP32_SCORES_MAX_D))):
@@ -345,7 +342,7 @@ def _forward(x, scores, weight, mask, scale, pool):
         wrap_triton(_gate_fused_fwd)[(B,)](
             x, s_t, w_t, mask_t, y, alpha, x.stride(0), x.stride(1), ss[0], ss[1], swh, smb, smn,
             N, D, H, Dh, scale, COMPUTE_SCORES=scores is None, HAS_MASK=mask is not None, POOL=pool,
-            BLOCK_N=bn, BLOCK_D=bd, BLOCK_H=bh, DOT_PREC=_dot_precision(x.dtype), ALIGN=align,
+            BLOCK_N=bn, BLOCK_D=bd, BLOCK_H=bh, DOT_PREC=dot_precision(x.dtype), ALIGN=align,
             num_warps=C.GATE_FUSED_WARPS)
         return y, alpha
     # -- two passes: scores (score variant) and alpha, then y
@@ -353,11 +350,11 @@ def _forward(x, scores, weight, mask, scale, pool):
         wrap_triton(_gate_scores)[(B, triton.cdiv(N, C.GATE_BLOCK_N))](
             x, weight, alpha, x.stride(0), x.stride(1), weight.stride(0), N, D, H, scale,
             BLOCK_N=C.GATE_BLOCK_N, BLOCK_D=min(bd, C.GATE_FP32_SCORES_BLOCK_D if fp32 else C.GATE_BLOCK_D),
-            BLOCK_H=bh, DOT_PREC=_dot_precision(x.dtype), ALIGN=align, num_warps=C.GATE_WARPS)
+            BLOCK_H=bh, DOT_PREC=dot_precision(x.dtype), ALIGN=align, num_warps=C.GATE_WARPS)
         s_t, ss = alpha, alpha.stride()   # _gate_stats turns the scores into alpha in place
     else:
         s_t, ss = scores, scores.stride()
-    bh_stats = min(bh, 64)
+    bh_stats = min(bh, C.GATE_STATS_MAX_BLOCK_H)
     wrap_triton(_gate_stats)[(B, triton.cdiv(H, bh_stats))](
         s_t, mask_t, alpha, ss[0], ss[1], smb, smn, N, H,
         HAS_MASK=mask is not None, BLOCK_N=C.GATE_STATS_BLOCK_N, BLOCK_H=bh_stats, num_warps=C.GATE_WARPS)
@@ -394,13 +391,13 @@ def _rows_and_ds(dy, x, alpha, dalpha, pool, dx, ds):
     g = torch.empty((B, N, H), dtype=torch.float32, device=x.device)
     sdn = 0 if pool else dy.stride(1)
     dalpha_t = dalpha.contiguous() if dalpha is not None else g
-    bh = C.head_block(H)
-    align = _align(x.dtype, (D,), x, dy)
+    bh = C.dot_block(H)
+    align = align_elems(x.dtype, (D,), x, dy)
     bn = C.gate_rows_block_n(x.dtype, align)
     wrap_triton(_gate_bwd_rows)[(B, triton.cdiv(N, bn))](
         dy, x, alpha, dalpha_t, g, dx if dx is not None else g, dy.stride(0), sdn, x.stride(0), x.stride(1),
         N, D, H, D // H, HAS_DALPHA=dalpha is not None, WRITE_DX=dx is not None,
-        BLOCK_N=bn, BLOCK_D=min(C.head_block(D), C.GATE_ROWS_BLOCK_D), BLOCK_H=bh,
+        BLOCK_N=bn, BLOCK_D=min(C.dot_block(D), C.GATE_ROWS_BLOCK_D), BLOCK_H=bh,
         ALIGN=align, num_warps=C.GATE_ROWS_WARPS)
     bh_ds = min(bh, 64)
     wrap_triton(_gate_bwd_ds)[(B, triton.cdiv(H, bh_ds))](
@@ -424,15 +421,15 @@ def score_softmax_gate_bwd(dy, x, weight, alpha, dalpha, scale, pool):
     alpha = alpha.contiguous()
     ds = _rows_and_ds(dy, x, alpha, dalpha, pool, None, None)   # ds written over g (fp32)
     dx = torch.empty((B, N, D), dtype=x.dtype, device=x.device)
-    align = _align(x.dtype, (D,), x, dy, weight)
-    bd = min(C.head_block(D), C.gate_block_d(x.dtype, align))
+    align = align_elems(x.dtype, (D,), x, dy, weight)
+    bd = min(C.dot_block(D), C.gate_block_d(x.dtype, align))
     d_blocks = triton.cdiv(D, bd)
     split, n_per = _splits(B, N, d_blocks)
     dw_part = torch.empty((B * split, H, D), dtype=torch.float32, device=x.device)
     wrap_triton(_score_bwd)[(B, split, d_blocks)](
         dy, x, weight, alpha, ds, dx, dw_part, dy.stride(0), 0 if pool else dy.stride(1), x.stride(0), x.stride(1),
         weight.stride(0), N, D, H, D // H, scale, n_per,
-        BLOCK_N=C.GATE_SCORE_BWD_BLOCK_N, BLOCK_D=bd, BLOCK_H=C.head_block(H), ALIGN=align,
+        BLOCK_N=C.GATE_SCORE_BWD_BLOCK_N, BLOCK_D=bd, BLOCK_H=C.dot_block(H), ALIGN=align,
         num_warps=C.GATE_WARPS)
     dweight = (dw_part.sum(0) * scale).to(weight.dtype)
     return dx, dweight

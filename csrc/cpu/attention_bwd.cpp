@@ -27,6 +27,7 @@
 
 #include "attention.h"
 #include "cpu_utils.h"
+#include "describe.h"
 
 namespace fastattn::cpu {
 
@@ -40,12 +41,12 @@ constexpr int64_t kBlockN = 128;  // keys per tile
 // is used only when ceil(tasks / threads) of the kv-owner schedule exceeds 1.4x tasks / threads.
 constexpr double kTwoPassCost = 1.4;
 
-using detail::AttnShape;
+using detail::AttnParams;
 
 template <typename scalar_t, typename acc_t>
 struct BwdCtx {
-  const AttnShape& s;
-  const scalar_t *q, *k, *v;  // strided as in s
+  const AttnParams& s;
+  const scalar_t *q, *k, *v;  // s.q, s.k, s.v
   const acc_t* dO;         // (B, Hq, Lq, Dv) contiguous: dout * sigmoid(gate)
   const c10::BFloat16* dO_bf16;  // the same rounded to bfloat16 when bf16_dp, else nullptr
   bool bf16_dot;           // bfloat16 on AVX512-BF16: S = Q K^T by gemm_nt_bf16
@@ -53,10 +54,9 @@ struct BwdCtx {
                            // bf16 there while delta takes it unrounded (rowsum(dS) = 0 would break)
   const acc_t* lse2;       // (B, Hq, Lq): lse, in log2 units
   const acc_t* delta;      // (B, Hq, Lq)
-  const at::Tensor* mask;
   bool need_dmask;         // accumulate dS into the caller's dmask buffer (see backward_tile)
   acc_t* dq;               // (B, Hq, Lq, D) contiguous accumulator
-  acc_t alpha, scale;      // alpha = scale * LOG2E
+  acc_t scale_log2, scale;  // s.scale_log2, s.scale rounded once
 };
 
 // Per-thread tile buffers; q/k/v hold widened bf16 / half tiles (empty for float / double),
@@ -83,7 +83,7 @@ struct KVTile {
 template <typename scalar_t, typename acc_t>
 KVTile kv_tile(const BwdCtx<scalar_t, acc_t>& c, BwdBuffers<scalar_t, acc_t>& buf, int64_t b, int64_t hk, int64_t j0,
                int64_t bn) {
-  const AttnShape& s = c.s;
+  const AttnParams& s = c.s;
   KVTile t;
   const scalar_t* k_tile = c.k + b * s.k_sb + hk * s.k_sh + j0 * s.k_sl;
   const scalar_t* v_tile = c.v + b * s.v_sb + hk * s.v_sh + j0 * s.v_sl;
@@ -110,7 +110,7 @@ void backward_tile(const BwdCtx<scalar_t, acc_t>& c, BwdBuffers<scalar_t, acc_t>
                    int64_t h, int64_t i0, int64_t bm, int64_t j0, int64_t bn, bool do_dq, bool do_dkv,
                    acc_t* dmask_acc = nullptr, int64_t dmask_ld = 0) {
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
-  const AttnShape& s = c.s;
+  const AttnParams& s = c.s;
   const int64_t D = s.D, Dv = s.Dv;
   const int64_t row0 = (b * s.Hq + h) * s.Lq + i0;  // index of (b, h, i0) in (B, Hq, Lq)
   const scalar_t* q_tile = c.q + b * s.q_sb + h * s.q_sh + i0 * s.q_sl;
@@ -124,10 +124,10 @@ void backward_tile(const BwdCtx<scalar_t, acc_t>& c, BwdBuffers<scalar_t, acc_t>
 
   // -- recompute P = 2^(S - lse2)   [bm, bn]
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    if (c.bf16_dot) gemm_nt_bf16(bm, bn, D, float(c.alpha), q_tile, s.q_sl, buf.k_pack.data(), P, kBlockN);
+    if (c.bf16_dot) gemm_nt_bf16(bm, bn, D, float(c.scale_log2), q_tile, s.q_sl, buf.k_pack.data(), P, kBlockN);
   }
-  if (!c.bf16_dot) gemm(false, true, bm, bn, D, c.alpha, Q, ldq, K, kv.ldk, acc_t(0), P, kBlockN);
-  detail::mask_score_tile<scalar_t>(P, kBlockN, i0, bm, j0, bn, s, detail::mask_ptr(c.mask, s, b, h, i0, j0));
+  if (!c.bf16_dot) gemm(false, true, bm, bn, D, c.scale_log2, Q, ldq, K, kv.ldk, acc_t(0), P, kBlockN);
+  detail::mask_score_tile<scalar_t>(P, kBlockN, i0, bm, j0, bn, s, detail::mask_ptr<scalar_t>(s, b, h, i0, j0));
   for (int64_t r = 0; r < bm; ++r) {
     acc_t* row = P + r * kBlockN;
     const acc_t l2 = c.lse2[row0 + r];
@@ -148,7 +148,7 @@ void backward_tile(const BwdCtx<scalar_t, acc_t>& c, BwdBuffers<scalar_t, acc_t>
 
   // -- dmask += dS (dL/ds_ij: the bias enters the scores with weight 1), summed over broadcast dims
   if (dmask_acc != nullptr) {
-    const bool sum_rows = s.m_bcast[2], sum_cols = s.m_bcast[3];
+    const bool sum_rows = s.mask_bcast[2], sum_cols = s.mask_bcast[3];
     for (int64_t r = 0; r < bm; ++r) {
       acc_t* dst = dmask_acc + (sum_rows ? 0 : r * dmask_ld);
       const acc_t* src = dS + r * kBlockN;
@@ -168,7 +168,7 @@ void backward_tile(const BwdCtx<scalar_t, acc_t>& c, BwdBuffers<scalar_t, acc_t>
 }
 
 // First query block whose rows see any key >= j0 (causal), else 0.
-inline int64_t first_qblock(const AttnShape& s, int64_t j0) {
+inline int64_t first_qblock(const AttnParams& s, int64_t j0) {
   return s.causal ? std::max<int64_t>(0, j0 - s.causal_off) / kBlockM : 0;
 }
 
@@ -177,7 +177,7 @@ inline int64_t first_qblock(const AttnShape& s, int64_t j0) {
 template <typename scalar_t, typename acc_t>
 void key_block_pass(const BwdCtx<scalar_t, acc_t>& c, BwdBuffers<scalar_t, acc_t>& buf, int64_t b, int64_t hk,
                     int64_t j0, bool do_dq, scalar_t* dk, scalar_t* dv) {
-  const AttnShape& s = c.s;
+  const AttnParams& s = c.s;
   const int64_t bn = std::min(kBlockN, s.Lk - j0);
   const KVTile kv = kv_tile(c, buf, b, hk, j0, bn);
   std::fill_n(buf.dK.data(), bn * s.D, acc_t(0));
@@ -199,8 +199,8 @@ void key_block_pass(const BwdCtx<scalar_t, acc_t>& c, BwdBuffers<scalar_t, acc_t
 // (b, h, query block) broadcasting into it, and its dmask rows summed in acc_t, then stored once.
 template <typename scalar_t, typename acc_t>
 void dq_dmask_pass(const BwdCtx<scalar_t, acc_t>& c, scalar_t* dmask) {
-  const AttnShape& s = c.s;
-  const bool* bc = s.m_bcast;
+  const AttnParams& s = c.s;
+  const bool* bc = s.mask_bcast;
   const int64_t mB = bc[0] ? 1 : s.B, mH = bc[1] ? 1 : s.Hq, mL = bc[2] ? 1 : s.Lq, mS = bc[3] ? 1 : s.Lk;
   const int64_t n_qblocks = (s.Lq + kBlockM - 1) / kBlockM;
   const int64_t m_qblocks = bc[2] ? 1 : n_qblocks;  // a mask broadcast over Lq takes every query block
@@ -232,7 +232,7 @@ void dq_dmask_pass(const BwdCtx<scalar_t, acc_t>& c, scalar_t* dmask) {
 
 template <typename scalar_t, typename acc_t>
 void attention_bwd_kernel(const BwdCtx<scalar_t, acc_t>& c, scalar_t* dk, scalar_t* dv, scalar_t* dmask) {
-  const AttnShape& s = c.s;
+  const AttnParams& s = c.s;
   const int64_t n_kblocks = (s.Lk + kBlockN - 1) / kBlockN;
   const int64_t n_qblocks = (s.Lq + kBlockM - 1) / kBlockM;
   const int64_t kv_tasks = s.B * s.Hkv;
@@ -278,7 +278,7 @@ void attention_bwd_kernel(const BwdCtx<scalar_t, acc_t>& c, scalar_t* dk, scalar
 
 // -- per-row preparation: dO = dout * sig, delta = rowsum(dout * out) - dlse, dgate = dout * out * (1 - sig)
 template <typename scalar_t, typename acc_t>
-void prepare_rows(const AttnShape& s, const at::Tensor& dout, const at::Tensor& out, const scalar_t* gate,
+void prepare_rows(const AttnParams& s, const at::Tensor& dout, const at::Tensor& out, const scalar_t* gate,
                   const acc_t* lse2, const acc_t* dlse, acc_t* dO, scalar_t* dO_low, acc_t* delta, scalar_t* dgate) {
   const int64_t Dv = s.Dv;
   const scalar_t* p_dout = dout.data_ptr<scalar_t>();
@@ -337,7 +337,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& gate,
     const std::optional<at::Tensor>& dlse,
     double scale, int64_t causal, bool need_dmask) {
-  const AttnShape s = detail::check_and_describe("attention_bwd", q, k, v, mask, gate, causal);
+  const AttnParams s = detail::check_and_describe("attention_bwd", q, k, v, mask, gate, scale, causal);
   const auto dt = q.scalar_type();
   const auto acc_type = dt == at::kDouble ? at::kDouble : at::kFloat;
   const std::vector<int64_t> out_shape{s.B, s.Hq, s.Lq, s.Dv}, row_shape{s.B, s.Hq, s.Lq};
@@ -350,7 +350,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   TORCH_CHECK(lse.sizes() == row_shape, "attention_bwd: lse must be (B, Hq, Lq) = ", row_shape, ", got ", lse.sizes());
   TORCH_CHECK(!dlse.has_value() || dlse->sizes() == row_shape, "attention_bwd: dlse must be (B, Hq, Lq) = ", row_shape,
               ", got ", dlse->sizes());
-  TORCH_CHECK(!need_dmask || s.mask_kind == detail::MaskKind::kBias,
+  TORCH_CHECK(!need_dmask || s.mask_kind == kMaskBias,
               "attention_bwd: need_dmask requires a float attn_mask");
 
   at::Tensor dq_acc = at::zeros({s.B, s.Hq, s.Lq, s.D}, q.options().dtype(acc_type));
@@ -359,7 +359,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   at::Tensor dmask = need_dmask ? at::zeros(mask->sizes(), q.options()) : at::empty({0}, q.options());
   at::Tensor dgate = gate.has_value() ? at::empty(gate->sizes(), q.options()) : at::empty({0}, q.options());
 
-  const at::Tensor dout_c = dout.stride(-1) == 1 ? dout : dout.contiguous();
+  const at::Tensor dout_c = last_dim_contiguous(dout);
   const at::Tensor out_c = out.contiguous();
   const at::Tensor lse2 = lse.to(acc_type).contiguous();  // log2 units, as the forward wrote it
   // dL/dlse2 -> the natural-log gradient the softmax backward takes: lse = lse2 * ln 2
@@ -382,10 +382,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
                                       dO.data_ptr<acc_t>(),
                                       bf16_dp ? reinterpret_cast<const c10::BFloat16*>(dO_low.data_ptr()) : nullptr,
                                       bf16_dot, bf16_dp, lse2.data_ptr<acc_t>(), delta.data_ptr<acc_t>(),
-                                      mask.has_value() ? &*mask : nullptr,
                                       need_dmask,
                                       dq_acc.data_ptr<acc_t>(),
-                                      acc_t(scale * kLog2e), acc_t(scale)};
+                                      acc_t(s.scale_log2), acc_t(s.scale)};
     attention_bwd_kernel<scalar_t, acc_t>(ctx, dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(),
                                           need_dmask ? dmask.data_ptr<scalar_t>() : nullptr);
   });

@@ -13,6 +13,7 @@
 
 #include "attention.h"
 #include "cpu_utils.h"
+#include "describe.h"
 
 namespace fastattn::cpu {
 
@@ -27,67 +28,15 @@ constexpr int64_t kBlockN = 512;  // keys per streamed tile
 
 namespace detail {
 
-AttnShape check_and_describe(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                             const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& gate,
-                             int64_t causal) {
-  TORCH_CHECK(q.dim() == 4, op, ": q must be (B, Hq, Lq, D), got ", q.sizes());
-  TORCH_CHECK(k.dim() == 4, op, ": k must be (B, Hkv, Lk, D), got ", k.sizes());
-  TORCH_CHECK(v.dim() == 4, op, ": v must be (B, Hkv, Lk, Dv), got ", v.sizes());
-  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), op, ": q, k, v must be CPU tensors");
+AttnParams check_and_describe(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& gate,
+                              double scale, int64_t causal) {
+  TORCH_CHECK(q.device().is_cpu(), op, ": q, k, v must be CPU tensors, got q on ", q.device());
   const auto dt = q.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf, op,
               ": q must be float32, float64, bfloat16 or float16, got ", dt);
-  TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt, op, ": k and v must have q's dtype ", dt,
-              ", got k ", k.scalar_type(), " and v ", v.scalar_type());
-  AttnShape s{};
-  s.B = q.size(0); s.Hq = q.size(1); s.Lq = q.size(2); s.D = q.size(3);
-  s.Hkv = k.size(1); s.Lk = k.size(2); s.Dv = v.size(3);
-  TORCH_CHECK(k.size(0) == s.B && v.size(0) == s.B, op, ": batch of k ", k.size(0), " and v ", v.size(0),
-              " must equal q's ", s.B);
-  TORCH_CHECK(s.Hkv > 0 && s.Hq % s.Hkv == 0, op, ": query heads ", s.Hq, " must be a multiple of kv heads ", s.Hkv);
-  TORCH_CHECK(v.size(1) == s.Hkv, op, ": v has ", v.size(1), " heads, k has ", s.Hkv);
-  TORCH_CHECK(k.size(3) == s.D, op, ": k head dim ", k.size(3), " must equal q's ", s.D);
-  TORCH_CHECK(v.size(2) == s.Lk, op, ": v length ", v.size(2), " must equal k's ", s.Lk);
-  TORCH_CHECK(q.stride(3) == 1 || s.D <= 1, op, ": q must have stride(-1) == 1");
-  TORCH_CHECK(k.stride(3) == 1 || s.D <= 1, op, ": k must have stride(-1) == 1");
-  TORCH_CHECK(v.stride(3) == 1 || s.Dv <= 1, op, ": v must have stride(-1) == 1");
-  TORCH_CHECK(causal >= 0 && causal <= 2, op, ": causal must be 0, 1 (top_left) or 2 (bottom_right), got ", causal);
-  s.group = s.Hq / s.Hkv;
-  s.q_sb = q.stride(0); s.q_sh = q.stride(1); s.q_sl = q.stride(2);
-  s.k_sb = k.stride(0); s.k_sh = k.stride(1); s.k_sl = k.stride(2);
-  s.v_sb = v.stride(0); s.v_sh = v.stride(1); s.v_sl = v.stride(2);
-  s.mask_kind = MaskKind::kNone;
-  if (mask.has_value()) {
-    const at::Tensor& m = *mask;
-    TORCH_CHECK(m.device().is_cpu(), op, ": attn_mask must be a CPU tensor");
-    const int64_t full[4] = {s.B, s.Hq, s.Lq, s.Lk};
-    bool ok = m.dim() == 4;
-    for (int d = 0; ok && d < 4; ++d) ok = m.size(d) == full[d] || m.size(d) == 1;
-    TORCH_CHECK(ok, op, ": attn_mask must be 4-D with each dim 1 or that of (B, Hq, Lq, Lk) = (", s.B, ", ", s.Hq,
-                ", ", s.Lq, ", ", s.Lk, "), got ", m.sizes());
-    TORCH_CHECK(m.scalar_type() == at::kBool || m.scalar_type() == dt, op, ": attn_mask must be bool or q's dtype ",
-                dt, ", got ", m.scalar_type());
-    s.mask_kind = m.scalar_type() == at::kBool ? MaskKind::kBool : MaskKind::kBias;
-    int64_t* strides[4] = {&s.m_sb, &s.m_sh, &s.m_si, &s.m_sj};
-    for (int d = 0; d < 4; ++d) {
-      s.m_bcast[d] = m.size(d) == 1 && full[d] != 1;
-      *strides[d] = m.size(d) == 1 ? 0 : m.stride(d);  // a size-1 dim is read at index 0 for every index
-    }
-  }
-  s.has_gate = gate.has_value();
-  if (s.has_gate) {
-    const at::Tensor& g = *gate;
-    TORCH_CHECK(g.device().is_cpu(), op, ": gate must be a CPU tensor");
-    TORCH_CHECK(g.dim() == 4 && g.size(0) == s.B && g.size(1) == s.Hq && g.size(2) == s.Lq &&
-                    (g.size(3) == s.Dv || g.size(3) == 1),
-                op, ": gate must be (B, Hq, Lq, Dv) = (", s.B, ", ", s.Hq, ", ", s.Lq, ", ", s.Dv,
-                ") or headwise (B, Hq, Lq, 1), got ", g.sizes());
-    TORCH_CHECK(g.scalar_type() == dt, op, ": gate must have q's dtype ", dt, ", got ", g.scalar_type());
-    s.gate_headwise = g.size(3) == 1 && s.Dv != 1;
-    s.g_sb = g.stride(0); s.g_sh = g.stride(1); s.g_si = g.stride(2); s.g_sc = g.size(3) == 1 ? 0 : g.stride(3);
-  }
-  s.causal = causal != 0;
-  s.causal_off = causal == 2 ? s.Lk - s.Lq : 0;
+  AttnParams s{};
+  describe_attention(s, op, q, k, v, mask, gate, scale, causal);
   return s;
 }
 
@@ -95,18 +44,21 @@ AttnShape check_and_describe(const char* op, const at::Tensor& q, const at::Tens
 
 namespace {
 
-using detail::AttnShape;
+using detail::AttnParams;
 
 template <typename scalar_t, typename acc_t>
-void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* v, const at::Tensor* mask,
-                          const scalar_t* gate, scalar_t* out, float* out_acc, acc_t* lse, const AttnShape& s,
-                          acc_t alpha) {
+void attention_fwd_kernel(const AttnParams& s, scalar_t* out, float* out_acc, acc_t* lse) {
+  const auto* q = static_cast<const scalar_t*>(s.q);
+  const auto* k = static_cast<const scalar_t*>(s.k);
+  const auto* v = static_cast<const scalar_t*>(s.v);
+  const auto* gate = static_cast<const scalar_t*>(s.gate);
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   constexpr bool kConvert = !std::is_same_v<scalar_t, acc_t>;  // bf16 / half tiles are widened once each
   // bfloat16 on AVX512-BF16: Q K^T straight from the bf16 tiles (no widening of Q and K).
   const bool bf16_dot = std::is_same_v<scalar_t, c10::BFloat16> && has_bf16_dot();
-  // S = alpha * Q K^T in log2 units; alpha = scale * LOG2E rounded once from double, exactly as the backward
-  // does: the same S there gives P = exp2(S - lse) = 1 for a saturated row, whose exact gradient is 0
+  // S = scale_log2 * Q K^T in log2 units; scale_log2 rounded once from double, exactly as the backward does:
+  // the same S there gives P = exp2(S - lse) = 1 for a saturated row, whose exact gradient is 0
+  const acc_t scale_log2 = acc_t(s.scale_log2);
   const int64_t D = s.D, Dv = s.Dv;
   const int64_t n_qblocks = (s.Lq + kBlockM - 1) / kBlockM;
 
@@ -146,14 +98,14 @@ void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* 
         if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
           if (bf16_dot) {
             pack_bt_bf16(k_pack.data(), k_head + j0 * s.k_sl, s.k_sl, bn, D);
-            gemm_nt_bf16(bm, bn, D, float(alpha), q_tile, s.q_sl, k_pack.data(), S, kBlockN);
+            gemm_nt_bf16(bm, bn, D, float(scale_log2), q_tile, s.q_sl, k_pack.data(), S, kBlockN);
           }
         }
         if (!bf16_dot) {
           const acc_t* K = tile_as(k_head + j0 * s.k_sl, s.k_sl, bn, D, k_buf.data(), &ldk);  // [bn, D]
-          gemm(false, true, bm, bn, D, alpha, Q, ldq, K, ldk, acc_t(0), S, kBlockN);
+          gemm(false, true, bm, bn, D, scale_log2, Q, ldq, K, ldk, acc_t(0), S, kBlockN);
         }
-        detail::mask_score_tile<scalar_t>(S, kBlockN, i0, bm, j0, bn, s, detail::mask_ptr(mask, s, b, h, i0, j0));
+        detail::mask_score_tile<scalar_t>(S, kBlockN, i0, bm, j0, bn, s, detail::mask_ptr<scalar_t>(s, b, h, i0, j0));
 
         // -- online softmax update: P = 2^(S - m_new), l = l * 2^(m_old - m_new) + rowsum(P)
         for (int64_t r = 0; r < bm; ++r) {
@@ -203,7 +155,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& gate,
     double scale, int64_t causal, bool need_acc) {
-  const AttnShape s = detail::check_and_describe("attention_fwd", q, k, v, mask, gate, causal);
+  const AttnParams s = detail::check_and_describe("attention_fwd", q, k, v, mask, gate, scale, causal);
   const auto acc_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor out = at::empty({s.B, s.Hq, s.Lq, s.Dv}, q.options());
   at::Tensor lse = at::empty({s.B, s.Hq, s.Lq}, q.options().dtype(acc_type));
@@ -211,14 +163,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd(
   at::Tensor out_acc = keep_acc ? at::empty({s.B, s.Hq, s.Lq, s.Dv}, q.options().dtype(at::kFloat)) : at::empty({0}, q.options());
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse, out_acc};
 
-  const at::Tensor* mask_t = mask.has_value() ? &*mask : nullptr;
-
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    attention_fwd_kernel<scalar_t, acc_t>(
-        q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), mask_t,
-        gate.has_value() ? gate->data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
-        keep_acc ? out_acc.data_ptr<float>() : nullptr, lse.data_ptr<acc_t>(), s, acc_t(scale * kLog2e));
+    attention_fwd_kernel<scalar_t, acc_t>(s, out.data_ptr<scalar_t>(), keep_acc ? out_acc.data_ptr<float>() : nullptr,
+                                          lse.data_ptr<acc_t>());
   });
   return {out, lse, out_acc};
 }

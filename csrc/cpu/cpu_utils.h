@@ -32,11 +32,9 @@
 #include <type_traits>
 #include <vector>
 
-namespace fastattn::cpu {
+#include "attention_contract.h"  // kLog2e, kLn2: softmax in base 2
 
-// Softmax runs in base 2: exp(x) = exp2(x * LOG2E). Cast to the accumulation type where used.
-constexpr double kLog2e = 1.4426950408889634;
-constexpr double kLn2 = 0.6931471805599453;
+namespace fastattn::cpu {
 
 // Runtime ISA dispatch: GCC emits one clone per target and an ifunc resolver picks the best at load.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)

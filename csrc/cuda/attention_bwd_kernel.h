@@ -80,10 +80,8 @@ __global__ void __launch_bounds__(BwdTraits<kD>::kThreads)
   };
 
   float acc_dk[kDT][4], acc_dv[kDT][4];
-#pragma unroll
-  for (int i = 0; i < kDT; ++i)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc_dk[i][e] = acc_dv[i][e] = 0.f;
+  zero_fragments(acc_dk);
+  zero_fragments(acc_dv);
 
   if (steps > 0) {
     cp_async_tile<kBN, kD, kLd, kThreads>(sK, k_ptr, p.k_sl, p.Lk - n0, tid);
@@ -105,10 +103,8 @@ __global__ void __launch_bounds__(BwdTraits<kD>::kThreads)
 
     // -- S = Q K^T and dP = dO V^T   [16 x 32] per warp: query rows 16 wm.., key cols 32 wn..
     float acc_s[kNT][4], acc_dp[kNT][4];
-#pragma unroll
-    for (int i = 0; i < kNT; ++i)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc_s[i][e] = acc_dp[i][e] = 0.f;
+    zero_fragments(acc_s);
+    zero_fragments(acc_dp);
 #pragma unroll
     for (int kk = 0; kk < kD / 16; ++kk) {
       const int a_off = (wm * kMmaM + (lane & 7) + ((lane >> 3) & 1) * 8) * kLd + kk * 16 + (lane >> 4) * 8;
@@ -122,10 +118,8 @@ __global__ void __launch_bounds__(BwdTraits<kD>::kThreads)
         uint32_t bk[4], bv[4];
         ldmatrix_x4(bk, smem_addr(sK + b_off));
         ldmatrix_x4(bv, smem_addr(sV + b_off));
-        mma_16816<T>(acc_s[2 * nt2], a_q, bk[0], bk[1]);
-        mma_16816<T>(acc_s[2 * nt2 + 1], a_q, bk[2], bk[3]);
-        mma_16816<T>(acc_dp[2 * nt2], a_do, bv[0], bv[1]);
-        mma_16816<T>(acc_dp[2 * nt2 + 1], a_do, bv[2], bv[3]);
+        mma_16816_n16<T>(acc_s[2 * nt2], acc_s[2 * nt2 + 1], a_q, bk);
+        mma_16816_n16<T>(acc_dp[2 * nt2], acc_dp[2 * nt2 + 1], a_do, bv);
       }
     }
 
@@ -194,10 +188,8 @@ __global__ void __launch_bounds__(BwdTraits<kD>::kThreads)
         uint32_t b_do[4], b_q[4];
         ldmatrix_x4_trans(b_do, smem_addr(sdOb + b_off));
         ldmatrix_x4_trans(b_q, smem_addr(sQb + b_off));
-        mma_16816<T>(acc_dv[2 * dt2], a_p, b_do[0], b_do[1]);
-        mma_16816<T>(acc_dv[2 * dt2 + 1], a_p, b_do[2], b_do[3]);
-        mma_16816<T>(acc_dk[2 * dt2], a_ds, b_q[0], b_q[1]);
-        mma_16816<T>(acc_dk[2 * dt2 + 1], a_ds, b_q[2], b_q[3]);
+        mma_16816_n16<T>(acc_dv[2 * dt2], acc_dv[2 * dt2 + 1], a_p, b_do);
+        mma_16816_n16<T>(acc_dk[2 * dt2], acc_dk[2 * dt2 + 1], a_ds, b_q);
       }
     }
 
@@ -207,10 +199,7 @@ __global__ void __launch_bounds__(BwdTraits<kD>::kThreads)
     // 11 (fp16) bits first. dK takes dS_hi alone, as FlashAttention (no such cancellation along queries).
     {
       float acc_dq[kDT][4];
-#pragma unroll
-      for (int i = 0; i < kDT; ++i)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc_dq[i][e] = 0.f;
+      zero_fragments(acc_dq);
 #pragma unroll
       for (int kk = 0; kk < kBN / 16; ++kk) {
         uint32_t a[4], a_lo[4];
@@ -222,10 +211,8 @@ __global__ void __launch_bounds__(BwdTraits<kD>::kThreads)
           uint32_t bk[4];
           ldmatrix_x4_trans(bk, smem_addr(sK + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * kLd + wn * kDCols +
                                           dt2 * 16 + (lane >> 4) * 8));
-          mma_16816<T>(acc_dq[2 * dt2], a, bk[0], bk[1]);
-          mma_16816<T>(acc_dq[2 * dt2 + 1], a, bk[2], bk[3]);
-          mma_16816<T>(acc_dq[2 * dt2], a_lo, bk[0], bk[1]);
-          mma_16816<T>(acc_dq[2 * dt2 + 1], a_lo, bk[2], bk[3]);
+          mma_16816_n16<T>(acc_dq[2 * dt2], acc_dq[2 * dt2 + 1], a, bk);
+          mma_16816_n16<T>(acc_dq[2 * dt2], acc_dq[2 * dt2 + 1], a_lo, bk);
         }
       }
       float* dq = p.dq_accum + bh * p.Lq * kD;
@@ -263,12 +250,8 @@ __global__ void __launch_bounds__(BwdTraits<kD>::kThreads)
 template <typename T, int kD, bool kHasMask>
 cudaError_t launch_attention_bwd(const AttnBwdParams& p, cudaStream_t stream) {
   using Tr = BwdTraits<kD>;
-  auto kernel = attention_bwd_kernel<T, kD, kHasMask>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
-  if (err != cudaSuccess) return err;
   const dim3 grid((p.Lk + Tr::kBlockN - 1) / Tr::kBlockN, p.Hkv, p.B);
-  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
-  return cudaGetLastError();
+  return launch_with_smem(attention_bwd_kernel<T, kD, kHasMask>, grid, Tr::kThreads, Tr::kSmemBytes, p, stream);
 }
 
 // preprocess (delta, gated dO, dgate) -> main kernel -> dq = scale * dq_accum

@@ -58,10 +58,7 @@ __global__ void __launch_bounds__(FwdTraits<kD>::kThreads)
   }
 
   float acc_o[kDT][4];
-#pragma unroll
-  for (int i = 0; i < kDT; ++i)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc_o[i][e] = 0.f;
+  zero_fragments(acc_o);
   float row_m[2] = {-INFINITY, -INFINITY};  // running max of each of the thread's 2 rows (base 2)
   float row_l[2] = {0.f, 0.f};              // this thread's partial sum of exp2(s - m) (its 2 columns per n8)
 
@@ -98,10 +95,7 @@ __global__ void __launch_bounds__(FwdTraits<kD>::kThreads)
 
     // -- S = Q K^T   [16 x kBN] per warp
     float acc_s[kNT][4];
-#pragma unroll
-    for (int i = 0; i < kNT; ++i)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc_s[i][e] = 0.f;
+    zero_fragments(acc_s);
 #pragma unroll
     for (int kk = 0; kk < kD / 16; ++kk) {
       uint32_t a[4];
@@ -112,8 +106,7 @@ __global__ void __launch_bounds__(FwdTraits<kD>::kThreads)
         uint32_t bk[4];  // b0, b1 of key tile 2*nt2, then of 2*nt2 + 1
         ldmatrix_x4(bk, smem_addr(sKb + (nt2 * 16 + (lane & 7) + ((lane >> 4) & 1) * 8) * kLd + kk * 16 +
                                   ((lane >> 3) & 1) * 8));
-        mma_16816<T>(acc_s[2 * nt2], a, bk[0], bk[1]);
-        mma_16816<T>(acc_s[2 * nt2 + 1], a, bk[2], bk[3]);
+        mma_16816_n16<T>(acc_s[2 * nt2], acc_s[2 * nt2 + 1], a, bk);
       }
     }
 
@@ -180,11 +173,9 @@ __global__ void __launch_bounds__(FwdTraits<kD>::kThreads)
         uint32_t bv[4];  // b0, b1 of d tile 2*dt2, then of 2*dt2 + 1
         ldmatrix_x4_trans(bv, smem_addr(sVb + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * kLd + dt2 * 16 +
                                         (lane >> 4) * 8));
-        mma_16816<T>(acc_o[2 * dt2], a, bv[0], bv[1]);
-        mma_16816<T>(acc_o[2 * dt2 + 1], a, bv[2], bv[3]);
+        mma_16816_n16<T>(acc_o[2 * dt2], acc_o[2 * dt2 + 1], a, bv);
         if constexpr (kKeepAcc) {
-          mma_16816<T>(acc_o[2 * dt2], a_lo, bv[0], bv[1]);
-          mma_16816<T>(acc_o[2 * dt2 + 1], a_lo, bv[2], bv[3]);
+          mma_16816_n16<T>(acc_o[2 * dt2], acc_o[2 * dt2 + 1], a_lo, bv);
         }
       }
     }
@@ -224,12 +215,9 @@ __global__ void __launch_bounds__(FwdTraits<kD>::kThreads)
 template <typename T, int kD, bool kHasMask, bool kKeepAcc>
 cudaError_t launch_attention_fwd(const AttnParams& p, cudaStream_t stream) {
   using Tr = FwdTraits<kD>;
-  auto kernel = attention_fwd_kernel<T, kD, kHasMask, kKeepAcc>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
-  if (err != cudaSuccess) return err;
   const dim3 grid((p.Lq + Tr::kBlockM - 1) / Tr::kBlockM, p.Hq, p.B);
-  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
-  return cudaGetLastError();
+  return launch_with_smem(attention_fwd_kernel<T, kD, kHasMask, kKeepAcc>, grid, Tr::kThreads, Tr::kSmemBytes, p,
+                          stream);
 }
 
 template <int kD>

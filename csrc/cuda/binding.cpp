@@ -21,8 +21,10 @@ constexpr c10::DeviceType kKernelDevice = c10::DeviceType::CUDA;
 
 #include <cmath>
 #include <optional>
+#include <string>
 #include <tuple>
 
+#include "describe.h"
 #include "params.h"
 
 namespace fastattn::cuda {
@@ -68,78 +70,19 @@ Tensor for_cp_async(const Tensor& t) {
   return c;
 }
 
-Tensor last_dim_contiguous(const Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
-
-// Fills sizes, strides and pointers shared by forward and backward; validates every argument.
-void describe_attention(AttnParams& p, const char* op, const Tensor& q, const Tensor& k, const Tensor& v,
-                        const OptTensor& mask, const OptTensor& gate, double scale, int64_t causal) {
+// Checks what only these kernels require (device, dtypes, head dims, sm_80), then fills p as every backend
+// does (describe_attention: shapes, strides, pointers, mask and gate).
+void describe_cuda_attention(AttnParams& p, const char* op, const Tensor& q, const Tensor& k, const Tensor& v,
+                             const OptTensor& mask, const OptTensor& gate, double scale, int64_t causal) {
   check_device(q, op, "q", q);
-  check_device(k, op, "k", q);
-  check_device(v, op, "v", q);
   check_half_dtype(q, op, "q");
-  check_same_dtype(k, q, op, "k");
-  check_same_dtype(v, q, op, "v");
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op, " (cuda): q, k, v must be 4-D (B, H, L, D), got q ",
-              q.sizes(), ", k ", k.sizes(), ", v ", v.sizes());
-  const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), D = q.size(3);
-  const int64_t Hkv = k.size(1), Lk = k.size(2), Dv = v.size(3);
-  TORCH_CHECK(k.size(0) == B && v.size(0) == B, op, " (cuda): k and v must have q's batch size ", B, ", got k ",
-              k.sizes(), ", v ", v.sizes());
-  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0 && v.size(1) == Hkv, op, " (cuda): k and v heads must divide q's ", Hq,
-              " heads, got k ", k.sizes(), ", v ", v.sizes());
-  TORCH_CHECK(k.size(3) == D && v.size(2) == Lk, op, " (cuda): k must be (B, Hkv, Lk, D=", D, ") and v (B, Hkv, Lk, Dv), got k ",
-              k.sizes(), ", v ", v.sizes());
-  TORCH_CHECK(D == Dv && (D == 64 || D == 128), op, " (cuda): head dims D=", D, ", Dv=", Dv,
-              " are not covered by the cuda backend (it needs D == Dv in {64, 128}); use backend='triton' or 'auto'");
-  TORCH_CHECK(Hq <= 65535 && B <= 65535, op, " (cuda): at most 65535 heads and batch items, got B=", B, ", Hq=", Hq);
-  TORCH_CHECK(causal >= 0 && causal <= 2, op, " (cuda): causal must be 0, 1 or 2, got ", causal);
-  check_sm80(q, op);
-
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.q_sb = q.stride(0), p.q_sh = q.stride(1), p.q_sl = q.stride(2);
-  p.k_sb = k.stride(0), p.k_sh = k.stride(1), p.k_sl = k.stride(2);
-  p.v_sb = v.stride(0), p.v_sh = v.stride(1), p.v_sl = v.stride(2);
-  p.B = int(B), p.Hq = int(Hq), p.Hkv = int(Hkv), p.group = int(Hq / Hkv);
-  p.Lq = int(Lq), p.Lk = int(Lk), p.D = int(D);
-  p.causal = causal != 0;
-  p.causal_off = causal == 2 ? int(Lk - Lq) : 0;
+  describe_attention(p, (std::string(op) + " (cuda)").c_str(), q, k, v, mask, gate, scale, causal);
   p.is_bf16 = q.scalar_type() == at::kBFloat16;
-  p.scale = float(scale);
-  p.scale_log2 = float(scale * 1.4426950408889634);
-
-  p.mask = nullptr;
-  p.mask_kind = kMaskNone;
-  p.m_sb = p.m_sh = p.m_si = p.m_sj = 0;
-  if (mask.has_value() && mask->defined()) {
-    const Tensor& m = *mask;
-    check_device(m, op, "mask", q);
-    TORCH_CHECK(m.scalar_type() == at::kBool || m.scalar_type() == q.scalar_type(), op,
-                " (cuda): mask must be bool or q's dtype ", q.scalar_type(), ", got ", m.scalar_type());
-    const int64_t full[4] = {B, Hq, Lq, Lk};
-    bool ok = m.dim() == 4;
-    for (int d = 0; ok && d < 4; ++d) ok = m.size(d) == full[d] || m.size(d) == 1;
-    TORCH_CHECK(ok, op, " (cuda): mask must be 4-D with each dim 1 or that of (B, Hq, Lq, Lk) = (", B, ", ", Hq, ", ",
-                Lq, ", ", Lk, "), got ", m.sizes());
-    p.mask = m.data_ptr();
-    p.mask_kind = m.scalar_type() == at::kBool ? kMaskBool : kMaskBias;
-    // a size-1 dim is broadcast: read at index 0 for every index
-    int64_t* strides[4] = {&p.m_sb, &p.m_sh, &p.m_si, &p.m_sj};
-    for (int d = 0; d < 4; ++d) *strides[d] = m.size(d) == 1 ? 0 : m.stride(d);
-  }
-  p.gate = nullptr;
-  p.g_sb = p.g_sh = p.g_si = p.g_sc = 0;
-  if (gate.has_value() && gate->defined()) {
-    const Tensor& g = *gate;
-    check_device(g, op, "gate", q);
-    check_same_dtype(g, q, op, "gate");
-    TORCH_CHECK(g.dim() == 4 && g.size(0) == B && g.size(1) == Hq && g.size(2) == Lq && (g.size(3) == Dv || g.size(3) == 1),
-                op, " (cuda): gate must be (B, Hq, Lq, Dv) = (", B, ", ", Hq, ", ", Lq, ", ", Dv,
-                ") or headwise (B, Hq, Lq, 1), got ", g.sizes());
-    p.gate = g.data_ptr();
-    p.g_sb = g.stride(0), p.g_sh = g.stride(1), p.g_si = g.stride(2), p.g_sc = g.size(3) == 1 ? 0 : g.stride(3);
-  }
+  TORCH_CHECK(p.D == p.Dv && (p.D == 64 || p.D == 128), op, " (cuda): head dims D=", p.D, ", Dv=", p.Dv,
+              " are not covered by the cuda backend (it needs D == Dv in {64, 128}); use backend='triton' or 'auto'");
+  TORCH_CHECK(p.Hq <= 65535 && p.B <= 65535, op, " (cuda): at most 65535 heads and batch items, got B=", p.B,
+              ", Hq=", p.Hq);
+  check_sm80(q, op);
 }
 
 std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
@@ -149,7 +92,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Tensor& q_in, const Tenso
   const c10::cuda::CUDAGuard guard(q_in.device());
   const Tensor q = for_cp_async(q_in), k = for_cp_async(k_in), v = for_cp_async(v_in);
   AttnParams p{};
-  describe_attention(p, op, q, k, v, mask, gate, scale, causal);
+  describe_cuda_attention(p, op, q, k, v, mask, gate, scale, causal);
   Tensor out = at::empty({p.B, p.Hq, p.Lq, p.D}, q.options());
   Tensor lse = at::empty({p.B, p.Hq, p.Lq}, q.options().dtype(at::kFloat));
   // out before rounding (these kernels take float16/bfloat16 alone), where a backward follows
@@ -172,7 +115,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd(
   const c10::cuda::CUDAGuard guard(q_in.device());
   const Tensor q = for_cp_async(q_in), k = for_cp_async(k_in), v = for_cp_async(v_in);
   AttnBwdParams p{};
-  describe_attention(p, op, q, k, v, mask, gate, scale, causal);
+  describe_cuda_attention(p, op, q, k, v, mask, gate, scale, causal);
   const std::vector<int64_t> out_shape{p.B, p.Hq, p.Lq, p.D}, row_shape{p.B, p.Hq, p.Lq};
   check_device(dout_in, op, "dout", q);
   check_device(out_in, op, "out", q);
@@ -197,7 +140,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd(
     check_device(*dlse_in, op, "dlse", q);
     TORCH_CHECK(dlse_in->sizes() == row_shape, op, " (cuda): dlse must be ", at::IntArrayRef(row_shape), ", got ",
                 dlse_in->sizes());
-    dlse = (dlse_in->to(at::kFloat) * 1.4426950408889634).contiguous();  // d/d(lse2) -> d/d(natural lse)
+    dlse = (dlse_in->to(at::kFloat) * ::fastattn::kLog2e).contiguous();  // d/d(lse2) -> d/d(natural lse)
   }
 
   const auto f32 = q.options().dtype(at::kFloat);
@@ -207,11 +150,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd(
   // The gradient of a float mask: dS per (b, h, i, j) for a full-shape mask; for a broadcast one its sum over the
   // broadcast dims, which the kernel accumulates in float32 in the mask's own shape (O(mask) memory, one rounding).
   const std::vector<int64_t> full{p.B, p.Hq, p.Lq, p.Lk};
-  const bool dmask_bcast = need_dmask && mask->sizes() != at::IntArrayRef(full);
+  const bool dmask_bcast = need_dmask && (p.mask_bcast[0] || p.mask_bcast[1] || p.mask_bcast[2] || p.mask_bcast[3]);
   Tensor dmask = need_dmask && !dmask_bcast ? at::zeros(full, q.options()) : q.new_empty({0});
   Tensor dmask_accum = dmask_bcast ? at::zeros(mask->sizes(), q.options().dtype(at::kFloat)) : Tensor();
-  const bool headwise = p.gate && gate->size(3) == 1;
-  Tensor dgate = p.gate ? at::empty({p.B, p.Hq, p.Lq, headwise ? 1 : p.D}, q.options()) : q.new_empty({0});
+  Tensor dgate = p.gate ? at::empty({p.B, p.Hq, p.Lq, p.gate_headwise ? 1 : p.D}, q.options()) : q.new_empty({0});
   if (dq.numel() == 0 || dk.numel() == 0) {  // no query or no key: every gradient is 0
     dq.zero_(), dk.zero_(), dv.zero_();
     if (dgate.numel()) dgate.zero_();

@@ -2,52 +2,33 @@
 //
 // Kernel translation units include this header and no torch header: they see raw pointers, int64
 // element strides and a cudaStream_t, so they compile with nvcc on a machine without a GPU or CUDA
-// torch (scripts/check_cuda_build.sh). binding.cpp is the one file that turns tensors into these.
+// torch (scripts/check_cuda_build.sh). binding.cpp is the one file that turns tensors into these,
+// through describe_attention (csrc/describe.h), as the CPU backend does.
 //
-// Shapes (csrc/cpu/attention.h has the full contract, shared by every backend):
-//   q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv): any strides, stride(-1) == 1
-//   mask (B, Hq, Lq, Lk) expanded view (stride 0 on broadcast dims): bool (true = may attend) or
-//        q's dtype (a bias added to the scores); gate (B, Hq, Lq, Dv) expanded view, q's dtype
-//   out (B, Hq, Lq, Dv) q's dtype, lse (B, Hq, Lq) float32 contiguous; out_acc (B, Hq, Lq, Dv) float32
-//        contiguous: out before its rounding to q's dtype, which the backward reads in place of out
+// Shapes and semantics: csrc/attention_contract.h. These kernels take float16 / bfloat16 with
+// D == Dv in {64, 128}; out_acc and the backward's out are float32 contiguous.
 #pragma once
 
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
 
+#include "attention_contract.h"
+
 namespace fastattn::cuda {
 
-enum MaskKind : int { kMaskNone = 0, kMaskBool = 1, kMaskBias = 2 };
+// The contract's base-2 constant in float: device code must not compute in double.
+constexpr float kLog2e = float(::fastattn::kLog2e);
 
-// One attention call. Sizes are int (L < 2^31); offsets are computed in int64.
-struct AttnParams {
-  // -- inputs
-  const void* q;
-  const void* k;
-  const void* v;
-  const void* mask;  // nullptr when mask_kind == kMaskNone
-  const void* gate;  // nullptr without a gate
-  int64_t q_sb, q_sh, q_sl;
-  int64_t k_sb, k_sh, k_sl;
-  int64_t v_sb, v_sh, v_sl;
-  int64_t m_sb, m_sh, m_si, m_sj;
-  int64_t g_sb, g_sh, g_si, g_sc;  // g_sc == 0 for a headwise gate
-  // -- forward outputs (backward inputs): out (gated when a gate is given) and lse
+// One attention call: the contract's params (sizes as int, L < 2^31; offsets are computed in int64),
+// plus the forward's outputs (the backward's inputs).
+struct AttnParams : AttentionParams<int, float> {
   void* out;  // forward: q's dtype; backward: q's dtype, or the forward's out_acc when out_is_acc
   int64_t o_sb, o_sh, o_sl;
-  float* lse;      // (B, Hq, Lq) contiguous
-  float* out_acc;  // forward: out unrounded, float32 contiguous (nullptr: not kept)
-  bool out_is_acc; // backward: out is float32 (the forward's out_acc)
-
-  int B, Hq, Hkv, group;  // group = Hq / Hkv
-  int Lq, Lk, D;          // D == Dv (the kernels cover D in {64, 128})
-  int mask_kind;
-  bool causal;
-  int causal_off;   // query i sees keys j <= i + causal_off (0 top_left, Lk - Lq bottom_right)
+  float* lse;       // (B, Hq, Lq) contiguous
+  float* out_acc;   // forward: out unrounded, float32 contiguous (nullptr: not kept)
+  bool out_is_acc;  // backward: out is float32 (the forward's out_acc)
   bool is_bf16;     // else float16
-  float scale;      // multiplies q.k
-  float scale_log2; // scale * log2(e): scores are kept in base-2 units
 };
 
 // Backward: AttnParams (q, k, v, mask, gate, out, lse as in the forward) plus these.

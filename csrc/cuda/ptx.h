@@ -16,11 +16,9 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace fastattn::cuda {
-
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -78,6 +76,24 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const ui
 }
 #endif  // FASTATTN_CUDA_EMU
 
+// Zeroes MMA accumulator fragments (n8 tiles x the 4 floats a thread holds of each).
+template <int N>
+__device__ __forceinline__ void zero_fragments(float (&acc)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[i][e] = 0.f;
+}
+
+// c0 += A B[:, 0:8] and c1 += A B[:, 8:16] for the 16x16 B tile b that one ldmatrix_x4 loaded (b0, b1 of its
+// first n8 tile, then of its second).
+template <typename T>
+__device__ __forceinline__ void mma_16816_n16(float (&c0)[4], float (&c1)[4], const uint32_t (&a)[4],
+                                              const uint32_t (&b)[4]) {
+  mma_16816<T>(c0, a, b[0], b[1]);
+  mma_16816<T>(c1, a, b[2], b[3]);
+}
+
 // Two floats -> one 32-bit register of two 16-bit values (lo = first, the lower column).
 template <typename T>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi);
@@ -97,20 +113,18 @@ __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
 }
 
 template <typename T>
-__device__ __forceinline__ float to_float(T x);
-template <>
-__device__ __forceinline__ float to_float<__half>(__half x) { return __half2float(x); }
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <>
-__device__ __forceinline__ float to_float<float>(float x) { return x; }
+__device__ __forceinline__ float to_float(T x) {
+  if constexpr (std::is_same_v<T, __half>) return __half2float(x);
+  else if constexpr (std::is_same_v<T, __nv_bfloat16>) return __bfloat162float(x);
+  else return x;  // float
+}
 
 template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+__device__ __forceinline__ T from_float(float x) {
+  static_assert(std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>, "from_float: half or bfloat16");
+  if constexpr (std::is_same_v<T, __half>) return __float2half_rn(x);
+  else return __float2bfloat16_rn(x);
+}
 
 // Two floats x, y -> (hi, lo) register pairs with x = hi + lo (and y) to ~16 (bf16) / ~22 (fp16) bits: hi
 // rounded to T, lo what that rounding left, rounded to T. Two MMAs, one with each, carry what one with hi

@@ -1,6 +1,20 @@
 // Compile-time switches: turn a run-time value into a constexpr for the lambda body, so that one
 // call site instantiates each variant. Every switch of the CUDA kernels goes through these.
+//
+// What the attention kernels specialise, and why the rest stays a run-time test (Triton specialises
+// causal and the mask kind as constexprs too: it compiles per launch signature anyway, where this build
+// compiles every variant ahead of time and each switch doubles the kernels, nvcc time and binary):
+//   compile time: dtype, head dim (one file each), whether there is a mask (kHasMask: a mask load per
+//     score), whether out_acc is kept (kKeepAcc: the P V of the forward);
+//   run time, uniform over the grid: causal, which sets each block's tile range and is tested per
+//     element only on the tiles that cross the diagonal or the end of the keys (scale_and_mask's
+//     check_bounds; interior tiles skip every test); bool vs bias, one warp-uniform branch per score
+//     inside the kHasMask kernels; the gate, read in the epilogue (forward) and the row preparation
+//     (backward), outside the tile loop.
+// A GPU round that measures one of the run-time tests on the hot path turns it into a switch here.
 #pragma once
+
+#include <cuda_runtime_api.h>
 
 #define FA_BOOL_SWITCH(COND, NAME, ...)   \
   [&] {                                   \
@@ -24,3 +38,14 @@
       return __VA_ARGS__();              \
     }                                    \
   }()
+
+// Launches one instance of a kernel with `smem_bytes` of dynamic shared memory, which it opts in to first
+// (every request above 48 KB needs that; below, it is harmless). Returns the launch's error.
+template <typename Kernel, typename Params>
+cudaError_t launch_with_smem(Kernel kernel, dim3 grid, int threads, int smem_bytes, const Params& p,
+                             cudaStream_t stream) {
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+  if (err != cudaSuccess) return err;
+  kernel<<<grid, threads, smem_bytes, stream>>>(p);
+  return cudaGetLastError();
+}

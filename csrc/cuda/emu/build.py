@@ -26,6 +26,7 @@ import sys
 
 EMU_DIR = os.path.dirname(os.path.abspath(__file__))
 CUDA_SRC = os.path.dirname(EMU_DIR)
+CSRC = os.path.dirname(CUDA_SRC)  # the backends' shared headers (attention_contract.h, describe.h)
 CXX = os.environ.get("CXX", "g++")
 COMMON = ["-std=c++17", "-O2", "-fPIC", "-g0", "-Wno-attributes", "-Wno-unknown-pragmas"]
 # The kernel files: every load and store calls the runtime's __tsan_* hooks (no libtsan linked).
@@ -154,7 +155,7 @@ def _deps(path, seen=None):
     text = _read(path)
     out = text
     for inc in _local_includes(text):
-        for base in (os.path.dirname(path), CUDA_SRC):
+        for base in (os.path.dirname(path), CUDA_SRC, CSRC):
             cand = os.path.normpath(os.path.join(base, inc))
             if os.path.exists(cand):
                 out += _deps(cand, seen)
@@ -179,7 +180,8 @@ def build_kernels(out_dir: str, mutations=(), jobs: int = 2) -> str:
     """The kernels' shared object for csrc/cuda with ``mutations`` [(file, old, new)] applied; cached."""
     inc = cuda_include()
     files = {n: translate(n, t) for n, t in _sources(mutations).items()}
-    key = _hash(repr(KERNEL_FLAGS), CXX, *(f"{n}\n{t}" for n, t in sorted(files.items())),
+    shared = {f"../{n}": _read(os.path.join(CSRC, n)) for n in sorted(os.listdir(CSRC)) if n.endswith(".h")}
+    key = _hash(repr(KERNEL_FLAGS), CXX, *(f"{n}\n{t}" for n, t in sorted({**files, **shared}.items())),
                 _deps(os.path.join(EMU_DIR, "kernel_table.cpp")), _deps(os.path.join(EMU_DIR, "prelude.h")))
     so = os.path.join(out_dir, f"kernels-{key}.so")
     if os.path.exists(so):
@@ -191,7 +193,7 @@ def build_kernels(out_dir: str, mutations=(), jobs: int = 2) -> str:
     for n, t in files.items():
         _write_if_changed(os.path.join(src, n), t)
     flags = KERNEL_FLAGS + ["-include", os.path.join(EMU_DIR, "prelude.h"), "-I", src, "-I", CUDA_SRC,
-                            "-I", EMU_DIR, "-I", inc]
+                            "-I", CSRC, "-I", EMU_DIR, "-I", inc]
     jobs_list = []
     for n in sorted(files):
         if not n.endswith(".cu"):
@@ -202,7 +204,8 @@ def build_kernels(out_dir: str, mutations=(), jobs: int = 2) -> str:
         o = os.path.join(obj, f"{n[:-3]}-{tu_key}.o")
         jobs_list.append((o, [CXX, *flags, "-x", "c++", "-c", os.path.join(src, n), "-o", o]))
     table = os.path.join(obj, f"kernel_table-{_hash(CXX, _deps(os.path.join(EMU_DIR, 'kernel_table.cpp')))}.o")
-    jobs_list.append((table, [CXX, *COMMON, "-I", inc, "-c", os.path.join(EMU_DIR, "kernel_table.cpp"), "-o", table]))
+    jobs_list.append((table, [CXX, *COMMON, "-I", CSRC, "-I", inc, "-c", os.path.join(EMU_DIR, "kernel_table.cpp"),
+                             "-o", table]))
     _compile_all(jobs_list, jobs)
     tmp = so + f".tmp{os.getpid()}"
     # -Bsymbolic: the table must point at this build's entry points, not at the module's stubs of the
@@ -226,8 +229,8 @@ def build_extra(out_dir: str, path: str) -> str:
     src = os.path.join(out_dir, f"{key}-{os.path.basename(path)}")
     _write_if_changed(src, text)
     obj = src[:-3] + ".o"
-    _run([CXX, *KERNEL_FLAGS, "-include", os.path.join(EMU_DIR, "prelude.h"), "-I", CUDA_SRC, "-I", EMU_DIR,
-          "-I", inc, "-x", "c++", "-c", src, "-o", obj])
+    _run([CXX, *KERNEL_FLAGS, "-include", os.path.join(EMU_DIR, "prelude.h"), "-I", CUDA_SRC, "-I", CSRC,
+          "-I", EMU_DIR, "-I", inc, "-x", "c++", "-c", src, "-o", obj])
     tmp = so + f".tmp{os.getpid()}"
     _run([CXX, "-shared", "-Wl,-Bsymbolic", "-o", tmp, obj])
     os.replace(tmp, so)
@@ -264,7 +267,7 @@ def build_module(out_dir: str, jobs: int = 2) -> str:
         return so
     obj = os.path.join(out_dir, "obj")
     os.makedirs(obj, exist_ok=True)
-    base = COMMON + ["-I", CUDA_SRC, "-I", EMU_DIR, "-I", inc]
+    base = COMMON + ["-I", CUDA_SRC, "-I", CSRC, "-I", EMU_DIR, "-I", inc]
     objs = [
         (os.path.join(obj, f"binding-{key}.o"),
          [CXX, *base, "-DFASTATTN_CUDA_EMU", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *torch_inc, "-c", srcs[0], "-o", "x"]),

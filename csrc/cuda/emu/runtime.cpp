@@ -184,14 +184,17 @@ void yield() {
   fastattn_emu_switch(&t->sp, e.sched_sp);
 }
 
-Thread& current(const char* what) {
-  Emu& e = emu();
-  if (e.cur == nullptr) {
+// *p, the state of the kernel running now; `what` (a device function) aborts when called outside one.
+template <typename T>
+T& inside_kernel(T* p, const char* what) {
+  if (p == nullptr) {
     std::fprintf(stderr, "fastattn CUDA emulation: %s called outside a kernel\n", what);
     std::abort();
   }
-  return *e.cur;
+  return *p;
 }
+
+Thread& current(const char* what) { return inside_kernel(emu().cur, what); }
 
 // ------------------------------------------------------------------------------------ memory checks
 // The range of `list` that holds [p, p + n), or nullptr; `hint` remembers the last hit.
@@ -270,14 +273,7 @@ void access(const void* a, size_t n, bool write, size_t align) {
 }
 
 // ------------------------------------------------------------------------------------ scheduling
-Launch& launch_of(const char* what) {
-  Emu& e = emu();
-  if (e.launch == nullptr) {
-    std::fprintf(stderr, "fastattn CUDA emulation: %s called outside a kernel\n", what);
-    std::abort();
-  }
-  return *e.launch;
-}
+Launch& launch_of(const char* what) { return inside_kernel(emu().launch, what); }
 
 void release_barrier(Launch& L) {
   for (Thread& t : L.threads)

@@ -1,0 +1,91 @@
+// The kernel contract of fastattn's ops, shared by every C++ and CUDA backend. Torch-free: the CUDA
+// kernels include it through csrc/cuda/params.h and compile with nvcc or under the CPU emulation
+// without torch. docs/CONTRACT.md §6 describes the same ops (§1 the public ones); csrc/fastattn.cpp
+// holds their schemas. csrc/describe.h turns checked tensors into the params below (one function for
+// CPU and CUDA); fastattn._C.contract() exports the enums and constants, which fastattn/contract.py
+// (the reference and the Triton launchers) mirrors under the same names.
+//
+// attention_fwd / attention_bwd. Shapes (B batch, Hq query heads, Hkv kv heads with Hq % Hkv == 0,
+// Lq queries, Lk keys, D q/k head dim, Dv v head dim):
+//   q     (B, Hq,  Lq, D)    any strides, stride(-1) == 1
+//   k     (B, Hkv, Lk, D)    same; query head h reads kv head h / (Hq / Hkv) (GQA / MQA)
+//   v     (B, Hkv, Lk, Dv)   same
+//   mask  (B, Hq,  Lq, Lk)   optional, 4-D with each dim 1 or full (size-1 dims are broadcast inside the
+//                            kernel: their stride is 0 here), any strides; bool (true = may attend) or q's
+//                            dtype (a bias added to the scores)
+//   gate  (B, Hq,  Lq, Dv)   optional, q's dtype, or (B, Hq, Lq, 1) headwise (read with stride 0 over Dv);
+//                            output = attention * sigmoid(gate)
+//   out   (B, Hq,  Lq, Dv)   contiguous, q's dtype (the gated output when a gate is given)
+//   out_acc                  float32 out before rounding, for bf16 / half q (else empty); the backward's
+//                            `out` is this where it exists (delta from the unrounded output)
+//   lse   (B, Hq,  Lq)       contiguous, float32 (float64 for double q): log2 of the softmax denominator of
+//                            the scores in log2 units (scale_log2 * q.k); -inf (and out row 0) for a row with
+//                            no key. The backward takes it as it is: no change of base
+//   dout  (B, Hq,  Lq, Dv)   any strides, stride(-1) == 1
+//   dlse  (B, Hq,  Lq)       optional, lse's dtype: the gradient of this (log2-unit) lse
+//   dq, dk, dv               contiguous, shapes and dtypes of q, k, v
+//   dmask                    dL/d(mask) in the mask's own shape and dtype when asked for: dS summed over the
+//                            mask's broadcast dims in float32 or wider, deterministically
+//   dgate                    the gate's shape and dtype; a headwise gate's gradient is summed over Dv
+// Math per (b, h, i): s_j = scale * q_i.k_j + bias_ij (-inf where masked or hidden by the causal rule);
+// p = softmax(s); out_i = sum_j p_j v_j (* sigmoid(gate_i)). Kernels keep scores in base 2:
+// s * log2(e), so exp becomes exp2 and lse is in log2 units.
+#pragma once
+
+#include <cstdint>
+
+namespace fastattn {
+
+constexpr double kLog2e = 1.4426950408889634;  // e^x = 2^(x * kLog2e)
+constexpr double kLn2 = 0.6931471805599453;    // = 1 / kLog2e
+
+// The op schemas' `causal` argument.
+enum CausalMode : int {
+  kCausalNone = 0,
+  kCausalTopLeft = 1,      // query i sees keys j <= i (SDPA's is_causal)
+  kCausalBottomRight = 2,  // query i sees keys j <= i + Lk - Lq (FlashAttention's; decoding)
+};
+
+// What the mask is, from its dtype.
+enum MaskKind : int { kMaskNone = 0, kMaskBool = 1, kMaskBias = 2 };
+
+// One attention call: the inputs' pointers, int64 element strides and sizes. Index is the type of the
+// sizes (int64_t on the CPU; int in the CUDA kernels, whose offsets are still computed in int64), Real that
+// of the scales (double on the CPU, rounded to the accumulation type at use; float in CUDA).
+template <typename Index, typename Real>
+struct AttentionParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* mask;  // nullptr when mask_kind == kMaskNone
+  const void* gate;  // nullptr without a gate
+  int64_t q_sb, q_sh, q_sl;        // q (B, Hq, Lq, D)
+  int64_t k_sb, k_sh, k_sl;        // k (B, Hkv, Lk, D)
+  int64_t v_sb, v_sh, v_sl;        // v (B, Hkv, Lk, Dv)
+  int64_t m_sb, m_sh, m_si, m_sj;  // mask (B, Hq, Lq, Lk), 0 on broadcast dims
+  int64_t g_sb, g_sh, g_si, g_sc;  // gate (B, Hq, Lq, Dv), g_sc == 0 for a headwise gate
+  Index B, Hq, Hkv, Lq, Lk, D, Dv;
+  Index group;  // Hq / Hkv query heads per kv head
+  int mask_kind;
+  bool mask_bcast[4];  // the mask has size 1 where (B, Hq, Lq, Lk) has more: its gradient is summed there
+  bool gate_headwise;  // gate (B, Hq, Lq, 1) with Dv > 1
+  bool causal;
+  Index causal_off;  // query i sees keys j <= i + causal_off (0 top_left, Lk - Lq bottom_right)
+  Real scale;        // multiplies q.k
+  Real scale_log2;   // scale * kLog2e: scores in base-2 units
+};
+
+// softmax_gate / score_softmax_gate. x (B, N, D) with stride(-1) == 1; H heads divide D, channel c
+// belongs to head c / (D / H); scores (B, N, H) or scores = scale * x weight^T with weight (H, D);
+// mask (B, N) bool, true = position takes part.
+//   alpha[b, :, h] = softmax_n(scores[b, :, h]) over unmasked n, 0 at masked n, all 0 when every n is masked
+//   y[b, n, c] = alpha[b, n, h(c)] * x[b, n, c]          (pool = false)
+//   y[b, c]    = sum_n alpha[b, n, h(c)] * x[b, n, c]    (pool = true)
+// Backward:
+//   g[b, n, h]       = sum_{c in h} dy[b, (n,) c] * x[b, n, c]  (+ dalpha)
+//   dscores[b, n, h] = alpha[b, n, h] * (g[b, n, h] - sum_n' alpha[b, n', h] * g[b, n', h])
+//   dx[b, n, c]      = dy[b, (n,) c] * alpha[b, n, h(c)]  (+ scale * sum_h dscores[b, n, h] * weight[h, c])
+//   dweight[h, c]    = scale * sum_{b, n} dscores[b, n, h] * x[b, n, c]
+// alpha is float32 (float64 for float64 x); statistics and accumulators are float32 or wider.
+
+}  // namespace fastattn

@@ -1,0 +1,102 @@
+// Tensors -> the contract's params (attention_contract.h), for every C++ backend: the one place that
+// checks an attention call's shapes and dtypes and reads its sizes, strides and pointers. Each backend
+// first checks what only it requires (device type, the dtypes it covers), then calls this. Also the
+// tensor helpers both backends' bindings share.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <optional>
+
+#include "attention_contract.h"
+
+namespace fastattn {
+
+// t with stride(-1) == 1, copied only when it lacks it (what every kernel needs of its rows).
+inline at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+// Fills p from q, k, v, mask, gate (names the offending argument in every error; `op` prefixes the
+// message). Every given tensor must be on q's device and have q's dtype (a mask may be bool).
+template <typename Index, typename Real>
+void describe_attention(AttentionParams<Index, Real>& p, const char* op, const at::Tensor& q, const at::Tensor& k,
+                        const at::Tensor& v, const std::optional<at::Tensor>& mask,
+                        const std::optional<at::Tensor>& gate, double scale, int64_t causal) {
+  TORCH_CHECK(q.dim() == 4, op, ": q must be (B, Hq, Lq, D), got ", q.sizes());
+  TORCH_CHECK(k.dim() == 4, op, ": k must be (B, Hkv, Lk, D), got ", k.sizes());
+  TORCH_CHECK(v.dim() == 4, op, ": v must be (B, Hkv, Lk, Dv), got ", v.sizes());
+  auto check_device = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.device() == q.device(), op, ": ", name, " must be on q's device ", q.device(), ", got ",
+                t.device());
+  };
+  check_device(k, "k");
+  check_device(v, "v");
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt, op, ": k and v must have q's dtype ", dt,
+              ", got k ", k.scalar_type(), " and v ", v.scalar_type());
+  const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), Lk = k.size(2), Dv = v.size(3);
+  TORCH_CHECK(k.size(0) == B && v.size(0) == B, op, ": batch of k ", k.size(0), " and v ", v.size(0),
+              " must equal q's ", B);
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, op, ": query heads ", Hq, " must be a multiple of kv heads ", Hkv);
+  TORCH_CHECK(v.size(1) == Hkv, op, ": v has ", v.size(1), " heads, k has ", Hkv);
+  TORCH_CHECK(k.size(3) == D, op, ": k head dim ", k.size(3), " must equal q's ", D);
+  TORCH_CHECK(v.size(2) == Lk, op, ": v length ", v.size(2), " must equal k's ", Lk);
+  TORCH_CHECK(q.stride(3) == 1 || D <= 1, op, ": q must have stride(-1) == 1");
+  TORCH_CHECK(k.stride(3) == 1 || D <= 1, op, ": k must have stride(-1) == 1");
+  TORCH_CHECK(v.stride(3) == 1 || Dv <= 1, op, ": v must have stride(-1) == 1");
+  TORCH_CHECK(causal >= kCausalNone && causal <= kCausalBottomRight, op,
+              ": causal must be 0, 1 (top_left) or 2 (bottom_right), got ", causal);
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.q_sb = q.stride(0), p.q_sh = q.stride(1), p.q_sl = q.stride(2);
+  p.k_sb = k.stride(0), p.k_sh = k.stride(1), p.k_sl = k.stride(2);
+  p.v_sb = v.stride(0), p.v_sh = v.stride(1), p.v_sl = v.stride(2);
+  p.B = Index(B), p.Hq = Index(Hq), p.Hkv = Index(Hkv), p.Lq = Index(Lq), p.Lk = Index(Lk);
+  p.D = Index(D), p.Dv = Index(Dv), p.group = Index(Hq / Hkv);
+  p.causal = causal != kCausalNone;
+  p.causal_off = causal == kCausalBottomRight ? Index(Lk - Lq) : Index(0);
+  p.scale = Real(scale);
+  p.scale_log2 = Real(scale * kLog2e);
+
+  p.mask = nullptr;
+  p.mask_kind = kMaskNone;
+  p.m_sb = p.m_sh = p.m_si = p.m_sj = 0;
+  for (bool& b : p.mask_bcast) b = false;
+  if (mask.has_value() && mask->defined()) {
+    const at::Tensor& m = *mask;
+    check_device(m, "attn_mask");
+    const int64_t full[4] = {B, Hq, Lq, Lk};
+    bool ok = m.dim() == 4;
+    for (int d = 0; ok && d < 4; ++d) ok = m.size(d) == full[d] || m.size(d) == 1;
+    TORCH_CHECK(ok, op, ": attn_mask must be 4-D with each dim 1 or that of (B, Hq, Lq, Lk) = (", B, ", ", Hq,
+                ", ", Lq, ", ", Lk, "), got ", m.sizes());
+    TORCH_CHECK(m.scalar_type() == at::kBool || m.scalar_type() == dt, op, ": attn_mask must be bool or q's dtype ",
+                dt, ", got ", m.scalar_type());
+    p.mask = m.data_ptr();
+    p.mask_kind = m.scalar_type() == at::kBool ? kMaskBool : kMaskBias;
+    int64_t* strides[4] = {&p.m_sb, &p.m_sh, &p.m_si, &p.m_sj};
+    for (int d = 0; d < 4; ++d) {
+      p.mask_bcast[d] = m.size(d) == 1 && full[d] != 1;
+      *strides[d] = m.size(d) == 1 ? 0 : m.stride(d);  // a size-1 dim is read at index 0 for every index
+    }
+  }
+  p.gate = nullptr;
+  p.gate_headwise = false;
+  p.g_sb = p.g_sh = p.g_si = p.g_sc = 0;
+  if (gate.has_value() && gate->defined()) {
+    const at::Tensor& g = *gate;
+    check_device(g, "gate");
+    TORCH_CHECK(g.dim() == 4 && g.size(0) == B && g.size(1) == Hq && g.size(2) == Lq &&
+                    (g.size(3) == Dv || g.size(3) == 1),
+                op, ": gate must be (B, Hq, Lq, Dv) = (", B, ", ", Hq, ", ", Lq, ", ", Dv,
+                ") or headwise (B, Hq, Lq, 1), got ", g.sizes());
+    TORCH_CHECK(g.scalar_type() == dt, op, ": gate must have q's dtype ", dt, ", got ", g.scalar_type());
+    p.gate = g.data_ptr();
+    p.gate_headwise = g.size(3) == 1 && Dv != 1;
+    p.g_sb = g.stride(0), p.g_sh = g.stride(1), p.g_si = g.stride(2), p.g_sc = g.size(3) == 1 ? 0 : g.stride(3);
+  }
+}
+
+}  // namespace fastattn
