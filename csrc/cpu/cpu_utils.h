@@ -1,10 +1,10 @@
-// Shared CPU building blocks for fastattn's C++ kernels:
+// Shared CPU building blocks for fastattn's C++ kernels, on top of the vector layer in vec.h
+// (vector types, ISA clones, convert_row):
 //   - gemm():          row-major tile GEMM on MKL's Fortran sgemm_/dgemm_ (weak symbols exported by
 //                      libtorch_cpu), with an at::addmm_ fallback so the extension always loads;
 //   - gemm_nt_bf16():  bfloat16 x bfloat16 -> float tile GEMM on AVX512-BF16, where the CPU has it;
-//   - convert_row(), tile_as(): dtype conversion of tile rows (bfloat16 / half <-> float);
-//   - row_max(), exp2_shift_sum(), ...: vectorised row helpers for the softmax, compiled for
-//                      AVX-512 / AVX2 / baseline and picked at run time (no -march flags);
+//   - tile_as():       a tile in the accumulation type (convert_row per row);
+//   - row_max(), exp2_shift_sum(), ...: vectorised row helpers for the softmax;
 //   - parallel_dynamic(): at::parallel_for with tasks handed out one by one.
 #pragma once
 
@@ -13,15 +13,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
-
-// The 64-byte vector helpers below are internal (static, inlined or emitted at the end of the
-// translation unit), so GCC's note that their ABI differs without -mavx512f does not apply.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wpsabi"
-#endif
+#include "vec.h"
 
 #include <algorithm>
 #include <atomic>
@@ -35,14 +27,6 @@
 #include "attention_contract.h"  // kLog2e, kLn2: softmax in base 2
 
 namespace fastattn::cpu {
-
-// Runtime ISA dispatch: GCC emits one clone per target and an ifunc resolver picks the best at load.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FASTATTN_VEC_CLONES __attribute__((target_clones("avx512f", "avx2,fma", "default")))
-#else
-#define FASTATTN_VEC_CLONES
-#endif
-#define FASTATTN_INLINE inline __attribute__((always_inline))
 
 // ---------------------------------------------------------------------------------------------
 // BLAS: C[m, n] = alpha * op(A)[m, k] @ op(B)[k, n] + beta * C, all row-major with leading dims.
@@ -111,20 +95,18 @@ void gemm_blas(Blas blas, bool trans_a, bool trans_b, int64_t m, int64_t n, int6
 }
 }  // namespace detail
 
-inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
-                 const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
-                 int64_t ldc) {
-  if (m == 0 || n == 0) return;
-  if (kForceGemmFallback || sgemm_ == nullptr) return detail::gemm_fallback(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-  detail::gemm_blas(sgemm_, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-}
+namespace detail {
+inline auto blas_gemm(float) { return sgemm_; }  // null where libtorch_cpu has no MKL
+inline auto blas_gemm(double) { return dgemm_; }
+}  // namespace detail
 
-inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, double alpha,
-                 const double* a, int64_t lda, const double* b, int64_t ldb, double beta, double* c,
-                 int64_t ldc) {
+template <typename T>
+inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha,
+                 const T* a, int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
-  if (kForceGemmFallback || dgemm_ == nullptr) return detail::gemm_fallback(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-  detail::gemm_blas(dgemm_, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  const auto blas = detail::blas_gemm(T());
+  if (kForceGemmFallback || blas == nullptr) return detail::gemm_fallback(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  detail::gemm_blas(blas, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -153,7 +135,7 @@ inline void pack_bt_bf16(uint32_t* dst, const c10::BFloat16* B, int64_t ldb, int
   for (int64_t p = 0; p < kp; ++p) std::fill(dst + p * n_pad + n, dst + (p + 1) * n_pad, 0u);
 }
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#if FASTATTN_X86
 inline bool has_bf16_dot() {
 #ifdef FASTATTN_TEST_GEMM_FALLBACK  // the test hook also exercises the widened-float bf16 path
   return false;
@@ -225,49 +207,6 @@ inline void gemm_nt_bf16(int64_t, int64_t, int64_t, float, const c10::BFloat16*,
 }
 #endif
 
-// ---------------------------------------------------------------------------------------------
-// dtype conversion of tile rows. bfloat16 is the top half of a float: widening is a shift,
-// narrowing rounds to nearest even (NaN kept quiet), both written so they vectorise.
-// ---------------------------------------------------------------------------------------------
-namespace detail {
-FASTATTN_VEC_CLONES static void bf16_to_float(float* dst, const uint16_t* src, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    uint32_t bits = uint32_t(src[i]) << 16;
-    float f;
-    std::memcpy(&f, &bits, 4);
-    dst[i] = f;
-  }
-}
-FASTATTN_VEC_CLONES static void float_to_bf16(uint16_t* dst, const float* src, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    uint32_t bits;
-    std::memcpy(&bits, &src[i], 4);
-    const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
-    dst[i] = uint16_t(src[i] != src[i] ? 0x7fc0u : rounded);
-  }
-}
-}  // namespace detail
-
-template <typename T>
-inline void convert_row(T* dst, const T* src, int64_t n) { std::memcpy(dst, src, n * sizeof(T)); }
-inline void convert_row(float* dst, const c10::BFloat16* src, int64_t n) {
-  detail::bf16_to_float(dst, reinterpret_cast<const uint16_t*>(src), n);
-}
-inline void convert_row(c10::BFloat16* dst, const float* src, int64_t n) {
-  detail::float_to_bf16(reinterpret_cast<uint16_t*>(dst), src, n);
-}
-namespace detail {
-FASTATTN_VEC_CLONES static void half_to_float(float* dst, const uint16_t* src, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = c10::detail::fp16_ieee_to_fp32_value(src[i]);
-}
-}  // namespace detail
-inline void convert_row(float* dst, const c10::Half* src, int64_t n) {
-  detail::half_to_float(dst, reinterpret_cast<const uint16_t*>(src), n);
-}
-inline void convert_row(c10::Half* dst, const float* src, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = c10::Half(src[i]);
-}
-
 // A [rows, cols] tile with row stride ld, in the accumulation type: the tile itself when it already
 // is (no copy), else converted once into buf (row stride cols). *ld_out receives the row stride.
 template <typename acc_t, typename scalar_t>
@@ -284,112 +223,62 @@ inline const acc_t* tile_as(const scalar_t* src, int64_t ld, int64_t rows, int64
 }
 
 // ---------------------------------------------------------------------------------------------
-// Vectorised row helpers (float: polynomial exp2 + runtime ISA dispatch; double: libm, exact).
-// Written with GCC vector extensions (16 float lanes; narrower ISAs split them), because the
-// auto-vectoriser will not if-convert the clamps and selects without -fno-trapping-math.
-// Row tails are padded with a neutral value (-inf for max / exp, 0 for products).
+// Row helpers for the softmax. float: vec.h's vectors and exp2_poly, compiled per ISA level; double:
+// plain loops and libm's exact exp2. Row tails are padded with a neutral value (-inf for max / exp).
 // ---------------------------------------------------------------------------------------------
 // A weight that exp2_poly / exp2_shift_sum made from a masked (-inf) score: -0.0.
 template <typename T>
 inline bool is_masked(T p) { return p == T(0) && std::signbit(p); }
 
 namespace detail {
-typedef float vfloat __attribute__((vector_size(64)));
-typedef int32_t vint __attribute__((vector_size(64)));
-constexpr int64_t kLanes = 16;
-
-static FASTATTN_INLINE vfloat splat(float c) { return vfloat{} + c; }
-static FASTATTN_INLINE vfloat load(const float* p) { vfloat v; std::memcpy(&v, p, sizeof(v)); return v; }
-static FASTATTN_INLINE void store(float* p, vfloat v) { std::memcpy(p, &v, sizeof(v)); }
-static FASTATTN_INLINE vfloat load_tail(const float* p, int64_t n, float pad) {  // n < kLanes
-  float buf[kLanes];
-  for (int64_t i = 0; i < kLanes; ++i) buf[i] = i < n ? p[i] : pad;
-  return load(buf);
-}
-static FASTATTN_INLINE void store_tail(float* p, vfloat v, int64_t n) {
-  float buf[kLanes];
-  store(buf, v);
-  for (int64_t i = 0; i < n; ++i) p[i] = buf[i];
-}
-static FASTATTN_INLINE vfloat vmax(vfloat a, vfloat b) { return a > b ? a : b; }
-static FASTATTN_INLINE float hsum(vfloat v) {
-  float s = 0.f;
-  for (int i = 0; i < kLanes; ++i) s += v[i];
-  return s;
-}
-static FASTATTN_INLINE float hmax(vfloat v) {
-  float m = v[0];
-  for (int i = 1; i < kLanes; ++i) m = std::max(m, v[i]);
-  return m;
-}
-
-// 2^x: x = n + f with n = round(x), f in [-1/2, 1/2]; 2^f by Cephes' exp2f minimax polynomial
-// (~1 ulp), 2^n built in the exponent bits. x < -126 gives exactly 0, and x = -inf (a masked score)
-// gives -0.0: the same value, but the softmax backward can tell a masked key (no gradient, NaN or
-// not) from an underflowed one (whose gradient takes a NaN, as torch's does).
-static FASTATTN_INLINE vfloat exp2_poly(vfloat x) {
-  constexpr float kRound = 12582912.f;  // 1.5 * 2^23: adding and subtracting it rounds to integer
-  vfloat xc = x < splat(-127.f) ? splat(-127.f) : x;
-  xc = xc > splat(127.f) ? splat(127.f) : xc;
-  const vfloat n = (xc + kRound) - kRound;
-  const vfloat f = xc - n;
-  vfloat p = splat(1.535336188319500e-4f);
-  p = p * f + 1.339887440266574e-3f;
-  p = p * f + 9.618437357674640e-3f;
-  p = p * f + 5.550332471162809e-2f;
-  p = p * f + 2.402264791363012e-1f;
-  p = p * f + 6.931472028550421e-1f;
-  p = p * f + 1.f;
-  const vint bits = (__builtin_convertvector(n, vint) + 127) << 23;
-  const vfloat two_n = (vfloat)bits;  // reinterpret the bits
-  const vfloat masked = (vfloat)(vint{} + int32_t(0x80000000u));  // -0.0f
-  return x == splat(-std::numeric_limits<float>::infinity()) ? masked : x < splat(-126.f) ? splat(0.f) : p * two_n;
-}
+using vec::VecF;
+using vec::VecI;
+constexpr int64_t kLanesF = vec::kLanes<float>;
 
 // NaN anywhere gives NaN (as torch's max), which then spreads through the row's softmax.
 FASTATTN_VEC_CLONES static float row_max_f32(const float* x, int64_t n) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-  vfloat m = splat(kNegInf);
-  vint nan = vint{};
+  VecF m = vec::splat(kNegInf);
+  VecI nan = VecI{};
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    const vfloat v = load(x + i);
-    m = vmax(m, v);
+  for (; i + kLanesF <= n; i += kLanesF) {
+    const VecF v = vec::load(x + i);
+    m = vec::max(m, v);
     nan |= v != v;
   }
   if (i < n) {
-    const vfloat v = load_tail(x + i, n - i, kNegInf);
-    m = vmax(m, v);
+    const VecF v = vec::load_tail(x + i, n - i, kNegInf);
+    m = vec::max(m, v);
     nan |= v != v;
   }
-  for (int l = 0; l < kLanes; ++l)
+  for (int l = 0; l < kLanesF; ++l)
     if (nan[l]) return std::numeric_limits<float>::quiet_NaN();
-  return hmax(m);
+  return vec::hmax(m);
 }
 
 FASTATTN_VEC_CLONES static float exp2_shift_sum_f32(float* x, int64_t n, float shift) {
-  vfloat sum = splat(0.f);
+  VecF sum = vec::splat(0.f);
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    const vfloat e = exp2_poly(load(x + i) - shift);
-    store(x + i, e);
+  for (; i + kLanesF <= n; i += kLanesF) {
+    const VecF e = vec::exp2_poly(vec::load(x + i) - shift);
+    vec::store(x + i, e);
     sum += e;
   }
   if (i < n) {
-    const vfloat e = exp2_poly(load_tail(x + i, n - i, -std::numeric_limits<float>::infinity()) - shift);
-    store_tail(x + i, e, n - i);
+    const VecF e = vec::exp2_poly(vec::load_tail(x + i, n - i, -std::numeric_limits<float>::infinity()) - shift);
+    vec::store_tail(x + i, e, n - i);
     sum += e;
   }
-  return hsum(sum);
+  return vec::hsum(sum);
 }
 
 FASTATTN_VEC_CLONES static void softmax_grad_f32(float* ds, const float* p, const float* dp, float delta,
                                                  int64_t n) {
-  const vint neg_zero = vint{} + int32_t(0x80000000u);
+  const VecI neg_zero = VecI{} + int32_t(0x80000000u);
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    const vfloat pv = load(p + i);
-    store(ds + i, (vint)pv == neg_zero ? splat(0.f) : pv * (load(dp + i) - delta));
+  for (; i + kLanesF <= n; i += kLanesF) {
+    const VecF pv = vec::load(p + i);
+    vec::store(ds + i, (VecI)pv == neg_zero ? vec::splat(0.f) : pv * (vec::load(dp + i) - delta));
   }
   for (; i < n; ++i) ds[i] = is_masked(p[i]) ? 0.f : p[i] * (dp[i] - delta);
 }
@@ -398,13 +287,8 @@ FASTATTN_VEC_CLONES static void scale_row_f32(float* x, float a, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] *= a;
 }
 
-FASTATTN_VEC_CLONES static float dot_f32(const float* a, const float* b, int64_t n) {
-  vfloat sum = splat(0.f);
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) sum += load(a + i) * load(b + i);
-  if (i < n) sum += load_tail(a + i, n - i, 0.f) * load_tail(b + i, n - i, 0.f);
-  return hsum(sum);
-}
+template <typename T>
+FASTATTN_VEC_CLONES static T dot_cloned(const T* a, const T* b, int64_t n) { return vec::dot(a, b, n); }
 }  // namespace detail
 
 // max_i x[i] (-inf for n == 0; NaN if any x[i] is NaN)
@@ -454,12 +338,9 @@ inline void scale_row(double* x, double a, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] *= a;
 }
 
-inline float dot(const float* a, const float* b, int64_t n) { return detail::dot_f32(a, b, n); }
-inline double dot(const double* a, const double* b, int64_t n) {
-  double sum = 0;
-  for (int64_t i = 0; i < n; ++i) sum += a[i] * b[i];
-  return sum;
-}
+// sum_i a[i] * b[i] (vec::dot)
+template <typename T>
+inline T dot(const T* a, const T* b, int64_t n) { return detail::dot_cloned(a, b, n); }
 
 // Runs fn(claim) once per worker thread of an at::parallel_for region; claim() returns the next
 // unclaimed task in [0, n_tasks), or -1 when none is left. Dynamic hand-out keeps threads busy

@@ -7,8 +7,8 @@
 //      per-head row sums g in the same pass.
 // Threads: with B >= threads every task owns whole batch items (the score variant's second pass over a slab then
 // hits cache); with fewer batch items each stage runs as its own parallel loop over rows (or channel chunks).
-// Inner loops run on float/double rows (plain loops GCC vectorises; explicit 64-byte vectors for the reductions),
-// compiled per ISA level (target_clones) and picked at load time; bfloat16/half rows go through a float scratch row.
+// Inner loops run on float/double rows (plain loops GCC vectorises; vec.h's 64-byte vectors for the reductions),
+// compiled per ISA level (FASTATTN_VEC_CLONES); bfloat16/half rows go through a float scratch row (convert_row).
 #include "softmax_gate.h"
 #include "cpu_utils.h"
 
@@ -21,7 +21,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -30,86 +29,31 @@
 #include <sys/mman.h>
 #endif
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#include <immintrin.h>
-#define FA_GATE_X86 1
-// One clone per x86-64 ISA level; the ifunc resolver picks the best one when the library loads.
-#define FA_GATE_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FA_GATE_X86 0
-#define FA_GATE_CLONES
-#endif
-#define FA_GATE_INLINE inline __attribute__((always_inline))
-
 namespace fastattn::cpu {
 namespace {
 
-constexpr double kLog2e = 1.4426950408889634074;  // softmax in base 2: e^x = 2^(x * log2(e))
-// Dot products use 64-byte GCC vectors (one zmm; two ymm or four xmm on older ISAs, four NEON registers on
-// aarch64): GCC's auto-vectoriser keeps multi-chain reductions on the stack, explicit vectors stay in registers.
-constexpr int64_t kVecBytes = 64;
 // linear_scores computes this many heads' dot products at once: each load of x feeds 4 independent FMA chains.
 constexpr int64_t kScoreHeads = 4;
 // Smallest amount of work (elements) worth a parallel task; below it the loop stays on the calling thread.
 constexpr int64_t kMinTaskElems = 1 << 15;
-// Pool forward with few batch items splits D into chunks of a multiple of this (one zmm of float).
-constexpr int64_t kChannelAlign = 16;
+// Pool forward with few batch items splits D into chunks of a multiple of this (one vector of float).
+constexpr int64_t kChannelAlign = vec::kLanes<float>;
 // Huge page size; outputs of two or more ask the kernel for transparent huge pages (see empty_output).
 constexpr int64_t kHugePageBytes = 2 << 20;
 
 // ---------------------------------------------------------------------------------------------------------------
-// Row kernels on float / double. Each *_impl is inlined into one clone per ISA level below.
+// Row kernels on float / double, each compiled per ISA level (FASTATTN_VEC_CLONES).
 // ---------------------------------------------------------------------------------------------------------------
 
-#if defined(__GNUC__) && !defined(__clang__)
-// The vector helpers are always inlined, so no 64-byte vector ever crosses a call boundary.
-#pragma GCC diagnostic ignored "-Wpsabi"
-#endif
-using VecF = float __attribute__((vector_size(kVecBytes)));
-using VecD = double __attribute__((vector_size(kVecBytes)));
-template <typename T>
-using Vec = std::conditional_t<std::is_same_v<T, float>, VecF, VecD>;
-template <typename T>
-constexpr int64_t kLanes = kVecBytes / sizeof(T);
-
-template <typename T>
-FA_GATE_INLINE Vec<T> vload(const T* p) {
-  Vec<T> v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-template <typename T>
-FA_GATE_INLINE void vstore(T* p, Vec<T> v) {
-  std::memcpy(p, &v, sizeof(v));
-}
-
-template <typename T>
-FA_GATE_INLINE T hsum(Vec<T> v) {
-  T s = 0;
-  for (int64_t l = 0; l < kLanes<T>; ++l) s += v[l];
-  return s;
-}
-
-template <typename T>
-FA_GATE_INLINE T dot_impl(const T* __restrict a, const T* __restrict b, int64_t n) {
-  constexpr int64_t L = kLanes<T>;
-  Vec<T> acc0 = {}, acc1 = {};  // two chains
-  int64_t i = 0;
-  for (; i + 2 * L <= n; i += 2 * L) {
-    acc0 += vload(a + i) * vload(b + i);
-    acc1 += vload(a + i + L) * vload(b + i + L);
-  }
-  for (; i + L <= n; i += L) acc0 += vload(a + i) * vload(b + i);
-  T tail = 0;
-  for (; i < n; ++i) tail += a[i] * b[i];
-  return hsum<T>(acc0 + acc1) + tail;
-}
+using vec::kLanes;
+using vec::load;
+using vec::store;
+using vec::Vec;
 
 // y[h, j] = alpha[h] * x[h, j]; one row, (H, Dh) viewed flat
 template <typename T>
-FA_GATE_INLINE void gate_row_impl(T* __restrict y, const T* __restrict x, const T* __restrict alpha, int64_t H,
-                                  int64_t Dh) {
+FASTATTN_INLINE void gate_heads(T* __restrict y, const T* __restrict x, const T* __restrict alpha, int64_t H,
+                                int64_t Dh) {
   for (int64_t h = 0; h < H; ++h) {
     const T a = alpha[h];
     T* __restrict y_h = y + h * Dh;
@@ -118,9 +62,15 @@ FA_GATE_INLINE void gate_row_impl(T* __restrict y, const T* __restrict x, const 
   }
 }
 
+// gate_heads as a kernel of its own; score_bwd_row inlines gate_heads instead of calling this clone.
+template <typename T>
+FASTATTN_VEC_CLONES void gate_row(T* y, const T* x, const T* alpha, int64_t H, int64_t Dh) {
+  gate_heads(y, x, alpha, H, Dh);
+}
+
 // acc[c - c0] += alpha[c / Dh] * x[c - c0] for channels c in [c0, c1)
 template <typename T>
-FA_GATE_INLINE void pool_row_impl(T* __restrict acc, const T* __restrict x, const T* __restrict alpha, int64_t c0,
+FASTATTN_VEC_CLONES void pool_row(T* __restrict acc, const T* __restrict x, const T* __restrict alpha, int64_t c0,
                                   int64_t c1, int64_t Dh) {
   for (int64_t c = c0; c < c1;) {
     const int64_t h = c / Dh;
@@ -135,27 +85,27 @@ FA_GATE_INLINE void pool_row_impl(T* __restrict acc, const T* __restrict x, cons
 
 // dx[h, j] = alpha[h] * dy[h, j];  g[h] = Σ_j dy[h, j] * x[h, j]
 template <typename T>
-FA_GATE_INLINE void gate_bwd_row_impl(T* __restrict dx, T* __restrict g, const T* __restrict dy,
+FASTATTN_VEC_CLONES void gate_bwd_row(T* __restrict dx, T* __restrict g, const T* __restrict dy,
                                       const T* __restrict x, const T* __restrict alpha, int64_t H, int64_t Dh) {
   for (int64_t h = 0; h < H; ++h) {
     const T a = alpha[h];
     T* __restrict dx_h = dx + h * Dh;
     const T* __restrict dy_h = dy + h * Dh;
     for (int64_t j = 0; j < Dh; ++j) dx_h[j] = a * dy_h[j];
-    g[h] = dot_impl(dy_h, x + h * Dh, Dh);
+    g[h] = vec::dot(dy_h, x + h * Dh, Dh);
   }
 }
 
 // g[h] = Σ_j dy[h, j] * x[h, j]
 template <typename T>
-FA_GATE_INLINE void head_dots_impl(T* __restrict g, const T* __restrict dy, const T* __restrict x, int64_t H,
+FASTATTN_VEC_CLONES void head_dots(T* __restrict g, const T* __restrict dy, const T* __restrict x, int64_t H,
                                    int64_t Dh) {
-  for (int64_t h = 0; h < H; ++h) g[h] = dot_impl(dy + h * Dh, x + h * Dh, Dh);
+  for (int64_t h = 0; h < H; ++h) g[h] = vec::dot(dy + h * Dh, x + h * Dh, Dh);
 }
 
 // s[h] = scale * Σ_c x[c] * w[h, c];  w (H, D) contiguous
 template <typename T>
-FA_GATE_INLINE void linear_scores_impl(T* __restrict s, const T* __restrict x, const T* __restrict w, int64_t H,
+FASTATTN_VEC_CLONES void linear_scores(T* __restrict s, const T* __restrict x, const T* __restrict w, int64_t H,
                                        int64_t D, T scale) {
   constexpr int64_t L = kLanes<T>;
   int64_t h = 0;
@@ -167,11 +117,11 @@ FA_GATE_INLINE void linear_scores_impl(T* __restrict s, const T* __restrict x, c
     Vec<T> acc0 = {}, acc1 = {}, acc2 = {}, acc3 = {};
     int64_t c = 0;
     for (; c + L <= D; c += L) {
-      const Vec<T> xv = vload(x + c);
-      acc0 += xv * vload(w0 + c);
-      acc1 += xv * vload(w1 + c);
-      acc2 += xv * vload(w2 + c);
-      acc3 += xv * vload(w3 + c);
+      const Vec<T> xv = load(x + c);
+      acc0 += xv * load(w0 + c);
+      acc1 += xv * load(w1 + c);
+      acc2 += xv * load(w2 + c);
+      acc3 += xv * load(w3 + c);
     }
     T t0 = 0, t1 = 0, t2 = 0, t3 = 0;
     for (; c < D; ++c) {
@@ -180,31 +130,31 @@ FA_GATE_INLINE void linear_scores_impl(T* __restrict s, const T* __restrict x, c
       t2 += x[c] * w2[c];
       t3 += x[c] * w3[c];
     }
-    s[h] = scale * (hsum<T>(acc0) + t0);
-    s[h + 1] = scale * (hsum<T>(acc1) + t1);
-    s[h + 2] = scale * (hsum<T>(acc2) + t2);
-    s[h + 3] = scale * (hsum<T>(acc3) + t3);
+    s[h] = scale * (vec::hsum(acc0) + t0);
+    s[h + 1] = scale * (vec::hsum(acc1) + t1);
+    s[h + 2] = scale * (vec::hsum(acc2) + t2);
+    s[h + 3] = scale * (vec::hsum(acc3) + t3);
   }
-  for (; h < H; ++h) s[h] = scale * dot_impl(x, w + h * D, D);
+  for (; h < H; ++h) s[h] = scale * vec::dot(x, w + h * D, D);
 }
 
 // dx[c] = alpha[h(c)] * dy[c] + Σ_h ds[h] * w[h, c];  dw[h, c] += ds[h] * x[c]   (ds already carries the scale)
 template <typename T>
-FA_GATE_INLINE void score_bwd_row_impl(T* __restrict dx, T* __restrict dw, const T* __restrict dy,
+FASTATTN_VEC_CLONES void score_bwd_row(T* __restrict dx, T* __restrict dw, const T* __restrict dy,
                                        const T* __restrict x, const T* __restrict alpha, const T* __restrict ds,
                                        const T* __restrict w, int64_t H, int64_t Dh) {
   constexpr int64_t L = kLanes<T>;
   const int64_t D = H * Dh;
-  gate_row_impl(dx, dy, alpha, H, Dh);
+  gate_heads(dx, dy, alpha, H, Dh);
   int64_t c = 0;
   for (; c + L <= D; c += L) {
-    const Vec<T> xv = vload(x + c);
-    Vec<T> dxv = vload(dx + c);
+    const Vec<T> xv = load(x + c);
+    Vec<T> dxv = load(dx + c);
     for (int64_t h = 0; h < H; ++h) {
-      dxv += ds[h] * vload(w + h * D + c);
-      vstore(dw + h * D + c, vload(dw + h * D + c) + ds[h] * xv);
+      dxv += ds[h] * load(w + h * D + c);
+      store(dw + h * D + c, load(dw + h * D + c) + ds[h] * xv);
     }
-    vstore(dx + c, dxv);
+    store(dx + c, dxv);
   }
   for (; c < D; ++c)
     for (int64_t h = 0; h < H; ++h) {
@@ -213,95 +163,9 @@ FA_GATE_INLINE void score_bwd_row_impl(T* __restrict dx, T* __restrict dw, const
     }
 }
 
-
-#define FA_GATE_FOR_ACC(T)                                                                                         \
-  FA_GATE_CLONES void gate_row(T* y, const T* x, const T* alpha, int64_t H, int64_t Dh) {                         \
-    gate_row_impl(y, x, alpha, H, Dh);                                                                             \
-  }                                                                                                                \
-  FA_GATE_CLONES void pool_row(T* acc, const T* x, const T* alpha, int64_t c0, int64_t c1, int64_t Dh) {          \
-    pool_row_impl(acc, x, alpha, c0, c1, Dh);                                                                      \
-  }                                                                                                                \
-  FA_GATE_CLONES void gate_bwd_row(T* dx, T* g, const T* dy, const T* x, const T* alpha, int64_t H, int64_t Dh) { \
-    gate_bwd_row_impl(dx, g, dy, x, alpha, H, Dh);                                                                 \
-  }                                                                                                                \
-  FA_GATE_CLONES void head_dots(T* g, const T* dy, const T* x, int64_t H, int64_t Dh) {                           \
-    head_dots_impl(g, dy, x, H, Dh);                                                                               \
-  }                                                                                                                \
-  FA_GATE_CLONES void linear_scores(T* s, const T* x, const T* w, int64_t H, int64_t D, T scale) {                \
-    linear_scores_impl(s, x, w, H, D, scale);                                                                      \
-  }                                                                                                                \
-  FA_GATE_CLONES void score_bwd_row(T* dx, T* dw, const T* dy, const T* x, const T* alpha, const T* ds,           \
-                                    const T* w, int64_t H, int64_t Dh) {                                          \
-    score_bwd_row_impl(dx, dw, dy, x, alpha, ds, w, H, Dh);                                                        \
-  }
-
-FA_GATE_FOR_ACC(float)
-FA_GATE_FOR_ACC(double)
-#undef FA_GATE_FOR_ACC
-
-
 // ---------------------------------------------------------------------------------------------------------------
 // bfloat16 / half rows <-> float rows
 // ---------------------------------------------------------------------------------------------------------------
-
-FA_GATE_CLONES void to_acc(const c10::BFloat16* src, float* dst, int64_t n) {
-  const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t u = static_cast<uint32_t>(bits[i]) << 16;
-    std::memcpy(dst + i, &u, sizeof(u));
-  }
-}
-
-// Round to nearest even, NaN -> quiet NaN, as c10::BFloat16's conversion.
-FA_GATE_CLONES void from_acc(const float* src, c10::BFloat16* dst, int64_t n) {
-  uint16_t* bits = reinterpret_cast<uint16_t*>(dst);
-  for (int64_t i = 0; i < n; ++i) {
-    uint32_t u;
-    std::memcpy(&u, src + i, sizeof(u));
-    const uint16_t rounded = static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-    bits[i] = src[i] != src[i] ? uint16_t{0x7fc0} : rounded;
-  }
-}
-
-#if FA_GATE_X86
-// GCC 12 does not vectorise _Float16 conversions, so half rows use F16C directly when the CPU has it.
-bool cpu_has_f16c() {
-  static const bool has = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx");
-  }();
-  return has;
-}
-
-__attribute__((target("avx,f16c"))) void half_to_float_f16c(const uint16_t* src, float* dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
-  for (; i < n; ++i) dst[i] = _cvtsh_ss(src[i]);
-}
-
-__attribute__((target("avx,f16c"))) void float_to_half_f16c(const float* src, uint16_t* dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
-                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  for (; i < n; ++i) dst[i] = _cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-}
-#endif
-
-void to_acc(const c10::Half* src, float* dst, int64_t n) {
-#if FA_GATE_X86
-  if (cpu_has_f16c()) return half_to_float_f16c(reinterpret_cast<const uint16_t*>(src), dst, n);
-#endif
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
-
-void from_acc(const float* src, c10::Half* dst, int64_t n) {
-#if FA_GATE_X86
-  if (cpu_has_f16c()) return float_to_half_f16c(src, reinterpret_cast<uint16_t*>(dst), n);
-#endif
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<c10::Half>(src[i]);
-}
 
 // A scalar_t row seen as an acc_t row: a plain pointer for float/double, a converted scratch row otherwise.
 template <typename scalar_t>
@@ -316,7 +180,7 @@ class AccRow {
     if constexpr (kNative) {
       return src;
     } else {
-      if (src != converted_from_ || n != converted_n_) to_acc(src, scratch_.data(), n);
+      if (src != converted_from_ || n != converted_n_) convert_row(scratch_.data(), src, n);
       converted_from_ = src;
       converted_n_ = n;
       return scratch_.data();
@@ -332,7 +196,7 @@ class AccRow {
     }
   }
   void write_back(scalar_t* dst, int64_t n) {
-    if constexpr (!kNative) from_acc(scratch_.data(), dst, n);
+    if constexpr (!kNative) convert_row(dst, scratch_.data(), n);
   }
 
  private:
