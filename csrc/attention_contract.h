@@ -88,4 +88,9 @@ struct AttentionParams {
 //   dweight[h, c]    = scale * sum_{b, n} dscores[b, n, h] * x[b, n, c]
 // alpha is float32 (float64 for float64 x); statistics and accumulators are float32 or wider.
 
+// One softmax-gate call's sizes (each backend's kernels add their own layout: strides, vector width).
+struct GateShape {
+  int64_t B, N, D, H;
+};
+
 }  // namespace fastattn

@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <string>
 
 #include "attention_contract.h"
 
@@ -96,6 +97,74 @@ void describe_attention(AttentionParams<Index, Real>& p, const char* op, const a
     p.gate = g.data_ptr();
     p.gate_headwise = g.size(3) == 1 && Dv != 1;
     p.g_sb = g.stride(0), p.g_sh = g.stride(1), p.g_si = g.stride(2), p.g_sc = g.size(3) == 1 ? 0 : g.stride(3);
+  }
+}
+
+// ------------------------------------------------------------------------------------------ softmax gates
+// The checks of one gate call (attention_contract.h has the shapes), shared by the C++ backends: each names the
+// argument, requires x's device, and x's dtype where the contract does. Backends check first what only they
+// require (device type, the dtypes they cover).
+
+// The number of heads H, read from scores or alpha (B, N, H), or weight (H, D).
+inline int64_t gate_num_heads(const char* op, const at::Tensor& t, const char* name) {
+  const bool is_weight = std::string(name) == "weight";
+  TORCH_CHECK(t.dim() == (is_weight ? 2 : 3), op, ": ", name, " must be ", is_weight ? "(H, D)" : "(B, N, H)",
+              ", got shape ", t.sizes());
+  return is_weight ? t.size(0) : t.size(2);
+}
+
+// x (B, N, D) with H heads dividing D.
+inline GateShape describe_gate(const char* op, const at::Tensor& x, int64_t H) {
+  TORCH_CHECK(x.dim() == 3, op, ": x must be (B, N, D), got ", x.sizes());
+  TORCH_CHECK(H >= 1 && x.size(2) % H == 0, op, ": the number of heads H = ", H, " must divide D = ", x.size(2));
+  return {x.size(0), x.size(1), x.size(2), H};
+}
+
+inline void check_gate_device(const char* op, const at::Tensor& t, const at::Tensor& x, const char* name) {
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on x's device ", x.device(), ", got ", t.device());
+}
+
+inline void check_gate_dtype(const char* op, const at::Tensor& t, const at::Tensor& x, const char* name) {
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " must have x's dtype ", x.scalar_type(), ", got ",
+              t.scalar_type());
+}
+
+// scores, alpha or dalpha: (B, N, H).
+inline void check_gate_rows(const char* op, const at::Tensor& t, const at::Tensor& x, const GateShape& s,
+                            const char* name) {
+  check_gate_device(op, t, x, name);
+  TORCH_CHECK(t.dim() == 3 && t.size(0) == s.B && t.size(1) == s.N && t.size(2) == s.H, op, ": ", name,
+              " must be (B, N, H) = (", s.B, ", ", s.N, ", ", s.H, "), got ", t.sizes());
+}
+
+// weight (H, D), x's dtype.
+inline void check_gate_weight(const char* op, const at::Tensor& weight, const at::Tensor& x, const GateShape& s) {
+  check_gate_device(op, weight, x, "weight");
+  check_gate_dtype(op, weight, x, "weight");
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == s.H && weight.size(1) == s.D, op, ": weight must be (H, D) = (",
+              s.H, ", ", s.D, "), got ", weight.sizes());
+}
+
+// mask: bool (B, N), when given.
+inline void check_gate_mask(const char* op, const std::optional<at::Tensor>& mask, const at::Tensor& x,
+                            const GateShape& s) {
+  if (!mask.has_value() || !mask->defined()) return;
+  check_gate_device(op, *mask, x, "mask");
+  TORCH_CHECK(mask->scalar_type() == at::kBool, op, ": mask must be bool, got ", mask->scalar_type());
+  TORCH_CHECK(mask->dim() == 2 && mask->size(0) == s.B && mask->size(1) == s.N, op, ": mask must be (B, N) = (", s.B,
+              ", ", s.N, "), got ", mask->sizes());
+}
+
+// dy: (B, N, D), or (B, D) with pool; x's dtype.
+inline void check_gate_dy(const char* op, const at::Tensor& dy, const at::Tensor& x, const GateShape& s, bool pool) {
+  check_gate_device(op, dy, x, "dy");
+  check_gate_dtype(op, dy, x, "dy");
+  if (pool) {
+    TORCH_CHECK(dy.dim() == 2 && dy.size(0) == s.B && dy.size(1) == s.D, op, ": dy must be (B, D) = (", s.B, ", ",
+                s.D, ") with pool=True, got ", dy.sizes());
+  } else {
+    TORCH_CHECK(dy.dim() == 3 && dy.size(0) == s.B && dy.size(1) == s.N && dy.size(2) == s.D, op,
+                ": dy must be (B, N, D) = (", s.B, ", ", s.N, ", ", s.D, "), got ", dy.sizes());
   }
 }
 

@@ -1,4 +1,4 @@
-// CPU kernels for softmax_gate / score_softmax_gate (math and shapes: softmax_gate.h, SPEC §1.2).
+// CPU kernels for softmax_gate / score_softmax_gate (math and shapes: csrc/attention_contract.h).
 //
 // The ops are memory-bound: per batch item b the work is an (N, D) slab of x. The kernels
 //   1. make alpha (B, N, H): the scores for b (loaded, or computed as H dot products per row), masked, then a
@@ -11,6 +11,7 @@
 // compiled per ISA level (FASTATTN_VEC_CLONES); bfloat16/half rows go through a float scratch row (convert_row).
 #include "softmax_gate.h"
 #include "cpu_utils.h"
+#include "describe.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -222,8 +223,9 @@ Slab<T> slab_of(const at::Tensor& t, bool per_position) {
   return {t.data_ptr<std::remove_const_t<T>>(), t.stride(0), per_position ? t.stride(1) : 0};
 }
 
-struct Dims {
-  int64_t B, N, D, H, Dh;
+// The call's sizes (B, N, D, H) and Dh = D / H channels per head.
+struct Dims : GateShape {
+  int64_t Dh;
 };
 
 // [begin, end) of part t when [0, total) is split into n_parts nearly equal parts
@@ -317,7 +319,8 @@ void alpha_from_scores(at::opmath_type<scalar_t>* alpha, Slab<const scalar_t> sc
 
 // The type score_softmax_gate makes its scores and their softmax in: double for float32 inputs. A score is a
 // sum of D products times scale, and rounded to float it carries ulp(|score|) into every alpha, which a large
-// scale turns into errors past SPEC's rule (the float32 reference, rounded alike, then wins by chance).
+// scale turns into errors past the rule of docs/CONTRACT.md §4 (the float32 reference, rounded alike, then wins
+// by chance).
 template <typename scalar_t>
 using score_t = std::conditional_t<std::is_same_v<scalar_t, float>, double, at::opmath_type<scalar_t>>;
 
@@ -451,70 +454,33 @@ void score_bwd_rows(Slab<scalar_t> dx, at::opmath_type<scalar_t>* dw, Slab<const
 // Boundary checks
 // ---------------------------------------------------------------------------------------------------------------
 
-at::Tensor unit_last_stride(const at::Tensor& t) { return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous(); }
-
 at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-void check_float_cpu(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), "softmax_gate (cpu): ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "softmax_gate (cpu): ", name,
-              " must be float16, bfloat16, float32 or float64, got ", t.scalar_type());
+// x checked for this backend (a floating-point CPU tensor), then as every backend does (describe_gate); H read
+// from `heads` (scores, alpha or weight).
+Dims describe_cpu_gate(const char* op, const at::Tensor& x, const at::Tensor& heads, const char* heads_name) {
+  TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor, got ", x.device());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": x must be float16, bfloat16, float32 or float64, got ",
+              x.scalar_type());
+  const GateShape s = describe_gate(op, x, gate_num_heads(op, heads, heads_name));
+  return {s, s.D / s.H};
 }
 
-Dims check_x(const at::Tensor& x, int64_t H) {
-  check_float_cpu(x, "x");
-  TORCH_CHECK(x.dim() == 3, "softmax_gate (cpu): x must be (B, N, D), got shape ", x.sizes());
-  TORCH_CHECK(H >= 1 && x.size(2) % H == 0, "softmax_gate (cpu): the number of heads H = ", H,
-              " must divide D = ", x.size(2));
-  return {x.size(0), x.size(1), x.size(2), H, x.size(2) / H};
-}
-
-// Contiguous bool (B, N) mask, or an undefined tensor.
-at::Tensor check_mask(const std::optional<at::Tensor>& mask, const Dims& d) {
-  if (!mask.has_value() || !mask->defined()) return {};
-  TORCH_CHECK(mask->device().is_cpu(), "softmax_gate (cpu): mask must be a CPU tensor, got ", mask->device());
-  TORCH_CHECK(mask->scalar_type() == at::kBool, "softmax_gate (cpu): mask must be bool, got ", mask->scalar_type());
-  TORCH_CHECK(mask->dim() == 2 && mask->size(0) == d.B && mask->size(1) == d.N,
-              "softmax_gate (cpu): mask must be (B, N) = (", d.B, ", ", d.N, "), got ", mask->sizes());
-  return mask->contiguous();
+// The checked mask made contiguous, or an undefined tensor.
+at::Tensor contiguous_mask(const char* op, const std::optional<at::Tensor>& mask, const at::Tensor& x,
+                           const Dims& d) {
+  check_gate_mask(op, mask, x, d);
+  return mask.has_value() && mask->defined() ? mask->contiguous() : at::Tensor();
 }
 
 const bool* mask_ptr(const at::Tensor& mask) { return mask.defined() ? mask.data_ptr<bool>() : nullptr; }
 
-// alpha / dalpha as contiguous (B, N, H) tensors of the accumulation dtype.
-at::Tensor check_weights(const at::Tensor& t, const Dims& d, at::ScalarType acc, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), "softmax_gate (cpu): ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.dim() == 3 && t.size(0) == d.B && t.size(1) == d.N && t.size(2) == d.H, "softmax_gate (cpu): ", name,
-              " must be (B, N, H) = (", d.B, ", ", d.N, ", ", d.H, "), got ", t.sizes());
-  return t.to(acc).contiguous();
-}
-
-at::Tensor check_dalpha(const std::optional<at::Tensor>& dalpha, const Dims& d, at::ScalarType acc) {
-  if (!dalpha.has_value() || !dalpha->defined()) return {};
-  return check_weights(*dalpha, d, acc, "dalpha");
-}
-
-void check_dy(const at::Tensor& dy, const at::Tensor& x, const Dims& d, bool pool) {
-  check_float_cpu(dy, "dy");
-  TORCH_CHECK(dy.scalar_type() == x.scalar_type(), "softmax_gate (cpu): dy must have x's dtype ", x.scalar_type(),
-              ", got ", dy.scalar_type());
-  if (pool) {
-    TORCH_CHECK(dy.dim() == 2 && dy.size(0) == d.B && dy.size(1) == d.D, "softmax_gate (cpu): dy must be (B, D) = (",
-                d.B, ", ", d.D, ") with pool=True, got ", dy.sizes());
-  } else {
-    TORCH_CHECK(dy.dim() == 3 && dy.size(0) == d.B && dy.size(1) == d.N && dy.size(2) == d.D,
-                "softmax_gate (cpu): dy must be (B, N, D) = (", d.B, ", ", d.N, ", ", d.D, "), got ", dy.sizes());
-  }
-}
-
-Dims check_weight(const at::Tensor& weight, const at::Tensor& x) {
-  check_float_cpu(weight, "weight");
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "score_softmax_gate (cpu): weight must have x's dtype ",
-              x.scalar_type(), ", got ", weight.scalar_type());
-  TORCH_CHECK(weight.dim() == 2 && x.dim() == 3 && weight.size(1) == x.size(2),
-              "score_softmax_gate (cpu): weight must be (H, D) with D = x.size(-1) = ", x.dim() == 3 ? x.size(2) : -1,
-              ", got ", weight.sizes());
-  return check_x(x, weight.size(0));
+// alpha / dalpha (B, N, H), checked, as contiguous tensors of the accumulation dtype (dalpha may be absent).
+at::Tensor acc_rows(const char* op, const std::optional<at::Tensor>& t, const at::Tensor& x, const Dims& d,
+                    const char* name) {
+  if (!t.has_value() || !t->defined()) return {};
+  check_gate_rows(op, *t, x, d, name);
+  return t->to(acc_dtype(x.scalar_type())).contiguous();
 }
 
 // A fresh output the kernel writes once. Large outputs are fresh mmap'ed memory, and first-touch page faults cost
@@ -546,15 +512,12 @@ at::Tensor empty_y(const at::Tensor& x, const Dims& d, bool pool) {
 
 std::tuple<at::Tensor, at::Tensor> softmax_gate_fwd(const at::Tensor& scores_in, const at::Tensor& x_in,
                                                     const std::optional<at::Tensor>& mask_in, bool pool) {
-  const at::Tensor x = unit_last_stride(x_in), scores = unit_last_stride(scores_in);
-  check_float_cpu(scores, "scores");
-  TORCH_CHECK(scores.dim() == 3, "softmax_gate (cpu): scores must be (B, N, H), got shape ", scores.sizes());
-  const Dims d = check_x(x, scores.size(2));
-  TORCH_CHECK(scores.size(0) == d.B && scores.size(1) == d.N, "softmax_gate (cpu): scores must be (B, N, H) = (",
-              d.B, ", ", d.N, ", H), got ", scores.sizes());
-  TORCH_CHECK(scores.scalar_type() == x.scalar_type(), "softmax_gate (cpu): scores must have x's dtype ",
-              x.scalar_type(), ", got ", scores.scalar_type());
-  const at::Tensor mask = check_mask(mask_in, d);
+  const char* op = "softmax_gate_fwd (cpu)";
+  const at::Tensor x = last_dim_contiguous(x_in), scores = last_dim_contiguous(scores_in);
+  const Dims d = describe_cpu_gate(op, x, scores, "scores");
+  check_gate_rows(op, scores, x, d, "scores");
+  check_gate_dtype(op, scores, x, "scores");
+  const at::Tensor mask = contiguous_mask(op, mask_in, x, d);
   at::Tensor alpha = at::empty({d.B, d.N, d.H}, x.options().dtype(acc_dtype(x.scalar_type())));
   at::Tensor y = empty_y(x, d, pool);
 
@@ -576,14 +539,13 @@ std::tuple<at::Tensor, at::Tensor> softmax_gate_fwd(const at::Tensor& scores_in,
 std::tuple<at::Tensor, at::Tensor> softmax_gate_bwd(const at::Tensor& dy_in, const at::Tensor& x_in,
                                                     const at::Tensor& alpha_in,
                                                     const std::optional<at::Tensor>& dalpha_in, bool pool) {
-  const at::Tensor x = unit_last_stride(x_in), dy = unit_last_stride(dy_in);
-  check_float_cpu(x, "x");
-  TORCH_CHECK(alpha_in.dim() == 3, "softmax_gate (cpu): alpha must be (B, N, H), got shape ", alpha_in.sizes());
-  const Dims d = check_x(x, alpha_in.size(2));
-  check_dy(dy, x, d, pool);
+  const char* op = "softmax_gate_bwd (cpu)";
+  const at::Tensor x = last_dim_contiguous(x_in), dy = last_dim_contiguous(dy_in);
+  const Dims d = describe_cpu_gate(op, x, alpha_in, "alpha");
+  check_gate_dy(op, dy, x, d, pool);
   const at::ScalarType acc = acc_dtype(x.scalar_type());
-  const at::Tensor alpha = check_weights(alpha_in, d, acc, "alpha");
-  const at::Tensor dalpha = check_dalpha(dalpha_in, d, acc);
+  const at::Tensor alpha = acc_rows(op, alpha_in, x, d, "alpha");
+  const at::Tensor dalpha = acc_rows(op, dalpha_in, x, d, "dalpha");
   at::Tensor g = at::empty({d.B, d.N, d.H}, x.options().dtype(acc));  // becomes dscores in place
   at::Tensor dx = empty_output({d.B, d.N, d.D}, x.options());
 
@@ -614,9 +576,11 @@ std::tuple<at::Tensor, at::Tensor> softmax_gate_bwd(const at::Tensor& dy_in, con
 std::tuple<at::Tensor, at::Tensor> score_softmax_gate_fwd(const at::Tensor& x_in, const at::Tensor& weight_in,
                                                           const std::optional<at::Tensor>& mask_in, double scale,
                                                           bool pool) {
-  const at::Tensor x = unit_last_stride(x_in);
-  const Dims d = check_weight(weight_in, x);
-  const at::Tensor mask = check_mask(mask_in, d);
+  const char* op = "score_softmax_gate_fwd (cpu)";
+  const at::Tensor x = last_dim_contiguous(x_in);
+  const Dims d = describe_cpu_gate(op, x, weight_in, "weight");
+  check_gate_weight(op, weight_in, x, d);
+  const at::Tensor mask = contiguous_mask(op, mask_in, x, d);
   const at::ScalarType acc = acc_dtype(x.scalar_type());
   const at::ScalarType wide = x.scalar_type() == at::kFloat ? at::kDouble : acc;  // score_t
   const at::Tensor w = weight_in.to(wide).contiguous();  // (H, D), small
@@ -664,12 +628,14 @@ std::tuple<at::Tensor, at::Tensor> score_softmax_gate_bwd(const at::Tensor& dy_i
                                                           const at::Tensor& weight_in, const at::Tensor& alpha_in,
                                                           const std::optional<at::Tensor>& dalpha_in, double scale,
                                                           bool pool) {
-  const at::Tensor x = unit_last_stride(x_in), dy = unit_last_stride(dy_in);
-  const Dims d = check_weight(weight_in, x);
-  check_dy(dy, x, d, pool);
+  const char* op = "score_softmax_gate_bwd (cpu)";
+  const at::Tensor x = last_dim_contiguous(x_in), dy = last_dim_contiguous(dy_in);
+  const Dims d = describe_cpu_gate(op, x, weight_in, "weight");
+  check_gate_weight(op, weight_in, x, d);
+  check_gate_dy(op, dy, x, d, pool);
   const at::ScalarType acc = acc_dtype(x.scalar_type());
-  const at::Tensor alpha = check_weights(alpha_in, d, acc, "alpha");
-  const at::Tensor dalpha = check_dalpha(dalpha_in, d, acc);
+  const at::Tensor alpha = acc_rows(op, alpha_in, x, d, "alpha");
+  const at::Tensor dalpha = acc_rows(op, dalpha_in, x, d, "dalpha");
   const at::Tensor w = weight_in.to(acc).contiguous();  // (H, D)
   at::Tensor ds = at::empty({d.B, d.N, d.H}, x.options().dtype(acc));  // g, then scale * dscores in place
   at::Tensor dx = empty_output({d.B, d.N, d.D}, x.options());

@@ -1,27 +1,7 @@
-// CPU kernels for fastattn.softmax_gate and fastattn.score_softmax_gate (SPEC §1.2).
-//
-// Shapes (B batch items, N positions, D channels, H heads, H divides D, channel c belongs to head c / (D / H)):
-//   x       (B, N, D)   any strides with stride(-1) == 1
-//   scores  (B, N, H)   any strides with stride(-1) == 1; same dtype as x
-//   weight  (H, D)      any row stride, stride(-1) == 1; same dtype as x
-//   mask    (B, N)      bool, optional, True = position takes part
-//   alpha   (B, N, H)   contiguous, float32 (float64 for float64 x): softmax over n of the (masked) scores
-//   dalpha  (B, N, H)   optional gradient of the returned alpha, contiguous, alpha's dtype
-//   y, dy   (B, N, D), or (B, D) when pool
-//
-// Math:
-//   alpha[b, :, h] = softmax_n(scores[b, :, h]) over unmasked n, 0 at masked n, all 0 when every n is masked
-//   y[b, n, c] = alpha[b, n, h(c)] * x[b, n, c]          (pool = false)
-//   y[b, c]    = sum_n alpha[b, n, h(c)] * x[b, n, c]    (pool = true)
-//   score_softmax_gate: scores[b, n, h] = scale * sum_c x[b, n, c] * weight[h, c]
-//
-// Backward:
-//   g[b, n, h]       = sum_{c in h} dy[b, (n,) c] * x[b, n, c]  (+ dalpha)
-//   dscores[b, n, h] = alpha[b, n, h] * (g[b, n, h] - sum_n' alpha[b, n', h] * g[b, n', h])
-//   dx[b, n, c]      = dy[b, (n,) c] * alpha[b, n, h(c)]  (+ scale * sum_h dscores[b, n, h] * weight[h, c])
-//   dweight[h, c]    = scale * sum_{b, n} dscores[b, n, h] * x[b, n, c]
-//
-// dtypes float32, float64, bfloat16, float16; statistics and accumulators in float (double for float64).
+// CPU kernels for fastattn.softmax_gate and fastattn.score_softmax_gate. Shapes and math (forward and backward):
+// csrc/attention_contract.h. Here x is float32, float64, bfloat16 or float16 on the CPU, any strides with
+// stride(-1) == 1; scores and weight have x's dtype; alpha is float32 (float64 for float64 x), contiguous;
+// statistics and accumulators are float (double for float64).
 #pragma once
 
 #include <ATen/ATen.h>

@@ -189,18 +189,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd(
 }
 
 // ------------------------------------------------------------------------------------ softmax gates
-struct GateShape {
-  int64_t B, N, D, H;
-};
-
-GateShape check_gate_x(const Tensor& x, int64_t H, const char* op) {
+// x checked for these kernels (device, dtype, batch items), then as every backend does (describe_gate).
+GateShape describe_cuda_gate(const Tensor& x, int64_t H, const char* op, const std::string& where) {
   check_device(x, op, "x", x);
   check_half_dtype(x, op, "x");
-  TORCH_CHECK(x.dim() == 3, op, " (cuda): x must be (B, N, D), got ", x.sizes());
-  const int64_t B = x.size(0), N = x.size(1), D = x.size(2);
-  TORCH_CHECK(H > 0 && D % H == 0, op, " (cuda): the number of heads H=", H, " must divide D=", D);
-  TORCH_CHECK(B <= 65535, op, " (cuda): at most 65535 batch items, got B=", B);
-  return {B, N, D, H};
+  const GateShape s = describe_gate(where.c_str(), x, H);
+  TORCH_CHECK(s.B <= 65535, op, " (cuda): at most 65535 batch items, got B=", s.B);
+  return s;
 }
 
 bool vec16_ok(const Tensor& t) {
@@ -210,18 +205,12 @@ bool vec16_ok(const Tensor& t) {
   return true;
 }
 
-void fill_gate(GateParams& p, const GateShape& s, const Tensor& x, const Tensor& alpha, const OptTensor& mask,
-               const Tensor& mask_c, double scale, bool pool, const char* op) {
+// mask_c: the checked mask made contiguous, or undefined.
+void fill_gate(GateParams& p, const GateShape& s, const Tensor& x, const Tensor& alpha, const Tensor& mask_c,
+               double scale, bool pool) {
   p.x = x.data_ptr();
   p.x_sb = x.stride(0), p.x_sn = x.stride(1);
-  p.mask = nullptr;
-  if (mask.has_value() && mask->defined()) {
-    check_device(*mask, op, "mask", x);
-    TORCH_CHECK(mask->scalar_type() == at::kBool, op, " (cuda): mask must be bool, got ", mask->scalar_type());
-    TORCH_CHECK(mask->dim() == 2 && mask->size(0) == s.B && mask->size(1) == s.N, op, " (cuda): mask must be (B, N) = (",
-                s.B, ", ", s.N, "), got ", mask->sizes());
-    p.mask = mask_c.data_ptr<bool>();
-  }
+  p.mask = mask_c.defined() ? mask_c.data_ptr<bool>() : nullptr;
   p.alpha = alpha.data_ptr<float>();
   p.B = int(s.B), p.N = int(s.N), p.D = int(s.D), p.H = int(s.H);
   p.scale = float(scale);
@@ -230,37 +219,30 @@ void fill_gate(GateParams& p, const GateShape& s, const Tensor& x, const Tensor&
   p.vec = (s.D / s.H) % 8 == 0 && vec16_ok(x) ? 8 : 1;
 }
 
-Tensor bool_mask(const OptTensor& mask) {
-  return mask.has_value() && mask->defined() && mask->scalar_type() == at::kBool ? mask->contiguous() : Tensor();
-}
-
 std::tuple<Tensor, Tensor> gate_fwd(const Tensor& x_in, const OptTensor& scores_in, const OptTensor& weight_in,
                                     const OptTensor& mask, double scale, bool pool, const char* op) {
   const c10::cuda::CUDAGuard guard(x_in.device());
+  const std::string where = std::string(op) + " (cuda)";
   const Tensor x = last_dim_contiguous(x_in);
-  const int64_t H = scores_in ? scores_in->size(-1) : weight_in->size(0);
-  const GateShape s = check_gate_x(x, H, op);
+  const int64_t H = scores_in ? gate_num_heads(where.c_str(), *scores_in, "scores")
+                              : gate_num_heads(where.c_str(), *weight_in, "weight");
+  const GateShape s = describe_cuda_gate(x, H, op, where);
   GateParams p{};
   Tensor scores, weight;
   if (scores_in) {
     scores = last_dim_contiguous(*scores_in);
-    check_device(scores, op, "scores", x);
-    check_same_dtype(scores, x, op, "scores");
-    TORCH_CHECK(scores.dim() == 3 && scores.size(0) == s.B && scores.size(1) == s.N, op,
-                " (cuda): scores must be (B, N, H) = (", s.B, ", ", s.N, ", H), got ", scores.sizes());
+    check_gate_rows(where.c_str(), scores, x, s, "scores");
+    check_gate_dtype(where.c_str(), scores, x, "scores");
     p.scores = scores.data_ptr();
     p.s_sb = scores.stride(0), p.s_sn = scores.stride(1);
   } else {
-    check_device(*weight_in, op, "weight", x);
-    check_same_dtype(*weight_in, x, op, "weight");
-    TORCH_CHECK(weight_in->dim() == 2 && weight_in->size(1) == s.D, op, " (cuda): weight must be (H, D) with D = ", s.D,
-                ", got ", weight_in->sizes());
+    check_gate_weight(where.c_str(), *weight_in, x, s);
     weight = weight_in->to(at::kFloat).contiguous();  // (H, D), small
     p.weight = weight.data_ptr<float>();
   }
+  check_gate_mask(where.c_str(), mask, x, s);
   Tensor alpha = at::empty({s.B, s.N, s.H}, x.options().dtype(at::kFloat));
-  const Tensor mask_c = bool_mask(mask);
-  fill_gate(p, s, x, alpha, mask, mask_c, scale, pool, op);
+  fill_gate(p, s, x, alpha, mask.has_value() && mask->defined() ? mask->contiguous() : Tensor(), scale, pool);
   Tensor y, y_accum;
   if (pool) {
     y_accum = at::zeros({s.B, s.D}, x.options().dtype(at::kFloat));
@@ -277,39 +259,25 @@ std::tuple<Tensor, Tensor, Tensor> gate_bwd(const Tensor& dy_in, const Tensor& x
                                             const Tensor& alpha_in, const OptTensor& dalpha_in, double scale, bool pool,
                                             const char* op) {
   const c10::cuda::CUDAGuard guard(x_in.device());
+  const std::string where = std::string(op) + " (cuda)";
   const Tensor x = last_dim_contiguous(x_in), dy = last_dim_contiguous(dy_in);
-  const GateShape s = check_gate_x(x, alpha_in.size(-1), op);
-  check_device(dy, op, "dy", x);
-  check_same_dtype(dy, x, op, "dy");
-  if (pool) {
-    TORCH_CHECK(dy.dim() == 2 && dy.size(0) == s.B && dy.size(1) == s.D, op, " (cuda): dy must be (B, D) = (", s.B,
-                ", ", s.D, ") with pool=True, got ", dy.sizes());
-  } else {
-    TORCH_CHECK(dy.dim() == 3 && dy.size(0) == s.B && dy.size(1) == s.N && dy.size(2) == s.D, op,
-                " (cuda): dy must be (B, N, D) = (", s.B, ", ", s.N, ", ", s.D, "), got ", dy.sizes());
-  }
-  check_device(alpha_in, op, "alpha", x);
-  TORCH_CHECK(alpha_in.dim() == 3 && alpha_in.size(0) == s.B && alpha_in.size(1) == s.N, op,
-              " (cuda): alpha must be (B, N, H) = (", s.B, ", ", s.N, ", ", s.H, "), got ", alpha_in.sizes());
+  const GateShape s = describe_cuda_gate(x, gate_num_heads(where.c_str(), alpha_in, "alpha"), op, where);
+  check_gate_dy(where.c_str(), dy, x, s, pool);
+  check_gate_rows(where.c_str(), alpha_in, x, s, "alpha");
   const Tensor alpha = alpha_in.to(at::kFloat).contiguous();
   Tensor dalpha;
   if (dalpha_in.has_value() && dalpha_in->defined()) {
-    check_device(*dalpha_in, op, "dalpha", x);
-    TORCH_CHECK(dalpha_in->sizes() == alpha.sizes(), op, " (cuda): dalpha must be ", alpha.sizes(), ", got ",
-                dalpha_in->sizes());
+    check_gate_rows(where.c_str(), *dalpha_in, x, s, "dalpha");
     dalpha = dalpha_in->to(at::kFloat).contiguous();
   }
   GateBwdParams p{};
   Tensor weight;
   if (weight_in) {
-    check_device(*weight_in, op, "weight", x);
-    check_same_dtype(*weight_in, x, op, "weight");
-    TORCH_CHECK(weight_in->dim() == 2 && weight_in->size(0) == s.H && weight_in->size(1) == s.D, op,
-                " (cuda): weight must be (H, D) = (", s.H, ", ", s.D, "), got ", weight_in->sizes());
+    check_gate_weight(where.c_str(), *weight_in, x, s);
     weight = weight_in->to(at::kFloat).contiguous();
     p.weight = weight.data_ptr<float>();
   }
-  fill_gate(p, s, x, alpha, std::nullopt, Tensor(), scale, pool, op);
+  fill_gate(p, s, x, alpha, Tensor(), scale, pool);
   if (!vec16_ok(dy)) p.vec = 1;
   Tensor g = at::empty({s.B, s.N, s.H}, x.options().dtype(at::kFloat));
   Tensor dscores = weight_in ? Tensor() : at::empty({s.B, s.N, s.H}, x.options());
