@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole GPU round in one command (see GPU.md): build the extension with all cores, compare the
+# The whole GPU round in one command: build the extension with all cores, compare the
 # hardware's ldmatrix/mma fragments with the CPU emulation's (layout), then side by side the test
 # suite on the GPU (cuda and triton backends, every gradient), compute-sanitizer on a small sweep and
 # `fastattn check`; `fastattn bench` last, alone on the GPU. Uses the machine's own Python and packages
