@@ -8,7 +8,6 @@
 
 #include <cstdint>
 #include <optional>
-#include <string>
 
 #include "attention_contract.h"
 
@@ -105,9 +104,8 @@ void describe_attention(AttentionParams<Index, Real>& p, const char* op, const a
 // argument, requires x's device, and x's dtype where the contract does. Backends check first what only they
 // require (device type, the dtypes they cover).
 
-// The number of heads H, read from scores or alpha (B, N, H), or weight (H, D).
-inline int64_t gate_num_heads(const char* op, const at::Tensor& t, const char* name) {
-  const bool is_weight = std::string(name) == "weight";
+// The number of heads H, read from scores or alpha (B, N, H), or from weight (H, D) when is_weight.
+inline int64_t gate_num_heads(const char* op, const at::Tensor& t, const char* name, bool is_weight) {
   TORCH_CHECK(t.dim() == (is_weight ? 2 : 3), op, ": ", name, " must be ", is_weight ? "(H, D)" : "(B, N, H)",
               ", got shape ", t.sizes());
   return is_weight ? t.size(0) : t.size(2);

@@ -11,7 +11,6 @@ Triton interpreter on CPU (correct but slow; name ``backend="triton"`` to use it
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 
 import torch

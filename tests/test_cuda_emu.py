@@ -160,3 +160,21 @@ def test_layout_probe_multiplies(bf16):
     assert torch.equal(D, A @ B)
     quad = regs[:, 16].contiguous().view(torch.float32)
     assert torch.equal(quad, torch.tensor([float(sum(range(l // 4 * 4, l // 4 * 4 + 4))) for l in range(32)]))
+
+
+@pytest.mark.parametrize("op", ["softmax_gate", "score_softmax_gate"])
+def test_gate_mask_view_outlives_its_copy(op):
+    """A strided bool mask is made contiguous for the kernel: that copy must live until the kernel has read it
+    (the emulation reports a read of freed memory; on a GPU it would be a silently wrong alpha)."""
+    import fastattn
+    from fastattn import reference
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 37, 64, generator=g).half()
+    other = torch.randn(2, 37, 4, generator=g).half() if op == "softmax_gate" else torch.randn(4, 64, generator=g).half()
+    mask = (torch.rand(2, 74, generator=g) > 0.3)[:, ::2]
+    mask[:, 0] = True
+    args = (other, x) if op == "softmax_gate" else (x, other)
+    y, alpha = getattr(fastattn, op)(*args, mask=mask, return_weights=True, backend="cuda_emu")
+    y_ref, alpha_ref = getattr(reference, op)(*(t.float() for t in args), mask=mask, return_weights=True)
+    torch.testing.assert_close(alpha.float(), alpha_ref, atol=2e-3, rtol=2e-2)
+    torch.testing.assert_close(y.float(), y_ref, atol=2e-2, rtol=2e-2)

@@ -458,11 +458,12 @@ at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDoub
 
 // x checked for this backend (a floating-point CPU tensor), then as every backend does (describe_gate); H read
 // from `heads` (scores, alpha or weight).
-Dims describe_cpu_gate(const char* op, const at::Tensor& x, const at::Tensor& heads, const char* heads_name) {
+Dims describe_cpu_gate(const char* op, const at::Tensor& x, const at::Tensor& heads, const char* heads_name,
+                       bool is_weight) {
   TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor, got ", x.device());
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": x must be float16, bfloat16, float32 or float64, got ",
               x.scalar_type());
-  const GateShape s = describe_gate(op, x, gate_num_heads(op, heads, heads_name));
+  const GateShape s = describe_gate(op, x, gate_num_heads(op, heads, heads_name, is_weight));
   return {s, s.D / s.H};
 }
 
@@ -514,7 +515,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_gate_fwd(const at::Tensor& scores_in,
                                                     const std::optional<at::Tensor>& mask_in, bool pool) {
   const char* op = "softmax_gate_fwd (cpu)";
   const at::Tensor x = last_dim_contiguous(x_in), scores = last_dim_contiguous(scores_in);
-  const Dims d = describe_cpu_gate(op, x, scores, "scores");
+  const Dims d = describe_cpu_gate(op, x, scores, "scores", false);
   check_gate_rows(op, scores, x, d, "scores");
   check_gate_dtype(op, scores, x, "scores");
   const at::Tensor mask = contiguous_mask(op, mask_in, x, d);
@@ -541,7 +542,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_gate_bwd(const at::Tensor& dy_in, con
                                                     const std::optional<at::Tensor>& dalpha_in, bool pool) {
   const char* op = "softmax_gate_bwd (cpu)";
   const at::Tensor x = last_dim_contiguous(x_in), dy = last_dim_contiguous(dy_in);
-  const Dims d = describe_cpu_gate(op, x, alpha_in, "alpha");
+  const Dims d = describe_cpu_gate(op, x, alpha_in, "alpha", false);
   check_gate_dy(op, dy, x, d, pool);
   const at::ScalarType acc = acc_dtype(x.scalar_type());
   const at::Tensor alpha = acc_rows(op, alpha_in, x, d, "alpha");
@@ -578,7 +579,7 @@ std::tuple<at::Tensor, at::Tensor> score_softmax_gate_fwd(const at::Tensor& x_in
                                                           bool pool) {
   const char* op = "score_softmax_gate_fwd (cpu)";
   const at::Tensor x = last_dim_contiguous(x_in);
-  const Dims d = describe_cpu_gate(op, x, weight_in, "weight");
+  const Dims d = describe_cpu_gate(op, x, weight_in, "weight", true);
   check_gate_weight(op, weight_in, x, d);
   const at::Tensor mask = contiguous_mask(op, mask_in, x, d);
   const at::ScalarType acc = acc_dtype(x.scalar_type());
@@ -630,7 +631,7 @@ std::tuple<at::Tensor, at::Tensor> score_softmax_gate_bwd(const at::Tensor& dy_i
                                                           bool pool) {
   const char* op = "score_softmax_gate_bwd (cpu)";
   const at::Tensor x = last_dim_contiguous(x_in), dy = last_dim_contiguous(dy_in);
-  const Dims d = describe_cpu_gate(op, x, weight_in, "weight");
+  const Dims d = describe_cpu_gate(op, x, weight_in, "weight", true);
   check_gate_weight(op, weight_in, x, d);
   check_gate_dy(op, dy, x, d, pool);
   const at::ScalarType acc = acc_dtype(x.scalar_type());

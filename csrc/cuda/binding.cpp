@@ -224,8 +224,8 @@ std::tuple<Tensor, Tensor> gate_fwd(const Tensor& x_in, const OptTensor& scores_
   const c10::cuda::CUDAGuard guard(x_in.device());
   const std::string where = std::string(op) + " (cuda)";
   const Tensor x = last_dim_contiguous(x_in);
-  const int64_t H = scores_in ? gate_num_heads(where.c_str(), *scores_in, "scores")
-                              : gate_num_heads(where.c_str(), *weight_in, "weight");
+  const int64_t H = scores_in ? gate_num_heads(where.c_str(), *scores_in, "scores", false)
+                              : gate_num_heads(where.c_str(), *weight_in, "weight", true);
   const GateShape s = describe_cuda_gate(x, H, op, where);
   GateParams p{};
   Tensor scores, weight;
@@ -241,8 +241,10 @@ std::tuple<Tensor, Tensor> gate_fwd(const Tensor& x_in, const OptTensor& scores_
     p.weight = weight.data_ptr<float>();
   }
   check_gate_mask(where.c_str(), mask, x, s);
+  // the kernel reads this copy after fill_gate returns: it lives to the end of the call
+  const Tensor mask_c = mask.has_value() && mask->defined() ? mask->contiguous() : Tensor();
   Tensor alpha = at::empty({s.B, s.N, s.H}, x.options().dtype(at::kFloat));
-  fill_gate(p, s, x, alpha, mask.has_value() && mask->defined() ? mask->contiguous() : Tensor(), scale, pool);
+  fill_gate(p, s, x, alpha, mask_c, scale, pool);
   Tensor y, y_accum;
   if (pool) {
     y_accum = at::zeros({s.B, s.D}, x.options().dtype(at::kFloat));
@@ -261,7 +263,7 @@ std::tuple<Tensor, Tensor, Tensor> gate_bwd(const Tensor& dy_in, const Tensor& x
   const c10::cuda::CUDAGuard guard(x_in.device());
   const std::string where = std::string(op) + " (cuda)";
   const Tensor x = last_dim_contiguous(x_in), dy = last_dim_contiguous(dy_in);
-  const GateShape s = describe_cuda_gate(x, gate_num_heads(where.c_str(), alpha_in, "alpha"), op, where);
+  const GateShape s = describe_cuda_gate(x, gate_num_heads(where.c_str(), alpha_in, "alpha", false), op, where);
   check_gate_dy(where.c_str(), dy, x, s, pool);
   check_gate_rows(where.c_str(), alpha_in, x, s, "alpha");
   const Tensor alpha = alpha_in.to(at::kFloat).contiguous();
