@@ -30,9 +30,43 @@
 // Math per (b, h, i): s_j = scale * q_i.k_j + bias_ij (-inf where masked or hidden by the causal rule);
 // p = softmax(s); out_i = sum_j p_j v_j (* sigmoid(gate_i)). Kernels keep scores in base 2:
 // s * log2(e), so exp becomes exp2 and lse is in log2 units.
+//
+// varlen_attention_fwd / varlen_attention_bwd: the same math over B sequences of their own lengths,
+// packed without padding (FlashAttention's varlen layout):
+//   q     (total_q, Hq,  D)  any strides, stride(-1) == 1; sequence b owns rows [cu_seqlens_q[b], cu_seqlens_q[b+1])
+//   k, v  (total_k, Hkv, D / Dv)  same, rows [cu_seqlens_k[b], cu_seqlens_k[b+1])
+//   cu_seqlens_q, cu_seqlens_k   int32 (B + 1), contiguous, 0 = cu[0] <= cu[1] <= ... <= cu[B] = total
+//   max_seqlen_q, max_seqlen_k   bounds of the lengths (launch sizes; a larger value is harmless)
+//   gate  (total_q, Hq, Dv) or headwise (total_q, Hq, 1); no mask
+//   out   (total_q, Hq, Dv) contiguous; out_acc likewise (float32, as above)
+//   lse   (Hq, total_q) contiguous (FlashAttention's varlen layout), log2 units as above; dlse the same
+//   dq, dk, dv, dgate            contiguous, the shapes of q, k, v, gate
+//   causal per sequence: top_left (i sees j <= i) or bottom_right (j <= i + Lk_b - Lq_b).
+//   In the params: B sequences; Lq, Lk = max_seqlen_q, max_seqlen_k; q_sb = k_sb = v_sb = g_sb = 0; the
+//   row strides in q_sl, k_sl, v_sl, g_si; cu_seqlens_q/k set (seq_extent gives each sequence's rows).
+//
+// attention_kvcache_fwd: decoding over a KV cache (Lq >= 1 new queries per sequence), forward only:
+//   q     (B, Hq, Lq, D)     as attention_fwd
+//   k_cache, v_cache         (B, Hkv, Lcache, D / Dv), or paged: (num_pages, Hkv, page_size, D / Dv) with
+//   page_table               int32 (B, max_pages), stride(-1) == 1: key j of sequence b is row j % page_size of
+//                            page page_table[b, j / page_size]
+//   seqlens_k                int32 (B), contiguous: sequence b attends to its keys [0, seqlens_k[b])
+//   gate                     as attention_fwd; no mask
+//   out, lse                 as attention_fwd (lse (B, Hq, Lq) float32, log2 units)
+//   causal per sequence: bottom_right (query i sees keys j <= i + seqlens_k[b] - Lq: the new queries are
+//   the last Lq positions), or none (every valid key); top_left is refused.
+//   In the params: Lk = Lcache or max_pages * page_size; seqlens_k set; paged: page_table, pt_sb, page_size,
+//   and k_sb / v_sb step pages.
 #pragma once
 
 #include <cstdint>
+
+// Host and device code alike (nvcc); plain C++ elsewhere.
+#if defined(__CUDACC__)
+#define FASTATTN_HOST_DEVICE __host__ __device__
+#else
+#define FASTATTN_HOST_DEVICE
+#endif
 
 namespace fastattn {
 
@@ -73,7 +107,42 @@ struct AttentionParams {
   Index causal_off;  // query i sees keys j <= i + causal_off (0 top_left, Lk - Lq bottom_right)
   Real scale;        // multiplies q.k
   Real scale_log2;   // scale * kLog2e: scores in base-2 units
+  // Sequences of their own lengths (all nullptr for attention_fwd/bwd; see varlen and kvcache above).
+  int causal_mode;               // CausalMode: the per-sequence causal offset needs it
+  const int32_t* cu_seqlens_q;   // varlen: (B + 1) row offsets of q (and of out, gate, lse's columns)
+  const int32_t* cu_seqlens_k;   // varlen: (B + 1) row offsets of k, v
+  const int32_t* seqlens_k;      // kv cache: (B) valid keys per sequence
+  const int32_t* page_table;     // paged kv cache: (B, max_pages) page ids, row stride pt_sb
+  int64_t pt_sb;
+  Index page_size;
 };
+
+// Where sequence b's rows start (in units of q_sl / k_sl rows, on top of b * q_sb / k_sb) and how long it is.
+struct SeqExtent {
+  int64_t q_row0, k_row0;
+  int64_t Lq, Lk;
+  int64_t causal_off;  // query i sees keys j <= i + causal_off (when causal)
+};
+
+template <typename Index, typename Real>
+FASTATTN_HOST_DEVICE inline SeqExtent seq_extent(const AttentionParams<Index, Real>& p, int64_t b) {
+  SeqExtent e{0, 0, int64_t(p.Lq), int64_t(p.Lk), int64_t(p.causal_off)};
+  if (p.cu_seqlens_q != nullptr) e.q_row0 = p.cu_seqlens_q[b], e.Lq = p.cu_seqlens_q[b + 1] - e.q_row0;
+  if (p.cu_seqlens_k != nullptr) e.k_row0 = p.cu_seqlens_k[b], e.Lk = p.cu_seqlens_k[b + 1] - e.k_row0;
+  if (p.seqlens_k != nullptr) e.Lk = p.seqlens_k[b];
+  if (p.cu_seqlens_q != nullptr || p.seqlens_k != nullptr)
+    e.causal_off = p.causal_mode == kCausalBottomRight ? e.Lk - e.Lq : 0;
+  return e;
+}
+
+// Paged kv cache: the element offset of key row j of sequence b (k_sb steps pages); contiguous: b * k_sb + j * k_sl.
+template <typename Index, typename Real>
+FASTATTN_HOST_DEVICE inline int64_t kv_row_offset(const AttentionParams<Index, Real>& p, int64_t b, int64_t j,
+                                                  int64_t sb, int64_t sl) {
+  if (p.page_table == nullptr) return b * sb + j * sl;
+  const int64_t page = p.page_table[b * p.pt_sb + j / p.page_size];
+  return page * sb + (j % p.page_size) * sl;
+}
 
 // softmax_gate / score_softmax_gate. x (B, N, D) with stride(-1) == 1; H heads divide D, channel c
 // belongs to head c / (D / H); scores (B, N, H) or scores = scale * x weight^T with weight (H, D);

@@ -56,7 +56,11 @@ void describe_attention(AttentionParams<Index, Real>& p, const char* op, const a
   p.B = Index(B), p.Hq = Index(Hq), p.Hkv = Index(Hkv), p.Lq = Index(Lq), p.Lk = Index(Lk);
   p.D = Index(D), p.Dv = Index(Dv), p.group = Index(Hq / Hkv);
   p.causal = causal != kCausalNone;
+  p.causal_mode = int(causal);
   p.causal_off = causal == kCausalBottomRight ? Index(Lk - Lq) : Index(0);
+  p.cu_seqlens_q = p.cu_seqlens_k = p.seqlens_k = p.page_table = nullptr;
+  p.pt_sb = 0;
+  p.page_size = 0;
   p.scale = Real(scale);
   p.scale_log2 = Real(scale * kLog2e);
 
@@ -97,6 +101,84 @@ void describe_attention(AttentionParams<Index, Real>& p, const char* op, const a
     p.gate_headwise = g.size(3) == 1 && Dv != 1;
     p.g_sb = g.stride(0), p.g_sh = g.stride(1), p.g_si = g.stride(2), p.g_sc = g.size(3) == 1 ? 0 : g.stride(3);
   }
+}
+
+// An int32 index tensor of the varlen and kv-cache ops: on q's device, `ndim`-D, contiguous rows.
+inline const int32_t* index_tensor(const char* op, const at::Tensor& t, const at::Tensor& q, const char* name,
+                                   int64_t ndim) {
+  TORCH_CHECK(t.device() == q.device(), op, ": ", name, " must be on q's device ", q.device(), ", got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kInt, op, ": ", name, " must be int32, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == ndim, op, ": ", name, " must be ", ndim, "-D, got shape ", t.sizes());
+  TORCH_CHECK(t.numel() == 0 || t.stride(-1) == 1, op, ": ", name, " must have stride(-1) == 1");
+  TORCH_CHECK(ndim == 1 || t.numel() == 0 || t.stride(0) >= t.size(1), op, ": ", name, " rows must not overlap");
+  return t.data_ptr<int32_t>();
+}
+
+// (total, H, D) seen as (1, H, total, D): the packed layout through describe_attention's checks.
+inline at::Tensor packed_as_4d(const at::Tensor& t) { return t.dim() == 3 ? t.transpose(0, 1).unsqueeze(0) : t; }
+
+// varlen_attention (attention_contract.h): q (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv),
+// gate (total_q, Hq, Dv or 1), cu_seqlens (B + 1). The values of cu_seqlens are not read here (they may live on
+// a GPU): fastattn.varlen_attention checks them.
+template <typename Index, typename Real>
+void describe_varlen_attention(AttentionParams<Index, Real>& p, const char* op, const at::Tensor& q,
+                               const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+                               const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+                               const std::optional<at::Tensor>& gate, double scale, int64_t causal) {
+  TORCH_CHECK(q.dim() == 3, op, ": q must be (total_q, Hq, D), got ", q.sizes());
+  TORCH_CHECK(k.dim() == 3, op, ": k must be (total_k, Hkv, D), got ", k.sizes());
+  TORCH_CHECK(v.dim() == 3, op, ": v must be (total_k, Hkv, Dv), got ", v.sizes());
+  TORCH_CHECK(!gate.has_value() || !gate->defined() || gate->dim() == 3, op,
+              ": gate must be (total_q, Hq, Dv) or (total_q, Hq, 1), got ", gate->sizes());
+  std::optional<at::Tensor> gate4;
+  if (gate.has_value() && gate->defined()) gate4 = packed_as_4d(*gate);
+  describe_attention(p, op, packed_as_4d(q), packed_as_4d(k), packed_as_4d(v), std::nullopt, gate4, scale, causal);
+  p.cu_seqlens_q = index_tensor(op, cu_seqlens_q, q, "cu_seqlens_q", 1);
+  p.cu_seqlens_k = index_tensor(op, cu_seqlens_k, q, "cu_seqlens_k", 1);
+  TORCH_CHECK(cu_seqlens_q.numel() >= 1 && cu_seqlens_k.numel() == cu_seqlens_q.numel(), op,
+              ": cu_seqlens_q and cu_seqlens_k must both have B + 1 >= 1 entries, got ", cu_seqlens_q.numel(),
+              " and ", cu_seqlens_k.numel());
+  TORCH_CHECK(max_seqlen_q >= 0 && max_seqlen_k >= 0, op, ": max_seqlen_q and max_seqlen_k must be >= 0, got ",
+              max_seqlen_q, " and ", max_seqlen_k);
+  p.B = Index(cu_seqlens_q.numel() - 1);
+  p.Lq = Index(max_seqlen_q), p.Lk = Index(max_seqlen_k);
+  p.q_sb = p.k_sb = p.v_sb = p.g_sb = 0;
+  p.causal_off = 0;  // per sequence: seq_extent
+}
+
+// attention_kvcache (attention_contract.h): q (B, Hq, Lq, D); k_cache, v_cache (B, Hkv, Lcache, D / Dv) or, with a
+// page_table (B, max_pages), paged (num_pages, Hkv, page_size, D / Dv); seqlens_k (B). As for varlen, index
+// values are checked by fastattn.attention_with_kvcache.
+template <typename Index, typename Real>
+void describe_kvcache_attention(AttentionParams<Index, Real>& p, const char* op, const at::Tensor& q,
+                                const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& seqlens_k,
+                                const std::optional<at::Tensor>& page_table, const std::optional<at::Tensor>& gate,
+                                double scale, int64_t causal) {
+  TORCH_CHECK(causal != kCausalTopLeft, op, ": causal must be 0 (none) or 2 (bottom_right) over a kv cache, got 1");
+  const bool paged = page_table.has_value() && page_table->defined();
+  TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 4 && v_cache.dim() == 4, op,
+              ": q, k_cache and v_cache must be 4-D, got ", q.sizes(), ", ", k_cache.sizes(), ", ", v_cache.sizes());
+  const int64_t B = q.size(0);
+  if (!paged) {
+    describe_attention(p, op, q, k_cache, v_cache, std::nullopt, gate, scale, causal);
+  } else {
+    TORCH_CHECK(k_cache.size(0) == v_cache.size(0), op, ": k_cache has ", k_cache.size(0), " pages, v_cache ",
+                v_cache.size(0));
+    TORCH_CHECK(k_cache.size(0) > 0, op, ": a paged k_cache needs at least one page");
+    // one page per sequence, as a (B, Hkv, page_size, D) cache, through the shared checks
+    describe_attention(p, op, q, k_cache.narrow(0, 0, 1).expand({B, -1, -1, -1}),
+                       v_cache.narrow(0, 0, 1).expand({B, -1, -1, -1}), std::nullopt, gate, scale, causal);
+    p.page_table = index_tensor(op, *page_table, q, "page_table", 2);
+    TORCH_CHECK(page_table->size(0) == B, op, ": page_table must have B = ", B, " rows, got ", page_table->size(0));
+    p.pt_sb = page_table->stride(0);
+    p.page_size = Index(k_cache.size(2));
+    p.k = k_cache.data_ptr(), p.v = v_cache.data_ptr();
+    p.k_sb = k_cache.stride(0), p.v_sb = v_cache.stride(0);
+    p.Lk = Index(page_table->size(1) * k_cache.size(2));
+  }
+  p.seqlens_k = index_tensor(op, seqlens_k, q, "seqlens_k", 1);
+  TORCH_CHECK(seqlens_k.numel() == B, op, ": seqlens_k must have B = ", B, " entries, got ", seqlens_k.numel());
+  p.causal_off = 0;  // per sequence: seq_extent
 }
 
 // ------------------------------------------------------------------------------------------ softmax gates

@@ -32,6 +32,21 @@ TORCH_LIBRARY(fastattn, m) {
   m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask,"
         " Tensor? gate, Tensor? dlse, float scale, int causal, bool need_dmask)"
         " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Packed sequences of their own lengths (attention_contract.h): q (total_q, Hq, D), k / v (total_k, Hkv, D / Dv),
+  // cu_seqlens int32 (B + 1), gate (total_q, Hq, Dv or 1). Returns (out, lse, out_acc) as attention_fwd, with
+  // out (total_q, Hq, Dv) and lse (Hq, total_q).
+  m.def("varlen_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k,"
+        " int max_seqlen_q, int max_seqlen_k, Tensor? gate, float scale, int causal, bool need_acc=True)"
+        " -> (Tensor, Tensor, Tensor)");
+  // Returns (dq, dk, dv, dgate); dgate is empty without a gate.
+  m.def("varlen_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
+        " Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, Tensor? gate, Tensor? dlse,"
+        " float scale, int causal) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Decoding over a kv cache, contiguous (B, Hkv, Lcache, D) or paged (num_pages, Hkv, page_size, D) with
+  // page_table (B, max_pages); seqlens_k (B) valid keys per sequence; causal 0 or 2 (bottom_right). Forward only:
+  // returns (out, lse) as attention_fwd.
+  m.def("attention_kvcache_fwd(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens_k, Tensor? page_table,"
+        " Tensor? gate, float scale, int causal) -> (Tensor, Tensor)");
   // Returns (y, alpha); alpha (B,N,H) is float32 (float64 for float64 inputs).
   m.def("softmax_gate_fwd(Tensor scores, Tensor x, Tensor? mask, bool pool) -> (Tensor, Tensor)");
   // Returns (dscores, dx).

@@ -128,6 +128,129 @@ def attention_inputs(q, k, v, attn_mask, gate, scale_, dropout_p):
     return B, Hq, Hkv, Lq, Lk, D, Dv
 
 
+def _heads_and_dims(q, k, v, q_dims, kv_dims):
+    """The shared part of the varlen / kv-cache checks: dtypes, devices, heads (GQA), head dims."""
+    same([("q", q), ("k", k), ("v", v)], "dtype")
+    same([("q", q), ("k", k), ("v", v)], "device")
+    Hq, D = q.shape[q_dims[0]], q.shape[q_dims[1]]
+    Hkv, Dk, Hv = k.shape[kv_dims[0]], k.shape[kv_dims[1]], v.shape[kv_dims[0]]
+    require(_eq(Hv, Hkv), ValueError, f"v: expected {Hkv} heads like k, got {Hv}")
+    require(Hkv > 0 and Hq % Hkv == 0, ValueError,
+            f"k: number of kv heads ({Hkv}) must be positive and divide the query heads of q ({Hq})")
+    require(_eq(Dk, D), ValueError, f"k: head dim must equal q's ({D}), got {Dk}")
+    return Hq, Hkv, D, v.shape[kv_dims[1]]
+
+
+def _index(name, t, ndim):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected an int32 torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.int32:
+        raise TypeError(f"{name}: expected dtype torch.int32, got {t.dtype}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D tensor, got shape {tuple(t.shape)}")
+
+
+def _check_values():
+    """Index tensors' values are read (a device sync on a GPU) except while torch.compile traces or a CUDA graph
+    is captured, where reading them is impossible: the kernels then trust them."""
+    return not (torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()))
+
+
+def varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, gate, scale_):
+    """Checks ``fastattn.varlen_attention``'s arguments; returns (B, Hq, Hkv, D, Dv)."""
+    for n, t in (("q", q), ("k", k), ("v", v)):
+        tensor(n, t, ndim=3)
+    Hq, Hkv, D, Dv = _heads_and_dims(q, k, v, (1, 2), (1, 2))
+    require(_eq(v.shape[0], k.shape[0]), ValueError, f"v: expected total_k = {k.shape[0]} rows like k, got {v.shape[0]}")
+    for n, cu, total, mx in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
+                             ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)):
+        _index(n, cu, 1)
+        same([("q", q), (n, cu)], "device")
+        if cu.numel() < 1:
+            raise ValueError(f"{n}: expected B + 1 >= 1 offsets, got an empty tensor")
+        mname = "max_seqlen" + n[-2:]
+        if isinstance(mx, bool) or not isinstance(mx, int) or mx < 0:
+            raise ValueError(f"{mname}: expected an int >= 0, got {mx!r}")
+        if _check_values():
+            lengths = cu.diff()
+            if cu[0].item() != 0 or bool((lengths < 0).any()) or cu[-1].item() != total:
+                raise ValueError(f"{n}: expected non-decreasing offsets from 0 to the packed length {total}, got "
+                                 f"{cu.tolist() if cu.numel() <= 16 else 'other values'}")
+            longest = int(lengths.max()) if lengths.numel() else 0
+            if longest > mx:
+                raise ValueError(f"{mname}: {mx} is shorter than the longest sequence in {n} ({longest})")
+    if cu_seqlens_k.shape != cu_seqlens_q.shape:
+        raise ValueError(f"cu_seqlens_k: expected {cu_seqlens_q.numel()} offsets like cu_seqlens_q, got "
+                         f"{cu_seqlens_k.numel()}")
+    if gate is not None:
+        tensor("gate", gate, ndim=3)
+        same([("q", q), ("gate", gate)], "device")
+        require(sym_and(sym_and(_eq(gate.shape[0], q.shape[0]), _eq(gate.shape[1], Hq)),
+                        sym_or(_eq(gate.shape[2], Dv), _eq(gate.shape[2], 1))), ValueError,
+                f"gate: expected shape (total_q={q.shape[0]}, Hq={Hq}, Dv={Dv}) or (total_q, Hq, 1), got "
+                f"{tuple(gate.shape)}")
+    scale(scale_)
+    return cu_seqlens_q.numel() - 1, Hq, Hkv, D, Dv
+
+
+def kvcache_inputs(q, k_cache, v_cache, k, v, cache_seqlens, page_table, gate, scale_):
+    """Checks ``fastattn.attention_with_kvcache``'s arguments; returns (B, Hq, Hkv, Lq, D, Dv, Lnew)."""
+    tensor("q", q, ndim=4)
+    tensor("k_cache", k_cache, ndim=4)
+    tensor("v_cache", v_cache, ndim=4)
+    Hq, Hkv, D, Dv = _heads_and_dims(q, k_cache, v_cache, (1, 3), (1, 3))
+    B, Lq = q.shape[0], q.shape[2]
+    paged = page_table is not None
+    cache_len = k_cache.shape[2]
+    require(_eq(v_cache.shape[0], k_cache.shape[0]) and _eq(v_cache.shape[2], cache_len), ValueError,
+            f"v_cache: expected {'pages' if paged else 'batch'} and length like k_cache "
+            f"({k_cache.shape[0]}, {cache_len}), got shape {tuple(v_cache.shape)}")
+    if paged:
+        _index("page_table", page_table, 2)
+        same([("q", q), ("page_table", page_table)], "device")
+        require(_eq(page_table.shape[0], B), ValueError,
+                f"page_table: expected B={B} rows, got shape {tuple(page_table.shape)}")
+        capacity = page_table.shape[1] * cache_len
+    else:
+        require(_eq(k_cache.shape[0], B), ValueError,
+                f"k_cache: expected batch B={B} like q, got shape {tuple(k_cache.shape)}")
+        capacity = cache_len
+    _index("cache_seqlens", cache_seqlens, 1)
+    same([("q", q), ("cache_seqlens", cache_seqlens)], "device")
+    require(_eq(cache_seqlens.shape[0], B), ValueError,
+            f"cache_seqlens: expected B={B} lengths, got shape {tuple(cache_seqlens.shape)}")
+    Lnew = 0
+    if (k is None) != (v is None):
+        raise ValueError("k, v: pass both new keys and values, or neither")
+    if k is not None:
+        tensor("k", k, ndim=4)
+        tensor("v", v, ndim=4)
+        same([("q", q), ("k", k), ("v", v)], "dtype")
+        same([("q", q), ("k", k), ("v", v)], "device")
+        Lnew = k.shape[2]
+        for n, t, d in (("k", k, D), ("v", v, Dv)):
+            require(t.shape == (B, Hkv, Lnew, d), ValueError,
+                    f"{n}: expected shape (B={B}, Hkv={Hkv}, Lnew={Lnew}, {d}), got {tuple(t.shape)}")
+    if _check_values() and B:
+        lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
+        if lo < 0 or hi + Lnew > capacity:
+            raise ValueError(f"cache_seqlens: lengths (with the {Lnew} new keys) must lie in [0, {capacity}] (the "
+                             f"cache's capacity), got {lo}..{hi}")
+        if paged:
+            used = (cache_seqlens.long() + Lnew + cache_len - 1) // cache_len  # pages each sequence reads
+            cols = torch.arange(page_table.shape[1], device=page_table.device)
+            ids = page_table[cols[None, :] < used[:, None]]
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= k_cache.shape[0]):
+                raise ValueError(f"page_table: page ids must lie in [0, {k_cache.shape[0]}) (k_cache's pages), got "
+                                 f"{int(ids.min())}..{int(ids.max())}")
+    if gate is not None:
+        tensor("gate", gate)
+        same([("q", q), ("gate", gate)], "device")
+        broadcastable("gate", gate, (B, Hq, Lq, Dv), ("B", "Hq", "Lq", "Dv"))
+    scale(scale_)
+    return B, Hq, Hkv, Lq, D, Dv, Lnew
+
+
 def gate_inputs(x, scores=None, weight=None, mask=None):
     """Checks softmax_gate / score_softmax_gate arguments; returns (B, N, D, H)."""
     tensor("x", x, ndim=3)

@@ -20,11 +20,17 @@ from .contract import LN2, causal_arg
 
 MAX_FUSED_HEAD_DIM = 256  # docs/CONTRACT.md §2.1: D and Dv up to 256 on fused backends
 
+# The kernels (torch.ops.fastattn.<backend prefix><name>) a fused backend needs for each op, and for its gradient.
+KERNELS = {"attention": ("attention_fwd",), "varlen_attention": ("varlen_attention_fwd",),
+           "attention_kvcache": ("attention_kvcache_fwd",), "softmax_gate": ("softmax_gate_fwd",),
+           "score_softmax_gate": ("score_softmax_gate_fwd",)}
+BACKWARD_KERNELS = {"attention": ("attention_bwd",), "varlen_attention": ("varlen_attention_bwd",)}
+
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
     """What a backend needs to know to accept or refuse a call."""
-    op: str                      # "attention", "softmax_gate", "score_softmax_gate"
+    op: str                      # a key of KERNELS: "attention", "varlen_attention", "attention_kvcache", ...
     device_type: str
     dtype: torch.dtype
     D: int = 0                   # attention head dims (0 for the softmax gates)
@@ -64,12 +70,41 @@ class ReferenceBackend(Backend):
         return reference.attention(q, k, v, attn_mask=mask, causal=causal_arg(causal), scale=scale, gate=gate,
                                    dropout_p=dropout_p, return_lse=True)
 
+    def varlen_attention(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, gate, scale, causal,
+                         grad):
+        return reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                          causal=causal_arg(causal), scale=scale, gate=gate, return_lse=True)
+
+    def attention_kvcache(self, q, k_cache, v_cache, seqlens_k, page_table, gate, scale, causal):
+        return reference.attention_with_kvcache(q, k_cache, v_cache, seqlens_k, page_table, causal=bool(causal),
+                                                scale=scale, gate=gate, return_lse=True)
+
     def softmax_gate(self, scores, x, mask, pool):
         return reference.softmax_gate(scores, x, mask=mask, pool=pool, return_weights=True)
 
     def score_softmax_gate(self, x, weight, mask, scale, pool):
         return reference.score_softmax_gate(x, weight, mask=mask, scale=scale, pool=pool,
                                             return_weights=True)
+
+
+@torch.compiler.assume_constant_result  # a fact about the build, not the call: torch.compile takes it as a constant
+def _has_kernel(op, device_type):
+    """C++ kernels register per device type; Triton's custom ops for every device."""
+    if not hasattr(torch.ops.fastattn, op):
+        return False
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    return has(f"fastattn::{op}", "CompositeExplicitAutograd") or has(f"fastattn::{op}", device_type.upper())
+
+
+def _gate_for_kernels(gate, q):
+    """The output gate as the kernels take it: q's dtype, (B, Hq, Lq, Dv) or, headwise, (B, Hq, Lq, 1) (the
+    kernels broadcast a headwise gate over Dv themselves and sum its gradient there in float32)."""
+    if gate is None:
+        return None
+    gate = gate.to(q.dtype)
+    gate = gate.reshape((1,) * (4 - gate.dim()) + tuple(gate.shape))
+    B, Hq, Lq, _ = q.shape
+    return gate.expand(B, Hq, Lq, gate.shape[-1])
 
 
 class FusedBackend(Backend):
@@ -81,6 +116,10 @@ class FusedBackend(Backend):
         why = super().unsupported(p)
         if why:
             return why
+        missing = [n for n in KERNELS[p.op] + (BACKWARD_KERNELS.get(p.op, ()) if p.grad else ())
+                   if not self.has_kernel(n, p.device_type)]
+        if missing:
+            return f"has no kernel {self.op_prefix}{' or '.join(missing)} for {p.device_type} tensors"
         if p.head_dim > MAX_FUSED_HEAD_DIM:
             return f"head dims up to {MAX_FUSED_HEAD_DIM} (got {p.head_dim}); use backend='reference'"
         if p.dropout:
@@ -90,26 +129,39 @@ class FusedBackend(Backend):
     def _op(self, name):
         return getattr(torch.ops.fastattn, self.op_prefix + name)
 
+    def has_kernel(self, name, device_type):
+        """Whether ``torch.ops.fastattn.<op_prefix><name>`` exists with a kernel for ``device_type`` tensors."""
+        return _has_kernel(self.op_prefix + name, device_type)
+
     def attention(self, q, k, v, mask, gate, scale, causal, dropout_p, grad):
-        B, Hq, Lq, _ = q.shape
-        Dv = v.shape[3]
         if mask is not None:
             if mask.dtype != torch.bool:
                 mask = mask.to(q.dtype)  # kernels read a float mask in q's dtype
             # 4-D but not expanded: the kernels broadcast size-1 dims themselves and return the gradient
             # of a float mask in this shape, summed in float32, never as a (B, Hq, Lq, Lk) tensor
             mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
-        if gate is not None:
-            # (B, Hq, Lq, Dv) or, headwise, (B, Hq, Lq, 1): the kernels broadcast a headwise gate over Dv
-            # themselves and sum its gradient there in float32
-            gate = gate.to(q.dtype)
-            gate = gate.reshape((1,) * (4 - gate.dim()) + tuple(gate.shape))
-            gate = gate.expand(B, Hq, Lq, gate.shape[-1])
+        gate = _gate_for_kernels(gate, q)
         # without a gradient to follow, the kernels skip out_acc and the precise P V kept for the backward
         out, lse2, _ = self._op("attention_fwd")(
             ops.last_dim_contiguous(q), ops.last_dim_contiguous(k), ops.last_dim_contiguous(v),
             mask, gate, scale, causal, grad)
         return out, lse2 * LN2  # the kernels keep lse in log2 units, the base they compute in
+
+    def varlen_attention(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, gate, scale, causal,
+                         grad):
+        if gate is not None:
+            gate = ops.last_dim_contiguous(gate.to(q.dtype))
+        out, lse2, _ = self._op("varlen_attention_fwd")(
+            ops.last_dim_contiguous(q), ops.last_dim_contiguous(k), ops.last_dim_contiguous(v),
+            cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, gate, scale, causal, grad)
+        return out, lse2 * LN2
+
+    def attention_kvcache(self, q, k_cache, v_cache, seqlens_k, page_table, gate, scale, causal):
+        gate = _gate_for_kernels(gate, q)
+        out, lse2 = self._op("attention_kvcache_fwd")(
+            ops.last_dim_contiguous(q), ops.last_dim_contiguous(k_cache), ops.last_dim_contiguous(v_cache),
+            seqlens_k, page_table, gate, scale, causal)
+        return out, lse2 * LN2
 
     def softmax_gate(self, scores, x, mask, pool):
         return self._op("softmax_gate_fwd")(ops.last_dim_contiguous(scores), ops.last_dim_contiguous(x), mask, pool)
@@ -129,7 +181,7 @@ def cuda_kernels_unsupported(p: Problem) -> str | None:
     """Why csrc/cuda's kernels cannot run ``p`` (None when they can)."""
     if p.dtype not in CUDA_DTYPES:
         return f"the cuda kernels cover float16 and bfloat16, got {p.dtype}"
-    if p.op == "attention" and not (p.D == p.Dv and p.D in CUDA_HEAD_DIMS):
+    if p.op in KERNELS and p.D and not (p.D == p.Dv and p.D in CUDA_HEAD_DIMS):
         return f"the cuda attention kernels cover D == Dv in {CUDA_HEAD_DIMS}, got D={p.D}, Dv={p.Dv}"
     return None
 

@@ -11,11 +11,12 @@ import torch
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 from torch.nn.attention.bias import CausalBias, CausalVariant
 
-from . import _checks
+from . import _checks, reference
 from .backends import Problem, select
 from .contract import causal_code
 
-__all__ = ["attention", "scaled_dot_product_attention", "softmax_gate", "score_softmax_gate"]
+__all__ = ["attention", "varlen_attention", "attention_with_kvcache", "scaled_dot_product_attention", "softmax_gate",
+           "score_softmax_gate"]
 
 
 def attention(q, k, v, *, attn_mask=None, causal=False, scale=None, gate=None, dropout_p=0.0,
@@ -54,6 +55,88 @@ def attention(q, k, v, *, attn_mask=None, causal=False, scale=None, gate=None, d
     if _maybe_zero(B, Hq, Lq, Lk, D, Dv):
         impl = select("reference", problem)  # empty problems: no kernel launch
     out, lse = impl.attention(q, k, v, attn_mask, gate, scale, code, dropout_p, grad)
+    return (out, lse) if return_lse else out
+
+
+def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False, scale=None,
+                     gate=None, return_lse=False, backend="auto"):
+    """:func:`attention` over a batch of sequences of different lengths, packed without padding
+    (FlashAttention's ``flash_attn_varlen_func``).
+
+    Args:
+        q: (total_q, Hq, D), the queries of every sequence one after another. k: (total_k, Hkv, D).
+            v: (total_k, Hkv, Dv). GQA as in :func:`attention`; any strides.
+        cu_seqlens_q, cu_seqlens_k: int32 (B + 1) offsets: sequence b owns query rows
+            [cu_seqlens_q[b], cu_seqlens_q[b+1]) and key rows [cu_seqlens_k[b], cu_seqlens_k[b+1]); they start at
+            0, never decrease and end at total_q / total_k. Sequences of length 0 are allowed.
+        max_seqlen_q, max_seqlen_k: ints, at least the longest query / key sequence (they size the launch).
+        causal: per sequence; False, True / "top_left" (query i sees keys j <= i, as :func:`attention`), or
+            "bottom_right" (j <= i + Lk_b - Lq_b: FlashAttention's ``causal=True``). Equal lengths: the same.
+        scale, backend: as :func:`attention`. gate: (total_q, Hq, Dv), or headwise (total_q, Hq, 1).
+        return_lse: also return lse (Hq, total_q) (FlashAttention's varlen layout), natural log, float32.
+
+    The offsets are checked (a device sync on a GPU) except under torch.compile and CUDA-graph capture.
+    Returns out (total_q, Hq, Dv) (rows with no key are 0), and lse if asked.
+    """
+    B, Hq, Hkv, D, Dv = _checks.varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                               gate, scale)
+    code = causal_code(causal)
+    scale = default_scale(D) if scale is None else float(scale)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, gate))
+    problem = Problem("varlen_attention", q.device.type, q.dtype, D=D, Dv=Dv, causal=code != 0, grad=grad)
+    impl = select(backend, problem)
+    if _maybe_zero(B, Hq, q.shape[0], k.shape[0], D, Dv):
+        impl = select("reference", problem)
+    out, lse = impl.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
+                                     gate, scale, code, grad)
+    return (out, lse) if return_lse else out
+
+
+def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens, page_table=None, causal=False,
+                           scale=None, gate=None, return_lse=False, backend="auto"):
+    """Decoding: attention of a few new queries per sequence over a KV cache, optionally appending their
+    keys and values to it first (FlashAttention's ``flash_attn_with_kvcache``, in fastattn's (B, H, L, D)
+    layout). Forward only (inference).
+
+    Args:
+        q: (B, Hq, Lq, D): Lq >= 1 new queries per sequence (1 for decoding, more for speculative decoding
+            or a prefill chunk).
+        k_cache, v_cache: the cache, (B, Hkv, Lcache, D / Dv) (Hugging Face's layout), or, with
+            ``page_table``, paged: (num_pages, Hkv, page_size, D / Dv).
+        k, v: None, or the new keys / values (B, Hkv, Lnew, D / Dv): written into the cache in place at
+            positions cache_seqlens[b] .. cache_seqlens[b] + Lnew - 1 of sequence b before attending.
+        cache_seqlens: int32 (B): how many keys each sequence holds before the new ones. The queries attend
+            to keys [0, cache_seqlens[b] + Lnew). It is not updated: add Lnew yourself for the next step.
+        page_table: None, or int32 (B, max_pages): key j of sequence b lives in row j % page_size of page
+            page_table[b, j // page_size] (vLLM / FlashInfer / FlashAttention paging).
+        causal: False (every key of the sequence), or True / "bottom_right": the Lq queries are the
+            sequence's last Lq positions, query i sees keys j <= i + cache_seqlens[b] + Lnew - Lq (what
+            FlashAttention's ``causal=True`` means here; "top_left" has no meaning over a cache and is refused).
+        scale, gate, backend: as :func:`attention` (gate broadcastable to (B, Hq, Lq, Dv)).
+        return_lse: also return lse (B, Hq, Lq), natural log, float32.
+
+    The lengths and page ids are checked against the cache (a device sync on a GPU) except under
+    torch.compile and CUDA-graph capture. Returns out (B, Hq, Lq, Dv), and lse if asked.
+    """
+    B, Hq, Hkv, Lq, D, Dv, Lnew = _checks.kvcache_inputs(q, k_cache, v_cache, k, v, cache_seqlens, page_table, gate,
+                                                         scale)
+    code = causal_code(causal)
+    if code == causal_code("top_left") and causal is not True:
+        raise ValueError("causal: over a kv cache the queries are the last positions: pass True or 'bottom_right' "
+                         "(or False), not 'top_left'")
+    code = causal_code("bottom_right") if code else code
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k_cache, v_cache, k, v, gate)):
+        raise RuntimeError("attention_with_kvcache is forward-only (inference): run it under torch.no_grad(), or "
+                           "train with fastattn.attention / fastattn.varlen_attention")
+    scale = default_scale(D) if scale is None else float(scale)
+    if k is not None:
+        reference.kvcache_append(k_cache, v_cache, k, v, cache_seqlens, page_table)
+    seqlens_k = cache_seqlens + Lnew if Lnew else cache_seqlens
+    problem = Problem("attention_kvcache", q.device.type, q.dtype, D=D, Dv=Dv, causal=code != 0)
+    impl = select(backend, problem)
+    if _maybe_zero(B, Hq, Lq, D, Dv):
+        impl = select("reference", problem)
+    out, lse = impl.attention_kvcache(q, k_cache, v_cache, seqlens_k, page_table, gate, scale, code)
     return (out, lse) if return_lse else out
 
 

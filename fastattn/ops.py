@@ -95,6 +95,51 @@ def register_attention(prefix: str = "", *, fake: bool = True, acc_devices=("cpu
     torch.library.register_autograd(fwd, backward, setup_context=setup_context)
 
 
+def register_varlen_attention(prefix: str = "", *, fake: bool = True, acc_devices=("cpu", "cuda")):
+    """Fake implementations and autograd for ``fastattn::{prefix}varlen_attention_{fwd,bwd}`` (packed sequences,
+    csrc/fastattn.cpp), and the fake of the forward-only ``fastattn::{prefix}attention_kvcache_fwd``; arguments as
+    :func:`register_attention`."""
+    fwd, bwd = f"fastattn::{prefix}varlen_attention_fwd", f"fastattn::{prefix}varlen_attention_bwd"
+    bwd_op = lambda: getattr(torch.ops.fastattn, prefix + "varlen_attention_bwd")
+    with_acc = lambda q, need_acc: need_acc and has_out_acc(q.dtype) and q.device.type in acc_devices
+
+    if fake:
+        @torch.library.register_fake(fwd)
+        def _fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, gate, scale, causal,
+                      need_acc=True):
+            total, Hq, _ = q.shape
+            out = q.new_empty((total, Hq, v.shape[-1]))
+            lse = q.new_empty((Hq, total), dtype=stat_dtype(q.dtype))
+            out_acc = q.new_empty((total, Hq, v.shape[-1]), dtype=torch.float32) if with_acc(q, need_acc) else _empty(q)
+            return out, lse, out_acc
+
+        @torch.library.register_fake(bwd)
+        def _bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, gate, dlse,
+                      scale, causal):
+            dgate = gate.new_empty(gate.shape) if gate is not None else _empty(q)
+            return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dgate
+
+        @torch.library.register_fake(f"fastattn::{prefix}attention_kvcache_fwd")
+        def _kvcache_fake(q, k_cache, v_cache, seqlens_k, page_table, gate, scale, causal):
+            B, Hq, Lq, _ = q.shape
+            return q.new_empty((B, Hq, Lq, v_cache.shape[-1])), q.new_empty((B, Hq, Lq), dtype=stat_dtype(q.dtype))
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, cu_q, cu_k, max_q, max_k, gate, scale, causal, need_acc = inputs
+        out, lse, out_acc = output
+        ctx.save_for_backward(q, k, v, out_acc if with_acc(q, need_acc) else out, lse, cu_q, cu_k, gate)
+        ctx.args = (max_q, max_k)
+        ctx.scale, ctx.causal = scale, causal
+
+    def backward(ctx, dout, dlse, _dout_acc):
+        q, k, v, out, lse, cu_q, cu_k, gate = ctx.saved_tensors
+        dq, dk, dv, dgate = bwd_op()(last_dim_contiguous(dout), q, k, v, out, lse, cu_q, cu_k, *ctx.args, gate,
+                                     dlse, ctx.scale, ctx.causal)
+        return dq, dk, dv, None, None, None, None, dgate if gate is not None else None, None, None, None
+
+    torch.library.register_autograd(fwd, backward, setup_context=setup_context)
+
+
 def register_softmax_gates(prefix: str = "", *, fake: bool = True):
     """Fake implementations and autograd for ``fastattn::{prefix}softmax_gate_{fwd,bwd}`` and
     ``fastattn::{prefix}score_softmax_gate_{fwd,bwd}`` (schemas of csrc/fastattn.cpp).
@@ -148,4 +193,5 @@ def register_softmax_gates(prefix: str = "", *, fake: bool = True):
 
 if _C is not None:
     register_attention()
+    register_varlen_attention()
     register_softmax_gates()

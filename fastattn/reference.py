@@ -16,7 +16,8 @@ import torch
 from . import contract
 from .contract import CAUSAL_NONE, causal_code, stat_dtype
 
-__all__ = ["attention", "softmax_gate", "score_softmax_gate"]
+__all__ = ["attention", "varlen_attention", "attention_with_kvcache", "kvcache_append", "softmax_gate",
+           "score_softmax_gate"]
 
 
 def causal_allowed(Lq: int, Lk: int, causal, device=None) -> torch.Tensor | None:
@@ -73,6 +74,75 @@ def attention(q, k, v, attn_mask=None, causal=False, scale=None, gate=None, drop
     if gate is not None:
         out = out * torch.sigmoid(gate.to(out.dtype))
     out = out.to(q.dtype)
+    return (out, lse) if return_lse else out
+
+
+def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, causal=False,
+                     scale=None, gate=None, return_lse=False):
+    """:func:`attention` over B packed sequences: q (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv),
+    int32 cu_seqlens_q / cu_seqlens_k (B + 1): sequence b owns rows [cu[b], cu[b+1]). gate (total_q, Hq, Dv
+    or 1). causal per sequence. Returns out (total_q, Hq, Dv) and lse (Hq, total_q) when ``return_lse``.
+    The max_seqlen arguments only size kernel launches; here they are unused."""
+    Hq, D, Dv = q.shape[1], q.shape[2], v.shape[2]
+    scale = (1.0 / math.sqrt(D) if D else 1.0) if scale is None else scale
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    per_seq = lambda t, lo, hi: t[lo:hi].transpose(0, 1).unsqueeze(0)  # (1, H, L, D)
+    outs, lses = [], []
+    for b in range(len(cq) - 1):
+        g = None if gate is None else per_seq(gate, cq[b], cq[b + 1])
+        o, lse = attention(per_seq(q, cq[b], cq[b + 1]), per_seq(k, ck[b], ck[b + 1]), per_seq(v, ck[b], ck[b + 1]),
+                           causal=causal, scale=scale, gate=g, return_lse=True)
+        outs.append(o[0].transpose(0, 1))
+        lses.append(lse[0])
+    out = torch.cat(outs, 0) if outs else q.new_empty((q.shape[0], Hq, Dv))
+    lse = torch.cat(lses, 1) if lses else q.new_empty((Hq, q.shape[0]), dtype=stat_dtype(q.dtype))
+    return (out, lse) if return_lse else out
+
+
+def kvcache_append(k_cache, v_cache, k, v, cache_seqlens, page_table=None):
+    """Writes the new keys/values k, v (B, Hkv, Lnew, D / Dv) into the cache in place, at positions
+    cache_seqlens[b] .. cache_seqlens[b] + Lnew - 1 of sequence b: k_cache (B, Hkv, Lcache, D), or paged
+    (num_pages, Hkv, page_size, D) with page_table (B, max_pages) (position j of sequence b is row
+    j % page_size of page page_table[b, j // page_size])."""
+    B, _, Lnew, _ = k.shape
+    pos = cache_seqlens.to(torch.long)[:, None] + torch.arange(Lnew, device=k.device)  # (B, Lnew)
+    if page_table is None:
+        rows = torch.arange(B, device=k.device)[:, None].expand(B, Lnew)
+        slots = pos
+    else:
+        P = k_cache.shape[2]
+        rows = page_table.to(torch.long).gather(1, pos // P)
+        slots = pos % P
+    # cache[rows, :, slots] is (B, Lnew, Hkv, D): advanced indices first
+    k_cache[rows, :, slots] = k.transpose(1, 2).to(k_cache.dtype)
+    v_cache[rows, :, slots] = v.transpose(1, 2).to(v_cache.dtype)
+
+
+def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, page_table=None, causal=False, scale=None,
+                           gate=None, return_lse=False):
+    """:func:`attention` of q (B, Hq, Lq, D) over the first cache_seqlens[b] keys of each sequence's cache
+    (contiguous (B, Hkv, Lcache, D) or paged with ``page_table``, as :func:`kvcache_append`). causal: False, or
+    True / "bottom_right": the Lq queries are the sequence's last Lq positions (query i sees keys
+    j <= i + cache_seqlens[b] - Lq). gate (B, Hq, Lq, Dv or 1). Returns out (B, Hq, Lq, Dv) (and lse)."""
+    B = q.shape[0]
+    lengths = cache_seqlens.tolist()
+    outs, lses = [], []
+    for b in range(B):
+        n = lengths[b]
+        if page_table is None:
+            kb, vb = k_cache[b:b + 1, :, :n], v_cache[b:b + 1, :, :n]
+        else:
+            P = k_cache.shape[2]
+            pages = page_table[b, :(n + P - 1) // P].to(torch.long)
+            flat = lambda c: c[pages].transpose(0, 1).reshape(c.shape[1], -1, c.shape[3])[None, :, :n]
+            kb, vb = flat(k_cache), flat(v_cache)
+        g = None if gate is None else gate[b:b + 1]
+        o, lse = attention(q[b:b + 1], kb, vb, causal="bottom_right" if causal else False, scale=scale, gate=g,
+                           return_lse=True)
+        outs.append(o)
+        lses.append(lse)
+    out = torch.cat(outs, 0) if outs else q.new_empty((0, q.shape[1], q.shape[2], v_cache.shape[3]))
+    lse = torch.cat(lses, 0) if lses else q.new_empty((0, q.shape[1], q.shape[2]), dtype=stat_dtype(q.dtype))
     return (out, lse) if return_lse else out
 
 

@@ -253,6 +253,201 @@ def cases_covered(cases, refuses):
     return out
 
 
+# ------------------------------------------------------------------------------- varlen attention
+@dataclasses.dataclass(frozen=True)
+class VarlenCase:
+    lens_q: tuple = (5, 0, 17, 1)         # query lengths of the packed sequences (0 allowed)
+    lens_k: tuple | None = None           # key lengths (None: lens_q)
+    Hq: int = 2
+    Hkv: int = 2
+    D: int = 64
+    Dv: int | None = None
+    causal: object = False                # False, True, "bottom_right"
+    gate: str = "none"                    # none, elementwise, headwise
+    lse_grad: bool = False
+    layout: str = "packed"                # or "strided": each tensor a view of a wider (total, H, 2D) buffer
+    scale: float | None = None
+
+    @property
+    def id(self) -> str:
+        lk = self.lens_k or self.lens_q
+        parts = ["varlen", "q" + "_".join(map(str, self.lens_q))]
+        if lk != self.lens_q:
+            parts.append("k" + "_".join(map(str, lk)))
+        parts += [f"H{self.Hq}" + (f"-{self.Hkv}" if self.Hkv != self.Hq else ""),
+                  f"D{self.D}" + (f"-{self.Dv}" if self.Dv and self.Dv != self.D else "")]
+        for flag, name in ((self.causal, "causal" if self.causal is True else "causalBR"),
+                           (self.gate != "none", "gate-" + self.gate), (self.lse_grad, "dlse"),
+                           (self.layout != "packed", self.layout), (self.scale is not None, f"scale{self.scale}")):
+            if flag:
+                parts.append(name)
+        return "-".join(parts)
+
+    def inputs(self):
+        g = _generator(self.id)
+        Dv = self.Dv or self.D
+        lk = self.lens_k or self.lens_q
+        tq, tk = sum(self.lens_q), sum(lk)
+        randn = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+        cu = lambda lens: torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32)
+        t = {"q": randn(tq, self.Hq, self.D), "k": randn(tk, self.Hkv, self.D), "v": randn(tk, self.Hkv, Dv),
+             "dout": randn(tq, self.Hq, Dv), "dlse": randn(self.Hq, tq),
+             "cu_seqlens_q": cu(self.lens_q), "cu_seqlens_k": cu(lk)}
+        if self.gate != "none":
+            t["gate"] = randn(tq, self.Hq, Dv if self.gate == "elementwise" else 1)
+        return t
+
+
+def _strided(x, layout):
+    if layout == "strided":  # rows twice as far apart as they need to be, heads too: a view, no copy
+        wide = x.new_zeros(x.shape[0], x.shape[1], 2 * x.shape[2])
+        wide[..., : x.shape[2]] = x
+        return wide[..., : x.shape[2]]
+    return x
+
+
+def _run_varlen(case, t, dtype, device, backend):
+    leaf = {n: _strided(fresh(t[n], device, dtype), case.layout).requires_grad_() for n in ("q", "k", "v")}
+    if "gate" in t:
+        leaf["gate"] = fresh(t["gate"], device, dtype).requires_grad_()
+    lk = case.lens_k or case.lens_q
+    out, lse = functional.varlen_attention(
+        leaf["q"], leaf["k"], leaf["v"], t["cu_seqlens_q"].to(device), t["cu_seqlens_k"].to(device),
+        max(case.lens_q, default=0), max(lk, default=0), causal=case.causal, scale=case.scale, gate=leaf.get("gate"),
+        return_lse=True, backend=backend)
+    outputs, grads = [out], [t["dout"].to(device, dtype)]
+    if case.lse_grad:
+        outputs.append(lse)
+        grads.append(t["dlse"].to(device, lse.dtype))
+    torch.autograd.backward(outputs, grads)
+    res = {"out": out.detach(), "lse": lse.detach()}
+    for n, x in leaf.items():
+        res["d" + n] = x.grad
+    return res
+
+
+def check_varlen(case: VarlenCase, dtype, backend, device="cpu") -> list[Comparison]:
+    """As :func:`check_attention`, for ``fastattn.varlen_attention``."""
+    t = case.inputs()
+    got = _run_varlen(case, t, dtype, device, backend)
+    lowp = _run_varlen(case, t, dtype, device, "reference")
+    truth = _run_varlen(case, t, torch.float64, device, "reference")
+    return [compare(n, got[n], lowp[n], truth[n], dtype, 2 if n in ("out", "lse") else 3) for n in truth]
+
+
+def varlen_cases(quick=False):
+    """Ragged batches: empty and single-row sequences, Lq != Lk per sequence, both causal modes, GQA, gates, strides,
+    sequences longer than one tile of every backend."""
+    cases = [
+        VarlenCase(),
+        VarlenCase(lens_q=(5, 0, 17, 1), causal=True, gate="elementwise"),
+        VarlenCase(lens_q=(7, 19, 1, 3), lens_k=(11, 4, 0, 30), causal="bottom_right", Hq=4, Hkv=2, lse_grad=True),
+        VarlenCase(lens_q=(33, 9), lens_k=(20, 41), causal=True, Hq=4, Hkv=1, D=40, Dv=24, gate="headwise"),
+        VarlenCase(lens_q=(130, 3, 77), causal="bottom_right", layout="strided", D=128),
+        VarlenCase(lens_q=(1,), lens_k=(300,), D=32, scale=0.3),
+    ]
+    if not quick:
+        cases += [
+            VarlenCase(lens_q=(200, 1, 67), lens_k=(259, 64, 1), causal="bottom_right", gate="elementwise", Hq=4,
+                       Hkv=2, lse_grad=True),
+            VarlenCase(lens_q=tuple(range(1, 14)), causal=True, D=16),
+            VarlenCase(lens_q=(0, 0), lens_k=(3, 0)),
+        ]
+    return cases
+
+
+# ------------------------------------------------------------------------------------------ kv cache
+@dataclasses.dataclass(frozen=True)
+class KvcacheCase:
+    cache_seqlens: tuple = (0, 37, 130)   # keys held before the new ones, per sequence
+    Lq: int = 1
+    Lnew: int = 1                         # keys appended (0: none; the queries' own keys are then in the cache)
+    Hq: int = 4
+    Hkv: int = 2
+    D: int = 64
+    Dv: int | None = None
+    capacity: int = 160                   # contiguous cache length, or pages x page_size
+    page_size: int = 0                    # 0: contiguous cache (B, Hkv, capacity, D); else paged
+    causal: bool = True
+    gate: str = "none"
+    scale: float | None = None
+
+    @property
+    def id(self) -> str:
+        parts = ["kvcache", "n" + "_".join(map(str, self.cache_seqlens)), f"Lq{self.Lq}", f"new{self.Lnew}",
+                 f"H{self.Hq}" + (f"-{self.Hkv}" if self.Hkv != self.Hq else ""),
+                 f"D{self.D}" + (f"-{self.Dv}" if self.Dv and self.Dv != self.D else ""), f"cap{self.capacity}"]
+        for flag, name in ((self.page_size, f"page{self.page_size}"), (self.causal, "causal"),
+                           (self.gate != "none", "gate-" + self.gate), (self.scale is not None, f"scale{self.scale}")):
+            if flag:
+                parts.append(name)
+        return "-".join(parts)
+
+    def inputs(self):
+        g = _generator(self.id)
+        B, Dv = len(self.cache_seqlens), self.Dv or self.D
+        randn = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+        t = {"q": randn(B, self.Hq, self.Lq, self.D), "cache_seqlens": torch.tensor(self.cache_seqlens, dtype=torch.int32)}
+        if self.page_size:
+            per_seq = self.capacity // self.page_size
+            n_pages = B * per_seq + 3  # spare pages, never read
+            t["page_table"] = torch.randperm(n_pages, generator=g)[: B * per_seq].view(B, per_seq).to(torch.int32)
+            rows, length = n_pages, self.page_size
+        else:
+            rows, length = B, self.capacity
+        # filled everywhere, also past each sequence's length: a kernel reading beyond it is caught
+        t["k_cache"], t["v_cache"] = randn(rows, self.Hkv, length, self.D), randn(rows, self.Hkv, length, Dv)
+        if self.Lnew:
+            t["k"], t["v"] = randn(B, self.Hkv, self.Lnew, self.D), randn(B, self.Hkv, self.Lnew, Dv)
+        if self.gate != "none":
+            t["gate"] = randn(B, self.Hq, self.Lq, Dv if self.gate == "elementwise" else 1)
+        return t
+
+
+def _run_kvcache(case, t, dtype, device, backend):
+    cast = lambda n: fresh(t[n], device, dtype) if n in t else None
+    k_cache, v_cache = cast("k_cache"), cast("v_cache")
+    page_table = t["page_table"].to(device) if "page_table" in t else None
+    with torch.no_grad():
+        out, lse = functional.attention_with_kvcache(
+            cast("q"), k_cache, v_cache, k=cast("k"), v=cast("v"), cache_seqlens=t["cache_seqlens"].to(device),
+            page_table=page_table, causal=case.causal, scale=case.scale, gate=cast("gate"), return_lse=True,
+            backend=backend)
+    return {"out": out, "lse": lse, "k_cache": k_cache, "v_cache": v_cache}
+
+
+def check_kvcache(case: KvcacheCase, dtype, backend, device="cpu") -> list[Comparison]:
+    """As :func:`check_attention`, forward only, for ``fastattn.attention_with_kvcache``; the caches after the
+    append must equal the reference's exactly."""
+    t = case.inputs()
+    got = _run_kvcache(case, t, dtype, device, backend)
+    lowp = _run_kvcache(case, t, dtype, device, "reference")
+    truth = _run_kvcache(case, t, torch.float64, device, "reference")
+    comps = [compare(n, got[n], lowp[n], truth[n], dtype, 2) for n in ("out", "lse")]
+    for n in ("k_cache", "v_cache"):
+        comps.append(Comparison(n, max_abs_diff(got[n], lowp[n]), 0.0, 0.0))
+    return comps
+
+
+def kvcache_cases(quick=False):
+    """Decoding (Lq = 1), speculative decoding (Lq > 1), caches with and without pages, GQA / MQA, gates, empty
+    sequences, keys split across many tiles."""
+    cases = [
+        KvcacheCase(),
+        KvcacheCase(page_size=16, gate="headwise"),
+        KvcacheCase(cache_seqlens=(3, 60), Lq=4, Lnew=4, Hq=8, Hkv=1, page_size=8, capacity=64, gate="elementwise"),
+        KvcacheCase(cache_seqlens=(10, 0, 1), Lq=5, Lnew=2, causal=True, D=40, Dv=24),  # rows with no key
+        KvcacheCase(cache_seqlens=(31, 7), Lq=3, Lnew=0, causal=False, scale=0.5, D=128),
+        KvcacheCase(cache_seqlens=(1000, 517), Lq=1, Lnew=1, Hq=8, Hkv=2, capacity=1024, page_size=64),
+    ]
+    if not quick:
+        cases += [
+            KvcacheCase(cache_seqlens=(2047, 1500, 64, 0), Lq=2, Lnew=1, Hq=4, Hkv=4, capacity=2048, causal=True),
+            KvcacheCase(cache_seqlens=(250,), Lq=6, Lnew=6, Hq=6, Hkv=3, page_size=32, capacity=256, D=32),
+        ]
+    return cases
+
+
 # ---------------------------------------------------------------------------------- softmax gates
 @dataclasses.dataclass(frozen=True)
 class GateCase:
