@@ -24,7 +24,8 @@ MAX_FUSED_HEAD_DIM = 256  # docs/CONTRACT.md §2.1: D and Dv up to 256 on fused 
 KERNELS = {"attention": ("attention_fwd",), "varlen_attention": ("varlen_attention_fwd",),
            "attention_kvcache": ("attention_kvcache_fwd",), "softmax_gate": ("softmax_gate_fwd",),
            "score_softmax_gate": ("score_softmax_gate_fwd",)}
-BACKWARD_KERNELS = {"attention": ("attention_bwd",), "varlen_attention": ("varlen_attention_bwd",)}
+BACKWARD_KERNELS = {"attention": ("attention_bwd",), "varlen_attention": ("varlen_attention_bwd",),
+                    "softmax_gate": ("softmax_gate_bwd",), "score_softmax_gate": ("score_softmax_gate_bwd",)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,15 +88,6 @@ class ReferenceBackend(Backend):
                                             return_weights=True)
 
 
-@torch.compiler.assume_constant_result  # a fact about the build, not the call: torch.compile takes it as a constant
-def _has_kernel(op, device_type):
-    """C++ kernels register per device type; Triton's custom ops for every device."""
-    if not hasattr(torch.ops.fastattn, op):
-        return False
-    has = torch._C._dispatch_has_kernel_for_dispatch_key
-    return has(f"fastattn::{op}", "CompositeExplicitAutograd") or has(f"fastattn::{op}", device_type.upper())
-
-
 def _gate_for_kernels(gate, q):
     """The output gate as the kernels take it: q's dtype, (B, Hq, Lq, Dv) or, headwise, (B, Hq, Lq, 1) (the
     kernels broadcast a headwise gate over Dv themselves and sum its gradient there in float32)."""
@@ -109,17 +101,18 @@ def _gate_for_kernels(gate, q):
 
 class FusedBackend(Backend):
     """A backend of fused kernels behind ``torch.ops.fastattn.<op_prefix><op>_fwd`` ops, which share
-    the schemas of csrc/fastattn.cpp and the autograd of ops.py. Subclasses say where they run."""
+    the schemas of csrc/fastattn.cpp and the autograd of ops.py. Subclasses say where they run and which
+    kernels they have (``kernels``: names of KERNELS / BACKWARD_KERNELS; the tests check each is registered)."""
     op_prefix = ""
+    kernels = frozenset(n for names in (*KERNELS.values(), *BACKWARD_KERNELS.values()) for n in names)
 
     def unsupported(self, p):
         why = super().unsupported(p)
         if why:
             return why
-        missing = [n for n in KERNELS[p.op] + (BACKWARD_KERNELS.get(p.op, ()) if p.grad else ())
-                   if not self.has_kernel(n, p.device_type)]
+        missing = [n for n in KERNELS[p.op] + (BACKWARD_KERNELS.get(p.op, ()) if p.grad else ()) if n not in self.kernels]
         if missing:
-            return f"has no kernel {self.op_prefix}{' or '.join(missing)} for {p.device_type} tensors"
+            return f"has no kernel {' or '.join(missing)}" + (" (a backward)" if p.grad else "")
         if p.head_dim > MAX_FUSED_HEAD_DIM:
             return f"head dims up to {MAX_FUSED_HEAD_DIM} (got {p.head_dim}); use backend='reference'"
         if p.dropout:
@@ -129,9 +122,6 @@ class FusedBackend(Backend):
     def _op(self, name):
         return getattr(torch.ops.fastattn, self.op_prefix + name)
 
-    def has_kernel(self, name, device_type):
-        """Whether ``torch.ops.fastattn.<op_prefix><name>`` exists with a kernel for ``device_type`` tensors."""
-        return _has_kernel(self.op_prefix + name, device_type)
 
     def attention(self, q, k, v, mask, gate, scale, causal, dropout_p, grad):
         if mask is not None:
@@ -177,6 +167,9 @@ CUDA_DTYPES = (torch.float16, torch.bfloat16)
 CUDA_HEAD_DIMS = (64, 128)
 
 
+CUDA_KERNELS = FusedBackend.kernels - {"varlen_attention_fwd", "varlen_attention_bwd", "attention_kvcache_fwd"}
+
+
 def cuda_kernels_unsupported(p: Problem) -> str | None:
     """Why csrc/cuda's kernels cannot run ``p`` (None when they can)."""
     if p.dtype not in CUDA_DTYPES:
@@ -190,6 +183,7 @@ class CpuBackend(FusedBackend):
     """C++ kernels compiled into fastattn._C (csrc/cpu/), registered for CPU tensors."""
     name = "cpu"
     device_types = ("cpu",)
+    kernels = FusedBackend.kernels - {"varlen_attention_fwd", "varlen_attention_bwd", "attention_kvcache_fwd"}
 
     def unavailable(self):
         return ops.extension_error()
@@ -199,6 +193,7 @@ class CudaBackend(FusedBackend):
     """Hand-written CUDA kernels compiled into fastattn._C (csrc/cuda/), registered for CUDA tensors."""
     name = "cuda"
     device_types = ("cuda",)
+    kernels = CUDA_KERNELS
 
     def unavailable(self):
         if ops.extension_error() is not None:
@@ -223,6 +218,7 @@ class TritonBackend(FusedBackend):
     TRITON_INTERPRET=1 (how CI tests them; correct but slow, so "auto" never picks it on CPU)."""
     name = "triton"
     op_prefix = "triton_"
+    kernels = FusedBackend.kernels - {"varlen_attention_fwd", "varlen_attention_bwd", "attention_kvcache_fwd"}
 
     @staticmethod
     def _interpreting():

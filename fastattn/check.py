@@ -15,7 +15,10 @@ import torch
 from . import testing
 from .backends import _BACKENDS, Problem, backends
 
-OPS = ("attention", "softmax_gate", "score_softmax_gate")
+OPS = ("attention", "varlen_attention", "attention_kvcache", "softmax_gate", "score_softmax_gate")
+_SWEEPS = {"attention": (testing.attention_cases, testing.check_attention),
+           "varlen_attention": (testing.varlen_cases, testing.check_varlen),
+           "attention_kvcache": (testing.kvcache_cases, testing.check_kvcache)}
 
 
 def _dtypes(device_type):
@@ -26,15 +29,18 @@ def _dtypes(device_type):
 
 def _cases(op, quick, backend, dtype, device):
     """The sweep, moved onto the head dims ``backend`` covers (the cuda kernels: 64 and 128)."""
-    if op == "attention":
+    if op in _SWEEPS:
         refuses = lambda D, Dv: _BACKENDS[backend].unsupported(Problem(op, device.type, dtype, D=D, Dv=Dv))
-        return testing.cases_covered(testing.attention_cases(quick=quick), refuses)
+        return testing.cases_covered(_SWEEPS[op][0](quick=quick), refuses)
     return [c for c in testing.gate_cases(quick=quick) if c.op == op]
 
 
 def _run(op, case, dtype, backend, device):
-    if op == "attention":
-        return testing.check_attention(case, dtype, backend, device)
+    if op == "varlen_attention":  # forward alone where the backend has no backward kernel (cuda)
+        grad = Problem(op, device.type, dtype, D=case.D, Dv=case.Dv or case.D, grad=True)
+        return testing.check_varlen(case, dtype, backend, device, backward=_BACKENDS[backend].unsupported(grad) is None)
+    if op in _SWEEPS:
+        return _SWEEPS[op][1](case, dtype, backend, device)
     return testing.check_gate(case, dtype, backend, device)
 
 

@@ -306,32 +306,35 @@ def _strided(x, layout):
     return x
 
 
-def _run_varlen(case, t, dtype, device, backend):
-    leaf = {n: _strided(fresh(t[n], device, dtype), case.layout).requires_grad_() for n in ("q", "k", "v")}
+def _run_varlen(case, t, dtype, device, backend, backward=True):
+    leaf = {n: _strided(fresh(t[n], device, dtype), case.layout).requires_grad_(backward) for n in ("q", "k", "v")}
     if "gate" in t:
-        leaf["gate"] = fresh(t["gate"], device, dtype).requires_grad_()
+        leaf["gate"] = fresh(t["gate"], device, dtype).requires_grad_(backward)
     lk = case.lens_k or case.lens_q
     out, lse = functional.varlen_attention(
         leaf["q"], leaf["k"], leaf["v"], t["cu_seqlens_q"].to(device), t["cu_seqlens_k"].to(device),
         max(case.lens_q, default=0), max(lk, default=0), causal=case.causal, scale=case.scale, gate=leaf.get("gate"),
         return_lse=True, backend=backend)
+    res = {"out": out.detach(), "lse": lse.detach()}
+    if not backward:
+        return res
     outputs, grads = [out], [t["dout"].to(device, dtype)]
     if case.lse_grad:
         outputs.append(lse)
         grads.append(t["dlse"].to(device, lse.dtype))
     torch.autograd.backward(outputs, grads)
-    res = {"out": out.detach(), "lse": lse.detach()}
     for n, x in leaf.items():
         res["d" + n] = x.grad
     return res
 
 
-def check_varlen(case: VarlenCase, dtype, backend, device="cpu") -> list[Comparison]:
-    """As :func:`check_attention`, for ``fastattn.varlen_attention``."""
+def check_varlen(case: VarlenCase, dtype, backend, device="cpu", backward=True) -> list[Comparison]:
+    """As :func:`check_attention`, for ``fastattn.varlen_attention``; ``backward=False``: the forward alone, with
+    no input requiring a gradient."""
     t = case.inputs()
-    got = _run_varlen(case, t, dtype, device, backend)
-    lowp = _run_varlen(case, t, dtype, device, "reference")
-    truth = _run_varlen(case, t, torch.float64, device, "reference")
+    got = _run_varlen(case, t, dtype, device, backend, backward)
+    lowp = _run_varlen(case, t, dtype, device, "reference", backward)
+    truth = _run_varlen(case, t, torch.float64, device, "reference", backward)
     return [compare(n, got[n], lowp[n], truth[n], dtype, 2 if n in ("out", "lse") else 3) for n in truth]
 
 

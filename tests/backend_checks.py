@@ -187,6 +187,45 @@ def opcheck_softmax_gates(prefix, pool, device="cpu", dtype=torch.float32):
                           (torch.randn_like(y), x.detach(), alpha.detach(), torch.randn_like(alpha), pool))
 
 
+def opcheck_varlen_and_kvcache(prefix, device="cpu", dtype=torch.float32, D=16, Dv=8, backward=True):
+    """opcheck of ``<prefix>varlen_attention_fwd`` (and its backward when ``backward``) and
+    ``<prefix>attention_kvcache_fwd``, contiguous and paged."""
+    ops = torch.ops.fastattn
+    op = lambda name: getattr(ops, prefix + name)
+    r = lambda *s, seed, grad=backward: rand(*s, seed=seed, device=device, dtype=dtype, requires_grad=grad)
+    idx = lambda *v: torch.tensor(v, dtype=torch.int32, device=device)
+    q, k, v, gate = r(12, 4, D, seed=1), r(15, 2, D, seed=2), r(15, 2, Dv, seed=3), r(12, 4, 1, seed=4)
+    cu_q, cu_k = idx(0, 5, 5, 12), idx(0, 6, 9, 15)
+    for g, causal in ((None, 0), (gate, 1), (gate, 2)):
+        torch.library.opcheck(op("varlen_attention_fwd").default, (q, k, v, cu_q, cu_k, 7, 6, g, 0.3, causal))
+    if backward:
+        out, lse, out_acc = op("varlen_attention_fwd")(q, k, v, cu_q, cu_k, 7, 6, gate, 0.3, 2)
+        args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), cu_q, cu_k,
+                7, 6, gate.detach(), torch.randn_like(lse), 0.3, 2)
+        torch.library.opcheck(op("varlen_attention_bwd").default, args)
+    q = r(3, 4, 2, D, seed=5, grad=False)
+    cache_k, cache_v = r(3, 2, 20, D, seed=6, grad=False), r(3, 2, 20, Dv, seed=7, grad=False)
+    seqlens = idx(20, 2, 11)
+    torch.library.opcheck(op("attention_kvcache_fwd").default, (q, cache_k, cache_v, seqlens, None, None, 0.3, 2))
+    pages_k, pages_v = r(9, 2, 4, D, seed=8, grad=False), r(9, 2, 4, Dv, seed=9, grad=False)
+    table = idx(8, 0, 3, 1, 2, 7, 4, 5, 6).view(3, 3)
+    torch.library.opcheck(op("attention_kvcache_fwd").default,
+                          (q, pages_k, pages_v, idx(12, 2, 9), table, r(3, 4, 2, Dv, seed=10, grad=False), 0.3, 0))
+
+
+def declared_kernels_are_registered(backend, dispatch_key=None):
+    """A fused backend declares exactly the kernels of its family that exist (backends.<Backend>.kernels, what
+    "auto" relies on): torch.ops.fastattn.<prefix><name>, with a kernel for ``dispatch_key`` when given."""
+    from fastattn.backends import _BACKENDS, BACKWARD_KERNELS, KERNELS
+    b = _BACKENDS[backend]
+    for name in {n for names in (*KERNELS.values(), *BACKWARD_KERNELS.values()) for n in names}:
+        op = b.op_prefix + name
+        exists = hasattr(torch.ops.fastattn, op) and (
+            dispatch_key is None or torch._C._dispatch_has_kernel_for_dispatch_key(f"fastattn::{op}", dispatch_key))
+        assert exists == (name in b.kernels), f"{backend}: {op} {'exists' if exists else 'is missing'}, but the " \
+                                             f"backend {'does not declare' if exists else 'declares'} it"
+
+
 class TinyGatedModel(torch.nn.Module):
     """Attention with a fused output gate, then attention pooling: every fastattn op in one graph."""
 

@@ -18,3 +18,11 @@ def test_opcheck_softmax_gates(pool):
 @pytest.mark.parametrize("backend", ["cpu", "auto"])
 def test_torch_compile_fullgraph(backend):
     bc.torch_compile_fullgraph(backend)
+
+
+def test_cpu_backend_declares_its_kernels():
+    bc.declared_kernels_are_registered("cpu", "CPU")
+
+
+def test_opcheck_varlen_and_kvcache():
+    bc.opcheck_varlen_and_kvcache("")
