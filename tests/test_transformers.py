@@ -3,6 +3,8 @@
 No download: models are built from a config with random weights (from_pretrained reads a local copy).
 """
 import copy
+import importlib.util
+import pathlib
 
 import pytest
 import torch
@@ -238,3 +240,16 @@ def test_a_mask_changed_in_place_is_read_again(spy):
         got, _ = attend(torch.nn.Module(), q, k, v, mask)
     torch.testing.assert_close(got, fastattn.reference.attention(q, k, v, mask).transpose(1, 2), **F64)
     assert spy == {"attention_with_kvcache": 1, "attention": 1}
+
+
+def test_generate_kvcache_example_runs(spy, capsys):
+    """examples/generate_kvcache.py at tiny sizes: identical tokens, its decoding steps on attention_with_kvcache."""
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "generate_kvcache.py"
+    spec = importlib.util.spec_from_file_location("generate_kvcache", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    assert example.main(["--batch", "2", "--prompt", "5", "--new-tokens", "4", "--layers", "1", "--hidden", "32",
+                         "--heads", "4", "--kv-heads", "2", "--vocab", "64", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "identical tokens" in out and out.count("tokens/s") == 2
+    assert spy["attention_with_kvcache"] == 2 * 3  # warm-up and timed run, 3 decoding steps, 1 layer
