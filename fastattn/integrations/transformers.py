@@ -85,7 +85,7 @@ def _decode(query, key, value, mask, scale):
     elif torch.compiler.is_compiling() or not _memo(_is_bottom_right_causal, mask):
         return None
     lengths = torch.full((B,), Lk, dtype=torch.int32, device=query.device)
-    out = functional.attention_with_kvcache(query, key, value, cache_seqlens=lengths, causal=Lq > 1, scale=scale)
+    out = functional.attention_with_kvcache(query, key, value, cache_seqlens=lengths, causal=True, scale=scale)
     return out.transpose(1, 2).contiguous()
 
 
