@@ -4,6 +4,8 @@ Timing: CUDA events on a GPU, perf_counter on CPU; warm-up, then the median and 
 of repetitions, interleaved across providers (each round times every provider once).
 Attention TFLOP/s use FlashAttention's count: fwd 4·B·H·Lq·Lk·D (halved for causal), bwd 2.5×,
 fwd_bwd 3.5×. The softmax gates are memory-bound and report GB/s of the bytes they must move.
+Op varlen packs B sequences whose lengths are drawn in [L/4, L] (``varlen_lengths``, a fixed seed: a
+row's B and Lq = L give them back); its FLOPs count each sequence's own length (Σ 4·H·l²·D).
 """
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ from .version import __version__
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    op: str                  # attention, gated, bias (a float bias with its gradient), softmax_gate, score_softmax_gate
+    op: str                  # attention, gated, bias (a float bias with its gradient), varlen (packed sequences),
+    #                          softmax_gate, score_softmax_gate
     mode: str                # fwd, bwd, fwd_bwd
     dtype: torch.dtype
     B: int
@@ -53,6 +56,7 @@ class Config:
 
 
 ATTENTION_OPS = ("attention", "gated", "bias")
+FLOP_OPS = ATTENTION_OPS + ("varlen",)  # rated in TFLOP/s; the others in GB/s
 
 
 def _sync(device):
@@ -134,6 +138,59 @@ def _flex(cfg):
     return run
 
 
+def varlen_lengths(cfg):
+    """The B sequence lengths of a varlen config: drawn uniformly in [L/4, L] with a fixed seed."""
+    gen = torch.Generator().manual_seed(0)
+    return torch.randint(max(1, cfg.Lq // 4), cfg.Lq + 1, (cfg.B,), generator=gen).tolist()
+
+
+def _varlen_providers(cfg, device, mk):
+    """{provider: (callable(q, k, v) -> out, [q, k, v])}: fastattn's varlen_attention on the packed sequences;
+    PyTorch's SDPA backends on them padded to the longest, (B, H, L, D) with a key-padding mask (holding the
+    causal rule too: SDPA takes a mask or is_causal, not both); and PyTorch's SDPA on them as jagged nested
+    tensors (its own varlen path)."""
+    from torch.nn.attention import sdpa_kernel
+    lens = torch.tensor(varlen_lengths(cfg), device=device)
+    cu = torch.cat([lens.new_zeros(1), lens.cumsum(0)])
+    total, L = int(cu[-1]), int(lens.max())
+    packed = [mk(total, cfg.Hq, cfg.D), mk(total, cfg.Hkv, cfg.D), mk(total, cfg.Hkv, cfg.Dv)]
+    keep = torch.arange(L, device=device) < lens[:, None]  # (B, L): the real tokens
+
+    def pad(t):
+        out = t.new_zeros(cfg.B, L, *t.shape[1:])
+        out[keep] = t
+        return out.transpose(1, 2).contiguous()
+
+    padded = [pad(t) for t in packed]
+    mask = keep[:, None, None, :]
+    if cfg.causal:
+        mask = mask & torch.ones(L, L, dtype=torch.bool, device=device).tril()
+    gqa = cfg.Hq != cfg.Hkv
+    providers = {}
+    cu32 = cu.to(torch.int32)
+    for name in _fastattn_backends(device):
+        providers[f"fastattn-{name}"] = ((lambda n: lambda q, k, v: functional.varlen_attention(
+            q, k, v, cu32, cu32, L, L, causal=cfg.causal, backend=n))(name), packed)
+
+    def sdpa(backend):
+        def run(q, k, v):
+            with sdpa_kernel([backend]):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return run
+
+    for provider, backend in _sdpa_backends(device).items():
+        if provider == "torch-sdpa-math" and device.type == "cuda" and cfg.B * L * L > 4096 * 4096:
+            continue  # materialises B·H·L² fp32 scores
+        providers[provider] = (sdpa(backend), padded)
+
+    def nested(q, k, v):
+        q, k, v = (torch.nested.nested_tensor_from_jagged(t, cu, max_seqlen=L).transpose(1, 2) for t in (q, k, v))
+        return F.scaled_dot_product_attention(q, k, v, is_causal=cfg.causal, enable_gqa=gqa).transpose(1, 2).values()
+
+    providers["torch-sdpa-nested"] = (nested, packed)
+    return providers
+
+
 def _fastattn_backends(device):
     avail = backends()
     return [n for n in ("cuda", "triton", "cpu") if avail[n]["available"] and device.type in avail[n]["devices"]]
@@ -160,7 +217,8 @@ def _gate_providers(cfg, device):
 
 
 def _flops(cfg):
-    f = 4.0 * cfg.B * cfg.Hq * cfg.Lq * cfg.Lk * cfg.D / (2 if cfg.causal else 1)
+    pairs = sum(n * n for n in varlen_lengths(cfg)) if cfg.op == "varlen" else cfg.B * cfg.Lq * cfg.Lk
+    f = 4.0 * cfg.Hq * pairs * cfg.D / (2 if cfg.causal else 1)
     return f * {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}[cfg.mode]
 
 
@@ -199,7 +257,9 @@ def run_config(cfg, device, reps=7, warmup=2):
     once), so a change in machine load falls on all providers alike; the median is reported."""
     g = torch.Generator(device=device).manual_seed(0)
     mk = lambda *s: torch.randn(*s, generator=g, device=device, dtype=cfg.dtype)
-    if cfg.op in ATTENTION_OPS:
+    if cfg.op == "varlen":
+        inputs, providers = None, _varlen_providers(cfg, device, mk)
+    elif cfg.op in ATTENTION_OPS:
         # the bias is one (1, H, Lq, Lk) table shared by the batch, as a learned relative-position bias
         extra = (mk(1, cfg.Hq, cfg.Lq, cfg.Lk) if cfg.mask == "float_grad" else
                  mk(cfg.B, cfg.Hq, cfg.Lq, cfg.Dv) if cfg.gate != "none" else None)
@@ -212,8 +272,9 @@ def run_config(cfg, device, reps=7, warmup=2):
         providers = _gate_providers(cfg, device)
     reps_of, peak_of = {}, {}
     for provider, fn in providers.items():
+        fn, own = fn if isinstance(fn, tuple) else (fn, inputs)  # a provider may bring its own inputs
         try:  # set up and warm up; a PyTorch backend that refuses these inputs is skipped, said once
-            rep = _repetition(fn, inputs, cfg.mode, device)
+            rep = _repetition(fn, own, cfg.mode, device)
             for _ in range(warmup):
                 rep()
             if device.type == "cuda":
@@ -238,7 +299,7 @@ def make_row(cfg, provider, times, peak_mem_mb=None):
            "B": cfg.B, "Hq": cfg.Hq, "Hkv": cfg.Hkv, "Lq": cfg.Lq, "Lk": cfg.Lk, "D": cfg.D, "Dv": cfg.Dv,
            "causal": cfg.causal, "mask": cfg.mask, "gate": cfg.gate, "ms": ms, "tflops": None, "gbps": None,
            "peak_mem_mb": peak_mem_mb, "q1_ms": q1, "q3_ms": q3, "times_ms": list(times)}
-    if cfg.op in ATTENTION_OPS:
+    if cfg.op in FLOP_OPS:
         row["tflops"] = _flops(cfg) / ms / 1e9
     else:
         row["gbps"] = _gate_bytes(cfg) / ms / 1e6
@@ -281,6 +342,12 @@ def default_configs(device, quick=False, ops=None, modes=None, dtypes=None, head
                     configs.append(Config(op, mode, dtype, B=B, Hq=H, Hkv=H, Lq=L, Lk=L, D=D, Dv=D, causal=causal,
                                           gate="elementwise" if op == "gated" else "none",
                                           mask="float_grad" if op == "bias" else "none"))
+            elif op == "varlen":  # the same sizes, B sequences of lengths in [L/4, L] packed; fwd and fwd_bwd
+                for (H, D), causal, mode, L in itertools.product(heads_dims, (False, True), modes, seqlens):
+                    if mode == "bwd" and not asked_modes:
+                        continue
+                    B = max(2, 16384 // L) if device.type == "cuda" else 4
+                    configs.append(Config(op, mode, dtype, B=B, Hq=H, Hkv=H, Lq=L, Lk=L, D=D, Dv=D, causal=causal))
             else:
                 for (B, N, D), mode in itertools.product(gate_sizes, ("fwd_bwd",) if device.type == "cpu" else modes):
                     configs.append(Config(op, mode, dtype, B=B, Hq=8, Lq=N, D=D))
@@ -403,7 +470,7 @@ def figure(rows, env=None):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    unit = lambda op: "TFLOP/s" if op in ATTENTION_OPS else "GB/s"
+    unit = lambda op: "TFLOP/s" if op in FLOP_OPS else "GB/s"
     # one colour per provider across all panels, so that a colour means the same thing everywhere
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     color = {p: palette[i % len(palette)] for i, p in enumerate(sorted({r["provider"] for r in rows}))}

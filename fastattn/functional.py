@@ -6,6 +6,7 @@ fake + autograd) -> kernel in csrc/cpu/, csrc/cuda/ or triton_kernels/.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch.fx.experimental.symbolic_shapes import guard_or_false
@@ -171,7 +172,16 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     semantics (bool True = attend, float added; dtype bool, float32 or query's; torch's CausalBias
     masks), errors (torch's exception types and messages), and results (rows with no allowed key
     give 0, as SDPA; zero-size dims give SDPA's shapes and values).
+
+    Jagged nested tensors (B, H, j, E) (``torch.nested.nested_tensor(seqs, layout=torch.jagged)`` of (j, H, E)
+    sequences, ``.transpose(1, 2)``, as torch's SDPA docs show) run :func:`varlen_attention`: query sequence b
+    attends to key sequence b, and the output is jagged like the query, as torch returns it. ``is_causal`` is
+    causal within each sequence, where query and key sequences have the same lengths (self-attention); with
+    other lengths torch's kernels disagree (flash aligns bottom-right, memory-efficient top-left) and its CPU
+    path refuses it, so it is refused. Masks are refused, as by torch; dropout is not supported.
     """
+    if any(isinstance(t, torch.Tensor) and t.is_nested for t in (query, key, value)):
+        return _jagged_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     attn_mask, causal = _causal_bias(attn_mask, bool(is_causal))  # first, as torch's CausalBias dispatch
     _checks.sdpa_inputs(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
 
@@ -194,6 +204,69 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         mask4 = attn_mask.expand(*lead, Hq, L, S).reshape(N, Hq, L, S)
     out = attention(q4, k4, v4, attn_mask=mask4, causal=causal, scale=scale, dropout_p=dropout_p)
     return out.reshape(*lead, *query.shape[-3:-2] if query.dim() >= 3 else (), L, Ev)
+
+
+def _jagged_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    """scaled_dot_product_attention on jagged nested tensors (B, H, j, E) through varlen_attention."""
+    qkv = (("query", query), ("key", key), ("value", value))
+    nested = [isinstance(t, torch.Tensor) and t.is_nested for _, t in qkv]
+    if not all(nested):  # torch's checks and messages
+        raise ValueError(f"Expected query, key, and value to be nested tensors, but got query.is_nested: {nested[0]}, "
+                         f"key.is_nested: {nested[1]}, and value.is_nested: {nested[2]} instead.")
+    if not query.dtype == key.dtype == value.dtype:
+        raise ValueError(f"Expected query, key, and value to have the same dtype, but got query.dtype: {query.dtype}, "
+                         f"key.dtype: {key.dtype}, and value.dtype: {value.dtype} instead.")
+    if not query.device == key.device == value.device:
+        raise ValueError(f"Expected query, key, and value to have the same device type, but got query.device: "
+                         f"{query.device}, key.device: {key.device}, and value.device: {value.device} instead.")
+    if attn_mask is not None:
+        raise ValueError("Masks are not yet supported!")
+    for name, t in qkv:
+        if t.layout != torch.jagged or t.dim() != 4 or t._ragged_idx != 2:
+            raise ValueError(f"{name}: expected a jagged nested tensor (B, H, j, E): "
+                             f"torch.nested.nested_tensor(seqs, layout=torch.jagged) of (j, H, E) sequences, "
+                             f".transpose(1, 2); got {t.layout} of shape {tuple(t.shape)}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p <= 1.0:
+        raise RuntimeError(f"dropout probability has to be between 0 and 1, but got {dropout_p}")
+    if dropout_p > 0:
+        raise NotImplementedError("fastattn.scaled_dot_product_attention: dropout on jagged nested tensors is not "
+                                  "supported (varlen_attention has none)")
+    B, Hq, Hk, Hv = query.size(0), query.size(1), key.size(1), value.size(1)
+    if not B == key.size(0) == value.size(0):
+        raise RuntimeError(f"Expected query, key and value to have the same batch size, got query {B}, key "
+                           f"{key.size(0)} and value {value.size(0)}")
+    if Hk != Hv or not (Hq == Hk or enable_gqa and Hk and Hq % Hk == 0):
+        raise RuntimeError(f"Number of heads: query {Hq}, key {Hk}, value {Hv}: key and value need the same, and "
+                           f"query the same or, with enable_gqa=True, a multiple of it")
+    if query.size(-1) != key.size(-1):
+        raise RuntimeError(f"Expected query and key to have the same head dim (last dim), got query "
+                           f"{query.size(-1)} and key {key.size(-1)}")
+    (q, cu_q, max_q), (k, cu_k, max_k), (v, cu_v, _) = (_packed_rows(t.transpose(1, 2)) for t in (query, key, value))
+    if not _same(cu_k, cu_v):
+        raise RuntimeError("Expected key and value to have the same sequence lengths")
+    if is_causal and not _same(cu_q, cu_k):
+        raise RuntimeError("is_causal=True on jagged query and key sequences of different lengths: torch's kernels "
+                           "align causality differently there; use fastattn.varlen_attention with causal="
+                           "'top_left' or 'bottom_right'")
+    out = varlen_attention(q, k, v, cu_q.to(torch.int32), cu_k.to(torch.int32), max_q, max_k, causal=bool(is_causal),
+                           scale=scale)
+    return torch.nested.nested_tensor_from_jagged(out, cu_q, max_seqlen=max_q).transpose(1, 2)
+
+
+def _packed_rows(t):
+    """(values (total, H, E), offsets (B + 1), longest length) of a jagged (B, j, H, E): its own values and
+    offsets (the output then shares the query's ragged dim; the length is cached on it), or, for a tensor with
+    holes between its sequences (torch.nested.narrow), the rows of each sequence gathered one after another."""
+    if t.lengths() is None:
+        return t.values(), t.offsets(), t._get_max_seqlen()
+    lengths = t.lengths()
+    cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+    rows = torch.arange(int(cu[-1]), device=cu.device) + torch.repeat_interleave(t.offsets()[:-1] - cu[:-1], lengths)
+    return t.values().index_select(0, rows), cu, int(lengths.max())
+
+
+def _same(a, b):
+    return a is b or torch.equal(a, b)
 
 
 def softmax_gate(scores, x, *, mask=None, pool=False, return_weights=False, backend="auto"):

@@ -305,3 +305,63 @@ def test_bench_json_records_the_triton_autotune_choices(tmp_path, monkeypatch):
     assert list(choices["_tuned_for_the_test"]) == ["4096, torch.bfloat16"]
     assert "BLOCK_M: 64" in choices["_tuned_for_the_test"]["4096, torch.bfloat16"]
     assert bench.triton_autotune_choices() == choices
+
+
+def test_bench_varlen_rows(tmp_path, monkeypatch):
+    """--op varlen: packed sequences of lengths drawn in [L/4, L], fwd and fwd_bwd, rated over their real lengths,
+    beside SDPA on the padded batch. The reference stands in for the kernels of backends that lack one."""
+    from fastattn import bench
+    from fastattn.backends import Problem, select
+    real = bench._fastattn_backends
+    monkeypatch.setattr(bench, "_fastattn_backends", lambda device: real(device) + ["reference"])
+    out = tmp_path / "r.json"
+    assert main(["bench", "--quick", "--device", "cpu", "--op", "varlen", "--reps", "1", "--mode", "fwd", "--mode",
+                 "fwd_bwd", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert {(r["mode"], r["causal"]) for r in rows} == {(m, c) for m in ("fwd", "fwd_bwd") for c in (False, True)}
+
+    def has_kernel(name):
+        try:
+            select(name, Problem("varlen_attention", "cpu", torch.float32, D=64, Dv=64, grad=True))
+            return True
+        except RuntimeError:
+            return False
+
+    want = {"fastattn-reference", "torch-sdpa-math"} | {f"fastattn-{n}" for n in real(torch.device("cpu"))
+                                                        if has_kernel(n)}
+    for mode in ("fwd", "fwd_bwd"):
+        for causal in (False, True):
+            assert want <= {r["provider"] for r in rows if r["mode"] == mode and r["causal"] == causal}
+    for r in rows:
+        assert set(r) == ROW_KEYS and r["op"] == "varlen" and r["ms"] > 0 and r["gbps"] is None
+        lens = bench.varlen_lengths(bench.Config("varlen", r["mode"], torch.float32, B=r["B"], Lq=r["Lq"]))
+        assert len(lens) == r["B"] and all(r["Lq"] // 4 <= n <= r["Lq"] for n in lens) and len(set(lens)) > 1
+        flops = 4 * r["Hq"] * sum(n * n for n in lens) * r["D"] / (2 if r["causal"] else 1)
+        flops *= {"fwd": 1, "fwd_bwd": 3.5}[r["mode"]]
+        assert r["tflops"] == pytest.approx(flops / r["ms"] / 1e9)
+
+
+@pytest.mark.parametrize("causal,Hkv", [(False, 4), (False, 2), (True, 2)])
+def test_bench_varlen_providers_compute_the_same_attention(causal, Hkv):
+    """Every varlen provider times the same attention: the padded SDPA rows give the packed result on the real
+    tokens, the nested and fastattn ones give it outright (those that run here)."""
+    import fastattn
+    from fastattn import bench
+    cfg = bench.Config("varlen", "fwd", torch.float64, B=3, Hq=4, Hkv=Hkv, Lq=24, Lk=24, D=8, Dv=8, causal=causal)
+    g = torch.Generator().manual_seed(0)
+    providers = bench._varlen_providers(cfg, torch.device("cpu"),
+                                        lambda *s: torch.randn(*s, generator=g, dtype=torch.float64))
+    lens = bench.varlen_lengths(cfg)
+    cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+    packed = providers["torch-sdpa-nested"][1]
+    want = fastattn.varlen_attention(*packed, cu, cu, max(lens), max(lens), causal=causal, backend="reference")
+    keep = torch.arange(max(lens)) < torch.tensor(lens)[:, None]
+    checked = []
+    for name, (fn, inputs) in providers.items():
+        try:
+            got = fn(*inputs)
+        except RuntimeError:  # a backend without the kernel; SDPA's nested path refuses causal and GQA on CPU
+            continue
+        torch.testing.assert_close(got.transpose(1, 2)[keep] if inputs is not packed else got, want)
+        checked.append(name)
+    assert "torch-sdpa-math" in checked and ("torch-sdpa-nested" in checked) == (not causal and Hkv == 4)

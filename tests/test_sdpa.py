@@ -228,3 +228,104 @@ def test_zero_size_softmax_gates(op, pool, B, N, D):
     torch.testing.assert_close(alpha, ref_alpha)
     (y.sum() + alpha.sum()).backward()
     assert x.grad.shape == x.shape and other.grad.shape == other.shape
+
+
+# ------------------------------------------------------------------------------------ jagged nested tensors
+def jagged(lens, heads, dim, seed, dtype=torch.float64):
+    """A jagged nested tensor (B, heads, j, dim) that requires grad, as torch's SDPA docs build one: sequences
+    (n, heads, dim), nested, .transpose(1, 2). Returns (the leaf nested tensor, the transposed one)."""
+    gen = torch.Generator().manual_seed(seed)
+    leaf = torch.nested.nested_tensor([torch.randn(n, heads, dim, generator=gen, dtype=dtype) for n in lens],
+                                      layout=torch.jagged, requires_grad=True)
+    return leaf, leaf.transpose(1, 2)
+
+
+def _grads(out, leaves, seed):
+    """Gradients of the leaves for a fixed random cotangent on out's values."""
+    vals = out.transpose(1, 2).values()
+    dout = torch.randn(vals.shape, generator=torch.Generator().manual_seed(seed), dtype=vals.dtype)
+    return [g.values() for g in torch.autograd.grad(vals, leaves, dout)]
+
+
+@pytest.fixture
+def varlen_calls(monkeypatch):
+    seen, real = [], fastattn.functional.varlen_attention
+    monkeypatch.setattr(fastattn.functional, "varlen_attention", lambda *a, **k: seen.append(k) or real(*a, **k))
+    return seen
+
+
+JAGGED = {  # name: query lengths, key lengths, (Hq, Hkv), E, Ev
+    "self": ([3, 7, 1, 5], [3, 7, 1, 5], (4, 4), 16, 16),
+    "cross": ([3, 7, 1, 5], [6, 2, 4, 9], (2, 2), 8, 12),
+    "empty-query": ([4, 0, 3], [2, 5, 3], (2, 2), 8, 8),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("case", JAGGED)
+def test_jagged_matches_torch(case, dtype, varlen_calls):
+    """Forward and every gradient against torch's own SDPA on the same nested tensors (its CPU math path)."""
+    lq, lk, (hq, hk), e, ev = JAGGED[case]
+    (q0, q), (k0, k), (v0, v) = jagged(lq, hq, e, 1, dtype), jagged(lk, hk, e, 2, dtype), jagged(lk, hk, ev, 3, dtype)
+    got = fastattn.scaled_dot_product_attention(q, k, v)
+    want = F.scaled_dot_product_attention(q, k, v)
+    assert varlen_calls and got.is_nested and got.layout == torch.jagged
+    assert got.shape == want.shape  # (B, Hq, j, Ev) with the query's own ragged length
+    tol = dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else dict(atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(got.transpose(1, 2).values(), want.transpose(1, 2).values(), **tol)
+    for a, b in zip(_grads(got, (q0, k0, v0), 4), _grads(want, (q0, k0, v0), 4)):
+        torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2)], ids=["mha", "gqa"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_jagged_against_each_sequence_alone(causal, heads, varlen_calls):
+    """Causality and GQA, which torch's CPU path refuses on nested tensors: each sequence through dense SDPA.
+    The key sequences come from a narrowed tensor (holes between sequences, as torch.nested.narrow makes)."""
+    lens, (hq, hk) = [5, 1, 8, 3], heads
+    q0, q = jagged(lens, hq, 8, 1)
+    dense = torch.randn(4, 9, hk, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64,
+                        requires_grad=True)
+    k = torch.nested.narrow(dense, 1, torch.tensor([1, 0, 1, 2]), torch.tensor(lens), layout=torch.jagged)
+    k = k.transpose(1, 2)
+    v0, v = jagged(lens, hk, 8, 3)
+    got = fastattn.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=hq != hk)
+    assert varlen_calls == [dict(causal=causal, scale=None)]
+    outs = []
+    for b, n in enumerate(lens):
+        kb = dense[b, [1, 0, 1, 2][b]:][:n].transpose(0, 1)[None]
+        outs.append(F.scaled_dot_product_attention(q0[b].transpose(0, 1)[None], kb, v0[b].transpose(0, 1)[None],
+                                                   is_causal=causal, enable_gqa=hq != hk)[0].transpose(0, 1))
+    want = torch.cat(outs)
+    torch.testing.assert_close(got.transpose(1, 2).values(), want, atol=1e-12, rtol=1e-12)
+    dout = torch.randn(want.shape, generator=torch.Generator().manual_seed(4), dtype=want.dtype)
+    ours = torch.autograd.grad(got.transpose(1, 2).values(), (q0, dense, v0), dout)
+    theirs = torch.autograd.grad(want, (q0, dense, v0), dout)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.values() if a.is_nested else a, b.values() if b.is_nested else b,
+                                   atol=1e-12, rtol=1e-12)
+
+
+_BAD_JAGGED = {  # name: (kwargs from q, k, v, exception type); those torch's CPU path also refuses say torch's words
+    "mask": (lambda q, k, v: dict(query=q, key=q, value=q, attn_mask=torch.ones(1, dtype=torch.bool)), ValueError),
+    "dense_key": (lambda q, k, v: dict(query=q, key=torch.randn(3, 2, 4, 8), value=v), ValueError),
+    "dtype_mismatch": (lambda q, k, v: dict(query=q, key=k.float(), value=v), ValueError),
+    "causal_cross_lengths": (lambda q, k, v: dict(query=q, key=k, value=v, is_causal=True), RuntimeError),
+    "heads_without_gqa": (lambda q, k, v: dict(query=q, key=jagged([2, 5, 4], 1, 8, 4)[1],
+                                               value=jagged([2, 5, 4], 1, 8, 5)[1]), RuntimeError),
+    "dropout": (lambda q, k, v: dict(query=q, key=q, value=q, dropout_p=0.1), NotImplementedError),
+    "untransposed": (lambda q, k, v: dict(query=q.transpose(1, 2), key=k.transpose(1, 2), value=v.transpose(1, 2)),
+                     ValueError),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_BAD_JAGGED))
+def test_jagged_errors(case):
+    (_, q), (_, k), (_, v) = jagged([3, 5, 1], 2, 8, 1), jagged([2, 5, 4], 2, 8, 2), jagged([2, 5, 4], 2, 8, 3)
+    make, kind = _BAD_JAGGED[case]
+    with pytest.raises(kind) as ours:
+        fastattn.scaled_dot_product_attention(**make(q, k, v))
+    if case in ("mask", "dense_key", "dtype_mismatch"):
+        with pytest.raises(ValueError) as theirs:
+            F.scaled_dot_product_attention(**make(q, k, v))
+        assert str(ours.value) == str(theirs.value)

@@ -3,6 +3,8 @@
 No download: models are built from a config with random weights (from_pretrained reads a local copy).
 """
 import copy
+import importlib.util
+import pathlib
 
 import pytest
 import torch
@@ -11,6 +13,8 @@ transformers = pytest.importorskip("transformers", reason="Hugging Face transfor
                                                           "(optional extra: pip install 'fastattn[hf]')")
 
 import fastattn.functional  # noqa: E402
+import fastattn.integrations.transformers  # noqa: E402
+import fastattn.reference  # noqa: E402
 from fastattn.integrations.transformers import register  # noqa: E402
 
 F64 = dict(atol=1e-10, rtol=1e-10)
@@ -101,3 +105,151 @@ def test_from_pretrained_with_fastattn(tmp_path, calls):
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=1e-5, rtol=1e-5)
     assert calls
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Counts the calls of each public op the integration may take (what the integration remembers of earlier
+    masks is forgotten first)."""
+    register()
+    monkeypatch.setattr(fastattn.integrations.transformers, "_last", {})
+    seen = {}
+    for op in ("attention", "attention_with_kvcache", "varlen_attention"):
+        real = getattr(fastattn.functional, op)
+        monkeypatch.setattr(fastattn.functional, op, (lambda op, real: lambda *a, **k: seen.update(
+            {op: seen.get(op, 0) + 1}) or real(*a, **k))(op, real))
+    return seen
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_generate_decodes_over_the_cache_with_attention_with_kvcache(name, spy):
+    ref, model = _pair(name)
+    eager = copy.deepcopy(ref)
+    eager.set_attn_implementation("eager")
+    ids = torch.randint(0, 64, (3, 6), generator=torch.Generator().manual_seed(4))
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        want = ref.generate(ids, **kw)
+        assert torch.equal(eager.generate(ids, **kw), want)
+        got = model.generate(ids, **kw)
+    assert torch.equal(got, want)
+    # the prefill on the general path, the 5 decode steps over the cache, in both layers
+    assert spy == {"attention": 2, "attention_with_kvcache": 2 * 5}
+
+
+def test_padded_batch_decodes_on_the_general_path(spy):
+    """Left padding masks the first keys, which cache lengths cannot say: the mask decides, as in sdpa. A chunk
+    over a cache without padding first, whose mask is read and found causal: that verdict must not stand in for
+    the padded batch's masks."""
+    ref, model = _pair("llama-gqa2")
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        model(ids[:, 2:], cache=model(ids[:, :2], use_cache=True).cache, use_cache=True)
+        assert spy.pop("attention_with_kvcache") == 2
+        assert torch.equal(model.generate(ids, **kw), ref.generate(ids, **kw))
+    assert spy == {"attention": 2 + 2 * 4}
+
+
+def test_several_query_rows_over_a_cache_are_causal_from_its_end(spy):
+    """A chunk of 3 tokens after a cached prefix (speculative decoding, chunked prefill): the chunk's rows see
+    the cache and the chunk causally, the mask transformers builds for it; the op's causal mode is that mask."""
+    ref, model = _pair("qwen3-mqa")
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        logits = []
+        for m in (ref, model):
+            cache = m(ids[:, :5], use_cache=True).cache
+            logits.append(m(ids[:, 5:], cache=cache, use_cache=True).logits)
+    torch.testing.assert_close(logits[1], logits[0], **F64)
+    assert spy == {"attention": 2, "attention_with_kvcache": 2}
+
+
+def test_training_never_takes_the_forward_only_op(spy):
+    """With gradients to compute, query rows over a cache (prefix tuning) keep the differentiable path."""
+    ref, model = _pair("llama-gqa2")
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(7))
+    cache = model(ids[:, :4], use_cache=True).cache
+    model(ids[:, 4:], cache=cache, use_cache=True).logits.sum().backward()
+    assert spy == {"attention": 4}
+
+
+def _packed(lens, seed):
+    gen = torch.Generator().manual_seed(seed)
+    seqs = [torch.randint(0, 64, (n,), generator=gen) for n in lens]
+    return seqs, transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True)(
+        [{"input_ids": s.tolist()} for s in seqs])
+
+
+@pytest.mark.parametrize("kwargs", ["position_ids", "flash_attn_kwargs", "with_cache"])
+@pytest.mark.parametrize("name", MODELS)
+def test_packed_sequences_run_varlen_and_match_separate_runs(name, kwargs, spy):
+    ref, model = _pair(name)
+    seqs, batch = _packed([5, 1, 3, 7], seed=8)
+    batch.pop("labels")
+    use_cache = kwargs == "with_cache"
+    if kwargs != "flash_attn_kwargs":
+        for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"):
+            batch.pop(k)
+    with torch.no_grad():
+        want = torch.cat([ref(s[None], use_cache=False).logits for s in seqs], 1)
+    got = model(**batch, use_cache=use_cache).logits
+    torch.testing.assert_close(got, want, **F64)
+    assert spy == {"varlen_attention": 2}
+
+
+def test_packed_training_matches_sdpa_logits_and_grads(spy):
+    """sdpa runs the packed row under the block-causal mask transformers builds; fastattn runs varlen. Same
+    loss, same gradients for every parameter."""
+    ref, model = _pair("llama-gqa2")
+    _, batch = _packed([6, 2, 9], seed=9)
+    losses = [m(**batch, use_cache=False).loss for m in (ref, model)]
+    torch.testing.assert_close(losses[1], losses[0], **F64)
+    for loss in losses:
+        loss.backward()
+    for (n, pr), (_, pf) in zip(ref.named_parameters(), model.named_parameters()):
+        torch.testing.assert_close(pf.grad, pr.grad, **F64, msg=lambda m: f"grad of {n}: {m}")
+    assert spy == {"varlen_attention": 2}
+
+
+def test_packed_row_with_another_mask_takes_the_general_path(spy):
+    """A padding mask beside packed position ids is not the packed row's causal mask: transformers then lets
+    the sequences see each other (no packing), and so does fastattn, by following the mask."""
+    ref, model = _pair("llama-gqa2")
+    _, batch = _packed([4, 6], seed=10)
+    mask = torch.ones_like(batch["input_ids"])
+    mask[0, -1] = 0
+    with torch.no_grad():
+        want = ref(batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask, use_cache=False).logits
+        got = model(batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask, use_cache=False).logits
+    torch.testing.assert_close(got[0, :-1], want[0, :-1], **F64)
+    assert spy == {"attention": 2}
+
+
+def test_a_mask_changed_in_place_is_read_again(spy):
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(2, h, n, 8, generator=gen, dtype=torch.float64) for h, n in ((4, 3), (2, 7), (2, 7)))
+    mask = torch.ones(3, 7, dtype=torch.bool).tril(4).expand(2, 1, 3, 7).clone()
+    attend = fastattn.integrations.transformers.attention_forward
+    with torch.no_grad():
+        attend(torch.nn.Module(), q, k, v, mask)
+        assert spy == {"attention_with_kvcache": 1}
+        mask[0, 0, :, 0] = False
+        got, _ = attend(torch.nn.Module(), q, k, v, mask)
+    torch.testing.assert_close(got, fastattn.reference.attention(q, k, v, mask).transpose(1, 2), **F64)
+    assert spy == {"attention_with_kvcache": 1, "attention": 1}
+
+
+def test_generate_kvcache_example_runs(spy, capsys):
+    """examples/generate_kvcache.py at tiny sizes: identical tokens, its decoding steps on attention_with_kvcache."""
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "generate_kvcache.py"
+    spec = importlib.util.spec_from_file_location("generate_kvcache", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    assert example.main(["--batch", "2", "--prompt", "5", "--new-tokens", "4", "--layers", "1", "--hidden", "32",
+                         "--heads", "4", "--kv-heads", "2", "--vocab", "64", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "identical tokens" in out and out.count("tokens/s") == 2
+    assert spy["attention_with_kvcache"] == 2 * 3  # warm-up and timed run, 3 decoding steps, 1 layer
