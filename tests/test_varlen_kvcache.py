@@ -156,6 +156,55 @@ def test_cpu_varlen_matches_reference(case, dtype):
     assert_all_ok(check_varlen(case, dtype, backend="cpu"), case.id)
 
 
+# Sequences over several of the CPU kernels' tiles (forward: 256 queries x 512 keys, backward: 128 x 128), starting
+# at offsets that are no multiple of a tile, one longer than its keys under bottom_right (rows with no key).
+CPU_TILES = [VarlenCase(lens_q=(5, 300, 270), lens_k=(700, 530, 20), causal="bottom_right", Hq=2, Hkv=1, D=16,
+                        gate="elementwise", lse_grad=True),
+             VarlenCase(lens_q=(520, 3), lens_k=(600, 1030), causal=True, D=16, gate="headwise")]
+
+
+@pytest.mark.parametrize("case", CPU_TILES, ids=[c.id for c in CPU_TILES])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=dtype_id)
+def test_cpu_varlen_spans_tiles(case, dtype):
+    assert_all_ok(check_varlen(case, dtype, backend="cpu"), case.id)
+
+
+@pytest.mark.parametrize("causal,gate", [(False, "headwise"), (True, "elementwise"), ("bottom_right", "elementwise"),
+                                         ("bottom_right", "headwise")])
+def test_cpu_varlen_gradcheck(causal, gate):
+    # every input's gradient, through out and lse, against finite differences of the kernels' own forward;
+    # GQA, q strided, an empty query sequence (its keys get no gradient), Lq != Lk per sequence
+    lens_q, lens_k = (3, 0, 5, 1), (4, 2, 6, 3)
+    q = rand(9, 4, 8, seed=1)[..., :4].requires_grad_()
+    k, v = rand(15, 2, 4, seed=2).requires_grad_(), rand(15, 2, 3, seed=3).requires_grad_()
+    g = rand(9, 4, 3 if gate == "elementwise" else 1, seed=4).requires_grad_()
+
+    def f(q, k, v, g):
+        return fastattn.varlen_attention(q, k, v, cu(lens_q), cu(lens_k), 5, 6, causal=causal, gate=g,
+                                         return_lse=True, backend="cpu")
+    assert torch.autograd.gradcheck(f, (q, k, v, g))
+
+
+def test_cpu_varlen_ops_take_empty_sequences_and_totals():
+    # the kernels themselves (fastattn.varlen_attention sends total 0 to the reference)
+    fwd, bwd = torch.ops.fastattn.varlen_attention_fwd, torch.ops.fastattn.varlen_attention_bwd
+    for lens_q, lens_k in [((0, 0), (3, 2)), ((2, 1), (0, 0)), ((), ()), ((0, 4), (3, 0))]:
+        tq, tk = sum(lens_q), sum(lens_k)
+        q, k, v = rand(tq, 2, 8, seed=1), rand(tk, 1, 8, seed=2), rand(tk, 1, 4, seed=3)
+        args = (cu(lens_q), cu(lens_k), max(lens_q, default=0), max(lens_k, default=0), None, 0.5, 2)
+        out, lse, _ = fwd(q, k, v, *args)
+        expect = reference.varlen_attention(q, k, v, cu(lens_q), cu(lens_k), causal="bottom_right", scale=0.5)
+        torch.testing.assert_close(out, expect)
+        assert out.shape == (tq, 2, 4) and lse.shape == (2, tq)
+        lq, lk = torch.tensor(lens_q, dtype=torch.long), torch.tensor(lens_k, dtype=torch.long)
+        no_key, no_query = torch.repeat_interleave(lk == 0, lq), torch.repeat_interleave(lq == 0, lk)
+        assert (lse[:, no_key] == float("-inf")).all()
+        dout = rand(tq, 2, 4, seed=4)
+        dq, dk, dv, dgate = bwd(dout, q, k, v, out, lse, *args[:4], None, None, 0.5, 2)
+        assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape and dgate.numel() == 0
+        assert not dq[no_key].any() and not dk[no_query].any() and not dv[no_query].any()
+
+
 @pytest.mark.parametrize("case", KVCACHE, ids=[c.id for c in KVCACHE])
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_cpu_kvcache_matches_reference(case, dtype):

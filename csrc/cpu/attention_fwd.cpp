@@ -1,6 +1,7 @@
 // Attention forward on CPU: FlashAttention-2 tiling with an online softmax.
-// One task = (batch, query head, block of kBlockM queries); it streams kBlockN-key tiles of its kv
-// head, keeping a running max / sum per query row and rescaling its output accumulator.
+// One task = (batch or packed sequence, query head, block of kBlockM queries); it streams kBlockN-key
+// tiles of its kv head, keeping a running max / sum per query row and rescaling its output accumulator.
+// Packed sequences launch blocks for the longest one; a shorter sequence's blocks past its end do nothing.
 // Statistics and accumulators are float (double for double inputs); bf16 / half tiles are widened
 // once per tile, except that bf16 Q K^T runs on the bf16 tiles where AVX512-BF16 exists.
 #include <ATen/ATen.h>
@@ -28,15 +29,46 @@ constexpr int64_t kBlockN = 512;  // keys per streamed tile
 
 namespace detail {
 
-AttnParams check_and_describe(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                              const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& gate,
-                              double scale, int64_t causal) {
+namespace {
+void check_cpu(const char* op, const at::Tensor& q) {
   TORCH_CHECK(q.device().is_cpu(), op, ": q, k, v must be CPU tensors, got q on ", q.device());
   const auto dt = q.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf, op,
               ": q must be float32, float64, bfloat16 or float16, got ", dt);
+}
+
+// 0 = cu[0] <= cu[1] <= ... <= cu[B] = total with every length <= max_len: the kernels read and write the rows
+// cu_seqlens names, and launch max_len rows per sequence.
+void check_cu_seqlens(const char* op, const at::Tensor& cu, int64_t total, int64_t max_len, const char* name) {
+  const int32_t* c = cu.data_ptr<int32_t>();
+  const int64_t n = cu.numel();
+  TORCH_CHECK(c[0] == 0 && c[n - 1] == total, op, ": ", name, " must run from 0 to the packed length ", total,
+              ", got ", c[0], " to ", c[n - 1]);
+  for (int64_t b = 0; b + 1 < n; ++b)
+    TORCH_CHECK(c[b] <= c[b + 1] && c[b + 1] - c[b] <= max_len, op, ": ", name,
+                " must be non-decreasing with lengths <= ", max_len, ", got ", c[b], " then ", c[b + 1]);
+}
+}  // namespace
+
+AttnParams check_and_describe(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& gate,
+                              double scale, int64_t causal) {
+  check_cpu(op, q);
   AttnParams s{};
   describe_attention(s, op, q, k, v, mask, gate, scale, causal);
+  return s;
+}
+
+AttnParams check_and_describe_varlen(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                     const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                     int64_t max_seqlen_q, int64_t max_seqlen_k,
+                                     const std::optional<at::Tensor>& gate, double scale, int64_t causal) {
+  check_cpu(op, q);
+  AttnParams s{};
+  describe_varlen_attention(s, op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, gate, scale,
+                            causal);
+  check_cu_seqlens(op, cu_seqlens_q, q.size(0), max_seqlen_q, "cu_seqlens_q");
+  check_cu_seqlens(op, cu_seqlens_k, k.size(0), max_seqlen_k, "cu_seqlens_k");
   return s;
 }
 
@@ -45,9 +77,19 @@ AttnParams check_and_describe(const char* op, const at::Tensor& q, const at::Ten
 namespace {
 
 using detail::AttnParams;
+using detail::RowLayout;
+
+// Where the forward writes: out and out_acc (Dv-wide rows; out_acc nullptr when not kept) and lse.
+template <typename scalar_t, typename acc_t>
+struct FwdOutputs {
+  scalar_t* out;
+  float* out_acc;
+  acc_t* lse;
+  RowLayout out_l, acc_l, lse_l;
+};
 
 template <typename scalar_t, typename acc_t>
-void attention_fwd_kernel(const AttnParams& s, scalar_t* out, float* out_acc, acc_t* lse) {
+void attention_fwd_kernel(const AttnParams& s, const FwdOutputs<scalar_t, acc_t>& o) {
   const auto* q = static_cast<const scalar_t*>(s.q);
   const auto* k = static_cast<const scalar_t*>(s.k);
   const auto* v = static_cast<const scalar_t*>(s.v);
@@ -60,7 +102,7 @@ void attention_fwd_kernel(const AttnParams& s, scalar_t* out, float* out_acc, ac
   // the same S there gives P = exp2(S - lse) = 1 for a saturated row, whose exact gradient is 0
   const acc_t scale_log2 = acc_t(s.scale_log2);
   const int64_t D = s.D, Dv = s.Dv;
-  const int64_t n_qblocks = (s.Lq + kBlockM - 1) / kBlockM;
+  const int64_t n_qblocks = (s.Lq + kBlockM - 1) / kBlockM;  // s.Lq: the longest sequence's
 
   parallel_dynamic(s.B * s.Hq * n_qblocks, [&](const auto& claim) {
     // Per-thread tile buffers.
@@ -77,10 +119,13 @@ void attention_fwd_kernel(const AttnParams& s, scalar_t* out, float* out_acc, ac
       // Last query blocks first: under causal masking they see the most keys.
       const int64_t qb = n_qblocks - 1 - task % n_qblocks, bh = task / n_qblocks;
       const int64_t h = bh % s.Hq, b = bh / s.Hq, hk = h / s.group;
-      const int64_t i0 = qb * kBlockM, bm = std::min(kBlockM, s.Lq - i0);
-      const scalar_t* k_head = k + b * s.k_sb + hk * s.k_sh;  // [Lk, D], row stride k_sl
-      const scalar_t* v_head = v + b * s.v_sb + hk * s.v_sh;  // [Lk, Dv], row stride v_sl
-      const scalar_t* q_tile = q + b * s.q_sb + h * s.q_sh + i0 * s.q_sl;  // [bm, D], row stride q_sl
+      const SeqExtent e = seq_extent(s, b);
+      const int64_t i0 = qb * kBlockM;  // query rows i0.. of sequence b
+      if (i0 >= e.Lq) continue;         // past a shorter sequence's end
+      const int64_t bm = std::min(kBlockM, e.Lq - i0);
+      const scalar_t* k_head = k + b * s.k_sb + hk * s.k_sh + e.k_row0 * s.k_sl;  // [Lk, D], row stride k_sl
+      const scalar_t* v_head = v + b * s.v_sb + hk * s.v_sh + e.k_row0 * s.v_sl;  // [Lk, Dv], row stride v_sl
+      const scalar_t* q_tile = q + b * s.q_sb + h * s.q_sh + (e.q_row0 + i0) * s.q_sl;  // [bm, D], row stride q_sl
       int64_t ldq = s.q_sl, ldk = s.k_sl, ldv;
       const acc_t* Q = bf16_dot ? nullptr : tile_as(q_tile, s.q_sl, bm, D, q_buf.data(), &ldq);
 
@@ -89,7 +134,7 @@ void attention_fwd_kernel(const AttnParams& s, scalar_t* out, float* out_acc, ac
       std::fill_n(l_buf.data(), bm, acc_t(0));
 
       // Causal: keys past the last row's diagonal are skipped entirely.
-      const int64_t j_end = s.causal ? std::min(s.Lk, i0 + bm + s.causal_off) : s.Lk;
+      const int64_t j_end = s.causal ? std::min(e.Lk, i0 + bm + e.causal_off) : e.Lk;
       for (int64_t j0 = 0; j0 < j_end; j0 += kBlockN) {
         const int64_t bn = std::min(kBlockN, j_end - j0);
         const acc_t* V = tile_as(v_head + j0 * s.v_sl, s.v_sl, bn, Dv, v_buf.data(), &ldv);  // [bn, Dv]
@@ -105,7 +150,8 @@ void attention_fwd_kernel(const AttnParams& s, scalar_t* out, float* out_acc, ac
           const acc_t* K = tile_as(k_head + j0 * s.k_sl, s.k_sl, bn, D, k_buf.data(), &ldk);  // [bn, D]
           gemm(false, true, bm, bn, D, scale_log2, Q, ldq, K, ldk, acc_t(0), S, kBlockN);
         }
-        detail::mask_score_tile<scalar_t>(S, kBlockN, i0, bm, j0, bn, s, detail::mask_ptr<scalar_t>(s, b, h, i0, j0));
+        detail::mask_score_tile<scalar_t>(S, kBlockN, i0, bm, j0, bn, s, e.causal_off,
+                                          detail::mask_ptr<scalar_t>(s, b, h, i0, j0));
 
         // -- online softmax update: P = 2^(S - m_new), l = l * 2^(m_old - m_new) + rowsum(P)
         for (int64_t r = 0; r < bm; ++r) {
@@ -128,25 +174,50 @@ void attention_fwd_kernel(const AttnParams& s, scalar_t* out, float* out_acc, ac
 
       // -- normalise, gate, store; lse = log2(sum) + max in log2 units (the op's contract)
       for (int64_t r = 0; r < bm; ++r) {
-        const int64_t i = i0 + r;
-        const int64_t row_idx = (b * s.Hq + h) * s.Lq + i;
-        acc_t* o = acc + r * Dv;
+        const int64_t i = e.q_row0 + i0 + r;  // row of q, out, gate, lse
+        acc_t* out_row = acc + r * Dv;
         const acc_t l = l_buf[r];
         const bool empty = l == acc_t(0);  // no allowed key: exactly 0 (not 0 * V, which is NaN for V = inf)
-        if (empty) std::fill_n(o, Dv, acc_t(0));
-        else scale_row(o, acc_t(1) / l, Dv);
-        lse[row_idx] = empty ? kNegInf : m_buf[r] + std::log2(l);
+        if (empty) std::fill_n(out_row, Dv, acc_t(0));
+        else scale_row(out_row, acc_t(1) / l, Dv);
+        o.lse[o.lse_l(b, h, i)] = empty ? kNegInf : m_buf[r] + std::log2(l);
         if (gate != nullptr) {
           const scalar_t* g = gate + b * s.g_sb + h * s.g_sh + i * s.g_si;
-          for (int64_t c = 0; c < Dv; ++c) o[c] *= sigmoid(acc_t(g[c * s.g_sc]));
+          for (int64_t c = 0; c < Dv; ++c) out_row[c] *= sigmoid(acc_t(g[c * s.g_sc]));
         }
         if constexpr (std::is_same_v<acc_t, float>) {
-          if (out_acc != nullptr) std::copy_n(o, Dv, out_acc + row_idx * Dv);
+          if (o.out_acc != nullptr) std::copy_n(out_row, Dv, o.out_acc + o.acc_l(b, h, i));
         }
-        convert_row(out + row_idx * Dv, o, Dv);
+        convert_row(o.out + o.out_l(b, h, i), out_row, Dv);
       }
     }
   });
+}
+
+// The forward of attention_fwd (outputs (B, Hq, Lq, Dv) and (B, Hq, Lq)) and of varlen_attention_fwd (packed:
+// (total_q, Hq, Dv) and (Hq, total_q)).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_fwd(const AttnParams& s, const at::Tensor& q, bool packed,
+                                                       bool need_acc) {
+  const auto acc_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t total_q = q.size(0);
+  const std::vector<int64_t> out_shape = packed ? std::vector<int64_t>{total_q, s.Hq, s.Dv}
+                                                : std::vector<int64_t>{s.B, s.Hq, s.Lq, s.Dv};
+  const std::vector<int64_t> lse_shape = packed ? std::vector<int64_t>{s.Hq, total_q}
+                                                : std::vector<int64_t>{s.B, s.Hq, s.Lq};
+  at::Tensor out = at::empty(out_shape, q.options());
+  at::Tensor lse = at::empty(lse_shape, q.options().dtype(acc_type));
+  const bool keep_acc = need_acc && (q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf);
+  at::Tensor out_acc = keep_acc ? at::empty(out_shape, q.options().dtype(at::kFloat)) : at::empty({0}, q.options());
+  if (out.numel() == 0 && lse.numel() == 0) return {out, lse, out_acc};
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_fwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const RowLayout out_l = detail::row_layout(out, packed);
+    const FwdOutputs<scalar_t, acc_t> o{out.data_ptr<scalar_t>(), keep_acc ? out_acc.data_ptr<float>() : nullptr,
+                                        lse.data_ptr<acc_t>(), out_l, out_l, detail::row_layout(lse, packed)};
+    attention_fwd_kernel<scalar_t, acc_t>(s, o);
+  });
+  return {out, lse, out_acc};
 }
 
 }  // namespace
@@ -156,19 +227,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd(
     const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& gate,
     double scale, int64_t causal, bool need_acc) {
   const AttnParams s = detail::check_and_describe("attention_fwd", q, k, v, mask, gate, scale, causal);
-  const auto acc_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor out = at::empty({s.B, s.Hq, s.Lq, s.Dv}, q.options());
-  at::Tensor lse = at::empty({s.B, s.Hq, s.Lq}, q.options().dtype(acc_type));
-  const bool keep_acc = need_acc && (q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf);
-  at::Tensor out_acc = keep_acc ? at::empty({s.B, s.Hq, s.Lq, s.Dv}, q.options().dtype(at::kFloat)) : at::empty({0}, q.options());
-  if (out.numel() == 0 && lse.numel() == 0) return {out, lse, out_acc};
+  return run_fwd(s, q, /*packed=*/false, need_acc);
+}
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_fwd", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    attention_fwd_kernel<scalar_t, acc_t>(s, out.data_ptr<scalar_t>(), keep_acc ? out_acc.data_ptr<float>() : nullptr,
-                                          lse.data_ptr<acc_t>());
-  });
-  return {out, lse, out_acc};
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+    const std::optional<at::Tensor>& gate, double scale, int64_t causal, bool need_acc) {
+  const AttnParams s = detail::check_and_describe_varlen("varlen_attention_fwd", q, k, v, cu_seqlens_q, cu_seqlens_k,
+                                                         max_seqlen_q, max_seqlen_k, gate, scale, causal);
+  return run_fwd(s, q, /*packed=*/true, need_acc);
 }
 
 }  // namespace fastattn::cpu
