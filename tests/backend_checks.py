@@ -8,9 +8,9 @@ import math
 import torch
 
 import fastattn
-from fastattn import fuzz
+from fastattn import fuzz, testing
 from fastattn.backends import CUDA_DTYPES, Problem, cuda_kernels_unsupported
-from fastattn.testing import AttentionCase, attention_cases, cases_covered
+from fastattn.testing import AttentionCase, KvcacheCase, attention_cases, cases_covered, kvcache_cases, varlen_cases
 from conftest import assert_all_ok
 
 
@@ -187,6 +187,24 @@ def opcheck_softmax_gates(prefix, pool, device="cpu", dtype=torch.float32):
                           (torch.randn_like(y), x.detach(), alpha.detach(), torch.randn_like(alpha), pool))
 
 
+def opcheck_varlen_kvcache_forward(prefix, device="cpu", dtype=torch.float16, D=64):
+    """torch.library.opcheck of the varlen and kv-cache forwards with no input requiring a gradient (what a backend
+    without a varlen backward runs): packed sequences with an empty one, contiguous and paged caches."""
+    op = lambda name: getattr(torch.ops.fastattn, prefix + name).default
+    cu = torch.tensor([0, 3, 3, 10], dtype=torch.int32, device=device)
+    q, k, v = (rand(10, h, D, seed=s, device=device, dtype=dtype) for s, h in ((1, 4), (2, 2), (3, 2)))
+    gate = rand(10, 4, 1, seed=4, device=device, dtype=dtype)
+    for need_acc in (False, True):
+        torch.library.opcheck(op("varlen_attention_fwd"), (q, k, v, cu, cu, 7, 7, gate, 0.125, 2, need_acc))
+    q = rand(2, 4, 3, D, seed=5, device=device, dtype=dtype)
+    k_cache, v_cache = (rand(2, 2, 40, D, seed=s, device=device, dtype=dtype) for s in (6, 7))
+    seqlens = torch.tensor([17, 40], dtype=torch.int32, device=device)
+    torch.library.opcheck(op("attention_kvcache_fwd"), (q, k_cache, v_cache, seqlens, None, None, 0.125, 2))
+    pages = torch.tensor([[4, 0, 2], [1, 3, 5]], dtype=torch.int32, device=device)
+    k_pages, v_pages = (rand(6, 2, 16, D, seed=s, device=device, dtype=dtype) for s in (8, 9))
+    torch.library.opcheck(op("attention_kvcache_fwd"), (q, k_pages, v_pages, seqlens, pages, None, 0.125, 0))
+
+
 class TinyGatedModel(torch.nn.Module):
     """Attention with a fused output gate, then attention pooling: every fastattn op in one graph."""
 
@@ -238,3 +256,46 @@ def cuda_attention_cases():
     ]
     refuses = lambda D, Dv: cuda_kernels_unsupported(Problem("attention", "cuda", torch.float16, D=D, Dv=Dv))
     return cases_covered(cases, refuses)
+
+
+def _cuda_refuses(op):
+    return lambda D, Dv: cuda_kernels_unsupported(Problem(op, "cuda", torch.float16, D=D, Dv=Dv))
+
+
+def cuda_varlen_cases(quick=False):
+    """The varlen sweep of fastattn.testing moved onto what csrc/cuda covers (as cuda_attention_cases)."""
+    return cases_covered(varlen_cases(quick), _cuda_refuses("varlen_attention"))
+
+
+# Few blocks (batch x kv heads x 16-row tiles) over long caches: the cuda decode kernel splits the keys and merges
+# the splits; sequences of one split, of several and of none in one batch, pages shorter than a key tile, GQA rows
+# over two row tiles, a length on a tile boundary.
+KV_SPLIT_CASES = [
+    KvcacheCase(cache_seqlens=(700, 5, 0), Lq=3, Lnew=2, Hq=4, Hkv=1, capacity=768, page_size=16, gate="elementwise"),
+    KvcacheCase(cache_seqlens=(1500, 256, 0), Lq=4, Lnew=0, Hq=8, Hkv=1, capacity=1536, causal=False, D=128,
+                gate="headwise"),
+]
+
+
+def cuda_kvcache_cases(quick=False):
+    """The kv-cache sweep of fastattn.testing moved onto what csrc/cuda covers, plus KV_SPLIT_CASES."""
+    return cases_covered(kvcache_cases(quick) + KV_SPLIT_CASES, _cuda_refuses("attention_kvcache"))
+
+
+def check_varlen_forward(case, dtype, backend, device="cpu"):
+    """fastattn.testing.check_varlen's rule (docs/CONTRACT.md §4) on out and lse, with no input requiring a
+    gradient: for a backend with a varlen forward and no varlen backward (csrc/cuda)."""
+    t = case.inputs()
+    lens_k = case.lens_k or case.lens_q
+
+    def run(dt, be):
+        cast = lambda n: testing._strided(testing.fresh(t[n], device, dt), case.layout)
+        gate = testing.fresh(t["gate"], device, dt) if "gate" in t else None
+        out, lse = fastattn.varlen_attention(
+            cast("q"), cast("k"), cast("v"), t["cu_seqlens_q"].to(device), t["cu_seqlens_k"].to(device),
+            max(case.lens_q, default=0), max(lens_k, default=0), causal=case.causal, scale=case.scale, gate=gate,
+            return_lse=True, backend=be)
+        return {"out": out, "lse": lse}
+
+    got, lowp, truth = run(dtype, backend), run(dtype, "reference"), run(torch.float64, "reference")
+    return [testing.compare(n, got[n], lowp[n], truth[n], dtype, 2) for n in ("out", "lse")]

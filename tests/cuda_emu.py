@@ -25,8 +25,10 @@ build = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(build)
 
 PREFIX = "cuda_emu_"
-OPS = ("attention_fwd", "attention_bwd", "softmax_gate_fwd", "softmax_gate_bwd", "score_softmax_gate_fwd",
-       "score_softmax_gate_bwd")
+# varlen_attention_bwd is defined without a kernel, as on a GPU (csrc/fastattn.cpp has its schema, csrc/cuda no
+# kernel): the fakes and autograd of register_varlen_attention need the op, and the backend then refuses a gradient
+OPS = ("attention_fwd", "attention_bwd", "varlen_attention_fwd", "varlen_attention_bwd", "attention_kvcache_fwd",
+       "softmax_gate_fwd", "softmax_gate_bwd", "score_softmax_gate_fwd", "score_softmax_gate_bwd")
 _STATE: dict = {}
 
 
@@ -68,6 +70,7 @@ def load():
     lib.fastattn_emu_use_kernels.argtypes = [ctypes.c_char_p]
     torch.ops.load_library(module)
     ops.register_attention(PREFIX, acc_devices=("cpu",))
+    ops.register_varlen_attention(PREFIX, acc_devices=("cpu",))
     ops.register_softmax_gates(PREFIX)
     register_backend(EmulatedCudaBackend())
     _STATE.update(lib=lib, lib_def=lib_def, clean=clean)
