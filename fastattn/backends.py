@@ -167,7 +167,7 @@ CUDA_DTYPES = (torch.float16, torch.bfloat16)
 CUDA_HEAD_DIMS = (64, 128)
 
 
-CUDA_KERNELS = FusedBackend.kernels - {"varlen_attention_fwd", "varlen_attention_bwd", "attention_kvcache_fwd"}
+CUDA_KERNELS = FusedBackend.kernels - {"varlen_attention_bwd"}
 
 
 def cuda_kernels_unsupported(p: Problem) -> str | None:
@@ -183,7 +183,7 @@ class CpuBackend(FusedBackend):
     """C++ kernels compiled into fastattn._C (csrc/cpu/), registered for CPU tensors."""
     name = "cpu"
     device_types = ("cpu",)
-    kernels = FusedBackend.kernels - {"varlen_attention_fwd", "varlen_attention_bwd", "attention_kvcache_fwd"}
+    kernels = FusedBackend.kernels - {"attention_kvcache_fwd"}
 
     def unavailable(self):
         return ops.extension_error()

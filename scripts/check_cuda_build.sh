@@ -33,8 +33,8 @@ done | xargs -P "$jobs" -I{} bash -c '
   fi' "$NVCC" "${flags[@]}"
 t1=$(date +%s)
 
-# The dynamic shared memory of each attention kernel, as kernel_traits.h computes it (a host program reads
-# the traits: the one definition), for the head dims the kernels cover.
+# The dynamic shared memory of each attention and decode kernel, as kernel_traits.h computes it (a host program
+# reads the traits: the one definition), for the head dims the kernels cover.
 cat >"$out/traits.cpp" <<'CPP'
 #include <cstdio>
 #include "cuda/kernel_traits.h"
@@ -42,6 +42,7 @@ using namespace fastattn::cuda;
 int main() {
   std::printf("fwd 64 %d\nfwd 128 %d\n", FwdTraits<64>::kSmemBytes, FwdTraits<128>::kSmemBytes);
   std::printf("bwd 64 %d\nbwd 128 %d\n", BwdTraits<64>::kSmemBytes, BwdTraits<128>::kSmemBytes);
+  std::printf("decode 64 %d\ndecode 128 %d\n", DecodeTraits<64>::kSmemBytes, DecodeTraits<128>::kSmemBytes);
 }
 CPP
 "${CXX:-c++}" -std=c++17 -Icsrc "$out/traits.cpp" -o "$out/traits" && "$out/traits" >"$out/traits.txt" || exit 1
@@ -54,7 +55,7 @@ SMEM_LIMIT = 163 * 1024  # sm_80 opt-in maximum per block (sm_90: 227 KB)
 DYN_SMEM = {(k, int(d)): int(n) for k, d, n in (l.split() for l in open(os.path.join(out, "traits.txt")))}
 
 def dyn_smem(name):
-    m = re.search(r"attention_(fwd|bwd)_kernel<[^,]+, (\d+),", name)
+    m = re.search(r"attention_(?:varlen_)?(fwd|bwd|decode)_kernel<[^,]+, (\d+)[,>]", name)
     return DYN_SMEM[m.group(1), int(m.group(2))] if m else 0
 
 def demangle(names):

@@ -8,9 +8,9 @@ import math
 import torch
 
 import fastattn
-from fastattn import fuzz
+from fastattn import fuzz, testing
 from fastattn.backends import CUDA_DTYPES, Problem, cuda_kernels_unsupported
-from fastattn.testing import AttentionCase, attention_cases, cases_covered
+from fastattn.testing import AttentionCase, KvcacheCase, attention_cases, cases_covered, kvcache_cases, varlen_cases
 from conftest import assert_all_ok
 
 
@@ -196,8 +196,9 @@ def opcheck_varlen_and_kvcache(prefix, device="cpu", dtype=torch.float32, D=16, 
     idx = lambda *v: torch.tensor(v, dtype=torch.int32, device=device)
     q, k, v, gate = r(12, 4, D, seed=1), r(15, 2, D, seed=2), r(15, 2, Dv, seed=3), r(12, 4, 1, seed=4)
     cu_q, cu_k = idx(0, 5, 5, 12), idx(0, 6, 9, 15)
-    for g, causal in ((None, 0), (gate, 1), (gate, 2)):
-        torch.library.opcheck(op("varlen_attention_fwd").default, (q, k, v, cu_q, cu_k, 7, 6, g, 0.3, causal))
+    for g, causal, need_acc in ((None, 0, True), (gate, 1, False), (gate, 2, True)):
+        torch.library.opcheck(op("varlen_attention_fwd").default,
+                              (q, k, v, cu_q, cu_k, 7, 6, g, 0.3, causal, need_acc))
     if backward:
         out, lse, out_acc = op("varlen_attention_fwd")(q, k, v, cu_q, cu_k, 7, 6, gate, 0.3, 2)
         args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), cu_q, cu_k,
@@ -277,3 +278,46 @@ def cuda_attention_cases():
     ]
     refuses = lambda D, Dv: cuda_kernels_unsupported(Problem("attention", "cuda", torch.float16, D=D, Dv=Dv))
     return cases_covered(cases, refuses)
+
+
+def _cuda_refuses(op):
+    return lambda D, Dv: cuda_kernels_unsupported(Problem(op, "cuda", torch.float16, D=D, Dv=Dv))
+
+
+def cuda_varlen_cases(quick=False):
+    """The varlen sweep of fastattn.testing moved onto what csrc/cuda covers (as cuda_attention_cases)."""
+    return cases_covered(varlen_cases(quick), _cuda_refuses("varlen_attention"))
+
+
+# Few blocks (batch x kv heads x 16-row tiles) over long caches: the cuda decode kernel splits the keys and merges
+# the splits; sequences of one split, of several and of none in one batch, pages shorter than a key tile, GQA rows
+# over two row tiles, a length on a tile boundary.
+KV_SPLIT_CASES = [
+    KvcacheCase(cache_seqlens=(700, 5, 0), Lq=3, Lnew=2, Hq=4, Hkv=1, capacity=768, page_size=16, gate="elementwise"),
+    KvcacheCase(cache_seqlens=(1500, 256, 0), Lq=4, Lnew=0, Hq=8, Hkv=1, capacity=1536, causal=False, D=128,
+                gate="headwise"),
+]
+
+
+def cuda_kvcache_cases(quick=False):
+    """The kv-cache sweep of fastattn.testing moved onto what csrc/cuda covers, plus KV_SPLIT_CASES."""
+    return cases_covered(kvcache_cases(quick) + KV_SPLIT_CASES, _cuda_refuses("attention_kvcache"))
+
+
+def check_varlen_forward(case, dtype, backend, device="cpu"):
+    """fastattn.testing.check_varlen's rule (docs/CONTRACT.md §4) on out and lse, with no input requiring a
+    gradient: for a backend with a varlen forward and no varlen backward (csrc/cuda)."""
+    t = case.inputs()
+    lens_k = case.lens_k or case.lens_q
+
+    def run(dt, be):
+        cast = lambda n: testing._strided(testing.fresh(t[n], device, dt), case.layout)
+        gate = testing.fresh(t["gate"], device, dt) if "gate" in t else None
+        out, lse = fastattn.varlen_attention(
+            cast("q"), cast("k"), cast("v"), t["cu_seqlens_q"].to(device), t["cu_seqlens_k"].to(device),
+            max(case.lens_q, default=0), max(lens_k, default=0), causal=case.causal, scale=case.scale, gate=gate,
+            return_lse=True, backend=be)
+        return {"out": out, "lse": lse}
+
+    got, lowp, truth = run(dtype, backend), run(dtype, "reference"), run(torch.float64, "reference")
+    return [testing.compare(n, got[n], lowp[n], truth[n], dtype, 2) for n in ("out", "lse")]

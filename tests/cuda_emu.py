@@ -17,7 +17,7 @@ import torch
 
 import fastattn  # noqa: F401  (loads fastattn._C: the schemas the emulated ops copy)
 from fastattn import ops
-from fastattn.backends import FusedBackend, cuda_kernels_unsupported, register as register_backend
+from fastattn.backends import CUDA_KERNELS, FusedBackend, cuda_kernels_unsupported, register as register_backend
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location("fastattn_emu_build", os.path.join(REPO, "csrc", "cuda", "emu", "build.py"))
@@ -25,8 +25,10 @@ build = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(build)
 
 PREFIX = "cuda_emu_"
-OPS = ("attention_fwd", "attention_bwd", "softmax_gate_fwd", "softmax_gate_bwd", "score_softmax_gate_fwd",
-       "score_softmax_gate_bwd")
+# varlen_attention_bwd is defined without a kernel, as on a GPU (csrc/fastattn.cpp has its schema, csrc/cuda no
+# kernel): the fakes and autograd of register_varlen_attention need the op, and the backend then refuses a gradient
+OPS = ("attention_fwd", "attention_bwd", "varlen_attention_fwd", "varlen_attention_bwd", "attention_kvcache_fwd",
+       "softmax_gate_fwd", "softmax_gate_bwd", "score_softmax_gate_fwd", "score_softmax_gate_bwd")
 _STATE: dict = {}
 
 
@@ -42,6 +44,7 @@ class EmulatedCudaBackend(FusedBackend):
     """csrc/cuda under the CPU emulation: what the "cuda" backend runs, with CPU tensors."""
     name = "cuda_emu"
     op_prefix = PREFIX
+    kernels = CUDA_KERNELS
     device_types = ("cpu",)
 
     def unsupported(self, p):
@@ -68,6 +71,7 @@ def load():
     lib.fastattn_emu_use_kernels.argtypes = [ctypes.c_char_p]
     torch.ops.load_library(module)
     ops.register_attention(PREFIX, acc_devices=("cpu",))
+    ops.register_varlen_attention(PREFIX, acc_devices=("cpu",))
     ops.register_softmax_gates(PREFIX)
     register_backend(EmulatedCudaBackend())
     _STATE.update(lib=lib, lib_def=lib_def, clean=clean)

@@ -8,7 +8,7 @@ import torch
 import fastattn
 import backend_checks as bc
 from conftest import assert_all_ok, dtype_id
-from fastattn.testing import check_attention, check_gate, gate_cases
+from fastattn.testing import check_attention, check_gate, check_kvcache, gate_cases
 
 _CUDA = fastattn.backends()["cuda"]
 pytestmark = pytest.mark.skipif(
@@ -20,6 +20,8 @@ DTYPES = [torch.float16, torch.bfloat16]
 
 CASES = bc.cuda_attention_cases()
 GATE_CASES = gate_cases()
+VARLEN_CASES = bc.cuda_varlen_cases()
+KVCACHE_CASES = bc.cuda_kvcache_cases()
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
@@ -32,6 +34,18 @@ def test_cuda_attention_matches_reference(case, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_cuda_softmax_gates_match_reference(case, dtype):
     assert_all_ok(check_gate(case, dtype, backend="cuda", device="cuda"), case.id)
+
+
+@pytest.mark.parametrize("case", VARLEN_CASES, ids=[c.id for c in VARLEN_CASES])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_cuda_varlen_forward_matches_reference(case, dtype):
+    assert_all_ok(bc.check_varlen_forward(case, dtype, "cuda", device="cuda"), case.id)
+
+
+@pytest.mark.parametrize("case", KVCACHE_CASES, ids=[c.id for c in KVCACHE_CASES])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_cuda_kvcache_matches_reference(case, dtype):
+    assert_all_ok(check_kvcache(case, dtype, backend="cuda", device="cuda"), case.id)
 
 
 def _qkv(D, Dv=None, dtype=torch.float16):
@@ -84,6 +98,14 @@ def test_fully_masked_rows_are_zero_without_nan():
 @pytest.mark.parametrize("sample", range(4))
 def test_opcheck_attention(sample):
     bc.opcheck_attention("", sample, "cuda", torch.float16, D=64, Dv=64)
+
+
+def test_opcheck_varlen_kvcache():
+    bc.opcheck_varlen_and_kvcache("", "cuda", torch.float16, D=64, Dv=64, backward=False)
+
+
+def test_cuda_backend_declares_its_kernels():
+    bc.declared_kernels_are_registered("cuda", "CUDA")
 
 
 @pytest.mark.parametrize("pool", [False, True])

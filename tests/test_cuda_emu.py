@@ -1,14 +1,17 @@
 """csrc/cuda's kernels, run on the CPU under the emulation (csrc/cuda/emu/emu.h), through the binding's
 own parameter filling: the CUDA backend's whole sweep against the reference (docs/CONTRACT.md §4, forward and
-every gradient), the emulation's checks of memory, barriers and warp collectives on every case, and
-a mutation test: known bugs planted in a copy of the kernels, each of which must be caught."""
+every gradient; varlen and kv-cache attention forward only, as the kernels are), the emulation's checks of
+memory, barriers and warp collectives on every case, and a mutation test: known bugs planted in a copy of the
+kernels, each of which must be caught."""
 import pytest
 import torch
 
 import backend_checks as bc
 import cuda_emu
+import fastattn
 from conftest import assert_all_ok, dtype_id
-from fastattn.testing import AttentionCase, check_attention, check_gate, gate_cases
+from fastattn.testing import (AttentionCase, KvcacheCase, VarlenCase, check_attention, check_gate, check_kvcache,
+                              compare, gate_cases)
 
 _WHY = cuda_emu.build.requirements()
 if _WHY is not None:
@@ -20,6 +23,8 @@ pytestmark = pytest.mark.skipif(_WHY is not None, reason=str(_WHY))
 DTYPES = [torch.float16, torch.bfloat16]
 CASES = bc.cuda_attention_cases()
 GATE_CASES = gate_cases()
+VARLEN_CASES = bc.cuda_varlen_cases(quick=True)
+KVCACHE_CASES = bc.cuda_kvcache_cases(quick=True)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -38,6 +43,82 @@ def test_emulated_attention_matches_reference(case, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_emulated_softmax_gates_match_reference(case, dtype):
     assert_all_ok(check_gate(case, dtype, backend="cuda_emu"), case.id)
+
+
+@pytest.mark.parametrize("case", VARLEN_CASES, ids=[c.id for c in VARLEN_CASES])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_emulated_varlen_forward_matches_reference(case, dtype):
+    assert_all_ok(bc.check_varlen_forward(case, dtype, "cuda_emu"), case.id)
+
+
+def test_emulated_varlen_gradient_is_refused():
+    """csrc/cuda has no varlen backward: a call that will want a gradient is refused by name, not run."""
+    q, k, v = (torch.randn(9, 2, 64, dtype=torch.float16, requires_grad=True) for _ in range(3))
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="varlen_attention_bwd"):
+        fastattn.varlen_attention(q, k, v, cu, cu, 5, 5, backend="cuda_emu")
+    with torch.no_grad():
+        fastattn.varlen_attention(q, k, v, cu, cu, 5, 5, backend="cuda_emu")
+
+
+def test_emulated_opcheck_varlen_kvcache():
+    bc.opcheck_varlen_and_kvcache("cuda_emu_", dtype=torch.float16, D=64, Dv=64, backward=False)
+
+
+def test_emulated_backend_declares_its_kernels():
+    bc.declared_kernels_are_registered("cuda_emu", "CPU")
+
+
+@pytest.mark.parametrize("case", KVCACHE_CASES, ids=[c.id for c in KVCACHE_CASES])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_emulated_kvcache_matches_reference(case, dtype):
+    assert_all_ok(check_kvcache(case, dtype, backend="cuda_emu"), case.id)
+
+
+@pytest.mark.parametrize("case, launches", [(KvcacheCase(), 1), *((c, 2) for c in bc.KV_SPLIT_CASES)],
+                         ids=lambda x: x.id if isinstance(x, KvcacheCase) else f"launches{x}")
+@pytest.mark.parametrize("arch, schedule", [(80, 1), (90, 2 + 5)], ids=["sm80-reversed", "sm90-random"])
+def test_emulated_kvcache_splits(case, launches, arch, schedule):
+    """Enough blocks: one decode launch writes out itself; few blocks over a long cache: the keys are split and a
+    second launch merges the splits. Both on either architecture's limits and in another thread and block order."""
+    with cuda_emu.settings(arch=arch, schedule=schedule):
+        cuda_emu.stats(reset=True)
+        comps = check_kvcache(case, torch.bfloat16, backend="cuda_emu")
+        assert cuda_emu.stats()["launches"] == launches
+    assert_all_ok(comps, case.id)
+
+
+def test_emulated_kvcache_reads_only_the_keys_it_holds():
+    """NaN in a paged cache past each sequence's length and in pages no sequence holds, and page ids past what
+    each sequence uses pointing nowhere, change nothing; NaN in one key a sequence holds makes its rows NaN
+    (through the merge of its splits) and no other sequence's."""
+    g = torch.Generator().manual_seed(0)
+    B, Hq, Hkv, Lq, D, P, per_seq = 2, 4, 1, 2, 64, 16, 48
+    lens = torch.tensor([700, 40], dtype=torch.int32)
+    q = torch.randn(B, Hq, Lq, D, generator=g, dtype=torch.float64)
+    k_cache = torch.full((B * per_seq + 2, Hkv, P, D), float("nan"), dtype=torch.float64)
+    v_cache = k_cache.clone()
+    table = torch.randperm(B * per_seq, generator=g).view(B, per_seq).to(torch.int32)
+    for b in range(B):
+        for j in range(int(lens[b])):
+            k_cache[table[b, j // P], :, j % P] = torch.randn(Hkv, D, generator=g, dtype=torch.float64)
+            v_cache[table[b, j // P], :, j % P] = torch.randn(Hkv, D, generator=g, dtype=torch.float64)
+        table[b, (int(lens[b]) + P - 1) // P:] = 1 << 30
+
+    def run(backend, dtype):
+        return fastattn.attention_with_kvcache(q.to(dtype), k_cache.to(dtype), v_cache.to(dtype), cache_seqlens=lens,
+                                               page_table=table, causal=True, return_lse=True, backend=backend)
+
+    cuda_emu.stats(reset=True)
+    got = run("cuda_emu", torch.float16)
+    assert cuda_emu.stats()["launches"] == 2  # the keys were split
+    lowp, truth = run("reference", torch.float16), run("reference", torch.float64)
+    assert_all_ok([compare(n, got[i], lowp[i], truth[i], torch.float16, 2) for i, n in enumerate(("out", "lse"))],
+                  "NaN past the lengths")
+    k_cache[table[0, 3], 0, 5] = float("nan")  # key 53 of sequence 0, in the first of its splits
+    out, lse = run("cuda_emu", torch.float16)
+    assert out[0].isnan().all() and lse[0].isnan().all()
+    assert torch.equal(out[1], got[0][1]) and torch.equal(lse[1], got[1][1])
 
 
 @pytest.mark.parametrize("family, n", [("attention", 200), ("gates", 400)])
@@ -88,13 +169,13 @@ MUTATIONS = [
     ("ldmatrix-trans-column-offset-missing", FWD,
      "dt2 * 16 +\n                                        (lane >> 4) * 8));", "dt2 * 16));"),
     ("quad-reduction-dropped", FWD, "const float l = quad_sum(row_l[r]);", "const float l = row_l[r];"),
-    ("causal-off-by-one", "mask.h", "(p.causal && j > i + p.causal_off)", "(p.causal && j >= i + p.causal_off)"),
+    ("causal-off-by-one", "mask.h", "(p.causal && j > i + sd.causal_off)", "(p.causal && j >= i + sd.causal_off)"),
     ("cp-async-wait-late-fwd", FWD, "cp_async_wait<2>();  // V_n landed", "cp_async_wait<3>();"),
     ("cp-async-wait-late-bwd", BWD, "cp_async_wait<0>();  // this step's Q, dO (and at step 0 K, V) landed",
      "cp_async_wait<1>();"),
     ("final-syncthreads-missing-fwd", FWD, "__syncthreads();  // this step's K/V buffer is free", "//"),
-    ("k-prefetch-past-the-end", FWD, "k_ptr + int64_t(n1) * p.k_sl, p.k_sl,\n                                            p.Lk - n1",
-     "k_ptr + int64_t(n1) * p.k_sl, p.k_sl,\n                                            p.Lk - n0"),
+    ("k-prefetch-past-the-end", FWD, "k_ptr + int64_t(n1) * p.k_sl, p.k_sl,\n                                            sd.Lk - n1",
+     "k_ptr + int64_t(n1) * p.k_sl, p.k_sl,\n                                            sd.Lk - n0"),
     ("syncthreads-before-dv-dk-missing", BWD, "__syncthreads();  // sP, sdS complete", ""),
     ("dmask-row-of-the-wrong-tile", BWD, "const int i = m0 + sr, j = n0 + sc;\n          if (i < p.Lq) {\n            T* d",
      "const int i = sr, j = n0 + sc;\n          if (i < p.Lq) {\n            T* d"),
@@ -139,6 +220,57 @@ def test_planted_bug_is_caught(mutation):
     name, file, old, new = mutation
     with cuda_emu.using(cuda_emu.kernels([(file, old, new)])):
         outcome = _mutation_outcome(_mutation_check(file))
+    print(f"{name}: {outcome}")
+    assert outcome is not None, f"the emulation did not catch {name}"
+
+
+# Bugs of the varlen forward and the decode kernel: (id, file, text, replacement, case), the case run forward only.
+DECODE = "decode.cu"
+VARLEN_MUTATION_CASE = VarlenCase(lens_q=(130, 3, 77), lens_k=(100, 9, 140), causal="bottom_right", Hq=4, Hkv=2,
+                                  gate="elementwise")
+KV_MUTATION_CASE = bc.KV_SPLIT_CASES[0]
+VARLEN_KV_MUTATIONS = [
+    ("varlen-q-sequence-offset-dropped", FWD, "int64_t(q_row0 + m0) * p.q_sl", "int64_t(m0) * p.q_sl",
+     VARLEN_MUTATION_CASE),
+    ("varlen-k-sequence-offset-off-by-one", "mask.h", "int(e.k_row0), int(e.Lq)", "int(e.k_row0) + 1, int(e.Lq)",
+     VARLEN_MUTATION_CASE),
+    ("varlen-causal-offset-of-the-batch", "mask.h", "int(e.Lk), int(e.causal_off)}", "int(e.Lk), p.causal_off}",
+     VARLEN_MUTATION_CASE),
+    ("varlen-lse-column-offset-dropped", FWD, "* p.lse_sl + q_row0 + i]", "* p.lse_sl + i]", VARLEN_MUTATION_CASE),
+    ("decode-split-dropped-in-merge", DECODE, "const int splits = seq_splits<kD>(p, seq_dims(p, b).Lk);",
+     "const int splits = max(1, seq_splits<kD>(p, seq_dims(p, b).Lk) - 1);", KV_MUTATION_CASE),
+    ("decode-splits-overlap", DECODE, "min(n_begin + p.split_tiles, (j_end", "min(n_begin + p.split_tiles + 1, (j_end",
+     KV_MUTATION_CASE),
+    ("decode-page-of-sequence-0", DECODE, "p.page_table[b * p.pt_sb + j / p.page_size]",
+     "p.page_table[j / p.page_size]", KV_MUTATION_CASE),
+    ("decode-row-in-page", DECODE, "row = j % p.page_size;", "row = j / p.page_size;", KV_MUTATION_CASE),
+    ("decode-gqa-packing-transposed", DECODE, "(hk * p.group + pr / sd.Lq) * p.q_sh + int64_t(pr % sd.Lq) * p.q_sl",
+     "(hk * p.group + pr % p.group) * p.q_sh + int64_t(pr / p.group) * p.q_sl", KV_MUTATION_CASE),
+    ("decode-causal-off-by-one", DECODE, "j > qi[e >> 1] + sd.causal_off", "j >= qi[e >> 1] + sd.causal_off",
+     KV_MUTATION_CASE),
+    ("decode-warp-weights-dropped", DECODE, "o0 += m_w[w] * src[0];", "o0 += src[0];", KV_MUTATION_CASE),
+    ("decode-barrier-before-warp-merge-missing", DECODE,
+     "quad_sum(row_l[0]), quad_sum(row_l[1]));\n  __syncthreads();", "quad_sum(row_l[0]), quad_sum(row_l[1]));",
+     KV_MUTATION_CASE),
+]
+
+
+def _forward_check(case):
+    if isinstance(case, VarlenCase):
+        return lambda: bc.check_varlen_forward(case, torch.float16, "cuda_emu")
+    return lambda: check_kvcache(case, torch.float16, backend="cuda_emu")
+
+
+def test_varlen_kvcache_mutation_cases_pass_unmutated():
+    assert _mutation_outcome(_forward_check(VARLEN_MUTATION_CASE)) is None
+    assert _mutation_outcome(_forward_check(KV_MUTATION_CASE)) is None
+
+
+@pytest.mark.parametrize("mutation", VARLEN_KV_MUTATIONS, ids=[m[0] for m in VARLEN_KV_MUTATIONS])
+def test_planted_varlen_kvcache_bug_is_caught(mutation):
+    name, file, old, new, case = mutation
+    with cuda_emu.using(cuda_emu.kernels([(file, old, new)])):
+        outcome = _mutation_outcome(_forward_check(case))
     print(f"{name}: {outcome}")
     assert outcome is not None, f"the emulation did not catch {name}"
 

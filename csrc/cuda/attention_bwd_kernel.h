@@ -137,7 +137,8 @@ __global__ void __launch_bounds__(BwdTraits<kD>::kThreads)
       lse2[r] = lse == -INFINITY ? INFINITY : lse;
       delta[r] = i < p.Lq ? p.delta[bh * p.Lq + i] : 0.f;
     }
-    scale_and_mask<T, kHasMask>(acc_s, row0, col0, lane, tile_needs_checks(m0, n0, kBN, p), p,
+    // the sizes the tile is tested against: the params' own (attention alone, no varlen backward here)
+    scale_and_mask<T, kHasMask>(acc_s, row0, col0, lane, tile_needs_checks(m0, n0, kBN, p, p), p, p,
                                 kHasMask ? mask_head_ptr(p, b, h, mask_bytes) : nullptr);
     T* dmask_bh = p.dmask ? static_cast<T*>(p.dmask) + bh * p.Lq * p.Lk : nullptr;
     float* dmask_acc_bh = p.dmask_accum ? p.dmask_accum + b * p.dm_sb + h * p.dm_sh : nullptr;

@@ -1,4 +1,5 @@
-// Forward instantiations for D = 64 (fp16, bf16) x (no mask, mask) x (out_acc kept or not). See attention_fwd_kernel.h.
+// Forward instantiations for D = 64 (fp16, bf16) x (no mask, mask, packed sequences) x (out_acc kept or not). See
+// attention_fwd_kernel.h.
 #include "attention_fwd_kernel.h"
 
 namespace fastattn::cuda {

@@ -5,6 +5,10 @@
 //     S = Q K^T (mma.sync m16n8k16, fp32)  ->  scale, mask (base 2)  ->  online softmax (exp2)
 //     ->  O = O * corr + P V (P re-used from the S registers as the A operand, no shared memory)
 //   epilogue: O / l, output gate, lse = m + log2 l (log2 units, the op's contract).
+// One body for attention_fwd and varlen_attention_fwd: blockIdx.z is a batch item or a packed sequence, whose
+// rows, lengths and causal offset come from seq_dims (blocks past a shorter sequence's end exit at once); out and
+// out_acc are written through the params' strides, lse by its row length (varlen: out (total_q, Hq, Dv), lse
+// (Hq, total_q)).
 // Included by attention_fwd_hdim{64,128}.cu, which instantiate it; see kernel_traits.h for tiles.
 #pragma once
 
@@ -22,11 +26,11 @@
 
 namespace fastattn::cuda {
 
-// kKeepAcc: a backward follows (p.out_acc set), so P V keeps P to ~16 bits and out_acc is stored; without one
-// (inference) P is rounded to T as in FlashAttention, one MMA per tile.
-template <typename T, int kD, bool kHasMask, bool kKeepAcc>
-__global__ void __launch_bounds__(FwdTraits<kD>::kThreads)
-    attention_fwd_kernel(const AttnParams p) {
+// One block's work. kKeepAcc: a backward follows (p.out_acc set), so P V keeps P to ~16 bits and out_acc is
+// stored; without one (inference) P is rounded to T as in FlashAttention, one MMA per tile. sd: the sequence's
+// Lq, Lk and causal_off (mask.h's SeqDims, or the params themselves for attention); q_row0, k_row0 its first rows.
+template <typename T, int kD, bool kHasMask, bool kKeepAcc, typename Dims>
+__device__ __forceinline__ void attention_fwd_block(const AttnParams& p, const Dims& sd, int q_row0, int k_row0) {
   using Tr = FwdTraits<kD>;
   constexpr int kBM = Tr::kBlockM, kBN = Tr::kBlockN, kLd = Tr::kLd, kThreads = Tr::kThreads;
   constexpr int kNT = kBN / 8;  // n8 score tiles per warp row-slab
@@ -40,20 +44,24 @@ __global__ void __launch_bounds__(FwdTraits<kD>::kThreads)
   // Heavier (later, under causal) query tiles first: they finish with the light ones.
   const int m_block = gridDim.x - 1 - blockIdx.x;
   const int b = blockIdx.z, h = blockIdx.y, hk = h / p.group;
+  const int m0 = m_block * kBM;
+  constexpr bool kVarlen = std::is_same_v<Dims, SeqDims>;
+  if constexpr (kVarlen) {
+    if (m0 >= sd.Lq) return;  // the grid covers the longest sequence: the whole block leaves, before any barrier
+  }
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane >> 2, t = lane & 3;
-  const int m0 = m_block * kBM;
-  const int row0 = m0 + warp * kMmaM;  // this warp's first query row
+  const int row0 = m0 + warp * kMmaM;  // this warp's first query row (of the sequence)
 
-  const T* q_ptr = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh + int64_t(m0) * p.q_sl;
-  const T* k_ptr = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
-  const T* v_ptr = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh;
+  const T* q_ptr = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh + int64_t(q_row0 + m0) * p.q_sl;
+  const T* k_ptr = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh + int64_t(k_row0) * p.k_sl;
+  const T* v_ptr = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh + int64_t(k_row0) * p.v_sl;
   const char* mask_bh = kHasMask ? mask_head_ptr(p, b, h, p.mask_kind == kMaskBool ? 1 : int(sizeof(T))) : nullptr;
 
   // -- key tiles this query tile sees: all, or up to the causal diagonal of its last valid row
-  int n_end = (p.Lk + kBN - 1) / kBN;
+  int n_end = (sd.Lk + kBN - 1) / kBN;
   if (p.causal) {
-    const int j_last = min(m0 + kBM, p.Lq) - 1 + p.causal_off;  // last key the tile's last row sees
+    const int j_last = min(m0 + kBM, sd.Lq) - 1 + sd.causal_off;  // last key the tile's last row sees
     n_end = j_last < 0 ? 0 : min(n_end, j_last / kBN + 1);
   }
 
@@ -64,10 +72,10 @@ __global__ void __launch_bounds__(FwdTraits<kD>::kThreads)
 
   if (n_end > 0) {
     // -- prologue: Q and K_0 (group 0), V_0 (group 1)
-    cp_async_tile<kBM, kD, kLd, kThreads>(sQ, q_ptr, p.q_sl, p.Lq - m0, tid);
-    cp_async_tile<kBN, kD, kLd, kThreads>(sK, k_ptr, p.k_sl, p.Lk, tid);
+    cp_async_tile<kBM, kD, kLd, kThreads>(sQ, q_ptr, p.q_sl, sd.Lq - m0, tid);
+    cp_async_tile<kBN, kD, kLd, kThreads>(sK, k_ptr, p.k_sl, sd.Lk, tid);
     cp_async_commit();
-    cp_async_tile<kBN, kD, kLd, kThreads>(sV, v_ptr, p.v_sl, p.Lk, tid);
+    cp_async_tile<kBN, kD, kLd, kThreads>(sV, v_ptr, p.v_sl, sd.Lk, tid);
     cp_async_commit();
   }
 
@@ -81,13 +89,13 @@ __global__ void __launch_bounds__(FwdTraits<kD>::kThreads)
     if (n + 1 < n_end) {
       const int n1 = n0 + kBN;
       cp_async_tile<kBN, kD, kLd, kThreads>(sK + (buf ^ 1) * Tr::kSmemKV, k_ptr + int64_t(n1) * p.k_sl, p.k_sl,
-                                            p.Lk - n1, tid);
+                                            sd.Lk - n1, tid);
     }
     cp_async_commit();
     if (n + 1 < n_end) {
       const int n1 = n0 + kBN;
       cp_async_tile<kBN, kD, kLd, kThreads>(sV + (buf ^ 1) * Tr::kSmemKV, v_ptr + int64_t(n1) * p.v_sl, p.v_sl,
-                                            p.Lk - n1, tid);
+                                            sd.Lk - n1, tid);
     }
     cp_async_commit();
     cp_async_wait<3>();  // K_n (and Q) landed; V_n, K_{n+1}, V_{n+1} may be in flight
@@ -111,9 +119,9 @@ __global__ void __launch_bounds__(FwdTraits<kD>::kThreads)
     }
 
     // -- scale, mask (base 2)
-    const bool checks = tile_needs_checks(row0, n0, kBN, p);
+    const bool checks = tile_needs_checks(row0, n0, kBN, sd, p);
     if (kHasMask || checks) {
-      scale_and_mask<T, kHasMask>(acc_s, row0, n0, lane, checks, p, mask_bh);
+      scale_and_mask<T, kHasMask>(acc_s, row0, n0, lane, checks, sd, p, mask_bh);
     } else {
 #pragma unroll
       for (int i = 0; i < kNT; ++i)
@@ -184,14 +192,23 @@ __global__ void __launch_bounds__(FwdTraits<kD>::kThreads)
 
   // -- epilogue: out = O / l (* sigmoid(gate)), lse = m + log2 l; rows with no key: exactly 0 (not 0 * a NaN
   // value), -inf. A NaN score, which fmaxf drops from m, reaches l through exp2f and makes the row NaN.
-  T* o_ptr = static_cast<T*>(p.out) + b * p.o_sb + h * p.o_sh;
-  float* acc_ptr = kKeepAcc ? p.out_acc + (int64_t(b) * p.Hq + h) * p.Lq * p.D : nullptr;
-  const T* gate_ptr = p.gate ? static_cast<const T*>(p.gate) + b * p.g_sb + h * p.g_sh : nullptr;
+  // varlen: the sequence's first row and length are read again here rather than held in registers through the loop
+  int Lq = sd.Lq;
+  if constexpr (kVarlen) {
+    const SeqDims e = seq_dims(p, b);
+    q_row0 = e.q_row0, Lq = e.Lq;
+  }
+  // out_acc has out's shape and strides; lse is (B, Hq, Lq), or varlen's (Hq, total_q), one matrix for all sequences
+  const int64_t o_off = b * p.o_sb + h * p.o_sh + int64_t(q_row0) * p.o_sl;
+  T* o_ptr = static_cast<T*>(p.out) + o_off;
+  float* acc_ptr = kKeepAcc ? p.out_acc + o_off : nullptr;
+  const T* gate_ptr =
+      p.gate ? static_cast<const T*>(p.gate) + b * p.g_sb + h * p.g_sh + int64_t(q_row0) * p.g_si : nullptr;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const float l = quad_sum(row_l[r]);
     const int i = row0 + g + 8 * r;
-    if (i >= p.Lq) continue;
+    if (i >= Lq) continue;
     const bool empty = l == 0.f;
     const float inv_l = empty ? 0.f : 1.f / l;
     T* o_row = o_ptr + int64_t(i) * p.o_sl;
@@ -205,27 +222,43 @@ __global__ void __launch_bounds__(FwdTraits<kD>::kThreads)
         o1 *= sigmoidf(to_float(g_row[int64_t(c + 1) * p.g_sc]));
       }
       *reinterpret_cast<uint32_t*>(o_row + c) = pack2<T>(o0, o1);
-      if constexpr (kKeepAcc) *reinterpret_cast<float2*>(acc_ptr + int64_t(i) * p.D + c) = make_float2(o0, o1);
+      if constexpr (kKeepAcc) *reinterpret_cast<float2*>(acc_ptr + int64_t(i) * p.o_sl + c) = make_float2(o0, o1);
     }
     if (t == 0)
-      p.lse[(int64_t(b) * p.Hq + h) * p.Lq + i] = empty ? -INFINITY : row_m[r] + __log2f(l);
+      p.lse[(int64_t(kVarlen ? 0 : b) * p.Hq + h) * p.lse_sl + q_row0 + i] =
+          empty ? -INFINITY : row_m[r] + __log2f(l);
   }
 }
 
+// attention_fwd: blockIdx.z is a batch item, whose sizes are the params' own.
 template <typename T, int kD, bool kHasMask, bool kKeepAcc>
-cudaError_t launch_attention_fwd(const AttnParams& p, cudaStream_t stream) {
+__global__ void __launch_bounds__(FwdTraits<kD>::kThreads) attention_fwd_kernel(const AttnParams p) {
+  attention_fwd_block<T, kD, kHasMask, kKeepAcc>(p, p, 0, 0);
+}
+
+// varlen_attention_fwd: blockIdx.z is a packed sequence (no mask), with its own extent.
+template <typename T, int kD, bool kKeepAcc>
+__global__ void __launch_bounds__(FwdTraits<kD>::kThreads, FwdTraits<kD>::varlen_min_blocks(kKeepAcc))
+    attention_varlen_fwd_kernel(const AttnParams p) {
+  const SeqDims sd = seq_dims(p, blockIdx.z);
+  attention_fwd_block<T, kD, false, kKeepAcc>(p, sd, sd.q_row0, sd.k_row0);
+}
+
+template <int kD, typename Kernel>
+cudaError_t launch_attention_fwd(Kernel kernel, const AttnParams& p, cudaStream_t stream) {
   using Tr = FwdTraits<kD>;
   const dim3 grid((p.Lq + Tr::kBlockM - 1) / Tr::kBlockM, p.Hq, p.B);
-  return launch_with_smem(attention_fwd_kernel<T, kD, kHasMask, kKeepAcc>, grid, Tr::kThreads, Tr::kSmemBytes, p,
-                          stream);
+  return launch_with_smem(kernel, grid, Tr::kThreads, Tr::kSmemBytes, p, stream);
 }
 
 template <int kD>
 cudaError_t run_attention_fwd(const AttnParams& p, cudaStream_t stream) {
   return FA_DTYPE_SWITCH(p.is_bf16, T, [&] {
-    return FA_BOOL_SWITCH(p.mask_kind != kMaskNone, kHasMask, [&] {
-      return FA_BOOL_SWITCH(p.out_acc != nullptr, kKeepAcc, [&] {
-        return launch_attention_fwd<T, kD, kHasMask, kKeepAcc>(p, stream);
+    return FA_BOOL_SWITCH(p.out_acc != nullptr, kKeepAcc, [&] {
+      if (p.cu_seqlens_q != nullptr)
+        return launch_attention_fwd<kD>(attention_varlen_fwd_kernel<T, kD, kKeepAcc>, p, stream);
+      return FA_BOOL_SWITCH(p.mask_kind != kMaskNone, kHasMask, [&] {
+        return launch_attention_fwd<kD>(attention_fwd_kernel<T, kD, kHasMask, kKeepAcc>, p, stream);
       });
     });
   });

@@ -4,7 +4,9 @@
 //
 // Coverage (fastattn/backends.py refuses the rest, so backend="auto" falls through to triton):
 // attention: float16 / bfloat16, D == Dv in {64, 128}, sm_80+, any causal mode, bool or float mask
-// (with its gradient), gate, GQA. softmax gates: float16 / bfloat16.
+// (with its gradient), gate, GQA. varlen_attention: the same without a mask, forward only (no
+// varlen_attention_bwd here: backends.py then refuses a gradient). attention_kvcache: the same head dims and
+// dtypes, contiguous or paged caches. softmax gates: float16 / bfloat16.
 #include <ATen/ATen.h>
 #include <cuda_runtime_api.h>
 #include <torch/library.h>
@@ -19,12 +21,14 @@ constexpr c10::DeviceType kKernelDevice = c10::DeviceType::CUDA;
 #define FASTATTN_CUDA_OP(m, name, fn) m.impl(name, fn)
 #endif
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 #include <string>
 #include <tuple>
 
 #include "describe.h"
+#include "kernel_traits.h"
 #include "params.h"
 
 namespace fastattn::cuda {
@@ -70,19 +74,29 @@ Tensor for_cp_async(const Tensor& t) {
   return c;
 }
 
-// Checks what only these kernels require (device, dtypes, head dims, sm_80), then fills p as every backend
-// does (describe_attention: shapes, strides, pointers, mask and gate).
-void describe_cuda_attention(AttnParams& p, const char* op, const Tensor& q, const Tensor& k, const Tensor& v,
-                             const OptTensor& mask, const OptTensor& gate, double scale, int64_t causal) {
+// What only these kernels require of q, checked before the shared checks (describe.h): device and dtype.
+void check_cuda_q(const Tensor& q, const char* op) {
   check_device(q, op, "q", q);
   check_half_dtype(q, op, "q");
-  describe_attention(p, (std::string(op) + " (cuda)").c_str(), q, k, v, mask, gate, scale, causal);
+}
+
+// What only these kernels require of a described call: head dims, grid limits, sm_80.
+void check_cuda_params(AttnParams& p, const Tensor& q, const char* op) {
   p.is_bf16 = q.scalar_type() == at::kBFloat16;
   TORCH_CHECK(p.D == p.Dv && (p.D == 64 || p.D == 128), op, " (cuda): head dims D=", p.D, ", Dv=", p.Dv,
               " are not covered by the cuda backend (it needs D == Dv in {64, 128}); use backend='triton' or 'auto'");
-  TORCH_CHECK(p.Hq <= 65535 && p.B <= 65535, op, " (cuda): at most 65535 heads and batch items, got B=", p.B,
-              ", Hq=", p.Hq);
+  TORCH_CHECK(p.Hq <= 65535 && p.B <= 65535, op, " (cuda): at most 65535 heads and batch items (sequences), got B=",
+              p.B, ", Hq=", p.Hq);
   check_sm80(q, op);
+}
+
+// Checks what only these kernels require, then fills p as every backend does (describe_attention: shapes,
+// strides, pointers, mask and gate).
+void describe_cuda_attention(AttnParams& p, const char* op, const Tensor& q, const Tensor& k, const Tensor& v,
+                             const OptTensor& mask, const OptTensor& gate, double scale, int64_t causal) {
+  check_cuda_q(q, op);
+  describe_attention(p, (std::string(op) + " (cuda)").c_str(), q, k, v, mask, gate, scale, causal);
+  check_cuda_params(p, q, op);
 }
 
 std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
@@ -101,10 +115,87 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Tensor& q_in, const Tenso
   p.out = out.data_ptr();
   p.o_sb = out.stride(0), p.o_sh = out.stride(1), p.o_sl = out.stride(2);
   p.lse = lse.data_ptr<float>();
+  p.lse_sl = p.Lq;
   p.out_acc = need_acc ? out_acc.data_ptr<float>() : nullptr;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   C10_CUDA_CHECK(p.D == 64 ? attention_fwd_hdim64(p, stream) : attention_fwd_hdim128(p, stream));
   return {out, lse, out_acc};
+}
+
+// The forward kernel over packed sequences: blockIdx.z walks the sequences (seq_dims), out and out_acc are
+// (total_q, Hq, Dv) and lse (Hq, total_q).
+std::tuple<Tensor, Tensor, Tensor> varlen_attention_fwd(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
+                                                        const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
+                                                        int64_t max_seqlen_q, int64_t max_seqlen_k,
+                                                        const OptTensor& gate, double scale, int64_t causal,
+                                                        bool need_acc) {
+  const char* op = "varlen_attention_fwd";
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const Tensor q = for_cp_async(q_in), k = for_cp_async(k_in), v = for_cp_async(v_in);
+  AttnParams p{};
+  check_cuda_q(q, op);
+  describe_varlen_attention(p, (std::string(op) + " (cuda)").c_str(), q, k, v, cu_seqlens_q, cu_seqlens_k,
+                            max_seqlen_q, max_seqlen_k, gate, scale, causal);
+  check_cuda_params(p, q, op);
+  const int64_t total_q = q.size(0);
+  Tensor out = at::empty({total_q, p.Hq, p.D}, q.options());
+  Tensor lse = at::empty({p.Hq, total_q}, q.options().dtype(at::kFloat));
+  Tensor out_acc =
+      need_acc ? at::empty({total_q, p.Hq, p.D}, q.options().dtype(at::kFloat)) : at::empty({0}, q.options());
+  if (out.numel() == 0) return {out, lse, out_acc};
+  p.out = out.data_ptr();
+  p.o_sb = 0, p.o_sh = out.stride(1), p.o_sl = out.stride(0);
+  p.lse = lse.data_ptr<float>();
+  p.lse_sl = total_q;
+  p.out_acc = need_acc ? out_acc.data_ptr<float>() : nullptr;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  C10_CUDA_CHECK(p.D == 64 ? attention_fwd_hdim64(p, stream) : attention_fwd_hdim128(p, stream));
+  return {out, lse, out_acc};
+}
+
+// Decoding over a kv cache (decode.cu): GQA-packed row tiles per kv head, the keys split when batch x kv heads x
+// row tiles is too few blocks for the GPU (the splits' partial results merged by a second kernel).
+std::tuple<Tensor, Tensor> attention_kvcache_fwd(const Tensor& q_in, const Tensor& k_cache_in,
+                                                 const Tensor& v_cache_in, const Tensor& seqlens_k,
+                                                 const OptTensor& page_table, const OptTensor& gate, double scale,
+                                                 int64_t causal) {
+  const char* op = "attention_kvcache_fwd";
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const Tensor q = for_cp_async(q_in), k_cache = for_cp_async(k_cache_in), v_cache = for_cp_async(v_cache_in);
+  DecodeParams p{};
+  check_cuda_q(q, op);
+  describe_kvcache_attention(p, (std::string(op) + " (cuda)").c_str(), q, k_cache, v_cache, seqlens_k, page_table,
+                             gate, scale, causal);
+  check_cuda_params(p, q, op);
+  Tensor out = at::empty({p.B, p.Hq, p.Lq, p.D}, q.options());
+  Tensor lse = at::empty({p.B, p.Hq, p.Lq}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, lse};
+  p.out = out.data_ptr();
+  p.o_sb = out.stride(0), p.o_sh = out.stride(1), p.o_sl = out.stride(2);
+  p.lse = lse.data_ptr<float>();
+  p.lse_sl = p.Lq;
+
+  constexpr int kRows = DecodeTraits<64>::kBlockM, kKeys = DecodeTraits<64>::kBlockN;  // as for D = 128
+  p.row_tiles = int((int64_t(p.group) * p.Lq + kRows - 1) / kRows);
+  TORCH_CHECK(int64_t(p.Hkv) * p.row_tiles <= 65535, op, " (cuda): at most 65535 tiles of ", kRows,
+              " (query head, query) rows over the kv heads, got ", int64_t(p.Hkv) * p.row_tiles);
+  const int key_tiles = (p.Lk + kKeys - 1) / kKeys;  // of the cache's capacity: seqlens_k stays on the device
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, q.get_device()));
+  const int64_t blocks = int64_t(p.B) * p.Hkv * p.row_tiles;
+  const int want = p.D == 64 ? decode_num_splits<64>(blocks, key_tiles, sms)
+                             : decode_num_splits<128>(blocks, key_tiles, sms);
+  p.split_tiles = std::max(1, (key_tiles + want - 1) / want);
+  p.num_splits = std::max(1, (key_tiles + p.split_tiles - 1) / p.split_tiles);
+  Tensor out_part, lse_part;  // workspaces of the splits, written before they are read: no zero fill
+  if (p.num_splits > 1) {
+    out_part = at::empty({p.num_splits, p.B, p.Hq, p.Lq, p.D}, q.options().dtype(at::kFloat));
+    lse_part = at::empty({p.num_splits, p.B, p.Hq, p.Lq}, q.options().dtype(at::kFloat));
+    p.out_part = out_part.data_ptr<float>();
+    p.lse_part = lse_part.data_ptr<float>();
+  }
+  C10_CUDA_CHECK(attention_decode(p, c10::cuda::getCurrentCUDAStream().stream()));
+  return {out, lse};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd(
@@ -326,6 +417,8 @@ std::tuple<Tensor, Tensor> score_softmax_gate_bwd_cuda(const Tensor& dy, const T
 FASTATTN_CUDA_OPS(m) {
   FASTATTN_CUDA_OP(m, "attention_fwd", &fastattn::cuda::attention_fwd);
   FASTATTN_CUDA_OP(m, "attention_bwd", &fastattn::cuda::attention_bwd);
+  FASTATTN_CUDA_OP(m, "varlen_attention_fwd", &fastattn::cuda::varlen_attention_fwd);
+  FASTATTN_CUDA_OP(m, "attention_kvcache_fwd", &fastattn::cuda::attention_kvcache_fwd);
   FASTATTN_CUDA_OP(m, "softmax_gate_fwd", &fastattn::cuda::softmax_gate_fwd_cuda);
   FASTATTN_CUDA_OP(m, "softmax_gate_bwd", &fastattn::cuda::softmax_gate_bwd_cuda);
   FASTATTN_CUDA_OP(m, "score_softmax_gate_fwd", &fastattn::cuda::score_softmax_gate_fwd_cuda);

@@ -6,6 +6,8 @@
 // Hopper path is out of scope for now.
 #pragma once
 
+#include <cstdint>
+
 namespace fastattn::cuda {
 
 // One mma.sync.m16n8k16 covers 16 rows; every warp owns whole 16-row slabs.
@@ -31,6 +33,17 @@ struct FwdTraits {
   static constexpr int kSmemQ = kBlockM * kLd;
   static constexpr int kSmemKV = kBlockN * kLd;
   static constexpr int kSmemBytes = (kSmemQ + 4 * kSmemKV) * 2;  // 2 bytes per fp16/bf16 element
+  // Blocks per SM the varlen forward is compiled for (__launch_bounds__; per architecture, as nvcc compiles device
+  // code once for each): ptxas makes attention's D = 64 inference kernel fit two (128 registers); the varlen one,
+  // with a sequence's extent in registers, needs telling, and fits without spills on sm_80 alone. With out_acc, at
+  // D = 128, or on sm_90, one (two would spill).
+  static constexpr int varlen_min_blocks(bool keep_acc) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    return 1;
+#else
+    return kHeadDim == 64 && !keep_acc ? 2 : 1;
+#endif
+  }
 };
 
 template <int kHeadDim_>
@@ -53,5 +66,47 @@ struct BwdTraits {
                                     + 3 * kBlockM * kLdP;    // P, dS and dS's low part (dQ's)
   static constexpr int kSmemBytes = kSmemElems * 2;
 };
+
+template <int kHeadDim_>
+struct DecodeTraits {
+  static constexpr int kHeadDim = kHeadDim_;
+  // Decoding has a few rows per kv head (the group's query heads x a few queries, GQA-packed): one 16-row MMA
+  // slab, shared by 4 warps that split each key tile 16 keys apiece, so a 64-row or 128-row tile's idle rows cost
+  // no tensor-core time while the K/V stream (what decoding is bound by) is read once per block.
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kBlockM = kMmaM;
+  static constexpr int kWarpKeys = 16;  // one k16 step of P V per warp and tile
+  static constexpr int kBlockN = kWarps * kWarpKeys;
+  static constexpr int kLd = kHeadDim + kSmemPad;
+  static constexpr int kSmemQ = kBlockM * kLd;
+  static constexpr int kSmemKV = kBlockN * kLd;
+  static constexpr int kSmemBytes = (kSmemQ + 4 * kSmemKV) * 2;  // Q, then K and V double-buffered
+  // Blocks per SM (__launch_bounds__): decoding hides its K/V loads' latency with other blocks. As many as sm_90's
+  // shared memory holds (228 KB: 3 at D = 128, 74 KB each; 5 at D = 64, of which 128 threads' registers allow 4
+  // without spills: Q is read from shared memory at every tile rather than held in 32 more registers).
+  static constexpr int kMinBlocks = kHeadDim == 64 ? 4 : 3;
+  // The warps' (m, l, O) merge through the K/V buffers once the keys are done: O as [warp][n8 tile][lane][4]
+  // floats, (m0, m1, l0, l1) as [warp][lane][4].
+  static constexpr int kMergeFloats = kWarps * (kHeadDim / 8) * 32 * 4 + kWarps * 32 * 4;
+  static_assert(kMergeFloats * 4 <= 4 * kSmemKV * 2, "the warps' merge must fit in the K/V buffers");
+  // Splits of the keys (flash-decoding) when batch x kv heads x row tiles leave the GPU idle: enough blocks for
+  // kSplitWaves blocks per SM, each split at least kMinSplitTiles key tiles (its pipeline start and the merge's
+  // reads must pay off), at most kMaxSplits. Starting points, like every number above; a GPU round tunes them.
+  static constexpr int kSplitWaves = 2;
+  static constexpr int kMinSplitTiles = 4;
+  static constexpr int kMaxSplits = 64;
+};
+
+// How many splits of the keys attention_kvcache_fwd runs: `blocks` blocks without splitting, `key_tiles` key tiles
+// of the longest sequence, `sms` multiprocessors (host code: the binding sizes the merge's workspaces with it).
+template <int kHeadDim>
+inline int decode_num_splits(int64_t blocks, int key_tiles, int sms) {
+  using Tr = DecodeTraits<kHeadDim>;
+  const int64_t want = (int64_t(Tr::kSplitWaves) * sms + blocks - 1) / blocks;
+  const int64_t most = key_tiles / Tr::kMinSplitTiles;
+  const int64_t n = want < most ? want : most;
+  return n < 1 ? 1 : n > Tr::kMaxSplits ? Tr::kMaxSplits : int(n);
+}
 
 }  // namespace fastattn::cuda

@@ -9,13 +9,28 @@
 
 namespace fastattn::cuda {
 
+// Sequence b's extent (attention_contract.h's seq_extent) in the kernels' int sizes: its own for packed sequences
+// (varlen) and kv caches. Attention's kernels pass the params themselves where a `Dims` is taken (they hold Lq,
+// Lk and causal_off under the same names, the same for every batch item, rows from 0): read from the kernel's
+// parameters where used, those cost no register.
+struct SeqDims {
+  int q_row0, k_row0;  // first rows in q (out, gate, lse) and in k, v
+  int Lq, Lk;
+  int causal_off;  // query i sees keys j <= i + causal_off (when causal)
+};
+
+__device__ __forceinline__ SeqDims seq_dims(const AttnParams& p, int b) {
+  const SeqExtent e = seq_extent(p, b);
+  return {int(e.q_row0), int(e.k_row0), int(e.Lq), int(e.Lk), int(e.causal_off)};
+}
+
 // s[nt][e] is the accumulator of query row0 + g + 8 * (e / 2) and key col0 + 8 * nt + 2t + e % 2
-// (g = lane / 4, t = lane % 4: the m16n8 C layout). check_bounds: the tile reaches past Lk or
-// crosses the causal diagonal (interior tiles skip the per-element tests). mask_bh points at
-// mask[b, h, 0, 0] (kHasMask only; bool or T by p.mask_kind).
-template <typename T, bool kHasMask, int kNT>
+// (g = lane / 4, t = lane % 4: the m16n8 C layout), rows and keys of the sequence sd (SeqDims, or the params:
+// see above). check_bounds: the tile reaches past Lk or crosses the causal diagonal (interior tiles skip the
+// per-element tests). mask_bh points at mask[b, h, 0, 0] (kHasMask only; bool or T by p.mask_kind).
+template <typename T, bool kHasMask, int kNT, typename Dims>
 __device__ __forceinline__ void scale_and_mask(float (&s)[kNT][4], int row0, int col0, int lane, bool check_bounds,
-                                               const AttnParams& p, const char* mask_bh) {
+                                               const Dims& sd, const AttnParams& p, const char* mask_bh) {
   const int g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int nt = 0; nt < kNT; ++nt) {
@@ -25,7 +40,7 @@ __device__ __forceinline__ void scale_and_mask(float (&s)[kNT][4], int row0, int
       const int j = col0 + 8 * nt + 2 * t + (e & 1);
       float x = s[nt][e] * p.scale_log2;
       if constexpr (kHasMask) {
-        if (i < p.Lq && j < p.Lk) {  // the mask view has no element outside (Lq, Lk)
+        if (i < sd.Lq && j < sd.Lk) {  // the mask view has no element outside (Lq, Lk)
           const int64_t off = int64_t(i) * p.m_si + int64_t(j) * p.m_sj;
           if (p.mask_kind == kMaskBool) {
             if (!reinterpret_cast<const bool*>(mask_bh)[off]) x = -INFINITY;
@@ -35,15 +50,16 @@ __device__ __forceinline__ void scale_and_mask(float (&s)[kNT][4], int row0, int
         }
       }
       // after the bias: a key the causal rule hides is -inf even where the bias is NaN (as torch's masked_fill)
-      if (check_bounds && (j >= p.Lk || (p.causal && j > i + p.causal_off))) x = -INFINITY;
+      if (check_bounds && (j >= sd.Lk || (p.causal && j > i + sd.causal_off))) x = -INFINITY;
       s[nt][e] = x;
     }
   }
 }
 
 // Whether a key tile [col0, col0 + n) seen by query rows [row0, row0 + m) needs per-element tests.
-__device__ __forceinline__ bool tile_needs_checks(int row0, int col0, int n, const AttnParams& p) {
-  return col0 + n > p.Lk || (p.causal && col0 + n - 1 > row0 + p.causal_off);
+template <typename Dims>
+__device__ __forceinline__ bool tile_needs_checks(int row0, int col0, int n, const Dims& sd, const AttnParams& p) {
+  return col0 + n > sd.Lk || (p.causal && col0 + n - 1 > row0 + sd.causal_off);
 }
 
 __device__ __forceinline__ const char* mask_head_ptr(const AttnParams& p, int b, int h, int elem_bytes) {

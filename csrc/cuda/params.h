@@ -25,8 +25,9 @@ constexpr float kLog2e = float(::fastattn::kLog2e);
 struct AttnParams : AttentionParams<int, float> {
   void* out;  // forward: q's dtype; backward: q's dtype, or the forward's out_acc when out_is_acc
   int64_t o_sb, o_sh, o_sl;
-  float* lse;       // (B, Hq, Lq) contiguous
-  float* out_acc;   // forward: out unrounded, float32 contiguous (nullptr: not kept)
+  float* lse;       // (B, Hq, Lq) contiguous; varlen forward: (Hq, total_q)
+  int64_t lse_sl;   // the forward's lse row length: Lq, or varlen's total_q
+  float* out_acc;   // forward: out unrounded, float32, out's shape and strides (nullptr: not kept)
   bool out_is_acc;  // backward: out is float32 (the forward's out_acc)
   bool is_bf16;     // else float16
 };
@@ -52,8 +53,20 @@ struct AttnBwdParams : AttnParams {
   void* dgate;  // (B, Hq, Lq, Dv) in q's dtype when gate != nullptr; (B, Hq, Lq, 1) for a headwise gate
 };
 
-// Host entry points (attention_fwd_hdim*.cu, attention_bwd_hdim*.cu). They launch on `stream` and
-// return the launch's error; they never synchronise.
+// attention_kvcache_fwd (decode.cu): AttnParams of the call (kv cache, seqlens_k, page table, out, lse) split
+// over the keys: split s of a sequence takes key tiles [s * split_tiles, (s + 1) * split_tiles).
+struct DecodeParams : AttnParams {
+  int row_tiles;    // tiles of packed (query head of the group, query) rows per kv head
+  int num_splits;   // 1: the decode kernel writes out and lse itself
+  int split_tiles;  // key tiles (DecodeTraits::kBlockN keys) per split
+  // num_splits > 1: each split's out (normalised, float32) and lse, merged by a second kernel; workspaces of
+  // (num_splits, B, Hq, Lq, Dv) and (num_splits, B, Hq, Lq) contiguous
+  float* out_part;
+  float* lse_part;
+};
+
+// Host entry points (attention_fwd_hdim*.cu, attention_bwd_hdim*.cu, decode.cu). They launch on `stream` and
+// return the launch's error; they never synchronise. attention_fwd_hdim* also run varlen_attention_fwd.
 cudaError_t attention_fwd_hdim64(const AttnParams& p, cudaStream_t stream);
 cudaError_t attention_fwd_hdim128(const AttnParams& p, cudaStream_t stream);
 cudaError_t attention_bwd_hdim64(const AttnBwdParams& p, cudaStream_t stream);
@@ -61,6 +74,8 @@ cudaError_t attention_bwd_hdim128(const AttnBwdParams& p, cudaStream_t stream);
 // The backward's row preparation (delta, gated dout, dgate) and the dq conversion (attention_bwd_rows.cu).
 cudaError_t attention_bwd_preprocess(const AttnBwdParams& p, cudaStream_t stream);
 cudaError_t attention_bwd_convert_dq(const AttnBwdParams& p, cudaStream_t stream);
+// The decode kernel (and the merge of its splits), D == Dv in {64, 128}.
+cudaError_t attention_decode(const DecodeParams& p, cudaStream_t stream);
 
 // -------------------------------------------------------------------------------------------------
 // softmax_gate / score_softmax_gate (csrc/cpu/softmax_gate.h has the math). x (B, N, D) with

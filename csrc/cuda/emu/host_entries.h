@@ -12,6 +12,7 @@
   X(attention_bwd_hdim128, AttnBwdParams)       \
   X(attention_bwd_preprocess, AttnBwdParams)    \
   X(attention_bwd_convert_dq, AttnBwdParams)    \
+  X(attention_decode, DecodeParams)             \
   X(softmax_gate_fwd, GateParams)               \
   X(softmax_gate_bwd, GateBwdParams)
 

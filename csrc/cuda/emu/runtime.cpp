@@ -835,6 +835,7 @@ cudaError_t device_get_attribute(int* value, cudaDeviceAttr attr, int) {
   const int arch = emu().arch;
   if (attr == cudaDevAttrComputeCapabilityMajor) *value = arch / 10;
   else if (attr == cudaDevAttrComputeCapabilityMinor) *value = arch % 10;
+  else if (attr == cudaDevAttrMultiProcessorCount) *value = arch >= 90 ? 132 : 108;  // H100 SXM, A100
   else return cudaErrorInvalidValue;
   return cudaSuccess;
 }
