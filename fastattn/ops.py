@@ -97,8 +97,7 @@ def register_attention(prefix: str = "", *, fake: bool = True, acc_devices=("cpu
 
 def register_varlen_attention(prefix: str = "", *, fake: bool = True, acc_devices=("cpu", "cuda")):
     """Fake implementations and autograd for ``fastattn::{prefix}varlen_attention_{fwd,bwd}`` (packed sequences,
-    csrc/fastattn.cpp), and the fake of the forward-only ``fastattn::{prefix}attention_kvcache_fwd``; arguments as
-    :func:`register_attention`."""
+    csrc/fastattn.cpp); arguments as :func:`register_attention`."""
     fwd, bwd = f"fastattn::{prefix}varlen_attention_fwd", f"fastattn::{prefix}varlen_attention_bwd"
     bwd_op = lambda: getattr(torch.ops.fastattn, prefix + "varlen_attention_bwd")
     with_acc = lambda q, need_acc: need_acc and has_out_acc(q.dtype) and q.device.type in acc_devices
@@ -119,11 +118,6 @@ def register_varlen_attention(prefix: str = "", *, fake: bool = True, acc_device
             dgate = gate.new_empty(gate.shape) if gate is not None else _empty(q)
             return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dgate
 
-        @torch.library.register_fake(f"fastattn::{prefix}attention_kvcache_fwd")
-        def _kvcache_fake(q, k_cache, v_cache, seqlens_k, page_table, gate, scale, causal):
-            B, Hq, Lq, _ = q.shape
-            return q.new_empty((B, Hq, Lq, v_cache.shape[-1])), q.new_empty((B, Hq, Lq), dtype=stat_dtype(q.dtype))
-
     def setup_context(ctx, inputs, output):
         q, k, v, cu_q, cu_k, max_q, max_k, gate, scale, causal, need_acc = inputs
         out, lse, out_acc = output
@@ -138,6 +132,14 @@ def register_varlen_attention(prefix: str = "", *, fake: bool = True, acc_device
         return dq, dk, dv, None, None, None, None, dgate if gate is not None else None, None, None, None
 
     torch.library.register_autograd(fwd, backward, setup_context=setup_context)
+
+
+def register_kvcache(prefix: str = ""):
+    """The fake implementation of the forward-only ``fastattn::{prefix}attention_kvcache_fwd`` (no autograd)."""
+    @torch.library.register_fake(f"fastattn::{prefix}attention_kvcache_fwd")
+    def _kvcache_fake(q, k_cache, v_cache, seqlens_k, page_table, gate, scale, causal):
+        B, Hq, Lq, _ = q.shape
+        return q.new_empty((B, Hq, Lq, v_cache.shape[-1])), q.new_empty((B, Hq, Lq), dtype=stat_dtype(q.dtype))
 
 
 def register_softmax_gates(prefix: str = "", *, fake: bool = True):
@@ -194,4 +196,5 @@ def register_softmax_gates(prefix: str = "", *, fake: bool = True):
 if _C is not None:
     register_attention()
     register_varlen_attention()
+    register_kvcache()
     register_softmax_gates()

@@ -3,7 +3,7 @@
 and fails on a kept autotune config that could not launch (shared memory per block over the target's
 limit) or that spills registers to local memory.
 
-How: the project's own launchers (triton_kernels/attention.py, softmax_gate.py) run on meta tensors with
+How: the project's own launchers (triton_kernels/attention.py, decode.py, softmax_gate.py) run on meta tensors with
 ``wrap_triton`` replaced by a recorder, so each launch is captured with the arguments the op would pass.
 Each launch is specialised by triton's own binder (pointer and integer arguments divisible by 16 get
 ``tt.divisibility``, integers equal to 1 become constants: what the runtime does); an autotuned kernel
@@ -23,7 +23,8 @@ metadata without a driver).
 Default variants: attention with every option on (float mask with its gradient, elementwise gate, GQA,
 causal, lse gradient: the heaviest specialisation of each kernel), broadcast masks for the dmask kernel,
 the gates plain and with mask + pooling + alpha gradient; each at a long and a 16-row query side, so that
-both the long-sequence and the decode configs are kept.
+both the long-sequence and the decode configs are kept. The kv-cache decode kernels over a paged cache, causal
+and gated, split over the keys (and merged) with the most rows a program takes, and in one split with one row.
 
 Triton's cache goes to a private temporary directory, one per compile and removed after it: every
 compile runs ptxas (whose log is the only source of register counts), and nothing accumulates.
@@ -88,14 +89,14 @@ class _Recorder:
 
 @contextlib.contextmanager
 def _recording():
-    from fastattn.triton_kernels import attention, softmax_gate
+    from fastattn.triton_kernels import attention, decode, softmax_gate
     rec = _Recorder()
-    saved = attention.wrap_triton, softmax_gate.wrap_triton
-    attention.wrap_triton = softmax_gate.wrap_triton = rec
+    saved = attention.wrap_triton, decode.wrap_triton, softmax_gate.wrap_triton
+    attention.wrap_triton = decode.wrap_triton = softmax_gate.wrap_triton = rec
     try:
         yield rec
     finally:
-        attention.wrap_triton, softmax_gate.wrap_triton = saved
+        attention.wrap_triton, decode.wrap_triton, softmax_gate.wrap_triton = saved
 
 
 def _attention_scenarios(dtype, D):
@@ -143,6 +144,33 @@ def _attention_scenarios(dtype, D):
         yield "bool", None, lambda Lq=Lq, Lk=Lk: run(Lq, Lk, 4, [(2, 1, 1, Lk)], (2, 4, Lq, 1), 1, bool_mask=True)
 
 
+def _decode_scenarios(dtype, D):
+    """attention_kvcache_fwd: decode: a paged cache, causal, an elementwise gate (the heaviest launch), once split
+    over the keys (one sequence, one kv head: the split kernel writes the workspace, then the merge) with the most
+    query rows a program takes (GQA group 16 x Lq 4), once in one split (a large batch: the split kernel writes
+    the gated output) with one query row (Lq 1, no GQA: a 16-row tile). decode-contig: a contiguous cache, both
+    ways, not causal, no gate, GQA group 4 x Lq 1."""
+    import torch
+    from fastattn.triton_kernels import decode as Dk
+    mk = lambda *s, dt=dtype: torch.empty(*s, dtype=dt, device="meta")
+
+    def run(B, Hq, Hkv, Lq, paged, causal, gate):
+        P, pages = 16, 2048                                    # 32k keys a sequence
+        q = mk(B, Hq, Lq, D)
+        if paged:
+            k, v = mk(B * pages, Hkv, P, D), mk(B * pages, Hkv, P, D)
+            table = mk(B, pages, dt=torch.int32)
+        else:
+            k, v, table = mk(B, Hkv, P * pages, D), mk(B, Hkv, P * pages, D), None
+        g = mk(B, Hq, Lq, D) if gate else None
+        Dk.attention_kvcache_fwd(q, k, v, mk(B, dt=torch.int32), table, g, 0.125, 2 if causal else 0)
+
+    yield "decode", None, lambda: run(1, 16, 1, 4, True, True, True)
+    yield "decode", None, lambda: run(256, 8, 8, 1, True, True, True)
+    yield "decode-contig", None, lambda: run(1, 8, 2, 1, False, False, False)
+    yield "decode-contig", None, lambda: run(256, 8, 2, 1, False, False, False)
+
+
 def _gate_scenarios(dtype, D):
     """softmax_gate / score_softmax_gate forward and backward: the one-pass kernel (the largest item it
     takes) and the two-pass kernels (long N); plain, and full: mask, pooling, an alpha gradient."""
@@ -168,8 +196,8 @@ def _gate_scenarios(dtype, D):
 
 
 # variants compiled by default; --full adds the others (their specialisations are lighter than full's)
-CI_VARIANTS = {"full", "bcast", "light", "gate-plain", "gate-full"}
-ALL_VARIANTS = CI_VARIANTS | {"plain", "bool"}
+CI_VARIANTS = {"full", "bcast", "light", "gate-plain", "gate-full", "decode"}
+ALL_VARIANTS = CI_VARIANTS | {"plain", "bool", "decode-contig"}
 
 
 # --------------------------------------------------------------------------------------- specialising
@@ -264,6 +292,7 @@ def collect_jobs(arches, dtypes, head_dims, fp32_head_dims, variants):
             dtype = getattr(torch, DTYPES[dname])
             for D in (fp32_head_dims if dname == "fp32" else head_dims):
                 for variant, kernels, thunk in itertools.chain(_attention_scenarios(dtype, D),
+                                                               _decode_scenarios(dtype, D),
                                                                _gate_scenarios(dtype, D)):
                     if variant not in variants:
                         continue

@@ -2,8 +2,8 @@
 torch.compile(fullgraph=True) through them.
 
 On a GPU this runs the full sweeps on CUDA tensors. Without one, scripts/test.sh reruns this file
-under TRITON_INTERPRET=1 (CPU tensors in Triton's interpreter): the quick attention sweep, the gate
-sweep through both the one-pass and the two-pass kernels, and extra cases for head dims 96-256.
+under TRITON_INTERPRET=1 (CPU tensors in Triton's interpreter): the quick attention and kv-cache sweeps,
+the gate sweep through both the one-pass and the two-pass kernels, and extra cases for head dims 96-256.
 """
 import math
 import os
@@ -15,8 +15,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastattn
 from fastattn import fuzz
-from fastattn.testing import (AttentionCase, attention_cases, check_attention, check_gate,
-                              gate_cases)
+from fastattn.testing import (AttentionCase, KvcacheCase, attention_cases, check_attention, check_gate,
+                              check_kvcache, gate_cases, kvcache_cases)
 import backend_checks as bc
 from conftest import assert_all_ok, dtype_id
 
@@ -37,6 +37,7 @@ ATTN_CASES = attention_cases(quick=INTERPRET) + [
     AttentionCase(Lq=40, Lk=40, D=96, causal="bottom_right", mask="bool", layout="blhd"),
 ]
 GATE_CASES = gate_cases()
+KVCACHE_CASES = kvcache_cases(quick=INTERPRET)
 TWO_PASS_CASES = gate_cases(quick=True) if INTERPRET else gate_cases()
 
 
@@ -50,6 +51,115 @@ def _registered():
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_triton_attention_matches_reference(case, dtype):
     assert_all_ok(check_attention(case, dtype, backend="triton", device=DEVICE), case.id)
+
+
+@pytest.mark.parametrize("case", KVCACHE_CASES, ids=[c.id for c in KVCACHE_CASES])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_triton_kvcache_matches_reference(case, dtype):
+    assert_all_ok(check_kvcache(case, dtype, backend="triton", device=DEVICE), case.id)
+
+
+def _forced_splits(monkeypatch, keys, fill=float("nan")):
+    """Every kvcache launch splits its keys every ``keys`` keys, whatever the shapes; the splits' workspace starts
+    as ``fill`` (NaN: an entry the merge reads that no split wrote shows in the output). Returns the plans seen."""
+    from fastattn.triton_kernels import decode
+    plans = []
+
+    def plan(programs, capacity, device):
+        plans.append((capacity, keys))
+        return keys
+
+    monkeypatch.setattr(decode, "split_keys", plan)
+    monkeypatch.setattr(decode, "workspace", lambda shape, device: torch.full(shape, fill, device=device))
+    return plans
+
+
+# keys per split: a multiple of the interpreter's key tile with a shorter last split (160 = 3 x 48 + 16), and one
+# that is not (splits end inside a key tile). The last case has 3 rows per sequence (MQA, group 3): the merge's row
+# tiles hold rows of sequences with different numbers of splits.
+SPLIT_CASES = kvcache_cases(quick=True) + [
+    KvcacheCase(cache_seqlens=(130, 5, 60, 0), Lq=1, Lnew=1, Hq=3, Hkv=1, D=32, gate="elementwise")]
+
+
+@pytest.mark.parametrize("keys", [48, 23])
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=[c.id for c in SPLIT_CASES])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_triton_kvcache_several_splits_merge_exactly(case, dtype, keys, monkeypatch):
+    """Split-KV with several splits per sequence, the last one shorter, splits past a sequence's end (no keys:
+    never read by the merge), causal diagonals across split boundaries, through the merge kernel."""
+    plans = _forced_splits(monkeypatch, keys)
+    assert_all_ok(check_kvcache(case, dtype, backend="triton", device=DEVICE), case.id)
+    assert plans and all(capacity > k for capacity, k in plans), plans  # two splits or more
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_triton_kvcache_nan_reaches_rows_as_in_torch(paged, monkeypatch):
+    """A NaN in q reaches its row, one in a key a sequence holds reaches every row of that kv head (through its
+    split and the merge); one past a sequence's length (or in a page it does not own) reaches nothing."""
+    _forced_splits(monkeypatch, 48, fill=0.0)
+    B, Hq, Hkv, Lq, D, P, held = 2, 4, 2, 2, 16, 16, (37, 130)
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(B, Hq, Lq, D, generator=g)
+    table = torch.randperm(20, generator=g).view(B, 10).to(torch.int32) if paged else None
+    shape = (21, Hkv, P, D) if paged else (B, Hkv, 160, D)
+    k_cache, v_cache = torch.randn(*shape, generator=g), torch.randn(*shape, generator=g)
+
+    def at(b, j):  # the cache index of key j of sequence b
+        return (int(table[b, j // P]), slice(None), j % P) if paged else (b, slice(None), j)
+
+    q[0, 3, 1, 5] = float("nan")
+    k_cache[at(1, 100)][0, 7] = float("nan")    # kv head 0 of sequence 1, in its third split
+    v_cache[at(0, 50)][:, 2] = float("nan")     # past sequence 0's 37 keys
+    if paged:
+        k_cache[-1] = float("nan")              # a page no sequence owns
+    seqlens = torch.tensor(held, dtype=torch.int32)
+    args = dict(cache_seqlens=seqlens, page_table=table, causal=True, return_lse=True)
+    out, lse = fastattn.attention_with_kvcache(q.to(DEVICE), k_cache.to(DEVICE), v_cache.to(DEVICE),
+                                               backend="triton", **{n: a.to(DEVICE) if isinstance(a, torch.Tensor)
+                                                                    else a for n, a in args.items()})
+    ref, ref_lse = fastattn.attention_with_kvcache(q, k_cache, v_cache, backend="reference", **args)
+    nan_rows = torch.zeros(B, Hq, Lq, dtype=torch.bool)
+    nan_rows[0, 3, 1] = True
+    nan_rows[1, :2] = True
+    assert torch.equal(ref.isnan().any(-1), nan_rows) and torch.equal(ref_lse.isnan(), nan_rows)
+    assert torch.equal(out.cpu().isnan().any(-1), nan_rows) and torch.equal(lse.cpu().isnan(), nan_rows)
+    torch.testing.assert_close(out.cpu(), ref, equal_nan=True, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse.cpu(), ref_lse, equal_nan=True, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_triton_kvcache_rows_without_keys_are_zero(dtype, monkeypatch):
+    """Empty sequences and causal rows before a short sequence's keys: out exactly 0 and lse -inf, with one split
+    and with several."""
+    B, Hq, Hkv, Lq, D = 3, 2, 1, 4, 16
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(B, Hq, Lq, D, generator=g).to(DEVICE, dtype)
+    k_cache, v_cache = (torch.randn(B, Hkv, 64, D, generator=g).to(DEVICE, dtype) for _ in range(2))
+    seqlens = torch.tensor([0, 2, 64], dtype=torch.int32, device=DEVICE)
+    for keys in (None, 16):
+        if keys:
+            _forced_splits(monkeypatch, keys)
+        out, lse = torch.ops.fastattn.triton_attention_kvcache_fwd(q, k_cache, v_cache, seqlens, None, None, 0.25, 2)
+        empty = torch.zeros(B, Hq, Lq, dtype=torch.bool, device=DEVICE)
+        empty[0] = True
+        empty[1, :, :2] = True   # rows 0, 1 see keys j <= i + 2 - 4
+        assert torch.equal(lse == float("-inf"), empty), keys
+        assert torch.equal(out == 0, empty[..., None].expand_as(out)), keys
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_opcheck_kvcache(paged):
+    B, Hq, Hkv, Lq, D, Dv, P = 2, 4, 2, 3, 16, 8, 8
+    r = lambda *s, seed: bc.rand(*s, seed=seed, device=DEVICE)
+    q = r(B, Hq, Lq, D, seed=1)
+    rows = 7 if paged else B
+    k_cache, v_cache = r(rows, Hkv, P if paged else 24, D, seed=2), r(rows, Hkv, P if paged else 24, Dv, seed=3)
+    table = torch.tensor([[3, 0, 5], [1, 6, 2]], dtype=torch.int32, device=DEVICE) if paged else None
+    seqlens = torch.tensor([5, 21], dtype=torch.int32, device=DEVICE)
+    gate = r(B, Hq, Lq, 1, seed=4).expand(B, Hq, Lq, Dv)
+    op = torch.ops.fastattn.triton_attention_kvcache_fwd.default
+    torch.library.opcheck(op, (q, k_cache, v_cache, seqlens, table, gate, 0.25, 2))
+    torch.library.opcheck(op, (q, k_cache, v_cache, seqlens, table, None, 0.5, 0))
 
 
 @pytest.mark.parametrize("case", GATE_CASES, ids=[c.id for c in GATE_CASES])

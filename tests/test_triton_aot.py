@@ -67,11 +67,11 @@ def test_kernels_build_with_float_arguments_typed_as_inductor_types_them(aot, mo
     monkeypatch.setenv("FASTATTN_TRITON_AOT_ARCH", "90")
     aot._quiet()
     first = {}
-    for job in aot.collect_jobs([90], ["bf16", "fp32"], [32], [32], {"full", "bcast", "gate-full"}):
+    for job in aot.collect_jobs([90], ["bf16", "fp32"], [32], [32], {"full", "bcast", "gate-full", "decode"}):
         if "fp32" in job.signature.values():
             first.setdefault((job.name, job.contexts[0][0]), job)
     assert {name for name, _ in first} == {"_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq", "_attn_bwd_dmask",
-                                           "_gate_fused_fwd", "_score_bwd", "_gate_scores"}
+                                           "_gate_fused_fwd", "_score_bwd", "_gate_scores", "_decode_split"}
     errors = {}
     for (name, dtype), job in first.items():
         sig = {k: "fp64" if v == "fp32" else v for k, v in job.signature.items()}

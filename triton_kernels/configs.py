@@ -311,6 +311,91 @@ def prune_dmask(configs, named_args, **kwargs):
     return _prune_bwd("dmask", configs, named_args, kwargs)
 
 
+# ---------------------------------------------------------------------------------- kv-cache decode
+# decode.py, split-KV: a program holds BLOCK_M query rows (the GQA group's heads x Lq, padded to >= 16 for
+# tl.dot and capped by DECODE_MAX_BLOCK_M: more rows take more programs) with their O accumulator, and streams
+# one split of its sequence's keys in BLOCK_N tiles, num_stages deep. The configs set BLOCK_N alone. Decode is
+# memory-bound (one pass over the cache, a few rows of math per key): key tiles as large as the rows' registers
+# allow, since each stage is a load in flight. Not measured on a GPU yet: sizes are what compiles for sm_80 and
+# sm_90 without spills in scripts/check_triton_aot.py.
+def _decode_cfg(num_warps, num_stages, BLOCK_N, min_cc=0, max_cc=1000):
+    c = triton.Config({"BLOCK_N": BLOCK_N}, num_warps=num_warps, num_stages=num_stages)
+    c.min_cc, c.max_cc = min_cc, max_cc
+    return c
+
+
+if INTERPRET:
+    DECODE_HALF = DECODE_FP32 = {256: [_decode_cfg(4, 1, 16)]}
+    DECODE_MAX_BLOCK_M_HALF = DECODE_MAX_BLOCK_M_FP32 = {256: 16}   # Lq x group > 16 crosses row tiles
+else:
+    DECODE_HALF = {
+        64: [_decode_cfg(4, 3, 64), _decode_cfg(8, 3, 128)],
+        128: [_decode_cfg(4, 3, 64)],   # 128 keys at 64 rows spilled on sm_90 (4 warps, 2 stages)
+        256: [_decode_cfg(4, 2, 32)],   # 64 keys spilled on sm_90 at 4 warps (255 registers) and at 8 (128)
+    }
+    DECODE_FP32 = {
+        # 4 warps spilled a few bytes on sm_80 at D 16-32, with 32 keys and with 16 (ptxas settled on 72 registers)
+        64: [_decode_cfg(8, 2, 32)],
+        128: [_decode_cfg(4, 2, 16)],
+        256: [_decode_cfg(4, 2, 16)],
+    }
+    # rows per program: the O accumulator [BLOCK_M, BLOCK_DV] is fp32 in registers
+    DECODE_MAX_BLOCK_M_HALF = {64: 64, 128: 64, 256: 32}
+    DECODE_MAX_BLOCK_M_FP32 = {64: 32, 128: 16, 256: 16}
+DECODE_CONFIGS = _union(DECODE_HALF, DECODE_FP32)
+
+
+def decode_head(block_d: int, block_dv: int, esize: int, align: int) -> int:
+    """The head block whose decode lists serve a launch: half-precision rows not 16-byte aligned (ALIGN 1) load
+    element by element, each with its own 64-bit address (a paged tile's rows are gathered), so they take the
+    next block's smaller tiles, as in the forward."""
+    head = max(block_d, block_dv)
+    return min(2 * head, 256) if esize < 4 and align == 1 else head
+
+
+def decode_block_m(rows: int, head: int, fp32: bool) -> int:
+    """Query rows per decode program for ``rows`` (group x Lq) rows at head block ``head`` (decode_head)."""
+    cap = _for_head(DECODE_MAX_BLOCK_M_FP32 if fp32 else DECODE_MAX_BLOCK_M_HALF, head)
+    return min(dot_block(rows), cap)
+
+
+def prune_decode(configs, named_args, **kwargs):
+    """The head block's list for the inputs' precision and the device's capability, those whose streamed K / V
+    stages and Q tile fit its shared memory (at least the smallest)."""
+    if INTERPRET:
+        return configs
+    bd, bdv, bm, align = (_arg(named_args, kwargs, n) for n in ("BLOCK_D", "BLOCK_DV", "BLOCK_M", "ALIGN"))
+    esize = named_args["Q"].element_size()
+    cc, smem = target(named_args)
+    cands = [c for c in _for_head(DECODE_FP32 if esize == 4 else DECODE_HALF, decode_head(bd, bdv, esize, align))
+             if c.min_cc <= cc <= c.max_cc]
+    size = lambda c: (c.num_stages * c.kwargs["BLOCK_N"] * (bd + bdv) + bm * bd
+                      + max(bm, c.kwargs["BLOCK_N"]) * max(bd, bdv)) * esize
+    keep = [c for c in cands if size(c) <= smem] or [min(cands, key=size)]
+    return keep if autotune_enabled() else keep[:1]
+
+
+# How many splits: about DECODE_PROGRAMS_PER_SM programs per SM over (batch x kv heads x row tiles x splits), two
+# since two blocks of the D 128 config fit in an SM's shared memory and their loads overlap; a split holds at least
+# DECODE_MIN_SPLIT_KEYS keys (fewer would make the merge cost more than the split saves) and starts at a multiple
+# of DECODE_SPLIT_GRANULE keys (every BLOCK_N divides it: only a sequence's last tile is ragged). The interpreter
+# stands in a GPU of DECODE_INTERPRET_SMS SMs, so that the test sweep runs one-split and split launches alike.
+DECODE_PROGRAMS_PER_SM = 2
+DECODE_SM_COUNT = 132           # H100 / H200, where the launch's device is not a GPU (meta tensors)
+DECODE_INTERPRET_SMS = 4
+DECODE_MIN_SPLIT_KEYS = 32 if INTERPRET else 256
+DECODE_SPLIT_GRANULE = 16 if INTERPRET else 128
+DECODE_MAX_SPLITS = 128
+# merge kernel (memory-bound): [rows, Dv] fp32 tiles of 2048 elements, as _attn_bwd_prep's
+DECODE_MERGE_TILE_ELEMS = 2048
+
+
+def decode_merge_block_m(block_dv: int) -> int:
+    if INTERPRET:
+        return 4
+    return max(1, DECODE_MERGE_TILE_ELEMS // block_dv)
+
+
 # ----------------------------------------------------------------------------------- softmax gates
 # Memory-bound: a program moves GATE_BLOCK_N x GATE_BLOCK_D elements of x per step (16-32 KiB), enough
 # in flight to cover HBM latency without spilling. FUSED_MAX_ELEMS is the largest (N x D) slab of one

@@ -1,6 +1,6 @@
 """Registers the Triton kernels as ``torch.ops.fastattn.triton_*``, with the schemas of
 csrc/fastattn.cpp (prefixed ``triton_``), then fake implementations and autograd through
-``fastattn.ops.register_attention`` / ``register_softmax_gates``, as the C++ ops.
+``fastattn.ops.register_attention`` / ``register_softmax_gates`` / ``register_kvcache``, as the C++ ops.
 
 On a GPU the ops are ``torch.library.triton_op``s: torch.compile sees the Triton kernels inside
 (``wrap_triton``) and the fake implementation is the launcher itself run on fake tensors. Under
@@ -19,6 +19,7 @@ from torch import Tensor
 from fastattn import ops as _fastattn_ops
 
 from . import attention as _attn
+from . import decode as _decode
 from . import softmax_gate as _gate
 from .configs import INTERPRET
 
@@ -46,6 +47,13 @@ def triton_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
     return _attn.attention_bwd(dout, q, k, v, out, lse, mask, gate, dlse, scale, causal, need_dmask)
 
 
+@_register("triton_attention_kvcache_fwd")
+def triton_attention_kvcache_fwd(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens_k: Tensor,
+                                 page_table: Optional[Tensor], gate: Optional[Tensor], scale: float,
+                                 causal: int) -> tuple[Tensor, Tensor]:
+    return _decode.attention_kvcache_fwd(q, k_cache, v_cache, seqlens_k, page_table, gate, scale, causal)
+
+
 @_register("triton_softmax_gate_fwd")
 def triton_softmax_gate_fwd(scores: Tensor, x: Tensor, mask: Optional[Tensor], pool: bool) -> tuple[Tensor, Tensor]:
     return _gate.softmax_gate_fwd(scores, x, mask, pool)
@@ -71,3 +79,5 @@ def triton_score_softmax_gate_bwd(dy: Tensor, x: Tensor, weight: Tensor, alpha: 
 
 _fastattn_ops.register_attention("triton_", fake=not USE_TRITON_OP)
 _fastattn_ops.register_softmax_gates("triton_", fake=not USE_TRITON_OP)
+if not USE_TRITON_OP:
+    _fastattn_ops.register_kvcache("triton_")
