@@ -348,6 +348,10 @@ def test_opcheck_softmax_gates(pool):
     bc.opcheck_softmax_gates("triton_", pool, DEVICE)
 
 
+def test_triton_backend_declares_its_kernels():
+    bc.declared_kernels_are_registered("triton")
+
+
 def test_torch_compile_fullgraph():
     bc.torch_compile_fullgraph("triton", DEVICE)
 
