@@ -183,7 +183,7 @@ class CpuBackend(FusedBackend):
     """C++ kernels compiled into fastattn._C (csrc/cpu/), registered for CPU tensors."""
     name = "cpu"
     device_types = ("cpu",)
-    kernels = FusedBackend.kernels - {"varlen_attention_fwd", "varlen_attention_bwd", "attention_kvcache_fwd"}
+    kernels = FusedBackend.kernels - {"varlen_attention_fwd", "varlen_attention_bwd"}
 
     def unavailable(self):
         return ops.extension_error()

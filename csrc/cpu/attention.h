@@ -28,6 +28,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     const std::optional<at::Tensor>& dlse,
     double scale, int64_t causal, bool need_dmask);
 
+// Decoding over a kv cache (decode.cpp): returns (out, lse) as attention_fwd, without out_acc.
+std::tuple<at::Tensor, at::Tensor> attention_kvcache_fwd(
+    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& seqlens_k,
+    const std::optional<at::Tensor>& page_table, const std::optional<at::Tensor>& gate, double scale, int64_t causal);
+
 // ---------------------------------------------------------------------------------------------
 // Shared by attention_fwd.cpp and attention_bwd.cpp: problem description, boundary checks and
 // the masking of one score tile.
