@@ -63,6 +63,7 @@ TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
   m.impl("attention_bwd", &fastattn::cpu::attention_bwd);
   m.impl("varlen_attention_fwd", &fastattn::cpu::varlen_attention_fwd);
   m.impl("varlen_attention_bwd", &fastattn::cpu::varlen_attention_bwd);
+  m.impl("attention_kvcache_fwd", &fastattn::cpu::attention_kvcache_fwd);
   m.impl("softmax_gate_fwd", &fastattn::cpu::softmax_gate_fwd);
   m.impl("softmax_gate_bwd", &fastattn::cpu::softmax_gate_bwd);
   m.impl("score_softmax_gate_fwd", &fastattn::cpu::score_softmax_gate_fwd);

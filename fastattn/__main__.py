@@ -15,6 +15,7 @@ examples:
   fastattn check --fuzz 1000                     1000 random attention and softmax-gate cases per backend
   fastattn bench                                 the default sweep (about a minute on a 2-core CPU)
   fastattn bench --quick --op attention --reps 15 --out r.json --plot r.png
+  fastattn bench --op decode                     decoding over a kv cache, GB/s beside the machine's read bandwidth
 """
 
 
@@ -97,9 +98,10 @@ def main(argv=None):
     p = sub.add_parser("bench", help="time fastattn against PyTorch's attention paths in the same run")
     p.add_argument("--quick", action="store_true", help="small smoke run")
     p.add_argument("--op", action="append",
-                   choices=["attention", "gated", "bias", "varlen", "softmax_gate", "score_softmax_gate"],
+                   choices=["attention", "gated", "bias", "varlen", "softmax_gate", "score_softmax_gate", "decode"],
                    help="only these ops (repeatable; gated = attention with an elementwise output gate; varlen = "
-                        "packed sequences of lengths in [L/4, L], against SDPA on them padded and nested)")
+                        "packed sequences of lengths in [L/4, L], against SDPA on them padded and nested; decode = "
+                        "attention_with_kvcache, one query over a long cache, run only when asked for)")
     p.add_argument("--mode", action="append", choices=["fwd", "bwd", "fwd_bwd"], help="only these modes (repeatable)")
     p.add_argument("--dtype", action="append", choices=["fp32", "bf16", "fp16"], help="only these dtypes (repeatable)")
     p.add_argument("--head-dim", action="append", type=int, metavar="D",

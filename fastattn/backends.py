@@ -183,7 +183,6 @@ class CpuBackend(FusedBackend):
     """C++ kernels compiled into fastattn._C (csrc/cpu/), registered for CPU tensors."""
     name = "cpu"
     device_types = ("cpu",)
-    kernels = FusedBackend.kernels - {"attention_kvcache_fwd"}
 
     def unavailable(self):
         return ops.extension_error()

@@ -6,6 +6,9 @@ Attention TFLOP/s use FlashAttention's count: fwd 4·B·H·Lq·Lk·D (halved for
 fwd_bwd 3.5×. The softmax gates are memory-bound and report GB/s of the bytes they must move.
 Op varlen packs B sequences whose lengths are drawn in [L/4, L] (``varlen_lengths``, a fixed seed: a
 row's B and Lq = L give them back); its FLOPs count each sequence's own length (Σ 4·H·l²·D).
+Decoding over a kv cache (op decode: Lq = 1 over a cache of Lk keys) is bound by reading the cache: it reports GB/s
+of K and V bytes read, beside the machine's read bandwidth measured in the same run (the best of a few sums over a
+1 GiB array) and the fraction of it reached.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ from .version import __version__
 @dataclasses.dataclass(frozen=True)
 class Config:
     op: str                  # attention, gated, bias (a float bias with its gradient), varlen (packed sequences),
-    #                          softmax_gate, score_softmax_gate
+    #                          softmax_gate, score_softmax_gate, decode (attention_with_kvcache: Lq queries over Lk keys)
     mode: str                # fwd, bwd, fwd_bwd
     dtype: torch.dtype
     B: int
@@ -216,6 +219,49 @@ def _gate_providers(cfg, device):
     return providers
 
 
+def _decode_providers(cfg, device, caches):
+    """{provider: callable(q, cache_seqlens) -> out}: fastattn's backends on (q, k_cache, v_cache, cache_seqlens), and
+    SDPA on (B, H, L, D) views of the valid prefix (the whole cache here) with enable_gqa. Every call, whoever makes
+    it, takes the next of ``caches`` [(k_cache, v_cache)]: with enough of them it finds none in a CPU's L3 or a GPU's
+    L2 from an earlier call, as a decoding step over many layers would not."""
+    from torch.nn.attention import sdpa_kernel
+    turn = itertools.cycle(caches)
+    providers = {}
+    for name in _fastattn_backends(device):
+        providers[f"fastattn-{name}"] = (lambda n: lambda q, lens: functional.attention_with_kvcache(
+            q, *next(turn), cache_seqlens=lens, backend=n))(name)
+
+    def sdpa(backend):
+        def run(q, lens):
+            k, v = next(turn)
+            with sdpa_kernel([backend]):
+                return F.scaled_dot_product_attention(q, k[:, :, :cfg.Lk], v[:, :, :cfg.Lk], enable_gqa=True)
+        return run
+
+    repeated = cfg.B * cfg.Hq * cfg.Lk * (cfg.D + cfg.Dv) * torch.finfo(cfg.dtype).bits // 8
+    for provider, backend in _sdpa_backends(device).items():
+        if provider == "torch-sdpa-math" and repeated > 2**31:
+            continue  # repeats K and V per query head: gigabytes, on a machine other work shares
+        providers[provider] = sdpa(backend)
+    return providers
+
+
+def _decode_bytes(cfg):
+    """K and V bytes a decoding step reads: the whole valid cache, once."""
+    return cfg.B * cfg.Hkv * cfg.Lk * (cfg.D + cfg.Dv) * torch.finfo(cfg.dtype).bits // 8
+
+
+READ_BW_BYTES = 2**30
+COLD_BYTES = 2**28  # decode: copies of the cache, used in turn, of at least this many bytes together
+
+
+def read_bandwidth(device, reps=5):
+    """The machine's read bandwidth in GB/s: the best of ``reps`` sums over a READ_BW_BYTES float32 array."""
+    x = torch.ones(READ_BW_BYTES // 4, device=device)
+    best = min(time_once(lambda: x.sum(), device) for _ in range(reps))
+    return READ_BW_BYTES / best / 1e6
+
+
 def _flops(cfg):
     pairs = sum(n * n for n in varlen_lengths(cfg)) if cfg.op == "varlen" else cfg.B * cfg.Lq * cfg.Lk
     f = 4.0 * cfg.Hq * pairs * cfg.D / (2 if cfg.causal else 1)
@@ -266,6 +312,11 @@ def run_config(cfg, device, reps=7, warmup=2):
         inputs = [mk(cfg.B, cfg.Hq, cfg.Lq, cfg.D), mk(cfg.B, cfg.Hkv, cfg.Lk, cfg.D), mk(cfg.B, cfg.Hkv, cfg.Lk, cfg.Dv),
                   extra]
         providers = _attention_providers(cfg, device)
+    elif cfg.op == "decode":
+        caches = [(mk(cfg.B, cfg.Hkv, cfg.Lk, cfg.D), mk(cfg.B, cfg.Hkv, cfg.Lk, cfg.Dv))
+                  for _ in range(max(1, -(-COLD_BYTES // _decode_bytes(cfg))))]
+        inputs = [mk(cfg.B, cfg.Hq, cfg.Lq, cfg.D), torch.full((cfg.B,), cfg.Lk, dtype=torch.int32, device=device)]
+        providers = _decode_providers(cfg, device, caches)
     else:
         other = mk(cfg.B, cfg.N, cfg.H) if cfg.op == "softmax_gate" else mk(cfg.H, cfg.D) / cfg.D ** 0.5
         inputs = [other, mk(cfg.B, cfg.N, cfg.D)]
@@ -288,7 +339,13 @@ def run_config(cfg, device, reps=7, warmup=2):
     for _ in range(reps):
         for provider, rep in reps_of.items():
             times[provider].append(rep())
-    return [make_row(cfg, provider, ts, peak_of.get(provider)) for provider, ts in times.items()]
+    rows = [make_row(cfg, provider, ts, peak_of.get(provider)) for provider, ts in times.items()]
+    if cfg.op == "decode":  # measured after the timings, under the same load
+        del inputs, caches, providers, reps_of
+        bw = read_bandwidth(device)
+        for r in rows:
+            r["read_gbps"], r["read_frac"] = bw, r["gbps"] / bw
+    return rows
 
 
 def make_row(cfg, provider, times, peak_mem_mb=None):
@@ -301,6 +358,8 @@ def make_row(cfg, provider, times, peak_mem_mb=None):
            "peak_mem_mb": peak_mem_mb, "q1_ms": q1, "q3_ms": q3, "times_ms": list(times)}
     if cfg.op in FLOP_OPS:
         row["tflops"] = _flops(cfg) / ms / 1e9
+    elif cfg.op == "decode":
+        row["gbps"] = _decode_bytes(cfg) / ms / 1e6
     else:
         row["gbps"] = _gate_bytes(cfg) / ms / 1e6
     return row
@@ -309,6 +368,8 @@ def make_row(cfg, provider, times, peak_mem_mb=None):
 def default_configs(device, quick=False, ops=None, modes=None, dtypes=None, head_dims=None):
     """GPU: the field's standard sweep (batch·seqlen = 16k tokens, seqlen 512..16k, hidden 2048, D 64
     and 128, bf16 and fp16, causal and not). CPU: one length per op in fp32 and bf16, about a minute on 2 cores.
+    decode (only when asked for): Hq 32, Hkv 8, D 128, B 1 and 8, Lk 4k, 16k, 64k (on a CPU not B 8 at 64k: a 4 GiB
+    fp32 cache) in fp32 and bf16.
     ``dtypes`` / ``head_dims`` replace the sweep's own (the hidden size stays: H = 2048 // D on a GPU)."""
     configs = []
     if device.type == "cuda":
@@ -323,6 +384,12 @@ def default_configs(device, quick=False, ops=None, modes=None, dtypes=None, head
         dtypes_default = (torch.float32,) if quick else (torch.float32, torch.bfloat16)
         heads_dims = [(8, 64)]
         gate_sizes = [(8, 256, 512)] if quick else [(32, 1024, 512)]
+    decode_shapes = [(B, L) for B in (1, 8) for L in (4096, 16384, 65536)]
+    if device.type == "cpu":
+        decode_shapes = [(1, 4096)] if quick else [bl for bl in decode_shapes if bl != (8, 65536)]
+    elif quick:
+        decode_shapes = [(1, 16384), (8, 16384)]
+    decode_dtypes = dtypes or ((torch.float32,) if quick else (torch.float32, torch.bfloat16))
     dtypes = dtypes or dtypes_default
     if head_dims:
         heads_dims = [(max(1, 2048 // D) if device.type == "cuda" else heads_dims[0][0], D) for D in head_dims]
@@ -331,8 +398,13 @@ def default_configs(device, quick=False, ops=None, modes=None, dtypes=None, head
     ops = ops or (("attention", "gated", "bias", "softmax_gate", "score_softmax_gate") if device.type == "cuda"
                   else ("attention", "softmax_gate", "score_softmax_gate"))
     for op in ops:
-        for dtype in dtypes:
-            if op in ATTENTION_OPS:
+        for dtype in decode_dtypes if op == "decode" else dtypes:
+            if op == "decode":
+                if asked_modes and "fwd" not in asked_modes:
+                    continue  # forward only
+                for D, (B, L) in itertools.product(head_dims or (128,), decode_shapes):
+                    configs.append(Config(op, "fwd", dtype, B=B, Hq=32, Hkv=8, Lq=1, Lk=L, D=D, Dv=D))
+            elif op in ATTENTION_OPS:
                 for (H, D), causal, mode, L in itertools.product(heads_dims, (False, True), modes, seqlens):
                     if op != "attention" and len(heads_dims) > 1 and D != 128:
                         continue  # the gated and bias comparisons at one head dim keep the GPU sweep short
@@ -433,13 +505,16 @@ def speedup_table(rows):
             if not r["provider"].startswith("fastattn-"):
                 continue
             rate = r["tflops"] if r["tflops"] is not None else r["gbps"]
-            shape = f"B{r['B']} H{r['Hq']} L{r['Lq']} D{r['D']}"
+            shape = (f"B{r['B']} H{r['Hq']}/{r['Hkv']} Lk{r['Lk']} D{r['D']}" if r["op"] == "decode" else
+                     f"B{r['B']} H{r['Hq']} L{r['Lq']} D{r['D']}")
             noisy = _wide(r) or (best is not None and _wide(best))
             wide += noisy
             up = (f"{best['ms'] / r['ms']:.2f}x" if best else "-") + ("*" if noisy else " ")
             bname = f"{best['provider']} {best['ms']:.2f} {_iqr(best):.2f}" if best else "-"
             lines.append(f"{r['op']:<18} {r['mode']:<8} {r['dtype']:<9} {shape:<22} {str(r['causal']):<6} "
-                         f"{r['provider']:<16} {r['ms']:>9.2f} {_iqr(r):>7.2f} {rate:>12.3f} {bname:<34} {up:>9}")
+                         f"{r['provider']:<16} {r['ms']:>9.2f} {_iqr(r):>7.2f} {rate:>12.3f} {bname:<34} {up:>9}"
+                         + (f"  {r['read_frac']:.0%} of the {r['read_gbps']:.1f} GB/s read bandwidth" if "read_gbps" in r
+                            else ""))
     if wide:
         lines.append(f"\n* {wide} speed-up(s) rest on a row whose interquartile range exceeds {WIDE_SPREAD:.0%} of its "
                      f"median: the machine is noisy and these may not repeat; rerun on an idle machine or with "
@@ -497,6 +572,8 @@ def figure(rows, env=None):
         panels = {}
         for r in rows:
             label = f"{r['mode']} {r['dtype']}\nD{r['D']}{' causal' if r['causal'] else ''}"
+            if r["op"] == "decode":
+                label += f"\nB{r['B']} Lk{r['Lk']}"
             panels.setdefault(r["op"], {}).setdefault(label, {})[r["provider"]] = r
         n = len(panels)
         fig, axes = plt.subplots(1, n, figsize=(max(4.5, 1.6 * max(len(g) for g in panels.values())) * n, 4.2),
@@ -553,7 +630,8 @@ def main(args):
     rows = []
     env = environment()
     for i, cfg in enumerate(configs):
-        print(f"[{i + 1}/{len(configs)}] {cfg.op} {cfg.mode} {str(cfg.dtype)[6:]} B{cfg.B} H{cfg.Hq} L{cfg.Lq} "
+        length = f"Lk{cfg.Lk}" if cfg.op == "decode" else f"L{cfg.Lq}"
+        print(f"[{i + 1}/{len(configs)}] {cfg.op} {cfg.mode} {str(cfg.dtype)[6:]} B{cfg.B} H{cfg.Hq} {length} "
               f"D{cfg.D}{' causal' if cfg.causal else ''}", flush=True)
         rows += run_config(cfg, device, reps=args.reps or (3 if args.quick else 7))
         if args.out:  # after every config, so an interrupted run keeps what it measured

@@ -91,6 +91,23 @@ def test_bench_runs_only_the_dtypes_and_head_dims_asked(monkeypatch):
     assert {c.causal for c in seen} == {False, True}
 
 
+def test_bench_decode_reads_the_cache_against_the_read_bandwidth(monkeypatch, tmp_path, capsys):
+    from fastattn import bench
+    shapes = {(c.dtype, c.B, c.Lk) for c in bench.default_configs(torch.device("cpu"), ops=["decode"])}
+    assert {(dt, B, L) for dt in (torch.float32, torch.bfloat16) for B in (1, 8) for L in (4096, 16384)} <= shapes
+    assert all(c.op != "decode" for c in bench.default_configs(torch.device("cpu")))  # only when asked for
+    monkeypatch.setattr(bench, "READ_BW_BYTES", 2**24)
+    out = tmp_path / "r.json"
+    assert main(["bench", "--quick", "--device", "cpu", "--op", "decode", "--reps", "1", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert {"fastattn-cpu", "torch-sdpa-flash"} <= {r["provider"] for r in rows}
+    for r in rows:
+        cache_bytes = r["B"] * r["Hkv"] * r["Lk"] * (r["D"] + r["Dv"]) * 4
+        assert r["Lq"] == 1 and r["gbps"] == pytest.approx(cache_bytes / r["ms"] / 1e6)
+        assert r["read_gbps"] > 0 and r["read_frac"] == pytest.approx(r["gbps"] / r["read_gbps"])
+    assert "GB/s read bandwidth" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("argv", [["bench", "--op", "nope"], ["bench", "--reps", "0"], ["bench", "--head-dim", "0"],
                                   ["bench", "--dtype", "fp64"], ["check", "--dtype", "fp8"], ["frobnicate"], []])
 def test_argument_errors(argv, capsys):

@@ -3,6 +3,9 @@ reference against torch's SDPA, the named errors of bad input, and the CPU kerne
 (docs/CONTRACT.md §4). The Triton and emulated CUDA kernels run the same sweeps in test_triton.py and
 test_cuda_emu.py."""
 import itertools
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -209,6 +212,40 @@ def test_cpu_varlen_ops_take_empty_sequences_and_totals():
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_cpu_kvcache_matches_reference(case, dtype):
     assert_all_ok(check_kvcache(case, dtype, backend="cpu"), case.id)
+
+
+# The CPU kernel splits long caches into key chunks (merged by log-sum-exp) when sequences x kv heads leave threads
+# idle, and gathers tiles for GEMMs when a task has many rows (Lq x the GQA group): a single MQA sequence long enough
+# for several chunks with an uneven last one (contiguous, and paged with pages that cross the kernel's key blocks),
+# speculative decoding over chunks, and a prefill chunk of 160 rows in two row blocks.
+CPU_KVCACHE_SPLITS = [
+    KvcacheCase(cache_seqlens=(2999,), Hq=8, Hkv=1, D=128, capacity=3072),
+    KvcacheCase(cache_seqlens=(2999,), Hq=8, Hkv=1, D=128, capacity=3072, page_size=48, gate="elementwise"),
+    KvcacheCase(cache_seqlens=(1700, 5), Lq=3, Lnew=3, Hq=4, Hkv=1, capacity=1760, page_size=32, causal=False),
+    KvcacheCase(cache_seqlens=(1100, 0), Lq=40, Lnew=40, Hq=8, Hkv=2, D=32, capacity=1152, gate="headwise"),
+]
+
+
+@pytest.mark.parametrize("case", CPU_KVCACHE_SPLITS, ids=[c.id for c in CPU_KVCACHE_SPLITS])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_cpu_kvcache_splits_and_row_blocks(case, dtype):
+    assert_all_ok(check_kvcache(case, dtype, backend="cpu"), case.id)
+
+
+def test_cpu_kvcache_narrow_tiles():
+    """The decoding kernel's tiles of 32-byte vectors (what CPUs without AVX-512 run) on this CPU too: in a fresh
+    process with the test hook FASTATTN_TEST_NARROW_TILES; head dims that end in part-vectors, and chunks."""
+    cases = [KvcacheCase(cache_seqlens=(10, 0, 1), Lq=5, Lnew=2, causal=True, D=40, Dv=24), *CPU_KVCACHE_SPLITS[1:3]]
+    code = (f"import torch\nfrom fastattn.testing import KvcacheCase, check_kvcache\n"
+            f"for case in {cases!r}:\n"
+            f"    for dtype in (torch.float32, torch.bfloat16, torch.float16):\n"
+            f"        for c in check_kvcache(case, dtype, backend='cpu'):\n"
+            f"            print(case.id, dtype, c.name, 'ok' if c.ok else f'err {{c.err:.3g}} > {{c.allowed:.3g}}')\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=dict(os.environ, FASTATTN_TEST_NARROW_TILES="1"))
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert len(lines) == len(cases) * 3 * 4 and all(ln.endswith(" ok") for ln in lines), "\n".join(lines)
 
 
 def test_auto_runs_the_new_ops_on_cpu_kernels(monkeypatch):

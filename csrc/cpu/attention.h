@@ -40,6 +40,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd(
     const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     const std::optional<at::Tensor>& gate, const std::optional<at::Tensor>& dlse, double scale, int64_t causal);
 
+// Decoding over a kv cache (decode.cpp): returns (out, lse) as attention_fwd, without out_acc.
+std::tuple<at::Tensor, at::Tensor> attention_kvcache_fwd(
+    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& seqlens_k,
+    const std::optional<at::Tensor>& page_table, const std::optional<at::Tensor>& gate, double scale, int64_t causal);
+
 // ---------------------------------------------------------------------------------------------
 // Shared by attention_fwd.cpp and attention_bwd.cpp: problem description, output layouts, boundary
 // checks and the masking of one score tile. One set of kernels serves attention and varlen attention:
