@@ -72,6 +72,7 @@ def load():
     torch.ops.load_library(module)
     ops.register_attention(PREFIX, acc_devices=("cpu",))
     ops.register_varlen_attention(PREFIX, acc_devices=("cpu",))
+    ops.register_kvcache(PREFIX)
     ops.register_softmax_gates(PREFIX)
     register_backend(EmulatedCudaBackend())
     _STATE.update(lib=lib, lib_def=lib_def, clean=clean)
