@@ -141,9 +141,9 @@ FASTATTN_INLINE void fold_all(V* v) {
 constexpr int log2i(int n) { return n <= 1 ? 0 : 1 + log2i(n / 2); }
 
 // Asks for the cache lines of bytes [p, p + n) into L2, a block of keys ahead of their use. The hardware
-// prefetchers stop at 4 KiB pages and follow the K and V streams only while a block reads them: without this, a core
-// read a cold fp32 cache at 6 GB/s where a plain sum reads 20; with it at 10-14 (a Zen 4 core, other work running;
-// into L1 instead, the next block's rows evict the current one's).
+// prefetchers stop at 4 KiB pages and follow the K and V streams only while a block reads them: without this, one
+// Zen 4 core read a cold cache at 6-8 GB/s where a plain sum reads 20-24; with it at 12-16 (into L1 instead, the
+// next block's rows evict the current one's: slower).
 FASTATTN_INLINE void prefetch(const void* p, int64_t n) {
   const char* c = static_cast<const char*>(p);
   for (int64_t off = 0; off < n; off += 64) __builtin_prefetch(c + off, 0, 2);
