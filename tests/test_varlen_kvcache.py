@@ -232,9 +232,27 @@ def test_cpu_kvcache_splits_and_row_blocks(case, dtype):
     assert_all_ok(check_kvcache(case, dtype, backend="cpu"), case.id)
 
 
-def test_cpu_kvcache_narrow_tiles():
-    """The decoding kernel's tiles of 32-byte vectors (what CPUs without AVX-512 run) on this CPU too: in a fresh
-    process with the test hook FASTATTN_TEST_NARROW_TILES; head dims that end in part-vectors, and chunks."""
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_cpu_kvcache_reads_nothing_past_a_row(dtype):
+    """A cache whose rows are views into wider rows holding NaN past D (and Dv): a kernel that reads a whole vector
+    at the end of a row, beyond D, makes its output NaN."""
+    B, Hkv, L, D, Dv = 2, 2, 300, 40, 24
+    rows = torch.full((2, B, Hkv, L, 64), float("nan"), dtype=torch.float64)
+    rows[0, ..., :D], rows[1, ..., :Dv] = rand(B, Hkv, L, D, seed=1), rand(B, Hkv, L, Dv, seed=2)
+    rows = rows.to(dtype)
+    k, v, q = rows[0, ..., :D], rows[1, ..., :Dv], rand(B, 8, 3, D, seed=3).to(dtype)
+    seqlens = torch.tensor([300, 123], dtype=torch.int32)
+    out, lse = torch.ops.fastattn.attention_kvcache_fwd(q, k, v, seqlens, None, None, 0.3, 2)
+    want = reference.attention_with_kvcache(q.double(), k.double(), v.double(), seqlens, causal=True, scale=0.3)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(out.double(), want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("tiles", ["narrow", "no-bf16-dot"])
+def test_cpu_kvcache_other_tiles(tiles):
+    """The decoding kernel's vector paths this CPU would not take (docs: decode.cpp): the tiles of 32-byte vectors
+    (CPUs without AVX-512) and bfloat16 scores without AVX512-BF16, in a fresh process through the test hook
+    FASTATTN_TEST_DECODE_TILES; head dims that end in part-vectors, and chunks."""
     cases = [KvcacheCase(cache_seqlens=(10, 0, 1), Lq=5, Lnew=2, causal=True, D=40, Dv=24), *CPU_KVCACHE_SPLITS[1:3]]
     code = (f"import torch\nfrom fastattn.testing import KvcacheCase, check_kvcache\n"
             f"for case in {cases!r}:\n"
@@ -242,7 +260,7 @@ def test_cpu_kvcache_narrow_tiles():
             f"        for c in check_kvcache(case, dtype, backend='cpu'):\n"
             f"            print(case.id, dtype, c.name, 'ok' if c.ok else f'err {{c.err:.3g}} > {{c.allowed:.3g}}')\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env=dict(os.environ, FASTATTN_TEST_NARROW_TILES="1"))
+                         env=dict(os.environ, FASTATTN_TEST_DECODE_TILES=tiles))
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
     assert len(lines) == len(cases) * 3 * 4 and all(ln.endswith(" ok") for ln in lines), "\n".join(lines)

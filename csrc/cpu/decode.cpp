@@ -8,9 +8,10 @@
 //     rows' normalised partial output and lse (float, double for double inputs), and a second pass merges a row's
 //     chunks exactly (log-sum-exp), gates and stores it;
 //   - few rows (decoding, speculative decoding, MQA): vector kernels read K and V rows where they lie in the cache
-//     (paged or not), bfloat16 widened in registers, half through one L1 row buffer per key block; scores come from
-//     register tiles of rows x keys, summed a vector of keys at a time (fold), the output is accumulated in
-//     register tiles (64-byte vectors on x86-64-v4, 32-byte ones elsewhere).
+//     (paged or not), bfloat16 widened in registers (its scores by AVX512-BF16 dot products where the CPU has them),
+//     half through one L1 row buffer per key block; scores come from register tiles of rows x keys, summed a vector
+//     of keys at a time (fold), the output is accumulated in register tiles (64-byte vectors on x86-64-v4, 32-byte
+//     ones elsewhere), and the next block's rows are prefetched while a block is computed.
 //     Many rows (a prefill chunk) or double: K / V tiles are gathered into acc_t buffers and multiplied by gemm(),
 //     as attention_fwd does.
 // The online softmax per key block is attention_fwd's: NaN spreads through its row, rows with no key get out 0 and
@@ -26,6 +27,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -40,7 +42,7 @@ using detail::AttnParams;
 using vec::VecF;
 using vec::VecI;
 
-constexpr int64_t kLanes = vec::kLanes<float>;  // 16
+constexpr int64_t kLanes = vec::kLanes<float>;  // 16: q and output rows are padded to whole vectors of either width
 // Vector path: keys per softmax block (its K rows, 32 KiB in float at D = 128, stay in L1 for the scores and its
 // V rows in L1 / L2 for the second column pass of the output tile) and the most rows of a task.
 constexpr int64_t kBlockN = 64;
@@ -51,7 +53,7 @@ constexpr int64_t kGemmRows = 128;
 // Key chunks: the fewest keys worth a task of their own (the merge then costs little next to reading them), and
 // the tasks per thread aimed at, so that dynamic hand-out evens out a shared or uneven machine.
 constexpr int64_t kMinChunk = 512;
-constexpr int64_t kTasksPerThread = 4;
+constexpr int64_t kTasksPerThread = 8;
 // The merge's least work (elements of partial outputs) per thread: a decoding step's merge stays on the caller.
 constexpr int64_t kMinMergeElems = 1 << 15;
 
@@ -61,8 +63,8 @@ constexpr int64_t kMinMergeElems = 1 << 15;
 // ---------------------------------------------------------------------------------------------------------------
 
 // Two widths of float vector: 64 bytes where the CPU has 32 registers of that size (AVX-512), 32 bytes elsewhere
-// (16 AVX2 registers: the tiles below sized for AVX-512 would spill there). Width<V> gives the lane count, the
-// matching int vector (lane indices) and the vector of as many bfloat16.
+// (16 AVX2 registers: the tiles sized for AVX-512 spill there, and ran 5-25x slower in the x86-64-v3 clone).
+// Width<V> gives the lane count, the matching int vector (lane indices) and the vector of as many bfloat16.
 using VecF8 = float __attribute__((vector_size(32)));
 using VecI8 = int32_t __attribute__((vector_size(32)));
 template <typename V>
@@ -138,12 +140,22 @@ FASTATTN_INLINE void fold_all(V* v) {
 
 constexpr int log2i(int n) { return n <= 1 ? 0 : 1 + log2i(n / 2); }
 
+// Asks for the cache lines of bytes [p, p + n) into L2, a block of keys ahead of their use. The hardware
+// prefetchers stop at 4 KiB pages and follow the K and V streams only while a block reads them: without this, one
+// Zen 4 core read a cold cache at 6-8 GB/s where a plain sum reads 20-24; with it at 12-16 (into L1 instead, the
+// next block's rows evict the current one's: slower).
+FASTATTN_INLINE void prefetch(const void* p, int64_t n) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t off = 0; off < n; off += 64) __builtin_prefetch(c + off, 0, 2);
+  __builtin_prefetch(c + n - 1, 0, 2);
+}
+
 // S[r, j] = scale * q_r . k_j for RT rows and n keys, a vector's lanes of keys at a time (S rows have room for whole
 // vectors). A micro-tile of RT rows x KT keys shares each load of q and of k among KT or RT products (one load per
 // product would bound the loop by the load ports, not the FMAs); its KT sums per row are folded into one vector.
 template <typename V, int RT, int KT, typename kv_t>
 FASTATTN_INLINE void score_tile(float* S, int64_t lds, const float* Q, int64_t ldq, const kv_t* const* krows,
-                                int64_t n, int64_t D, float scale) {
+                                int64_t n, int64_t D, float scale, const kv_t* const* pre, int64_t n_pre) {
   constexpr int kN = Width<V>::n, kTiles = kN / KT;
   for (int64_t j0 = 0; j0 < n; j0 += kN) {
     const int64_t nj = std::min<int64_t>(kN, n - j0);
@@ -153,6 +165,7 @@ FASTATTN_INLINE void score_tile(float* S, int64_t lds, const float* Q, int64_t l
       for (int t = 0; t < KT; ++t) {
         const int64_t j = tile * KT + t;
         k[t] = krows[j0 + (j < nj ? j : 0)];  // past n: any valid row, its score is never read
+        if (j0 + j < n_pre) prefetch(pre[j0 + j], D * int64_t(sizeof(kv_t)));
       }
       V acc[RT][KT];
       for (int r = 0; r < RT; ++r)
@@ -187,28 +200,31 @@ FASTATTN_INLINE void score_tile(float* S, int64_t lds, const float* Q, int64_t l
 // Rows in tiles of RT (the last tile smaller; a single row with KT1 keys at a time).
 template <typename V, int RT, int KT, int KT1, typename kv_t>
 FASTATTN_INLINE void score_rows(float* S, int64_t lds, const float* Q, int64_t ldq, int64_t rows,
-                                const kv_t* const* krows, int64_t n, int64_t D, float scale) {
+                                const kv_t* const* krows, int64_t n, int64_t D, float scale, const kv_t* const* pre,
+                                int64_t n_pre) {
   int64_t r = 0;
-  for (; r + RT <= rows; r += RT)
-    score_tile<V, RT, RT == 1 ? KT1 : KT>(S + r * lds, lds, Q + r * ldq, ldq, krows, n, D, scale);
+  for (; r + RT <= rows; r += RT, n_pre = 0)  // the first row tile reads the rows ahead
+    score_tile<V, RT, RT == 1 ? KT1 : KT>(S + r * lds, lds, Q + r * ldq, ldq, krows, n, D, scale, pre, n_pre);
   if constexpr (RT > 1) {
-    if (r < rows) score_rows<V, RT - 1, KT, KT1>(S + r * lds, lds, Q + r * ldq, ldq, rows - r, krows, n, D, scale);
+    if (r < rows)
+      score_rows<V, RT - 1, KT, KT1>(S + r * lds, lds, Q + r * ldq, ldq, rows - r, krows, n, D, scale, pre, n_pre);
   }
 }
 
-// wide: the 64-byte vectors (see Width).
+// wide: the 64-byte vectors (see Width). pre[0, n_pre): the K rows of the next block, to prefetch.
 template <typename kv_t>
 FASTATTN_VEC_CLONES void block_scores(float* S, int64_t lds, const float* Q, int64_t ldq, int64_t rows,
-                                      const kv_t* const* krows, int64_t n, int64_t D, float scale, bool wide) {
-  if (wide) score_rows<VecF, 4, 4, 8>(S, lds, Q, ldq, rows, krows, n, D, scale);
-  else score_rows<VecF8, 4, 2, 4>(S, lds, Q, ldq, rows, krows, n, D, scale);
+                                      const kv_t* const* krows, int64_t n, int64_t D, float scale,
+                                      const kv_t* const* pre, int64_t n_pre, bool wide) {
+  if (wide) score_rows<VecF, 4, 4, 8>(S, lds, Q, ldq, rows, krows, n, D, scale, pre, n_pre);
+  else score_rows<VecF8, 4, 2, 4>(S, lds, Q, ldq, rows, krows, n, D, scale, pre, n_pre);
 }
 
 // O[r, c0 : c0 + W lanes] += sum_j P[r, j] v_j[c0 : c0 + W lanes] for RT rows, held in registers over the n keys.
 // O's rows are padded to whole vectors; V's are read only up to Dv.
 template <typename V, int RT, int W, typename kv_t>
 FASTATTN_INLINE void pv_tile(float* O, int64_t ldo, const float* P, int64_t ldp, const kv_t* const* vrows, int64_t n,
-                             int64_t c0, int64_t Dv) {
+                             int64_t c0, int64_t Dv, const kv_t* const* pre, int64_t n_pre) {
   constexpr int kN = Width<V>::n;
   const int64_t width = std::min<int64_t>(W * kN, Dv - c0);
   const int64_t nvec = (width + kN - 1) / kN;
@@ -218,6 +234,7 @@ FASTATTN_INLINE void pv_tile(float* O, int64_t ldo, const float* P, int64_t ldp,
   if (width == W * kN) {
     for (int64_t j = 0; j < n; ++j) {
       const kv_t* v = vrows[j] + c0;
+      if (j < n_pre) prefetch(pre[j] + c0, width * int64_t(sizeof(kv_t)));
       V x[W];
       for (int w = 0; w < W; ++w) x[w] = load_kv<V>(v + w * kN);
       for (int r = 0; r < RT; ++r) {
@@ -228,6 +245,7 @@ FASTATTN_INLINE void pv_tile(float* O, int64_t ldo, const float* P, int64_t ldp,
   } else {
     for (int64_t j = 0; j < n; ++j) {
       const kv_t* v = vrows[j] + c0;
+      if (j < n_pre) prefetch(pre[j] + c0, width * int64_t(sizeof(kv_t)));
       V x[W];
       for (int w = 0; w < W; ++w)
         x[w] = (w + 1) * kN <= width ? load_kv<V>(v + w * kN)
@@ -246,36 +264,122 @@ FASTATTN_INLINE void pv_tile(float* O, int64_t ldo, const float* P, int64_t ldp,
 
 template <typename V, int RT, int W, typename kv_t>
 FASTATTN_INLINE void pv_rows(float* O, int64_t ldo, const float* P, int64_t ldp, int64_t rows,
-                             const kv_t* const* vrows, int64_t n, int64_t c0, int64_t Dv) {
+                             const kv_t* const* vrows, int64_t n, int64_t c0, int64_t Dv, const kv_t* const* pre,
+                             int64_t n_pre) {
   int64_t r = 0;
-  for (; r + RT <= rows; r += RT) pv_tile<V, RT, W>(O + r * ldo, ldo, P + r * ldp, ldp, vrows, n, c0, Dv);
+  for (; r + RT <= rows; r += RT, n_pre = 0)  // the first row tile reads the rows ahead
+    pv_tile<V, RT, W>(O + r * ldo, ldo, P + r * ldp, ldp, vrows, n, c0, Dv, pre, n_pre);
   if constexpr (RT > 1) {
-    if (r < rows) pv_rows<V, RT - 1, W>(O + r * ldo, ldo, P + r * ldp, ldp, rows - r, vrows, n, c0, Dv);
+    if (r < rows) pv_rows<V, RT - 1, W>(O + r * ldo, ldo, P + r * ldp, ldp, rows - r, vrows, n, c0, Dv, pre, n_pre);
   }
 }
 
+// pre[0, n_pre): the V rows of the next block, to prefetch.
 template <typename kv_t>
 FASTATTN_VEC_CLONES void block_pv(float* O, int64_t ldo, const float* P, int64_t ldp, int64_t rows,
-                                  const kv_t* const* vrows, int64_t n, int64_t Dv, bool wide) {
+                                  const kv_t* const* vrows, int64_t n, int64_t Dv, const kv_t* const* pre,
+                                  int64_t n_pre, bool wide) {
   for (int64_t c0 = 0; c0 < Dv; c0 += wide ? 64 : 32) {  // 4 vectors
-    if (wide) pv_rows<VecF, 4, 4>(O, ldo, P, ldp, rows, vrows, n, c0, Dv);
-    else pv_rows<VecF8, 2, 4>(O, ldo, P, ldp, rows, vrows, n, c0, Dv);
+    if (wide) pv_rows<VecF, 4, 4>(O, ldo, P, ldp, rows, vrows, n, c0, Dv, pre, n_pre);
+    else pv_rows<VecF8, 2, 4>(O, ldo, P, ldp, rows, vrows, n, c0, Dv, pre, n_pre);
   }
 }
 
-// Whether the CPU runs the x86-64-v4 clones (FASTATTN_VEC_CLONES picks the same): the 64-byte tiles then. The
-// environment variable FASTATTN_TEST_NARROW_TILES (a test hook) runs the 32-byte ones on any CPU.
-inline bool wide_vectors() {
-  static const bool wide = [] {
-    if (std::getenv("FASTATTN_TEST_NARROW_TILES") != nullptr) return false;
+#if FASTATTN_X86
+#define FASTATTN_BF16_DOT __attribute__((target("avx512f,avx512bw,avx512bf16")))
+// block_scores for bfloat16 keys on AVX512-BF16: q (bfloat16 rows, padded with zeros to 32 elements) . k by
+// vdpbf16ps, two products per float lane (each exact in float), on the cache's bytes as they are: a third of the
+// instructions of widening k (a 4-row tile's scores: 16 TSC ticks per key instead of 41 on a Zen 4 core).
+template <int RT, int KT>
+FASTATTN_BF16_DOT FASTATTN_INLINE void score_tile_bf16_dot(float* S, int64_t lds, const uint16_t* Q, int64_t ldq,
+                                                            const uint16_t* const* krows, int64_t n, int64_t D,
+                                                            float scale, const uint16_t* const* pre, int64_t n_pre) {
+  constexpr int kN = Width<VecF>::n, kTiles = kN / KT;
+  const __mmask32 tail = D % 32 ? __mmask32((1u << (D % 32)) - 1) : ~__mmask32(0);
+  for (int64_t j0 = 0; j0 < n; j0 += kN) {
+    const int64_t nj = std::min<int64_t>(kN, n - j0);
+    VecF part[RT][kTiles];
+    for (int tile = 0; tile < kTiles; ++tile) {
+      const uint16_t* k[KT];
+      for (int t = 0; t < KT; ++t) {
+        const int64_t j = tile * KT + t;
+        k[t] = krows[j0 + (j < nj ? j : 0)];  // past n: any valid row, its score is never read
+        if (j0 + j < n_pre) prefetch(pre[j0 + j], D * 2);
+      }
+      __m512 acc[RT][KT];
+      for (int r = 0; r < RT; ++r)
+        for (int t = 0; t < KT; ++t) acc[r][t] = _mm512_setzero_ps();
+      for (int64_t c = 0; c < D; c += 32) {
+        const __mmask32 m = c + 32 <= D ? ~__mmask32(0) : tail;  // masked lanes are neither read nor faulted
+        __m512bh qv[RT];
+        for (int r = 0; r < RT; ++r) qv[r] = (__m512bh)_mm512_loadu_si512(Q + r * ldq + c);
+        for (int t = 0; t < KT; ++t) {
+          const __m512bh kv = (__m512bh)_mm512_maskz_loadu_epi16(m, k[t] + c);
+          for (int r = 0; r < RT; ++r) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], qv[r], kv);
+        }
+      }
+      for (int r = 0; r < RT; ++r) {
+        VecF a[KT];
+        for (int t = 0; t < KT; ++t) a[t] = (VecF)acc[r][t];
+        fold_all<0, KT>(a);
+        part[r][tile] = a[0];
+      }
+    }
+    for (int r = 0; r < RT; ++r) {
+      fold_all<log2i(KT), kTiles>(part[r]);
+      store(S + r * lds + j0, part[r][0] * scale);
+    }
+  }
+}
+
+template <int RT, int KT, int KT1>
+FASTATTN_BF16_DOT FASTATTN_INLINE void score_rows_bf16_dot(float* S, int64_t lds, const uint16_t* Q, int64_t ldq,
+                                                            int64_t rows, const uint16_t* const* krows, int64_t n,
+                                                            int64_t D, float scale, const uint16_t* const* pre,
+                                                            int64_t n_pre) {
+  int64_t r = 0;
+  for (; r + RT <= rows; r += RT, n_pre = 0)
+    score_tile_bf16_dot<RT, RT == 1 ? KT1 : KT>(S + r * lds, lds, Q + r * ldq, ldq, krows, n, D, scale, pre, n_pre);
+  if constexpr (RT > 1) {
+    if (r < rows)
+      score_rows_bf16_dot<RT - 1, KT, KT1>(S + r * lds, lds, Q + r * ldq, ldq, rows - r, krows, n, D, scale, pre,
+                                           n_pre);
+  }
+}
+
+FASTATTN_BF16_DOT void block_scores_bf16_dot(float* S, int64_t lds, const uint16_t* Q, int64_t ldq, int64_t rows,
+                                             const uint16_t* const* krows, int64_t n, int64_t D, float scale,
+                                             const uint16_t* const* pre, int64_t n_pre) {
+  score_rows_bf16_dot<4, 4, 8>(S, lds, Q, ldq, rows, krows, n, D, scale, pre, n_pre);
+}
+#else
+void block_scores_bf16_dot(float*, int64_t, const uint16_t*, int64_t, int64_t, const uint16_t* const*, int64_t,
+                           int64_t, float, const uint16_t* const*, int64_t) {
+  TORCH_CHECK(false, "block_scores_bf16_dot: AVX512-BF16 is not available");
+}
+#endif
+
+// Which vector kernels run: the 64-byte tiles where the CPU runs the x86-64-v4 clones (FASTATTN_VEC_CLONES picks the
+// same), and the bfloat16 scores on AVX512-BF16 where it has that too. The environment variable
+// FASTATTN_TEST_DECODE_TILES (a test hook) runs the others on this CPU: "narrow" the 32-byte tiles, "no-bf16-dot" the
+// 64-byte ones without AVX512-BF16.
+struct Tiles {
+  bool wide, bf16_dot;
+};
+
+inline Tiles decode_tiles() {
+  static const Tiles tiles = [] {
+    const char* hook = std::getenv("FASTATTN_TEST_DECODE_TILES");
+    const std::string test = hook != nullptr ? hook : "";
 #if FASTATTN_X86
     __builtin_cpu_init();
-    return __builtin_cpu_supports("x86-64-v4") != 0;
+    const bool wide = test != "narrow" && __builtin_cpu_supports("x86-64-v4");
 #else
-    return false;
+    const bool wide = false;
 #endif
+    return Tiles{wide, wide && test != "no-bf16-dot" && has_bf16_dot()};
   }();
-  return wide;
+  return tiles;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -374,17 +478,23 @@ struct VecTask {
   using cache_t = std::conditional_t<std::is_same_v<scalar_t, c10::BFloat16>, uint16_t, scalar_t>;
   static constexpr bool kWiden = std::is_same_v<scalar_t, c10::Half>;
   const AttnParams& s;
-  const bool wide = wide_vectors();
-  int64_t Dp, Dvp;  // row lengths padded to whole vectors
+  const Tiles tiles = decode_tiles();
+  const bool bf16_dot = std::is_same_v<scalar_t, c10::BFloat16> && tiles.bf16_dot;
+  int64_t Dp, Dvp, Dq;  // row lengths padded to whole vectors; q's as bfloat16 pairs of 32 for bf16_dot
   std::vector<float> Q, O, S, m, l, Kw, Vw;
   std::vector<int64_t> limit;
-  std::vector<const cache_t*> krows, vrows;
-  std::vector<const kv_t*> kp, vp;
+  std::vector<const cache_t*> krows, vrows;  // a block's rows, then the next block's
+  std::vector<const float*> kw, vw;           // half: the rows of Kw, Vw
+  std::vector<uint16_t> Qb;                   // bf16_dot: q's rows as they are, padded
 
   explicit VecTask(const AttnParams& s_)
-      : s(s_), Dp(ceil_div(s_.D, kLanes) * kLanes), Dvp(ceil_div(s_.Dv, kLanes) * kLanes), Q(kVecRows * Dp),
+      : s(s_), Dp(ceil_div(s_.D, kLanes) * kLanes), Dvp(ceil_div(s_.Dv, kLanes) * kLanes), Dq(ceil_div(s_.D, 32) * 32),
+        Q(kVecRows * Dp),
         O(kVecRows * Dvp), S(kVecRows * kBlockN), m(kVecRows), l(kVecRows), Kw(kWiden ? kBlockN * Dp : 0),
-        Vw(kWiden ? kBlockN * Dvp : 0), limit(kVecRows), krows(kBlockN), vrows(kBlockN), kp(kBlockN), vp(kBlockN) {}
+        Vw(kWiden ? kBlockN * Dvp : 0), limit(kVecRows), krows(2 * kBlockN), vrows(2 * kBlockN),
+        kw(kWiden ? kBlockN : 0), vw(kWiden ? kBlockN : 0), Qb(bf16_dot ? kVecRows * Dq : 0) {
+    for (int64_t j = 0; j < int64_t(kw.size()); ++j) kw[j] = Kw.data() + j * Dp, vw[j] = Vw.data() + j * Dvp;
+  }
 
   void run(const Task& t, float* o_ws, float* lse_ws) {
     const SeqExtent e = seq_extent(s, t.b);
@@ -393,6 +503,11 @@ struct VecTask {
       float* qr = Q.data() + r * Dp;
       convert_row(qr, q_row<scalar_t>(s, t.b, t.hk, t.r0 + r), s.D);
       std::fill(qr + s.D, qr + Dp, 0.f);
+      if (bf16_dot) {
+        uint16_t* qb = Qb.data() + r * Dq;
+        std::memcpy(qb, q_row<scalar_t>(s, t.b, t.hk, t.r0 + r), s.D * sizeof(uint16_t));
+        std::fill(qb + s.D, qb + Dq, uint16_t(0));
+      }
     }
     std::fill_n(O.data(), rows * Dvp, 0.f);
     std::fill_n(m.data(), rows, -std::numeric_limits<float>::infinity());
@@ -403,24 +518,38 @@ struct VecTask {
     const auto* v = static_cast<const cache_t*>(s.v);
     const float scale_log2 = float(s.scale_log2);
     for (int64_t jb = t.j0; jb < j_end; jb += kBlockN) {
-      const int64_t bn = std::min(kBlockN, j_end - jb);
+      const int64_t bn = std::min(kBlockN, j_end - jb), n_next = std::clamp<int64_t>(j_end - jb - bn, 0, kBlockN);
       key_rows(krows.data(), s, k, s.k_sb, s.k_sh, s.k_sl, t.b, t.hk, jb, bn);
       key_rows(vrows.data(), s, v, s.v_sb, s.v_sh, s.v_sl, t.b, t.hk, jb, bn);
+      key_rows(krows.data() + kBlockN, s, k, s.k_sb, s.k_sh, s.k_sl, t.b, t.hk, jb + bn, n_next);
+      key_rows(vrows.data() + kBlockN, s, v, s.v_sb, s.v_sh, s.v_sl, t.b, t.hk, jb + bn, n_next);
+      const kv_t* const* kp;
+      const kv_t* const* vp;
+      const kv_t* const* k_next = nullptr;
+      const kv_t* const* v_next = nullptr;
       if constexpr (kWiden) {
         for (int64_t j = 0; j < bn; ++j) {
+          if (j < n_next) {
+            prefetch(krows[kBlockN + j], s.D * int64_t(sizeof(cache_t)));
+            prefetch(vrows[kBlockN + j], s.Dv * int64_t(sizeof(cache_t)));
+          }
           convert_row(Kw.data() + j * Dp, krows[j], s.D);
           convert_row(Vw.data() + j * Dvp, vrows[j], s.Dv);
-          kp[j] = Kw.data() + j * Dp;
-          vp[j] = Vw.data() + j * Dvp;
         }
+        kp = kw.data(), vp = vw.data();
       } else {
-        std::copy_n(krows.data(), bn, kp.data());
-        std::copy_n(vrows.data(), bn, vp.data());
+        kp = krows.data(), vp = vrows.data(), k_next = kp + kBlockN, v_next = vp + kBlockN;
       }
-      block_scores<kv_t>(S.data(), kBlockN, Q.data(), Dp, rows, kp.data(), bn, s.D, scale_log2, wide);
+      const int64_t n_pre = kWiden ? 0 : n_next;
+      if constexpr (std::is_same_v<kv_t, uint16_t>) {
+        if (bf16_dot)
+          block_scores_bf16_dot(S.data(), kBlockN, Qb.data(), Dq, rows, kp, bn, s.D, scale_log2, k_next, n_pre);
+      }
+      if (!bf16_dot)
+        block_scores<kv_t>(S.data(), kBlockN, Q.data(), Dp, rows, kp, bn, s.D, scale_log2, k_next, n_pre, tiles.wide);
       mask_block(S.data(), kBlockN, rows, limit.data(), jb, bn);
       softmax_block(S.data(), kBlockN, rows, bn, m.data(), l.data(), O.data(), Dvp, Dvp);
-      block_pv<kv_t>(O.data(), Dvp, S.data(), kBlockN, rows, vp.data(), bn, s.Dv, wide);
+      block_pv<kv_t>(O.data(), Dvp, S.data(), kBlockN, rows, vp, bn, s.Dv, v_next, n_pre, tiles.wide);
     }
     write_partial(o_ws, lse_ws, O.data(), Dvp, m.data(), l.data(), rows, s.Dv);
   }
