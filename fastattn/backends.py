@@ -217,7 +217,6 @@ class TritonBackend(FusedBackend):
     TRITON_INTERPRET=1 (how CI tests them; correct but slow, so "auto" never picks it on CPU)."""
     name = "triton"
     op_prefix = "triton_"
-    kernels = FusedBackend.kernels - {"varlen_attention_fwd", "varlen_attention_bwd"}
 
     @staticmethod
     def _interpreting():

@@ -22,9 +22,10 @@ metadata without a driver).
 
 Default variants: attention with every option on (float mask with its gradient, elementwise gate, GQA,
 causal, lse gradient: the heaviest specialisation of each kernel), broadcast masks for the dmask kernel,
-the gates plain and with mask + pooling + alpha gradient; each at a long and a 16-row query side, so that
-both the long-sequence and the decode configs are kept. The kv-cache decode kernels over a paged cache, causal
-and gated, split over the keys (and merged) with the most rows a program takes, and in one split with one row.
+varlen attention (packed sequences: gate, GQA, causal, lse gradient), the gates plain and with mask +
+pooling + alpha gradient; each at a long and a 16-row query side, so that both the long-sequence and the
+decode configs are kept. The kv-cache decode kernels over a paged cache, causal and gated, split over the keys
+(and merged) with the most rows a program takes, and in one split with one row.
 
 Triton's cache goes to a private temporary directory, one per compile and removed after it: every
 compile runs ptxas (whose log is the only source of register counts), and nothing accumulates.
@@ -171,6 +172,36 @@ def _decode_scenarios(dtype, D):
     yield "decode-contig", None, lambda: run(256, 8, 2, 1, False, False, False)
 
 
+def _varlen_scenarios(dtype, D):
+    """The same kernels over packed sequences (VARLEN: offsets from cu_seqlens, the packed out / lse strides): an
+    elementwise gate, GQA, causal bottom-right, an lse gradient (every kernel); and the forward alone, every kept
+    config, without a gate (training and inference) and with one for inference: a launch with less to do was not
+    always lighter for ptxas (without a gate, one spilled where the gated one did not). Lengths are the launch's
+    max_seqlen: long, and a 16-row query side."""
+    import torch
+    from fastattn.triton_kernels import attention as A
+    mk = lambda *s, dt=dtype: torch.empty(*s, dtype=dt, device="meta")
+
+    def run(Lq, Lk, gate, inference=False, train=True):
+        B, Hq, Hkv = 2, 4, 2
+        q, k, v = mk(B * Lq, Hq, D), mk(B * Lk, Hkv, D), mk(B * Lk, Hkv, D)
+        seqs = (mk(B + 1, dt=torch.int32), mk(B + 1, dt=torch.int32), Lq, Lk)
+        g = mk(B * Lq, Hq, D) if gate else None
+        if inference:
+            A.varlen_attention_fwd(q, k, v, *seqs, g, 0.125, 2, need_acc=False)
+        if not train:
+            return
+        out, lse, out_acc = A.varlen_attention_fwd(q, k, v, *seqs, g, 0.125, 2)
+        A.varlen_attention_bwd(mk(B * Lq, Hq, D), q, k, v, out_acc if out_acc.numel() else out, lse, *seqs, g,
+                               mk(Hq, B * Lq, dt=torch.float32), 0.125, 2)
+
+    for Lq, Lk in ((1024, 1024), (16, 1024)):
+        yield "varlen", None, lambda Lq=Lq, Lk=Lk: run(Lq, Lk, True)
+        if Lq == Lk:
+            yield "varlen", {"_attn_fwd"}, lambda Lq=Lq: run(Lq, Lq, False, inference=True)
+            yield "varlen", {"_attn_fwd"}, lambda Lq=Lq: run(Lq, Lq, True, inference=True, train=False)
+
+
 def _gate_scenarios(dtype, D):
     """softmax_gate / score_softmax_gate forward and backward: the one-pass kernel (the largest item it
     takes) and the two-pass kernels (long N); plain, and full: mask, pooling, an alpha gradient."""
@@ -196,7 +227,7 @@ def _gate_scenarios(dtype, D):
 
 
 # variants compiled by default; --full adds the others (their specialisations are lighter than full's)
-CI_VARIANTS = {"full", "bcast", "light", "gate-plain", "gate-full", "decode"}
+CI_VARIANTS = {"full", "bcast", "light", "varlen", "gate-plain", "gate-full", "decode"}
 ALL_VARIANTS = CI_VARIANTS | {"plain", "bool", "decode-contig"}
 
 
@@ -292,6 +323,7 @@ def collect_jobs(arches, dtypes, head_dims, fp32_head_dims, variants):
             dtype = getattr(torch, DTYPES[dname])
             for D in (fp32_head_dims if dname == "fp32" else head_dims):
                 for variant, kernels, thunk in itertools.chain(_attention_scenarios(dtype, D),
+                                                               _varlen_scenarios(dtype, D),
                                                                _decode_scenarios(dtype, D),
                                                                _gate_scenarios(dtype, D)):
                     if variant not in variants:

@@ -2,8 +2,8 @@
 torch.compile(fullgraph=True) through them.
 
 On a GPU this runs the full sweeps on CUDA tensors. Without one, scripts/test.sh reruns this file
-under TRITON_INTERPRET=1 (CPU tensors in Triton's interpreter): the quick attention and kv-cache sweeps,
-the gate sweep through both the one-pass and the two-pass kernels, and extra cases for head dims 96-256.
+under TRITON_INTERPRET=1 (CPU tensors in Triton's interpreter): the quick attention, varlen and kv-cache
+sweeps, the gate sweep through both the one-pass and the two-pass kernels, and extra cases for head dims 96-256.
 """
 import math
 import os
@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fastattn
 from fastattn import fuzz
 from fastattn.testing import (AttentionCase, KvcacheCase, attention_cases, check_attention, check_gate,
-                              check_kvcache, gate_cases, kvcache_cases)
+                              check_kvcache, check_varlen, gate_cases, kvcache_cases, varlen_cases)
 import backend_checks as bc
 from conftest import assert_all_ok, dtype_id
 
@@ -38,6 +38,7 @@ ATTN_CASES = attention_cases(quick=INTERPRET) + [
 ]
 GATE_CASES = gate_cases()
 KVCACHE_CASES = kvcache_cases(quick=INTERPRET)
+VARLEN_CASES = varlen_cases(quick=INTERPRET)
 TWO_PASS_CASES = gate_cases(quick=True) if INTERPRET else gate_cases()
 
 
@@ -160,6 +161,12 @@ def test_opcheck_kvcache(paged):
     op = torch.ops.fastattn.triton_attention_kvcache_fwd.default
     torch.library.opcheck(op, (q, k_cache, v_cache, seqlens, table, gate, 0.25, 2))
     torch.library.opcheck(op, (q, k_cache, v_cache, seqlens, table, None, 0.5, 0))
+
+
+@pytest.mark.parametrize("case", VARLEN_CASES, ids=[c.id for c in VARLEN_CASES])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_triton_varlen_matches_reference(case, dtype):
+    assert_all_ok(check_varlen(case, dtype, backend="triton", device=DEVICE), case.id)
 
 
 @pytest.mark.parametrize("case", GATE_CASES, ids=[c.id for c in GATE_CASES])
@@ -341,6 +348,12 @@ def test_backend_reports():
 @pytest.mark.parametrize("sample", range(4))
 def test_opcheck_attention(sample):
     bc.opcheck_attention("triton_", sample, DEVICE)
+
+
+def test_opcheck_varlen_and_kvcache():
+    """The varlen ops' fakes (out (total_q, Hq, Dv), lse (Hq, total_q)) and autograd, GQA, an empty sequence; the
+    kv-cache op, contiguous and paged."""
+    bc.opcheck_varlen_and_kvcache("triton_", DEVICE)
 
 
 @pytest.mark.parametrize("pool", [False, True])

@@ -127,3 +127,20 @@ def test_light_only_configs_are_kept_where_they_do_not_spill(monkeypatch, mask_k
     named = {"Q": q, "Lq": 1024, "BLOCK_D": 128, "BLOCK_DV": 128, "ALIGN": 8}
     chosen = C.prune_fwd(C.FWD_CONFIGS, named, MASK_KIND=mask_kind, HAS_GATE=gate, STORE_ACC=acc, CAUSAL=True)
     assert all((c in chosen) == kept for c in light), [str(c) for c in chosen]
+
+
+@pytest.mark.parametrize("varlen, causal, acc, kept", [(False, True, True, True), (True, False, True, True),
+                                                        (True, True, False, True), (True, True, True, False)])
+def test_packed_causal_acc_configs_are_dropped_where_they_spill(monkeypatch, varlen, causal, acc, kept):
+    """The forward's ``packed_causal_acc=False`` tiles spill in varlen launches that are causal and keep out_acc (the
+    per-sequence lengths and offset take registers): the prune drops them there alone."""
+    import torch
+    from fastattn.triton_kernels import configs as C
+    monkeypatch.setenv("FASTATTN_TRITON_AOT_ARCH", "80")
+    tight = [c for c in C.FWD_HALF[64] if not c.packed_causal_acc]
+    assert tight, "no packed_causal_acc=False config to check"
+    q = torch.empty(1024, 4, 64, dtype=torch.bfloat16, device="meta")
+    named = {"Q": q, "Lq": 1024, "BLOCK_D": 64, "BLOCK_DV": 64, "ALIGN": 8}
+    chosen = C.prune_fwd(C.FWD_CONFIGS, named, MASK_KIND=0, HAS_GATE=True, STORE_ACC=acc, CAUSAL=causal,
+                         VARLEN=varlen)
+    assert all((c in chosen) == kept for c in tight), [str(c) for c in chosen]

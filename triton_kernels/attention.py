@@ -17,6 +17,14 @@ wrote it, dlse = the gradient of that log2-unit lse; returns (dq, dk, dv, dmask,
 dL/dmask in the mask's own shape and dtype when need_dmask (dS summed over the mask's broadcast dims in
 float32, rounded once), dgate (B, Hq, Lq, Dv); empty tensors otherwise.
 
+Packed sequences (varlen_attention_fwd / _bwd, csrc/attention_contract.h): q (total_q, Hq, D), k / v
+(total_k, Hkv, D / Dv), int32 cu_seqlens_q / _k (B + 1), max_seqlen_q / _k, gate (total_q, Hq, Dv or 1), causal
+per sequence (bottom_right: j <= i + Lk_b - Lq_b), no mask; out / out_acc (total_q, Hq, Dv), lse (Hq, total_q);
+the backward returns (dq, dk, dv, dgate). The same kernels run them with VARLEN set: the launchers pass the
+inputs' batch strides as 0, each output's slice and row strides (_out_rows) and Lq, Lk = max_seqlen (the
+grids below); each program reads its sequence's first rows, lengths and causal offset from cu_seqlens
+(_seq_extent), and one whose tile lies past its sequence's length returns at once.
+
 Kernels:
     _attn_fwd        grid (Lq / BLOCK_M, B * Hq)   O, lse (and O before rounding: out_acc)
     _attn_bwd_prep   grid (Lq / BLOCK_M, B * Hq)   dO = dO' * sig(g), delta = rowsum(dO * O) - dlse,
@@ -51,8 +59,9 @@ test_repeated_keys_keep_dq_zero_in_bf16).
 The price is one more tile GEMM per key tile in the half-precision forward (3 instead of 2), not
 measured yet (no GPU).
 
-Offsets: batch / head offsets are int64; offsets inside one (batch, head) slice are int32, so one
-slice of q, k, v, out (L x row stride) and one (Lq x Lk) mask slice must stay below 2^31 elements.
+Offsets: batch / head offsets are int64 (and a packed sequence's first row); offsets inside one (batch,
+head) slice are int32, so one slice of q, k, v, out (L x row stride; packed: one sequence's) and one
+(Lq x Lk) mask slice must stay below 2^31 elements.
 Head-dim rows: when head dims and strides are multiples of 16 bytes the launchers say so (ALIGN, see
 assume_aligned), so head dims such as 40, 72, 200 load as 16-byte vectors like multiples of 16 do. Tiles per
 head dim and precision: configs.py.
@@ -79,6 +88,7 @@ LOG2E: tl.constexpr = tl.constexpr(contract.LOG2E)
 MASK_NONE: tl.constexpr = tl.constexpr(contract.MASK_NONE)
 MASK_BOOL: tl.constexpr = tl.constexpr(contract.MASK_BOOL)
 MASK_BIAS: tl.constexpr = tl.constexpr(contract.MASK_BIAS)
+CAUSAL_BR: tl.constexpr = tl.constexpr(contract.CAUSAL_BOTTOM_RIGHT)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -107,6 +117,35 @@ def _causal_bounds_q(start_m, Lk, causal_off, BLOCK_M: tl.constexpr, BLOCK_N: tl
     hi = tl.maximum(tl.minimum(Lk, start_m + BLOCK_M + causal_off), 0)
     mid = (tl.maximum(start_m + causal_off + 1, 0) // BLOCK_N) * BLOCK_N
     return tl.minimum(mid, hi), hi
+
+
+@triton.jit
+def _seq_rows(CU, b):
+    """Packed sequence b's first row (int64) and length: rows [cu[b], cu[b+1]) of cu_seqlens."""
+    row0 = tl.load(CU + b)
+    return row0.to(tl.int64), tl.load(CU + b + 1) - row0
+
+
+@triton.jit
+def _seq_extent(CU_Q, CU_K, b, causal_code):
+    """Packed sequence b's first query / key rows, lengths and causal offset (seq_extent of
+    csrc/attention_contract.h): bottom_right sees keys j <= i + Lk_b - Lq_b, top_left j <= i."""
+    q0, Lq = _seq_rows(CU_Q, b)
+    k0, Lk = _seq_rows(CU_K, b)
+    return q0, k0, Lq, Lk, tl.where(causal_code == CAUSAL_BR, Lk - Lq, 0)
+
+
+@triton.jit
+def _slice_rows(s, stride_os, stride_ls, VARLEN: tl.constexpr):
+    """The first row of a program's slice s of its out-shaped outputs (in rows) and of its lse-shaped ones (see
+    _out_rows). lse (B, Hq, Lq) holds one value per row of (B, Hq, Lq, X): the same offset, one product (the
+    forward's 128 x 64 tile had no register left for a second: a spill at D 128, sm_90); packed (Hq, total_q)
+    has its own."""
+    o_row0 = s * stride_os
+    if VARLEN:
+        return o_row0, s * stride_ls
+    else:
+        return o_row0, o_row0
 
 
 # ------------------------------------------------------------------------------------------ forward
@@ -141,16 +180,19 @@ def _fwd_tiles(acc, l_i, m_i, q, p_k, p_v, p_mask, offs_m, offs_d, offs_dv, lo, 
 
 
 @triton.autotune(configs=C.FWD_CONFIGS, key=["LQ_KEY", "LK_KEY", "BLOCK_D", "BLOCK_DV", "MASK_KIND", "CAUSAL",
-                                             "HAS_GATE", "STORE_ACC", "SPLIT_P"],
+                                             "HAS_GATE", "STORE_ACC", "SPLIT_P", "VARLEN"],
                  prune_configs_by={"early_config_prune": C.prune_fwd})
 @triton.jit
-def _attn_fwd(Q, K, V, MASK, GATE, OUT, LSE, OUT_ACC,
+def _attn_fwd(Q, K, V, MASK, GATE, OUT, LSE, OUT_ACC, CU_Q, CU_K,
               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
               stride_mb, stride_mh, stride_mi, stride_mj, stride_gb, stride_gh, stride_gi, stride_gc,
+              stride_os, stride_om, stride_ls,
               Hq, GROUP, Lq, Lk, D, Dv, scale_log2, causal_off, LQ_KEY, LK_KEY,
               MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_GATE: tl.constexpr, STORE_ACC: tl.constexpr,
-              SPLIT_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr,
-              ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              SPLIT_P: tl.constexpr, VARLEN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+              DOT_PREC: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """OUT, OUT_ACC: slice and row strides stride_os, stride_om in rows of Dv; LSE: slice stride stride_ls when
+    packed (see _out_rows)."""
     # torch.compile types a Python float argument fp64 (triton's launcher: fp32): the math stays fp32
     scale_log2 = tl.cast(scale_log2, tl.float32)
     D, Dv = assume_aligned(D, ALIGN), assume_aligned(Dv, ALIGN)
@@ -167,6 +209,19 @@ def _attn_fwd(Q, K, V, MASK, GATE, OUT, LSE, OUT_ACC,
     # into ptxas's runtime, with a stack frame)
     hk = ((pid_bh % Hq) // GROUP).to(tl.int64)
     start_m = pid_m * BLOCK_M
+    o_slice = pid_bh.to(tl.int64)   # of OUT, OUT_ACC, LSE (see _out_rows)
+    if VARLEN:  # packed sequences (batch strides 0): sequence b's rows; tiles past its length have no work
+        q0, k0, Lq, Lk, causal_off = _seq_extent(CU_Q, CU_K, b, causal_off)
+        if start_m >= Lq:
+            return
+        o_slice = h
+        Q += q0 * stride_qm
+        K += k0 * stride_kn
+        V += k0 * stride_vn
+        GATE += q0 * stride_gi
+        OUT += q0 * stride_om * Dv
+        OUT_ACC += q0 * stride_om * Dv
+        LSE += q0
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -204,44 +259,63 @@ def _attn_fwd(Q, K, V, MASK, GATE, OUT, LSE, OUT_ACC,
         g = tl.load(GATE + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gi + offs_dv[None, :] * stride_gc,
                     mask=m_o, other=0.0).to(tl.float32)
         o = o * tl.sigmoid(g)
-    row0 = pid_bh.to(tl.int64) * Lq
-    p_o = (row0 + offs_m[:, None]) * Dv + offs_dv[None, :]
+    o_row0, l_row0 = _slice_rows(o_slice, stride_os, stride_ls, VARLEN)
+    p_o = (o_row0 + offs_m[:, None] * stride_om) * Dv + offs_dv[None, :]
     tl.store(OUT + p_o, cast_rne(o, OUT.dtype.element_ty), mask=m_o)
     if STORE_ACC:  # half inputs: the fp32 tile just rounded into OUT, for the backward's delta
         tl.store(OUT_ACC + p_o, o, mask=m_o)
-    tl.store(LSE + row0 + offs_m, lse, mask=m_row)
+    tl.store(LSE + l_row0 + offs_m, lse, mask=m_row)
 
 
 # ----------------------------------------------------------------------------------------- backward
 @triton.jit
-def _attn_bwd_prep(OUT, DOUT, GATE, DLSE, LSE, DELTA, DO_GATED, DGATE,
+def _attn_bwd_prep(OUT, DOUT, GATE, DLSE, LSE, DELTA, DO_GATED, DGATE, CU_Q,
                    stride_db, stride_dh, stride_dm, stride_gb, stride_gh, stride_gi, stride_gc,
+                   stride_os, stride_om, stride_ls,
                    Hq, Lq, Dv,
                    HAS_GATE: tl.constexpr, HAS_DLSE: tl.constexpr, ROUNDED_DO: tl.constexpr,
-                   HEADWISE: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+                   HEADWISE: tl.constexpr, VARLEN: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_DV: tl.constexpr):
+    """OUT, DO_GATED and DGATE have the layout of _attn_fwd's OUT (a headwise DGATE one value a row), LSE, DLSE and
+    DELTA that of its LSE."""
     Dv = assume_aligned(Dv, ALIGN)
     stride_db, stride_dh, stride_dm = assume_aligned3(stride_db, stride_dh, stride_dm, ALIGN)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hq).to(tl.int64)
     h = (pid_bh % Hq).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    start_m = pid_m * BLOCK_M
+    # first rows of the program's slice: o_row0 of OUT, DO_GATED, DGATE (in rows, see _out_rows), row0 of LSE, DLSE,
+    # DELTA (one value per row of out, as in _slice_rows), and those of DOUT and GATE. Packed, the sequence's first
+    # row is added to these rather than to eight base pointers (kernel arguments cost no registers, the pointers
+    # would: a spill at fp32 D 128 on sm_80)
+    o_row0 = pid_bh.to(tl.int64) * stride_os
+    row0 = o_row0
+    do_row0 = b * stride_db + h * stride_dh
+    g_row0 = b * stride_gb + h * stride_gh
+    if VARLEN:  # as in _attn_fwd
+        q0, Lq = _seq_rows(CU_Q, b)
+        if start_m >= Lq:
+            return
+        o_row0 = h * stride_os + q0 * stride_om
+        row0 = h * stride_ls + q0
+        do_row0 += q0 * stride_dm
+        g_row0 += q0 * stride_gi
+    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
     m_row = offs_m < Lq
     m_o = m_row[:, None] & (offs_dv[None, :] < Dv)
-    row0 = pid_bh.to(tl.int64) * Lq
-    o = tl.load(OUT + (row0 + offs_m[:, None]) * Dv + offs_dv[None, :], mask=m_o, other=0.0).to(tl.float32)
-    do = tl.load(DOUT + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dm + offs_dv[None, :],
-                 mask=m_o, other=0.0).to(tl.float32)
+    p_row = (o_row0 + offs_m[:, None] * stride_om) * Dv + offs_dv[None, :]   # of OUT, DO_GATED
+    o = tl.load(OUT + p_row, mask=m_o, other=0.0).to(tl.float32)
+    do = tl.load(DOUT + do_row0 + offs_m[:, None] * stride_dm + offs_dv[None, :], mask=m_o, other=0.0).to(tl.float32)
     # -- delta = rowsum(dO * O) - dlse, with O ungated and dO = dO' * sig(g) as the dots will read it (rounded
     # to q's dtype): rowsum(dS) = rowsum(P * (dP - delta)) is then 0 up to fp32 sums, which keeps exact zeros
     # of dq (repeated keys, saturated rows). O is the forward's unrounded out_acc for half inputs. dlse is the
     # gradient of the log2-unit lse, so dL/d(natural lse) = dlse * LOG2E.
     if HAS_GATE:
-        g = tl.load(GATE + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gi + offs_dv[None, :] * stride_gc,
-                    mask=m_o, other=0.0).to(tl.float32)
+        g = tl.load(GATE + g_row0 + offs_m[:, None] * stride_gi + offs_dv[None, :] * stride_gc, mask=m_o,
+                    other=0.0).to(tl.float32)
         sig = tl.sigmoid(g)
-        p_row = (row0 + offs_m[:, None]) * Dv + offs_dv[None, :]
         # a row with no allowed key passes no gradient to v, even through a NaN gate (P = 0, but 0 * NaN
         # inside the dV dot would be NaN)
         empty = tl.load(LSE + row0 + offs_m, mask=m_row, other=0.0) == float("-inf")
@@ -259,16 +333,16 @@ def _attn_bwd_prep(OUT, DOUT, GATE, DLSE, LSE, DELTA, DO_GATED, DGATE,
     if HAS_GATE:
         dg = do * o * (1.0 - sig)
         if HEADWISE:  # one logit per row (DGATE is (B, Hq, Lq, 1)): its gradient is the row's fp32 sum
-            tl.store(DGATE + row0 + offs_m, cast_rne(tl.sum(tl.where(m_o, dg, 0.0), 1), DGATE.dtype.element_ty),
-                     mask=m_row)
-        else:
+            tl.store(DGATE + o_row0 + offs_m * stride_om,
+                     cast_rne(tl.sum(tl.where(m_o, dg, 0.0), 1), DGATE.dtype.element_ty), mask=m_row)
+        else:         # DGATE has OUT's shape and strides
             tl.store(DGATE + p_row, cast_rne(dg, DGATE.dtype.element_ty), mask=m_o)
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, b, h0, GROUP, Hq, offs_n, offs_d, offs_dv, lo, hi,
+def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, b, h0, GROUP, q_slice0, offs_n, offs_d, offs_dv, lo, hi,
                 Lq, Lk, D, Dv, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom,
-                stride_mb, stride_mh, stride_mi, stride_mj, scale_log2, causal_off,
+                stride_mb, stride_mh, stride_mi, stride_mj, stride_ls, scale_log2, causal_off,
                 MASK_KIND: tl.constexpr, CAUSAL_TILE: tl.constexpr, BLOCK_M: tl.constexpr,
                 DOT_PREC: tl.constexpr):
     # Transposed orientation (keys along rows): the tiles dK += dS^T Q and dV += P^T dO need no transposes.
@@ -280,7 +354,7 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, b, h0, GROUP, Hq, offs_n,
         g = it // n_m
         h = h0 + g
         start_m = lo + (it - g * n_m) * BLOCK_M
-        row0 = (b * Hq + h) * Lq
+        row0 = (q_slice0 + h) * stride_ls
         p_q = Q + b * stride_qb + h * stride_qh
         p_do = DO + b * stride_dob + h * stride_doh
         p_lse = LSE + row0
@@ -311,16 +385,20 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, b, h0, GROUP, Hq, offs_n,
     return dk, dv
 
 
-@triton.autotune(configs=C.BWD_DKDV_CONFIGS, key=["LQ_KEY", "LK_KEY", "BLOCK_D", "BLOCK_DV", "MASK_KIND", "CAUSAL"],
+@triton.autotune(configs=C.BWD_DKDV_CONFIGS, key=["LQ_KEY", "LK_KEY", "BLOCK_D", "BLOCK_DV", "MASK_KIND", "CAUSAL",
+                                                  "VARLEN"],
                  prune_configs_by={"early_config_prune": C.prune_dkdv})
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, MASK, DK, DV,
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, MASK, DK, DV, CU_Q, CU_K,
                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                    stride_dob, stride_doh, stride_dom, stride_mb, stride_mh, stride_mi, stride_mj,
+                   stride_ls, stride_dks, stride_dkn,
                    Hq, Hkv, GROUP, Lq, Lk, D, Dv, scale, scale_log2, causal_off, LQ_KEY, LK_KEY,
-                   MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr,
+                   MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr, ALIGN: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """DK, DV: slice and row strides stride_dks, stride_dkn in rows of D / Dv (the same for both); LSE, DELTA:
+    slice stride stride_ls (see _out_rows)."""
     scale = tl.cast(scale, tl.float32)
     scale_log2 = tl.cast(scale_log2, tl.float32)  # fp32 under torch.compile too (see _attn_fwd)
     D, Dv = assume_aligned(D, ALIGN), assume_aligned(Dv, ALIGN)
@@ -333,6 +411,22 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, MASK, DK, DV,
     b = (pid_bk // Hkv).to(tl.int64)
     hk = (pid_bk % Hkv).to(tl.int64)
     start_n = pid_n * BLOCK_N
+    kv_slice = pid_bk.to(tl.int64)   # of DK, DV; the query heads' slices of LSE, DELTA are q_slice0 + h
+    q_slice0 = b * Hq
+    if VARLEN:  # as in _attn_fwd, over the sequence's keys
+        q0, k0, Lq, Lk, causal_off = _seq_extent(CU_Q, CU_K, b, causal_off)
+        if start_n >= Lk:
+            return
+        kv_slice = hk
+        q_slice0 = 0
+        Q += q0 * stride_qm
+        DO += q0 * stride_dom
+        LSE += q0
+        DELTA += q0
+        K += k0 * stride_kn
+        V += k0 * stride_vn
+        DK += k0 * stride_dkn * D
+        DV += k0 * stride_dkn * Dv
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -352,25 +446,25 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, MASK, DK, DV,
         mid = tl.maximum(tl.minimum(mid, Lq), lo)
     # the GROUP query heads that share this kv head: dK, dV summed in registers
     if CAUSAL:
-        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, b, hk * GROUP, GROUP, Hq, offs_n, offs_d,
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, b, hk * GROUP, GROUP, q_slice0, offs_n, offs_d,
                              offs_dv, lo, mid, Lq, Lk, D, Dv, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh,
-                             stride_dom, stride_mb, stride_mh, stride_mi, stride_mj, scale_log2, causal_off,
-                             MASK_KIND, True, BLOCK_M, DOT_PREC)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, b, hk * GROUP, GROUP, Hq, offs_n, offs_d,
+                             stride_dom, stride_mb, stride_mh, stride_mi, stride_mj, stride_ls, scale_log2,
+                             causal_off, MASK_KIND, True, BLOCK_M, DOT_PREC)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, b, hk * GROUP, GROUP, q_slice0, offs_n, offs_d,
                              offs_dv, mid, Lq, Lq, Lk, D, Dv, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh,
-                             stride_dom, stride_mb, stride_mh, stride_mi, stride_mj, scale_log2, causal_off,
-                             MASK_KIND, False, BLOCK_M, DOT_PREC)
+                             stride_dom, stride_mb, stride_mh, stride_mi, stride_mj, stride_ls, scale_log2,
+                             causal_off, MASK_KIND, False, BLOCK_M, DOT_PREC)
     else:
-        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, b, hk * GROUP, GROUP, Hq, offs_n, offs_d,
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, b, hk * GROUP, GROUP, q_slice0, offs_n, offs_d,
                              offs_dv, 0, Lq, Lq, Lk, D, Dv, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh,
-                             stride_dom, stride_mb, stride_mh, stride_mi, stride_mj, scale_log2, causal_off,
-                             MASK_KIND, False, BLOCK_M, DOT_PREC)
+                             stride_dom, stride_mb, stride_mh, stride_mi, stride_mj, stride_ls, scale_log2,
+                             causal_off, MASK_KIND, False, BLOCK_M, DOT_PREC)
 
-    kv_row0 = pid_bk.to(tl.int64) * Lk
     m_k = m_key[:, None] & (offs_d[None, :] < D)
     m_v = m_key[:, None] & (offs_dv[None, :] < Dv)
-    tl.store(DK + (kv_row0 + offs_n[:, None]) * D + offs_d[None, :], cast_rne(dk * scale, DK.dtype.element_ty), mask=m_k)
-    tl.store(DV + (kv_row0 + offs_n[:, None]) * Dv + offs_dv[None, :], cast_rne(dv, DV.dtype.element_ty), mask=m_v)
+    kv_row = kv_slice * stride_dks + offs_n[:, None] * stride_dkn
+    tl.store(DK + kv_row * D + offs_d[None, :], cast_rne(dk * scale, DK.dtype.element_ty), mask=m_k)
+    tl.store(DV + kv_row * Dv + offs_dv[None, :], cast_rne(dv, DV.dtype.element_ty), mask=m_v)
 
 
 @triton.jit
@@ -402,16 +496,19 @@ def _dq_tiles(dq, q, do, lse2, delta, p_k, p_v, p_mask, p_dmask, offs_m, offs_d,
 
 
 @triton.autotune(configs=C.BWD_DQ_CONFIGS, key=["LQ_KEY", "LK_KEY", "BLOCK_D", "BLOCK_DV", "MASK_KIND", "CAUSAL",
-                                                "NEED_DMASK"],
+                                                "NEED_DMASK", "VARLEN"],
                  prune_configs_by={"early_config_prune": C.prune_dq})
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, MASK, DQ, DMASK,
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, MASK, DQ, DMASK, CU_Q, CU_K,
                  stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                  stride_dob, stride_doh, stride_dom, stride_mb, stride_mh, stride_mi, stride_mj,
+                 stride_ls, stride_dqs, stride_dqm,
                  Hq, GROUP, Lq, Lk, D, Dv, scale, scale_log2, causal_off, LQ_KEY, LK_KEY,
-                 MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, NEED_DMASK: tl.constexpr,
+                 MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, NEED_DMASK: tl.constexpr, VARLEN: tl.constexpr,
                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr, ALIGN: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """DQ: slice and row strides stride_dqs, stride_dqm in rows of D; LSE, DELTA: slice stride stride_ls when
+    packed (see _out_rows); DMASK (NEED_DMASK): a contiguous (B, Hq, Lq, Lk) dS."""
     scale = tl.cast(scale, tl.float32)
     scale_log2 = tl.cast(scale_log2, tl.float32)  # fp32 under torch.compile too (see _attn_fwd)
     D, Dv = assume_aligned(D, ALIGN), assume_aligned(Dv, ALIGN)
@@ -427,11 +524,24 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, MASK, DQ, DMASK,
     h = (pid_bh % Hq).to(tl.int64)
     hk = ((pid_bh % Hq) // GROUP).to(tl.int64)   # in 32 bits, as in _attn_fwd
     start_m = pid_m * BLOCK_M
+    q_slice = pid_bh.to(tl.int64)
+    if VARLEN:  # as in _attn_fwd
+        q0, k0, Lq, Lk, causal_off = _seq_extent(CU_Q, CU_K, b, causal_off)
+        if start_m >= Lq:
+            return
+        q_slice = h
+        Q += q0 * stride_qm
+        DO += q0 * stride_dom
+        LSE += q0
+        DELTA += q0
+        DQ += q0 * stride_dqm * D
+        K += k0 * stride_kn
+        V += k0 * stride_vn
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     m_row = offs_m < Lq
-    row0 = pid_bh.to(tl.int64) * Lq
+    dq_row0, row0 = _slice_rows(q_slice, stride_dqs, stride_ls, VARLEN)   # row0: of LSE, DELTA
 
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
                 mask=m_row[:, None] & (offs_d[None, :] < D), other=0.0)                    # [BLOCK_M, BLOCK_D]
@@ -444,7 +554,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, MASK, DQ, DMASK,
     p_k = K + b * stride_kb + hk * stride_kh
     p_v = V + b * stride_vb + hk * stride_vh
     p_mask = MASK + b * stride_mb + h * stride_mh
-    p_dmask = DMASK + row0 * Lk
+    p_dmask = DMASK + (pid_bh.to(tl.int64) * Lq) * Lk
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     if CAUSAL:
         mid, hi = _causal_bounds_q(start_m, Lk, causal_off, BLOCK_M, BLOCK_N)
@@ -458,8 +568,8 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, MASK, DQ, DMASK,
         dq = _dq_tiles(dq, q, do, lse2, delta, p_k, p_v, p_mask, p_dmask, offs_m, offs_d, offs_dv, 0, Lk,
                        Lq, Lk, D, Dv, stride_kn, stride_vn, stride_mi, stride_mj, scale_log2, causal_off,
                        MASK_KIND, False, NEED_DMASK, BLOCK_N, DOT_PREC)
-    tl.store(DQ + (row0 + offs_m[:, None]) * D + offs_d[None, :], cast_rne(dq * scale, DQ.dtype.element_ty),
-             mask=m_row[:, None] & (offs_d[None, :] < D))
+    tl.store(DQ + (dq_row0 + offs_m[:, None] * stride_dqm) * D + offs_d[None, :],
+             cast_rne(dq * scale, DQ.dtype.element_ty), mask=m_row[:, None] & (offs_d[None, :] < D))
 
 
 @triton.jit
@@ -601,10 +711,69 @@ def _attn_bwd_dmask(Q, K, V, DO, LSE, DELTA, MASK, DMASK,
 
 
 # ---------------------------------------------------------------------------------------- launchers
-def _gate_strides(gate):
-    """A headwise (B, Hq, Lq, 1) gate is read with stride 0 over Dv."""
-    st = tuple(gate.stride())
-    return st[:3] + ((0,) if gate.shape[3] == 1 else st[3:])
+# The launchers serve attention_* (q (B, Hq, Lq, D), ...) and varlen_attention_* (packed: q (total_q, Hq, D), ...)
+# alike. ``packed`` is None for the former, (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) for the
+# latter: the kernels then run with VARLEN, batch strides 0 and the launch lengths max_seqlen.
+def _rows(t, packed):
+    """(batch, head, row) strides of t as the kernels step them: (B, H, L, ...), or packed (total, H, ...) with batch
+    stride 0 (a program finds its sequence's first row in cu_seqlens)."""
+    return (0, t.stride(1), t.stride(0)) if packed else (t.stride(0), t.stride(1), t.stride(2))
+
+
+def _out_rows(t, packed):
+    """(slice, row) strides, in rows of its last dim X, of an output the launcher made contiguous. A program writes
+    one slice of it: of (B, H, L, X) the L rows of its (batch, head), slice b * H + h, rows 1 apart; of packed
+    (total, H, X) the rows of head h, slice h, rows H apart, from its sequence's first row (cu_seqlens) on. Element
+    x of row i is at (slice * ss + i * si) * X + x: for (B, H, L, X) (si = 1, a constant) the arithmetic of a plain
+    contiguous output; (batch, head, row) element strides cost registers where the kernels had none to spare
+    (spills at D 128 and 256, scripts/check_triton_aot.py)."""
+    X = max(t.shape[-1], 1)
+    return (t.stride(1) // X, t.stride(0) // X) if packed else (t.stride(1) // X, 1)
+
+
+def _lse_slice(lse, packed):
+    """The slice stride of lse (B, Hq, Lq), or packed (Hq, total_q) (a head's row): slices as in _out_rows, each
+    contiguous."""
+    return lse.stride(0) if packed else lse.stride(1)
+
+
+def _gate_strides(gate, packed=None):
+    """A headwise (..., 1) gate is read with stride 0 over Dv."""
+    return _rows(gate, packed) + ((0,) if gate.shape[-1] == 1 else (gate.stride(-1),))
+
+
+def _dims(q, k, v, packed):
+    """(B, Hq, Hkv, Lq, Lk, D, Dv) of the launch; packed: B sequences of up to max_seqlen_q / _k rows."""
+    if packed:
+        return packed[0].numel() - 1, q.shape[1], k.shape[1], packed[2], packed[3], q.shape[2], v.shape[2]
+    B, Hq, Lq, D = q.shape
+    return B, Hq, k.shape[1], Lq, k.shape[2], D, v.shape[3]
+
+
+def _causal_arg(causal, Lq, Lk, packed):
+    """The kernels' causal_off: query i sees keys j <= i + causal_off; packed, the causal code itself (each
+    sequence's offset comes from its own lengths, _seq_extent)."""
+    if packed:
+        return causal
+    return Lk - Lq if causal == CAUSAL_BOTTOM_RIGHT else 0
+
+
+def _check_tensors(op, q, k, v, names=("q", "k", "v")):
+    """What every attention launcher needs of q, k, v (any rank): a shared float dtype, head dims up to 256, unit
+    stride along the head dim."""
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"{op}: {', '.join(names)} must share a dtype among float16, bfloat16, float32, got "
+                        f"{q.dtype}, {k.dtype}, {v.dtype}")
+    if max(q.shape[-1], v.shape[-1]) > 256:
+        raise ValueError(f"{op}: head dims up to 256, got D={q.shape[-1]}, Dv={v.shape[-1]}")
+    for n, t in zip(names, (q, k, v)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{op}: {n} must have stride(-1) == 1")
+
+
+def _check_causal(op, causal):
+    if causal not in (contract.CAUSAL_NONE, contract.CAUSAL_TOP_LEFT, contract.CAUSAL_BOTTOM_RIGHT):
+        raise ValueError(f"{op}: causal must be 0, 1 or 2, got {causal}")
 
 
 def _check(q, k, v, mask, gate, causal):
@@ -615,22 +784,40 @@ def _check(q, k, v, mask, gate, causal):
     Hkv, Lk = k.shape[1], k.shape[2]
     if k.shape != (B, Hkv, Lk, D) or v.shape[:3] != (B, Hkv, Lk) or Hq % Hkv != 0:
         raise ValueError(f"triton_attention: k {tuple(k.shape)} / v {tuple(v.shape)} do not match q {tuple(q.shape)}")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"triton_attention: q, k, v must share a dtype among float16, bfloat16, float32, got "
-                        f"{q.dtype}, {k.dtype}, {v.dtype}")
-    if max(D, v.shape[3]) > 256:
-        raise ValueError(f"triton_attention: head dims up to 256, got D={D}, Dv={v.shape[3]}")
-    for n, t in (("q", q), ("k", k), ("v", v)):
-        if t.stride(-1) != 1:
-            raise ValueError(f"triton_attention: {n} must have stride(-1) == 1")
+    _check_tensors("triton_attention", q, k, v)
+    _check_causal("triton_attention", causal)
     if mask is not None and (mask.dim() != 4 or any(m not in (1, n) for m, n in zip(mask.shape, (B, Hq, Lq, Lk)))):
         raise ValueError(f"triton_attention: mask must be 4-D with each dim 1 or that of {(B, Hq, Lq, Lk)}, "
                          f"got {tuple(mask.shape)}")
     if gate is not None and tuple(gate.shape) not in ((B, Hq, Lq, v.shape[3]), (B, Hq, Lq, 1)):
         raise ValueError(f"triton_attention: gate must be {(B, Hq, Lq, v.shape[3])} or headwise {(B, Hq, Lq, 1)}, "
                          f"got {tuple(gate.shape)}")
-    if causal not in (contract.CAUSAL_NONE, contract.CAUSAL_TOP_LEFT, contract.CAUSAL_BOTTOM_RIGHT):
-        raise ValueError(f"triton_attention: causal must be 0, 1 or 2, got {causal}")
+
+
+def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, gate, causal):
+    """As _check, for packed sequences (the offsets' values are the caller's: reading them would sync); returns
+    ``packed``."""
+    op = "triton_varlen_attention"
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(f"{op}: q, k, v must be 3-D (total, H, D)")
+    total_q, Hq, D = q.shape
+    total_k, Hkv = k.shape[0], k.shape[1]
+    if k.shape[2] != D or v.shape[:2] != (total_k, Hkv) or Hq % Hkv != 0:
+        raise ValueError(f"{op}: k {tuple(k.shape)} / v {tuple(v.shape)} do not match q {tuple(q.shape)}")
+    _check_tensors(op, q, k, v)
+    _check_causal(op, causal)
+    for n, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 1 or not cu.is_contiguous() \
+                or cu.device != q.device:
+            raise ValueError(f"{op}: {n} must be a contiguous 1-D int32 tensor of B + 1 >= 1 offsets on q's device")
+    if cu_seqlens_k.numel() != cu_seqlens_q.numel():
+        raise ValueError(f"{op}: cu_seqlens_q and cu_seqlens_k must have the same length")
+    if min(max_seqlen_q, max_seqlen_k) < 0:
+        raise ValueError(f"{op}: max_seqlen_q / max_seqlen_k must be >= 0")
+    if gate is not None and tuple(gate.shape) not in ((total_q, Hq, v.shape[2]), (total_q, Hq, 1)):
+        raise ValueError(f"{op}: gate must be {(total_q, Hq, v.shape[2])} or headwise {(total_q, Hq, 1)}, "
+                         f"got {tuple(gate.shape)}")
+    return cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
 
 
 def _mask_args(mask, q):
@@ -649,67 +836,93 @@ def _mask_args(mask, q):
 
 def attention_fwd(q, k, v, mask, gate, scale, causal, need_acc=True):
     _check(q, k, v, mask, gate, causal)
-    B, Hq, Lq, D = q.shape
-    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    out = torch.empty((B, Hq, Lq, Dv), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
+    return _fwd(q, k, v, mask, gate, scale, causal, need_acc, None)
+
+
+def varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, gate, scale, causal,
+                         need_acc=True):
+    packed = _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, gate, causal)
+    return _fwd(q, k, v, None, gate, scale, causal, need_acc, packed)
+
+
+def attention_bwd(dout, q, k, v, out, lse, mask, gate, dlse, scale, causal, need_dmask):
+    _check(q, k, v, mask, gate, causal)
+    return _bwd(dout, q, k, v, out, lse, mask, gate, dlse, scale, causal, need_dmask, None)
+
+
+def varlen_attention_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, gate, dlse,
+                         scale, causal):
+    packed = _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, gate, causal)
+    dq, dk, dv, _, dgate = _bwd(dout, q, k, v, out, lse, None, gate, dlse, scale, causal, False, packed)
+    return dq, dk, dv, dgate
+
+
+def _fwd(q, k, v, mask, gate, scale, causal, need_acc, packed):
+    B, Hq, Hkv, Lq, Lk, D, Dv = _dims(q, k, v, packed)
+    out = torch.empty(q.shape[:-1] + (Dv,), dtype=q.dtype, device=q.device)
+    lse = torch.empty((Hq, q.shape[0]) if packed else (B, Hq, Lq), dtype=torch.float32, device=q.device)
     store_acc = need_acc and has_out_acc(q.dtype)
-    out_acc = torch.empty((B, Hq, Lq, Dv), dtype=torch.float32, device=q.device) if store_acc else q.new_empty((0,))
+    out_acc = torch.empty(out.shape, dtype=torch.float32, device=q.device) if store_acc else q.new_empty((0,))
     mask_kind, mask_t, ms = _mask_args(mask, q)
-    gate_t, gs = (gate, _gate_strides(gate)) if gate is not None else (q, (0, 0, 0, 0))
+    gate_t, gs = (gate, _gate_strides(gate, packed)) if gate is not None else (q, (0, 0, 0, 0))
+    cu_q, cu_k = packed[:2] if packed else (q, q)
 
     def grid(meta):
         return (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)
 
     wrap_triton(_attn_fwd)[grid](
-        q, k, v, mask_t, gate_t, out, lse, out_acc if store_acc else out,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), *ms, *gs,
-        Hq, Hq // Hkv, Lq, Lk, D, Dv, scale * contract.LOG2E, Lk - Lq if causal == CAUSAL_BOTTOM_RIGHT else 0,
+        q, k, v, mask_t, gate_t, out, lse, out_acc if store_acc else out, cu_q, cu_k,
+        *_rows(q, packed), *_rows(k, packed), *_rows(v, packed), *ms, *gs, *_out_rows(out, packed),
+        _lse_slice(lse, packed),
+        Hq, Hq // Hkv, Lq, Lk, D, Dv, scale * contract.LOG2E, _causal_arg(causal, Lq, Lk, packed),
         C.length_key(Lq), C.length_key(Lk),
         MASK_KIND=mask_kind, CAUSAL=causal != CAUSAL_NONE, HAS_GATE=gate is not None, STORE_ACC=store_acc,
-        SPLIT_P=store_acc and C.PRECISE_PV,
+        SPLIT_P=store_acc and C.PRECISE_PV, VARLEN=packed is not None,
         BLOCK_D=C.head_block(D), BLOCK_DV=C.head_block(Dv), DOT_PREC=dot_precision(q.dtype),
         ALIGN=align_elems(q.dtype, (D, Dv), q, k, v))
     return out, lse, out_acc
 
 
-def attention_bwd(dout, q, k, v, out, lse, mask, gate, dlse, scale, causal, need_dmask):
-    _check(q, k, v, mask, gate, causal)
-    B, Hq, Lq, D = q.shape
-    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+def _bwd(dout, q, k, v, out, lse, mask, gate, dlse, scale, causal, need_dmask, packed):
+    B, Hq, Hkv, Lq, Lk, D, Dv = _dims(q, k, v, packed)
     mask_kind, mask_t, ms = _mask_args(mask, q)
     if need_dmask and mask_kind != contract.MASK_BIAS:
         raise ValueError("triton_attention_bwd: need_dmask requires a float mask")
     dev = q.device
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
-    if tuple(out.shape) != (B, Hq, Lq, Dv):
-        raise ValueError(f"triton_attention_bwd: out must be {(B, Hq, Lq, Dv)}, got {tuple(out.shape)}")
+    op = "triton_varlen_attention_bwd" if packed else "triton_attention_bwd"
+    if tuple(out.shape) != tuple(q.shape[:-1]) + (Dv,):
+        raise ValueError(f"{op}: out must be {tuple(q.shape[:-1]) + (Dv,)}, got {tuple(out.shape)}")
+    lse_shape = (Hq, q.shape[0]) if packed else (B, Hq, Lq)
+    if tuple(lse.shape) != lse_shape:
+        raise ValueError(f"{op}: lse must be {lse_shape}, got {tuple(lse.shape)}")
     out = out.contiguous()  # any float dtype (the forward's float32 out_acc, or out): read as fp32
     lse = lse.contiguous()
     dlse_t = dlse.to(torch.float32).contiguous() if dlse is not None else lse
+    ls = _lse_slice(lse, packed)    # of lse, dlse and delta alike
+    cu_q, cu_k = packed[:2] if packed else (q, q)
 
     # -- preprocess: delta (and, with a gate, dO = dO' * sig(g) and dgate)
-    delta = torch.empty((B, Hq, Lq), dtype=torch.float32, device=dev)
+    delta = torch.empty(lse.shape, dtype=torch.float32, device=dev)
     if gate is not None:
-        do_gated = torch.empty((B, Hq, Lq, Dv), dtype=q.dtype, device=dev)
+        do_gated = torch.empty(out.shape, dtype=q.dtype, device=dev)
         dgate = torch.empty(tuple(gate.shape), dtype=gate.dtype, device=dev)
-        gate_t, gs = gate, _gate_strides(gate)
+        gate_t, gs = gate, _gate_strides(gate, packed)
     else:
         do_gated, dgate, gate_t, gs = delta, q.new_empty((0,)), q, (0, 0, 0, 0)
     prep_m = C.prep_block_m(C.head_block(Dv))
     wrap_triton(_attn_bwd_prep)[(triton.cdiv(Lq, prep_m), B * Hq)](
-        out, dout, gate_t, dlse_t, lse, delta, do_gated, dgate if gate is not None else delta,
-        dout.stride(0), dout.stride(1), dout.stride(2), *gs, Hq, Lq, Dv,
+        out, dout, gate_t, dlse_t, lse, delta, do_gated, dgate if gate is not None else delta, cu_q,
+        *_rows(dout, packed), *gs, *_out_rows(out, packed), ls, Hq, Lq, Dv,
         HAS_GATE=gate is not None, HAS_DLSE=dlse is not None, ROUNDED_DO=q.dtype != torch.float32,
-        HEADWISE=gate is not None and gate.shape[3] == 1 and Dv != 1, ALIGN=align_elems(q.dtype, (Dv,), dout),
-        BLOCK_M=prep_m, BLOCK_DV=C.head_block(Dv))
-    do, ds_ = (do_gated, tuple(do_gated.stride())) if gate is not None else (dout, tuple(dout.stride()))
+        HEADWISE=gate is not None and gate.shape[-1] == 1 and Dv != 1, VARLEN=packed is not None,
+        ALIGN=align_elems(q.dtype, (Dv,), dout), BLOCK_M=prep_m, BLOCK_DV=C.head_block(Dv))
+    do = do_gated if gate is not None else dout
 
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    dk = torch.empty((B, Hkv, Lk, D), dtype=k.dtype, device=dev)
-    dv = torch.empty((B, Hkv, Lk, Dv), dtype=v.dtype, device=dev)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=dev)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=dev)
     # dmask of a full-shape mask is dS, written by the dQ kernel; entries in skipped (fully masked causal)
     # tiles are never written, so start at 0. A broadcast mask gets its own kernel (see the docstring).
     bcast = need_dmask and tuple(mask.shape) != (B, Hq, Lq, Lk)
@@ -721,18 +934,17 @@ def attention_bwd(dout, q, k, v, out, lse, mask, gate, dlse, scale, causal, need
         dmask = torch.zeros((B, Hq, Lq, Lk), dtype=mask.dtype, device=dev)
     common = dict(MASK_KIND=mask_kind, CAUSAL=causal != CAUSAL_NONE, BLOCK_D=C.head_block(D), BLOCK_DV=C.head_block(Dv),
                   DOT_PREC=dot_precision(q.dtype), ALIGN=align_elems(q.dtype, (D, Dv), q, k, v, do))
-    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-               v.stride(0), v.stride(1), v.stride(2), ds_[0], ds_[1], ds_[2], *ms)
-    off = Lk - Lq if causal == CAUSAL_BOTTOM_RIGHT else 0
+    strides = (*_rows(q, packed), *_rows(k, packed), *_rows(v, packed), *_rows(do, packed), *ms)
+    off = _causal_arg(causal, Lq, Lk, packed)
     wrap_triton(_attn_bwd_dkdv)[lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv)](
-        q, k, v, do, lse, delta, mask_t, dk, dv, *strides,
-        Hq, Hkv, Hq // Hkv, Lq, Lk, D, Dv, scale, scale * contract.LOG2E, off, C.length_key(Lq), C.length_key(Lk),
-        **common)
+        q, k, v, do, lse, delta, mask_t, dk, dv, cu_q, cu_k, *strides, ls, *_out_rows(dk, packed), Hq, Hkv, Hq // Hkv,
+        Lq, Lk, D, Dv, scale, scale * contract.LOG2E, off, C.length_key(Lq), C.length_key(Lk),
+        VARLEN=packed is not None, **common)
     fused_dmask = need_dmask and not bcast
     wrap_triton(_attn_bwd_dq)[lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)](
-        q, k, v, do, lse, delta, mask_t, dq, dmask if fused_dmask else dq, *strides,
-        Hq, Hq // Hkv, Lq, Lk, D, Dv, scale, scale * contract.LOG2E, off, C.length_key(Lq), C.length_key(Lk),
-        NEED_DMASK=fused_dmask, **common)
+        q, k, v, do, lse, delta, mask_t, dq, dmask if fused_dmask else dq, cu_q, cu_k, *strides, ls,
+        *_out_rows(dq, packed), Hq, Hq // Hkv, Lq, Lk, D, Dv, scale, scale * contract.LOG2E, off, C.length_key(Lq),
+        C.length_key(Lk), NEED_DMASK=fused_dmask, VARLEN=packed is not None, **common)
     if bcast and dmask.numel():
         Bm, Hm, Lqm, Lkm = mask.shape
         common.pop("MASK_KIND")

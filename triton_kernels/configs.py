@@ -51,7 +51,8 @@ def length_key(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
-def _cfg(num_warps, num_stages, BLOCK_M, BLOCK_N, min_cc=0, max_cc=1000, maxnreg=None, light_only=False):
+def _cfg(num_warps, num_stages, BLOCK_M, BLOCK_N, min_cc=0, max_cc=1000, maxnreg=None, light_only=False,
+         packed_causal_acc=True):
     """A config for the compute capabilities [min_cc, max_cc]: Hopper (wgmma, operands from shared
     memory) and Ampere (mma, operands in registers) spill at different tiles. ``maxnreg`` states a
     register budget to ptxas (.maxnreg): without one, ptxas settles on a count of its own (80, 96, 128)
@@ -61,10 +62,12 @@ def _cfg(num_warps, num_stages, BLOCK_M, BLOCK_N, min_cc=0, max_cc=1000, maxnreg
     ``scripts/check_triton_aot.py --full`` under either triton's ptxas (3.6: 12.8; 3.9: 12.9 and 13.4;
     e.g. fp32 dK/dV at D 65-128 spilled 16 B with a bool mask at 2 stages). ``light_only``: kept
     only for launches without a mask, and with a gate only where out_acc is not kept (inference): the
-    forward's registers grow with each, and such a tile spills there."""
+    forward's registers grow with each, and such a tile spills there. ``packed_causal_acc=False``: not kept
+    for packed-sequence (varlen) causal launches that keep out_acc, whose per-sequence lengths and causal
+    offset take registers that a padded launch has as kernel arguments."""
     c = triton.Config({"BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N}, num_warps=num_warps, num_stages=num_stages,
                       maxnreg=None if INTERPRET else maxnreg)
-    c.min_cc, c.max_cc, c.light_only = min_cc, max_cc, light_only
+    c.min_cc, c.max_cc, c.light_only, c.packed_causal_acc = min_cc, max_cc, light_only, packed_causal_acc
     return c
 
 
@@ -142,7 +145,8 @@ def _smem_bytes(kernel, c, d, dv, esize, mask_esize):
 
 def _select(kernel, half, fp32, named_args, kwargs, length_ok):
     """The configs of the head block's list (``half`` or ``fp32`` by the inputs' element size) meant for the
-    device's capability (not ``light_only`` where a launch has a mask, or a gate and out_acc) that fit its
+    device's capability (not ``light_only`` where a launch has a mask, or a gate and out_acc; not
+    ``packed_causal_acc=False`` where a varlen launch is causal and keeps out_acc) that fit its
     shared memory, those that pass ``length_ok`` if any do; at least one
     (the smallest, should none fit)."""
     bd, bdv = _arg(named_args, kwargs, "BLOCK_D"), _arg(named_args, kwargs, "BLOCK_DV")
@@ -158,8 +162,10 @@ def _select(kernel, half, fp32, named_args, kwargs, length_ok):
     cc, smem = target(named_args)
     gate_and_acc = kwargs.get("HAS_GATE", True) and kwargs.get("STORE_ACC", True)
     light = kind == MASK_NONE and not gate_and_acc
+    packed_causal_acc = kwargs.get("VARLEN", False) and kwargs.get("CAUSAL", False) and kwargs.get("STORE_ACC", False)
     cands = [c for c in _for_head(fp32 if esize == 4 else half, head)
-             if c.min_cc <= cc <= c.max_cc and (light or not c.light_only)]
+             if c.min_cc <= cc <= c.max_cc and (light or not c.light_only)
+             and (c.packed_causal_acc or not packed_causal_acc)]
     size = {id(c): _smem_bytes(kernel, c, bd, bdv, esize, mask_esize) for c in cands}
     keep = [c for c in cands if size[id(c)] <= smem]
     keep = [c for c in keep if length_ok(c)] or keep or [min(cands, key=lambda c: size[id(c)])]
@@ -180,7 +186,9 @@ if INTERPRET:
     FWD_HALF = FWD_FP32 = {256: [_cfg(4, 1, 32, 16)]}   # BLOCK_M != BLOCK_N: exercises the causal bounds
 else:
     FWD_HALF = {
-        64: [_cfg(4, 3, 64, 64),      # H200: 12 of 12 keys (L 512-16k, causal or not)
+        # H200: 12 of 12 keys (L 512-16k, causal or not). Padded launches reach 252-255 registers here with a
+        # gate and out_acc; packed causal ones that keep out_acc spilled 4-16 B (scripts/check_triton_aot.py)
+        64: [_cfg(4, 3, 64, 64, packed_causal_acc=False),
              _cfg(8, 3, 128, 64),     # tutorial / FA2 default on H100
              _cfg(4, 3, 16, 64, maxnreg=255)],
         128: [_cfg(8, 3, 32, 64),     # H200: 32 of 60 keys, where 128x64 below may not run or was not offered

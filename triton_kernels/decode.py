@@ -48,7 +48,7 @@ from fastattn import contract
 from fastattn.contract import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE
 
 from . import configs as C
-from .attention import _gate_strides
+from .attention import _check_tensors, _gate_strides
 from .common import align_elems, assume_aligned, assume_aligned3, cast_rne, dot_acc, dot_precision
 
 
@@ -270,15 +270,7 @@ def _check(q, k_cache, v_cache, seqlens_k, page_table, gate, causal):
             or Hq % Hkv != 0 or (page_table is None and rows != B)):
         raise ValueError(f"triton_attention_kvcache: k_cache {tuple(k_cache.shape)} / v_cache {tuple(v_cache.shape)} "
                          f"do not match q {tuple(q.shape)}")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k_cache.dtype != q.dtype \
-            or v_cache.dtype != q.dtype:
-        raise TypeError(f"triton_attention_kvcache: q, k_cache, v_cache must share a dtype among float16, bfloat16, "
-                        f"float32, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
-    if max(D, v_cache.shape[3]) > 256:
-        raise ValueError(f"triton_attention_kvcache: head dims up to 256, got D={D}, Dv={v_cache.shape[3]}")
-    for n, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if t.stride(-1) != 1:
-            raise ValueError(f"triton_attention_kvcache: {n} must have stride(-1) == 1")
+    _check_tensors("triton_attention_kvcache", q, k_cache, v_cache, names=("q", "k_cache", "v_cache"))
     if seqlens_k.dtype != torch.int32 or tuple(seqlens_k.shape) != (B,):
         raise ValueError(f"triton_attention_kvcache: seqlens_k must be int32 ({B},), got {seqlens_k.dtype} "
                          f"{tuple(seqlens_k.shape)}")

@@ -1,6 +1,7 @@
 """Registers the Triton kernels as ``torch.ops.fastattn.triton_*``, with the schemas of
 csrc/fastattn.cpp (prefixed ``triton_``), then fake implementations and autograd through
-``fastattn.ops.register_attention`` / ``register_softmax_gates`` / ``register_kvcache``, as the C++ ops.
+``fastattn.ops.register_attention`` / ``register_varlen_attention`` / ``register_softmax_gates`` /
+``register_kvcache``, as the C++ ops.
 
 On a GPU the ops are ``torch.library.triton_op``s: torch.compile sees the Triton kernels inside
 (``wrap_triton``) and the fake implementation is the launcher itself run on fake tensors. Under
@@ -54,6 +55,23 @@ def triton_attention_kvcache_fwd(q: Tensor, k_cache: Tensor, v_cache: Tensor, se
     return _decode.attention_kvcache_fwd(q, k_cache, v_cache, seqlens_k, page_table, gate, scale, causal)
 
 
+@_register("triton_varlen_attention_fwd")
+def triton_varlen_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                                max_seqlen_q: int, max_seqlen_k: int, gate: Optional[Tensor], scale: float, causal: int,
+                                need_acc: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    return _attn.varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, gate, scale,
+                                      causal, need_acc)
+
+
+@_register("triton_varlen_attention_bwd")
+def triton_varlen_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                                cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                                gate: Optional[Tensor], dlse: Optional[Tensor], scale: float,
+                                causal: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _attn.varlen_attention_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                      gate, dlse, scale, causal)
+
+
 @_register("triton_softmax_gate_fwd")
 def triton_softmax_gate_fwd(scores: Tensor, x: Tensor, mask: Optional[Tensor], pool: bool) -> tuple[Tensor, Tensor]:
     return _gate.softmax_gate_fwd(scores, x, mask, pool)
@@ -78,6 +96,7 @@ def triton_score_softmax_gate_bwd(dy: Tensor, x: Tensor, weight: Tensor, alpha: 
 
 
 _fastattn_ops.register_attention("triton_", fake=not USE_TRITON_OP)
+_fastattn_ops.register_varlen_attention("triton_", fake=not USE_TRITON_OP)
 _fastattn_ops.register_softmax_gates("triton_", fake=not USE_TRITON_OP)
 if not USE_TRITON_OP:
     _fastattn_ops.register_kvcache("triton_")
