@@ -130,30 +130,7 @@ __device__ __forceinline__ void attention_fwd_block(const AttnParams& p, const D
     }
 
     // -- online softmax update: new max, rescale O and l, P = exp2(S - m)
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = row_m[r];
-#pragma unroll
-      for (int i = 0; i < kNT; ++i) mx = fmaxf(mx, fmaxf(acc_s[i][2 * r], acc_s[i][2 * r + 1]));
-      mx = quad_max(mx);
-      // A row with no allowed key so far keeps m = -inf; shift by 0 instead so exp2 never sees inf - inf.
-      const float m_use = mx == -INFINITY ? 0.f : mx;
-      const float corr = exp2f(row_m[r] - m_use);  // 0 when the old max was -inf
-      row_m[r] = mx;
-      float sum = 0.f;
-#pragma unroll
-      for (int i = 0; i < kNT; ++i) {
-        acc_s[i][2 * r] = exp2f(acc_s[i][2 * r] - m_use);
-        acc_s[i][2 * r + 1] = exp2f(acc_s[i][2 * r + 1] - m_use);
-        sum += acc_s[i][2 * r] + acc_s[i][2 * r + 1];
-      }
-      row_l[r] = row_l[r] * corr + sum;
-#pragma unroll
-      for (int i = 0; i < kDT; ++i) {
-        acc_o[i][2 * r] *= corr;
-        acc_o[i][2 * r + 1] *= corr;
-      }
-    }
+    online_softmax_step(acc_s, acc_o, row_m, row_l);
 
     cp_async_wait<2>();  // V_n landed
     __syncthreads();

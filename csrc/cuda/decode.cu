@@ -155,30 +155,8 @@ __global__ void __launch_bounds__(DecodeTraits<kD>::kThreads, DecodeTraits<kD>::
         acc_s[nt][e] = x;
       }
 
-    // -- online softmax update (as attention_fwd_kernel.h)
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = row_m[r];
-#pragma unroll
-      for (int i = 0; i < 2; ++i) mx = fmaxf(mx, fmaxf(acc_s[i][2 * r], acc_s[i][2 * r + 1]));
-      mx = quad_max(mx);
-      const float m_use = mx == -INFINITY ? 0.f : mx;  // no key so far: exp2 never sees inf - inf
-      const float corr = exp2f(row_m[r] - m_use);
-      row_m[r] = mx;
-      float sum = 0.f;
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        acc_s[i][2 * r] = exp2f(acc_s[i][2 * r] - m_use);
-        acc_s[i][2 * r + 1] = exp2f(acc_s[i][2 * r + 1] - m_use);
-        sum += acc_s[i][2 * r] + acc_s[i][2 * r + 1];
-      }
-      row_l[r] = row_l[r] * corr + sum;
-#pragma unroll
-      for (int i = 0; i < kDT; ++i) {
-        acc_o[i][2 * r] *= corr;
-        acc_o[i][2 * r + 1] *= corr;
-      }
-    }
+    // -- online softmax update: new max, rescale O and l, P = exp2(S - m)
+    online_softmax_step(acc_s, acc_o, row_m, row_l);
 
     cp_async_wait<2>();  // V_n landed
     __syncthreads();

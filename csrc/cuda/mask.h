@@ -1,5 +1,5 @@
 // Scaling and masking of a score tile held in MMA accumulator fragments (shared by forward and
-// backward). Scores leave in base-2 units (scale * log2(e) * q.k + log2(e) * bias), -inf where masked.
+// backward), and the forward's online-softmax step over it. Scores leave in base-2 units (scale * log2(e) * q.k + log2(e) * bias), -inf where masked.
 #pragma once
 
 #include <cmath>
@@ -65,6 +65,37 @@ __device__ __forceinline__ bool tile_needs_checks(int row0, int col0, int n, con
 __device__ __forceinline__ const char* mask_head_ptr(const AttnParams& p, int b, int h, int elem_bytes) {
   if (p.mask == nullptr) return nullptr;
   return static_cast<const char*>(p.mask) + (int64_t(b) * p.m_sb + int64_t(h) * p.m_sh) * elem_bytes;
+}
+
+// One online-softmax step over a scaled, masked score tile s (base 2, the layout of scale_and_mask) for the warp's
+// two accumulator rows: new row max m, P = exp2(s - m) in place, l and the output accumulator o rescaled.
+template <int kNT, int kDT>
+__device__ __forceinline__ void online_softmax_step(float (&s)[kNT][4], float (&o)[kDT][4], float (&row_m)[2],
+                                                    float (&row_l)[2]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float mx = row_m[r];
+#pragma unroll
+    for (int i = 0; i < kNT; ++i) mx = fmaxf(mx, fmaxf(s[i][2 * r], s[i][2 * r + 1]));
+    mx = quad_max(mx);
+    // A row with no allowed key so far keeps m = -inf; shift by 0 instead so exp2 never sees inf - inf.
+    const float m_use = mx == -INFINITY ? 0.f : mx;
+    const float corr = exp2f(row_m[r] - m_use);  // 0 when the old max was -inf
+    row_m[r] = mx;
+    float sum = 0.f;
+#pragma unroll
+    for (int i = 0; i < kNT; ++i) {
+      s[i][2 * r] = exp2f(s[i][2 * r] - m_use);
+      s[i][2 * r + 1] = exp2f(s[i][2 * r + 1] - m_use);
+      sum += s[i][2 * r] + s[i][2 * r + 1];
+    }
+    row_l[r] = row_l[r] * corr + sum;
+#pragma unroll
+    for (int i = 0; i < kDT; ++i) {
+      o[i][2 * r] *= corr;
+      o[i][2 * r + 1] *= corr;
+    }
+  }
 }
 
 }  // namespace fastattn::cuda
