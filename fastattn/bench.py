@@ -369,7 +369,7 @@ def default_configs(device, quick=False, ops=None, modes=None, dtypes=None, head
     """GPU: the field's standard sweep (batch·seqlen = 16k tokens, seqlen 512..16k, hidden 2048, D 64
     and 128, bf16 and fp16, causal and not). CPU: one length per op in fp32 and bf16, about a minute on 2 cores.
     decode (only when asked for): Hq 32, Hkv 8, D 128, B 1 and 8, Lk 4k, 16k, 64k (on a CPU not B 8 at 64k: a 4 GiB
-    fp32 cache) in fp32 and bf16.
+    fp32 cache) in fp32 and bf16, and the prefill of such a cache (attention, B 1, L 2048, causal).
     ``dtypes`` / ``head_dims`` replace the sweep's own (the hidden size stays: H = 2048 // D on a GPU)."""
     configs = []
     if device.type == "cuda":
@@ -404,6 +404,10 @@ def default_configs(device, quick=False, ops=None, modes=None, dtypes=None, head
                     continue  # forward only
                 for D, (B, L) in itertools.product(head_dims or (128,), decode_shapes):
                     configs.append(Config(op, "fwd", dtype, B=B, Hq=32, Hkv=8, Lq=1, Lk=L, D=D, Dv=D))
+                if not quick:  # the prefill that fills such a cache: attention rows, causal
+                    for D in head_dims or (128,):
+                        configs.append(Config("attention", "fwd", dtype, B=1, Hq=32, Hkv=8, Lq=2048, Lk=2048, D=D,
+                                              Dv=D, causal=True))
             elif op in ATTENTION_OPS:
                 for (H, D), causal, mode, L in itertools.product(heads_dims, (False, True), modes, seqlens):
                     if op != "attention" and len(heads_dims) > 1 and D != 128:

@@ -16,15 +16,17 @@ metadata without a driver).
     python scripts/check_triton_aot.py          # CI: fp16 + bf16 and an fp32 subset, sm_80 + sm_90 (~6-9 min
                                                 #     on 2 cores); exit status 1 on any failing config
     python scripts/check_triton_aot.py --table bench/results/triton_aot.txt   # refresh the committed table
-    python scripts/check_triton_aot.py --full   # slow job: also the plain and bool-mask variants, head dims
+    python scripts/check_triton_aot.py --full   # slow job: also the plain and bool-mask variants, varlen
+                                                #     inference launches, fp16 gates, head dims
                                                 #     24 / 96 / 111, fp32 at every head dim
     python scripts/check_triton_aot.py --arch 90 --dtypes fp16 --heads 72 --kernels _attn_fwd -v
+    python scripts/check_triton_aot.py --full --variants varlen,varlen-infer   # one family at every head dim
 
 Default variants: attention with every option on (float mask with its gradient, elementwise gate, GQA,
 causal, lse gradient: the heaviest specialisation of each kernel), broadcast masks for the dmask kernel,
-varlen attention (packed sequences: gate, GQA, causal, lse gradient), the gates plain and with mask +
-pooling + alpha gradient; each at a long and a 16-row query side, so that both the long-sequence and the
-decode configs are kept. The kv-cache decode kernels over a paged cache, causal and gated, split over the keys
+varlen attention (packed sequences: gate, GQA, causal, lse gradient; the forward's inference launches with
+--full), the gates plain and with mask + pooling + alpha gradient (bf16 and fp32; fp16 with --full); each at a
+long and a 16-row query side, so that both the long-sequence and the decode configs are kept. The kv-cache decode kernels over a paged cache, causal and gated, split over the keys
 (and merged) with the most rows a program takes, and in one split with one row.
 
 Triton's cache goes to a private temporary directory, one per compile and removed after it: every
@@ -198,8 +200,8 @@ def _varlen_scenarios(dtype, D):
     for Lq, Lk in ((1024, 1024), (16, 1024)):
         yield "varlen", None, lambda Lq=Lq, Lk=Lk: run(Lq, Lk, True)
         if Lq == Lk:
-            yield "varlen", {"_attn_fwd"}, lambda Lq=Lq: run(Lq, Lq, False, inference=True)
-            yield "varlen", {"_attn_fwd"}, lambda Lq=Lq: run(Lq, Lq, True, inference=True, train=False)
+            yield "varlen-infer", {"_attn_fwd"}, lambda Lq=Lq: run(Lq, Lq, False, inference=True)
+            yield "varlen-infer", {"_attn_fwd"}, lambda Lq=Lq: run(Lq, Lq, True, inference=True, train=False)
 
 
 def _gate_scenarios(dtype, D):
@@ -220,15 +222,18 @@ def _gate_scenarios(dtype, D):
         y, alpha = G.score_softmax_gate_fwd(x, w, mask, 0.5, full)
         G.score_softmax_gate_bwd(dy, x, w, alpha, dalpha, 0.5, full)
 
+    # fp16 and bf16 differ only in the conversions at loads and stores: the same registers within a few, far below
+    # the limit (bench/results/triton_aot.txt); fp16 is compiled with --full
+    half = "-fp16" if dtype == torch.float16 else ""
     fused_n = C.FUSED_MAX_ELEMS // C.dot_block(D)
     for N in (fused_n, 4096):
-        yield "gate-plain", None, lambda N=N: run(N, False)
-        yield "gate-full", None, lambda N=N: run(N, True)
+        yield "gate-plain" + half, None, lambda N=N: run(N, False)
+        yield "gate-full" + half, None, lambda N=N: run(N, True)
 
 
 # variants compiled by default; --full adds the others (their specialisations are lighter than full's)
 CI_VARIANTS = {"full", "bcast", "light", "varlen", "gate-plain", "gate-full", "decode"}
-ALL_VARIANTS = CI_VARIANTS | {"plain", "bool", "decode-contig"}
+ALL_VARIANTS = CI_VARIANTS | {"plain", "bool", "decode-contig", "varlen-infer", "gate-plain-fp16", "gate-full-fp16"}
 
 
 # --------------------------------------------------------------------------------------- specialising
@@ -464,6 +469,7 @@ def main(argv=None):
     ap.add_argument("--full", action="store_true", help="every variant (plain, bool mask too), more head dims, fp32 at each")
     ap.add_argument("--quick", action="store_true", help=f"head dims {','.join(map(str, QUICK_HEAD_DIMS))} only")
     ap.add_argument("--kernels", help="only kernels whose name contains one of these (comma-separated)")
+    ap.add_argument("--variants", help=f"only these variants (comma-separated, of {','.join(sorted(ALL_VARIANTS))})")
     ap.add_argument("-j", "--jobs", type=int, default=len(os.sched_getaffinity(0)), help="compile processes")
     ap.add_argument("--table", help="also write the table (and the summary) to this file")
     ap.add_argument("--list", action="store_true", help="list the compiles, do not run them")
@@ -488,6 +494,10 @@ def main(argv=None):
     try:
         t0 = time.perf_counter()
         variants = ALL_VARIANTS if args.full else CI_VARIANTS
+        if args.variants:
+            variants = set(args.variants.split(","))
+            if not variants <= ALL_VARIANTS:
+                sys.exit(f"check_triton_aot: unknown variants {sorted(variants - ALL_VARIANTS)}")
         jobs = collect_jobs(arches, dtypes, heads, fp32_heads, variants)
         if args.kernels:
             pats = args.kernels.split(",")

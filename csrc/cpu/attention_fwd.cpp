@@ -25,6 +25,7 @@ namespace {
 // efficient; the 256 x 512 float score tile (512 KiB) still fits a core's L2 (SDPA uses the same).
 constexpr int64_t kBlockM = 256;  // query rows per task
 constexpr int64_t kBlockN = 512;  // keys per streamed tile
+constexpr int64_t kDiagRows = 64;  // rows per chunk of a tile that crosses the causal diagonal
 }  // namespace
 
 namespace detail {
@@ -139,37 +140,49 @@ void attention_fwd_kernel(const AttnParams& s, const FwdOutputs<scalar_t, acc_t>
         const int64_t bn = std::min(kBlockN, j_end - j0);
         const acc_t* V = tile_as(v_head + j0 * s.v_sl, s.v_sl, bn, Dv, v_buf.data(), &ldv);  // [bn, Dv]
 
-        // -- scores: S = scale * LOG2E * Q K^T   [bm, bn]
         if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-          if (bf16_dot) {
-            pack_bt_bf16(k_pack.data(), k_head + j0 * s.k_sl, s.k_sl, bn, D);
-            gemm_nt_bf16(bm, bn, D, float(scale_log2), q_tile, s.q_sl, k_pack.data(), S, kBlockN);
-          }
+          if (bf16_dot) pack_bt_bf16(k_pack.data(), k_head + j0 * s.k_sl, s.k_sl, bn, D);
         }
-        if (!bf16_dot) {
-          const acc_t* K = tile_as(k_head + j0 * s.k_sl, s.k_sl, bn, D, k_buf.data(), &ldk);  // [bn, D]
-          gemm(false, true, bm, bn, D, scale_log2, Q, ldq, K, ldk, acc_t(0), S, kBlockN);
-        }
-        detail::mask_score_tile<scalar_t>(S, kBlockN, i0, bm, j0, bn, s, e.causal_off,
-                                          detail::mask_ptr<scalar_t>(s, b, h, i0, j0));
+        const acc_t* K = bf16_dot ? nullptr : tile_as(k_head + j0 * s.k_sl, s.k_sl, bn, D, k_buf.data(), &ldk);
 
-        // -- online softmax update: P = 2^(S - m_new), l = l * 2^(m_old - m_new) + rowsum(P)
-        for (int64_t r = 0; r < bm; ++r) {
-          acc_t* row = S + r * kBlockN;
-          const acc_t m_old = m_buf[r];
-          const acc_t m_new = nan_max(m_old, row_max(row, bn));  // a NaN score makes the whole row NaN
-          if (m_new == kNegInf) {  // no allowed key yet: contributes nothing
-            std::fill_n(row, bn, acc_t(0));
-            continue;
-          }
-          const acc_t correction = std::exp2(m_old - m_new);  // 0 when m_old = -inf
-          l_buf[r] = l_buf[r] * correction + exp2_shift_sum(row, bn, m_new);
-          m_buf[r] = m_new;
-          if (correction != acc_t(1)) scale_row(acc + r * Dv, correction, Dv);
-        }
+        // A tile that crosses the causal diagonal is worked in chunks of kDiagRows rows, each over the keys up to its
+        // last row's diagonal: the masked side of a 256-row diagonal block costs 1/8 of its scores, not 1/2.
+        const bool diag = s.causal && j0 + bn - 1 > i0 + e.causal_off;
+        const int64_t chunk = diag ? kDiagRows : bm;
+        for (int64_t r0 = 0; r0 < bm; r0 += chunk) {
+          const int64_t rows = std::min(chunk, bm - r0);
+          const int64_t width = diag ? std::min(bn, i0 + r0 + rows + e.causal_off - j0) : bn;
+          if (width <= 0) continue;  // these rows see no key of this tile
+          acc_t* S_r = S + r0 * kBlockN;
 
-        // -- O += P V   [bm, Dv]
-        gemm(false, false, bm, Dv, bn, acc_t(1), S, kBlockN, V, ldv, acc_t(1), acc, Dv);
+          // -- scores: S = scale * LOG2E * Q K^T   [rows, width]
+          if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+            if (bf16_dot)
+              gemm_nt_bf16(rows, width, D, float(scale_log2), q_tile + r0 * s.q_sl, s.q_sl, k_pack.data(), S_r,
+                           kBlockN, bn);
+          }
+          if (!bf16_dot) gemm(false, true, rows, width, D, scale_log2, Q + r0 * ldq, ldq, K, ldk, acc_t(0), S_r, kBlockN);
+          detail::mask_score_tile<scalar_t>(S_r, kBlockN, i0 + r0, rows, j0, width, s, e.causal_off,
+                                            detail::mask_ptr<scalar_t>(s, b, h, i0 + r0, j0));
+
+          // -- online softmax update: P = 2^(S - m_new), l = l * 2^(m_old - m_new) + rowsum(P)
+          for (int64_t r = r0; r < r0 + rows; ++r) {
+            acc_t* row = S + r * kBlockN;
+            const acc_t m_old = m_buf[r];
+            const acc_t m_new = nan_max(m_old, row_max(row, width));  // a NaN score makes the whole row NaN
+            if (m_new == kNegInf) {  // no allowed key yet: contributes nothing
+              std::fill_n(row, width, acc_t(0));
+              continue;
+            }
+            const acc_t correction = std::exp2(m_old - m_new);  // 0 when m_old = -inf
+            l_buf[r] = l_buf[r] * correction + exp2_shift_sum(row, width, m_new);
+            m_buf[r] = m_new;
+            if (correction != acc_t(1)) scale_row(acc + r * Dv, correction, Dv);
+          }
+
+          // -- O += P V   [rows, Dv]
+          gemm(false, false, rows, Dv, width, acc_t(1), S_r, kBlockN, V, ldv, acc_t(1), acc + r0 * Dv, Dv);
+        }
       }
 
       // -- normalise, gate, store; lse = log2(sum) + max in log2 units (the op's contract)

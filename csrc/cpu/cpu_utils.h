@@ -180,11 +180,12 @@ FASTATTN_BF16_TARGET static void bf16_nt_panel(int64_t k, const uint16_t* A, int
 }
 }  // namespace detail
 
-// C[m, n] = alpha * A[m, k] @ B^T with B packed by pack_bt_bf16(n, k).
+// C[m, n] = alpha * A[m, k] @ B^T with B packed by pack_bt_bf16(packed_n, k) (packed_n >= n: the first n columns
+// of a packed tile; 0: n).
 inline void gemm_nt_bf16(int64_t m, int64_t n, int64_t k, float alpha, const c10::BFloat16* A, int64_t lda,
-                         const uint32_t* Bp, float* C, int64_t ldc) {
+                         const uint32_t* Bp, float* C, int64_t ldc, int64_t packed_n = 0) {
   const uint16_t* a = reinterpret_cast<const uint16_t*>(A);
-  const int64_t n_pad = (n + kBf16PanelN - 1) / kBf16PanelN * kBf16PanelN;
+  const int64_t n_pad = (std::max(n, packed_n) + kBf16PanelN - 1) / kBf16PanelN * kBf16PanelN;
   for (int64_t j0 = 0; j0 < n; j0 += kBf16PanelN) {
     const int64_t ncols = std::min(kBf16PanelN, n - j0);
     for (int64_t i0 = 0; i0 < m; i0 += kBf16PanelM) {
@@ -202,7 +203,7 @@ inline void gemm_nt_bf16(int64_t m, int64_t n, int64_t k, float alpha, const c10
 #else
 inline bool has_bf16_dot() { return false; }
 inline void gemm_nt_bf16(int64_t, int64_t, int64_t, float, const c10::BFloat16*, int64_t, const uint32_t*, float*,
-                         int64_t) {
+                         int64_t, int64_t = 0) {
   TORCH_CHECK(false, "gemm_nt_bf16: AVX512-BF16 is not available");
 }
 #endif
