@@ -37,7 +37,12 @@ def table(result, source):
         a, b = min(ours, key=lambda r: r["ms"]), min(theirs, key=lambda r: r["ms"])
         rate = a["tflops"] if a["tflops"] is not None else a["gbps"]
         unit = "TFLOP/s" if a["tflops"] is not None else "GB/s"
-        lines.append(f"| {a['op']} | {a['mode']} | {a['dtype']} | {a['B']}·{a['Hq']}·{a['Lq']}·{a['D']} | "
+        if a.get("read_frac") is not None:  # decode: the fraction of the read bandwidth measured in the same run
+            unit += f" ({a['read_frac']:.0%} of the {a['read_gbps']:.0f} GB/s read)"
+        # query / kv heads and query / key lengths where they differ (GQA, decoding)
+        heads = f"{a['Hq']}" if a.get("Hkv", a["Hq"]) == a["Hq"] else f"{a['Hq']}/{a['Hkv']}"
+        length = f"{a['Lq']}" if a["Lk"] == a["Lq"] else f"{a['Lq']}/{a['Lk']}"
+        lines.append(f"| {a['op']} | {a['mode']} | {a['dtype']} | {a['B']}·{heads}·{length}·{a['D']} | "
                      f"{'yes' if a['causal'] else 'no'} | {a['provider']} | {a['ms']:.2f} | {rate:.3f} {unit} | "
                      f"{b['provider']} | {b['ms']:.2f} | {b['ms'] / a['ms']:.2f}× |")
     return "\n".join(lines)
@@ -46,7 +51,8 @@ def table(result, source):
 def render():
     files = sorted(glob.glob(os.path.join(ROOT, "bench", "results", "*.json")))
     parts = [BEGIN, "", "Generated from the committed result files; speed-up = best PyTorch ms / fastattn ms, "
-             "measured in the same run (median of repetitions).", ""]
+             "measured in the same run (median of repetitions). B·H·L·D gives query / kv heads and query / key "
+             "lengths where they differ.", ""]
     for f in files:
         with open(f) as fh:
             parts += [table(json.load(fh), os.path.relpath(f, ROOT)), ""]

@@ -52,7 +52,7 @@ def test_check_reports_over_limit_and_spilling_configs(aot, monkeypatch, tmp_pat
 @pytest.mark.slow
 def test_full_sweep_passes():
     """Every kernel x kept config x head dim (16-256, 111 included) x fp16 / bf16 / fp32, every variant,
-    sm_80 and sm_90: about 2,100 compiles, some 18 minutes on 2 cores."""
+    sm_80 and sm_90: about 3,200 compiles at about 0.5 s each on 2 cores."""
     r = subprocess.run([sys.executable, str(SCRIPT), "--full"], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
 
