@@ -81,7 +81,8 @@ from fastattn.contract import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE
 from fastattn.ops import has_out_acc
 
 from . import configs as C
-from .common import align_elems, assume_aligned, assume_aligned3, cast_rne, dot_acc, dot_precision
+from .common import (align_elems, assume_aligned, assume_aligned3, cast_rne, dot_acc, dot_precision,
+                     online_softmax_step)
 
 # The contract's constants (fastattn/contract.py), as constexprs the kernels may read.
 LOG2E: tl.constexpr = tl.constexpr(contract.LOG2E)
@@ -162,13 +163,8 @@ def _fwd_tiles(acc, l_i, m_i, q, p_k, p_v, p_mask, offs_m, offs_d, offs_dv, lo, 
         s = dot_acc(q, kT, None, DOT_PREC) * scale_log2
         s = _mask_scores(s, p_mask, offs_m[:, None], offs_n[None, :], Lq, Lk, stride_mi, stride_mj,
                          causal_off, MASK_KIND, CAUSAL_TILE)
-        # -- online softmax update (a row with no allowed key so far keeps m = -inf, p = 0)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        corr = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * corr + tl.sum(p, 1)
-        m_i = m_new
+        # -- online softmax update
+        p, corr, l_i, m_i = online_softmax_step(s, m_i, l_i)
         # -- O += P V   [BLOCK_M, BLOCK_DV]
         v = tl.load(p_v + offs_n[:, None] * stride_vn + offs_dv[None, :],
                     mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < Dv), other=0.0)    # [BLOCK_N, BLOCK_DV]

@@ -40,6 +40,18 @@ def cast_rne(x, dtype: tl.constexpr):
 
 
 @triton.jit
+def online_softmax_step(s, m_i, l_i):
+    """One online-softmax step over a score tile s [M, N] (log2 units, -inf where hidden) for rows with running max
+    m_i and sum l_i: returns P = exp2(s - m_new), the factor corr that rescales the earlier output, l and m. A row
+    with no visible key so far keeps m = -inf and gets P = 0 (exp2 never sees inf - inf)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    corr = tl.math.exp2(m_i - m_safe)
+    return p, corr, l_i * corr + tl.sum(p, 1), m_new
+
+
+@triton.jit
 def assume_aligned(x, ALIGN: tl.constexpr):
     """x, which the launcher checked is a multiple of ALIGN, in a form the compiler can see is one. The
     runtime marks only multiples of 16 elements; ALIGN = 16 bytes of elements (8 half, 4 float) extends

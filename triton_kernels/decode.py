@@ -49,7 +49,8 @@ from fastattn.contract import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE
 
 from . import configs as C
 from .attention import _check_tensors, _gate_strides
-from .common import align_elems, assume_aligned, assume_aligned3, cast_rne, dot_acc, dot_precision
+from .common import (align_elems, assume_aligned, assume_aligned3, cast_rne, dot_acc, dot_precision,
+                     online_softmax_step)
 
 
 @triton.jit
@@ -85,13 +86,8 @@ def _decode_tiles(acc, l_i, m_i, q, p_k, p_v, p_pt, offs_i, offs_d, offs_dv, lo,
             if CAUSAL:
                 ok = ok & (offs_n[None, :] <= offs_i[:, None] + causal_off)
             s = tl.where(ok, s, float("-inf"))
-        # -- online softmax update (a row with no visible key so far keeps m = -inf, p = 0)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        corr = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * corr + tl.sum(p, 1)
-        m_i = m_new
+        # -- online softmax update
+        p, corr, l_i, m_i = online_softmax_step(s, m_i, l_i)
         if MASKED:
             v = tl.load(p_v + row_v[:, None] + offs_dv[None, :], mask=m_key[:, None] & (offs_dv[None, :] < Dv),
                         other=0.0)                                                             # [BLOCK_N, BLOCK_DV]
