@@ -40,6 +40,7 @@ class Problem:
     causal: bool = False         # attention: what "auto" weighs (a backend's speed depends on them)
     float_mask: bool = False
     grad: bool = False           # a gradient will be asked of the call (the backward kernels run too)
+    gate_size: int = 0           # softmax gates: N·D, the elements of x one batch row holds
 
     @property
     def head_dim(self) -> int:
@@ -269,7 +270,10 @@ def auto_order(p: Problem) -> tuple:
     runs it). On CUDA tensors, from bench/results/2026-11-26-nvidia-h200*.json (H200, bf16, D 64 and
     128, L 512-16k, 16k tokens; torch 2.11, triton 3.6; fp16 assumed alike), where csrc/cuda's kernels
     passed the GPU test sweep and compute-sanitizer first:
-    - softmax gates: cuda (B32 N1024 D512: fwd 0.09 ms vs triton 0.20, fwd+bwd 0.41 vs 1.05);
+    - softmax gates: cuda (B32 N1024 D512: fwd 0.09 ms vs triton 0.20, fwd+bwd 0.41 vs 1.05), but
+      score_softmax_gate from N·D = 2^22 on: triton (B32 N8192 D1024 fwd+bwd 3.16-3.41 ms vs 6.20 on the H200,
+      3.30-3.68 vs 4.84-4.89 on the H100 of 2026-11-26-nvidia-h100-*.json; cuda leads at N1024 D512,
+      0.77-0.90 vs 1.25-1.46 on both; between the two the crossing is not measured);
     - attention with a float mask: triton (bias fwd+bwd 6.58 vs 8.02 ms at L1024, 23.3 vs 29.3 at L4096;
       fwd 1.32 vs 2.24 and 4.00 vs 8.36);
     - attention with a gradient: triton (fwd+bwd D128 L4096 9.06 vs 15.41 ms, causal 5.42 vs 8.30,
@@ -282,6 +286,8 @@ def auto_order(p: Problem) -> tuple:
     if p.device_type != "cuda":
         return ("reference",)
     if p.op == "attention" and (p.float_mask or p.grad or p.head_dim > 64):
+        return "triton", "cuda", "reference"
+    if p.op == "score_softmax_gate" and p.gate_size >= 1 << 22:
         return "triton", "cuda", "reference"
     return "cuda", "triton", "reference"
 

@@ -302,7 +302,7 @@ def score_softmax_gate(x, weight, *, mask=None, scale=1.0, pool=False, return_we
 
 
 def _gate_backend(backend, op, x):
-    impl = select(backend, Problem(op, x.device.type, x.dtype))
+    impl = select(backend, Problem(op, x.device.type, x.dtype, gate_size=x.shape[1] * x.shape[2]))
     if _maybe_zero(*x.shape):
         impl = select("reference", Problem(op, x.device.type, x.dtype))
     return impl

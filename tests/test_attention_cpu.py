@@ -73,7 +73,11 @@ def test_auto_picks_by_the_committed_gpu_measurements():
     (backends.auto_order), then the other fused one."""
     from fastattn.backends import Problem, auto_order
     att = lambda D=128, **kw: Problem("attention", "cuda", torch.bfloat16, D=D, Dv=D, **kw)
+    gate = lambda op, N, D: Problem(op, "cuda", torch.bfloat16, gate_size=N * D)
     assert auto_order(Problem("softmax_gate", "cuda", torch.bfloat16))[0] == "cuda"
+    assert auto_order(gate("softmax_gate", 8192, 1024))[0] == "cuda"
+    assert auto_order(gate("score_softmax_gate", 1024, 512)) == ("cuda", "triton", "reference")
+    assert auto_order(gate("score_softmax_gate", 8192, 1024)) == ("triton", "cuda", "reference")
     assert auto_order(att())[0] == "triton"
     assert auto_order(att(causal=True))[0] == "triton"
     assert auto_order(att(64)) == ("cuda", "triton", "reference")
@@ -99,6 +103,17 @@ def test_attention_tells_auto_what_it_weighs(monkeypatch, grad):
     with torch.no_grad():
         fastattn.attention(q, q, q, attn_mask=bias > 0)
     assert [(p.causal, p.float_mask, p.grad) for p in seen] == [(True, True, grad), (False, False, False)]
+
+
+def test_softmax_gates_tell_auto_their_size(monkeypatch):
+    """The softmax gates hand "auto" N·D of a batch row (score_softmax_gate's fastest backend depends on it)."""
+    import fastattn.functional as F
+    seen, real = [], F.select
+    monkeypatch.setattr(F, "select", lambda backend, p: seen.append(p) or real(backend, p))
+    x = torch.randn(2, 5, 8)
+    fastattn.score_softmax_gate(x, torch.randn(2, 8))
+    fastattn.softmax_gate(torch.randn(2, 5, 2), x)
+    assert [(p.op, p.gate_size) for p in seen] == [("score_softmax_gate", 40), ("softmax_gate", 40)]
 
 
 def test_cuda_backend_refuses_what_its_kernels_do_not_cover():
