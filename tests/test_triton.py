@@ -313,6 +313,46 @@ def test_out_acc_is_the_unrounded_gated_output(dtype):
     assert (out_acc.double() - ref).abs().max() < (out.double() - ref).abs().max()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("layout", ["elementwise", "headwise-expand", "packed", "packed-headwise"])
+def test_gate_after_the_forward_is_the_fused_gate(monkeypatch, layout, dtype):
+    """A forward that keeps out_acc may run ungated and gate its rows after (configs.gate_after_forward): out,
+    lse and out_acc are those of the fused gate bit for bit (a NaN gate logit included), and the gradients
+    match the reference."""
+    from fastattn.triton_kernels import configs as C
+    Hq, Hkv, D, Dv = 4, 2, 24, 40
+    cu = torch.tensor([0, 7, 7, 26], dtype=torch.int32, device=DEVICE)
+    packed = layout.startswith("packed")
+    rows = (26,) if packed else (2, Hq, 19)
+    q, k, v = (bc.rand(*s, seed=i, device=DEVICE, dtype=dtype) for i, s in
+               enumerate([rows + (Hq, D) if packed else rows + (D,),
+                          (26, Hkv, D) if packed else (2, Hkv, 23, D),
+                          (26, Hkv, Dv) if packed else (2, Hkv, 23, Dv)]))
+    if layout == "headwise-expand":   # stride 0 over heads and one logit a row
+        gate = bc.rand(2, 1, 19, 1, seed=7, device=DEVICE, dtype=dtype).expand(2, Hq, 19, 1)
+    elif layout == "packed-headwise":
+        gate = bc.rand(26, Hq, 1, seed=7, device=DEVICE, dtype=dtype)
+    else:
+        gate = bc.rand(*(q.shape[:-1] + (Dv,)), seed=7, device=DEVICE, dtype=dtype)
+    gate = gate.clone() if layout != "headwise-expand" else gate
+    if layout == "elementwise":
+        gate[0, 1, 3, 5] = float("nan")
+    run = (lambda: torch.ops.fastattn.triton_varlen_attention_fwd(q, k, v, cu, cu, 19, 19, gate, 0.3, 2)) if packed \
+        else (lambda: torch.ops.fastattn.triton_attention_fwd(q, k, v, None, gate, 0.3, 2))
+    calls = []
+    monkeypatch.setattr(C, "gate_after_forward", lambda *a: calls.append(a) or False)
+    fused = run()
+    monkeypatch.setattr(C, "gate_after_forward", lambda *a: calls.append(a) or True)
+    after = run()
+    assert len(calls) == 2
+    for a, b, name in zip(fused, after, ("out", "lse", "out_acc")):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, equal_nan=True, msg=name)
+    if not packed:
+        case = fuzz.make_attention_case(3, dtype, B=2, Hq=Hq, Hkv=Hkv, Lq=19, Lk=23, D=D, Dv=Dv, causal=True,
+                                        gate="elementwise" if layout == "elementwise" else "headwise")
+        assert_all_ok(fuzz.check_attention(case, "triton", DEVICE), case.id)
+
+
 def test_fully_masked_rows_are_zero_without_nan():
     bc.fully_masked_rows_are_zero_without_nan("triton", DEVICE)
 

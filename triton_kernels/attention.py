@@ -263,6 +263,27 @@ def _attn_fwd(Q, K, V, MASK, GATE, OUT, LSE, OUT_ACC, CU_Q, CU_K,
     tl.store(LSE + l_row0 + offs_m, lse, mask=m_row)
 
 
+@triton.jit
+def _gate_rows(OUT_ACC, GATE, OUT, R, N1, N2, stride_g0, stride_g1, stride_g2, stride_gc, Dv,
+               BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """The output gate of a forward launched without it (configs.gate_after_forward): out_acc *= sigmoid(gate)
+    and out = out_acc rounded, the epilogue's arithmetic on the fp32 tile it stored, so the results are the
+    fused launch's bit for bit. Rows r of the contiguous outputs (R of them, Dv wide) are (i0, i1, i2) of the
+    gate's first three dims (N1, N2 the last two; packed (total, H, Dv): (0, t, h))."""
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.arange(0, BLOCK_DV)
+    i2 = r % N2
+    i1 = (r // N2) % N1
+    i0 = r // N2 // N1
+    m = (r < R)[:, None] & (c < Dv)[None, :]
+    p = r[:, None] * Dv + c[None, :]
+    g = tl.load(GATE + (i0 * stride_g0 + i1 * stride_g1 + i2 * stride_g2)[:, None] + c[None, :] * stride_gc,
+                mask=m, other=0.0).to(tl.float32)
+    o = tl.load(OUT_ACC + p, mask=m, other=0.0) * tl.sigmoid(g)
+    tl.store(OUT_ACC + p, o, mask=m)
+    tl.store(OUT + p, cast_rne(o, OUT.dtype.element_ty), mask=m)
+
+
 # ----------------------------------------------------------------------------------------- backward
 @triton.jit
 def _attn_bwd_prep(OUT, DOUT, GATE, DLSE, LSE, DELTA, DO_GATED, DGATE, CU_Q,
@@ -860,7 +881,11 @@ def _fwd(q, k, v, mask, gate, scale, causal, need_acc, packed):
     store_acc = need_acc and has_out_acc(q.dtype)
     out_acc = torch.empty(out.shape, dtype=torch.float32, device=q.device) if store_acc else q.new_empty((0,))
     mask_kind, mask_t, ms = _mask_args(mask, q)
-    gate_t, gs = (gate, _gate_strides(gate, packed)) if gate is not None else (q, (0, 0, 0, 0))
+    align = align_elems(q.dtype, (D, Dv), q, k, v)
+    gate_after = (gate is not None and store_acc and mask_kind == MASK_NONE
+                  and C.gate_after_forward(q, max(C.head_block(D), C.head_block(Dv)), align))
+    fused_gate = gate is not None and not gate_after
+    gate_t, gs = (gate, _gate_strides(gate, packed)) if fused_gate else (q, (0, 0, 0, 0))
     cu_q, cu_k = packed[:2] if packed else (q, q)
 
     def grid(meta):
@@ -872,10 +897,16 @@ def _fwd(q, k, v, mask, gate, scale, causal, need_acc, packed):
         _lse_slice(lse, packed),
         Hq, Hq // Hkv, Lq, Lk, D, Dv, scale * contract.LOG2E, _causal_arg(causal, Lq, Lk, packed),
         C.length_key(Lq), C.length_key(Lk),
-        MASK_KIND=mask_kind, CAUSAL=causal != CAUSAL_NONE, HAS_GATE=gate is not None, STORE_ACC=store_acc,
+        MASK_KIND=mask_kind, CAUSAL=causal != CAUSAL_NONE, HAS_GATE=fused_gate, STORE_ACC=store_acc,
         SPLIT_P=store_acc and C.PRECISE_PV, VARLEN=packed is not None,
-        BLOCK_D=C.head_block(D), BLOCK_DV=C.head_block(Dv), DOT_PREC=dot_precision(q.dtype),
-        ALIGN=align_elems(q.dtype, (D, Dv), q, k, v))
+        BLOCK_D=C.head_block(D), BLOCK_DV=C.head_block(Dv), DOT_PREC=dot_precision(q.dtype), ALIGN=align)
+    if gate_after and out.numel():  # rows (b, h, i) of (B, Hq, Lq, Dv), or (0, t, h) of packed (total, Hq, Dv)
+        n1, n2 = out.shape[1:3] if not packed else out.shape[:2]
+        g0, g1, g2 = gate.stride()[:3] if not packed else (0,) + gate.stride()[:2]
+        R = out.numel() // max(Dv, 1)
+        wrap_triton(_gate_rows)[(triton.cdiv(R, C.GATE_ROWS_BLOCK_R),)](
+            out_acc, gate, out, R, n1, n2, g0, g1, g2, _gate_strides(gate, packed)[3], Dv,
+            BLOCK_R=C.GATE_ROWS_BLOCK_R, BLOCK_DV=C.head_block(Dv), num_warps=C.GATE_ROWS_WARPS)
     return out, lse, out_acc
 
 

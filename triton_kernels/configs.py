@@ -143,6 +143,31 @@ def _smem_bytes(kernel, c, d, dv, esize, mask_esize):
             + max(m, n) * max(d, dv) * esize)
 
 
+def _list_head(esize, head, align):
+    """The head block whose config list serves a launch. Half-precision rows not 16-byte aligned (ALIGN 1:
+    D = 111) load element by element through registers instead of cp.async into shared memory: the tiles of
+    the next head block (fp32 tiles are small already)."""
+    return min(2 * head, 256) if esize < 4 and align == 1 else head
+
+
+def gate_after_forward(q, head, align) -> bool:
+    """Whether a forward with a gate that keeps out_acc (and has no mask) runs ungated, the gate then applied
+    to its rows by a pass over out_acc (attention._gate_rows): where the device's list for the head block has
+    a light_only tile, which a launch with both may not take. H100 (2026-11-26-nvidia-h100-905d3cb.json, bf16
+    D 128 L 4096, forward+backward less backward): the training forward took 1.73 ms ungated on 128x64,
+    4.96 gated on 32x64. The pass moves 12 bytes an element (0.4 GB there: ~0.15 ms expected, not measured)."""
+    esize = q.element_size()
+    cc, _ = target({"q": q})
+    table = FWD_FP32 if esize == 4 else FWD_HALF
+    return any(c.light_only and c.min_cc <= cc <= c.max_cc for c in _for_head(table, _list_head(esize, head, align)))
+
+
+# attention._gate_rows, memory-bound: a program's 16 rows of Dv 128 are 8 fp32 elements of out_acc a thread
+# at 8 warps (at 4, ptxas took 168 registers on sm_90 for 16; few resident warps for a streaming pass)
+GATE_ROWS_BLOCK_R = 16
+GATE_ROWS_WARPS = 8
+
+
 def _select(kernel, half, fp32, named_args, kwargs, length_ok):
     """The configs of the head block's list (``half`` or ``fp32`` by the inputs' element size) meant for the
     device's capability (not ``light_only`` where a launch has a mask, or a gate and out_acc; not
@@ -151,11 +176,7 @@ def _select(kernel, half, fp32, named_args, kwargs, length_ok):
     (the smallest, should none fit)."""
     bd, bdv = _arg(named_args, kwargs, "BLOCK_D"), _arg(named_args, kwargs, "BLOCK_DV")
     esize = named_args["Q"].element_size()
-    # half-precision rows not 16-byte aligned (ALIGN 1: D = 111) load element by element through registers
-    # instead of cp.async into shared memory: the tiles of the next head block (fp32 tiles are small already)
-    head = max(bd, bdv)
-    if esize < 4 and _arg(named_args, kwargs, "ALIGN") == 1:
-        head = min(2 * head, 256)
+    head = _list_head(esize, max(bd, bdv), _arg(named_args, kwargs, "ALIGN"))
     # mask tile: none, bytes (bool), q's dtype (a bias, and the dmask kernel, which has no kind)
     kind = kwargs.get("MASK_KIND", MASK_BIAS)
     mask_esize = {MASK_NONE: 0, MASK_BOOL: 1}.get(kind, esize)
@@ -196,15 +217,18 @@ else:
               # out_acc, it spills on triton 3.6 (56-112 B at 255 registers). H200: 20 of the 20 keys where
               # it may run (-bb42c89, -2782909.json); gated inference at L4096: 2.12 ms against 3.49 with 32x64
               _cfg(8, 3, 128, 64, min_cc=90, light_only=True),
-              _cfg(8, 3, 64, 32), _cfg(4, 2, 16, 64)],
+              # 16x64 spilled 4-8 B at 168 registers in packed causal launches that keep out_acc under triton 3.6
+              # (sm_80 and sm_90, D 72 and 128; the same with a 255-register budget), not under 3.9
+              _cfg(8, 3, 64, 32), _cfg(4, 2, 16, 64, packed_causal_acc=False)],
         256: [_cfg(8, 2, 32, 32, maxnreg=255),   # O accumulator 32 x 256 fp32 over 8 warps: 32 registers a thread
-              _cfg(4, 2, 16, 32)],
+              _cfg(4, 2, 16, 32, packed_causal_acc=False)],   # as 16x64 above (sm_80, D 111)
     }
     FWD_FP32 = {
         # scripts/check_triton_aot.py --full, triton 3.9: without a register budget ptxas 12.9 settled on 96 for
         # sm_80 and spilled 4 B in a causal gated varlen launch at D 16; given 255 on sm_90 it spilled 16-48 B where
-        # it compiled clean without a budget
-        64: [_cfg(4, 3, 32, 32, max_cc=89, maxnreg=255), _cfg(4, 3, 32, 32, min_cc=90), _cfg(4, 2, 16, 16)],
+        # it compiled clean without a budget; 4 warps without one spilled 8 B at 255 under 3.6 in causal varlen
+        # inference launches at D 40-64 (sm_90), 8 warps (half the accumulator a thread) did not
+        64: [_cfg(4, 3, 32, 32, max_cc=89, maxnreg=255), _cfg(8, 3, 32, 32, min_cc=90), _cfg(4, 2, 16, 16)],
         # 4 warps at 255 registers spilled 40 B in causal varlen launches at D 111 (sm_80); 8 warps (8 accumulator
         # registers a thread, not 16) without a budget settled on 64 and spilled 8 B at D 111 (sm_90)
         128: [_cfg(8, 2, 16, 16, maxnreg=128)],
@@ -262,7 +286,9 @@ else:
     }
     DQ_FP32 = {
         64: [_cfg(4, 2, 32, 16, maxnreg=255)],
-        128: [_cfg(8, 2, 16, 16)],
+        # without a budget ptxas 12.8 settled on 80 registers and spilled 20 B in causal varlen launches at D 111
+        # (sm_90); with 128, 52 B
+        128: [_cfg(8, 2, 16, 16, maxnreg=255)],
         256: [_cfg(8, 1, 16, 16, maxnreg=255)],
     }
     PREP_BLOCK_M = 64
@@ -329,10 +355,12 @@ def prune_dmask(configs, named_args, **kwargs):
 # tl.dot and capped by DECODE_MAX_BLOCK_M: more rows take more programs) with their O accumulator, and streams
 # one split of its sequence's keys in BLOCK_N tiles, num_stages deep. The configs set BLOCK_N alone. Decode is
 # memory-bound (one pass over the cache, a few rows of math per key): key tiles as large as the rows' registers
-# allow, since each stage is a load in flight. Not measured on a GPU yet: sizes are what compiles for sm_80 and
-# sm_90 without spills in scripts/check_triton_aot.py.
-def _decode_cfg(num_warps, num_stages, BLOCK_N, min_cc=0, max_cc=1000):
-    c = triton.Config({"BLOCK_N": BLOCK_N}, num_warps=num_warps, num_stages=num_stages)
+# allow, since each stage is a load in flight. Sizes are what compiles for sm_80 and sm_90 without spills in
+# scripts/check_triton_aot.py, not tuned: on an H100 (2026-11-26-nvidia-h100-905d3cb-varlen-decode-gates.json,
+# bf16, Hq 32, Hkv 8, D 128, 16k keys) they read 4% (B 1) and 28% (B 8) of the memory bandwidth.
+def _decode_cfg(num_warps, num_stages, BLOCK_N, min_cc=0, max_cc=1000, maxnreg=None):
+    c = triton.Config({"BLOCK_N": BLOCK_N}, num_warps=num_warps, num_stages=num_stages,
+                      maxnreg=None if INTERPRET else maxnreg)
     c.min_cc, c.max_cc = min_cc, max_cc
     return c
 
@@ -342,7 +370,9 @@ if INTERPRET:
     DECODE_MAX_BLOCK_M_HALF = DECODE_MAX_BLOCK_M_FP32 = {256: 16}   # Lq x group > 16 crosses row tiles
 else:
     DECODE_HALF = {
-        64: [_decode_cfg(4, 3, 64), _decode_cfg(8, 3, 128)],
+        # 4 warps without a register budget: ptxas 12.8 (triton 3.6) settled on 96 and spilled 28 B at D 16 (sm_90);
+        # with 128, 3.9 spilled 16 B in paged gated launches at D 40-64; with 255 both compile clean
+        64: [_decode_cfg(4, 3, 64, maxnreg=255), _decode_cfg(8, 3, 128)],
         128: [_decode_cfg(4, 3, 64)],   # 128 keys at 64 rows spilled on sm_90 (4 warps, 2 stages)
         256: [_decode_cfg(4, 2, 32)],   # 64 keys spilled on sm_90 at 4 warps (255 registers) and at 8 (128)
     }
