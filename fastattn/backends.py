@@ -275,7 +275,9 @@ def auto_order(p: Problem) -> tuple:
       3.30-3.68 vs 4.84-4.89 on the H100 of 2026-11-26-nvidia-h100-*.json; cuda leads at N1024 D512,
       0.77-0.90 vs 1.25-1.46 on both; between the two the crossing is not measured);
     - attention with a float mask: triton (bias fwd+bwd 6.58 vs 8.02 ms at L1024, 23.3 vs 29.3 at L4096;
-      fwd 1.32 vs 2.24 and 4.00 vs 8.36);
+      fwd 1.32 vs 2.24 and 4.00 vs 8.36), but causal with a gradient at D 128: cuda, whose backward leads
+      there (fwd+bwd 4.77 vs 5.18 ms at L1024, 15.94 vs 16.95 at L4096 on the H200 (-bb42c89.json); 4.81 vs
+      5.27 and 15.95 vs 16.80 on the H100);
     - attention with a gradient: triton (fwd+bwd D128 L4096 9.06 vs 15.41 ms, causal 5.42 vs 8.30,
       gated 12.43 vs 15.66; D64 8.74 vs 13.01);
     - attention without one at D > 64: triton, whose 128x64 Hopper tile runs there (fwd D128 L4096 1.80
@@ -285,6 +287,8 @@ def auto_order(p: Problem) -> tuple:
         return "cpu", "reference"
     if p.device_type != "cuda":
         return ("reference",)
+    if p.op == "attention" and p.float_mask and p.grad and p.causal and p.head_dim == 128:
+        return "cuda", "triton", "reference"
     if p.op == "attention" and (p.float_mask or p.grad or p.head_dim > 64):
         return "triton", "cuda", "reference"
     if p.op == "score_softmax_gate" and p.gate_size >= 1 << 22:
