@@ -900,12 +900,13 @@ def _fwd(q, k, v, mask, gate, scale, causal, need_acc, packed):
         MASK_KIND=mask_kind, CAUSAL=causal != CAUSAL_NONE, HAS_GATE=fused_gate, STORE_ACC=store_acc,
         SPLIT_P=store_acc and C.PRECISE_PV, VARLEN=packed is not None,
         BLOCK_D=C.head_block(D), BLOCK_DV=C.head_block(Dv), DOT_PREC=dot_precision(q.dtype), ALIGN=align)
-    if gate_after and out.numel():  # rows (b, h, i) of (B, Hq, Lq, Dv), or (0, t, h) of packed (total, Hq, Dv)
-        n1, n2 = out.shape[1:3] if not packed else out.shape[:2]
-        g0, g1, g2 = gate.stride()[:3] if not packed else (0,) + gate.stride()[:2]
+    if gate_after and out.numel():
+        sb, sh, si, sc = _gate_strides(gate, packed)
+        # rows (b, h, i) of (B, Hq, Lq, Dv), or (0, t, h) of packed (total, Hq, Dv)
+        n1, n2, g = (*out.shape[:2], (0, si, sh)) if packed else (*out.shape[1:3], (sb, sh, si))
         R = out.numel() // max(Dv, 1)
         wrap_triton(_gate_rows)[(triton.cdiv(R, C.GATE_ROWS_BLOCK_R),)](
-            out_acc, gate, out, R, n1, n2, g0, g1, g2, _gate_strides(gate, packed)[3], Dv,
+            out_acc, gate, out, R, n1, n2, *g, sc, Dv,
             BLOCK_R=C.GATE_ROWS_BLOCK_R, BLOCK_DV=C.head_block(Dv), num_warps=C.GATE_ROWS_WARPS)
     return out, lse, out_acc
 
