@@ -92,8 +92,8 @@ def scale(value):
 
 
 def probability(name, p):
-    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p < 1.0:
-        raise ValueError(f"{name}: expected a number in [0, 1), got {p!r}")
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p <= 1.0:
+        raise ValueError(f"{name}: expected a number in [0, 1], got {p!r}")
 
 
 def attention_inputs(q, k, v, attn_mask, gate, scale_, dropout_p):

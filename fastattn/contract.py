@@ -56,6 +56,13 @@ def causal_allowed(Lq: int, Lk: int, offset: int, device: Optional[torch.device]
     return j <= i + offset
 
 
+def dropout_weights(p: torch.Tensor, keep: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    """Dropout as torch's: kept weights scaled by 1 / (1 - dropout_p); dropout_p = 1 multiplies every
+    weight by 0 (a NaN stays NaN, as in torch), where 1 / (1 - p) would turn the zeros into NaN.
+    TorchScript compiles it."""
+    return p * keep * (1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0)
+
+
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of the softmax statistics an op returns (lse, alpha): float64 for float64 inputs, else
     float32."""

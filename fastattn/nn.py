@@ -383,7 +383,7 @@ def _attention_with_weights(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tens
     lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))  # fully masked rows: p = 0, no NaN
     p = torch.exp(s - lse)
     if dropout_p > 0.0:  # the output must use the same dropped weights that are returned
-        p = p * (torch.rand_like(p) >= dropout_p) / (1.0 - dropout_p)
+        p = contract.dropout_weights(p, torch.rand_like(p) >= dropout_p, dropout_p)
         out = torch.matmul(p.to(v.dtype), v)
         if gate is not None:
             out = out * torch.sigmoid(gate.to(out.dtype))

@@ -66,7 +66,7 @@ def attention(q, k, v, attn_mask=None, causal=False, scale=None, gate=None, drop
     if dropout_p > 0.0 or dropout_mask is not None:
         if dropout_mask is None:
             dropout_mask = torch.rand_like(p) >= dropout_p
-        p = p * dropout_mask / (1.0 - dropout_p)
+        p = contract.dropout_weights(p, dropout_mask, dropout_p)
 
     # -- weighted values, gate
     out = torch.matmul(p.to(v.dtype), v)  # [B, Hq, Lq, Dv]

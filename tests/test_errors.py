@@ -28,7 +28,7 @@ ATTENTION_ERRORS = [
     ("gate-dtype", dict(gate=torch.ones(2, 4, 8, 1, dtype=torch.int64)), TypeError, "gate: expected float16"),
     ("causal", dict(causal="upper"), ValueError, "causal: expected"),
     ("scale", dict(scale=float("nan")), ValueError, "scale: expected a finite"),
-    ("dropout", dict(dropout_p=1.0), ValueError, r"dropout_p: expected a number in \[0, 1\)"),
+    ("dropout", dict(dropout_p=1.5), ValueError, r"dropout_p: expected a number in \[0, 1\]"),
     ("backend-name", dict(backend="tpu"), ValueError, "backend: expected 'auto' or one of"),
     ("backend-dropout", dict(backend="cpu", dropout_p=0.1), RuntimeError, "backend='cpu' cannot run"),
     ("backend-headdim", dict(backend="cpu", q=t(1, 1, 4, 300), k=t(1, 1, 4, 300), v=t(1, 1, 4, 300)),

@@ -77,6 +77,35 @@ def test_dropout_is_random_and_unbiased_in_mean():
     torch.testing.assert_close(draws.mean(0), F.scaled_dot_product_attention(q, k, v), atol=0.05, rtol=0)
 
 
+
+def test_dropout_of_one_drops_every_weight_as_torch():
+    """dropout_p = 1 zeroes every weight (torch multiplies by 0: no 0 / 0), so the output and the
+    gradients are 0, and a NaN still reaches its rows; the module with dropout=1.0 likewise."""
+    q, k, v = (rand(1, 2, 5, 8, seed=s, dtype=torch.float64).requires_grad_() for s in (1, 2, 3))
+    got = fastattn.scaled_dot_product_attention(q, k, v, dropout_p=1.0)
+    want = F.scaled_dot_product_attention(q, k, v, dropout_p=1.0)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert torch.equal(got, torch.zeros_like(got))
+    dout = torch.randn_like(got)
+    grads = torch.autograd.grad(got, (q, k, v), dout)
+    want_grads = torch.autograd.grad(want, (q, k, v), dout)
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w, atol=0, rtol=0)
+    nan_q = q.detach().clone()
+    nan_q[0, 1, 2, 0] = float("nan")
+    got = fastattn.attention(nan_q, k.detach(), v.detach(), dropout_p=1.0)
+    want = F.scaled_dot_product_attention(nan_q, k.detach(), v.detach(), dropout_p=1.0)
+    torch.testing.assert_close(got, want, atol=0, rtol=0, equal_nan=True)
+    assert got[0, 1, 2].isnan().all() and not got[0, 1, :2].isnan().any()
+
+    from fastattn.nn import MultiheadAttention
+    mha = MultiheadAttention(8, 2, dropout=1.0, batch_first=True, dtype=torch.float64).train()
+    x = rand(2, 5, 8, seed=4, dtype=torch.float64)
+    out, w = mha(x, x, x)
+    torch.testing.assert_close(w, torch.zeros_like(w), atol=0, rtol=0)
+    torch.testing.assert_close(out, mha.out_proj.bias.expand_as(out), atol=0, rtol=0)
+
+
 _BAD_SDPA_INPUTS = {
     "mask_with_is_causal": lambda q, k, v: dict(query=q, key=q, value=q, attn_mask=torch.ones(5, 5, dtype=torch.bool),
                                                 is_causal=True),
