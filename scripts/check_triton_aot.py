@@ -111,15 +111,17 @@ def _attention_scenarios(dtype, D):
     without a backward to follow (need_acc=False); light: the forward's ``light_only`` configs at the launches
     that keep them (causal with GQA, no mask: for training and inference without a gate, for inference
     with one); bool: key-padding
-    bool mask, headwise gate, causal top-left. Long sequences keep every config with BLOCK_M > 16; a
+    bool mask, headwise gate, causal top-left; dq-split: full with q from expand (the dQ kernel's dS in two parts). Long sequences keep every config with BLOCK_M > 16; a
     16-row query side keeps the decode configs."""
     import torch
     from fastattn.triton_kernels import attention as A
     mk = lambda *s, dt=dtype: torch.empty(*s, dtype=dt, device="meta")
 
-    def run(Lq, Lk, Hkv, mask_shapes, gate, causal, bool_mask=False, inference=False, train=True):
+    def run(Lq, Lk, Hkv, mask_shapes, gate, causal, bool_mask=False, inference=False, train=True, q_rows=None):
         B, Hq = 2, 4
         q, k, v = mk(B, Hq, Lq, D), mk(B, Hkv, Lk, D), mk(B, Hkv, Lk, D)
+        if q_rows:  # q from expand: its gradient sums rows
+            q = mk(B, Hq, q_rows, D).expand(B, Hq, Lq, D)
         g = mk(*gate) if gate else None
         mdt = torch.bool if bool_mask else dtype
         m0 = mk(*mask_shapes[0], dt=mdt) if mask_shapes else None
@@ -145,6 +147,8 @@ def _attention_scenarios(dtype, D):
             yield "light", {"_attn_fwd"}, lambda Lq=Lq: run(Lq, Lq, 2, None, (2, 4, Lq, D), 2, inference=True,
                                                             train=False)
         yield "bool", None, lambda Lq=Lq, Lk=Lk: run(Lq, Lk, 4, [(2, 1, 1, Lk)], (2, 4, Lq, 1), 1, bool_mask=True)
+        yield "dq-split", {"_attn_bwd_dq"}, lambda Lq=Lq, Lk=Lk: run(Lq, Lk, 2, [(2, 4, Lq, Lk)], (2, 4, Lq, D), 2,
+                                                                   q_rows=1)
 
 
 def _decode_scenarios(dtype, D):
@@ -233,7 +237,8 @@ def _gate_scenarios(dtype, D):
 
 # variants compiled by default; --full adds the others (their specialisations are lighter than full's)
 CI_VARIANTS = {"full", "bcast", "light", "varlen", "gate-plain", "gate-full", "decode"}
-ALL_VARIANTS = CI_VARIANTS | {"plain", "bool", "decode-contig", "varlen-infer", "gate-plain-fp16", "gate-full-fp16"}
+ALL_VARIANTS = CI_VARIANTS | {"plain", "bool", "decode-contig", "varlen-infer", "gate-plain-fp16", "gate-full-fp16",
+                             "dq-split"}
 
 
 # --------------------------------------------------------------------------------------- specialising

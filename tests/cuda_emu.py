@@ -102,12 +102,15 @@ def using(path: str):
 
 
 @contextlib.contextmanager
-def settings(arch: int | None = None, schedule: int | None = None):
+def settings(arch: int | None = None, schedule: int | None = None, block_ends: int | None = None):
     """Emulates another architecture's limits (80, 90) or thread order (0 in order, 1 reversed,
-    2 + seed random) inside the block."""
+    2 + seed random) inside the block; block_ends = n runs only the first and last n blocks of each launch."""
     lib = load()
+    lib.fastattn_emu_set_block_ends.restype = ctypes.c_int64
+    lib.fastattn_emu_set_block_ends.argtypes = [ctypes.c_int64]
     old_arch = lib.fastattn_emu_set_arch(arch) if arch is not None else None
     old_schedule = lib.fastattn_emu_set_schedule(schedule) if schedule is not None else None
+    old_ends = lib.fastattn_emu_set_block_ends(block_ends) if block_ends is not None else None
     try:
         yield
     finally:
@@ -115,6 +118,8 @@ def settings(arch: int | None = None, schedule: int | None = None):
             lib.fastattn_emu_set_arch(old_arch)
         if old_schedule is not None:
             lib.fastattn_emu_set_schedule(old_schedule)
+        if old_ends is not None:
+            lib.fastattn_emu_set_block_ends(old_ends)
 
 
 def stats(reset: bool = False) -> dict:

@@ -10,8 +10,8 @@ import backend_checks as bc
 import cuda_emu
 import fastattn
 from conftest import assert_all_ok, dtype_id
-from fastattn.testing import (AttentionCase, KvcacheCase, VarlenCase, check_attention, check_gate, check_kvcache,
-                              compare, gate_cases)
+from fastattn.testing import (AttentionCase, GateCase, KvcacheCase, VarlenCase, check_attention, check_gate,
+                              check_kvcache, compare, gate_cases)
 
 _WHY = cuda_emu.build.requirements()
 if _WHY is not None:
@@ -22,7 +22,9 @@ pytestmark = pytest.mark.skipif(_WHY is not None, reason=str(_WHY))
 
 DTYPES = [torch.float16, torch.bfloat16]
 CASES = bc.cuda_attention_cases()
-GATE_CASES = gate_cases()
+# and positions past one block's chunk (pool: 256 per block, dweight: 512 (b, n) rows per block)
+GATE_CASES = gate_cases() + [GateCase(op="score_softmax_gate", pool=pool, N=600, D=64, H=2, weights_grad=True)
+                             for pool in (False, True)]
 VARLEN_CASES = bc.cuda_varlen_cases(quick=True)
 KVCACHE_CASES = bc.cuda_kvcache_cases(quick=True)
 
@@ -31,6 +33,25 @@ KVCACHE_CASES = bc.cuda_kvcache_cases(quick=True)
 def emulation():
     if _WHY is None:
         cuda_emu.load()
+
+
+def test_emulated_grid_past_65535_heads():
+    """B * H past 65535, the bound of a grid's y and z axes: the launches pass the emulation's check of their grids
+    (a GPU's), and the far end of each grid computes the heads it belongs to. Only the first and last two blocks of
+    each launch run (the whole grid is too large to emulate); the heads they own, 0, 1 and the last two, are compared
+    with the reference, forward and every gradient."""
+    H = 65537
+    q, k, v = (torch.randn(1, H, 3, 64, dtype=torch.float16, requires_grad=True) for _ in range(3))
+    with cuda_emu.settings(block_ends=2):
+        out = fastattn.attention(q, k, v, backend="cuda_emu")
+        dout = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+    ends = [0, 1, H - 2, H - 1]
+    qe, ke, ve = (t.detach()[:, ends].double().requires_grad_() for t in (q, k, v))
+    want = fastattn.attention(qe, ke, ve, backend="reference")
+    want_grads = torch.autograd.grad(want, (qe, ke, ve), dout[:, ends].double())
+    for got, ref in zip((out, *grads), (want, *want_grads)):
+        torch.testing.assert_close(got[:, ends].double(), ref, atol=1e-2, rtol=1e-2)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

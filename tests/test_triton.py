@@ -5,6 +5,7 @@ On a GPU this runs the full sweeps on CUDA tensors. Without one, scripts/test.sh
 under TRITON_INTERPRET=1 (CPU tensors in Triton's interpreter): the quick attention, varlen and kv-cache
 sweeps, the gate sweep through both the one-pass and the two-pass kernels, and extra cases for head dims 96-256.
 """
+import inspect
 import math
 import os
 
@@ -46,6 +47,28 @@ TWO_PASS_CASES = gate_cases(quick=True) if INTERPRET else gate_cases()
 def _registered():
     avail = fastattn.backends()["triton"]
     assert avail["available"], avail["reason"]
+
+
+# CUDA's bounds on a launch grid (x, y, z). The interpreter has none, so every interpreted launch is held to them.
+GRID_BOUNDS = (2**31 - 1, 65535, 65535)
+
+
+def _within_bounds(grid):
+    return all(n <= bound for n, bound in zip(grid, GRID_BOUNDS))
+
+
+@pytest.fixture(autouse=True)
+def _cuda_grid_bounds(monkeypatch):
+    if INTERPRET:
+        from triton.runtime import interpreter
+        builder = interpreter.interpreter_builder
+        set_grid_dim = builder.set_grid_dim
+
+        def checked(*grid):
+            assert _within_bounds(grid), f"launch grid {grid} is past CUDA's bounds {GRID_BOUNDS}"
+            return set_grid_dim(*grid)
+
+        monkeypatch.setattr(builder, "set_grid_dim", checked)
 
 
 @pytest.mark.parametrize("case", ATTN_CASES, ids=[c.id for c in ATTN_CASES])
@@ -350,6 +373,75 @@ def test_gate_after_the_forward_is_the_fused_gate(monkeypatch, layout, dtype):
         case = fuzz.make_attention_case(3, dtype, B=2, Hq=Hq, Hkv=Hkv, Lq=19, Lk=23, D=D, Dv=Dv, causal=True,
                                         gate="elementwise" if layout == "elementwise" else "headwise")
         assert_all_ok(fuzz.check_attention(case, "triton", DEVICE), case.id)
+
+
+def _record_grids(monkeypatch):
+    """Interpreted launches record (kernel, grid) instead of running: the grids of problems too large to
+    interpret."""
+    from triton.runtime import interpreter
+    grids = []
+
+    def record(self, *args, **kwargs):
+        spec = inspect.getfullargspec(self.fn)
+        kwargs = {k: v for k, v in kwargs.items() if k in spec.args or k in spec.kwonlyargs}
+        grid = self.grid(inspect.getcallargs(self.fn, *args, **kwargs)) if callable(self.grid) else self.grid
+        grids.append((self.fn.__name__, tuple(grid)))
+
+    monkeypatch.setattr(interpreter.GridExecutor, "__call__", record)
+    return grids
+
+
+def test_more_than_65535_heads_or_gate_row_tiles(monkeypatch):
+    """B * H past 65535 (many short sequences: batch 4096 x 16 heads) and a gate over millions of positions
+    launch within CUDA's grid bounds. On a GPU they run and match the reference; under the interpreter the
+    launches are recorded, not run, and their grids checked."""
+    grids = _record_grids(monkeypatch) if INTERPRET else None
+    dt = torch.float16
+    q, k, v = (torch.randn(2, 32769, 3, 16, device=DEVICE, dtype=dt, requires_grad=True) for _ in range(3))
+    mask = torch.randn(2, 32769, 3, 3, device=DEVICE, dtype=dt, requires_grad=True)
+    gate = torch.randn(2, 32769, 3, 16, device=DEVICE, dtype=dt, requires_grad=True)
+    N = 65536 * 64 + 1   # past 65535 tiles of the largest row tile of the gate kernels
+    x = torch.randn(1, N, 2, device=DEVICE, dtype=dt, requires_grad=True)
+    w = torch.randn(1, 2, device=DEVICE, dtype=dt, requires_grad=True)
+    for causal in (False, True):
+        out = fastattn.attention(q, k, v, attn_mask=mask, gate=gate, causal=causal, backend="triton")
+        grads = torch.autograd.grad(out, (q, k, v, mask, gate), torch.ones_like(out))
+        if not INTERPRET:
+            want = fastattn.attention(*(t.float() for t in (q, k, v)), attn_mask=mask.float(), gate=gate.float(),
+                                      causal=causal, backend="reference")
+            want_grads = torch.autograd.grad(want, (q, k, v, mask, gate), torch.ones_like(want))
+            torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=2e-2)
+            for g, wg in zip(grads, want_grads):
+                torch.testing.assert_close(g.float(), wg, atol=5e-2, rtol=5e-2)
+    out = fastattn.attention(q, k, v, attn_mask=mask[:, :, :1], backend="triton")   # the broadcast dmask kernel
+    torch.autograd.grad(out, (q, mask), torch.ones_like(out))
+    for pool in (False, True):
+        y = fastattn.score_softmax_gate(x, w, pool=pool, backend="triton")
+        torch.autograd.grad(y, (x, w), torch.ones_like(y))
+        y = fastattn.softmax_gate(x[..., :1].detach(), x, pool=pool, backend="triton")
+        torch.autograd.grad(y, x, torch.ones_like(y))
+    if INTERPRET:
+        kernels = {name for name, _ in grids}
+        assert {"_attn_fwd", "_attn_bwd_prep", "_attn_bwd_dkdv", "_attn_bwd_dq", "_attn_bwd_dmask", "_gate_scores",
+                "_gate_apply", "_gate_bwd_rows"} <= kernels, kernels
+        past = [(name, g) for name, g in grids if not _within_bounds(g)]
+        assert not past, f"launch grids past CUDA's bounds {GRID_BOUNDS}: {past}"
+
+
+def test_repeated_keys_keep_dq_exact():
+    """dS in two parts for dQ where q's gradient sums rows (expand, unfold): the fuzz cases that missed the rule
+    with dS rounded to half precision."""
+    bc.repeated_keys_keep_dq_exact("triton", DEVICE)
+
+
+def test_repeats_elements_finds_the_views_whose_gradient_autograd_sums():
+    from fastattn.triton_kernels.common import repeats_elements
+    base = torch.randn(2, 3, 8, 16)
+    assert not repeats_elements(base) and not repeats_elements(base.transpose(1, 2))
+    assert not repeats_elements(base[:, :1]) and not repeats_elements(base[:, :, ::2])
+    assert repeats_elements(base[:, :, :1].expand(2, 3, 8, 16)) and repeats_elements(base[:1].expand(4, 3, 8, 16))
+    assert repeats_elements(torch.randn(2, 3, 40).unfold(-1, 16, 4))       # rows 4 apart, 16 long
+    assert not repeats_elements(torch.randn(2, 3, 128).unfold(-1, 16, 16))  # rows that just touch
 
 
 def test_fully_masked_rows_are_zero_without_nan():

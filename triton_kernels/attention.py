@@ -25,13 +25,14 @@ inputs' batch strides as 0, each output's slice and row strides (_out_rows) and 
 grids below); each program reads its sequence's first rows, lengths and causal offset from cu_seqlens
 (_seq_extent), and one whose tile lies past its sequence's length returns at once.
 
-Kernels:
-    _attn_fwd        grid (Lq / BLOCK_M, B * Hq)   O, lse (and O before rounding: out_acc)
-    _attn_bwd_prep   grid (Lq / BLOCK_M, B * Hq)   dO = dO' * sig(g), delta = rowsum(dO * O) - dlse,
-                                                   dgate = dO' * O' * (1 - sig(g)) (O' is the gated output)
-    _attn_bwd_dkdv   grid (Lk / BLOCK_N, B * Hkv)  dK, dV of a key tile, summed over the GQA group's heads
-    _attn_bwd_dq     grid (Lq / BLOCK_M, B * Hq)   dQ of a query tile (and dmask = dS for a full-shape mask)
-    _attn_bwd_dmask  grid (tiles of (Lq', Lk'), B' * H')   dmask of a broadcast mask, one tile per program
+Kernels (programs (tile, slice), flattened tile-fastest onto the grid's first axis by common.grid_tile: the
+second axis would bound B * H to 65535):
+    _attn_fwd        (Lq / BLOCK_M, B * Hq)   O, lse (and O before rounding: out_acc)
+    _attn_bwd_prep   (Lq / BLOCK_M, B * Hq)   dO = dO' * sig(g), delta = rowsum(dO * O) - dlse,
+                                              dgate = dO' * O' * (1 - sig(g)) (O' is the gated output)
+    _attn_bwd_dkdv   (Lk / BLOCK_N, B * Hkv)  dK, dV of a key tile, summed over the GQA group's heads
+    _attn_bwd_dq     (Lq / BLOCK_M, B * Hq)   dQ of a query tile (and dmask = dS for a full-shape mask)
+    _attn_bwd_dmask  (tiles of (Lq', Lk'), B' * H')   dmask of a broadcast mask, one tile per program
 Two backward kernels instead of one with atomics: no atomics means deterministic gradients and
 autotuning without resetting outputs; the price is recomputing S and dP in both (7 tile GEMMs
 instead of 5), the tutorial's choice too. Not measured against a fused atomic dQ yet (no GPU).
@@ -58,6 +59,11 @@ whose error in delta (~2^-9 |dP|) alone put dq of repeated keys at the bound of 
 test_repeated_keys_keep_dq_zero_in_bf16).
 The price is one more tile GEMM per key tile in the half-precision forward (3 instead of 2), not
 measured yet (no GPU).
+dQ = dS K likewise takes dS as dS_hi + dS_lo (SPLIT_DS, one more tile GEMM in the dQ kernel) where q's
+gradient sums rows (common.repeats_elements: q from expand or unfold): there the error of dS rounded to the
+inputs' dtype adds up over the summed rows, while the exact sum may be 0 (every key the same), and dq missed
+docs/CONTRACT.md §4 by up to 3.3x (bf16 / fp16; bc.repeated_keys_keep_dq_exact). Elsewhere each dq element
+keeps its own rounding, within the rule, and the kernel one GEMM fewer (the cuda kernels split always).
 
 Offsets: batch / head offsets are int64 (and a packed sequence's first row); offsets inside one (batch,
 head) slice are int32, so one slice of q, k, v, out (L x row stride; packed: one sequence's) and one
@@ -81,8 +87,8 @@ from fastattn.contract import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE
 from fastattn.ops import has_out_acc
 
 from . import configs as C
-from .common import (align_elems, assume_aligned, assume_aligned3, cast_rne, dot_acc, dot_precision,
-                     online_softmax_step)
+from .common import (align_elems, assume_aligned, assume_aligned3, cast_rne, dot_acc, dot_precision, grid_tile,
+                     online_softmax_step, repeats_elements)
 
 # The contract's constants (fastattn/contract.py), as constexprs the kernels may read.
 LOG2E: tl.constexpr = tl.constexpr(contract.LOG2E)
@@ -195,10 +201,7 @@ def _attn_fwd(Q, K, V, MASK, GATE, OUT, LSE, OUT_ACC, CU_Q, CU_K,
     stride_qb, stride_qh, stride_qm = assume_aligned3(stride_qb, stride_qh, stride_qm, ALIGN)
     stride_kb, stride_kh, stride_kn = assume_aligned3(stride_kb, stride_kh, stride_kn, ALIGN)
     stride_vb, stride_vh, stride_vn = assume_aligned3(stride_vb, stride_vh, stride_vn, ALIGN)
-    pid_m = tl.program_id(0)
-    if CAUSAL:  # heaviest query tiles (most keys) first: better tail balance
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = grid_tile(tl.cdiv(Lq, BLOCK_M), CAUSAL)
     b = (pid_bh // Hq).to(tl.int64)
     h = (pid_bh % Hq).to(tl.int64)
     # GQA / MQA: kv head shared by GROUP query heads (divided in 32 bits: a 64-bit division is a call
@@ -297,8 +300,7 @@ def _attn_bwd_prep(OUT, DOUT, GATE, DLSE, LSE, DELTA, DO_GATED, DGATE, CU_Q,
     DELTA that of its LSE."""
     Dv = assume_aligned(Dv, ALIGN)
     stride_db, stride_dh, stride_dm = assume_aligned3(stride_db, stride_dh, stride_dm, ALIGN)
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = grid_tile(tl.cdiv(Lq, BLOCK_M), False)
     b = (pid_bh // Hq).to(tl.int64)
     h = (pid_bh % Hq).to(tl.int64)
     start_m = pid_m * BLOCK_M
@@ -423,8 +425,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, MASK, DK, DV, CU_Q, CU_K,
     stride_kb, stride_kh, stride_kn = assume_aligned3(stride_kb, stride_kh, stride_kn, ALIGN)
     stride_vb, stride_vh, stride_vn = assume_aligned3(stride_vb, stride_vh, stride_vn, ALIGN)
     stride_dob, stride_doh, stride_dom = assume_aligned3(stride_dob, stride_doh, stride_dom, ALIGN)
-    pid_n = tl.program_id(0)
-    pid_bk = tl.program_id(1)
+    pid_n, pid_bk = grid_tile(tl.cdiv(Lk, BLOCK_N), False)
     b = (pid_bk // Hkv).to(tl.int64)
     hk = (pid_bk % Hkv).to(tl.int64)
     start_n = pid_n * BLOCK_N
@@ -488,7 +489,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, MASK, DK, DV, CU_Q, CU_K,
 def _dq_tiles(dq, q, do, lse2, delta, p_k, p_v, p_mask, p_dmask, offs_m, offs_d, offs_dv, lo, hi,
               Lq, Lk, D, Dv, stride_kn, stride_vn, stride_mi, stride_mj, scale_log2, causal_off,
               MASK_KIND: tl.constexpr, CAUSAL_TILE: tl.constexpr, NEED_DMASK: tl.constexpr,
-              BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+              SPLIT_DS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         m_key = offs_n < Lk
@@ -508,12 +509,15 @@ def _dq_tiles(dq, q, do, lse2, delta, p_k, p_v, p_mask, p_dmask, offs_m, offs_d,
             tl.store(p_dmask + offs_m[:, None] * Lk + offs_n[None, :], cast_rne(ds, p_dmask.dtype.element_ty),
                      mask=(offs_m[:, None] < Lq) & m_key[None, :])
         # -- dQ += dS K
-        dq = dot_acc(cast_rne(ds, kT.dtype), tl.trans(kT), dq, DOT_PREC)
+        ds_hi = cast_rne(ds, kT.dtype)
+        dq = dot_acc(ds_hi, tl.trans(kT), dq, DOT_PREC)
+        if SPLIT_DS:  # + (dS - dS_hi) K: dS to ~16 bits, not 8 (bf16) / 11 (fp16); see the module docstring
+            dq = dot_acc(cast_rne(ds - ds_hi.to(tl.float32), kT.dtype), tl.trans(kT), dq, DOT_PREC)
     return dq
 
 
 @triton.autotune(configs=C.BWD_DQ_CONFIGS, key=["LQ_KEY", "LK_KEY", "BLOCK_D", "BLOCK_DV", "MASK_KIND", "CAUSAL",
-                                                "NEED_DMASK", "VARLEN"],
+                                                "NEED_DMASK", "SPLIT_DS", "VARLEN"],
                  prune_configs_by={"early_config_prune": C.prune_dq})
 @triton.jit
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, MASK, DQ, DMASK, CU_Q, CU_K,
@@ -521,9 +525,9 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, MASK, DQ, DMASK, CU_Q, CU_K,
                  stride_dob, stride_doh, stride_dom, stride_mb, stride_mh, stride_mi, stride_mj,
                  stride_ls, stride_dqs, stride_dqm,
                  Hq, GROUP, Lq, Lk, D, Dv, scale, scale_log2, causal_off, LQ_KEY, LK_KEY,
-                 MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, NEED_DMASK: tl.constexpr, VARLEN: tl.constexpr,
-                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr, ALIGN: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, NEED_DMASK: tl.constexpr, SPLIT_DS: tl.constexpr,
+                 VARLEN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr,
+                 ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """DQ: slice and row strides stride_dqs, stride_dqm in rows of D; LSE, DELTA: slice stride stride_ls when
     packed (see _out_rows); DMASK (NEED_DMASK): a contiguous (B, Hq, Lq, Lk) dS."""
     scale = tl.cast(scale, tl.float32)
@@ -533,10 +537,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, MASK, DQ, DMASK, CU_Q, CU_K,
     stride_kb, stride_kh, stride_kn = assume_aligned3(stride_kb, stride_kh, stride_kn, ALIGN)
     stride_vb, stride_vh, stride_vn = assume_aligned3(stride_vb, stride_vh, stride_vn, ALIGN)
     stride_dob, stride_doh, stride_dom = assume_aligned3(stride_dob, stride_doh, stride_dom, ALIGN)
-    pid_m = tl.program_id(0)
-    if CAUSAL:
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = grid_tile(tl.cdiv(Lq, BLOCK_M), CAUSAL)
     b = (pid_bh // Hq).to(tl.int64)
     h = (pid_bh % Hq).to(tl.int64)
     hk = ((pid_bh % Hq) // GROUP).to(tl.int64)   # in 32 bits, as in _attn_fwd
@@ -577,14 +578,14 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, MASK, DQ, DMASK, CU_Q, CU_K,
         mid, hi = _causal_bounds_q(start_m, Lk, causal_off, BLOCK_M, BLOCK_N)
         dq = _dq_tiles(dq, q, do, lse2, delta, p_k, p_v, p_mask, p_dmask, offs_m, offs_d, offs_dv, 0, mid,
                        Lq, Lk, D, Dv, stride_kn, stride_vn, stride_mi, stride_mj, scale_log2, causal_off,
-                       MASK_KIND, False, NEED_DMASK, BLOCK_N, DOT_PREC)
+                       MASK_KIND, False, NEED_DMASK, SPLIT_DS, BLOCK_N, DOT_PREC)
         dq = _dq_tiles(dq, q, do, lse2, delta, p_k, p_v, p_mask, p_dmask, offs_m, offs_d, offs_dv, mid, hi,
                        Lq, Lk, D, Dv, stride_kn, stride_vn, stride_mi, stride_mj, scale_log2, causal_off,
-                       MASK_KIND, True, NEED_DMASK, BLOCK_N, DOT_PREC)
+                       MASK_KIND, True, NEED_DMASK, SPLIT_DS, BLOCK_N, DOT_PREC)
     else:
         dq = _dq_tiles(dq, q, do, lse2, delta, p_k, p_v, p_mask, p_dmask, offs_m, offs_d, offs_dv, 0, Lk,
                        Lq, Lk, D, Dv, stride_kn, stride_vn, stride_mi, stride_mj, scale_log2, causal_off,
-                       MASK_KIND, False, NEED_DMASK, BLOCK_N, DOT_PREC)
+                       MASK_KIND, False, NEED_DMASK, SPLIT_DS, BLOCK_N, DOT_PREC)
     tl.store(DQ + (dq_row0 + offs_m[:, None] * stride_dqm) * D + offs_d[None, :],
              cast_rne(dq * scale, DQ.dtype.element_ty), mask=m_row[:, None] & (offs_d[None, :] < D))
 
@@ -649,9 +650,10 @@ def _attn_bwd_dmask(Q, K, V, DO, LSE, DELTA, MASK, DMASK,
     stride_vb, stride_vh, stride_vn = assume_aligned3(stride_vb, stride_vh, stride_vn, ALIGN)
     stride_dob, stride_doh, stride_dom = assume_aligned3(stride_dob, stride_doh, stride_dom, ALIGN)
     n_tiles_k = tl.cdiv(LKM, BLOCK_N)
-    pid_m = tl.program_id(0) // n_tiles_k
-    pid_n = tl.program_id(0) % n_tiles_k
-    pid_bh = tl.program_id(1)
+    n_tiles_m = 1 if BCAST_Q else tl.cdiv(Lq, BLOCK_M)
+    tile, pid_bh = grid_tile(n_tiles_m * n_tiles_k, False)
+    pid_m = tile // n_tiles_k
+    pid_n = tile % n_tiles_k
     bm = pid_bh // HM                                  # the mask's own batch / head index
     hm = pid_bh % HM
     offs_d = tl.arange(0, BLOCK_D)
@@ -889,7 +891,7 @@ def _fwd(q, k, v, mask, gate, scale, causal, need_acc, packed):
     cu_q, cu_k = packed[:2] if packed else (q, q)
 
     def grid(meta):
-        return (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)
+        return (triton.cdiv(Lq, meta["BLOCK_M"]) * B * Hq,)
 
     wrap_triton(_attn_fwd)[grid](
         q, k, v, mask_t, gate_t, out, lse, out_acc if store_acc else out, cu_q, cu_k,
@@ -940,7 +942,7 @@ def _bwd(dout, q, k, v, out, lse, mask, gate, dlse, scale, causal, need_dmask, p
     else:
         do_gated, dgate, gate_t, gs = delta, q.new_empty((0,)), q, (0, 0, 0, 0)
     prep_m = C.prep_block_m(C.head_block(Dv))
-    wrap_triton(_attn_bwd_prep)[(triton.cdiv(Lq, prep_m), B * Hq)](
+    wrap_triton(_attn_bwd_prep)[(triton.cdiv(Lq, prep_m) * B * Hq,)](
         out, dout, gate_t, dlse_t, lse, delta, do_gated, dgate if gate is not None else delta, cu_q,
         *_rows(dout, packed), *gs, *_out_rows(out, packed), ls, Hq, Lq, Dv,
         HAS_GATE=gate is not None, HAS_DLSE=dlse is not None, ROUNDED_DO=q.dtype != torch.float32,
@@ -964,20 +966,21 @@ def _bwd(dout, q, k, v, out, lse, mask, gate, dlse, scale, causal, need_dmask, p
                   DOT_PREC=dot_precision(q.dtype), ALIGN=align_elems(q.dtype, (D, Dv), q, k, v, do))
     strides = (*_rows(q, packed), *_rows(k, packed), *_rows(v, packed), *_rows(do, packed), *ms)
     off = _causal_arg(causal, Lq, Lk, packed)
-    wrap_triton(_attn_bwd_dkdv)[lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv)](
+    wrap_triton(_attn_bwd_dkdv)[lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]) * B * Hkv,)](
         q, k, v, do, lse, delta, mask_t, dk, dv, cu_q, cu_k, *strides, ls, *_out_rows(dk, packed), Hq, Hkv, Hq // Hkv,
         Lq, Lk, D, Dv, scale, scale * contract.LOG2E, off, C.length_key(Lq), C.length_key(Lk),
         VARLEN=packed is not None, **common)
     fused_dmask = need_dmask and not bcast
-    wrap_triton(_attn_bwd_dq)[lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)](
+    wrap_triton(_attn_bwd_dq)[lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]) * B * Hq,)](
         q, k, v, do, lse, delta, mask_t, dq, dmask if fused_dmask else dq, cu_q, cu_k, *strides, ls,
         *_out_rows(dq, packed), Hq, Hq // Hkv, Lq, Lk, D, Dv, scale, scale * contract.LOG2E, off, C.length_key(Lq),
-        C.length_key(Lk), NEED_DMASK=fused_dmask, VARLEN=packed is not None, **common)
+        C.length_key(Lk), NEED_DMASK=fused_dmask, SPLIT_DS=q.dtype != torch.float32 and repeats_elements(q),
+        VARLEN=packed is not None, **common)
     if bcast and dmask.numel():
         Bm, Hm, Lqm, Lkm = mask.shape
         common.pop("MASK_KIND")
         wrap_triton(_attn_bwd_dmask)[
-                lambda meta: (triton.cdiv(Lqm, meta["BLOCK_M"]) * triton.cdiv(Lkm, meta["BLOCK_N"]), Bm * Hm)](
+                lambda meta: (triton.cdiv(Lqm, meta["BLOCK_M"]) * triton.cdiv(Lkm, meta["BLOCK_N"]) * Bm * Hm,)](
             q, k, v, do, lse, delta, mask_t, dmask, *strides, dmask.stride(0), dmask.stride(1), dmask.stride(2),
             Hq, Hq // Hkv, Lq, Lk, D, Dv, scale * contract.LOG2E, off, Hm, Lkm,
             B if Bm == 1 else 1, Hq if Hm == 1 else 1, C.length_key(Lq), C.length_key(Lk),

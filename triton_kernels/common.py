@@ -68,7 +68,32 @@ def assume_aligned3(a, b, c, ALIGN: tl.constexpr):
     return assume_aligned(a, ALIGN), assume_aligned(b, ALIGN), assume_aligned(c, ALIGN)
 
 
+@triton.jit
+def grid_tile(n_tiles, REVERSE: tl.constexpr):
+    """(tile, slice) of this program in a grid whose first axis has n_tiles x slices programs, tiles fastest: the
+    order of an (n_tiles, slices) grid without the 65535 bound of a grid's second and third axes (slices count
+    B * H, or the batch items; tiles the rows). REVERSE: tiles last to first (causal attention: the heaviest
+    query tiles, with the most keys, first, for tail balance)."""
+    pid = tl.program_id(0)
+    tile = pid % n_tiles
+    if REVERSE:
+        tile = n_tiles - 1 - tile
+    return tile, pid // n_tiles
+
+
 # ---------------------------------------------------------------------------------------- launchers
+def repeats_elements(t) -> bool:
+    """Whether view t may reach one element from several indices (expand's stride 0, unfold's overlapping rows),
+    so that autograd sums its gradient over them. Conservative: dims sorted by stride, each must step past all
+    the smaller ones (as torch's non-overlapping test); a view that fails it may still be free of repeats."""
+    reach = 0   # the largest offset the dims taken so far reach
+    for stride, size in sorted((abs(st), sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
+        if stride <= reach:
+            return True
+        reach += stride * (size - 1)
+    return False
+
+
 def dot_precision(dtype):
     """Exact fp32 dots for float32 unless torch itself allows TF32 matmuls (documented above)."""
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:

@@ -52,7 +52,7 @@ def length_key(n: int) -> int:
 
 
 def _cfg(num_warps, num_stages, BLOCK_M, BLOCK_N, min_cc=0, max_cc=1000, maxnreg=None, light_only=False,
-         packed_causal_acc=True):
+         packed_causal_acc=True, split_ds=True):
     """A config for the compute capabilities [min_cc, max_cc]: Hopper (wgmma, operands from shared
     memory) and Ampere (mma, operands in registers) spill at different tiles. ``maxnreg`` states a
     register budget to ptxas (.maxnreg): without one, ptxas settles on a count of its own (80, 96, 128)
@@ -64,10 +64,12 @@ def _cfg(num_warps, num_stages, BLOCK_M, BLOCK_N, min_cc=0, max_cc=1000, maxnreg
     only for launches without a mask, and with a gate only where out_acc is not kept (inference): the
     forward's registers grow with each, and such a tile spills there. ``packed_causal_acc=False``: not kept
     for packed-sequence (varlen) causal launches that keep out_acc, whose per-sequence lengths and causal
-    offset take registers that a padded launch has as kernel arguments."""
+    offset take registers that a padded launch has as kernel arguments. ``split_ds=False``: not kept for dQ launches
+    that take dS in two parts (SPLIT_DS), one more tile in registers."""
     c = triton.Config({"BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N}, num_warps=num_warps, num_stages=num_stages,
                       maxnreg=None if INTERPRET else maxnreg)
     c.min_cc, c.max_cc, c.light_only, c.packed_causal_acc = min_cc, max_cc, light_only, packed_causal_acc
+    c.split_ds = split_ds
     return c
 
 
@@ -171,7 +173,8 @@ GATE_ROWS_WARPS = 8
 def _select(kernel, half, fp32, named_args, kwargs, length_ok):
     """The configs of the head block's list (``half`` or ``fp32`` by the inputs' element size) meant for the
     device's capability (not ``light_only`` where a launch has a mask, or a gate and out_acc; not
-    ``packed_causal_acc=False`` where a varlen launch is causal and keeps out_acc) that fit its
+    ``packed_causal_acc=False`` where a varlen launch is causal and keeps out_acc; not ``split_ds=False`` where a
+    dQ launch splits dS) that fit its
     shared memory, those that pass ``length_ok`` if any do; at least one
     (the smallest, should none fit)."""
     bd, bdv = _arg(named_args, kwargs, "BLOCK_D"), _arg(named_args, kwargs, "BLOCK_DV")
@@ -184,9 +187,10 @@ def _select(kernel, half, fp32, named_args, kwargs, length_ok):
     gate_and_acc = kwargs.get("HAS_GATE", True) and kwargs.get("STORE_ACC", True)
     light = kind == MASK_NONE and not gate_and_acc
     packed_causal_acc = kwargs.get("VARLEN", False) and kwargs.get("CAUSAL", False) and kwargs.get("STORE_ACC", False)
+    split_ds = kwargs.get("SPLIT_DS", False)
     cands = [c for c in _for_head(fp32 if esize == 4 else half, head)
              if c.min_cc <= cc <= c.max_cc and (light or not c.light_only)
-             and (c.packed_causal_acc or not packed_causal_acc)]
+             and (c.packed_causal_acc or not packed_causal_acc) and (c.split_ds or not split_ds)]
     size = {id(c): _smem_bytes(kernel, c, bd, bdv, esize, mask_esize) for c in cands}
     keep = [c for c in cands if size[id(c)] <= smem]
     keep = [c for c in keep if length_ok(c)] or keep or [min(cands, key=lambda c: size[id(c)])]
@@ -275,16 +279,19 @@ else:
     }
     DKDV_FP32 = {
         64: [_cfg(4, 2, 16, 16, maxnreg=255)],
-        128: [_cfg(4, 3, 16, 16)],
+        # 3 stages spilled 12 B with a float mask at D 72 (sm_90, ptxas 13.4: 96 registers without a budget;
+        # with 128-255, 28-336 B); 2 stages compiled clean on sm_80 and sm_90
+        128: [_cfg(4, 2, 16, 16)],
         256: [_cfg(8, 2, 16, 16)],
     }
     DQ_HALF = {
-        64: [_cfg(8, 3, 128, 32),     # H200: 6 of 12 keys, the next the other 6 (a tie)
-             # 16x32 without a budget: ptxas 12.8 settled on 96 registers and spilled 4 B with a float mask's
-             # gradient (sm_90, D 40-64)
-             _cfg(4, 3, 64, 32), _cfg(4, 3, 16, 32, maxnreg=255)],
+        # 128x32 and 64x32 at 8 warps spilled 16-36 B with SPLIT_DS (bf16: sm_80 D 16, sm_90 D 72-128)
+        64: [_cfg(8, 3, 128, 32, split_ds=False),     # H200: 6 of 12 keys, the next the other 6 (a tie)
+             # without a budget ptxas settled on 96 (16x32: sm_90, D 40-64, ptxas 12.8) or 128 registers (64x32:
+             # sm_80, bf16 D 32, ptxas 12.9) and spilled 4 B with a float mask's gradient
+             _cfg(4, 3, 64, 32, maxnreg=255), _cfg(4, 3, 16, 32, maxnreg=255)],
         128: [_cfg(4, 2, 64, 16),     # H200: 8 of 8 keys
-              _cfg(8, 3, 64, 32), _cfg(4, 3, 16, 64)],
+              _cfg(8, 3, 64, 32, split_ds=False), _cfg(4, 3, 16, 64)],
         256: [_cfg(8, 2, 32, 32, maxnreg=255), _cfg(4, 2, 16, 32, maxnreg=255)],
     }
     DQ_FP32 = {
@@ -318,7 +325,8 @@ if INTERPRET:
 else:
     DMASK_HALF = {
         64: [_cfg(8, 3, 64, 32)],
-        128: [_cfg(8, 3, 32, 64),     # H200: 4 of 4 keys
+        # H200: 4 of 4 keys at 3 stages; 3 stages spilled 24 B under triton 3.6 (sm_90, D 72-128, causal)
+        128: [_cfg(8, 2, 32, 64),
               _cfg(8, 3, 16, 64)],
         256: [_cfg(8, 2, 16, 32)],
     }

@@ -30,7 +30,7 @@ from ._compat import wrap_triton
 from fastattn import contract
 
 from . import configs as C
-from .common import align_elems, assume_aligned, assume_aligned3, cast_rne, dot_acc, dot_precision
+from .common import align_elems, assume_aligned, assume_aligned3, cast_rne, dot_acc, dot_precision, grid_tile
 
 LOG2E: tl.constexpr = tl.constexpr(contract.LOG2E)
 
@@ -115,8 +115,9 @@ def _gate_scores(X, W, S32, stride_xb, stride_xn, stride_wh, N, D, H, scale,
     scale = tl.cast(scale, tl.float32)  # fp32 under torch.compile too (see _gate_fused_fwd)
     D, stride_xb, stride_xn = assume_aligned3(D, stride_xb, stride_xn, ALIGN)
     stride_wh = assume_aligned(stride_wh, ALIGN)
-    b = tl.program_id(0).to(tl.int64)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tile_n, b = grid_tile(tl.cdiv(N, BLOCK_N), False)
+    b = b.to(tl.int64)
+    offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_h = tl.arange(0, BLOCK_H)
     m_n, m_h = offs_n < N, offs_h < H
     acc = tl.zeros([BLOCK_N, BLOCK_H], tl.float32)
@@ -178,9 +179,10 @@ def _alpha_channels(ALPHA, b, offs_n, offs_c, N, D, H, Dh):
 def _gate_apply(X, ALPHA, Y, stride_xb, stride_xn, N, D, H, Dh, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 ALIGN: tl.constexpr):
     D, stride_xb, stride_xn = assume_aligned3(D, stride_xb, stride_xn, ALIGN)
-    b = tl.program_id(0).to(tl.int64)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_c = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    tile_n, b = grid_tile(tl.cdiv(N, BLOCK_N), False)
+    b = b.to(tl.int64)
+    offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     m = (offs_n[:, None] < N) & (offs_c[None, :] < D)
     x = tl.load(X + b * stride_xb + offs_n[:, None] * stride_xn + offs_c[None, :], mask=m, other=0.0)
     a = _alpha_channels(ALPHA, b, offs_n, offs_c, N, D, H, Dh)
@@ -213,8 +215,9 @@ def _gate_bwd_rows(DY, X, ALPHA, DALPHA, G, DX, stride_dyb, stride_dyn, stride_x
     dy of a pooled output is (B, D): stride_dyn = 0 broadcasts it over n."""
     D, stride_xb, stride_xn = assume_aligned3(D, stride_xb, stride_xn, ALIGN)
     stride_dyb, stride_dyn = assume_aligned(stride_dyb, ALIGN), assume_aligned(stride_dyn, ALIGN)
-    b = tl.program_id(0).to(tl.int64)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tile_n, b = grid_tile(tl.cdiv(N, BLOCK_N), False)
+    b = b.to(tl.int64)
+    offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_h = tl.arange(0, BLOCK_H)
     m_n = offs_n < N
     g = tl.zeros([BLOCK_N, BLOCK_H], tl.float32)
@@ -347,7 +350,7 @@ def _forward(x, scores, weight, mask, scale, pool):
         return y, alpha
     # -- two passes: scores (score variant) and alpha, then y
     if scores is None:
-        wrap_triton(_gate_scores)[(B, triton.cdiv(N, C.GATE_BLOCK_N))](
+        wrap_triton(_gate_scores)[(triton.cdiv(N, C.GATE_BLOCK_N) * B,)](
             x, weight, alpha, x.stride(0), x.stride(1), weight.stride(0), N, D, H, scale,
             BLOCK_N=C.GATE_BLOCK_N, BLOCK_D=min(bd, C.GATE_FP32_SCORES_BLOCK_D if fp32 else C.GATE_BLOCK_D),
             BLOCK_H=bh, DOT_PREC=dot_precision(x.dtype), ALIGN=align, num_warps=C.GATE_WARPS)
@@ -368,7 +371,7 @@ def _forward(x, scores, weight, mask, scale, pool):
             BLOCK_N=C.GATE_POOL_BLOCK_N, BLOCK_D=bd, ALIGN=align, num_warps=C.GATE_WARPS)
         y = part.sum(1).to(x.dtype)
     else:
-        wrap_triton(_gate_apply)[(B, triton.cdiv(N, C.GATE_BLOCK_N), d_blocks)](
+        wrap_triton(_gate_apply)[(triton.cdiv(N, C.GATE_BLOCK_N) * B, d_blocks)](
             x, alpha, y, x.stride(0), x.stride(1), N, D, H, Dh,
             BLOCK_N=C.GATE_BLOCK_N, BLOCK_D=bd, ALIGN=align, num_warps=C.GATE_WARPS)
     return y, alpha
@@ -394,7 +397,7 @@ def _rows_and_ds(dy, x, alpha, dalpha, pool, dx, ds):
     bh = C.dot_block(H)
     align = align_elems(x.dtype, (D,), x, dy)
     bn = C.gate_rows_block_n(x.dtype, align)
-    wrap_triton(_gate_bwd_rows)[(B, triton.cdiv(N, bn))](
+    wrap_triton(_gate_bwd_rows)[(triton.cdiv(N, bn) * B,)](
         dy, x, alpha, dalpha_t, g, dx if dx is not None else g, dy.stride(0), sdn, x.stride(0), x.stride(1),
         N, D, H, D // H, HAS_DALPHA=dalpha is not None, WRITE_DX=dx is not None,
         BLOCK_N=bn, BLOCK_D=min(C.dot_block(D), C.GATE_ROWS_BLOCK_D), BLOCK_H=bh,

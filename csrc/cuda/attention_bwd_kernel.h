@@ -46,8 +46,9 @@ __global__ void __launch_bounds__(BwdTraits<kD>::kThreads)
   T* sdS = sP + kBM * kLdP;                // [kBM][kLdP]
   T* sdS_lo = sdS + kBM * kLdP;            // [kBM][kLdP]  what rounding dS to T left (split2)
 
-  const int n_block = blockIdx.x;
-  const int b = blockIdx.z, hk = blockIdx.y;
+  const GridTile gt = grid_tile((p.Lk + kBN - 1) / kBN);
+  const int n_block = gt.tile;
+  const int b = gt.slice / p.Hkv, hk = gt.slice % p.Hkv;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane >> 2, t = lane & 3;
   const int wm = warp % Tr::kWarpsM, wn = warp / Tr::kWarpsM;
@@ -251,7 +252,7 @@ __global__ void __launch_bounds__(BwdTraits<kD>::kThreads)
 template <typename T, int kD, bool kHasMask>
 cudaError_t launch_attention_bwd(const AttnBwdParams& p, cudaStream_t stream) {
   using Tr = BwdTraits<kD>;
-  const dim3 grid((p.Lk + Tr::kBlockN - 1) / Tr::kBlockN, p.Hkv, p.B);
+  const dim3 grid = tiles_grid((p.Lk + Tr::kBlockN - 1) / Tr::kBlockN, int64_t(p.B) * p.Hkv);
   return launch_with_smem(attention_bwd_kernel<T, kD, kHasMask>, grid, Tr::kThreads, Tr::kSmemBytes, p, stream);
 }
 

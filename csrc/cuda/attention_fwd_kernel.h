@@ -5,10 +5,10 @@
 //     S = Q K^T (mma.sync m16n8k16, fp32)  ->  scale, mask (base 2)  ->  online softmax (exp2)
 //     ->  O = O * corr + P V (P re-used from the S registers as the A operand, no shared memory)
 //   epilogue: O / l, output gate, lse = m + log2 l (log2 units, the op's contract).
-// One body for attention_fwd and varlen_attention_fwd: blockIdx.z is a batch item or a packed sequence, whose
-// rows, lengths and causal offset come from seq_dims (blocks past a shorter sequence's end exit at once); out and
-// out_acc are written through the params' strides, lse by its row length (varlen: out (total_q, Hq, Dv), lse
-// (Hq, total_q)).
+// One body for attention_fwd and varlen_attention_fwd: a block's slice (grid_tile) b * Hq + h names a batch item or
+// a packed sequence b, whose rows, lengths and causal offset come from seq_dims (blocks past a shorter sequence's
+// end exit at once); out and out_acc are written through the params' strides, lse by its row length (varlen: out
+// (total_q, Hq, Dv), lse (Hq, total_q)).
 // Included by attention_fwd_hdim{64,128}.cu, which instantiate it; see kernel_traits.h for tiles.
 #pragma once
 
@@ -42,8 +42,10 @@ __device__ __forceinline__ void attention_fwd_block(const AttnParams& p, const D
   T* sV = sK + 2 * Tr::kSmemKV;            // [2][kBN][kLd]
 
   // Heavier (later, under causal) query tiles first: they finish with the light ones.
-  const int m_block = gridDim.x - 1 - blockIdx.x;
-  const int b = blockIdx.z, h = blockIdx.y, hk = h / p.group;
+  const int m_blocks = (p.Lq + kBM - 1) / kBM;
+  const GridTile gt = grid_tile(m_blocks);
+  const int m_block = m_blocks - 1 - gt.tile;
+  const int b = gt.slice / p.Hq, h = gt.slice % p.Hq, hk = h / p.group;
   const int m0 = m_block * kBM;
   constexpr bool kVarlen = std::is_same_v<Dims, SeqDims>;
   if constexpr (kVarlen) {
@@ -170,17 +172,20 @@ __device__ __forceinline__ void attention_fwd_block(const AttnParams& p, const D
   // -- epilogue: out = O / l (* sigmoid(gate)), lse = m + log2 l; rows with no key: exactly 0 (not 0 * a NaN
   // value), -inf. A NaN score, which fmaxf drops from m, reaches l through exp2f and makes the row NaN.
   // varlen: the sequence's first row and length are read again here rather than held in registers through the loop
+  // (b, h too: from the block index again, not held through the loop)
+  const GridTile et = grid_tile(m_blocks);
+  const int eb = et.slice / p.Hq, eh = et.slice % p.Hq;
   int Lq = sd.Lq;
   if constexpr (kVarlen) {
-    const SeqDims e = seq_dims(p, b);
+    const SeqDims e = seq_dims(p, eb);
     q_row0 = e.q_row0, Lq = e.Lq;
   }
   // out_acc has out's shape and strides; lse is (B, Hq, Lq), or varlen's (Hq, total_q), one matrix for all sequences
-  const int64_t o_off = b * p.o_sb + h * p.o_sh + int64_t(q_row0) * p.o_sl;
+  const int64_t o_off = eb * p.o_sb + eh * p.o_sh + int64_t(q_row0) * p.o_sl;
   T* o_ptr = static_cast<T*>(p.out) + o_off;
   float* acc_ptr = kKeepAcc ? p.out_acc + o_off : nullptr;
   const T* gate_ptr =
-      p.gate ? static_cast<const T*>(p.gate) + b * p.g_sb + h * p.g_sh + int64_t(q_row0) * p.g_si : nullptr;
+      p.gate ? static_cast<const T*>(p.gate) + eb * p.g_sb + eh * p.g_sh + int64_t(q_row0) * p.g_si : nullptr;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const float l = quad_sum(row_l[r]);
@@ -202,29 +207,30 @@ __device__ __forceinline__ void attention_fwd_block(const AttnParams& p, const D
       if constexpr (kKeepAcc) *reinterpret_cast<float2*>(acc_ptr + int64_t(i) * p.o_sl + c) = make_float2(o0, o1);
     }
     if (t == 0)
-      p.lse[(int64_t(kVarlen ? 0 : b) * p.Hq + h) * p.lse_sl + q_row0 + i] =
+      p.lse[(int64_t(kVarlen ? 0 : eb) * p.Hq + eh) * p.lse_sl + q_row0 + i] =
           empty ? -INFINITY : row_m[r] + __log2f(l);
   }
 }
 
-// attention_fwd: blockIdx.z is a batch item, whose sizes are the params' own.
+// attention_fwd: the block's slice b * Hq + h is of a batch item, whose sizes are the params' own.
 template <typename T, int kD, bool kHasMask, bool kKeepAcc>
 __global__ void __launch_bounds__(FwdTraits<kD>::kThreads) attention_fwd_kernel(const AttnParams p) {
   attention_fwd_block<T, kD, kHasMask, kKeepAcc>(p, p, 0, 0);
 }
 
-// varlen_attention_fwd: blockIdx.z is a packed sequence (no mask), with its own extent.
+// varlen_attention_fwd: the block's slice b * Hq + h is of packed sequence b (no mask), with its own extent.
 template <typename T, int kD, bool kKeepAcc>
 __global__ void __launch_bounds__(FwdTraits<kD>::kThreads, FwdTraits<kD>::varlen_min_blocks(kKeepAcc))
     attention_varlen_fwd_kernel(const AttnParams p) {
-  const SeqDims sd = seq_dims(p, blockIdx.z);
+  constexpr int kBM = FwdTraits<kD>::kBlockM;
+  const SeqDims sd = seq_dims(p, grid_tile((p.Lq + kBM - 1) / kBM).slice / p.Hq);
   attention_fwd_block<T, kD, false, kKeepAcc>(p, sd, sd.q_row0, sd.k_row0);
 }
 
 template <int kD, typename Kernel>
 cudaError_t launch_attention_fwd(Kernel kernel, const AttnParams& p, cudaStream_t stream) {
   using Tr = FwdTraits<kD>;
-  const dim3 grid((p.Lq + Tr::kBlockM - 1) / Tr::kBlockM, p.Hq, p.B);
+  const dim3 grid = tiles_grid((p.Lq + Tr::kBlockM - 1) / Tr::kBlockM, int64_t(p.B) * p.Hq);
   return launch_with_smem(kernel, grid, Tr::kThreads, Tr::kSmemBytes, p, stream);
 }
 

@@ -80,13 +80,11 @@ void check_cuda_q(const Tensor& q, const char* op) {
   check_half_dtype(q, op, "q");
 }
 
-// What only these kernels require of a described call: head dims, grid limits, sm_80.
+// What only these kernels require of a described call: head dims, sm_80.
 void check_cuda_params(AttnParams& p, const Tensor& q, const char* op) {
   p.is_bf16 = q.scalar_type() == at::kBFloat16;
   TORCH_CHECK(p.D == p.Dv && (p.D == 64 || p.D == 128), op, " (cuda): head dims D=", p.D, ", Dv=", p.Dv,
               " are not covered by the cuda backend (it needs D == Dv in {64, 128}); use backend='triton' or 'auto'");
-  TORCH_CHECK(p.Hq <= 65535 && p.B <= 65535, op, " (cuda): at most 65535 heads and batch items (sequences), got B=",
-              p.B, ", Hq=", p.Hq);
   check_sm80(q, op);
 }
 
@@ -177,8 +175,6 @@ std::tuple<Tensor, Tensor> attention_kvcache_fwd(const Tensor& q_in, const Tenso
 
   constexpr int kRows = DecodeTraits<64>::kBlockM, kKeys = DecodeTraits<64>::kBlockN;  // as for D = 128
   p.row_tiles = int((int64_t(p.group) * p.Lq + kRows - 1) / kRows);
-  TORCH_CHECK(int64_t(p.Hkv) * p.row_tiles <= 65535, op, " (cuda): at most 65535 tiles of ", kRows,
-              " (query head, query) rows over the kv heads, got ", int64_t(p.Hkv) * p.row_tiles);
   const int key_tiles = (p.Lk + kKeys - 1) / kKeys;  // of the cache's capacity: seqlens_k stays on the device
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, q.get_device()));
@@ -280,12 +276,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd(
 }
 
 // ------------------------------------------------------------------------------------ softmax gates
-// x checked for these kernels (device, dtype, batch items), then as every backend does (describe_gate).
+// x checked for these kernels (device, dtype), then as every backend does (describe_gate).
 GateShape describe_cuda_gate(const Tensor& x, int64_t H, const char* op, const std::string& where) {
   check_device(x, op, "x", x);
   check_half_dtype(x, op, "x");
   const GateShape s = describe_gate(where.c_str(), x, H);
-  TORCH_CHECK(s.B <= 65535, op, " (cuda): at most 65535 batch items, got B=", s.B);
   return s;
 }
 

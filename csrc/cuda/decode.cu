@@ -47,8 +47,9 @@ __global__ void __launch_bounds__(DecodeTraits<kD>::kThreads, DecodeTraits<kD>::
   T* sK = sQ + Tr::kSmemQ;                 // [2][kBN][kLd]
   T* sV = sK + 2 * Tr::kSmemKV;            // [2][kBN][kLd]
 
-  const int split = blockIdx.x, b = blockIdx.z;
-  const int hk = blockIdx.y / p.row_tiles, r0 = blockIdx.y % p.row_tiles * kBM;
+  const GridTile gt = grid_tile(p.num_splits);  // slice (b * Hkv + hk) * row_tiles + row tile
+  const int split = gt.tile, b = gt.slice / (p.Hkv * p.row_tiles), rt = gt.slice % (p.Hkv * p.row_tiles);
+  const int hk = rt / p.row_tiles, r0 = rt % p.row_tiles * kBM;
   const SeqDims sd = seq_dims(p, b);
   if (split >= seq_splits<kD>(p, sd.Lk)) return;  // past this sequence's keys: the merge does not read this split
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -299,7 +300,7 @@ __global__ void __launch_bounds__(128) merge_splits_kernel(const DecodeParams p)
 template <typename T, int kD>
 cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
   using Tr = DecodeTraits<kD>;
-  const dim3 grid(p.num_splits, p.Hkv * p.row_tiles, p.B);
+  const dim3 grid = tiles_grid(p.num_splits, int64_t(p.B) * p.Hkv * p.row_tiles);
   const cudaError_t err =
       launch_with_smem(attention_decode_kernel<T, kD>, grid, Tr::kThreads, Tr::kSmemBytes, p, stream);
   if (err != cudaSuccess || p.num_splits == 1) return err;

@@ -183,16 +183,17 @@ __global__ void gate_kernel(const GateParams p) {
 }
 
 // -- y_accum[b, c] += sum over a chunk of positions of alpha * x. Block (32, 8): lanes along
-// channels (kVec each), 8 rows of positions; grid (channel tiles, B, position chunks).
+// channels (kVec each), 8 rows of positions; tiles_grid(channel tiles, B x position chunks), b fastest.
 constexpr int kPoolRows = 8;
 constexpr int kPoolChunk = 256;  // positions per block: enough blocks for small B, few atomics
 template <typename T, int kVec>
 __global__ void __launch_bounds__(32 * kPoolRows) pool_kernel(const GateParams p) {
   __shared__ float part[kPoolRows][32 * kVec];
   const int Dh = p.D / p.H;
-  const int c = (blockIdx.x * 32 + threadIdx.x) * kVec;
-  const int b = blockIdx.y;
-  const int n_begin = blockIdx.z * kPoolChunk, n_end = min(p.N, n_begin + kPoolChunk);
+  const GridTile gt = grid_tile((p.D + 32 * kVec - 1) / (32 * kVec));
+  const int c = (gt.tile * 32 + threadIdx.x) * kVec;
+  const int b = gt.slice % p.B;
+  const int n_begin = gt.slice / p.B * kPoolChunk, n_end = min(p.N, n_begin + kPoolChunk);
   float acc[kVec];
 #pragma unroll
   for (int e = 0; e < kVec; ++e) acc[e] = 0.f;
@@ -215,7 +216,7 @@ __global__ void __launch_bounds__(32 * kPoolRows) pool_kernel(const GateParams p
     float s = 0.f;
 #pragma unroll
     for (int r = 0; r < kPoolRows; ++r) s += part[r][k];
-    const int ck = blockIdx.x * 32 * kVec + k;
+    const int ck = gt.tile * 32 * kVec + k;
     if (ck < p.D) atomicAdd(p.y_accum + int64_t(b) * p.D + ck, s);
   }
 }
@@ -295,9 +296,10 @@ constexpr int kDwHeads = 8;
 template <typename T>
 __global__ void __launch_bounds__(32 * kDwRows) dweight_kernel(const GateBwdParams p) {
   __shared__ float part[kDwRows][kDwHeads][32];
-  const int c = blockIdx.x * 32 + threadIdx.x;
+  const GridTile gt = grid_tile((p.D + 31) / 32);  // slice: the chunk of rows
+  const int c = gt.tile * 32 + threadIdx.x;
   const int64_t rows = int64_t(p.B) * p.N;
-  const int64_t r_begin = int64_t(blockIdx.y) * kDwChunk;
+  const int64_t r_begin = int64_t(gt.slice) * kDwChunk;
   const int64_t r_end = min(rows, r_begin + kDwChunk);
   for (int h0 = 0; h0 < p.H; h0 += kDwHeads) {
     float acc[kDwHeads];
@@ -344,7 +346,7 @@ void gate_fwd_impl(const GateParams& p, cudaStream_t stream) {
     softmax_positions_kernel<T, true><<<p.B * p.H, kSoftmaxThreads, 0, stream>>>(p);
   }
   if (p.pool) {
-    const dim3 grid((p.D + 32 * kVec - 1) / (32 * kVec), p.B, (p.N + kPoolChunk - 1) / kPoolChunk);
+    const dim3 grid = tiles_grid((p.D + 32 * kVec - 1) / (32 * kVec), int64_t(p.B) * ((p.N + kPoolChunk - 1) / kPoolChunk));
     pool_kernel<T, kVec><<<grid, dim3(32, kPoolRows), 0, stream>>>(p);
   } else {
     gate_kernel<T, kVec><<<grid_1d(rows * (p.D / kVec), 256), 256, 0, stream>>>(p);
@@ -363,7 +365,7 @@ void gate_bwd_impl(const GateBwdParams& p, cudaStream_t stream) {
   softmax_positions_bwd_kernel<T><<<p.B * p.H, kSoftmaxThreads, 0, stream>>>(p);
   if (score) {
     score_dx_kernel<T, kVec><<<grid_1d(rows * (p.D / kVec), 256), 256, 0, stream>>>(p);
-    const dim3 grid((p.D + 31) / 32, unsigned((rows + kDwChunk - 1) / kDwChunk));
+    const dim3 grid = tiles_grid((p.D + 31) / 32, (rows + kDwChunk - 1) / kDwChunk);
     dweight_kernel<T><<<grid, dim3(32, kDwRows), 0, stream>>>(p);
   }
 }

@@ -16,6 +16,8 @@
 
 #include <cuda_runtime_api.h>
 
+#include <cstdint>
+
 #define FA_BOOL_SWITCH(COND, NAME, ...)   \
   [&] {                                   \
     if (COND) {                           \
@@ -48,4 +50,20 @@ cudaError_t launch_with_smem(Kernel kernel, dim3 grid, int threads, int smem_byt
   if (err != cudaSuccess) return err;
   kernel<<<grid, threads, smem_bytes, stream>>>(p);
   return cudaGetLastError();
+}
+
+// Grids of (tile, slice) blocks put n_tiles x slices blocks on the x axis, tiles fastest: the order of an
+// (n_tiles, slices) grid, without the 65535 bound of the y and z axes (slices count B * H, or batch items).
+// Past the x axis' 2^31 - 1 the grid is empty, so that the launch fails instead of wrapping around.
+inline dim3 tiles_grid(int64_t n_tiles, int64_t slices) {
+  const int64_t blocks = n_tiles * slices;
+  return dim3(blocks <= 2147483647 ? unsigned(blocks) : 0u);
+}
+
+struct GridTile {
+  int tile, slice;
+};
+// This block's place in a tiles_grid(n_tiles, ...).
+__device__ __forceinline__ GridTile grid_tile(int n_tiles) {
+  return {int(blockIdx.x % unsigned(n_tiles)), int(blockIdx.x / unsigned(n_tiles))};
 }

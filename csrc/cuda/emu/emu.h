@@ -97,6 +97,9 @@ int fastattn_emu_set_arch(int sm);
 // 0: threads in index order, 1: reversed, 2 + seed: a seeded random order; the order in which the
 // scheduler resumes runnable threads (and runs blocks). Returns the previous value.
 int fastattn_emu_set_schedule(int schedule);
+// n > 0: each launch runs only its first n and last n blocks (linear block order), the rest of its grid
+// skipped: the far end of a grid too large to emulate whole. 0: every block. Returns the previous value.
+int64_t fastattn_emu_set_block_ends(int64_t n);
 // The kernels' shared object to run (a build of csrc/cuda/*.cu, or of a mutated copy). Returns 0 on
 // success, else -1 (fastattn_emu_last_error says why).
 int fastattn_emu_use_kernels(const char* path);

@@ -130,6 +130,7 @@ struct Launch {
 struct Emu {
   int arch = 80;
   int schedule = 0;
+  uint64_t block_ends = 0;  // > 0: a launch runs only its first and last block_ends blocks (in linear order)
   unsigned char* smem = nullptr;
   ByteShadow* shadow = nullptr;
   char* stacks = nullptr;  // kMaxThreads x (guard + stack)
@@ -744,6 +745,8 @@ cudaError_t run_launch(const void* kernel, dim3 grid, dim3 block, size_t dyn_sme
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) blocks.push_back(uint64_t(z) << 48 | uint64_t(y) << 32 | x);
+  if (e.block_ends > 0 && blocks.size() > 2 * e.block_ends)
+    blocks.erase(blocks.begin() + ptrdiff_t(e.block_ends), blocks.end() - ptrdiff_t(e.block_ends));
   if (e.schedule == 1) std::reverse(blocks.begin(), blocks.end());
   if (e.schedule >= 2)
     for (size_t i = blocks.size(); i > 1; --i) std::swap(blocks[i - 1], blocks[size_t(next_random() % i)]);
@@ -856,6 +859,13 @@ int fastattn_emu_set_schedule(int schedule) {
   const int old = e.schedule;
   e.schedule = schedule;
   e.rng = 0x9e3779b97f4a7c15ull ^ uint64_t(schedule);
+  return old;
+}
+
+int64_t fastattn_emu_set_block_ends(int64_t n) {
+  auto& e = fastattn_emu::emu();
+  const int64_t old = int64_t(e.block_ends);
+  e.block_ends = uint64_t(n);
   return old;
 }
 
