@@ -242,24 +242,32 @@ def _gate_bwd_rows(DY, X, ALPHA, DALPHA, G, DX, stride_dyb, stride_dyn, stride_x
 
 @triton.jit
 def _gate_bwd_ds(ALPHA, G, DS, N, H, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr):
-    """ds = alpha (g - Σ_n alpha g), softmax's backward over positions. DS may alias G."""
+    """ds = alpha (g - Σ_n alpha g), softmax's backward over positions, as alpha (g S - Σ_n alpha g) with
+    S = Σ_n alpha, in float64 (as the CPU kernel): the same value when S = 1, without leaning on the rounded
+    alphas summing to 1. With a saturated softmax (alpha one-hot) the exact ds is ~0 while g is large, and
+    g - Σ alpha g carried ulp(1) g of error from alpha's rounding alone (times scale in dweight and dx: float32
+    missed docs/CONTRACT.md §4 by up to 1.4x at scale 30-100). DS may alias G."""
     b = tl.program_id(0).to(tl.int64)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     m_h = offs_h < H
-    dot = tl.zeros([BLOCK_H], tl.float32)
+    dot = tl.zeros([BLOCK_H], tl.float64)
+    total = tl.zeros([BLOCK_H], tl.float64)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         m = (offs_n[:, None] < N) & m_h[None, :]
         p = (b * N + offs_n[:, None]) * H + offs_h[None, :]
-        a = tl.load(ALPHA + p, mask=m, other=0.0)
-        dot += tl.sum(tl.where(a == 0.0, 0.0, a * tl.load(G + p, mask=m, other=0.0)), 0)  # masked: 0 even if g is NaN
+        a = tl.load(ALPHA + p, mask=m, other=0.0).to(tl.float64)
+        g = tl.load(G + p, mask=m, other=0.0).to(tl.float64)
+        dot += tl.sum(tl.where(a == 0.0, 0.0, a * g), 0)  # masked: 0 even if g is NaN
+        total += tl.sum(a, 0)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         m = (offs_n[:, None] < N) & m_h[None, :]
         p = (b * N + offs_n[:, None]) * H + offs_h[None, :]
-        a = tl.load(ALPHA + p, mask=m, other=0.0)
-        ds = tl.where(a == 0.0, 0.0, a * (tl.load(G + p, mask=m, other=0.0) - dot[None, :]))
-        tl.store(DS + p, cast_rne(ds, DS.dtype.element_ty), mask=m)
+        a = tl.load(ALPHA + p, mask=m, other=0.0).to(tl.float64)
+        g = tl.load(G + p, mask=m, other=0.0).to(tl.float64)
+        ds = tl.where(a == 0.0, 0.0, a * (g * total[None, :] - dot[None, :]))
+        tl.store(DS + p, cast_rne(ds.to(tl.float32), DS.dtype.element_ty), mask=m)
 
 
 @triton.jit
