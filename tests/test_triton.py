@@ -444,13 +444,13 @@ def test_repeats_elements_finds_the_views_whose_gradient_autograd_sums():
     assert not repeats_elements(torch.randn(2, 3, 128).unfold(-1, 16, 16))  # rows that just touch
 
 
-@pytest.mark.parametrize("scale", [10.0, 30.0])
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-def test_score_softmax_gate_saturated(scale, dtype):
-    """Large scale and |x| saturate the softmax: exact dweight and the score part of dx are ~0 while every
-    term is large. float32 missed the rule by 1.4x at scale 30 (seed 3) with ds = alpha (g - Σ alpha g) in
-    float32; at scale 100 the float32 scores themselves miss it (README, Numerics)."""
-    for seed in (0, 1, 2, 3, 10, 19, 41, 55):
+def test_score_softmax_gate_saturated(dtype):
+    """Scale 30 and large |x| saturate the softmax: exact dweight and the score part of dx are ~0 while every
+    term is large. float32 missed the rule by 1.4x (seed 3) with ds = alpha (g - Σ alpha g) in float32; at
+    scale 100 the float32 scores themselves miss it (README, Numerics)."""
+    scale = 30.0
+    for seed in (0, 2, 3, 10, 19):
         case = fuzz.make_gate_case(seed, dtype, op="score_softmax_gate", B=3, N=37, D=48, H=3, pool=seed % 2 == 0,
                                    scale=scale, mask="random" if seed % 3 else "none")
         case.inputs["x"].master *= 4
