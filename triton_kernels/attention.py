@@ -26,7 +26,8 @@ grids below); each program reads its sequence's first rows, lengths and causal o
 (_seq_extent), and one whose tile lies past its sequence's length returns at once.
 
 Kernels (programs (tile, slice), flattened tile-fastest onto the grid's first axis by common.grid_tile: the
-second axis would bound B * H to 65535):
+second axis would bound B * H to 65535; _attn_bwd_dmask keeps its slices on the second axis and those past
+65535 on the third, a layout that compiles without spills there):
     _attn_fwd        (Lq / BLOCK_M, B * Hq)   O, lse (and O before rounding: out_acc)
     _attn_bwd_prep   (Lq / BLOCK_M, B * Hq)   dO = dO' * sig(g), delta = rowsum(dO * O) - dlse,
                                               dgate = dO' * O' * (1 - sig(g)) (O' is the gated output)
@@ -634,7 +635,7 @@ def _attn_bwd_dmask(Q, K, V, DO, LSE, DELTA, MASK, DMASK,
                     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                     stride_dob, stride_doh, stride_dom, stride_mb, stride_mh, stride_mi, stride_mj,
                     stride_db, stride_dh, stride_di,
-                    Hq, GROUP, Lq, Lk, D, Dv, scale_log2, causal_off, HM, LKM, NB, NH, LQ_KEY, LK_KEY,
+                    Hq, GROUP, Lq, Lk, D, Dv, scale_log2, causal_off, HM, LKM, NSLICES, NB, NH, LQ_KEY, LK_KEY,
                     CAUSAL: tl.constexpr, BCAST_Q: tl.constexpr, BCAST_K: tl.constexpr,
                     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr, ALIGN: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -650,10 +651,12 @@ def _attn_bwd_dmask(Q, K, V, DO, LSE, DELTA, MASK, DMASK,
     stride_vb, stride_vh, stride_vn = assume_aligned3(stride_vb, stride_vh, stride_vn, ALIGN)
     stride_dob, stride_doh, stride_dom = assume_aligned3(stride_dob, stride_doh, stride_dom, ALIGN)
     n_tiles_k = tl.cdiv(LKM, BLOCK_N)
-    n_tiles_m = 1 if BCAST_Q else tl.cdiv(Lq, BLOCK_M)
-    tile, pid_bh = grid_tile(n_tiles_m * n_tiles_k, False)
-    pid_m = tile // n_tiles_k
-    pid_n = tile % n_tiles_k
+    pid_m = tl.program_id(0) // n_tiles_k
+    pid_n = tl.program_id(0) % n_tiles_k
+    # slices (b' * H' + h') on the grid's second axis, the ones past its 65535 on the third
+    pid_bh = tl.program_id(1) + tl.program_id(2) * tl.num_programs(1)
+    if pid_bh >= NSLICES:
+        return
     bm = pid_bh // HM                                  # the mask's own batch / head index
     hm = pid_bh % HM
     offs_d = tl.arange(0, BLOCK_D)
@@ -979,10 +982,11 @@ def _bwd(dout, q, k, v, out, lse, mask, gate, dlse, scale, causal, need_dmask, p
     if bcast and dmask.numel():
         Bm, Hm, Lqm, Lkm = mask.shape
         common.pop("MASK_KIND")
+        slices = (min(Bm * Hm, 65535), triton.cdiv(Bm * Hm, 65535))
         wrap_triton(_attn_bwd_dmask)[
-                lambda meta: (triton.cdiv(Lqm, meta["BLOCK_M"]) * triton.cdiv(Lkm, meta["BLOCK_N"]) * Bm * Hm,)](
+                lambda meta: (triton.cdiv(Lqm, meta["BLOCK_M"]) * triton.cdiv(Lkm, meta["BLOCK_N"]), *slices)](
             q, k, v, do, lse, delta, mask_t, dmask, *strides, dmask.stride(0), dmask.stride(1), dmask.stride(2),
-            Hq, Hq // Hkv, Lq, Lk, D, Dv, scale * contract.LOG2E, off, Hm, Lkm,
+            Hq, Hq // Hkv, Lq, Lk, D, Dv, scale * contract.LOG2E, off, Hm, Lkm, Bm * Hm,
             B if Bm == 1 else 1, Hq if Hm == 1 else 1, C.length_key(Lq), C.length_key(Lk),
             BCAST_Q=Lqm != Lq, BCAST_K=Lkm != Lk, **common)
     return dq, dk, dv, dmask, dgate
