@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastattn
 from fastattn import fuzz
-from fastattn.testing import (AttentionCase, KvcacheCase, attention_cases, check_attention, check_gate,
+from fastattn.testing import (AttentionCase, KvcacheCase, attention_cases, check_attention, check_gate, compare,
                               check_kvcache, check_varlen, gate_cases, kvcache_cases, varlen_cases)
 import backend_checks as bc
 from conftest import assert_all_ok, dtype_id
@@ -391,6 +391,22 @@ def _record_grids(monkeypatch):
     return grids
 
 
+def _triton_against_reference(op, *inputs, label):
+    """``op(*inputs, backend=...)`` and the gradients of its inputs that require one, on triton; on a GPU
+    compared by docs/CONTRACT.md §4 with the reference in the inputs' dtype and in float64 (under the
+    interpreter the launches are only recorded)."""
+    def run(backend, cast):
+        ins = [cast(t.detach()).requires_grad_(t.requires_grad) for t in inputs]
+        out = op(*ins, backend=backend)
+        return [out, *torch.autograd.grad(out, [t for t in ins if t.requires_grad], torch.ones_like(out))]
+    got = run("triton", lambda t: t)
+    if not INTERPRET:
+        lowp, truth = run("reference", lambda t: t), run("reference", lambda t: t.double())
+        dtype = inputs[0].dtype
+        assert_all_ok([compare(f"#{i}", g, lp, tr, dtype, 2 if i == 0 else 3)
+                       for i, (g, lp, tr) in enumerate(zip(got, lowp, truth))], label)
+
+
 def test_more_than_65535_heads_or_gate_row_tiles(monkeypatch):
     """B * H past 65535 (many short sequences: batch 4096 x 16 heads) and a gate over millions of positions
     launch within CUDA's grid bounds. On a GPU they run and match the reference; under the interpreter the
@@ -404,22 +420,16 @@ def test_more_than_65535_heads_or_gate_row_tiles(monkeypatch):
     x = torch.randn(1, N, 2, device=DEVICE, dtype=dt, requires_grad=True)
     w = torch.randn(1, 2, device=DEVICE, dtype=dt, requires_grad=True)
     for causal in (False, True):
-        out = fastattn.attention(q, k, v, attn_mask=mask, gate=gate, causal=causal, backend="triton")
-        grads = torch.autograd.grad(out, (q, k, v, mask, gate), torch.ones_like(out))
-        if not INTERPRET:
-            want = fastattn.attention(*(t.float() for t in (q, k, v)), attn_mask=mask.float(), gate=gate.float(),
-                                      causal=causal, backend="reference")
-            want_grads = torch.autograd.grad(want, (q, k, v, mask, gate), torch.ones_like(want))
-            torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=2e-2)
-            for g, wg in zip(grads, want_grads):
-                torch.testing.assert_close(g.float(), wg, atol=5e-2, rtol=5e-2)
-    out = fastattn.attention(q, k, v, attn_mask=mask[:, :, :1], backend="triton")   # the broadcast dmask kernel
-    torch.autograd.grad(out, (q, mask), torch.ones_like(out))
+        _triton_against_reference(lambda *t, backend: fastattn.attention(
+            *t[:3], attn_mask=t[3], gate=t[4], causal=causal, backend=backend), q, k, v, mask, gate,
+            label=f"attention causal={causal}")
+    _triton_against_reference(lambda q, k, v, m, backend: fastattn.attention(q, k, v, attn_mask=m, backend=backend),
+                              q, k.detach(), v.detach(), mask[:, :, :1], label="broadcast mask")  # the dmask kernel
     for pool in (False, True):
-        y = fastattn.score_softmax_gate(x, w, pool=pool, backend="triton")
-        torch.autograd.grad(y, (x, w), torch.ones_like(y))
-        y = fastattn.softmax_gate(x[..., :1].detach(), x, pool=pool, backend="triton")
-        torch.autograd.grad(y, x, torch.ones_like(y))
+        _triton_against_reference(lambda x, w, backend: fastattn.score_softmax_gate(x, w, pool=pool, backend=backend),
+                                  x, w, label=f"score_softmax_gate pool={pool}")
+        _triton_against_reference(lambda s, x, backend: fastattn.softmax_gate(s, x, pool=pool, backend=backend),
+                                  x[..., :1].detach(), x, label=f"softmax_gate pool={pool}")
     if INTERPRET:
         kernels = {name for name, _ in grids}
         assert {"_attn_fwd", "_attn_bwd_prep", "_attn_bwd_dkdv", "_attn_bwd_dq", "_attn_bwd_dmask", "_gate_scores",
