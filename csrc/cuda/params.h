@@ -51,6 +51,8 @@ struct AttnBwdParams : AttnParams {
   float* dmask_accum;
   int64_t dm_sb, dm_sh, dm_si, dm_sj;
   void* dgate;  // (B, Hq, Lq, Dv) in q's dtype when gate != nullptr; (B, Hq, Lq, 1) for a headwise gate
+  // -- the main kernel's launch: its first batch and kv head (set by launch_attention_bwd)
+  int b0, hk0;
 };
 
 // attention_kvcache_fwd (decode.cu): AttnParams of the call (kv cache, seqlens_k, page table, out, lse) split
