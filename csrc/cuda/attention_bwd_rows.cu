@@ -7,7 +7,10 @@
 //               rows, repeated keys) and the gradient of a mask broadcast over keys. So out is the forward's
 //               float32 out_acc, not out rounded to 8 (bf16) / 11 (fp16) bits, whose error times the scale
 //               lands in dq and dk; with a gate, delta = rowsum(dO * o) with dO rounded as the kernel reads it
-//               and o = out_acc / sigmoid(gate), the ungated output.
+//               and o = out_acc / sigmoid(gate), the ungated output. The row's sum is taken in double: where
+//               the softmax saturates, dP - delta cancels to far below |dP|, and a float32 sum's rounding
+//               (~2^-24 sum |dO o|) took fp16 dq / dk of 130 repeated query rows at scale 20 past
+//               docs/CONTRACT.md §4 under the emulation; this pass is memory-bound.
 //   convert:    dq = scale * dq_accum, in q's dtype
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -43,7 +46,8 @@ __global__ void __launch_bounds__(kRowsPerBlock * 32) attention_bwd_preprocess_k
   // A row with no allowed key passes no gradient to v, even through a NaN gate (P = 0, but 0 * NaN in the
   // dV product would be NaN).
   const bool empty = p.lse[row] == -INFINITY;
-  float dot = 0.f, dgate_sum = 0.f;
+  double dot = 0.0;
+  float dgate_sum = 0.f;
   for (int c = lane; c < p.D; c += 32) {
     const float oc = to_float(o[c]), dc = to_float(dout[c]);
     if (gate) {
@@ -56,13 +60,13 @@ __global__ void __launch_bounds__(kRowsPerBlock * 32) attention_bwd_preprocess_k
       else
         dgate[c] = from_float<T>(dgc);
       // where sigmoid(gate) = 0 the gated dO is 0 too, and so is its term
-      dot += std::is_same_v<TOut, float> ? (s == 0.f ? 0.f : to_float(dg) * (oc / s)) : oc * dc;
+      dot += std::is_same_v<TOut, float> ? (s == 0.f ? 0.0 : double(to_float(dg)) * (oc / s)) : double(oc) * dc;
     } else {
-      dot += oc * dc;
+      dot += double(oc) * dc;
     }
   }
   dot = warp_sum(dot);
-  if (lane == 0) p.delta[row] = dot - (p.dlse ? p.dlse[row] : 0.f);
+  if (lane == 0) p.delta[row] = float(dot - (p.dlse ? p.dlse[row] : 0.f));
   if (headwise) {
     dgate_sum = warp_sum(dgate_sum);
     if (lane == 0) dgate[0] = from_float<T>(dgate_sum);
