@@ -77,7 +77,6 @@ def test_dropout_is_random_and_unbiased_in_mean():
     torch.testing.assert_close(draws.mean(0), F.scaled_dot_product_attention(q, k, v), atol=0.05, rtol=0)
 
 
-
 def test_dropout_of_one_drops_every_weight_as_torch():
     """dropout_p = 1 zeroes every weight (torch multiplies by 0: no 0 / 0), so the output and the
     gradients are 0, and a NaN still reaches its rows; the module with dropout=1.0 likewise."""

@@ -280,8 +280,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd(
 GateShape describe_cuda_gate(const Tensor& x, int64_t H, const char* op, const std::string& where) {
   check_device(x, op, "x", x);
   check_half_dtype(x, op, "x");
-  const GateShape s = describe_gate(where.c_str(), x, H);
-  return s;
+  return describe_gate(where.c_str(), x, H);
 }
 
 bool vec16_ok(const Tensor& t) {

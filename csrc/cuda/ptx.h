@@ -147,23 +147,10 @@ __device__ __forceinline__ float quad_sum(float x) {
   x += __shfl_xor_sync(0xffffffffu, x, 1);
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
-__device__ __forceinline__ float warp_sum(float x) {
+template <typename F>  // float, or double (CUDA shuffles it as two 32-bit halves)
+__device__ __forceinline__ F warp_sum(F x) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-  return x;
-}
-__device__ __forceinline__ double warp_sum(double x) {  // as two 32-bit shuffles, as CUDA does a double's
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    unsigned long long bits;
-    memcpy(&bits, &x, 8);
-    const unsigned lo = __shfl_xor_sync(0xffffffffu, unsigned(bits), o);
-    const unsigned hi = __shfl_xor_sync(0xffffffffu, unsigned(bits >> 32), o);
-    bits = (static_cast<unsigned long long>(hi) << 32) | lo;
-    double y;
-    memcpy(&y, &bits, 8);
-    x += y;
-  }
   return x;
 }
 __device__ __forceinline__ float warp_max(float x) {

@@ -10,6 +10,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -54,6 +55,15 @@ inline int __shfl_xor_sync(unsigned mask, int v, int lane_mask, int width = 32) 
 }
 inline unsigned __shfl_xor_sync(unsigned mask, unsigned v, int lane_mask, int width = 32) {
   return ::fastattn_emu::shfl_xor(mask, v, lane_mask, width);
+}
+inline double __shfl_xor_sync(unsigned mask, double v, int lane_mask, int width = 32) {  // two 32-bit halves
+  uint64_t bits;
+  std::memcpy(&bits, &v, 8);
+  const uint64_t lo = ::fastattn_emu::shfl_xor(mask, unsigned(bits), lane_mask, width);
+  const uint64_t hi = ::fastattn_emu::shfl_xor(mask, unsigned(bits >> 32), lane_mask, width);
+  bits = hi << 32 | lo;
+  std::memcpy(&v, &bits, 8);
+  return v;
 }
 inline float atomicAdd(float* address, float v) { return ::fastattn_emu::atomic_add(address, v); }
 inline size_t __cvta_generic_to_shared(const void* p) { return ::fastattn_emu::cvta_generic_to_shared(p); }
