@@ -16,7 +16,7 @@ import os
 import torch
 
 from . import ops, reference
-from .contract import LN2, causal_arg
+from .contract import LN2, causal_arg, stat_dtype
 
 MAX_FUSED_HEAD_DIM = 256  # docs/CONTRACT.md §2.1: D and Dv up to 256 on fused backends
 
@@ -48,6 +48,12 @@ class Problem:
 
 
 class Backend:
+    """Besides one method per op (``attention``, ``softmax_gate``, ...), a backend that runs attention has the
+    two block methods that ``fastattn.distributed`` builds attention over a sharded sequence from:
+    ``attention_block(q, k, v, scale, causal) -> (out, lse2)``, out unrounded (float32, float64 for float64)
+    and lse2 in log2 units, no mask or gate; and ``attention_block_bwd(dout, q, k, v, out, lse2, dlse2, scale,
+    causal) -> (dq, dk, dv)``, the block's share of the gradient given the whole row's out and lse2
+    (FlashAttention's backward from the saved statistics, which needs nothing of the block's own forward)."""
     name = ""
     device_types: tuple = ()
 
@@ -80,6 +86,28 @@ class ReferenceBackend(Backend):
     def attention_kvcache(self, q, k_cache, v_cache, seqlens_k, page_table, gate, scale, causal):
         return reference.attention_with_kvcache(q, k_cache, v_cache, seqlens_k, page_table, causal=bool(causal),
                                                 scale=scale, gate=gate, return_lse=True)
+
+    def attention_block(self, q, k, v, scale, causal):
+        acc = stat_dtype(q.dtype)
+        out, lse = reference.attention(q.to(acc), k.to(acc), v.to(acc), causal=causal_arg(causal), scale=scale,
+                                       return_lse=True)
+        return out, lse / LN2
+
+    def attention_block_bwd(self, dout, q, k, v, out, lse2, dlse2, scale, causal):
+        # The gradient of the block's inputs through the whole row: the block's own (out_b, lse_b) enter the
+        # row's (out, lse) with weight w = exp(lse_b - lse), so their cotangents are w·dout and
+        # w·(dlse + rowsum(dout·(out_b - out))); autograd of the block's reference does the rest.
+        acc = stat_dtype(q.dtype)
+        with torch.enable_grad():
+            qa, ka, va = (t.detach().to(acc).requires_grad_() for t in (q, k, v))
+            out_b, lse_b = reference.attention(qa, ka, va, causal=causal_arg(causal), scale=scale, return_lse=True)
+            lse = lse2.to(acc) * LN2
+            w = torch.where(lse_b == float("-inf"), 0.0, torch.exp(lse_b - lse))
+            dout, out = dout.to(acc), out.to(acc)
+            dlse = (dlse2.to(acc) / LN2) if dlse2 is not None else torch.zeros_like(lse)
+            g_lse = w * (dlse + (dout * (out_b.detach() - out)).sum(-1))
+            dq, dk, dv = torch.autograd.grad((out_b, lse_b), (qa, ka, va), (w.unsqueeze(-1) * dout, g_lse))
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
     def softmax_gate(self, scores, x, mask, pool):
         return reference.softmax_gate(scores, x, mask=mask, pool=pool, return_weights=True)
@@ -137,6 +165,19 @@ class FusedBackend(Backend):
             ops.last_dim_contiguous(q), ops.last_dim_contiguous(k), ops.last_dim_contiguous(v),
             mask, gate, scale, causal, grad)
         return out, lse2 * LN2  # the kernels keep lse in log2 units, the base they compute in
+
+    def attention_block(self, q, k, v, scale, causal):
+        out, lse2, out_acc = self._op("attention_fwd")(
+            ops.last_dim_contiguous(q), ops.last_dim_contiguous(k), ops.last_dim_contiguous(v), None, None, scale,
+            causal, True)
+        return (out_acc if out_acc.numel() else out.to(lse2.dtype)), lse2
+
+    def attention_block_bwd(self, dout, q, k, v, out, lse2, dlse2, scale, causal):
+        dq, dk, dv, _, _ = self._op("attention_bwd")(
+            ops.last_dim_contiguous(dout), ops.last_dim_contiguous(q), ops.last_dim_contiguous(k),
+            ops.last_dim_contiguous(v), ops.last_dim_contiguous(out), lse2.contiguous(), None, None,
+            None if dlse2 is None else dlse2.contiguous(), scale, causal, False)
+        return dq, dk, dv
 
     def varlen_attention(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, gate, scale, causal,
                          grad):
