@@ -1,0 +1,234 @@
+"""fastattn across processes on torch.distributed (gloo, CPU): ring attention against attention over the whole
+sequence by the rule of docs/CONTRACT.md §4, its memory, its errors; swapped models under DDP and FSDP2.
+
+Each test spawns its ranks once (torch.multiprocessing) and runs its cases in them; a rank that finds a
+failure raises, and the spawn reports it with the rank's traceback.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import weakref
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fastattn import distributed as fd
+from fastattn.testing import AttentionCase, DTYPE_NAMES, _as_layout, _run_attention, compare, fresh
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available in this torch build")
+
+
+def _entry(rank, world, init, fn, args):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(world, fn, *args):
+    """Runs ``fn(rank, world, *args)`` on ``world`` fresh processes joined in a gloo group."""
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_entry, args=(world, f"file://{d}/store", fn, args), nprocs=world)
+
+
+# ------------------------------------------------------------------------------------------ ring attention
+@dataclasses.dataclass(frozen=True)
+class RingCase:
+    L: int                      # a rank's shard length (the sequence: L · world)
+    dtype: torch.dtype = torch.float32
+    causal: bool = False
+    layout: str = "zigzag"
+    B: int = 2
+    Hq: int = 4
+    Hkv: int = 2
+    D: int = 16
+    Dv: int | None = None
+    gate: str = "none"
+    lse_grad: bool = False
+    strides: str = "bhld"        # or "blhd": (B, L, H, D) memory seen as (B, H, L, D)
+    backend: str = "auto"
+
+    def attention_case(self, world):
+        return AttentionCase(B=self.B, Hq=self.Hq, Hkv=self.Hkv, Lq=self.L * world, Lk=self.L * world, D=self.D,
+                             Dv=self.Dv, causal=self.causal, gate=self.gate, layout=self.strides,
+                             lse_grad=self.lse_grad)
+
+    def __str__(self):
+        return f"{DTYPE_NAMES[self.dtype]} {self.layout} L{self.L} causal={self.causal} gate={self.gate} " \
+               f"H{self.Hq}-{self.Hkv} {self.strides} lse_grad={self.lse_grad} {self.backend}"
+
+
+RING_CASES = [
+    RingCase(7, torch.float32, layout="contiguous", gate="elementwise", lse_grad=True),  # odd shards
+    RingCase(10, torch.bfloat16, causal=True, gate="headwise", lse_grad=True),      # chunks of 5
+    RingCase(9, torch.float64, causal=True, layout="contiguous", strides="blhd"),
+    RingCase(8, torch.float32, causal=True, Hq=2, Hkv=2, D=40, Dv=24, lse_grad=True),
+    RingCase(6, torch.float16, causal=True, Hkv=1, gate="elementwise"),               # MQA
+    RingCase(5, torch.bfloat16, layout="contiguous", backend="reference", gate="headwise", lse_grad=True),
+    RingCase(6, torch.float32, causal=True, layout="contiguous", backend="reference", lse_grad=True),
+]
+
+
+def _run_ring(case, t, world):
+    """The case's inputs sharded, ring_attention forward and backward, the results gathered whole."""
+    shard = lambda x: fd.shard_sequence(x, layout=case.layout)
+    whole = lambda x: fd.unshard_sequence(x, layout=case.layout)
+    leaf = {n: _as_layout(fresh(shard(t[n]), "cpu", case.dtype), case.strides).requires_grad_() for n in "qkv"}
+    if "gate" in t:
+        leaf["gate"] = fresh(shard(t["gate"]), "cpu", case.dtype).requires_grad_()
+    out, lse = fd.ring_attention(leaf["q"], leaf["k"], leaf["v"], causal=case.causal, gate=leaf.get("gate"),
+                                 return_lse=True, backend=case.backend, layout=case.layout)
+    outputs, grads = [out], [shard(t["dout"]).to(case.dtype)]
+    if case.lse_grad:
+        outputs.append(lse)
+        grads.append(shard(t["dlse"]).to(lse.dtype))
+    torch.autograd.backward(outputs, grads)
+    res = {"out": whole(out.detach()), "lse": whole(lse.detach())}
+    for n, x in leaf.items():
+        res["d" + n] = whole(x.grad)
+    return res
+
+
+def _ring_against_whole(rank, world, cases, poison=None):
+    bad = []
+    for case in cases:
+        ac = case.attention_case(world)
+        t = ac.inputs(case.dtype)
+        if poison is not None:
+            t = poison(t)
+        got = _run_ring(case, t, world)
+        lowp = _run_attention(ac, t, case.dtype, "cpu", "reference")
+        truth = _run_attention(ac, t, torch.float64, "cpu", "reference")
+        for n in truth:
+            c = compare(n, got[n], lowp[n], truth[n], case.dtype, 2 if n in ("out", "lse") else 3)
+            if not c.ok:
+                bad.append(f"{case}: {n} err {c.err:.3g} > allowed {c.allowed:.3g}")
+    assert not bad, f"rank {rank} of {world}: " + "; ".join(bad)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ring_attention_equals_attention_over_the_whole_sequence(world):
+    """out, lse and every gradient of the sharded run, gathered, against the whole sequence (§4 rule):
+    fp32/bf16/fp16/fp64, causal in both layouts or not, GQA/MQA, gates, lse gradient, odd shards, strides,
+    the cpu kernels and the reference."""
+    spawn(world, _ring_against_whole, RING_CASES)
+
+
+def _nan_key(t):
+    t = dict(t, k=t["k"].clone())
+    t["k"][0, 1, 5, 3] = float("nan")  # every row of batch 0, query heads 2-3 becomes NaN
+    return t
+
+
+def _nan_last_query(t):
+    t = dict(t, q=t["q"].clone())
+    t["q"][0, 2, -1, 3] = float("nan")  # the last row sees every key: all of kv head 1's dk, dv become NaN
+    return t
+
+
+def test_ring_attention_nan_reaches_the_rows_it_reaches():
+    """NaN reaches what it reaches as in the whole-sequence reference, across ranks: a NaN key every row (not
+    causal), a NaN in the last query its row and every key's gradient (causal: the last row hides no key,
+    so docs/CONTRACT.md §2.2 leaves nothing unspecified)."""
+    spawn(2, _ring_against_whole, [RingCase(6, torch.float32, layout="contiguous")], _nan_key)
+    spawn(2, _ring_against_whole, [RingCase(6, torch.float32, causal=True),
+                                   RingCase(6, torch.float32, causal=True, layout="contiguous")], _nan_last_query)
+
+
+class _Allocations(TorchDispatchMode):
+    """The tensors the ops inside make: the longest sequence dim of a 4-D one, and the peak of the bytes of
+    the storages they allocate, each counted while a tensor made inside holds it (in-place results and
+    views of earlier storages hold nothing new)."""
+
+    def __init__(self):
+        super().__init__()
+        self.longest, self.live, self.peak, self.holders = 0, 0, 0, {}
+
+    def _release(self, key):
+        held = self.holders[key]
+        held[1] -= 1
+        if held[1] == 0:
+            self.live -= held[0]
+            del self.holders[key]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(a, torch.Tensor)}
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if not isinstance(t, torch.Tensor) or not t.untyped_storage().nbytes():
+                continue
+            if t.dim() == 4:
+                self.longest = max(self.longest, t.shape[2])
+            key = t.untyped_storage().data_ptr()
+            if key in self.holders:
+                self.holders[key][1] += 1
+            elif key in inputs:
+                continue
+            else:
+                self.holders[key] = [t.untyped_storage().nbytes(), 1]
+                self.live += self.holders[key][0]
+                self.peak = max(self.peak, self.live)
+            weakref.finalize(t, self._release, key)
+        return out
+
+
+def _ring_memory(rank, world, L, D):
+    def peak(group, size, causal):
+        q, k, v = (torch.randn(1, 4, L, D, requires_grad=True) for _ in range(3))
+        with _Allocations() as mem:
+            fd.ring_attention(q, k, v, causal=causal, group=group).sum().backward()
+        assert mem.longest <= L, f"rank {rank} of {size}: made a tensor of sequence length {mem.longest} > {L}"
+        return mem.peak
+
+    peak(None, world, True)
+    four = dist.new_group([0, 1, 2, 3])  # every rank takes part in making it
+    # Not causal: every step computes the same block (a causal zigzag rank's blocks, all queries and half the
+    # keys or the reverse, come in a mix that shifts with the ring's size). From step 2 on (4 ranks or more),
+    # a step holds its K/V, the next K/V arriving and the dK/dV of two steps in flight: the most it ever does.
+    in_four = peak(four, 4, False) if rank < 4 else None
+    in_world = peak(None, world, False)
+    assert in_four is None or in_world <= in_four + L * 4 * 8, \
+        f"rank {rank}: peak {in_world} B over {world} ranks > {in_four} B over 4 (a K shard is {4 * L * D * 4} B)"
+
+
+def test_ring_attention_holds_no_whole_length_kv():
+    """No rank makes a tensor as long as the sequence, and a rank's peak of what it makes does not grow with
+    the number of ranks (5 against 4, with the same shards): it holds the K/V shards in flight, never the
+    sequence's."""
+    spawn(5, _ring_memory, 32, 64)
+
+
+def _ring_errors(rank, world):
+    q = torch.randn(1, 2, 6, 8)
+    with pytest.raises(ValueError, match="layout='zigzag'.*must be even, got 5"):
+        fd.ring_attention(q[:, :, :5], q[:, :, :5], q[:, :, :5], causal=True)
+    with pytest.raises(ValueError, match="causal: the q and k shards must have the same length, got 6 and 4"):
+        fd.ring_attention(q, q[:, :, :4], q[:, :, :4], causal=True)
+    with pytest.raises(ValueError, match="layout: expected one of"):
+        fd.ring_attention(q, q, q, layout="striped")
+    with pytest.raises(ValueError, match="k: head dim must equal q's"):
+        fd.ring_attention(q, q[..., :4], q)
+    with pytest.raises(ValueError, match=r"x: layout='zigzag' over 2 ranks cuts the sequence into 4 equal chunks, "
+                                         r"but its length is 6"):
+        fd.shard_sequence(q)
+    assert fd.ring_attention(q[:0], q[:0], q[:0], causal=True).shape == (0, 2, 6, 8)  # empty: as attention
+
+
+def test_ring_attention_errors():
+    spawn(2, _ring_errors)
+
+
+def test_ring_attention_needs_an_initialized_group():
+    q = torch.randn(1, 1, 4, 8)
+    if dist.is_initialized():
+        pytest.skip("a process group is initialized in this process")
+    with pytest.raises(RuntimeError, match="torch.distributed is not initialized"):
+        fd.ring_attention(q, q, q)
