@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import fastattn
 from fastattn import distributed as fd
 from fastattn.testing import AttentionCase, DTYPE_NAMES, _as_layout, _run_attention, compare, fresh
 
@@ -232,3 +233,53 @@ def test_ring_attention_needs_an_initialized_group():
         pytest.skip("a process group is initialized in this process")
     with pytest.raises(RuntimeError, match="torch.distributed is not initialized"):
         fd.ring_attention(q, q, q)
+
+
+# ------------------------------------------------------------------------------------- data parallel
+def _model(seed):
+    torch.manual_seed(seed)
+    layer = torch.nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=0.0, batch_first=True)
+    model = torch.nn.Sequential(torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False),
+                                torch.nn.Linear(32, 1))
+    assert fastattn.replace_attention(model) == 2
+    return model
+
+
+def _train(model, batches, params):
+    opt = torch.optim.SGD(params, lr=0.1)
+    for x, y in batches:
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x).squeeze(-1), y).backward()
+        opt.step()
+
+
+def _data_parallel(rank, world, wrap):
+    gen = torch.Generator().manual_seed(7)
+    batches = [(torch.randn(4 * world, 9, 32, generator=gen), torch.randn(4 * world, 9, generator=gen))
+               for _ in range(3)]
+    single = _model(0)
+    _train(single, batches, single.parameters())
+
+    model = _model(0)
+    if wrap == "ddp":
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    else:
+        from torch.distributed.fsdp import fully_shard
+        for mod in model[0].layers:
+            fully_shard(mod)
+        fully_shard(model)
+    mine = [(x[4 * rank:4 * (rank + 1)], y[4 * rank:4 * (rank + 1)]) for x, y in batches]
+    _train(model, mine, model.parameters())
+    params = dict(model.module.named_parameters() if wrap == "ddp" else model.named_parameters())
+    for name, ref in single.named_parameters():
+        got = params[name]
+        got = got.full_tensor() if hasattr(got, "full_tensor") else got
+        torch.testing.assert_close(got.detach(), ref.detach(), rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    assert isinstance(single[0].layers[0].self_attn, fastattn.nn.MultiheadAttention)
+
+
+@pytest.mark.parametrize("wrap", ["ddp", "fsdp2"])
+def test_swapped_model_trains_data_parallel(wrap):
+    """A model after replace_attention, 3 SGD steps under DDP / FSDP2 (fully_shard) on 2 ranks, each on half of
+    every batch: its parameters equal a single process's on the whole batches."""
+    spawn(2, _data_parallel, wrap)
