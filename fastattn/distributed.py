@@ -26,12 +26,14 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+import torch.nn.functional as F
+
 from . import _checks
 from .backends import Problem, select
 from .contract import CAUSAL_NONE, CAUSAL_TOP_LEFT, LN2, causal_code, stat_dtype
 from .functional import _maybe_zero, default_scale
 
-__all__ = ["ring_attention", "shard_sequence", "unshard_sequence", "enable_context_parallel"]
+__all__ = ["ring_attention", "shard_sequence", "unshard_sequence"]
 
 LAYOUTS = ("zigzag", "contiguous")
 
@@ -230,3 +232,73 @@ def unshard_sequence(x, *, group=None, dim=2, layout="zigzag"):
         return torch.cat(shards, dim)
     halves = [s.chunk(2, dim) for s in shards]
     return torch.cat([h[0] for h in halves] + [h[1] for h in reversed(halves)], dim)
+
+
+# ------------------------------------------------------------------------ torch's context parallelism
+def _torch_cp():
+    """torch's context-parallel module, or None where this torch has none."""
+    try:
+        from torch.distributed.tensor.experimental._context_parallel import _attention
+    except ImportError:
+        return None
+    return _attention
+
+
+def _torch_cp_layout(cp):
+    return "zigzag" if cp is not None and cp._cp_options.enable_load_balance else "contiguous"
+
+
+def _torch_cp_mesh():
+    """The device mesh of torch's ``context_parallel()`` while it is active, else None. Inside it,
+    ``F.scaled_dot_product_attention`` is a wrapper torch records in ``_replaced_functions``, holding the mesh."""
+    cp = _torch_cp()
+    fn = F.scaled_dot_product_attention
+    if cp is None or fn not in getattr(cp, "_replaced_functions", {}) or not fn.__closure__:
+        return None
+    cells = dict(zip(fn.__code__.co_freevars, fn.__closure__))
+    return cells["device_mesh"].cell_contents if "device_mesh" in cells else None
+
+
+def _is_dtensor(t):
+    return t is not None and type(t).__name__ == "DTensor" and hasattr(t, "placements")
+
+
+def over_shards(q, k, v, attn_mask, causal, scale, gate, dropout_p, return_lse, backend):
+    """``fastattn.attention`` on a sequence torch's context parallelism shards (module docstring), or None when
+    the call is not such: q, k, v and gate DTensors of one 1-D mesh, sharded along dim 2 (the ring) or not
+    along it (batch or heads: each rank computes its part); or plain tensors inside ``context_parallel()``."""
+    cp = _torch_cp()
+    if any(_is_dtensor(t) for t in (q, k, v, gate, attn_mask)):
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+        mesh, placements = q.device_mesh, q.placements
+        for name, t in (("k", k), ("v", v), ("gate", gate)):
+            _checks.require(t is None or (_is_dtensor(t) and t.device_mesh == mesh and t.placements == placements),
+                            ValueError, f"{name}: expected a DTensor on q's mesh with q's placements {placements}")
+        _checks.require(len(placements) == 1 and placements[0] in (Shard(0), Shard(1), Shard(2), Replicate()),
+                        NotImplementedError, f"q: DTensors on a 1-D mesh, sharded along batch, heads or sequence "
+                        f"(dims 0-2) or replicated, got placements {placements}")
+        local = [t.to_local() if t is not None else None for t in (q, k, v, gate)]
+        if placements[0] == Shard(2):
+            out, lse = _sharded_call(*local, attn_mask, causal, scale, dropout_p, True, backend, mesh.get_group(),
+                                     _torch_cp_layout(cp))
+        else:
+            _checks.require(not _is_dtensor(attn_mask), NotImplementedError, "attn_mask: a DTensor mask")
+            from .functional import attention
+            out, lse = attention(*local[:3], attn_mask=attn_mask, causal=causal, scale=scale, gate=local[3],
+                                 dropout_p=dropout_p, return_lse=True, backend=backend)
+        out, lse = (DTensor.from_local(t, mesh, placements, run_check=False) for t in (out, lse))
+        return (out, lse) if return_lse else out
+    mesh = _torch_cp_mesh()
+    if mesh is None:
+        return None
+    return _sharded_call(q, k, v, gate, attn_mask, causal, scale, dropout_p, return_lse, backend, mesh.get_group(),
+                         _torch_cp_layout(cp))
+
+
+def _sharded_call(q, k, v, gate, attn_mask, causal, scale, dropout_p, return_lse, backend, group, layout):
+    _checks.require(attn_mask is None, NotImplementedError,
+                    "attn_mask: masks over a sequence sharded by context parallelism are not supported (causal is)")
+    _checks.require(dropout_p == 0.0, NotImplementedError,
+                    "dropout_p: dropout over a sequence sharded by context parallelism is not supported")
+    return ring_attention(q, k, v, group=group, causal=causal, gate=gate, scale=scale, return_lse=return_lse,
+                          backend=backend, layout=layout)

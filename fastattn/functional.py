@@ -9,6 +9,7 @@ import math
 import numbers
 
 import torch
+import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 from torch.nn.attention.bias import CausalBias, CausalVariant
 
@@ -46,6 +47,11 @@ def attention(q, k, v, *, attn_mask=None, causal=False, scale=None, gate=None, d
         out (B, Hq, Lq, Dv) in q's dtype (rows with no allowed key are 0), and lse if asked.
     """
     attn_mask, causal = _causal_bias(attn_mask, causal)
+    if F.scaled_dot_product_attention is not _TORCH_SDPA or _maybe_dtensor(q):  # context parallelism?
+        from .distributed import over_shards
+        res = over_shards(q, k, v, attn_mask, causal, scale, gate, dropout_p, return_lse, backend)
+        if res is not None:
+            return res
     B, Hq, Hkv, Lq, Lk, D, Dv = _checks.attention_inputs(q, k, v, attn_mask, gate, scale, dropout_p)
     code = causal_code(causal)
     scale = default_scale(D) if scale is None else float(scale)
@@ -57,6 +63,13 @@ def attention(q, k, v, *, attn_mask=None, causal=False, scale=None, gate=None, d
         impl = select("reference", problem)  # empty problems: no kernel launch
     out, lse = impl.attention(q, k, v, attn_mask, gate, scale, code, dropout_p, grad)
     return (out, lse) if return_lse else out
+
+
+_TORCH_SDPA = F.scaled_dot_product_attention  # torch's context_parallel() replaces it while it runs
+
+
+def _maybe_dtensor(t):
+    return type(t) is not torch.Tensor and type(t).__name__ == "DTensor"
 
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False, scale=None,

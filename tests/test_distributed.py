@@ -283,3 +283,103 @@ def test_swapped_model_trains_data_parallel(wrap):
     """A model after replace_attention, 3 SGD steps under DDP / FSDP2 (fully_shard) on 2 ranks, each on half of
     every batch: its parameters equal a single process's on the whole batches."""
     spawn(2, _data_parallel, wrap)
+
+
+# ------------------------------------------------------------------------- torch's context parallelism
+def _close(got, want, what):
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=lambda m: f"{what}: {m}")
+
+
+def _torch_context_parallel(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.experimental import context_parallel
+    from torch.distributed.tensor.experimental._attention import context_parallel_unshard
+
+    mesh = init_device_mesh("cpu", (world,))
+    gen = torch.Generator().manual_seed(3)
+    L = 6 * world  # 2·world chunks: torch shards head-tail (fastattn's "zigzag")
+    for causal in (True, False):
+        q, k, v = (torch.randn(2, 4, L, 16, generator=gen, requires_grad=True) for _ in range(3))
+        want = fastattn.attention(q, k, v, causal=causal)
+        want.backward(torch.ones_like(want))
+        shards = [t.detach().clone() for t in (q, k, v)]
+        with context_parallel(mesh, buffers=shards, buffer_seq_dims=[2, 2, 2], no_restore_buffers=set(shards)):
+            for t in shards:
+                t.requires_grad_()
+            out = fastattn.scaled_dot_product_attention(*shards, is_causal=causal)
+            out.backward(torch.ones_like(out))
+            got = context_parallel_unshard(mesh, [out.detach()] + [t.grad for t in shards], [2] * 4)
+        for name, g, w in zip(("out", "dq", "dk", "dv"), got, (want, q.grad, k.grad, v.grad)):
+            _close(g, w.detach(), f"rank {rank} causal={causal} {name}")
+
+    # a gated-attention model whose sequence torch shards: fastattn.nn modules follow
+    torch.manual_seed(0)
+    mha = fastattn.nn.GatedMultiheadAttention(32, 4, batch_first=True)
+    x = torch.randn(2, L, 32, generator=gen, requires_grad=True)
+    y, _ = mha(x, x, x, need_weights=False, is_causal=True, attn_mask=torch.nn.Transformer.generate_square_subsequent_mask(L))
+    y.sum().backward()
+    want = {n: p.grad.clone() for n, p in mha.named_parameters()}
+    mha.zero_grad()
+    xs = x.detach().clone()
+    with context_parallel(mesh, buffers=[xs], buffer_seq_dims=[1], no_restore_buffers={xs}):
+        hint = torch.nn.Transformer.generate_square_subsequent_mask(xs.shape[1])  # required with is_causal, unread
+        ys, _ = mha(xs, xs, xs, need_weights=False, is_causal=True, attn_mask=hint)
+        ys.sum().backward()
+        (whole,) = context_parallel_unshard(mesh, [ys.detach()], [1])
+    _close(whole, y.detach(), f"rank {rank} GatedMultiheadAttention out")
+    for n, p in mha.named_parameters():
+        dist.all_reduce(p.grad)  # each rank's gradient is its shard's share
+        _close(p.grad, want[n], f"rank {rank} GatedMultiheadAttention d{n}")
+
+    with context_parallel(mesh, buffers=[torch.zeros(1, 1, L)], buffer_seq_dims=[2]):
+        with pytest.raises(NotImplementedError, match="attn_mask: masks over a sequence sharded"):
+            fastattn.attention(q, k, v, attn_mask=torch.ones(L, L, dtype=torch.bool))
+
+
+def _dtensors(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor.experimental._context_parallel import _cp_options
+
+    mesh = init_device_mesh("cpu", (world,))
+    gen = torch.Generator().manual_seed(4)
+    L = 4 * world
+    q, k, v = (torch.randn(2, 4, L, 16, generator=gen, requires_grad=True) for _ in range(3))
+    gate = torch.randn(2, 4, L, 16, generator=gen, requires_grad=True)
+    want, want_lse = fastattn.attention(q, k, v, causal=True, gate=gate, return_lse=True)
+    want.backward(torch.ones_like(want))
+    layout = "zigzag" if _cp_options.enable_load_balance else "contiguous"
+    for dim in (2, 1, 0):
+        shard = (lambda t: fd.shard_sequence(t.detach(), layout=layout)) if dim == 2 else \
+            (lambda t: t.detach().chunk(world, dim)[rank].clone())
+        whole = (lambda t: fd.unshard_sequence(t, layout=layout)) if dim == 2 else \
+            (lambda t: torch.cat([torch.empty_like(t) for _ in range(world)], dim))
+        local = [shard(t).requires_grad_() for t in (q, k, v, gate)]
+        qd, kd, vd, gd = (DTensor.from_local(t, mesh, [Shard(dim)], run_check=False) for t in local)
+        out, lse = fastattn.attention(qd, kd, vd, causal=True, gate=gd, return_lse=True)
+        assert isinstance(out, DTensor) and out.placements == (Shard(dim),) and out.shape == want.shape
+        assert isinstance(lse, DTensor) and lse.shape == want_lse.shape
+        out.to_local().backward(torch.ones_like(out.to_local()))
+        if dim == 2:
+            for name, g, w in zip(("out", "dq", "dk", "dv", "dgate"), [out.to_local()] + [t.grad for t in local],
+                                  (want, q.grad, k.grad, v.grad, gate.grad)):
+                _close(whole(g.detach()), w.detach(), f"rank {rank} Shard(2) {name}")
+        else:
+            for name, g, w in zip(("out", "dq", "dgate"), (out.full_tensor(), local[0].grad, local[3].grad),
+                                  (want, q.grad, gate.grad)):
+                _close(g.detach(), shard(w) if name != "out" else w.detach(), f"rank {rank} Shard({dim}) {name}")
+    sdpa = fastattn.scaled_dot_product_attention(qd, kd, vd)
+    assert isinstance(sdpa, DTensor)
+
+
+def test_torch_context_parallel_runs_fastattn():
+    """Inside torch's context_parallel(), fastattn.scaled_dot_product_attention (causal, head-tail sharded, or
+    not) and a GatedMultiheadAttention model run the ring over the shards torch made: out and every gradient
+    as on the whole sequence; a mask there is refused."""
+    spawn(2, _torch_context_parallel)
+
+
+def test_dtensor_inputs():
+    """fastattn.attention on DTensors: sharded along the sequence it runs the ring, along batch or heads each
+    rank its part; DTensors come back, gradients as on whole tensors."""
+    spawn(2, _dtensors)
