@@ -11,9 +11,12 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
+import weakref
 import zlib
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from . import functional, reference
 
@@ -66,6 +69,46 @@ def compare(name, got, ref_lowp, truth, dtype, factor, magnitude=0.0) -> Compari
     scale = max(1.0, float(finite.abs().max()) if finite.numel() else 0.0, magnitude)
     ref_err = max_abs_diff(ref_lowp, truth)
     return Comparison(name, max_abs_diff(got, truth), ref_err, factor * ref_err + ATOL_FLOOR[dtype] * scale)
+
+
+class TensorMemory(TorchDispatchMode):
+    """What the tensors torch's ops make inside the context hold: ``peak``, the most bytes of storage they
+    allocate alive at once (a storage counts while a tensor made inside refers to it; in-place results and
+    views of earlier storages hold nothing new; kernels' scratch memory is not seen), and ``longest``, the
+    longest dim 2 of the 4-D ones (a sequence dim in (B, H, L, D)). For device-independent memory checks and
+    reports: on a GPU, torch.cuda.max_memory_allocated says it for the whole process."""
+
+    def __init__(self):
+        super().__init__()
+        self.longest, self.live, self.peak, self.holders = 0, 0, 0, {}
+
+    def _release(self, key):
+        held = self.holders[key]
+        held[1] -= 1
+        if held[1] == 0:
+            self.live -= held[0]
+            del self.holders[key]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in tree_leaves((args, kwargs))
+                  if isinstance(a, torch.Tensor)}
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if not isinstance(t, torch.Tensor) or not t.untyped_storage().nbytes():
+                continue
+            if t.dim() == 4:
+                self.longest = max(self.longest, t.shape[2])
+            key = t.untyped_storage().data_ptr()
+            if key in self.holders:
+                self.holders[key][1] += 1
+            elif key in inputs:
+                continue
+            else:
+                self.holders[key] = [t.untyped_storage().nbytes(), 1]
+                self.live += self.holders[key][0]
+                self.peak = max(self.peak, self.live)
+            weakref.finalize(t, self._release, key)
+        return out
 
 
 def _generator(case_id: str) -> torch.Generator:
