@@ -122,6 +122,39 @@ def test_ring_attention_equals_attention_over_the_whole_sequence(world):
     spawn(world, _ring_against_whole, RING_CASES)
 
 
+def _ring_on(rank, world, backend, cases):
+    if backend == "cuda_emu":
+        import cuda_emu
+        cuda_emu.load()  # built once by the parent (cached under build/)
+    _ring_against_whole(rank, world, [dataclasses.replace(c, backend=backend) for c in cases])
+
+
+def _emulation_missing():
+    import cuda_emu
+    why = cuda_emu.build.requirements()
+    return f"the CUDA emulation cannot be built here: {why}" if why else None
+
+
+@pytest.mark.triton
+def test_ring_attention_on_triton():
+    """The ring's blocks on the Triton kernels (in Triton's interpreter without a GPU)."""
+    if not fastattn.backends()["triton"]["available"] or torch.cuda.is_available():
+        pytest.skip("the Triton backend runs CPU tensors only in its interpreter (TRITON_INTERPRET=1)")
+    spawn(2, _ring_on, "triton", [RingCase(6, torch.float32, causal=True, gate="headwise", lse_grad=True),
+                                  RingCase(5, torch.float16, layout="contiguous", D=32, gate="elementwise")])
+
+
+def test_ring_attention_on_the_cuda_kernels_emulated():
+    """The ring's blocks on csrc/cuda's kernels under the CPU emulation."""
+    why = _emulation_missing() or ("a CUDA device runs these kernels for real" if torch.cuda.is_available() else None)
+    if why:
+        pytest.skip(why)
+    import cuda_emu
+    cuda_emu.load()
+    spawn(2, _ring_on, "cuda_emu", [RingCase(4, torch.bfloat16, causal=True, B=1, Hq=2, Hkv=1, D=64,
+                                             gate="headwise", lse_grad=True)])
+
+
 def _nan_key(t):
     t = dict(t, k=t["k"].clone())
     t["k"][0, 1, 5, 3] = float("nan")  # every row of batch 0, query heads 2-3 becomes NaN
