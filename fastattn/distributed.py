@@ -19,19 +19,27 @@ Causal attention depends on which positions a rank holds, its ``layout``:
 - "contiguous": rank r holds the r-th 1 / world of the sequence; blocks wholly in the future are skipped,
   so late ranks do most of the work.
 :func:`shard_sequence` and :func:`unshard_sequence` convert between a whole sequence and either layout.
-Torch's own ``context_parallel`` runs fastattn's ops through :func:`enable_context_parallel`.
+
+Torch's context parallelism (``torch.distributed.tensor.experimental``) reaches this ring through
+``fastattn.attention``, which every fastattn entry point (``scaled_dot_product_attention``, ``fastattn.nn``)
+goes through (:func:`over_shards`): when q is a DTensor sharded along the sequence (dim 2), as torch's
+context-parallel module wrapper passes attention its inputs, or when the call is inside torch's
+``context_parallel()``, which shards the model's buffers along the sequence and has
+``F.scaled_dot_product_attention`` treat every call as sharded (fastattn treats its own calls so too, over
+the same mesh). The layout is the one torch sharded with: "zigzag" (its head-tail load balancer) while its
+``_cp_options.enable_load_balance`` is set, else "contiguous". Torch's other hook, custom-op handlers in the
+DTensor dispatcher, is private and replaced whenever its context parallelism is switched on or off.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-
 import torch.nn.functional as F
 
 from . import _checks
 from .backends import Problem, select
 from .contract import CAUSAL_NONE, CAUSAL_TOP_LEFT, LN2, causal_code, stat_dtype
-from .functional import _maybe_zero, default_scale
+from .functional import _maybe_dtensor, _maybe_zero, default_scale
 
 __all__ = ["ring_attention", "shard_sequence", "unshard_sequence"]
 
@@ -259,20 +267,16 @@ def _torch_cp_mesh():
     return cells["device_mesh"].cell_contents if "device_mesh" in cells else None
 
 
-def _is_dtensor(t):
-    return t is not None and type(t).__name__ == "DTensor" and hasattr(t, "placements")
-
-
 def over_shards(q, k, v, attn_mask, causal, scale, gate, dropout_p, return_lse, backend):
     """``fastattn.attention`` on a sequence torch's context parallelism shards (module docstring), or None when
     the call is not such: q, k, v and gate DTensors of one 1-D mesh, sharded along dim 2 (the ring) or not
     along it (batch or heads: each rank computes its part); or plain tensors inside ``context_parallel()``."""
     cp = _torch_cp()
-    if any(_is_dtensor(t) for t in (q, k, v, gate, attn_mask)):
+    if any(_maybe_dtensor(t) for t in (q, k, v, gate, attn_mask)):
         from torch.distributed.tensor import DTensor, Replicate, Shard
         mesh, placements = q.device_mesh, q.placements
         for name, t in (("k", k), ("v", v), ("gate", gate)):
-            _checks.require(t is None or (_is_dtensor(t) and t.device_mesh == mesh and t.placements == placements),
+            _checks.require(t is None or (_maybe_dtensor(t) and t.device_mesh == mesh and t.placements == placements),
                             ValueError, f"{name}: expected a DTensor on q's mesh with q's placements {placements}")
         _checks.require(len(placements) == 1 and placements[0] in (Shard(0), Shard(1), Shard(2), Replicate()),
                         NotImplementedError, f"q: DTensors on a 1-D mesh, sharded along batch, heads or sequence "
@@ -282,7 +286,7 @@ def over_shards(q, k, v, attn_mask, causal, scale, gate, dropout_p, return_lse, 
             out, lse = _sharded_call(*local, attn_mask, causal, scale, dropout_p, True, backend, mesh.get_group(),
                                      _torch_cp_layout(cp))
         else:
-            _checks.require(not _is_dtensor(attn_mask), NotImplementedError, "attn_mask: a DTensor mask")
+            _checks.require(not _maybe_dtensor(attn_mask), NotImplementedError, "attn_mask: a DTensor mask")
             from .functional import attention
             out, lse = attention(*local[:3], attn_mask=attn_mask, causal=causal, scale=scale, gate=local[3],
                                  dropout_p=dropout_p, return_lse=True, backend=backend)

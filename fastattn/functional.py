@@ -69,6 +69,7 @@ _TORCH_SDPA = F.scaled_dot_product_attention  # torch's context_parallel() repla
 
 
 def _maybe_dtensor(t):
+    """Whether t is a DTensor, by its type's name: torch.distributed.tensor is imported only once one is seen."""
     return type(t) is not torch.Tensor and type(t).__name__ == "DTensor"
 
 
