@@ -2,6 +2,8 @@
 (test_attention_cpu.py / test_ops.py for "cpu", test_triton.py, test_cuda.py): fully masked rows,
 strided inputs reaching the kernel uncopied, torch.library.opcheck of the op family, and
 torch.compile(fullgraph=True) through every op."""
+import collections
+import contextlib
 import itertools
 import math
 
@@ -15,6 +17,46 @@ from conftest import assert_all_ok
 
 
 FUZZ_DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+
+
+def triton_kernels_jitted():
+    """Every @triton.jit function of triton_kernels, unwrapped from its autotuner/heuristics (none in the
+    interpreter, where Triton specializes nothing)."""
+    from triton.runtime.jit import JITFunction
+    from fastattn.triton_kernels import attention, decode, softmax_gate
+    found = []
+    for mod in (attention, decode, softmax_gate):
+        for obj in vars(mod).values():
+            while not isinstance(obj, JITFunction) and hasattr(obj, "fn"):
+                obj = obj.fn
+            if isinstance(obj, JITFunction) and obj not in found:
+                found.append(obj)
+    return found
+
+
+@contextlib.contextmanager
+def triton_unspecialized():
+    """fastattn's Triton kernels launched unspecialized: Triton compiles a kernel once per constexpr set
+    and, unless told not to, once more per divisibility by 16 (and value 1) of each integer argument and
+    alignment of each pointer. Fuzz cases draw odd sizes, strides and offset views, about three such
+    variants each: ~10,000 compiles over the 3,600 cases of a long GPU sweep, where ~2,700 constexpr
+    sets hold the same arithmetic. The long sweep runs here; the quick fuzz and test_triton.py launch
+    the specialized kernels users get."""
+    saved = []
+    for fn in triton_kernels_jitted():
+        saved.append((fn, [(p.do_not_specialize, p.do_not_specialize_on_alignment) for p in fn.params],
+                      fn.device_caches))
+        for p in fn.params:
+            if not p.is_constexpr:
+                p.do_not_specialize = p.do_not_specialize_on_alignment = True
+        fn.device_caches = collections.defaultdict(fn.create_binder)  # binders read the flags once
+    try:
+        yield
+    finally:
+        for fn, flags, caches in saved:
+            for p, (dns, dns_oa) in zip(fn.params, flags):
+                p.do_not_specialize, p.do_not_specialize_on_alignment = dns, dns_oa
+            fn.device_caches = caches
 
 
 def fuzz_passes(family, backend, seeds, device, limits_of=None, inference=False):

@@ -66,7 +66,39 @@ def test_fuzz_triton_forward_only():
 @pytest.mark.parametrize("family", ["attention", "gates"])
 @pytest.mark.parametrize("chunk", range(1, 10))
 def test_fuzz_triton_long(family, chunk):
-    _run(family, "triton", range(chunk * _TRITON_N, (chunk + 1) * _TRITON_N), _triton_device())
+    with bc.triton_unspecialized():
+        _run(family, "triton", range(chunk * _TRITON_N, (chunk + 1) * _TRITON_N), _triton_device())
+
+
+@pytest.mark.triton
+def test_triton_unspecialized_launches_bind_no_divisibility_or_alignment():
+    """The long GPU sweep's launches: every fastattn kernel binds integers and pointers without Triton's
+    divisibility/alignment attributes (one compile per constexpr set), and gets its specializing binder
+    back afterwards."""
+    if INTERPRET:
+        pytest.skip("the interpreter specializes nothing")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+    from fastattn.triton_kernels.attention import _attn_fwd
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    fn = next(f for f in bc.triton_kernels_jitted() if f.fn.__name__ == "_attn_fwd")
+    assert fn is _attn_fwd.fn and len(bc.triton_kernels_jitted()) >= 10
+    names = [p.name for p in fn.params if not p.is_constexpr]
+    n_ptr = names.index("stride_qb")  # the pointers come first
+    args = [torch.empty(64)] * n_ptr + [32] * (len(names) - n_ptr)
+    consts = {p.name: 1 for p in fn.params if p.is_constexpr}
+
+    def attrs():
+        binder = create_function_from_signature(fn.signature, fn.params, backend)
+        return [a for kind, a in binder(*args, **consts)[1] if kind != "constexpr"]
+
+    before = fn.device_caches
+    assert "D" in attrs()
+    with bc.triton_unspecialized():
+        assert attrs() == [None] * len(args)
+        assert all(f.device_caches is not before for f in bc.triton_kernels_jitted())
+    assert "D" in attrs() and fn.device_caches is before
 
 
 _CUDA = fastattn.backends()["cuda"]
