@@ -59,15 +59,19 @@ def triton_unspecialized():
             fn.device_caches = caches
 
 
-def fuzz_passes(family, backend, seeds, device, limits_of=None, inference=False):
+def fuzz_passes(family, backend, seeds, device, limits_of=None, inference=False, limits_device=None):
     """fastattn.fuzz's cases ``seeds`` of ``family`` on ``backend``, in the dtypes it takes, over the input
-    space ``fuzz.limits`` gives it (of ``limits_of`` when set: the emulated cuda kernels as the real ones);
-    ``inference``: their forwards alone, with no input requiring a gradient."""
+    space ``fuzz.limits`` gives it (of ``limits_of`` when set: the emulated cuda kernels as the real ones; on
+    ``limits_device`` when set: the interpreter on a GPU's problem sizes); ``inference``: their forwards
+    alone, with no input requiring a gradient."""
     dtypes = {"cpu": FUZZ_DTYPES, "reference": FUZZ_DTYPES, "triton": FUZZ_DTYPES[1:]}.get(backend, list(CUDA_DTYPES))
-    limits = fuzz.limits(limits_of or backend, device)
+    limits = fuzz.limits(limits_of or backend, limits_device or device)
     failures = []
     for seed in seeds:
-        cid, comps = fuzz.run(family, seed, backend, dtypes, device, inference=inference, **limits)
+        try:
+            cid, comps = fuzz.run(family, seed, backend, dtypes, device, inference=inference, **limits)
+        except Exception as e:  # a crash (on a GPU it may leave the device unusable for the cases after it)
+            raise AssertionError(f"{family} fuzz case seed {seed} on {backend} raised {type(e).__name__}: {e}") from e
         bad = [c for c in comps if not c.ok]
         if bad:
             failures.append(f"{cid}: " + "; ".join(f"{c.name} err {c.err:.3g} > allowed {c.allowed:.3g}" for c in bad))

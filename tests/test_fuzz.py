@@ -101,6 +101,47 @@ def test_triton_unspecialized_launches_bind_no_divisibility_or_alignment():
     assert "D" in attrs() and fn.device_caches is before
 
 
+# The Triton kernels on a GPU's tiles (sm_90's lists, its problem sizes) in the interpreter, every lane they
+# load or store checked against the bounds of the launch's tensors: out-of-bounds accesses without a GPU.
+def _on_gpu_tiles(family, seeds):
+    if not INTERPRET:
+        pytest.skip("bounds checks run in Triton's interpreter (TRITON_INTERPRET=1); on a GPU, compute-sanitizer")
+    import triton_bounds
+    with triton_bounds.checked(cc=90):
+        bc.fuzz_passes(family, "triton", seeds, "cpu", limits_device="cuda")
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("family", ["attention", "gates"])
+def test_fuzz_triton_gpu_tiles_in_bounds(family):
+    _on_gpu_tiles(family, range(32 if family == "attention" else 64))
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+@pytest.mark.parametrize("family", ["attention", "gates"])
+@pytest.mark.parametrize("chunk", range(10))
+def test_fuzz_triton_gpu_tiles_in_bounds_long(family, chunk):
+    _on_gpu_tiles(family, range(chunk * 400, (chunk + 1) * 400))
+
+
+@pytest.mark.triton
+def test_bounds_checks_catch_a_lane_past_a_tensor():
+    """The checker's own test: one lane read past the end of x is caught; the same launch in bounds is not."""
+    if not INTERPRET:
+        pytest.skip("bounds checks run in Triton's interpreter (TRITON_INTERPRET=1)")
+    import triton_bounds
+    x, y = torch.randn(40)[:33].clone(), torch.zeros(33)
+    with triton_bounds.checked():
+        triton_bounds.copy_prefix[(1,)](x, y, 33, 33, BLOCK=64)
+        assert torch.equal(y, x)
+        with pytest.raises(Exception, match=r"copy_prefix: load of 1 lane\(s\) outside every tensor"):
+            triton_bounds.copy_prefix[(1,)](x, y, 34, 33, BLOCK=64)
+        with pytest.raises(Exception, match=r"copy_prefix: store of 2 lane\(s\) outside"):
+            triton_bounds.copy_prefix[(1,)](x, y, 33, 35, BLOCK=64)
+    triton_bounds.copy_prefix[(1,)](x, y, 34, 33, BLOCK=64)   # unchecked again outside
+
+
 _CUDA = fastattn.backends()["cuda"]
 needs_cuda = pytest.mark.skipif(not _CUDA["available"], reason=f"the cuda backend: {_CUDA['reason']}")
 
@@ -175,3 +216,18 @@ def test_fuzz_reports_a_broken_kernel(monkeypatch):
     monkeypatch.setattr(torch.ops.fastattn, "attention_bwd", broken)
     with pytest.raises(AssertionError, match="dq err"):
         _run("attention", "cpu", range(100), "cpu")
+
+
+def test_fuzz_names_the_seed_of_a_crash(monkeypatch):
+    """A kernel that raises (on a GPU: an illegal memory access) fails the chunk naming the case's seed."""
+    real = torch.ops.fastattn.attention_fwd
+
+    def crashing(q, k, v, mask, gate, scale, causal, need_acc):
+        if q.shape[-2] == 97:
+            raise RuntimeError("illegal memory access")
+        return real(q, k, v, mask, gate, scale, causal, need_acc)
+
+    monkeypatch.setattr(torch.ops.fastattn, "attention_fwd", crashing)
+    seed = next(s for s in range(100) if "-L97-" in fuzz.attention_case(s, ALL_DTYPES).id)
+    with pytest.raises(AssertionError, match=f"attention fuzz case seed {seed} on cpu raised RuntimeError: illegal"):
+        _run("attention", "cpu", range(seed - 1, seed + 2), "cpu")
