@@ -2,8 +2,8 @@
 
 Inside :func:`checked`, every lane a Triton kernel loads, stores or updates atomically with its mask true
 must lie inside the storage of a tensor that launch was given (else :class:`OutOfBounds`, which the
-interpreter re-raises as its InterpreterError), and fastattn's kernels run the config lists and pruning
-of a GPU of compute capability ``cc`` (the first config that fits, as with FASTATTN_TRITON_AUTOTUNE=0)
+interpreter re-raises as its InterpreterError), and fastattn's attention and softmax-gate kernels run the
+config lists and pruning of a GPU of compute capability ``cc`` (the first config that fits, as with FASTATTN_TRITON_AUTOTUNE=0)
 instead of the interpreter's one small tile: the tile shapes, masks and ragged edges the GPU compiles.
 Where it runs: TRITON_INTERPRET=1 (the interpreter's InterpreterBuilder and GridExecutor are patched,
 and restored on exit).
@@ -49,8 +49,9 @@ def _check(ptrs, mask, what):
                           f"launch (the first at byte {first - lo:+d} of the nearest, a storage of {hi - lo} B)")
 
 
-def gpu_configs(cc: int):
-    """fastattn.triton_kernels.configs as a GPU process has it (its INTERPRET false); ``cc`` is set apart."""
+def gpu_configs():
+    """fastattn.triton_kernels.configs as a GPU process has it (its INTERPRET false). Its pruning targets the
+    capability FASTATTN_TRITON_AOT_ARCH names for tensors on no GPU: :func:`checked` sets it to ``cc``."""
     from fastattn.triton_kernels import configs
     spec = importlib.util.spec_from_file_location("fastattn_gpu_configs", configs.__file__)
     mod = importlib.util.module_from_spec(spec)
@@ -77,7 +78,7 @@ def checked(cc: int = 90):
     import triton.runtime.interpreter as interp
     from fastattn.triton_kernels import attention, softmax_gate
     assert os.environ.get("TRITON_INTERPRET") == "1", "bounds checks patch Triton's interpreter"
-    gpu = gpu_configs(cc)
+    gpu = gpu_configs()
     builder, executor = interp.InterpreterBuilder, interp.GridExecutor
     patched = {(builder, "create_masked_load"), (builder, "create_masked_store"), (builder, "create_atomic_rmw"),
                (builder, "create_atomic_cas"), (executor, "_init_args_hst"), (attention, "C"), (softmax_gate, "C")}
