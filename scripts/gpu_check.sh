@@ -86,7 +86,7 @@ par=()
 "$py" -c "import xdist" 2>/dev/null && par+=(-n "$(( $(nproc) > 12 ? 12 : 2 ))")
 "$py" -c "import pytest_timeout" 2>/dev/null && par+=(--timeout 240)
 if [ "$have_gpu" = 1 ]; then
-  skipped layout || step layout 120 bash scripts/test.sh -p no:warnings test_cuda.py -k layout_probe &
+  skipped layout || step layout 120 bash scripts/test.sh -p no:warnings -p no:xdist test_cuda.py -k layout_probe &
   skipped sanitize || OUT="$logs" step sanitize "$cap" bash scripts/cuda_sanitize.sh &
 else
   skip layout
