@@ -93,8 +93,8 @@ else
   skip sanitize
 fi
 # on a GPU the tests that run there, the long (slow) sweeps of the GPU backends' fuzz included; the CPU
-# ones are CI's (they took ~150 s of the round, the CPU fuzz 600 s of its workers). On an H100 the files
-# but the Triton long fuzz took more than the 233 s a 470 s round leaves them (704 of 728 done); the Triton
+# ones are CI's (they took ~150 s of the round, the CPU fuzz 600 s of its workers). On an H100 the files other
+# than the Triton long fuzz needed more than the 233 s a 470 s round leaves them (704 of 728 done). The Triton
 # long fuzz, compile-bound (its 400-case chunks 30-250 s each over 14 workers), wants a call of its own after
 # the build: FASTATTN_TRITON_AUTOTUNE=0 bash scripts/test.sh -n 14 -m "slow or not slow" test_fuzz.py::test_fuzz_triton_long
 tests=()

@@ -68,6 +68,9 @@ _AUTOTUNED = {"_attn_fwd": ("FWD_CONFIGS", "prune_fwd"), "_attn_bwd_dkdv": ("BWD
               "_attn_bwd_dq": ("BWD_DQ_CONFIGS", "prune_dq"), "_attn_bwd_dmask": ("BWD_DMASK_CONFIGS", "prune_dmask")}
 
 
+_ABSENT = object()   # an attribute checked() set where there was none (a method of the class): deleted after
+
+
 def _untimed(*args, config, **kwargs):
     """The autotuner's timing of its one pruned config (triton 3.6 times even one; the interpreter cannot)."""
     return [0.0, 0.0, 0.0]
@@ -134,8 +137,6 @@ def checked(cc: int = 90):
             else:
                 os.environ[k] = v
 
-
-_ABSENT = object()
 
 
 @triton.jit
