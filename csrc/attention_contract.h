@@ -27,9 +27,17 @@
 //   dmask                    dL/d(mask) in the mask's own shape and dtype when asked for: dS summed over the
 //                            mask's broadcast dims in float32 or wider, deterministically
 //   dgate                    the gate's shape and dtype; a headwise gate's gradient is summed over Dv
-// Math per (b, h, i): s_j = scale * q_i.k_j + bias_ij (-inf where masked or hidden by the causal rule);
-// p = softmax(s); out_i = sum_j p_j v_j (* sigmoid(gate_i)). Kernels keep scores in base 2:
-// s * log2(e), so exp becomes exp2 and lse is in log2 units.
+//   window_left, window_right    the sliding window (-1: unbounded on that side)
+//   softcap                      > 0 caps the scores (0: none)
+//   alibi_slopes (Hq) or (B, Hq) optional, the statistics' dtype (lse's), any strides
+// Math per (b, h, i), in this order (FlashAttention's and Gemma 2's):
+//   s_j = scale * q_i.k_j;  s_j = softcap * tanh(s_j / softcap) (softcap > 0);  s_j += bias_ij (float mask);
+//   s_j -= slope_bh * |i + Lk - Lq - j| (ALiBi);  s_j = -inf where hidden: a false bool mask, the causal rule,
+//   or the window (j < i + Lk - Lq - window_left or j > i + Lk - Lq + window_right, for a side that is >= 0);
+//   p = softmax(s); out_i = sum_j p_j v_j (* sigmoid(gate_i)). A row with no visible key gives 0 and lse -inf.
+// Kernels keep scores in base 2: s * log2(e), so exp becomes exp2 and lse is in log2 units (the softcap too:
+// c * tanh(s / c) in base 2 is c2 * tanh(s2 / c2) with c2 = c * log2(e)). The backward multiplies dS by
+// 1 - tanh^2 under the cap, after dmask takes it (the bias is added past the cap); slopes get no gradient.
 //
 // varlen_attention_fwd / varlen_attention_bwd: the same math over B sequences of their own lengths,
 // packed without padding (FlashAttention's varlen layout):
@@ -103,10 +111,18 @@ struct AttentionParams {
   int mask_kind;
   bool mask_bcast[4];  // the mask has size 1 where (B, Hq, Lq, Lk) has more: its gradient is summed there
   bool gate_headwise;  // gate (B, Hq, Lq, 1) with Dv > 1
+  // The keys query i sees form a band (key_band): j <= i + causal_off when `causal` (the causal rule, a right window
+  // or both: whatever bounds keys from above, which is what the kernels' tile skipping needs), and
+  // j >= i + lo_off when `windowed` (a left window).
   bool causal;
-  Index causal_off;  // query i sees keys j <= i + causal_off (0 top_left, Lk - Lq bottom_right)
+  Index causal_off;  // 0 top_left, Lk - Lq bottom_right; with a right window the smaller of that and Lk - Lq + right
+  bool windowed;
+  Index lo_off;      // Lk - Lq - window_left
   Real scale;        // multiplies q.k
   Real scale_log2;   // scale * kLog2e: scores in base-2 units
+  Real softcap_log2;  // softcap * kLog2e, 0 without a cap
+  const void* alibi;  // nullptr, or the slopes (acc type: float, double for double inputs); slope of (b, h) at
+  int64_t al_sb, al_sh;  // b * al_sb + h * al_sh (al_sb 0 for (Hq) slopes)
   // Sequences of their own lengths (all nullptr for attention_fwd/bwd; see varlen and kvcache above).
   int causal_mode;               // CausalMode: the per-sequence causal offset needs it
   const int32_t* cu_seqlens_q;   // varlen: (B + 1) row offsets of q (and of out, gate, lse's columns)
@@ -117,21 +133,47 @@ struct AttentionParams {
   Index page_size;
 };
 
-// Where sequence b's rows start (in units of q_sl / k_sl rows, on top of b * q_sb / k_sb) and how long it is.
+// The keys query i of a (Lq, Lk) sequence sees: j <= i + hi_off (when has_hi), j >= i + lo_off (when has_lo). A
+// window side that hides no key (left >= Lk - 1, right >= Lq - 1) is dropped: the offsets stay within (-Lq, Lk].
+struct KeyBand {
+  bool has_hi, has_lo;
+  int64_t hi_off, lo_off;
+};
+
+FASTATTN_HOST_DEVICE inline KeyBand key_band(int64_t Lq, int64_t Lk, int causal_mode, int64_t window_left,
+                                             int64_t window_right) {
+  const bool has_lo = window_left >= 0 && window_left < Lk - 1;
+  KeyBand k{causal_mode != kCausalNone, has_lo, causal_mode == kCausalBottomRight ? Lk - Lq : 0,
+            has_lo ? Lk - Lq - window_left : 0};
+  if (window_right >= 0 && window_right < Lq - 1) {
+    const int64_t w = Lk - Lq + window_right;
+    k.hi_off = k.has_hi && k.hi_off < w ? k.hi_off : w;
+    k.has_hi = true;
+  }
+  return k;
+}
+
+// Where sequence b's rows start (in units of q_sl / k_sl rows, on top of b * q_sb / k_sb), how long it is, and the
+// band of keys its queries see (`causal` and `windowed` are the params' own). Packed sequences and kv caches take
+// no window (their per-sequence band would cost the CUDA kernels registers they do not have: spills on sm_80).
 struct SeqExtent {
   int64_t q_row0, k_row0;
   int64_t Lq, Lk;
   int64_t causal_off;  // query i sees keys j <= i + causal_off (when causal)
+  int64_t lo_off;      // and j >= i + lo_off (when windowed)
+  int64_t diag_off;    // Lk - Lq: ALiBi's distance is |i + diag_off - j|
 };
 
 template <typename Index, typename Real>
 FASTATTN_HOST_DEVICE inline SeqExtent seq_extent(const AttentionParams<Index, Real>& p, int64_t b) {
-  SeqExtent e{0, 0, int64_t(p.Lq), int64_t(p.Lk), int64_t(p.causal_off)};
+  SeqExtent e{0, 0, int64_t(p.Lq), int64_t(p.Lk), int64_t(p.causal_off), int64_t(p.lo_off), int64_t(p.Lk - p.Lq)};
   if (p.cu_seqlens_q != nullptr) e.q_row0 = p.cu_seqlens_q[b], e.Lq = p.cu_seqlens_q[b + 1] - e.q_row0;
   if (p.cu_seqlens_k != nullptr) e.k_row0 = p.cu_seqlens_k[b], e.Lk = p.cu_seqlens_k[b + 1] - e.k_row0;
   if (p.seqlens_k != nullptr) e.Lk = p.seqlens_k[b];
-  if (p.cu_seqlens_q != nullptr || p.seqlens_k != nullptr)
+  if (p.cu_seqlens_q != nullptr || p.seqlens_k != nullptr) {
     e.causal_off = p.causal_mode == kCausalBottomRight ? e.Lk - e.Lq : 0;
+    e.diag_off = e.Lk - e.Lq;
+  }
   return e;
 }
 

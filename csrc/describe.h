@@ -6,6 +6,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <cstdint>
 #include <optional>
 
@@ -16,12 +17,27 @@ namespace fastattn {
 // t with stride(-1) == 1, copied only when it lacks it (what every kernel needs of its rows).
 inline at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
-// Fills p from q, k, v, mask, gate (names the offending argument in every error; `op` prefixes the
-// message). Every given tensor must be on q's device and have q's dtype (a mask may be bool).
+// The score modifiers of attention_fwd / attention_bwd (attention_contract.h): the schemas' window_left,
+// window_right, softcap and alibi_slopes. The defaults change nothing.
+struct ScoreMods {
+  int64_t window_left = -1, window_right = -1;
+  double softcap = 0.0;
+  std::optional<at::Tensor> alibi_slopes;
+
+  bool any() const {
+    return window_left >= 0 || window_right >= 0 || softcap != 0.0 ||
+           (alibi_slopes.has_value() && alibi_slopes->defined());
+  }
+};
+
+// Fills p from q, k, v, mask, gate and the score modifiers (names the offending argument in every error; `op`
+// prefixes the message). Every given tensor must be on q's device and have q's dtype (a mask may be bool; ALiBi
+// slopes have the statistics' dtype).
 template <typename Index, typename Real>
 void describe_attention(AttentionParams<Index, Real>& p, const char* op, const at::Tensor& q, const at::Tensor& k,
                         const at::Tensor& v, const std::optional<at::Tensor>& mask,
-                        const std::optional<at::Tensor>& gate, double scale, int64_t causal) {
+                        const std::optional<at::Tensor>& gate, double scale, int64_t causal,
+                        const ScoreMods& mods = {}) {
   TORCH_CHECK(q.dim() == 4, op, ": q must be (B, Hq, Lq, D), got ", q.sizes());
   TORCH_CHECK(k.dim() == 4, op, ": k must be (B, Hkv, Lk, D), got ", k.sizes());
   TORCH_CHECK(v.dim() == 4, op, ": v must be (B, Hkv, Lk, Dv), got ", v.sizes());
@@ -55,14 +71,37 @@ void describe_attention(AttentionParams<Index, Real>& p, const char* op, const a
   p.v_sb = v.stride(0), p.v_sh = v.stride(1), p.v_sl = v.stride(2);
   p.B = Index(B), p.Hq = Index(Hq), p.Hkv = Index(Hkv), p.Lq = Index(Lq), p.Lk = Index(Lk);
   p.D = Index(D), p.Dv = Index(Dv), p.group = Index(Hq / Hkv);
-  p.causal = causal != kCausalNone;
+  TORCH_CHECK(mods.window_left >= -1 && mods.window_right >= -1, op,
+              ": window_left and window_right must be >= -1 (-1: unbounded), got ", mods.window_left, " and ",
+              mods.window_right);
+  TORCH_CHECK(std::isfinite(mods.softcap) && mods.softcap >= 0.0, op,
+              ": softcap must be finite and >= 0 (0: none), got ", mods.softcap);
+  const KeyBand band = key_band(Lq, Lk, int(causal), mods.window_left, mods.window_right);
+  p.causal = band.has_hi;
   p.causal_mode = int(causal);
-  p.causal_off = causal == kCausalBottomRight ? Index(Lk - Lq) : Index(0);
+  p.causal_off = Index(band.hi_off);
+  p.windowed = band.has_lo;
+  p.lo_off = Index(band.lo_off);
   p.cu_seqlens_q = p.cu_seqlens_k = p.seqlens_k = p.page_table = nullptr;
   p.pt_sb = 0;
   p.page_size = 0;
   p.scale = Real(scale);
   p.scale_log2 = Real(scale * kLog2e);
+  p.softcap_log2 = Real(mods.softcap * kLog2e);
+  p.alibi = nullptr;
+  p.al_sb = p.al_sh = 0;
+  if (mods.alibi_slopes.has_value() && mods.alibi_slopes->defined()) {
+    const at::Tensor& a = *mods.alibi_slopes;
+    check_device(a, "alibi_slopes");
+    const auto acc = dt == at::kDouble ? at::kDouble : at::kFloat;
+    TORCH_CHECK(a.scalar_type() == acc, op, ": alibi_slopes must be ", acc, " (the statistics' dtype) for ", dt,
+                " inputs, got ", a.scalar_type());
+    TORCH_CHECK((a.dim() == 1 && a.size(0) == Hq) || (a.dim() == 2 && a.size(0) == B && a.size(1) == Hq), op,
+                ": alibi_slopes must be (Hq) = (", Hq, ") or (B, Hq) = (", B, ", ", Hq, "), got ", a.sizes());
+    p.alibi = a.data_ptr();
+    p.al_sb = a.dim() == 2 ? a.stride(0) : 0;
+    p.al_sh = a.stride(-1);
+  }
 
   p.mask = nullptr;
   p.mask_kind = kMaskNone;

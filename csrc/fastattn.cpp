@@ -24,14 +24,17 @@ TORCH_LIBRARY(fastattn, m) {
   // out_acc is out before its rounding, float32, for float16/bfloat16 inputs (the backward's delta comes from it),
   // and an empty tensor for float32/float64 inputs (where out is that already). need_acc=false (a forward no
   // gradient will follow) returns it empty too and lets a kernel skip the extra precision kept for the backward.
+  // window_left / window_right (-1 unbounded), softcap (0 none) and alibi_slopes ((Hq) or (B, Hq), the statistics'
+  // dtype) modify the scores as attention_contract.h says; the backward takes the forward's.
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? gate, float scale, int causal,"
-        " bool need_acc=True) -> (Tensor, Tensor, Tensor)");
+        " bool need_acc=True, int window_left=-1, int window_right=-1, float softcap=0., Tensor? alibi_slopes=None)"
+        " -> (Tensor, Tensor, Tensor)");
   // out: the forward's out_acc where it has one, else its out. Returns (dq, dk, dv, dmask, dgate); dmask has the
   // mask's own (4-D, broadcast) shape and dtype, summed over broadcast dims in float32; dmask / dgate are empty
   // tensors when not asked for.
   m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask,"
-        " Tensor? gate, Tensor? dlse, float scale, int causal, bool need_dmask)"
-        " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+        " Tensor? gate, Tensor? dlse, float scale, int causal, bool need_dmask, int window_left=-1,"
+        " int window_right=-1, float softcap=0., Tensor? alibi_slopes=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Packed sequences of their own lengths (attention_contract.h): q (total_q, Hq, D), k / v (total_k, Hkv, D / Dv),
   // cu_seqlens int32 (B + 1), gate (total_q, Hq, Dv or 1). Returns (out, lse, out_acc) as attention_fwd, with
   // out (total_q, Hq, Dv) and lse (Hq, total_q).

@@ -98,10 +98,12 @@ def main(argv=None):
     p = sub.add_parser("bench", help="time fastattn against PyTorch's attention paths in the same run")
     p.add_argument("--quick", action="store_true", help="small smoke run")
     p.add_argument("--op", action="append",
-                   choices=["attention", "gated", "bias", "varlen", "softmax_gate", "score_softmax_gate", "decode"],
+                   choices=["attention", "gated", "bias", "varlen", "softmax_gate", "score_softmax_gate", "decode",
+                            "window"],
                    help="only these ops (repeatable; gated = attention with an elementwise output gate; varlen = "
                         "packed sequences of lengths in [L/4, L], against SDPA on them padded and nested; decode = "
-                        "attention_with_kvcache, one query over a long cache, run only when asked for)")
+                        "attention_with_kvcache, one query over a long cache; window = causal attention in a "
+                        "sliding window beside the same without one; decode and window run only when asked for)")
     p.add_argument("--mode", action="append", choices=["fwd", "bwd", "fwd_bwd"], help="only these modes (repeatable)")
     p.add_argument("--dtype", action="append", choices=["fp32", "bf16", "fp16"], help="only these dtypes (repeatable)")
     p.add_argument("--head-dim", action="append", type=int, metavar="D",

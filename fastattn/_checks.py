@@ -13,6 +13,8 @@ import torch
 from torch.fx.experimental import symbolic_shapes
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from . import contract
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -96,7 +98,28 @@ def probability(name, p):
         raise ValueError(f"{name}: expected a number in [0, 1], got {p!r}")
 
 
-def attention_inputs(q, k, v, attn_mask, gate, scale_, dropout_p):
+def score_mods(q, window_size, softcap, alibi_slopes):
+    """Checks ``fastattn.attention``'s score modifiers; returns them as the kernels take them (contract.ScoreMods:
+    the slopes in the statistics' dtype)."""
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or any(isinstance(w, bool) or not isinstance(w, numbers.Integral) or w < -1 for w in window_size)):
+        raise ValueError(f"window_size: expected (left, right), two ints >= -1 (-1: unbounded), got {window_size!r}")
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not (math.isfinite(softcap)
+                                                                                  and softcap >= 0):
+        raise ValueError(f"softcap: expected a finite number >= 0 (0: no cap), got {softcap!r}")
+    if alibi_slopes is not None:
+        tensor("alibi_slopes", alibi_slopes)
+        same([("q", q), ("alibi_slopes", alibi_slopes)], "device")
+        if alibi_slopes.dim() not in (1, 2):
+            raise ValueError(f"alibi_slopes: expected (Hq,) or (B, Hq), got shape {tuple(alibi_slopes.shape)}")
+        if alibi_slopes.requires_grad and torch.is_grad_enabled():
+            raise ValueError("alibi_slopes: ALiBi's slopes get no gradient here (constants, as in FlashAttention); "
+                             "pass a tensor that does not require grad (e.g. .detach())")
+        alibi_slopes = alibi_slopes.to(contract.stat_dtype(q.dtype))
+    return contract.ScoreMods(int(window_size[0]), int(window_size[1]), float(softcap), alibi_slopes)
+
+
+def attention_inputs(q, k, v, attn_mask, gate, scale_, dropout_p, mods=None):
     """Checks ``fastattn.attention``'s arguments; returns (B, Hq, Hkv, Lq, Lk, D, Dv)."""
     for n, t in (("q", q), ("k", k), ("v", v)):
         tensor(n, t, ndim=4)
@@ -125,6 +148,11 @@ def attention_inputs(q, k, v, attn_mask, gate, scale_, dropout_p):
         broadcastable("gate", gate, (B, Hq, Lq, Dv), ("B", "Hq", "Lq", "Dv"))
     scale(scale_)
     probability("dropout_p", dropout_p)
+    slopes = mods.alibi_slopes if mods is not None else None
+    if slopes is not None:
+        want = (Hq,) if slopes.dim() == 1 else (B, Hq)
+        require(sym_and(_eq(slopes.shape[0], want[0]), _eq(slopes.shape[-1], Hq)), ValueError,
+                f"alibi_slopes: expected (Hq,) = {(Hq,)} or (B, Hq) = {(B, Hq)}, got shape {tuple(slopes.shape)}")
     return B, Hq, Hkv, Lq, Lk, D, Dv
 
 

@@ -16,7 +16,7 @@ import os
 import torch
 
 from . import ops, reference
-from .contract import LN2, causal_arg, stat_dtype
+from .contract import LN2, ScoreMods, causal_arg, stat_dtype
 
 MAX_FUSED_HEAD_DIM = 256  # docs/CONTRACT.md §2.1: D and Dv up to 256 on fused backends
 
@@ -40,6 +40,7 @@ class Problem:
     causal: bool = False         # attention: what "auto" weighs (a backend's speed depends on them)
     float_mask: bool = False
     grad: bool = False           # a gradient will be asked of the call (the backward kernels run too)
+    score_mods: frozenset = frozenset()  # attention's score modifiers in use (contract.ScoreMods.names())
     gate_size: int = 0           # softmax gates: N·D, the elements of x one batch row holds
 
     @property
@@ -74,9 +75,10 @@ class ReferenceBackend(Backend):
     def unsupported(self, p):
         return None
 
-    def attention(self, q, k, v, mask, gate, scale, causal, dropout_p, grad):
+    def attention(self, q, k, v, mask, gate, scale, causal, dropout_p, grad, mods=ScoreMods()):
         return reference.attention(q, k, v, attn_mask=mask, causal=causal_arg(causal), scale=scale, gate=gate,
-                                   dropout_p=dropout_p, return_lse=True)
+                                   dropout_p=dropout_p, return_lse=True, window_size=mods[:2],
+                                   softcap=mods.softcap, alibi_slopes=mods.alibi_slopes)
 
     def varlen_attention(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, gate, scale, causal,
                          grad):
@@ -134,6 +136,7 @@ class FusedBackend(Backend):
     kernels they have (``kernels``: names of KERNELS / BACKWARD_KERNELS; the tests check each is registered)."""
     op_prefix = ""
     kernels = frozenset(n for names in (*KERNELS.values(), *BACKWARD_KERNELS.values()) for n in names)
+    score_mods = frozenset(ScoreMods.NAMES)  # the score modifiers its kernels apply
 
     def unsupported(self, p):
         why = super().unsupported(p)
@@ -146,13 +149,15 @@ class FusedBackend(Backend):
             return f"head dims up to {MAX_FUSED_HEAD_DIM} (got {p.head_dim}); use backend='reference'"
         if p.dropout:
             return "dropout is not fused in this backend; use backend='reference' (auto does)"
+        if p.score_mods - self.score_mods:
+            return f"its kernels have no {' or '.join(sorted(p.score_mods - self.score_mods))} yet"
         return None
 
     def _op(self, name):
         return getattr(torch.ops.fastattn, self.op_prefix + name)
 
 
-    def attention(self, q, k, v, mask, gate, scale, causal, dropout_p, grad):
+    def attention(self, q, k, v, mask, gate, scale, causal, dropout_p, grad, mods=ScoreMods()):
         if mask is not None:
             if mask.dtype != torch.bool:
                 mask = mask.to(q.dtype)  # kernels read a float mask in q's dtype
@@ -163,7 +168,7 @@ class FusedBackend(Backend):
         # without a gradient to follow, the kernels skip out_acc and the precise P V kept for the backward
         out, lse2, _ = self._op("attention_fwd")(
             ops.last_dim_contiguous(q), ops.last_dim_contiguous(k), ops.last_dim_contiguous(v),
-            mask, gate, scale, causal, grad)
+            mask, gate, scale, causal, grad, *mods)
         return out, lse2 * LN2  # the kernels keep lse in log2 units, the base they compute in
 
     def attention_block(self, q, k, v, scale, causal):
@@ -235,6 +240,7 @@ class CudaBackend(FusedBackend):
     name = "cuda"
     device_types = ("cuda",)
     kernels = CUDA_KERNELS
+    score_mods = frozenset()
 
     def unavailable(self):
         if ops.extension_error() is not None:

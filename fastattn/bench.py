@@ -33,7 +33,8 @@ from .version import __version__
 @dataclasses.dataclass(frozen=True)
 class Config:
     op: str                  # attention, gated, bias (a float bias with its gradient), varlen (packed sequences),
-    #                          softmax_gate, score_softmax_gate, decode (attention_with_kvcache: Lq queries over Lk keys)
+    #                          softmax_gate, score_softmax_gate, decode (attention_with_kvcache: Lq queries over Lk keys),
+    #                          window (causal attention in a sliding window of `window` keys back)
     mode: str                # fwd, bwd, fwd_bwd
     dtype: torch.dtype
     B: int
@@ -46,6 +47,7 @@ class Config:
     causal: bool = False
     mask: str = "none"
     gate: str = "none"
+    window: int = -1         # op window: query i sees keys i - window .. i
 
     # The softmax gates' shape (B, N, D) with H heads rides on the attention fields, so that every result row
     # has one schema (B, Hq, Lq, D): H is Hq, N is Lq.
@@ -58,7 +60,7 @@ class Config:
         return self.Lq
 
 
-ATTENTION_OPS = ("attention", "gated", "bias")
+ATTENTION_OPS = ("attention", "gated", "bias", "window")
 FLOP_OPS = ATTENTION_OPS + ("varlen",)  # rated in TFLOP/s; the others in GB/s
 
 
@@ -97,19 +99,23 @@ def _attention_providers(cfg, device):
     from torch.nn.attention import sdpa_kernel
     providers = {}
     bias = cfg.op == "bias"
+    window = (cfg.window, 0) if cfg.op == "window" else (-1, -1)
     for name in _fastattn_backends(device):
         providers[f"fastattn-{name}"] = (lambda n: lambda q, k, v, e: functional.attention(
-            q, k, v, causal=cfg.causal, attn_mask=e if bias else None, gate=None if bias else e, backend=n))(name)
+            q, k, v, causal=cfg.causal, attn_mask=e if bias else None, gate=None if bias else e, backend=n,
+            window_size=window))(name)
 
     # SDPA takes a mask or is_causal, not both: a causal bias is masked above the diagonal on every call,
-    # as a model whose bias trains has to
+    # as a model whose bias trains has to; a sliding window is its bool band (what transformers passes SDPA)
     above = torch.ones(cfg.Lq, cfg.Lk, dtype=torch.bool, device=device).triu_(1) if bias and cfg.causal else None
+    band = _window_band(cfg, device) if cfg.op == "window" else None
 
     def sdpa(backend):
         def run(q, k, v, e):
-            mask = (e if above is None else e.masked_fill(above, float("-inf"))) if bias else None
+            mask = (e if above is None else e.masked_fill(above, float("-inf"))) if bias else band
             with sdpa_kernel([backend]):
-                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=cfg.causal and not bias,
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                   is_causal=cfg.causal and mask is None,
                                                    enable_gqa=cfg.Hq != cfg.Hkv)
             return o * torch.sigmoid(e) if e is not None and not bias else o
         return run
@@ -128,11 +134,20 @@ def _attention_providers(cfg, device):
 _FLEX = {}
 
 
+def _window_band(cfg, device):
+    """The bool (Lq, Lk) band of op window: query i sees keys i - window .. i (Lq == Lk)."""
+    ones = torch.ones(cfg.Lq, cfg.Lk, dtype=torch.bool, device=device)
+    return ones.tril() & ~ones.tril(-cfg.window - 1)
+
+
 def _flex(cfg):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     compiled = _FLEX.setdefault("fn", torch.compile(flex_attention, dynamic=True))
     block_mask = None
-    if cfg.causal:
+    if cfg.op == "window":
+        block_mask = create_block_mask(lambda b, h, q, k: (q >= k) & (q - k <= cfg.window), None, None, cfg.Lq,
+                                       cfg.Lk, device="cuda")
+    elif cfg.causal:
         block_mask = create_block_mask(lambda b, h, q, k: q >= k, None, None, cfg.Lq, cfg.Lk, device="cuda")
 
     def run(q, k, v, g):
@@ -263,8 +278,13 @@ def read_bandwidth(device, reps=5):
 
 
 def _flops(cfg):
+    """FlashAttention's count: 4 D per (query, key) pair seen (half of them under causal), times 2.5 for the backward.
+    A sliding window counts the pairs in its band."""
     pairs = sum(n * n for n in varlen_lengths(cfg)) if cfg.op == "varlen" else cfg.B * cfg.Lq * cfg.Lk
     f = 4.0 * cfg.Hq * pairs * cfg.D / (2 if cfg.causal else 1)
+    if cfg.op == "window":  # row i sees min(i, window) + 1 keys
+        w = min(cfg.window, cfg.Lq - 1)
+        f = 4.0 * cfg.Hq * cfg.B * cfg.D * ((w + 1) * cfg.Lq - w * (w + 1) // 2)
     return f * {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}[cfg.mode]
 
 
@@ -354,7 +374,8 @@ def make_row(cfg, provider, times, peak_mem_mb=None):
     q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else (ms, ms, ms)
     row = {"op": cfg.op, "provider": provider, "mode": cfg.mode, "dtype": str(cfg.dtype).replace("torch.", ""),
            "B": cfg.B, "Hq": cfg.Hq, "Hkv": cfg.Hkv, "Lq": cfg.Lq, "Lk": cfg.Lk, "D": cfg.D, "Dv": cfg.Dv,
-           "causal": cfg.causal, "mask": cfg.mask, "gate": cfg.gate, "ms": ms, "tflops": None, "gbps": None,
+           "causal": cfg.causal, "mask": cfg.mask, "gate": cfg.gate, "window": cfg.window, "ms": ms, "tflops": None,
+           "gbps": None,
            "peak_mem_mb": peak_mem_mb, "q1_ms": q1, "q3_ms": q3, "times_ms": list(times)}
     if cfg.op in FLOP_OPS:
         row["tflops"] = _flops(cfg) / ms / 1e9
@@ -370,6 +391,8 @@ def default_configs(device, quick=False, ops=None, modes=None, dtypes=None, head
     and 128, bf16 and fp16, causal and not). CPU: one length per op in fp32 and bf16, about a minute on 2 cores.
     decode (only when asked for): Hq 32, Hkv 8, D 128, B 1 and 8, Lk 4k, 16k, 64k (on a CPU not B 8 at 64k: a 4 GiB
     fp32 cache) in fp32 and bf16, and the prefill of such a cache (attention, B 1, L 2048, causal).
+    window (only when asked for): causal attention in a sliding window of 1024 keys (256 on a CPU) at several
+    lengths, the causal attention without a window beside it: the window's cost grows as L · window.
     ``dtypes`` / ``head_dims`` replace the sweep's own (the hidden size stays: H = 2048 // D on a GPU)."""
     configs = []
     if device.type == "cuda":
@@ -408,6 +431,13 @@ def default_configs(device, quick=False, ops=None, modes=None, dtypes=None, head
                     for D in head_dims or (128,):
                         configs.append(Config("attention", "fwd", dtype, B=1, Hq=32, Hkv=8, Lq=2048, Lk=2048, D=D,
                                               Dv=D, causal=True))
+            elif op == "window":
+                lengths, w = ((2048, 8192, 16384), 1024) if device.type == "cuda" else ((1024, 4096), 256)
+                for (H, D), mode, L in itertools.product(heads_dims[:1], modes, lengths[:1] if quick else lengths):
+                    B = max(1, 16384 // L) if device.type == "cuda" else 1
+                    for op_, window in (("window", w), ("attention", -1)):
+                        configs.append(Config(op_, mode, dtype, B=B, Hq=H, Hkv=H, Lq=L, Lk=L, D=D, Dv=D, causal=True,
+                                              window=window))
             elif op in ATTENTION_OPS:
                 for (H, D), causal, mode, L in itertools.product(heads_dims, (False, True), modes, seqlens):
                     if op != "attention" and len(heads_dims) > 1 and D != 128:

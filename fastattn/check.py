@@ -28,10 +28,12 @@ def _dtypes(device_type):
 
 
 def _cases(op, quick, backend, dtype, device):
-    """The sweep, moved onto the head dims ``backend`` covers (the cuda kernels: 64 and 128)."""
+    """The sweep, moved onto the head dims ``backend`` covers (the cuda kernels: 64 and 128), without the score
+    modifiers its kernels lack."""
     if op in _SWEEPS:
         refuses = lambda D, Dv: _BACKENDS[backend].unsupported(Problem(op, device.type, dtype, D=D, Dv=Dv))
-        return testing.cases_covered(_SWEEPS[op][0](quick=quick), refuses)
+        more = {"score_mods": getattr(_BACKENDS[backend], "score_mods", ())} if op == "attention" else {}
+        return testing.cases_covered(_SWEEPS[op][0](quick=quick, **more), refuses)
     return [c for c in testing.gate_cases(quick=quick) if c.op == op]
 
 

@@ -7,7 +7,7 @@ too so that the reference backend and the Triton launchers need no compiled exte
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -54,6 +54,53 @@ def causal_allowed(Lq: int, Lk: int, offset: int, device: Optional[torch.device]
     i = torch.arange(Lq, device=device).unsqueeze(1)
     j = torch.arange(Lk, device=device).unsqueeze(0)
     return j <= i + offset
+
+
+class ScoreMods(NamedTuple):
+    """The ops' score modifiers (attention_contract.h), as ``fastattn.attention`` takes them: the sliding window's
+    two sides (-1: unbounded), the softcap (0: none), ALiBi's slopes ((Hq,) or (B, Hq), or None). The defaults
+    change nothing. Their order is the schemas' (attention_fwd / attention_bwd take them last)."""
+    window_left: int = -1
+    window_right: int = -1
+    softcap: float = 0.0
+    alibi_slopes: Optional[torch.Tensor] = None
+
+    NAMES = ("window", "softcap", "alibi")  # what names() may return
+
+    def names(self) -> frozenset:
+        """The modifiers in use (what a backend may refuse)."""
+        used = (self.window_left >= 0 or self.window_right >= 0, self.softcap != 0, self.alibi_slopes is not None)
+        return frozenset(n for n, on in zip(self.NAMES, used) if on)
+
+
+def band_allowed(Lq: int, Lk: int, causal: int, window_left: int, window_right: int,
+                 device: Optional[torch.device] = None) -> Optional[torch.Tensor]:
+    """Bool (Lq, Lk), True where query i may see key j under the causal mode ``causal`` (a code) and the sliding
+    window (i + Lk - Lq - window_left <= j <= i + Lk - Lq + window_right, a side at -1 unbounded); None when
+    nothing bounds the keys."""
+    bounds = []
+    if causal != CAUSAL_NONE:
+        bounds.append(causal_allowed(Lq, Lk, causal_offset(causal, Lq, Lk), device))
+    if window_left >= 0:
+        bounds.append(~causal_allowed(Lq, Lk, Lk - Lq - window_left - 1, device))
+    if window_right >= 0:
+        bounds.append(causal_allowed(Lq, Lk, Lk - Lq + window_right, device))
+    allowed = None
+    for b in bounds:
+        allowed = b if allowed is None else allowed & b
+    return allowed
+
+
+def key_band(Lq: int, Lk: int, causal: int, window_left: int, window_right: int):
+    """(has_hi, hi_off, has_lo, lo_off): query i sees keys j <= i + hi_off (when has_hi) and j >= i + lo_off (when
+    has_lo) under causal mode ``causal`` and the window; csrc/attention_contract.h's key_band, which the kernels
+    take (a window side that hides no key is dropped)."""
+    has_lo = 0 <= window_left < Lk - 1
+    has_hi, hi = causal != CAUSAL_NONE, causal_offset(causal, Lq, Lk)
+    if 0 <= window_right < Lq - 1:
+        w = Lk - Lq + window_right
+        has_hi, hi = True, min(hi, w) if has_hi else w
+    return has_hi, hi, has_lo, Lk - Lq - window_left if has_lo else 0
 
 
 def dropout_weights(p: torch.Tensor, keep: torch.Tensor, dropout_p: float) -> torch.Tensor:

@@ -267,12 +267,17 @@ def _torch_cp_mesh():
     return cells["device_mesh"].cell_contents if "device_mesh" in cells else None
 
 
-def over_shards(q, k, v, attn_mask, causal, scale, gate, dropout_p, return_lse, backend):
+def over_shards(q, k, v, attn_mask, causal, scale, gate, dropout_p, return_lse, backend, score_mods=frozenset()):
     """``fastattn.attention`` on a sequence torch's context parallelism shards (module docstring), or None when
     the call is not such: q, k, v and gate DTensors of one 1-D mesh, sharded along dim 2 (the ring) or not
-    along it (batch or heads: each rank computes its part); or plain tensors inside ``context_parallel()``."""
+    along it (batch or heads: each rank computes its part); or plain tensors inside ``context_parallel()``.
+    ``score_mods``: the names of the score modifiers the call uses (none are sharded yet)."""
     cp = _torch_cp()
-    if any(_maybe_dtensor(t) for t in (q, k, v, gate, attn_mask)):
+    sharded = any(_maybe_dtensor(t) for t in (q, k, v, gate, attn_mask))
+    _checks.require(not (score_mods and (sharded or _torch_cp_mesh() is not None)), NotImplementedError,
+                    f"window_size, softcap, alibi_slopes: {sorted(score_mods)} over sharded sequences are not "
+                    "supported yet")
+    if sharded:
         from torch.distributed.tensor import DTensor, Replicate, Shard
         mesh, placements = q.device_mesh, q.placements
         for name, t in (("k", k), ("v", v), ("gate", gate)):

@@ -22,7 +22,7 @@ __all__ = ["attention", "varlen_attention", "attention_with_kvcache", "scaled_do
 
 
 def attention(q, k, v, *, attn_mask=None, causal=False, scale=None, gate=None, dropout_p=0.0,
-              return_lse=False, backend="auto"):
+              return_lse=False, backend="auto", window_size=(-1, -1), softcap=0.0, alibi_slopes=None):
     """Fused attention: softmax(scale · q kᵀ + mask) v, optionally ⊙ sigmoid(gate).
 
     Args:
@@ -42,26 +42,37 @@ def attention(q, k, v, *, attn_mask=None, causal=False, scale=None, gate=None, d
             scaled, masked scores: float32 (float64 for float64 inputs), -inf on rows with no
             allowed key. It is differentiable.
         backend: "auto", "cuda", "triton", "cpu" or "reference" (see ``fastattn.backends()``).
+        window_size: (left, right), FlashAttention's sliding window: query i sees keys j with
+            i + Lk - Lq - left <= j <= i + Lk - Lq + right; -1 leaves a side unbounded. Combines with
+            causal and attn_mask (a key must pass all three). Key tiles outside every row's window are
+            skipped: the cost is O(Lq · window).
+        softcap: c > 0 caps the scaled scores to c · tanh(s / c) before the mask is added (Gemma 2);
+            0 for none.
+        alibi_slopes: None, or ALiBi's slopes (Hq,) or (B, Hq): adds -slope · |i + Lk - Lq - j| to the
+            scores (after the cap), computed in the kernels. Constants: they get no gradient (a tensor
+            that requires one is refused).
 
     Returns:
         out (B, Hq, Lq, Dv) in q's dtype (rows with no allowed key are 0), and lse if asked.
     """
     attn_mask, causal = _causal_bias(attn_mask, causal)
+    mods = _checks.score_mods(q, window_size, softcap, alibi_slopes)
     if F.scaled_dot_product_attention is not _TORCH_SDPA or _maybe_dtensor(q):  # context parallelism?
         from .distributed import over_shards
-        res = over_shards(q, k, v, attn_mask, causal, scale, gate, dropout_p, return_lse, backend)
+        res = over_shards(q, k, v, attn_mask, causal, scale, gate, dropout_p, return_lse, backend, mods.names())
         if res is not None:
             return res
-    B, Hq, Hkv, Lq, Lk, D, Dv = _checks.attention_inputs(q, k, v, attn_mask, gate, scale, dropout_p)
+    B, Hq, Hkv, Lq, Lk, D, Dv = _checks.attention_inputs(q, k, v, attn_mask, gate, scale, dropout_p, mods)
     code = causal_code(causal)
     scale = default_scale(D) if scale is None else float(scale)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, attn_mask, gate))
     problem = Problem("attention", q.device.type, q.dtype, D=D, Dv=Dv, dropout=dropout_p > 0, causal=code != 0,
-                      float_mask=attn_mask is not None and attn_mask.is_floating_point(), grad=grad)
+                      float_mask=attn_mask is not None and attn_mask.is_floating_point(), grad=grad,
+                      score_mods=mods.names())
     impl = select(backend, problem)
     if _maybe_zero(B, Hq, Lq, Lk, D, Dv):
         impl = select("reference", problem)  # empty problems: no kernel launch
-    out, lse = impl.attention(q, k, v, attn_mask, gate, scale, code, dropout_p, grad)
+    out, lse = impl.attention(q, k, v, attn_mask, gate, scale, code, dropout_p, grad, mods)
     return (out, lse) if return_lse else out
 
 

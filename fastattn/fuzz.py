@@ -19,7 +19,7 @@ import random
 
 import torch
 
-from . import functional, testing
+from . import contract, functional, testing
 
 # How an input tensor is laid out in memory (each is a view torch users make):
 #   contiguous; transposed (all dims but the last reversed in memory, e.g. (B, L, H, D) seen as
@@ -97,6 +97,9 @@ class AttentionFuzz:
     causal: object
     scale: float | None
     lse_grad: bool
+    window: tuple = (-1, -1)                # the score modifiers (fastattn.attention's window_size, softcap,
+    softcap: float = 0.0
+    alibi: torch.Tensor | None = None       # alibi_slopes: float64 holding float32 values, no gradient)
 
     @property
     def id(self):
@@ -107,9 +110,12 @@ LENGTHS = (1, 2, 3, 5, 7, 13, 17, 31, 64, 97, 130)
 HEAD_DIMS = (1, 2, 3, 8, 16, 31, 40, 59, 64, 96, 128, 200, 256)
 
 
-def attention_case(seed, dtypes, max_len=130, max_dim=256, head_dims=None) -> AttentionFuzz:
+def attention_case(seed, dtypes, max_len=130, max_dim=256, head_dims=None,
+                   score_mods=contract.ScoreMods.NAMES) -> AttentionFuzz:
     """The attention case drawn from ``seed`` (dtype among ``dtypes``). ``head_dims``: draw only these,
-    with D == Dv (a backend that covers no others: see :func:`limits`)."""
+    with D == Dv (a backend that covers no others: see :func:`limits`); ``score_mods``: the score modifiers
+    that may be drawn (a backend's own). They come from a stream of their own: the rest of the case is the
+    same whichever are allowed."""
     rng = random.Random(seed)
     lengths = [x for x in LENGTHS if x <= max_len]
     dims = [x for x in (head_dims or HEAD_DIMS) if x <= max_dim]
@@ -133,10 +139,23 @@ def attention_case(seed, dtypes, max_len=130, max_dim=256, head_dims=None) -> At
     targets = (["q", "k"] + (["gate"] if gate != "none" else []) + (["v"] if mask == "none" else [])) * unmasked
     targets += ["mask"] if mask.startswith("float") else []
     nan = rng.choice(targets) if targets and rng.random() < 0.15 else None
+    scale, lse_grad = _scale(rng, dtype, max(D, Dv), Lk), rng.random() < 0.3
+    mods = _score_mods(random.Random(f"score-mods-{seed}"), score_mods, Lk)
+    if mods["window"] != (-1, -1) and nan not in (None, "mask"):  # a window hides entries too (see above)
+        nan = None
     return make_attention_case(
         seed, dtype, B=B, Hq=Hkv * group, Hkv=Hkv, Lq=Lq, Lk=Lk, D=D, Dv=Dv, causal=causal, mask=mask,
-        mask_shape=mask_shape, empty_rows=empty_rows, gate=gate, views=views, nan=nan,
-        scale=_scale(rng, dtype, max(D, Dv), Lk), lse_grad=rng.random() < 0.3)
+        mask_shape=mask_shape, empty_rows=empty_rows, gate=gate, views=views, nan=nan, scale=scale,
+        lse_grad=lse_grad, **mods)
+
+
+def _score_mods(rng, allowed, Lk):
+    """window (each side unbounded, 0, 1, 2 or up to Lk), softcap and ALiBi slopes, each in some cases."""
+    side = lambda: rng.choice((-1, 0, 1, 2, rng.randrange(Lk + 1)))
+    window = (side(), side()) if "window" in allowed and rng.random() < 0.3 else (-1, -1)
+    softcap = rng.choice((1.0, 5.0, 30.0)) if "softcap" in allowed and rng.random() < 0.2 else 0.0
+    alibi = rng.choice(("heads", "batch")) if "alibi" in allowed and rng.random() < 0.2 else "none"
+    return dict(window=window, softcap=softcap, alibi=alibi)
 
 
 def _scale(rng, dtype, D, Lk):
@@ -158,9 +177,11 @@ def _scale(rng, dtype, D, Lk):
 
 def make_attention_case(seed, dtype, *, B=2, Hq=2, Hkv=2, Lq=17, Lk=17, D=16, Dv=None, causal=False, mask="none",
                         mask_shape=None, empty_rows=False, gate="none", views=None, nan=None, scale=None,
-                        lse_grad=False) -> AttentionFuzz:
+                        lse_grad=False, window=(-1, -1), softcap=0.0, alibi="none") -> AttentionFuzz:
     """An attention case with the given parameters; values drawn from ``seed``. ``views`` maps
-    q/k/v/mask/gate to a :data:`VIEW_KINDS` entry; ``nan`` names the input that gets one NaN."""
+    q/k/v/mask/gate to a :data:`VIEW_KINDS` entry; ``nan`` names the input that gets one NaN. ``window``,
+    ``softcap``: as ``fastattn.attention``'s window_size and softcap; ``alibi``: "none", or slopes of shape
+    (Hq,) ("heads") or (B, Hq) ("batch")."""
     rng = random.Random(seed)
     g = torch.Generator().manual_seed(seed)
     Dv = D if Dv is None else Dv
@@ -200,7 +221,15 @@ def make_attention_case(seed, dtype, *, B=2, Hq=2, Hkv=2, Lq=17, Lk=17, D=16, Dv
     if nan is not None:
         _place_nan(rng, inputs[nan].master)
         desc.append(f"nan-{nan}")
-    return AttentionFuzz(seed, dtype, "-".join(desc), inputs, causal, scale, lse_grad)
+    if window != (-1, -1):
+        desc.append("window{}_{}".format(*window))
+    if softcap:
+        desc.append(f"softcap{softcap}")
+    slopes = None
+    if alibi != "none":  # float32 values: every run (whatever its dtype) sees the same slopes
+        slopes = torch.rand(*((Hq,) if alibi == "heads" else (B, Hq)), generator=g).double()
+        desc.append(f"alibi-{alibi}")
+    return AttentionFuzz(seed, dtype, "-".join(desc), inputs, causal, scale, lse_grad, window, softcap, slopes)
 
 
 def _run_attention(case: AttentionFuzz, dtype, device, backend, rounded_to=None):
@@ -208,7 +237,8 @@ def _run_attention(case: AttentionFuzz, dtype, device, backend, rounded_to=None)
     view = {n: case.inputs[n].build(t) for n, t in leaves.items()}
     out, lse = functional.attention(view["q"], view["k"], view["v"], attn_mask=view.get("mask"),
                                     causal=case.causal, gate=view.get("gate"), scale=case.scale,
-                                    return_lse=True, backend=backend)
+                                    return_lse=True, backend=backend, window_size=case.window, softcap=case.softcap,
+                                    alibi_slopes=None if case.alibi is None else case.alibi.to(device))
     outputs, grads = [out], [view["dout"]]
     if case.lse_grad:
         outputs.append(lse)
@@ -360,13 +390,15 @@ def limits(backend, device_type) -> dict:
     """What of the input space ``backend`` is fuzzed over on ``device_type`` (keywords of :func:`run`): the
     Triton interpreter on the CPU, ~1000x slower than a GPU, gets smaller problems; the cuda kernels cover
     attention at D == Dv in ``backends.CUDA_HEAD_DIMS`` alone (other head dims are refused by name,
-    tests/test_cuda.py), so their attention cases draw only those."""
+    tests/test_cuda.py), so their attention cases draw only those. Attention's score modifiers: those the
+    backend's kernels apply."""
+    from .backends import _BACKENDS, CUDA_HEAD_DIMS
+    out = {"score_mods": frozenset(getattr(_BACKENDS.get(backend), "score_mods", contract.ScoreMods.NAMES))}
     if backend == "triton" and device_type == "cpu":
-        return dict(max_len=64, max_dim=128)
+        out.update(max_len=64, max_dim=128)
     if backend == "cuda":
-        from .backends import CUDA_HEAD_DIMS
-        return dict(head_dims=CUDA_HEAD_DIMS)
-    return {}
+        out.update(head_dims=CUDA_HEAD_DIMS)
+    return out
 
 
 def forward_only(case):
@@ -377,12 +409,13 @@ def forward_only(case):
     return dataclasses.replace(case, inputs=inputs, desc=case.desc + "-forward", **flags)
 
 
-def run(op, seed, backend, dtypes, device="cpu", max_len=130, max_dim=256, head_dims=None, inference=False):
+def run(op, seed, backend, dtypes, device="cpu", max_len=130, max_dim=256, head_dims=None, inference=False,
+        score_mods=contract.ScoreMods.NAMES):
     """(case id, comparisons) of the fuzz case ``seed`` of ``op`` ("attention" or "gates"); the keywords
     bound the case drawn (:func:`limits`); ``inference``: its forward alone (:func:`forward_only`)."""
     only = forward_only if inference else (lambda c: c)
     if op == "attention":
-        case = only(attention_case(seed, dtypes, max_len, max_dim, head_dims))
+        case = only(attention_case(seed, dtypes, max_len, max_dim, head_dims, score_mods))
         return case.id, check_attention(case, backend, device)
     case = only(gate_case(seed, dtypes, max_len, max_dim))
     return case.id, check_gate(case, backend, device)

@@ -14,22 +14,14 @@ import math
 import torch
 
 from . import contract
-from .contract import CAUSAL_NONE, causal_code, stat_dtype
+from .contract import causal_code, stat_dtype
 
 __all__ = ["attention", "varlen_attention", "attention_with_kvcache", "kvcache_append", "softmax_gate",
            "score_softmax_gate"]
 
 
-def causal_allowed(Lq: int, Lk: int, causal, device=None) -> torch.Tensor | None:
-    """Bool (Lq, Lk), True where query i may see key j, or None when not causal."""
-    code = causal_code(causal)
-    if code == CAUSAL_NONE:
-        return None
-    return contract.causal_allowed(Lq, Lk, contract.causal_offset(code, Lq, Lk), device)
-
-
 def attention(q, k, v, attn_mask=None, causal=False, scale=None, gate=None, dropout_p=0.0,
-              return_lse=False, dropout_mask=None):
+              return_lse=False, dropout_mask=None, window_size=(-1, -1), softcap=0.0, alibi_slopes=None):
     """out = softmax(scale·q·kᵀ + bias) · v [⊙ sigmoid(gate)], shapes as ``fastattn.attention``.
 
     q (B, Hq, Lq, D); k (B, Hkv, Lk, D); v (B, Hkv, Lk, Dv); attn_mask bool (True = attend) or float
@@ -37,6 +29,10 @@ def attention(q, k, v, attn_mask=None, causal=False, scale=None, gate=None, drop
     (B, Hq, Lq, Dv) in q's dtype, and lse (B, Hq, Lq) in float32 (float64 for float64 q) when
     ``return_lse``. A row with no allowed key gives out = 0 and lse = -inf. ``dropout_mask`` (bool,
     broadcastable to the scores, True = keep) replaces the random draw, for tests.
+
+    Score modifiers, in this order: ``softcap`` c > 0 caps the scaled scores to c·tanh(s/c); the float mask
+    is added; ``alibi_slopes`` ((Hq,) or (B, Hq)) add -slope·|i + Lk - Lq - j|; ``window_size`` = (left,
+    right) hides keys j outside [i + Lk - Lq - left, i + Lk - Lq + right] (-1: that side unbounded).
     """
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -48,12 +44,20 @@ def attention(q, k, v, attn_mask=None, causal=False, scale=None, gate=None, drop
 
     # -- scores, in the inputs' precision, then the statistics' precision
     s = torch.matmul(q, k.transpose(-1, -2)).to(acc) * scale  # [B, Hq, Lq, Lk]
-    allowed = causal_allowed(Lq, Lk, causal, q.device)
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    allowed = contract.band_allowed(Lq, Lk, causal_code(causal), window_size[0], window_size[1], q.device)
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             allowed = attn_mask if allowed is None else attn_mask & allowed
         else:
             s = s + attn_mask.to(acc)
+    if alibi_slopes is not None:
+        i = torch.arange(Lq, device=q.device).unsqueeze(1)
+        j = torch.arange(Lk, device=q.device).unsqueeze(0)
+        distance = (i + Lk - Lq - j).abs().to(acc)
+        slopes = alibi_slopes.to(acc).reshape(-1 if alibi_slopes.dim() == 2 else 1, Hq, 1, 1)
+        s = s - slopes * distance
     if allowed is not None:
         s = s.masked_fill(~allowed, float("-inf"))
 

@@ -18,7 +18,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from . import functional, reference
+from . import contract, functional, reference
 
 ATOL_FLOOR = {torch.float64: 1e-9, torch.float32: 2e-5, torch.bfloat16: 2e-3, torch.float16: 5e-4}
 DTYPE_NAMES = {torch.float64: "fp64", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -133,6 +133,13 @@ class AttentionCase:
     layout: str = "bhld"                 # bhld, or blhd: (B, L, H, D) tensors passed as .transpose(1, 2)
     lse_grad: bool = False               # return lse and backpropagate through it too
     scale: float | None = None
+    window: tuple = (-1, -1)             # score modifiers (fastattn.attention): window_size,
+    softcap: float = 0.0                 # softcap,
+    alibi: str = "none"                  # and alibi_slopes: none, heads (Hq,), batch (B, Hq)
+
+    @property
+    def score_mods(self) -> frozenset:
+        return contract.ScoreMods(*self.window, self.softcap).names() | ({"alibi"} if self.alibi != "none" else set())
 
     @property
     def id(self) -> str:
@@ -144,7 +151,9 @@ class AttentionCase:
             parts.append("causal" if self.causal is True else "causalBR")
         for flag, name in ((self.mask != "none", self.mask), (self.gate != "none", "gate-" + self.gate),
                            (self.masked_rows, "emptyrows"), (self.layout != "bhld", self.layout),
-                           (self.lse_grad, "dlse"), (self.scale is not None, f"scale{self.scale}")):
+                           (self.lse_grad, "dlse"), (self.scale is not None, f"scale{self.scale}"),
+                           (self.window != (-1, -1), "window{}_{}".format(*self.window)),
+                           (self.softcap != 0, f"softcap{self.softcap}"), (self.alibi != "none", "alibi-" + self.alibi)):
             if flag:
                 parts.append(name)
         return "-".join(parts)
@@ -184,6 +193,10 @@ class AttentionCase:
             t["gate"] = randn(B, Hq, Lq, Dv)
         elif self.gate == "headwise":
             t["gate"] = randn(B, Hq, Lq, 1)
+        if self.alibi == "heads":  # ALiBi's own slopes, 2^(-8 h / Hq)
+            t["alibi"] = torch.exp2(-8.0 * torch.arange(1, Hq + 1, dtype=torch.float64) / Hq)
+        elif self.alibi == "batch":  # values a float32 holds exactly: every run sees the same slopes
+            t["alibi"] = torch.rand(B, Hq, generator=g, dtype=torch.float64).to(torch.float32).double()
         return t
 
 
@@ -214,8 +227,11 @@ def _run_attention(case, t, dtype, device, backend):
     gate = t.get("gate")
     if gate is not None:
         gate = leaf["gate"] = fresh(gate, device, dtype).requires_grad_()
+    alibi = t.get("alibi")
     out, lse = functional.attention(leaf["q"], leaf["k"], leaf["v"], attn_mask=mask, causal=case.causal,
-                                    gate=gate, scale=case.scale, return_lse=True, backend=backend)
+                                    gate=gate, scale=case.scale, return_lse=True, backend=backend,
+                                    window_size=case.window, softcap=case.softcap,
+                                    alibi_slopes=None if alibi is None else alibi.to(device))
     outputs = [out]
     grads = [t["dout"].to(device, dtype)]
     if case.lse_grad:
@@ -237,8 +253,30 @@ def check_attention(case: AttentionCase, dtype, backend, device="cpu") -> list[C
     return [compare(n, got[n], lowp[n], truth[n], dtype, 2 if n in ("out", "lse") else 3) for n in truth]
 
 
-def attention_cases(quick=False):
-    """The attention sweep of docs/CONTRACT.md §4: odd sizes x causal modes x masks x gates x GQA x layouts."""
+# The score modifiers, alone and together, with causal modes, masks, gates and GQA: full sweep, quick sweep.
+_SCORE_MOD_CASES = [
+    AttentionCase(Lq=131, Lk=131, D=59, causal=True, window=(17, -1)),                 # causal + left (Mistral)
+    AttentionCase(Lq=97, Lk=131, D=40, causal="bottom_right", window=(50, -1), lse_grad=True),
+    AttentionCase(Lq=300, Lk=300, D=64, window=(20, 20), mask="float_grad", gate="elementwise"),  # skipped tiles
+    AttentionCase(B=1, Lq=300, Lk=300, D=32, causal=True, window=(1, -1)),  # one key links tiles 128 rows apart
+    AttentionCase(Lq=203, Lk=113, D=32, causal="bottom_right", window=(4, 0), masked_rows=True),
+    AttentionCase(Lq=29, Lk=45, D=48, softcap=2.0, mask="float_grad", lse_grad=True, scale=3.0),
+    AttentionCase(Hq=4, Hkv=2, Lq=33, Lk=47, D=64, causal=True, alibi="heads"),
+    AttentionCase(Lq=41, Lk=41, D=64, causal=True, window=(8, -1), softcap=5.0, alibi="batch", gate="headwise",
+                  mask="bool"),                                                       # all three (Gemma 2 + ALiBi)
+]
+_SCORE_MOD_CASES_QUICK = [
+    AttentionCase(Lq=37, Lk=53, D=32, causal="bottom_right", window=(17, -1)),  # lo_off -1: one key links tiles
+    AttentionCase(Lq=61, Lk=47, D=48, window=(5, 11), mask="float_grad", gate="elementwise"),
+    AttentionCase(Lq=29, Lk=45, D=48, softcap=2.0, mask="float_grad", lse_grad=True, scale=3.0),
+    AttentionCase(Hq=4, Hkv=2, Lq=33, Lk=47, D=64, causal="bottom_right", window=(6, 0), softcap=5.0, alibi="batch",
+                  gate="headwise", mask="bool"),
+]
+
+
+def attention_cases(quick=False, score_mods=contract.ScoreMods.NAMES):
+    """The attention sweep of docs/CONTRACT.md §4: odd sizes x causal modes x masks x gates x GQA x layouts x score
+    modifiers; only the cases whose modifiers are among ``score_mods`` (those a backend has)."""
     shapes = [(1, 1, 64), (17, 17, 40), (97, 97, 59), (113, 203, 64), (203, 113, 128)]
     if quick:
         shapes = [(1, 1, 64), (17, 17, 40), (113, 203, 64)]
@@ -273,7 +311,8 @@ def attention_cases(quick=False):
             AttentionCase(Lq=19, Lk=23, D=16, scale=0.7, gate="elementwise"),
             AttentionCase(Lq=113, Lk=203, D=128, causal="bottom_right"),               # several tiles
         ]
-    return cases
+    cases += _SCORE_MOD_CASES_QUICK if quick else _SCORE_MOD_CASES
+    return [c for c in cases if c.score_mods <= frozenset(score_mods)]
 
 
 HEAD_DIMS = (16, 32, 64, 128, 256)

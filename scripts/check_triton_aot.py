@@ -23,7 +23,8 @@ metadata without a driver).
     python scripts/check_triton_aot.py --full --variants varlen,varlen-infer   # one family at every head dim
 
 Default variants: attention with every option on (float mask with its gradient, elementwise gate, GQA,
-causal, lse gradient: the heaviest specialisation of each kernel), broadcast masks for the dmask kernel,
+causal, lse gradient: the heaviest specialisation of each kernel), the same with every score modifier
+(sliding window, softcap, ALiBi) and with broadcast masks for the dmask kernel,
 varlen attention (packed sequences: gate, GQA, causal, lse gradient; the forward's inference launches with
 --full), the gates plain and with mask + pooling + alpha gradient (bf16 and fp32; fp16 with --full); each at a
 long and a 16-row query side, so that both the long-sequence and the decode configs are kept. The kv-cache decode kernels over a paged cache, causal and gated, split over the keys
@@ -111,13 +112,18 @@ def _attention_scenarios(dtype, D):
     without a backward to follow (need_acc=False); light: the forward's ``light_only`` configs at the launches
     that keep them (causal with GQA, no mask: for training and inference without a gate, for inference
     with one); bool: key-padding
-    bool mask, headwise gate, causal top-left; dq-split: full with q from expand (the dQ kernel's dS in two parts). Long sequences keep every config with BLOCK_M > 16; a
+    bool mask, headwise gate, causal top-left; dq-split: full with q from expand (the dQ kernel's dS in two parts);
+    mods: full with every score modifier (a two-sided window, softcap, ALiBi slopes (B, Hq)), at the long query
+    side, bf16 and fp32; mods-bcast: bcast so (--full). Long sequences keep every config with BLOCK_M > 16; a
     16-row query side keeps the decode configs."""
     import torch
+    from fastattn.contract import ScoreMods
     from fastattn.triton_kernels import attention as A
     mk = lambda *s, dt=dtype: torch.empty(*s, dtype=dt, device="meta")
+    all_mods = ScoreMods(100, 7, 30.0, mk(2, 4, dt=torch.float32))
 
-    def run(Lq, Lk, Hkv, mask_shapes, gate, causal, bool_mask=False, inference=False, train=True, q_rows=None):
+    def run(Lq, Lk, Hkv, mask_shapes, gate, causal, bool_mask=False, inference=False, train=True, q_rows=None,
+            mods=ScoreMods()):
         B, Hq = 2, 4
         q, k, v = mk(B, Hq, Lq, D), mk(B, Hkv, Lk, D), mk(B, Hkv, Lk, D)
         if q_rows:  # q from expand: its gradient sums rows
@@ -126,16 +132,16 @@ def _attention_scenarios(dtype, D):
         mdt = torch.bool if bool_mask else dtype
         m0 = mk(*mask_shapes[0], dt=mdt) if mask_shapes else None
         if inference:  # the forward no backward follows: no out_acc, one P V GEMM
-            A.attention_fwd(q, k, v, m0, g, 0.125, causal, need_acc=False)
+            A.attention_fwd(q, k, v, m0, g, 0.125, causal, need_acc=False, mods=mods)
         if not train:
             return
-        out, lse, out_acc = A.attention_fwd(q, k, v, m0, g, 0.125, causal)
+        out, lse, out_acc = A.attention_fwd(q, k, v, m0, g, 0.125, causal, mods=mods)
         o = out_acc if out_acc.numel() else out
         dlse = mk(B, Hq, Lq, dt=torch.float32) if mask_shapes else None
         for shape in mask_shapes or [None]:
             m = mk(*shape, dt=mdt) if shape else None
             A.attention_bwd(mk(B, Hq, Lq, D), q, k, v, o, lse, m, g, dlse, 0.125, causal,
-                            m is not None and not bool_mask)
+                            m is not None and not bool_mask, mods)
 
     for Lq, Lk in ((1024, 1024), (16, 1024)):
         yield "full", None, lambda Lq=Lq, Lk=Lk: run(Lq, Lk, 2, [(2, 4, Lq, Lk)], (2, 4, Lq, D), 2)
@@ -149,6 +155,10 @@ def _attention_scenarios(dtype, D):
         yield "bool", None, lambda Lq=Lq, Lk=Lk: run(Lq, Lk, 4, [(2, 1, 1, Lk)], (2, 4, Lq, 1), 1, bool_mask=True)
         yield "dq-split", {"_attn_bwd_dq"}, lambda Lq=Lq, Lk=Lk: run(Lq, Lk, 2, [(2, 4, Lq, Lk)], (2, 4, Lq, D), 2,
                                                                    q_rows=1)
+        if Lq == Lk and dtype != torch.float16:  # bf16's registers and shared memory are fp16's
+            yield "mods", None, lambda Lq=Lq: run(Lq, Lq, 2, [(2, 4, Lq, Lq)], (2, 4, Lq, D), 2, mods=all_mods)
+            yield "mods-bcast", {"_attn_bwd_dmask"}, lambda Lq=Lq: run(Lq, Lq, 2, [(1, 1, Lq, Lq), (2, 1, 1, Lq)],
+                                                                       (2, 4, Lq, D), 2, mods=all_mods)
 
 
 def _decode_scenarios(dtype, D):
@@ -236,9 +246,9 @@ def _gate_scenarios(dtype, D):
 
 
 # variants compiled by default; --full adds the others (their specialisations are lighter than full's)
-CI_VARIANTS = {"full", "bcast", "light", "varlen", "gate-plain", "gate-full", "decode"}
+CI_VARIANTS = {"full", "bcast", "light", "varlen", "gate-plain", "gate-full", "decode", "mods"}
 ALL_VARIANTS = CI_VARIANTS | {"plain", "bool", "decode-contig", "varlen-infer", "gate-plain-fp16", "gate-full-fp16",
-                             "dq-split"}
+                             "dq-split", "mods-bcast"}
 
 
 # --------------------------------------------------------------------------------------- specialising

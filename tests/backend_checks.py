@@ -11,7 +11,7 @@ import torch
 
 import fastattn
 from fastattn import fuzz, testing
-from fastattn.backends import CUDA_DTYPES, Problem, cuda_kernels_unsupported
+from fastattn.backends import CUDA_DTYPES, CudaBackend, Problem, cuda_kernels_unsupported
 from fastattn.testing import AttentionCase, KvcacheCase, attention_cases, cases_covered, kvcache_cases, varlen_cases
 from conftest import assert_all_ok
 
@@ -205,15 +205,19 @@ def attention_samples(device="cpu", dtype=torch.float32, D=16, Dv=8):
             (strided_q, k, v, bias, gate, 0.5, 0)]
 
 
-def opcheck_attention(prefix, sample, device="cpu", dtype=torch.float32, D=16, Dv=8):
+def opcheck_attention(prefix, sample, device="cpu", dtype=torch.float32, D=16, Dv=8, score_mods=False):
+    """opcheck of ``<prefix>attention_fwd`` on ``attention_samples()[sample]`` and of its backward; with
+    ``score_mods``, both take a window, a softcap and ALiBi slopes too."""
     ops = torch.ops.fastattn
     fwd, bwd = getattr(ops, prefix + "attention_fwd"), getattr(ops, prefix + "attention_bwd")
     samples = attention_samples(device, dtype, D, Dv)
-    torch.library.opcheck(fwd.default, samples[sample])
+    slopes = torch.rand(2, 4, generator=torch.Generator().manual_seed(7)).to(device, fastattn.contract.stat_dtype(dtype))
+    mods = (3, 1, 2.5, slopes) if score_mods else ()
+    torch.library.opcheck(fwd.default, samples[sample] + (True,) * bool(mods) + mods)
     q, k, v, mask, gate, scale, causal = samples[1]
-    out, lse, _ = fwd(q, k, v, mask, gate, scale, causal)
+    out, lse, _ = fwd(q, k, v, mask, gate, scale, causal, True, *mods)
     args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), mask,
-            gate.detach(), torch.randn_like(lse), scale, causal, False)
+            gate.detach(), torch.randn_like(lse), scale, causal, False) + mods
     torch.library.opcheck(bwd.default, args)
 
 
@@ -313,7 +317,7 @@ def cuda_attention_cases():
     """The sweep of fastattn.testing moved onto what csrc/cuda covers (float16 / bfloat16, D == Dv in
     {64, 128}), plus shapes that cross several tiles of both kernels (128-query forward tiles, 64-key
     backward tiles, the K/V and Q/dO double buffers) and GQA groups: on a GPU and under the emulation."""
-    cases = attention_cases() + [
+    cases = attention_cases(score_mods=CudaBackend.score_mods) + [
         AttentionCase(B=1, Hq=2, Lq=300, Lk=517, D=128),                                   # tails of both tiles
         AttentionCase(B=1, Hq=2, Lq=517, Lk=300, D=64, causal="bottom_right"),             # empty leading rows
         AttentionCase(B=1, Hq=2, Lq=1023, Lk=1023, D=64, causal=True),                     # many tiles, diagonal

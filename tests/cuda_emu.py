@@ -45,6 +45,7 @@ class EmulatedCudaBackend(FusedBackend):
     name = "cuda_emu"
     op_prefix = PREFIX
     kernels = CUDA_KERNELS
+    score_mods = frozenset()
     device_types = ("cpu",)
 
     def unsupported(self, p):

@@ -11,7 +11,7 @@ import torch
 from fastattn.__main__ import main
 
 ROW_KEYS = {"op", "provider", "mode", "dtype", "B", "Hq", "Hkv", "Lq", "Lk", "D", "Dv", "causal", "mask", "gate",
-            "ms", "tflops", "gbps", "peak_mem_mb", "q1_ms", "q3_ms", "times_ms"}
+            "window", "ms", "tflops", "gbps", "peak_mem_mb", "q1_ms", "q3_ms", "times_ms"}
 
 
 def test_info(capsys):
@@ -279,10 +279,13 @@ def test_check_plans_only_cases_each_backend_covers(quick):
         for dt in (torch.float16, torch.bfloat16):
             cases = check._cases("attention", quick, name, dt, torch.device(dev))
             refused = [c.id for c in cases
-                       if _BACKENDS[name].unsupported(Problem("attention", dev, dt, D=c.D, Dv=c.Dv or c.D))]
+                       if _BACKENDS[name].unsupported(Problem("attention", dev, dt, D=c.D, Dv=c.Dv or c.D,
+                                                              score_mods=c.score_mods))]
             assert not refused, f"{name}: {refused}"
             assert len(cases) > 0.7 * len(testing.attention_cases(quick=quick)), name
     assert check._cases("attention", quick, "triton", torch.bfloat16, torch.device("cuda")) == \
+        testing.attention_cases(quick=quick, score_mods=_BACKENDS["triton"].score_mods)
+    assert check._cases("attention", quick, "cpu", torch.bfloat16, torch.device("cpu")) == \
         testing.attention_cases(quick=quick)
 
 

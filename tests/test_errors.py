@@ -1,4 +1,6 @@
 """Bad input raises an error that names the argument and what was expected."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -34,6 +36,18 @@ ATTENTION_ERRORS = [
     ("backend-headdim", dict(backend="cpu", q=t(1, 1, 4, 300), k=t(1, 1, 4, 300), v=t(1, 1, 4, 300)),
      RuntimeError, "head dims up to 256"),
     ("backend-device", dict(backend="cuda"), RuntimeError, "backend='cuda' cannot run"),
+    ("window-type", dict(window_size=5), ValueError, "window_size: expected"),
+    ("window-side", dict(window_size=(-2, 0)), ValueError, r"window_size: expected \(left, right\)"),
+    ("window-float", dict(window_size=(1.5, 0)), ValueError, "window_size: expected"),
+    ("softcap-neg", dict(softcap=-1.0), ValueError, "softcap: expected a finite number >= 0"),
+    ("softcap-inf", dict(softcap=float("inf")), ValueError, "softcap: expected"),
+    ("alibi-shape", dict(alibi_slopes=t(3)), ValueError, r"alibi_slopes: expected \(Hq,\)"),
+    ("alibi-batch", dict(alibi_slopes=t(3, 4)), ValueError, r"alibi_slopes: expected \(Hq,\)"),
+    ("alibi-rank", dict(alibi_slopes=t(2, 4, 1)), ValueError, "alibi_slopes: expected"),
+    ("alibi-int", dict(alibi_slopes=torch.ones(4, dtype=torch.int64)), TypeError, "alibi_slopes: expected float16"),
+    ("alibi-grad", dict(alibi_slopes=t(4).requires_grad_()), ValueError, "alibi_slopes: ALiBi's slopes get no"),
+    ("alibi-device", dict(alibi_slopes=torch.empty(4, device="meta")), ValueError,
+     "alibi_slopes: expected the same device as q"),
 ]
 
 
@@ -43,6 +57,28 @@ def test_attention_errors(name, kw, exc, msg):
     args.update(kw)
     with pytest.raises(exc, match=msg):
         fastattn.attention(args.pop("q"), args.pop("k"), args.pop("v"), **args)
+
+
+def test_ops_name_a_bad_score_modifier():
+    """The ops' own checks (a direct torch.ops.fastattn call) name the modifier."""
+    op = torch.ops.fastattn.attention_fwd
+    args = (q, k, v, None, None, 0.25, 0, True)
+    for mods, msg in (((-2, -1, 0.0, None), "window_left and window_right must be >= -1"),
+                      ((-1, -1, -1.0, None), "softcap must be finite and >= 0"),
+                      ((-1, -1, 0.0, t(4, dtype=torch.float64)), "alibi_slopes must be Float"),
+                      ((-1, -1, 0.0, t(2, 3)), r"alibi_slopes must be \(Hq\) = \(4\) or \(B, Hq\)")):
+        with pytest.raises(RuntimeError, match=msg):
+            op(*args, *mods)
+
+
+def test_backends_without_a_score_modifier_refuse_it_by_name():
+    """A backend whose kernels lack a modifier refuses the call and says which; "auto" passes it on."""
+    from fastattn.backends import _BACKENDS, Problem, select
+    p = Problem("attention", "cuda", torch.bfloat16, D=64, Dv=64, score_mods=frozenset({"window", "alibi"}))
+    assert _BACKENDS["cuda"].unsupported(p) == "its kernels have no alibi or window yet"
+    assert _BACKENDS["triton"].unsupported(p) is None
+    assert _BACKENDS["cpu"].unsupported(dataclasses.replace(p, device_type="cpu")) is None
+    assert select("auto", dataclasses.replace(p, device_type="cpu")).name == "cpu"
 
 
 def test_device_mismatch_is_named():

@@ -211,8 +211,8 @@ def test_fuzz_reports_a_broken_kernel(monkeypatch):
     """Plant a bug (dq off by 1% when the scale is not the default) and the fuzz finds it."""
     real = torch.ops.fastattn.attention_bwd
 
-    def broken(dout, q, k, v, out, lse, mask, gate, dlse, scale, causal, need_dmask):
-        dq, dk, dv, dmask, dgate = real(dout, q, k, v, out, lse, mask, gate, dlse, scale, causal, need_dmask)
+    def broken(dout, q, k, v, out, lse, mask, gate, dlse, scale, causal, need_dmask, *mods):
+        dq, dk, dv, dmask, dgate = real(dout, q, k, v, out, lse, mask, gate, dlse, scale, causal, need_dmask, *mods)
         return (dq * 1.01 if abs(scale - q.shape[-1] ** -0.5) > 1e-6 else dq), dk, dv, dmask, dgate
 
     monkeypatch.setattr(torch.ops.fastattn, "attention_bwd", broken)
@@ -224,10 +224,10 @@ def test_fuzz_names_the_seed_of_a_crash(monkeypatch):
     """A kernel that raises (on a GPU: an illegal memory access) fails the chunk naming the case's seed."""
     real = torch.ops.fastattn.attention_fwd
 
-    def crashing(q, k, v, mask, gate, scale, causal, need_acc):
+    def crashing(q, k, v, mask, gate, scale, causal, need_acc, *mods):
         if q.shape[-2] == 97:
             raise RuntimeError("illegal memory access")
-        return real(q, k, v, mask, gate, scale, causal, need_acc)
+        return real(q, k, v, mask, gate, scale, causal, need_acc, *mods)
 
     monkeypatch.setattr(torch.ops.fastattn, "attention_fwd", crashing)
     seed = next(s for s in range(100) if "-L97-" in fuzz.attention_case(s, ALL_DTYPES).id)

@@ -5,6 +5,7 @@ import importlib
 import pytest
 import torch
 
+from fastattn.contract import ScoreMods
 from fastattn.testing import AttentionCase, GateCase, check_attention, check_gate
 from conftest import DTYPES, dtype_id
 
@@ -31,8 +32,14 @@ class _Broken(B.Backend):
     def __init__(self, bug):
         self.name, self.bug, self.real = "broken_" + bug, bug, B._BACKENDS["cpu"]
 
-    def attention(self, q, k, v, mask, gate, scale, causal, dropout_p, grad):
-        if self.bug == "dq":
+    def attention(self, q, k, v, mask, gate, scale, causal, dropout_p, grad, mods=ScoreMods()):
+        if self.bug == "window" and mods.window_left >= 0:  # one key further back than asked
+            mods = mods._replace(window_left=mods.window_left + 1)
+        elif self.bug == "softcap_grad" and mods.softcap:  # the capped forward, the gradient of the uncapped one
+            capped = self.real.attention(q, k, v, mask, gate, scale, causal, dropout_p, grad, mods)
+            plain = self.real.attention(q, k, v, mask, gate, scale, causal, dropout_p, grad, mods._replace(softcap=0.0))
+            return tuple(c.detach() + p - p.detach() for c, p in zip(capped, plain))
+        elif self.bug == "dq":
             q = _ScaleGrad.apply(q, 1.05)
         elif self.bug == "dgate" and gate is not None:
             gate = gate.detach()
@@ -46,7 +53,7 @@ class _Broken(B.Backend):
             mask = shifted if mask is None else (mask & shifted if mask.dtype == torch.bool
                                                  else mask.masked_fill(~shifted, float("-inf")))
             causal = 0
-        return self.real.attention(q, k, v, mask, gate, scale, causal, dropout_p, grad)
+        return self.real.attention(q, k, v, mask, gate, scale, causal, dropout_p, grad, mods)
 
     def softmax_gate(self, scores, x, mask, pool):
         if self.bug == "dscores":
@@ -75,6 +82,8 @@ ATTENTION_BUGS = {
     "dgate": (AttentionCase(Lq=13, Lk=17, D=16, gate="elementwise"), "dgate"),
     "dmask": (AttentionCase(Lq=13, Lk=17, D=16, mask="float_grad"), "dmask"),
     "diagonal": (AttentionCase(Lq=13, Lk=13, D=16, causal=True), "out"),
+    "window": (AttentionCase(Lq=13, Lk=13, D=16, causal=True, window=(3, -1)), "out"),
+    "softcap_grad": (AttentionCase(Lq=13, Lk=17, D=16, softcap=1.0, scale=2.0), "dk"),
 }
 
 

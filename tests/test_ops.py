@@ -10,6 +10,11 @@ def test_opcheck_attention(sample):
     bc.opcheck_attention("", sample)
 
 
+@pytest.mark.parametrize("sample", [0, 2])
+def test_opcheck_attention_with_score_modifiers(sample):
+    bc.opcheck_attention("", sample, score_mods=True)
+
+
 @pytest.mark.parametrize("pool", [False, True])
 def test_opcheck_softmax_gates(pool):
     bc.opcheck_softmax_gates("", pool)

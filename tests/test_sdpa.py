@@ -159,9 +159,9 @@ def test_causal_bias_as_torch(variant, L, S, H):
 def test_causal_bias_runs_as_a_causal_mode_without_a_mask(monkeypatch):
     seen, real = [], torch.ops.fastattn.attention_fwd
 
-    def spy(q, k, v, mask, gate, scale, causal, need_acc):
+    def spy(q, k, v, mask, gate, scale, causal, need_acc, *mods):
         seen.append((mask, causal))
-        return real(q, k, v, mask, gate, scale, causal, need_acc)
+        return real(q, k, v, mask, gate, scale, causal, need_acc, *mods)
 
     monkeypatch.setattr(torch.ops.fastattn, "attention_fwd", spy)
     q, k = rand(1, 2, 4, 8, seed=1), rand(1, 2, 6, 8, seed=2)

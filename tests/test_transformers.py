@@ -253,3 +253,67 @@ def test_generate_kvcache_example_runs(spy, capsys):
     out = capsys.readouterr().out
     assert "identical tokens" in out and out.count("tokens/s") == 2
     assert spy["attention_with_kvcache"] == 2 * 3  # warm-up and timed run, 3 decoding steps, 1 layer
+
+
+def _gemma2():
+    """Gemma 2's attention: a sliding-window layer and a full one, both with a logit softcap."""
+    cfg = transformers.Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=4,
+                                    attn_logit_softcapping=2.0, final_logit_softcapping=30.0,
+                                    max_position_embeddings=64, layer_types=["sliding_attention", "full_attention"])
+    return transformers.Gemma2ForCausalLM(cfg)
+
+
+@pytest.mark.parametrize("padding", [False, True], ids=["causal", "left-padded"])
+def test_gemma2_softcap_and_sliding_window_match_eager(padding, monkeypatch):
+    """Gemma 2 runs on the kernels: softcap in both layers, the sliding layer's causal-window mask as a window
+    (no mask) where it is exactly that, read as a mask where padding changes it. Eager runs its softmax in
+    float32 even for float64 models, hence the tolerance; the mask path gives the window path's logits exactly.
+    Eager turns a left-padded row into NaN: that row is compared with eager on its tokens alone (RoPE sees the
+    same relative positions)."""
+    register()
+    monkeypatch.setattr(fastattn.integrations.transformers, "_last", {})
+    torch.manual_seed(0)
+    eager = _gemma2().double()
+    eager.set_attn_implementation("eager")
+    model = copy.deepcopy(eager)
+    model.set_attn_implementation("fastattn")
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    if padding:
+        mask[1, :3] = 0
+    seen = []
+    real = fastattn.functional.attention
+    monkeypatch.setattr(fastattn.functional, "attention", lambda *a, **k: seen.append(k) or real(*a, **k))
+    with torch.no_grad():
+        want = eager(input_ids=ids, attention_mask=mask).logits
+        if padding:
+            want[1, 3:] = eager(input_ids=ids[1:, 3:]).logits[0]
+        got = model(input_ids=ids, attention_mask=mask).logits
+        monkeypatch.setattr(fastattn.integrations.transformers, "_is_sliding_causal", lambda m, w: False)
+        masked = model(input_ids=ids, attention_mask=mask).logits
+    keep = mask.bool()
+    torch.testing.assert_close(got[keep], want[keep], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got[keep], masked[keep], **F64)
+    sliding, full = seen[:2]
+    assert sliding["softcap"] == full["softcap"] == 2.0
+    if padding:
+        assert sliding["window_size"] == (-1, -1) and sliding["attn_mask"] is not None
+    else:
+        assert sliding["window_size"] == (3, 0) and sliding["attn_mask"] is None
+        assert sliding["causal"] == "bottom_right" and full["causal"] is True
+
+
+def test_gemma2_generate_matches_eager():
+    """Greedy decoding of the softcapped model: the steps over the cache take the general path (the kv-cache
+    op has no softcap) and pick eager's tokens."""
+    register()
+    torch.manual_seed(0)
+    eager = _gemma2().double().eval()
+    eager.set_attn_implementation("eager")
+    model = copy.deepcopy(eager)
+    model.set_attn_implementation("fastattn")
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(6))
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(model.generate(ids, **kw), eager.generate(ids, **kw))

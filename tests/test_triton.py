@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastattn
 from fastattn import fuzz
+from fastattn.backends import TritonBackend
 from fastattn.testing import (AttentionCase, KvcacheCase, attention_cases, check_attention, check_gate, compare,
                               check_kvcache, check_varlen, gate_cases, kvcache_cases, varlen_cases)
 import backend_checks as bc
@@ -32,7 +33,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 # Interpreted kernels are ~1000x slower: the quick sweep plus the cases that only the full one has
 # (head dims past 64, non-powers of two, D != Dv with a gate, a float bias at D 256).
-ATTN_CASES = attention_cases(quick=INTERPRET) + [
+ATTN_CASES = attention_cases(quick=INTERPRET, score_mods=TritonBackend.score_mods) + [
     AttentionCase(Hq=4, Hkv=2, Lq=17, Lk=33, D=111, Dv=96, causal=True, gate="headwise"),
     AttentionCase(Lq=9, Lk=21, D=256, mask="float_grad", lse_grad=True),
     AttentionCase(Lq=40, Lk=40, D=96, causal="bottom_right", mask="bool", layout="blhd"),

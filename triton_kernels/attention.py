@@ -12,6 +12,12 @@ Op contract (the CPU kernels' one, csrc/cpu/attention.h):
     (log2 of the softmax denominator of the scores in log2 units = the natural lse * LOG2E, the base the
     kernels compute in, so the backward reads it as it is; -inf on empty rows); out_acc (B, Hq, Lq, Dv):
     the gated output before rounding, float32, for float16 / bfloat16 inputs (empty for float32)
+Score modifiers (contract.ScoreMods, the ops' last arguments): the sliding window reaches the kernels as the band
+of keys a row sees (contract.key_band: CAUSAL with causal_off bounds keys from above, the causal rule and a right
+window alike, WINDOWED with lo_off from below), key tiles outside it skipped; SOFTCAP caps the scores and the
+backward takes dS through the cap; HAS_ALIBI reads the slopes (float32). _mask_scores applies all of them. With a
+window or a cap the kernels visit their key (query) tiles in one loop, every tile masked, where the causal split
+takes two (those spilled, scripts/check_triton_aot.py). Packed sequences take none yet.
 Backward takes out = the forward's out_acc where it has one (float32), else out; lse as the forward
 wrote it, dlse = the gradient of that log2-unit lse; returns (dq, dk, dv, dmask, dgate): dmask =
 dL/dmask in the mask's own shape and dtype when need_dmask (dS summed over the mask's broadcast dims in
@@ -78,13 +84,15 @@ when ``torch.backends.cuda.matmul.allow_tf32`` is True the dots use TF32, as tor
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 from ._compat import wrap_triton
 
 from fastattn import contract
-from fastattn.contract import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE
+from fastattn.contract import CAUSAL_NONE
 from fastattn.ops import has_out_acc
 
 from . import configs as C
@@ -101,21 +109,45 @@ CAUSAL_BR: tl.constexpr = tl.constexpr(contract.CAUSAL_BOTTOM_RIGHT)
 
 # ------------------------------------------------------------------------------------------ helpers
 @triton.jit
-def _mask_scores(s, p_mask, i2, j2, Lq, Lk, stride_mi, stride_mj, causal_off,
-                 MASK_KIND: tl.constexpr, CAUSAL_TILE: tl.constexpr):
-    """Scores s (log2 units) of query rows i2 and keys j2 (broadcastable index tiles), with the float
-    bias added and -inf where masked: out-of-range rows/keys, above the causal diagonal (only asked on
-    diagonal tiles), or a False in the bool mask."""
+def _mask_scores(s, p_mask, i2, j2, Lq, Lk, stride_mi, stride_mj, causal_off, lo_off, cap, slope2,
+                 MASK_KIND: tl.constexpr, CAUSAL_TILE: tl.constexpr, WINDOW_TILE: tl.constexpr,
+                 SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
+    """Scores s = scale * log2(e) * q.k of query rows i2 and keys j2 (broadcastable index tiles) made the
+    contract's (csrc/attention_contract.h, log2 units): capped to cap * tanh(s / cap) (SOFTCAP; cap = softcap *
+    log2(e)), the float bias and ALiBi (slope2 = slope * log2(e)) added, -inf where masked: out-of-range
+    rows/keys, above the causal diagonal or right window (only asked on tiles that cross it), below the left
+    window (j < i + lo_off, likewise), or a False in the bool mask. Returns (s, dcap): dcap = 1 - tanh^2, the
+    cap's derivative, under SOFTCAP (else s again, unused)."""
+    dcap = s
+    if SOFTCAP:  # tanh(|x|) = (1 - e) / (1 + e), e = 2^(-2 log2(e) |x|): no overflow; a fast division (an IEEE
+        # one per element took ~20 registers more and spilled the dK/dV tiles)
+        e = tl.math.exp2(tl.abs(s) * ((-2.0 * LOG2E) / cap))
+        t = tl.math.fdiv(1.0 - e, 1.0 + e)
+        dcap = 1.0 - t * t
+        s = tl.where(s < 0, -cap, cap) * t
     ok = (i2 < Lq) & (j2 < Lk)
     if CAUSAL_TILE:
         ok = ok & (j2 <= i2 + causal_off)
+    if WINDOW_TILE:
+        ok = ok & (j2 >= i2 + lo_off)
     if MASK_KIND == MASK_BOOL:
         keep = tl.load(p_mask + i2 * stride_mi + j2 * stride_mj, mask=ok, other=0)
         ok = ok & (keep != 0)
     if MASK_KIND == MASK_BIAS:
         bias = tl.load(p_mask + i2 * stride_mi + j2 * stride_mj, mask=ok, other=0.0).to(tl.float32)
         s = s + bias * LOG2E
-    return tl.where(ok, s, float("-inf"))
+    if ALIBI:  # distance to the bottom-right diagonal
+        s = s - slope2 * tl.abs(i2 + (Lk - Lq) - j2).to(tl.float32)
+    return tl.where(ok, s, float("-inf")), dcap
+
+
+@triton.jit
+def _alibi_slope2(ALIBI, b, h, stride_ab, stride_ah, HAS_ALIBI: tl.constexpr):
+    """ALiBi's slope of (b, h) times log2(e); 0 without slopes."""
+    if HAS_ALIBI:
+        return tl.load(ALIBI + b * stride_ab + h * stride_ah).to(tl.float32) * LOG2E
+    else:
+        return 0.0
 
 
 @triton.jit
@@ -125,6 +157,20 @@ def _causal_bounds_q(start_m, Lk, causal_off, BLOCK_M: tl.constexpr, BLOCK_N: tl
     hi = tl.maximum(tl.minimum(Lk, start_m + BLOCK_M + causal_off), 0)
     mid = (tl.maximum(start_m + causal_off + 1, 0) // BLOCK_N) * BLOCK_N
     return tl.minimum(mid, hi), hi
+
+
+@triton.jit
+def _band_keys_q(start_m, Lk, causal_off, lo_off, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The key tiles [lo, hi) the query tile at start_m sees, the others skipped: from the first row's left window
+    edge (WINDOWED) to the last row's causal diagonal or right window (CAUSAL)."""
+    hi = Lk
+    if CAUSAL:
+        _, hi = _causal_bounds_q(start_m, Lk, causal_off, BLOCK_M, BLOCK_N)
+    lo = hi * 0
+    if WINDOWED:
+        lo = tl.minimum((tl.maximum(start_m + lo_off, 0) // BLOCK_N) * BLOCK_N, hi)
+    return lo, hi
 
 
 @triton.jit
@@ -159,17 +205,17 @@ def _slice_rows(s, stride_os, stride_ls, VARLEN: tl.constexpr):
 # ------------------------------------------------------------------------------------------ forward
 @triton.jit
 def _fwd_tiles(acc, l_i, m_i, q, p_k, p_v, p_mask, offs_m, offs_d, offs_dv, lo, hi,
-               Lq, Lk, D, Dv, stride_kn, stride_vn, stride_mi, stride_mj, scale_log2, causal_off,
-               MASK_KIND: tl.constexpr, CAUSAL_TILE: tl.constexpr, SPLIT_P: tl.constexpr, BLOCK_N: tl.constexpr,
-               DOT_PREC: tl.constexpr):
+               Lq, Lk, D, Dv, stride_kn, stride_vn, stride_mi, stride_mj, scale_log2, causal_off, lo_off, cap, slope2,
+               MASK_KIND: tl.constexpr, CAUSAL_TILE: tl.constexpr, WINDOW_TILE: tl.constexpr, SOFTCAP: tl.constexpr,
+               ALIBI: tl.constexpr, SPLIT_P: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         # -- scores S = Q K^T, in log2 units   [BLOCK_M, BLOCK_N]
         kT = tl.load(p_k + offs_n[None, :] * stride_kn + offs_d[:, None],
                      mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < D), other=0.0)     # [BLOCK_D, BLOCK_N]
         s = dot_acc(q, kT, None, DOT_PREC) * scale_log2
-        s = _mask_scores(s, p_mask, offs_m[:, None], offs_n[None, :], Lq, Lk, stride_mi, stride_mj,
-                         causal_off, MASK_KIND, CAUSAL_TILE)
+        s, _ = _mask_scores(s, p_mask, offs_m[:, None], offs_n[None, :], Lq, Lk, stride_mi, stride_mj, causal_off,
+                            lo_off, cap, slope2, MASK_KIND, CAUSAL_TILE, WINDOW_TILE, SOFTCAP, ALIBI)
         # -- online softmax update
         p, corr, l_i, m_i = online_softmax_step(s, m_i, l_i)
         # -- O += P V   [BLOCK_M, BLOCK_DV]
@@ -183,21 +229,26 @@ def _fwd_tiles(acc, l_i, m_i, q, p_k, p_v, p_mask, offs_m, offs_d, offs_dv, lo, 
 
 
 @triton.autotune(configs=C.FWD_CONFIGS, key=["LQ_KEY", "LK_KEY", "BLOCK_D", "BLOCK_DV", "MASK_KIND", "CAUSAL",
-                                             "HAS_GATE", "STORE_ACC", "SPLIT_P", "VARLEN"],
+                                             "HAS_GATE", "STORE_ACC", "SPLIT_P", "VARLEN", "WINDOWED", "SOFTCAP",
+                                             "HAS_ALIBI"],
                  prune_configs_by={"early_config_prune": C.prune_fwd})
 @triton.jit
-def _attn_fwd(Q, K, V, MASK, GATE, OUT, LSE, OUT_ACC, CU_Q, CU_K,
+def _attn_fwd(Q, K, V, MASK, GATE, OUT, LSE, OUT_ACC, CU_Q, CU_K, ALIBI,
               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
               stride_mb, stride_mh, stride_mi, stride_mj, stride_gb, stride_gh, stride_gi, stride_gc,
-              stride_os, stride_om, stride_ls,
-              Hq, GROUP, Lq, Lk, D, Dv, scale_log2, causal_off, LQ_KEY, LK_KEY,
+              stride_os, stride_om, stride_ls, stride_ab, stride_ah,
+              Hq, GROUP, Lq, Lk, D, Dv, scale_log2, causal_off, lo_off, cap, LQ_KEY, LK_KEY,
               MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_GATE: tl.constexpr, STORE_ACC: tl.constexpr,
-              SPLIT_P: tl.constexpr, VARLEN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+              SPLIT_P: tl.constexpr, VARLEN: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
+              HAS_ALIBI: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
               DOT_PREC: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """OUT, OUT_ACC: slice and row strides stride_os, stride_om in rows of Dv; LSE: slice stride stride_ls when
-    packed (see _out_rows)."""
+    packed (see _out_rows). Score modifiers (_mask_scores): CAUSAL bounds keys from above (the causal rule, a
+    right window or both: causal_off), WINDOWED from below (lo_off); SOFTCAP caps at cap; HAS_ALIBI reads the
+    slopes ALIBI[b * stride_ab + h * stride_ah]. Packed sequences take none of them."""
     # torch.compile types a Python float argument fp64 (triton's launcher: fp32): the math stays fp32
     scale_log2 = tl.cast(scale_log2, tl.float32)
+    cap = tl.cast(cap, tl.float32)
     D, Dv = assume_aligned(D, ALIGN), assume_aligned(Dv, ALIGN)
     stride_qb, stride_qh, stride_qm = assume_aligned3(stride_qb, stride_qh, stride_qm, ALIGN)
     stride_kb, stride_kh, stride_kn = assume_aligned3(stride_kb, stride_kh, stride_kn, ALIGN)
@@ -235,18 +286,30 @@ def _attn_fwd(Q, K, V, MASK, GATE, OUT, LSE, OUT_ACC, CU_Q, CU_K,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    if CAUSAL:
+    slope2 = _alibi_slope2(ALIBI, b, h, stride_ab, stride_ah, HAS_ALIBI)
+    if WINDOWED or SOFTCAP:
+        # one loop, every tile it visits masked, where the causal split takes two: with the cap's registers or the
+        # window's bounds those spilled (sm_80 D 64, sm_90 D 128: 12-104 B; the backward kernels likewise)
+        lo, hi = _band_keys_q(start_m, Lk, causal_off, lo_off, CAUSAL, WINDOWED, BLOCK_M, BLOCK_N)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, p_k, p_v, p_mask, offs_m, offs_d, offs_dv, lo, hi,
+                                   Lq, Lk, D, Dv, stride_kn, stride_vn, stride_mi, stride_mj, scale_log2, causal_off,
+                                   lo_off, cap, slope2, MASK_KIND, CAUSAL, WINDOWED, SOFTCAP, HAS_ALIBI, SPLIT_P,
+                                   BLOCK_N, DOT_PREC)
+    elif CAUSAL:
         mid, hi = _causal_bounds_q(start_m, Lk, causal_off, BLOCK_M, BLOCK_N)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, p_k, p_v, p_mask, offs_m, offs_d, offs_dv, 0, mid,
                                    Lq, Lk, D, Dv, stride_kn, stride_vn, stride_mi, stride_mj, scale_log2, causal_off,
-                                   MASK_KIND, False, SPLIT_P, BLOCK_N, DOT_PREC)
+                                   lo_off, cap, slope2, MASK_KIND, False, False, SOFTCAP, HAS_ALIBI, SPLIT_P, BLOCK_N,
+                                   DOT_PREC)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, p_k, p_v, p_mask, offs_m, offs_d, offs_dv, mid, hi,
                                    Lq, Lk, D, Dv, stride_kn, stride_vn, stride_mi, stride_mj, scale_log2, causal_off,
-                                   MASK_KIND, True, SPLIT_P, BLOCK_N, DOT_PREC)
+                                   lo_off, cap, slope2, MASK_KIND, True, False, SOFTCAP, HAS_ALIBI, SPLIT_P, BLOCK_N,
+                                   DOT_PREC)
     else:
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, p_k, p_v, p_mask, offs_m, offs_d, offs_dv, 0, Lk,
                                    Lq, Lk, D, Dv, stride_kn, stride_vn, stride_mi, stride_mj, scale_log2, causal_off,
-                                   MASK_KIND, False, SPLIT_P, BLOCK_N, DOT_PREC)
+                                   lo_off, cap, slope2, MASK_KIND, False, False, SOFTCAP, HAS_ALIBI, SPLIT_P, BLOCK_N,
+                                   DOT_PREC)
 
     # -- epilogue: normalise, lse (log2 units), output gate; empty rows give 0 and -inf
     empty = l_i == 0.0
@@ -360,11 +423,11 @@ def _attn_bwd_prep(OUT, DOUT, GATE, DLSE, LSE, DELTA, DO_GATED, DGATE, CU_Q,
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, b, h0, GROUP, q_slice0, offs_n, offs_d, offs_dv, lo, hi,
+def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, ALIBI, b, h0, GROUP, q_slice0, offs_n, offs_d, offs_dv, lo, hi,
                 Lq, Lk, D, Dv, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom,
-                stride_mb, stride_mh, stride_mi, stride_mj, stride_ls, scale_log2, causal_off,
-                MASK_KIND: tl.constexpr, CAUSAL_TILE: tl.constexpr, BLOCK_M: tl.constexpr,
-                DOT_PREC: tl.constexpr):
+                stride_mb, stride_mh, stride_mi, stride_mj, stride_ls, stride_ab, stride_ah, scale_log2, causal_off,
+                lo_off, cap, MASK_KIND: tl.constexpr, CAUSAL_TILE: tl.constexpr, WINDOW_TILE: tl.constexpr,
+                SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr):
     # Transposed orientation (keys along rows): the tiles dK += dS^T Q and dV += P^T dO need no transposes.
     # One flat loop over (query head h0 + g of the GQA group, query tile in [lo, hi)), pipelined as a whole:
     # a loop over heads around the loop over tiles needed ~50 more registers and spilled (GQA + mask +
@@ -391,12 +454,16 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, b, h0, GROUP, q_slice0, o
         delta = tl.load(p_delta + offs_m, mask=m_row, other=0.0)
         # -- recompute P^T = 2^(S^T - lse2)   [BLOCK_N, BLOCK_M]
         sT = dot_acc(k, qT, None, DOT_PREC) * scale_log2
-        sT = _mask_scores(sT, p_mask, offs_m[None, :], offs_n[:, None], Lq, Lk, stride_mi, stride_mj,
-                          causal_off, MASK_KIND, CAUSAL_TILE)
+        slope2 = _alibi_slope2(ALIBI, b, h, stride_ab, stride_ah, HAS_ALIBI)
+        sT, dcapT = _mask_scores(sT, p_mask, offs_m[None, :], offs_n[:, None], Lq, Lk, stride_mi, stride_mj,
+                                 causal_off, lo_off, cap, slope2, MASK_KIND, CAUSAL_TILE, WINDOW_TILE, SOFTCAP,
+                                 HAS_ALIBI)
         # masked keys (-inf) get P = 0 and dS = 0 even in a row that a NaN reached (NaN lse / delta)
         pT = tl.where(sT == float("-inf"), 0.0, tl.math.exp2(sT - lse2[None, :]))
         # -- dV += P^T dO
         dv = dot_acc(cast_rne(pT, do.dtype), do, dv, DOT_PREC)
+        if SOFTCAP:  # dS through the cap, folded into P here: one tile fewer alive across the next dot
+            pT = pT * dcapT
         # -- dP^T = V dO^T, dS^T = P^T * (dP^T - delta)
         dpT = dot_acc(v, tl.trans(do), None, DOT_PREC)
         dsT = tl.where(sT == float("-inf"), 0.0, pT * (dpT - delta[None, :]))
@@ -406,21 +473,23 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, b, h0, GROUP, q_slice0, o
 
 
 @triton.autotune(configs=C.BWD_DKDV_CONFIGS, key=["LQ_KEY", "LK_KEY", "BLOCK_D", "BLOCK_DV", "MASK_KIND", "CAUSAL",
-                                                  "VARLEN"],
+                                                  "VARLEN", "WINDOWED", "SOFTCAP", "HAS_ALIBI"],
                  prune_configs_by={"early_config_prune": C.prune_dkdv})
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, MASK, DK, DV, CU_Q, CU_K,
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, MASK, DK, DV, CU_Q, CU_K, ALIBI,
                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                    stride_dob, stride_doh, stride_dom, stride_mb, stride_mh, stride_mi, stride_mj,
-                   stride_ls, stride_dks, stride_dkn,
-                   Hq, Hkv, GROUP, Lq, Lk, D, Dv, scale, scale_log2, causal_off, LQ_KEY, LK_KEY,
-                   MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
+                   stride_ls, stride_dks, stride_dkn, stride_ab, stride_ah,
+                   Hq, Hkv, GROUP, Lq, Lk, D, Dv, scale, scale_log2, causal_off, lo_off, cap, LQ_KEY, LK_KEY,
+                   MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, WINDOWED: tl.constexpr,
+                   SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr, ALIGN: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """DK, DV: slice and row strides stride_dks, stride_dkn in rows of D / Dv (the same for both); LSE, DELTA:
-    slice stride stride_ls (see _out_rows)."""
+    slice stride stride_ls (see _out_rows). Score modifiers as _attn_fwd."""
     scale = tl.cast(scale, tl.float32)
     scale_log2 = tl.cast(scale_log2, tl.float32)  # fp32 under torch.compile too (see _attn_fwd)
+    cap = tl.cast(cap, tl.float32)
     D, Dv = assume_aligned(D, ALIGN), assume_aligned(Dv, ALIGN)
     stride_qb, stride_qh, stride_qm = assume_aligned3(stride_qb, stride_qh, stride_qm, ALIGN)
     stride_kb, stride_kh, stride_kn = assume_aligned3(stride_kb, stride_kh, stride_kn, ALIGN)
@@ -457,6 +526,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, MASK, DK, DV, CU_Q, CU_K,
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
 
+    lo = 0
+    mid = 0
     if CAUSAL:
         # first query row that sees key start_n: i >= start_n - off; rows that see the whole key tile:
         # i >= start_n + BLOCK_N - 1 - off. Tiles before lo are skipped, [lo, mid) are diagonal tiles.
@@ -464,20 +535,33 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, MASK, DK, DV, CU_Q, CU_K,
         mid = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - causal_off, 0), BLOCK_M) * BLOCK_M
         mid = tl.maximum(tl.minimum(mid, Lq), lo)
     # the GROUP query heads that share this kv head: dK, dV summed in registers
-    if CAUSAL:
-        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, b, hk * GROUP, GROUP, q_slice0, offs_n, offs_d,
-                             offs_dv, lo, mid, Lq, Lk, D, Dv, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh,
-                             stride_dom, stride_mb, stride_mh, stride_mi, stride_mj, stride_ls, scale_log2,
-                             causal_off, MASK_KIND, True, BLOCK_M, DOT_PREC)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, b, hk * GROUP, GROUP, q_slice0, offs_n, offs_d,
-                             offs_dv, mid, Lq, Lq, Lk, D, Dv, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh,
-                             stride_dom, stride_mb, stride_mh, stride_mi, stride_mj, stride_ls, scale_log2,
-                             causal_off, MASK_KIND, False, BLOCK_M, DOT_PREC)
+    if WINDOWED or SOFTCAP:
+        # one loop, as in _attn_fwd. Rows past q_hi see no key of the tile (j < i + lo_off for every one).
+        q_hi = Lq
+        if WINDOWED:
+            q_hi = tl.minimum(Lq, tl.maximum(start_n + BLOCK_N - lo_off, 0))
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, ALIBI, b, hk * GROUP, GROUP, q_slice0, offs_n,
+                             offs_d, offs_dv, lo, tl.maximum(q_hi, lo), Lq, Lk, D, Dv, stride_qb, stride_qh, stride_qm,
+                             stride_dob, stride_doh, stride_dom, stride_mb, stride_mh, stride_mi, stride_mj, stride_ls,
+                             stride_ab, stride_ah, scale_log2, causal_off, lo_off, cap, MASK_KIND, CAUSAL, WINDOWED,
+                             SOFTCAP, HAS_ALIBI, BLOCK_M, DOT_PREC)
+    elif CAUSAL:
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, ALIBI, b, hk * GROUP, GROUP, q_slice0, offs_n,
+                             offs_d, offs_dv, lo, mid, Lq, Lk, D, Dv, stride_qb, stride_qh, stride_qm, stride_dob,
+                             stride_doh, stride_dom, stride_mb, stride_mh, stride_mi, stride_mj, stride_ls, stride_ab,
+                             stride_ah, scale_log2, causal_off, lo_off, cap, MASK_KIND, True, False, SOFTCAP, HAS_ALIBI,
+                             BLOCK_M, DOT_PREC)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, ALIBI, b, hk * GROUP, GROUP, q_slice0, offs_n,
+                             offs_d, offs_dv, mid, Lq, Lq, Lk, D, Dv, stride_qb, stride_qh, stride_qm, stride_dob,
+                             stride_doh, stride_dom, stride_mb, stride_mh, stride_mi, stride_mj, stride_ls, stride_ab,
+                             stride_ah, scale_log2, causal_off, lo_off, cap, MASK_KIND, False, False, SOFTCAP, HAS_ALIBI,
+                             BLOCK_M, DOT_PREC)
     else:
-        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, b, hk * GROUP, GROUP, q_slice0, offs_n, offs_d,
-                             offs_dv, 0, Lq, Lq, Lk, D, Dv, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh,
-                             stride_dom, stride_mb, stride_mh, stride_mi, stride_mj, stride_ls, scale_log2,
-                             causal_off, MASK_KIND, False, BLOCK_M, DOT_PREC)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, ALIBI, b, hk * GROUP, GROUP, q_slice0, offs_n,
+                             offs_d, offs_dv, 0, Lq, Lq, Lk, D, Dv, stride_qb, stride_qh, stride_qm, stride_dob,
+                             stride_doh, stride_dom, stride_mb, stride_mh, stride_mi, stride_mj, stride_ls, stride_ab,
+                             stride_ah, scale_log2, causal_off, lo_off, cap, MASK_KIND, False, False, SOFTCAP, HAS_ALIBI,
+                             BLOCK_M, DOT_PREC)
 
     m_k = m_key[:, None] & (offs_d[None, :] < D)
     m_v = m_key[:, None] & (offs_dv[None, :] < Dv)
@@ -488,9 +572,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, MASK, DK, DV, CU_Q, CU_K,
 
 @triton.jit
 def _dq_tiles(dq, q, do, lse2, delta, p_k, p_v, p_mask, p_dmask, offs_m, offs_d, offs_dv, lo, hi,
-              Lq, Lk, D, Dv, stride_kn, stride_vn, stride_mi, stride_mj, scale_log2, causal_off,
-              MASK_KIND: tl.constexpr, CAUSAL_TILE: tl.constexpr, NEED_DMASK: tl.constexpr,
-              SPLIT_DS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+              Lq, Lk, D, Dv, stride_kn, stride_vn, stride_mi, stride_mj, scale_log2, causal_off, lo_off, cap, slope2,
+              MASK_KIND: tl.constexpr, CAUSAL_TILE: tl.constexpr, WINDOW_TILE: tl.constexpr, SOFTCAP: tl.constexpr,
+              ALIBI: tl.constexpr, NEED_DMASK: tl.constexpr, SPLIT_DS: tl.constexpr, BLOCK_N: tl.constexpr,
+              DOT_PREC: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         m_key = offs_n < Lk
@@ -500,15 +585,19 @@ def _dq_tiles(dq, q, do, lse2, delta, p_k, p_v, p_mask, p_dmask, offs_m, offs_d,
                      mask=m_key[None, :] & (offs_dv[:, None] < Dv), other=0.0)           # [BLOCK_DV, BLOCK_N]
         # -- recompute P   [BLOCK_M, BLOCK_N]
         s = dot_acc(q, kT, None, DOT_PREC) * scale_log2
-        s = _mask_scores(s, p_mask, offs_m[:, None], offs_n[None, :], Lq, Lk, stride_mi, stride_mj,
-                         causal_off, MASK_KIND, CAUSAL_TILE)
+        s, dcap = _mask_scores(s, p_mask, offs_m[:, None], offs_n[None, :], Lq, Lk, stride_mi, stride_mj, causal_off,
+                               lo_off, cap, slope2, MASK_KIND, CAUSAL_TILE, WINDOW_TILE, SOFTCAP, ALIBI)
         p = tl.where(s == float("-inf"), 0.0, tl.math.exp2(s - lse2[:, None]))  # as in _dkdv_tiles
+        if SOFTCAP and not NEED_DMASK:  # dS through the cap, folded into P (as in _dkdv_tiles)
+            p = p * dcap
         # -- dP = dO V^T, dS = P * (dP - delta)
         dp = dot_acc(do, vT, None, DOT_PREC)
         ds = tl.where(s == float("-inf"), 0.0, p * (dp - delta[:, None]))
         if NEED_DMASK:  # dL/d(bias) = dS (the bias enters the scores with weight 1)
             tl.store(p_dmask + offs_m[:, None] * Lk + offs_n[None, :], cast_rne(ds, p_dmask.dtype.element_ty),
                      mask=(offs_m[:, None] < Lq) & m_key[None, :])
+            if SOFTCAP:  # the bias is added past the cap: its gradient is dS before the cap's
+                ds = ds * dcap
         # -- dQ += dS K
         ds_hi = cast_rne(ds, kT.dtype)
         dq = dot_acc(ds_hi, tl.trans(kT), dq, DOT_PREC)
@@ -518,21 +607,23 @@ def _dq_tiles(dq, q, do, lse2, delta, p_k, p_v, p_mask, p_dmask, offs_m, offs_d,
 
 
 @triton.autotune(configs=C.BWD_DQ_CONFIGS, key=["LQ_KEY", "LK_KEY", "BLOCK_D", "BLOCK_DV", "MASK_KIND", "CAUSAL",
-                                                "NEED_DMASK", "SPLIT_DS", "VARLEN"],
+                                                "NEED_DMASK", "SPLIT_DS", "VARLEN", "WINDOWED", "SOFTCAP", "HAS_ALIBI"],
                  prune_configs_by={"early_config_prune": C.prune_dq})
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, MASK, DQ, DMASK, CU_Q, CU_K,
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, MASK, DQ, DMASK, CU_Q, CU_K, ALIBI,
                  stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                  stride_dob, stride_doh, stride_dom, stride_mb, stride_mh, stride_mi, stride_mj,
-                 stride_ls, stride_dqs, stride_dqm,
-                 Hq, GROUP, Lq, Lk, D, Dv, scale, scale_log2, causal_off, LQ_KEY, LK_KEY,
+                 stride_ls, stride_dqs, stride_dqm, stride_ab, stride_ah,
+                 Hq, GROUP, Lq, Lk, D, Dv, scale, scale_log2, causal_off, lo_off, cap, LQ_KEY, LK_KEY,
                  MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, NEED_DMASK: tl.constexpr, SPLIT_DS: tl.constexpr,
-                 VARLEN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr,
+                 VARLEN: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr,
                  ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """DQ: slice and row strides stride_dqs, stride_dqm in rows of D; LSE, DELTA: slice stride stride_ls when
-    packed (see _out_rows); DMASK (NEED_DMASK): a contiguous (B, Hq, Lq, Lk) dS."""
+    packed (see _out_rows); DMASK (NEED_DMASK): a contiguous (B, Hq, Lq, Lk) dS. Score modifiers as _attn_fwd."""
     scale = tl.cast(scale, tl.float32)
     scale_log2 = tl.cast(scale_log2, tl.float32)  # fp32 under torch.compile too (see _attn_fwd)
+    cap = tl.cast(cap, tl.float32)
     D, Dv = assume_aligned(D, ALIGN), assume_aligned(Dv, ALIGN)
     stride_qb, stride_qh, stride_qm = assume_aligned3(stride_qb, stride_qh, stride_qm, ALIGN)
     stride_kb, stride_kh, stride_kn = assume_aligned3(stride_kb, stride_kh, stride_kn, ALIGN)
@@ -575,18 +666,25 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, MASK, DQ, DMASK, CU_Q, CU_K,
     p_mask = MASK + b * stride_mb + h * stride_mh
     p_dmask = DMASK + (pid_bh.to(tl.int64) * Lq) * Lk
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    if CAUSAL:
+    slope2 = _alibi_slope2(ALIBI, b, h, stride_ab, stride_ah, HAS_ALIBI)
+    if WINDOWED or SOFTCAP:  # one loop, as in _attn_fwd
+        lo, hi = _band_keys_q(start_m, Lk, causal_off, lo_off, CAUSAL, WINDOWED, BLOCK_M, BLOCK_N)
+        dq = _dq_tiles(dq, q, do, lse2, delta, p_k, p_v, p_mask, p_dmask, offs_m, offs_d, offs_dv, lo, hi,
+                       Lq, Lk, D, Dv, stride_kn, stride_vn, stride_mi, stride_mj, scale_log2, causal_off, lo_off, cap,
+                       slope2, MASK_KIND, CAUSAL, WINDOWED, SOFTCAP, HAS_ALIBI, NEED_DMASK, SPLIT_DS, BLOCK_N,
+                       DOT_PREC)
+    elif CAUSAL:
         mid, hi = _causal_bounds_q(start_m, Lk, causal_off, BLOCK_M, BLOCK_N)
         dq = _dq_tiles(dq, q, do, lse2, delta, p_k, p_v, p_mask, p_dmask, offs_m, offs_d, offs_dv, 0, mid,
-                       Lq, Lk, D, Dv, stride_kn, stride_vn, stride_mi, stride_mj, scale_log2, causal_off,
-                       MASK_KIND, False, NEED_DMASK, SPLIT_DS, BLOCK_N, DOT_PREC)
+                       Lq, Lk, D, Dv, stride_kn, stride_vn, stride_mi, stride_mj, scale_log2, causal_off, lo_off, cap,
+                       slope2, MASK_KIND, False, False, SOFTCAP, HAS_ALIBI, NEED_DMASK, SPLIT_DS, BLOCK_N, DOT_PREC)
         dq = _dq_tiles(dq, q, do, lse2, delta, p_k, p_v, p_mask, p_dmask, offs_m, offs_d, offs_dv, mid, hi,
-                       Lq, Lk, D, Dv, stride_kn, stride_vn, stride_mi, stride_mj, scale_log2, causal_off,
-                       MASK_KIND, True, NEED_DMASK, SPLIT_DS, BLOCK_N, DOT_PREC)
+                       Lq, Lk, D, Dv, stride_kn, stride_vn, stride_mi, stride_mj, scale_log2, causal_off, lo_off, cap,
+                       slope2, MASK_KIND, True, False, SOFTCAP, HAS_ALIBI, NEED_DMASK, SPLIT_DS, BLOCK_N, DOT_PREC)
     else:
         dq = _dq_tiles(dq, q, do, lse2, delta, p_k, p_v, p_mask, p_dmask, offs_m, offs_d, offs_dv, 0, Lk,
-                       Lq, Lk, D, Dv, stride_kn, stride_vn, stride_mi, stride_mj, scale_log2, causal_off,
-                       MASK_KIND, False, NEED_DMASK, SPLIT_DS, BLOCK_N, DOT_PREC)
+                       Lq, Lk, D, Dv, stride_kn, stride_vn, stride_mi, stride_mj, scale_log2, causal_off, lo_off, cap,
+                       slope2, MASK_KIND, False, False, SOFTCAP, HAS_ALIBI, NEED_DMASK, SPLIT_DS, BLOCK_N, DOT_PREC)
     tl.store(DQ + (dq_row0 + offs_m[:, None] * stride_dqm) * D + offs_d[None, :],
              cast_rne(dq * scale, DQ.dtype.element_ty), mask=m_row[:, None] & (offs_d[None, :] < D))
 
@@ -617,34 +715,39 @@ def _load_kv_t(p_k, p_v, offs_n, offs_d, offs_dv, Lk, D, Dv, stride_kn, stride_v
 
 @triton.jit
 def _dmask_tile(acc, q, do, lse2, delta, kT, vT, p_mask, offs_m, offs_n, Lq, Lk, stride_mi, stride_mj, scale_log2,
-                causal_off, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr):
-    """acc + dS of one (query tile, key tile), computed exactly as in _dq_tiles (0 where masked)."""
+                causal_off, lo_off, cap, slope2, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
+                ALIBI: tl.constexpr, DOT_PREC: tl.constexpr):
+    """acc + dS of one (query tile, key tile), computed exactly as in _dq_tiles (0 where masked): the gradient of the
+    bias, which the scores take past the cap."""
     s = dot_acc(q, kT, None, DOT_PREC) * scale_log2
-    s = _mask_scores(s, p_mask, offs_m[:, None], offs_n[None, :], Lq, Lk, stride_mi, stride_mj,
-                     causal_off, 2, CAUSAL)
+    s, _ = _mask_scores(s, p_mask, offs_m[:, None], offs_n[None, :], Lq, Lk, stride_mi, stride_mj, causal_off,
+                        lo_off, cap, slope2, 2, CAUSAL, WINDOWED, SOFTCAP, ALIBI)
     p = tl.where(s == float("-inf"), 0.0, tl.math.exp2(s - lse2[:, None]))
     dp = dot_acc(do, vT, None, DOT_PREC)
     return acc + tl.where(s == float("-inf"), 0.0, p * (dp - delta[:, None]))
 
 
 @triton.autotune(configs=C.BWD_DMASK_CONFIGS, key=["LQ_KEY", "LK_KEY", "BLOCK_D", "BLOCK_DV", "CAUSAL", "BCAST_Q",
-                                                   "BCAST_K"],
+                                                   "BCAST_K", "WINDOWED", "SOFTCAP", "HAS_ALIBI"],
                  prune_configs_by={"early_config_prune": C.prune_dmask})
 @triton.jit
-def _attn_bwd_dmask(Q, K, V, DO, LSE, DELTA, MASK, DMASK,
+def _attn_bwd_dmask(Q, K, V, DO, LSE, DELTA, MASK, DMASK, ALIBI,
                     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                     stride_dob, stride_doh, stride_dom, stride_mb, stride_mh, stride_mi, stride_mj,
-                    stride_db, stride_dh, stride_di,
-                    Hq, GROUP, Lq, Lk, D, Dv, scale_log2, causal_off, HM, LKM, NSLICES, NB, NH, LQ_KEY, LK_KEY,
-                    CAUSAL: tl.constexpr, BCAST_Q: tl.constexpr, BCAST_K: tl.constexpr,
+                    stride_db, stride_dh, stride_di, stride_ab, stride_ah,
+                    Hq, GROUP, Lq, Lk, D, Dv, scale_log2, causal_off, lo_off, cap, HM, LKM, NSLICES, NB, NH, LQ_KEY,
+                    LK_KEY, CAUSAL: tl.constexpr, BCAST_Q: tl.constexpr, BCAST_K: tl.constexpr,
+                    WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr, ALIGN: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dL/dmask of a broadcast float mask (B', H', Lq', Lk'), contiguous in DMASK. Program (tile, b' * H' + h')
     owns rows [BLOCK_M] x keys [BLOCK_N] of the mask (one row / one key when that dim is broadcast) and sums
     dS over the NB batch items b' + [0, NB) and NH heads h' + [0, NH) that read it (NB = B when B' = 1, else
     1; NH likewise), over all query tiles when BCAST_Q (Lq' = 1 < Lq) and all key tiles when BCAST_K
-    (Lk' = 1 < Lk), in one fp32 register tile, in a fixed order; one store at the end."""
+    (Lk' = 1 < Lk), in one fp32 register tile, in a fixed order; one store at the end. Score modifiers as
+    _attn_fwd; a left window masks every tile (none is skipped for it)."""
     scale_log2 = tl.cast(scale_log2, tl.float32)  # fp32 under torch.compile too (see _attn_fwd)
+    cap = tl.cast(cap, tl.float32)
     D, Dv = assume_aligned(D, ALIGN), assume_aligned(Dv, ALIGN)
     stride_qb, stride_qh, stride_qm = assume_aligned3(stride_qb, stride_qh, stride_qm, ALIGN)
     stride_kb, stride_kh, stride_kn = assume_aligned3(stride_kb, stride_kh, stride_kn, ALIGN)
@@ -685,6 +788,7 @@ def _attn_bwd_dmask(Q, K, V, DO, LSE, DELTA, MASK, DMASK,
             p_k = K + b * stride_kb + hk * stride_kh
             p_v = V + b * stride_vb + hk * stride_vh
             p_mask = MASK + b * stride_mb + h * stride_mh
+            slope2 = _alibi_slope2(ALIBI, b, h, stride_ab, stride_ah, HAS_ALIBI)
             if BCAST_Q and not BCAST_K:
                 # one key tile against every query tile: K, V loaded once per head
                 offs_n = n_lo + tl.arange(0, BLOCK_N)
@@ -698,7 +802,8 @@ def _attn_bwd_dmask(Q, K, V, DO, LSE, DELTA, MASK, DMASK,
                     q, do, lse2, delta = _load_rows(p_q, p_do, LSE + row0, DELTA + row0, offs_m, offs_d, offs_dv,
                                                     Lq, D, Dv, stride_qm, stride_dom)
                     acc = _dmask_tile(acc, q, do, lse2, delta, kT, vT, p_mask, offs_m, offs_n, Lq, Lk,
-                                      stride_mi, stride_mj, scale_log2, causal_off, CAUSAL, DOT_PREC)
+                                      stride_mi, stride_mj, scale_log2, causal_off, lo_off, cap, slope2, CAUSAL,
+                                      WINDOWED, SOFTCAP, HAS_ALIBI, DOT_PREC)
             else:
                 for start_m in range(m_lo, m_hi, BLOCK_M):
                     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -712,7 +817,8 @@ def _attn_bwd_dmask(Q, K, V, DO, LSE, DELTA, MASK, DMASK,
                         offs_n = start_n + tl.arange(0, BLOCK_N)
                         kT, vT = _load_kv_t(p_k, p_v, offs_n, offs_d, offs_dv, Lk, D, Dv, stride_kn, stride_vn)
                         acc = _dmask_tile(acc, q, do, lse2, delta, kT, vT, p_mask, offs_m, offs_n, Lq, Lk,
-                                          stride_mi, stride_mj, scale_log2, causal_off, CAUSAL, DOT_PREC)
+                                          stride_mi, stride_mj, scale_log2, causal_off, lo_off, cap, slope2, CAUSAL,
+                                          WINDOWED, SOFTCAP, HAS_ALIBI, DOT_PREC)
 
     # -- reduce over the broadcast query / key axis, round once, store the program's own entries
     p_out = DMASK + bm.to(tl.int64) * stride_db + hm.to(tl.int64) * stride_dh
@@ -772,12 +878,25 @@ def _dims(q, k, v, packed):
     return B, Hq, k.shape[1], Lq, k.shape[2], D, v.shape[3]
 
 
-def _causal_arg(causal, Lq, Lk, packed):
-    """The kernels' causal_off: query i sees keys j <= i + causal_off; packed, the causal code itself (each
-    sequence's offset comes from its own lengths, _seq_extent)."""
+def _band(causal, Lq, Lk, packed, mods):
+    """The kernels' band of keys: dict(CAUSAL, WINDOWED) and (causal_off, lo_off): query i sees keys j <= i +
+    causal_off (CAUSAL: the causal rule, a right window or both) and j >= i + lo_off (WINDOWED), as
+    contract.key_band; packed, causal_off is the causal code itself (each sequence's offset comes from its own
+    lengths, _seq_extent), and there is no window."""
     if packed:
-        return causal
-    return Lk - Lq if causal == CAUSAL_BOTTOM_RIGHT else 0
+        return dict(CAUSAL=causal != CAUSAL_NONE, WINDOWED=False), (causal, 0)
+    has_hi, hi, has_lo, lo = contract.key_band(Lq, Lk, causal, mods.window_left, mods.window_right)
+    return dict(CAUSAL=has_hi, WINDOWED=has_lo), (hi, lo)
+
+
+def _score_mod_args(mods, q):
+    """dict(SOFTCAP, HAS_ALIBI) and the kernels' (ALIBI, stride_ab, stride_ah, cap): the slopes (q where there are
+    none; (Hq,) slopes have batch stride 0) and softcap * LOG2E."""
+    flags = dict(SOFTCAP=mods.softcap > 0, HAS_ALIBI=mods.alibi_slopes is not None)
+    a = mods.alibi_slopes
+    if a is None:
+        return flags, (q, 0, 0, mods.softcap * contract.LOG2E)
+    return flags, (a, a.stride(0) if a.dim() == 2 else 0, a.stride(-1), mods.softcap * contract.LOG2E)
 
 
 def _check_tensors(op, q, k, v, names=("q", "k", "v")):
@@ -798,7 +917,7 @@ def _check_causal(op, causal):
         raise ValueError(f"{op}: causal must be 0, 1 or 2, got {causal}")
 
 
-def _check(q, k, v, mask, gate, causal):
+def _check(q, k, v, mask, gate, causal, mods=contract.ScoreMods()):
     """Boundary checks of the op (the public API checks user input; this guards direct op calls)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("triton_attention: q, k, v must be 4-D (B, H, L, D)")
@@ -814,6 +933,14 @@ def _check(q, k, v, mask, gate, causal):
     if gate is not None and tuple(gate.shape) not in ((B, Hq, Lq, v.shape[3]), (B, Hq, Lq, 1)):
         raise ValueError(f"triton_attention: gate must be {(B, Hq, Lq, v.shape[3])} or headwise {(B, Hq, Lq, 1)}, "
                          f"got {tuple(gate.shape)}")
+    if min(mods.window_left, mods.window_right) < -1:
+        raise ValueError(f"triton_attention: window_left and window_right must be >= -1, got {mods[:2]}")
+    if not (mods.softcap >= 0 and math.isfinite(mods.softcap)):
+        raise ValueError(f"triton_attention: softcap must be finite and >= 0, got {mods.softcap}")
+    a = mods.alibi_slopes
+    if a is not None and (a.dtype != torch.float32 or tuple(a.shape) not in ((Hq,), (B, Hq)) or a.device != q.device):
+        raise ValueError(f"triton_attention: alibi_slopes must be float32 (Hq,) = {(Hq,)} or (B, Hq) = {(B, Hq)} on "
+                         f"q's device, got {a.dtype} {tuple(a.shape)} on {a.device}")
 
 
 def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, gate, causal):
@@ -856,9 +983,9 @@ def _mask_args(mask, q):
     return contract.MASK_BIAS, mask, strides
 
 
-def attention_fwd(q, k, v, mask, gate, scale, causal, need_acc=True):
-    _check(q, k, v, mask, gate, causal)
-    return _fwd(q, k, v, mask, gate, scale, causal, need_acc, None)
+def attention_fwd(q, k, v, mask, gate, scale, causal, need_acc=True, mods=contract.ScoreMods()):
+    _check(q, k, v, mask, gate, causal, mods)
+    return _fwd(q, k, v, mask, gate, scale, causal, need_acc, None, mods)
 
 
 def varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, gate, scale, causal,
@@ -867,9 +994,9 @@ def varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
     return _fwd(q, k, v, None, gate, scale, causal, need_acc, packed)
 
 
-def attention_bwd(dout, q, k, v, out, lse, mask, gate, dlse, scale, causal, need_dmask):
-    _check(q, k, v, mask, gate, causal)
-    return _bwd(dout, q, k, v, out, lse, mask, gate, dlse, scale, causal, need_dmask, None)
+def attention_bwd(dout, q, k, v, out, lse, mask, gate, dlse, scale, causal, need_dmask, mods=contract.ScoreMods()):
+    _check(q, k, v, mask, gate, causal, mods)
+    return _bwd(dout, q, k, v, out, lse, mask, gate, dlse, scale, causal, need_dmask, None, mods)
 
 
 def varlen_attention_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, gate, dlse,
@@ -879,7 +1006,7 @@ def varlen_attention_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ma
     return dq, dk, dv, dgate
 
 
-def _fwd(q, k, v, mask, gate, scale, causal, need_acc, packed):
+def _fwd(q, k, v, mask, gate, scale, causal, need_acc, packed, mods=contract.ScoreMods()):
     B, Hq, Hkv, Lq, Lk, D, Dv = _dims(q, k, v, packed)
     out = torch.empty(q.shape[:-1] + (Dv,), dtype=q.dtype, device=q.device)
     lse = torch.empty((Hq, q.shape[0]) if packed else (B, Hq, Lq), dtype=torch.float32, device=q.device)
@@ -892,18 +1019,20 @@ def _fwd(q, k, v, mask, gate, scale, causal, need_acc, packed):
     fused_gate = gate is not None and not gate_after
     gate_t, gs = (gate, _gate_strides(gate, packed)) if fused_gate else (q, (0, 0, 0, 0))
     cu_q, cu_k = packed[:2] if packed else (q, q)
+    band, (causal_off, lo_off) = _band(causal, Lq, Lk, packed, mods)
+    mod_flags, (alibi, sab, sah, cap) = _score_mod_args(mods, q)
 
     def grid(meta):
         return (triton.cdiv(Lq, meta["BLOCK_M"]) * B * Hq,)
 
     wrap_triton(_attn_fwd)[grid](
-        q, k, v, mask_t, gate_t, out, lse, out_acc if store_acc else out, cu_q, cu_k,
+        q, k, v, mask_t, gate_t, out, lse, out_acc if store_acc else out, cu_q, cu_k, alibi,
         *_rows(q, packed), *_rows(k, packed), *_rows(v, packed), *ms, *gs, *_out_rows(out, packed),
-        _lse_slice(lse, packed),
-        Hq, Hq // Hkv, Lq, Lk, D, Dv, scale * contract.LOG2E, _causal_arg(causal, Lq, Lk, packed),
+        _lse_slice(lse, packed), sab, sah,
+        Hq, Hq // Hkv, Lq, Lk, D, Dv, scale * contract.LOG2E, causal_off, lo_off, cap,
         C.length_key(Lq), C.length_key(Lk),
-        MASK_KIND=mask_kind, CAUSAL=causal != CAUSAL_NONE, HAS_GATE=fused_gate, STORE_ACC=store_acc,
-        SPLIT_P=store_acc and C.PRECISE_PV, VARLEN=packed is not None,
+        MASK_KIND=mask_kind, HAS_GATE=fused_gate, STORE_ACC=store_acc,
+        SPLIT_P=store_acc and C.PRECISE_PV, VARLEN=packed is not None, **band, **mod_flags,
         BLOCK_D=C.head_block(D), BLOCK_DV=C.head_block(Dv), DOT_PREC=dot_precision(q.dtype), ALIGN=align)
     if gate_after and out.numel():
         sb, sh, si, sc = _gate_strides(gate, packed)
@@ -916,7 +1045,7 @@ def _fwd(q, k, v, mask, gate, scale, causal, need_acc, packed):
     return out, lse, out_acc
 
 
-def _bwd(dout, q, k, v, out, lse, mask, gate, dlse, scale, causal, need_dmask, packed):
+def _bwd(dout, q, k, v, out, lse, mask, gate, dlse, scale, causal, need_dmask, packed, mods=contract.ScoreMods()):
     B, Hq, Hkv, Lq, Lk, D, Dv = _dims(q, k, v, packed)
     mask_kind, mask_t, ms = _mask_args(mask, q)
     if need_dmask and mask_kind != contract.MASK_BIAS:
@@ -965,28 +1094,30 @@ def _bwd(dout, q, k, v, out, lse, mask, gate, dlse, scale, causal, need_dmask, p
         dmask = torch.empty(tuple(mask.shape), dtype=mask.dtype, device=dev)  # every entry written once
     else:
         dmask = torch.zeros((B, Hq, Lq, Lk), dtype=mask.dtype, device=dev)
-    common = dict(MASK_KIND=mask_kind, CAUSAL=causal != CAUSAL_NONE, BLOCK_D=C.head_block(D), BLOCK_DV=C.head_block(Dv),
-                  DOT_PREC=dot_precision(q.dtype), ALIGN=align_elems(q.dtype, (D, Dv), q, k, v, do))
+    band, (off, lo_off) = _band(causal, Lq, Lk, packed, mods)
+    mod_flags, (alibi, sab, sah, cap) = _score_mod_args(mods, q)
+    common = dict(MASK_KIND=mask_kind, BLOCK_D=C.head_block(D), BLOCK_DV=C.head_block(Dv),
+                  DOT_PREC=dot_precision(q.dtype), ALIGN=align_elems(q.dtype, (D, Dv), q, k, v, do), **band, **mod_flags)
     strides = (*_rows(q, packed), *_rows(k, packed), *_rows(v, packed), *_rows(do, packed), *ms)
-    off = _causal_arg(causal, Lq, Lk, packed)
     wrap_triton(_attn_bwd_dkdv)[lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]) * B * Hkv,)](
-        q, k, v, do, lse, delta, mask_t, dk, dv, cu_q, cu_k, *strides, ls, *_out_rows(dk, packed), Hq, Hkv, Hq // Hkv,
-        Lq, Lk, D, Dv, scale, scale * contract.LOG2E, off, C.length_key(Lq), C.length_key(Lk),
-        VARLEN=packed is not None, **common)
+        q, k, v, do, lse, delta, mask_t, dk, dv, cu_q, cu_k, alibi, *strides, ls, *_out_rows(dk, packed), sab, sah,
+        Hq, Hkv, Hq // Hkv, Lq, Lk, D, Dv, scale, scale * contract.LOG2E, off, lo_off, cap, C.length_key(Lq),
+        C.length_key(Lk), VARLEN=packed is not None, **common)
     fused_dmask = need_dmask and not bcast
     wrap_triton(_attn_bwd_dq)[lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]) * B * Hq,)](
-        q, k, v, do, lse, delta, mask_t, dq, dmask if fused_dmask else dq, cu_q, cu_k, *strides, ls,
-        *_out_rows(dq, packed), Hq, Hq // Hkv, Lq, Lk, D, Dv, scale, scale * contract.LOG2E, off, C.length_key(Lq),
-        C.length_key(Lk), NEED_DMASK=fused_dmask, SPLIT_DS=q.dtype != torch.float32 and repeats_elements(q),
-        VARLEN=packed is not None, **common)
+        q, k, v, do, lse, delta, mask_t, dq, dmask if fused_dmask else dq, cu_q, cu_k, alibi, *strides, ls,
+        *_out_rows(dq, packed), sab, sah, Hq, Hq // Hkv, Lq, Lk, D, Dv, scale, scale * contract.LOG2E, off, lo_off,
+        cap, C.length_key(Lq), C.length_key(Lk), NEED_DMASK=fused_dmask,
+        SPLIT_DS=q.dtype != torch.float32 and repeats_elements(q), VARLEN=packed is not None, **common)
     if bcast and dmask.numel():
         Bm, Hm, Lqm, Lkm = mask.shape
         common.pop("MASK_KIND")
         slices = (min(Bm * Hm, 65535), triton.cdiv(Bm * Hm, 65535))
         wrap_triton(_attn_bwd_dmask)[
                 lambda meta: (triton.cdiv(Lqm, meta["BLOCK_M"]) * triton.cdiv(Lkm, meta["BLOCK_N"]), *slices)](
-            q, k, v, do, lse, delta, mask_t, dmask, *strides, dmask.stride(0), dmask.stride(1), dmask.stride(2),
-            Hq, Hq // Hkv, Lq, Lk, D, Dv, scale * contract.LOG2E, off, Hm, Lkm, Bm * Hm,
+            q, k, v, do, lse, delta, mask_t, dmask, alibi, *strides, dmask.stride(0), dmask.stride(1),
+            dmask.stride(2), sab, sah, Hq, Hq // Hkv, Lq, Lk, D, Dv, scale * contract.LOG2E, off, lo_off, cap, Hm, Lkm,
+            Bm * Hm,
             B if Bm == 1 else 1, Hq if Hm == 1 else 1, C.length_key(Lq), C.length_key(Lk),
             BCAST_Q=Lqm != Lq, BCAST_K=Lkm != Lk, **common)
     return dq, dk, dv, dmask, dgate

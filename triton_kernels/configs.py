@@ -52,7 +52,7 @@ def length_key(n: int) -> int:
 
 
 def _cfg(num_warps, num_stages, BLOCK_M, BLOCK_N, min_cc=0, max_cc=1000, maxnreg=None, light_only=False,
-         packed_causal_acc=True, split_ds=True):
+         packed_causal_acc=True, split_ds=True, score_mods=True):
     """A config for the compute capabilities [min_cc, max_cc]: Hopper (wgmma, operands from shared
     memory) and Ampere (mma, operands in registers) spill at different tiles. ``maxnreg`` states a
     register budget to ptxas (.maxnreg): without one, ptxas settles on a count of its own (80, 96, 128)
@@ -65,11 +65,12 @@ def _cfg(num_warps, num_stages, BLOCK_M, BLOCK_N, min_cc=0, max_cc=1000, maxnreg
     forward's registers grow with each, and such a tile spills there. ``packed_causal_acc=False``: not kept
     for packed-sequence (varlen) causal launches that keep out_acc, whose per-sequence lengths and causal
     offset take registers that a padded launch has as kernel arguments. ``split_ds=False``: not kept for dQ launches
-    that take dS in two parts (SPLIT_DS), one more tile in registers."""
+    that take dS in two parts (SPLIT_DS), one more tile in registers. ``score_mods=False``: not kept for launches
+    with a score modifier (WINDOWED, SOFTCAP, HAS_ALIBI), whose bounds, cap and slope take registers."""
     c = triton.Config({"BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N}, num_warps=num_warps, num_stages=num_stages,
                       maxnreg=None if INTERPRET else maxnreg)
     c.min_cc, c.max_cc, c.light_only, c.packed_causal_acc = min_cc, max_cc, light_only, packed_causal_acc
-    c.split_ds = split_ds
+    c.split_ds, c.score_mods = split_ds, score_mods
     return c
 
 
@@ -174,7 +175,7 @@ def _select(kernel, half, fp32, named_args, kwargs, length_ok):
     """The configs of the head block's list (``half`` or ``fp32`` by the inputs' element size) meant for the
     device's capability (not ``light_only`` where a launch has a mask, or a gate and out_acc; not
     ``packed_causal_acc=False`` where a varlen launch is causal and keeps out_acc; not ``split_ds=False`` where a
-    dQ launch splits dS) that fit its
+    dQ launch splits dS; not ``score_mods=False`` where a launch has a score modifier) that fit its
     shared memory, those that pass ``length_ok`` if any do; at least one
     (the smallest, should none fit)."""
     bd, bdv = _arg(named_args, kwargs, "BLOCK_D"), _arg(named_args, kwargs, "BLOCK_DV")
@@ -188,9 +189,11 @@ def _select(kernel, half, fp32, named_args, kwargs, length_ok):
     light = kind == MASK_NONE and not gate_and_acc
     packed_causal_acc = kwargs.get("VARLEN", False) and kwargs.get("CAUSAL", False) and kwargs.get("STORE_ACC", False)
     split_ds = kwargs.get("SPLIT_DS", False)
+    mods = any(kwargs.get(flag, False) for flag in ("WINDOWED", "SOFTCAP", "HAS_ALIBI"))
     cands = [c for c in _for_head(fp32 if esize == 4 else half, head)
              if c.min_cc <= cc <= c.max_cc and (light or not c.light_only)
-             and (c.packed_causal_acc or not packed_causal_acc) and (c.split_ds or not split_ds)]
+             and (c.packed_causal_acc or not packed_causal_acc) and (c.split_ds or not split_ds)
+             and (c.score_mods or not mods)]
     size = {id(c): _smem_bytes(kernel, c, bd, bdv, esize, mask_esize) for c in cands}
     keep = [c for c in cands if size[id(c)] <= smem]
     keep = [c for c in keep if length_ok(c)] or keep or [min(cands, key=lambda c: size[id(c)])]
@@ -326,14 +329,16 @@ else:
     DMASK_HALF = {
         # without a budget ptxas 12.9 settled on 128 registers and spilled 12 B (sm_80, bf16 D 32, broadcast over Lq)
         64: [_cfg(8, 3, 64, 32, maxnreg=255)],
-        128: [_cfg(8, 3, 32, 64),     # H200: 4 of 4 keys
+        # 32x64 spilled 12 B with every score modifier (sm_90, bf16 D 72-128, broadcast over Lq)
+        128: [_cfg(8, 3, 32, 64, score_mods=False),     # H200: 4 of 4 keys
               _cfg(8, 3, 16, 64)],
         256: [_cfg(8, 2, 16, 32)],
     }
     DMASK_FP32 = {
         64: [_cfg(4, 2, 16, 16, maxnreg=255)],
         128: [_cfg(8, 1, 16, 16, maxnreg=255)],
-        256: [_cfg(8, 2, 32, 32), _cfg(4, 1, 16, 16)],
+        # 16x16 spilled 8 B with every score modifier (sm_80, broadcast over Lq)
+        256: [_cfg(8, 2, 32, 32), _cfg(4, 1, 16, 16, score_mods=False)],
     }
 BWD_DMASK_CONFIGS = _union(DMASK_HALF, DMASK_FP32)
 

@@ -75,10 +75,11 @@ struct BwdCtx {
 template <typename scalar_t, typename acc_t>
 struct BwdBuffers {
   static constexpr bool kConvert = !std::is_same_v<scalar_t, acc_t>;
-  std::vector<acc_t> P, dS, dK, dV, q, k, v;
+  std::vector<acc_t> P, dS, T, dK, dV, q, k, v;  // T: the softcap's tanh (empty without one)
   std::vector<uint32_t> k_pack, v_pack;
-  BwdBuffers(int64_t D, int64_t Dv, bool bf16_dot, bool bf16_dp)
-      : P(kBlockM * kBlockN), dS(kBlockM * kBlockN), dK(kBlockN * D), dV(kBlockN * Dv),
+  BwdBuffers(int64_t D, int64_t Dv, bool bf16_dot, bool bf16_dp, bool softcap)
+      : P(kBlockM * kBlockN), dS(kBlockM * kBlockN), T(softcap ? kBlockM * kBlockN : 0), dK(kBlockN * D),
+        dV(kBlockN * Dv),
         q(kConvert ? kBlockM * D : 0), k(kConvert ? kBlockN * D : 0), v(kConvert && !bf16_dp ? kBlockN * Dv : 0),
         k_pack(bf16_dot ? bf16_pack_size(kBlockN, D) : 0), v_pack(bf16_dp ? bf16_pack_size(kBlockN, Dv) : 0) {}
 };
@@ -143,8 +144,9 @@ void backward_tile(const BwdCtx<scalar_t, acc_t>& c, BwdBuffers<scalar_t, acc_t>
     if (c.bf16_dot) gemm_nt_bf16(bm, bn, D, float(c.scale_log2), q_tile, s.q_sl, buf.k_pack.data(), P, kBlockN);
   }
   if (!c.bf16_dot) gemm(false, true, bm, bn, D, c.scale_log2, Q, ldq, K, kv.ldk, acc_t(0), P, kBlockN);
-  detail::mask_score_tile<scalar_t>(P, kBlockN, i0, bm, j0, bn, s, e.causal_off,
-                                    detail::mask_ptr<scalar_t>(s, b, h, i0, j0));
+  const bool capped = !buf.T.empty();
+  detail::mask_score_tile<scalar_t>(P, kBlockN, i0, bm, j0, bn, s, e, detail::mask_ptr<scalar_t>(s, b, h, i0, j0),
+                                    detail::alibi_slope2<acc_t>(s, b, h), capped ? buf.T.data() : nullptr);
   for (int64_t r = 0; r < bm; ++r) {
     acc_t* row = P + r * kBlockN;
     const acc_t l2 = lse2[r * lay.lse.sl];
@@ -179,15 +181,19 @@ void backward_tile(const BwdCtx<scalar_t, acc_t>& c, BwdBuffers<scalar_t, acc_t>
     }
   }
 
+  // -- through the softcap: ds2 / ds2_raw = 1 - tanh^2 (after dmask: the bias is added past the cap)
+  if (capped) {
+    for (int64_t r = 0; r < bm; ++r) {
+      acc_t* d = dS + r * kBlockN;
+      const acc_t* t = buf.T.data() + r * kBlockN;
+      for (int64_t col = 0; col < bn; ++col) d[col] *= acc_t(1) - t[col] * t[col];
+    }
+  }
+
   // -- dK += scale dS^T Q   [bn, D];  dQ += scale dS K   [bm, D]
   if (do_dkv) gemm(true, false, bn, D, bm, c.scale, dS, kBlockN, Q, ldq, acc_t(1), buf.dK.data(), D);
   if (do_dq) gemm(false, false, bm, D, bn, c.scale, dS, kBlockN, K, kv.ldk, acc_t(1), c.dq + lay.dq(b, h, row0),
                   lay.dq.sl);
-}
-
-// First query block whose rows see any key >= j0 (causal), else 0.
-inline int64_t first_qblock(const AttnParams& s, const SeqExtent& e, int64_t j0) {
-  return s.causal ? std::max<int64_t>(0, j0 - e.causal_off) / kBlockM : 0;
 }
 
 // dK / dV of key block j0 for kv head hk of batch b, over all query heads of its group; dQ too
@@ -203,8 +209,10 @@ void key_block_pass(const BwdCtx<scalar_t, acc_t>& c, BwdBuffers<scalar_t, acc_t
   const KVTile kv = kv_tile(c, buf, b, hk, e.k_row0 + j0, bn);
   std::fill_n(buf.dK.data(), bn * s.D, acc_t(0));
   std::fill_n(buf.dV.data(), bn * s.Dv, acc_t(0));
+  // the query blocks whose rows see a key of this block (the band's)
+  const auto [i_begin, i_end] = detail::band_queries(s, e, j0, bn);
   for (int64_t h = hk * s.group; h < (hk + 1) * s.group; ++h) {
-    for (int64_t i0 = first_qblock(s, e, j0) * kBlockM; i0 < e.Lq; i0 += kBlockM) {
+    for (int64_t i0 = i_begin / kBlockM * kBlockM; i0 < i_end; i0 += kBlockM) {
       const int64_t bm = std::min(kBlockM, e.Lq - i0);
       backward_tile(c, buf, kv, b, h, e, i0, bm, j0, bn, do_dq, /*do_dkv=*/true);
     }
@@ -227,7 +235,7 @@ void dq_dmask_pass(const BwdCtx<scalar_t, acc_t>& c, scalar_t* dmask) {
   const int64_t n_qblocks = (s.Lq + kBlockM - 1) / kBlockM;
   const int64_t m_qblocks = bc[2] ? 1 : n_qblocks;  // a mask broadcast over Lq takes every query block
   parallel_dynamic(mB * mH * m_qblocks, [&](const auto& claim) {
-    BwdBuffers<scalar_t, acc_t> buf(s.D, s.Dv, c.bf16_dot, c.bf16_dp);
+    BwdBuffers<scalar_t, acc_t> buf(s.D, s.Dv, c.bf16_dot, c.bf16_dp, s.softcap_log2 != 0);
     std::vector<acc_t> acc;
     for (int64_t t; (t = claim()) >= 0;) {
       const int64_t qb_m = t % m_qblocks, bh_m = t / m_qblocks;
@@ -239,8 +247,8 @@ void dq_dmask_pass(const BwdCtx<scalar_t, acc_t>& c, scalar_t* dmask) {
           for (int64_t qb = bc[2] ? 0 : qb_m; qb < (bc[2] ? n_qblocks : qb_m + 1); ++qb) {
             const SeqExtent e = seq_extent(s, b);
             const int64_t i0 = qb * kBlockM, bm = std::min(kBlockM, s.Lq - i0);
-            const int64_t j_end = s.causal ? std::min(s.Lk, i0 + bm + e.causal_off) : s.Lk;
-            for (int64_t j0 = 0; j0 < j_end; j0 += kBlockN) {
+            const auto [j_begin, j_end] = detail::band_keys(s, e, i0, bm);
+            for (int64_t j0 = j_begin; j0 < j_end; j0 += kBlockN) {
               const int64_t bn = std::min(kBlockN, s.Lk - j0);
               const KVTile kv = kv_tile(c, buf, b, h / s.group, j0, bn);
               backward_tile(c, buf, kv, b, h, e, i0, bm, j0, bn, /*do_dq=*/true, /*do_dkv=*/false, acc.data(), mS);
@@ -265,7 +273,7 @@ void attention_bwd_kernel(const BwdCtx<scalar_t, acc_t>& c, scalar_t* dmask) {
   if (!two_pass) {
     // -- kv-owner schedule
     parallel_dynamic(kv_tasks, [&](const auto& claim) {
-      BwdBuffers<scalar_t, acc_t> buf(s.D, s.Dv, c.bf16_dot, c.bf16_dp);
+      BwdBuffers<scalar_t, acc_t> buf(s.D, s.Dv, c.bf16_dot, c.bf16_dp, s.softcap_log2 != 0);
       for (int64_t t; (t = claim()) >= 0;)
         for (int64_t kb = 0; kb < n_kblocks; ++kb)
           key_block_pass(c, buf, t / s.Hkv, t % s.Hkv, kb * kBlockN, /*do_dq=*/true);
@@ -276,7 +284,7 @@ void attention_bwd_kernel(const BwdCtx<scalar_t, acc_t>& c, scalar_t* dmask) {
   // -- two-pass schedule, pass 1: dQ per (batch, head, query block), or per block of the mask with dmask
   if (c.need_dmask) dq_dmask_pass(c, dmask);
   else parallel_dynamic(s.B * s.Hq * n_qblocks, [&](const auto& claim) {
-    BwdBuffers<scalar_t, acc_t> buf(s.D, s.Dv, c.bf16_dot, c.bf16_dp);
+    BwdBuffers<scalar_t, acc_t> buf(s.D, s.Dv, c.bf16_dot, c.bf16_dp, s.softcap_log2 != 0);
     for (int64_t t; (t = claim()) >= 0;) {
       const int64_t qb = n_qblocks - 1 - t % n_qblocks, bh = t / n_qblocks;  // heavy (causal) blocks first
       const int64_t b = bh / s.Hq, h = bh % s.Hq;
@@ -284,8 +292,8 @@ void attention_bwd_kernel(const BwdCtx<scalar_t, acc_t>& c, scalar_t* dmask) {
       const int64_t i0 = qb * kBlockM;
       if (i0 >= e.Lq) continue;
       const int64_t bm = std::min(kBlockM, e.Lq - i0);
-      const int64_t j_end = s.causal ? std::min(e.Lk, i0 + bm + e.causal_off) : e.Lk;
-      for (int64_t j0 = 0; j0 < j_end; j0 += kBlockN) {
+      const auto [j_begin, j_end] = detail::band_keys(s, e, i0, bm);
+      for (int64_t j0 = j_begin; j0 < j_end; j0 += kBlockN) {
         const int64_t bn = std::min(kBlockN, e.Lk - j0);
         const KVTile kv = kv_tile(c, buf, b, h / s.group, e.k_row0 + j0, bn);
         backward_tile(c, buf, kv, b, h, e, i0, bm, j0, bn, /*do_dq=*/true, /*do_dkv=*/false);
@@ -294,7 +302,7 @@ void attention_bwd_kernel(const BwdCtx<scalar_t, acc_t>& c, scalar_t* dmask) {
   });
   // -- pass 2: dK / dV per (batch, kv head, key block)
   parallel_dynamic(kv_tasks * n_kblocks, [&](const auto& claim) {
-    BwdBuffers<scalar_t, acc_t> buf(s.D, s.Dv, c.bf16_dot, c.bf16_dp);
+    BwdBuffers<scalar_t, acc_t> buf(s.D, s.Dv, c.bf16_dot, c.bf16_dp, s.softcap_log2 != 0);
     for (int64_t t; (t = claim()) >= 0;) {
       const int64_t kb = t % n_kblocks, bhk = t / n_kblocks;
       key_block_pass(c, buf, bhk / s.Hkv, bhk % s.Hkv, kb * kBlockN, /*do_dq=*/false);
@@ -442,8 +450,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     const at::Tensor& out, const at::Tensor& lse,
     const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& gate,
     const std::optional<at::Tensor>& dlse,
-    double scale, int64_t causal, bool need_dmask) {
-  const AttnParams s = detail::check_and_describe("attention_bwd", q, k, v, mask, gate, scale, causal);
+    double scale, int64_t causal, bool need_dmask, int64_t window_left, int64_t window_right, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
+  const AttnParams s = detail::check_and_describe("attention_bwd", q, k, v, mask, gate, scale, causal,
+                                                  {window_left, window_right, softcap, alibi_slopes});
   return run_bwd("attention_bwd", s, /*packed=*/false, dout, q, k, v, out, lse, mask, gate, dlse, need_dmask);
 }
 

@@ -53,10 +53,10 @@ void check_cu_seqlens(const char* op, const at::Tensor& cu, int64_t total, int64
 
 AttnParams check_and_describe(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                               const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& gate,
-                              double scale, int64_t causal) {
+                              double scale, int64_t causal, const ScoreMods& mods) {
   check_cpu(op, q);
   AttnParams s{};
-  describe_attention(s, op, q, k, v, mask, gate, scale, causal);
+  describe_attention(s, op, q, k, v, mask, gate, scale, causal, mods);
   return s;
 }
 
@@ -134,9 +134,11 @@ void attention_fwd_kernel(const AttnParams& s, const FwdOutputs<scalar_t, acc_t>
       std::fill_n(m_buf.data(), bm, kNegInf);
       std::fill_n(l_buf.data(), bm, acc_t(0));
 
-      // Causal: keys past the last row's diagonal are skipped entirely.
-      const int64_t j_end = s.causal ? std::min(e.Lk, i0 + bm + e.causal_off) : e.Lk;
-      for (int64_t j0 = 0; j0 < j_end; j0 += kBlockN) {
+      // Keys outside the block's band (past the last row's causal diagonal or right window, before the first
+      // row's left window) are skipped entirely.
+      const auto [j_begin, j_end] = detail::band_keys(s, e, i0, bm);
+      const acc_t slope2 = detail::alibi_slope2<acc_t>(s, b, h);
+      for (int64_t j0 = j_begin; j0 < j_end; j0 += kBlockN) {
         const int64_t bn = std::min(kBlockN, j_end - j0);
         const acc_t* V = tile_as(v_head + j0 * s.v_sl, s.v_sl, bn, Dv, v_buf.data(), &ldv);  // [bn, Dv]
 
@@ -162,8 +164,8 @@ void attention_fwd_kernel(const AttnParams& s, const FwdOutputs<scalar_t, acc_t>
                            kBlockN, bn);
           }
           if (!bf16_dot) gemm(false, true, rows, width, D, scale_log2, Q + r0 * ldq, ldq, K, ldk, acc_t(0), S_r, kBlockN);
-          detail::mask_score_tile<scalar_t>(S_r, kBlockN, i0 + r0, rows, j0, width, s, e.causal_off,
-                                            detail::mask_ptr<scalar_t>(s, b, h, i0 + r0, j0));
+          detail::mask_score_tile<scalar_t>(S_r, kBlockN, i0 + r0, rows, j0, width, s, e,
+                                            detail::mask_ptr<scalar_t>(s, b, h, i0 + r0, j0), slope2);
 
           // -- online softmax update: P = 2^(S - m_new), l = l * 2^(m_old - m_new) + rowsum(P)
           for (int64_t r = r0; r < r0 + rows; ++r) {
@@ -238,8 +240,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_fwd(const AttnParams& s, cons
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& gate,
-    double scale, int64_t causal, bool need_acc) {
-  const AttnParams s = detail::check_and_describe("attention_fwd", q, k, v, mask, gate, scale, causal);
+    double scale, int64_t causal, bool need_acc, int64_t window_left, int64_t window_right, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
+  const AttnParams s = detail::check_and_describe("attention_fwd", q, k, v, mask, gate, scale, causal,
+                                                  {window_left, window_right, softcap, alibi_slopes});
   return run_fwd(s, q, /*packed=*/false, need_acc);
 }
 

@@ -11,7 +11,13 @@ True = attend, or None when the mask is purely causal, in which case the kernel 
 itself). GQA/MQA run without repeating K/V. Works with transformers >= 4.56 (the interfaces' API);
 transformers is an optional extra: ``pip install fastattn[hf]``.
 
-Two calls take a faster op than :func:`fastattn.attention` over the mask, computing the same thing:
+Gemma 2's ``softcap`` (``attn_logit_softcapping``) runs in the kernels (``fastattn.attention``'s softcap). A
+sliding-window layer (Mistral, Gemma 2: transformers passes ``sliding_window``) whose mask is exactly the causal
+sliding window runs as ``causal="bottom_right", window_size=(sliding_window - 1, 0)`` without the mask (the
+kernels skip the key tiles outside the window); any other mask (padding) is read as it is.
+
+Two calls take a faster op than :func:`fastattn.attention` over the mask, computing the same thing
+(calls with a softcap keep the general path):
 
 - decoding (``generate()``): a few query rows over the cache's keys (Lq < Lk) with no gradient to
   compute run :func:`fastattn.attention_with_kvcache` over the K/V transformers passes (its whole cache,
@@ -44,12 +50,11 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     (True = attend) or float (added), broadcastable to (B, Hq, Lq, Lk). Returns ((B, Lq, Hq, Dv), None):
     attention weights are not materialised (use attn_implementation="eager" to inspect them).
     """
-    if kwargs.get("softcap") is not None:
-        raise ValueError("attn_implementation='fastattn' does not support `softcap`; use 'eager'")
     if kwargs.get("s_aux") is not None:
         raise ValueError("attn_implementation='fastattn' does not support attention sinks (`s_aux`); use 'eager'")
+    softcap = float(kwargs.get("softcap") or 0.0)
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    if position_bias is None and not dropout:
+    if position_bias is None and not dropout and not softcap:
         out = _decode(query, key, value, attention_mask, scaling)
         if out is None and is_causal:
             out = _packed(query, key, value, attention_mask, scaling, kwargs)
@@ -64,8 +69,13 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         causal = False
     if attention_mask is not None and attention_mask.dim() == 2:
         attention_mask = attention_mask[None, None]
+    window = kwargs.get("sliding_window")
+    window_size = (-1, -1)
+    if (isinstance(window, int) and window > 0 and attention_mask is not None and not torch.compiler.is_compiling()
+            and _memo(_is_sliding_causal, attention_mask, window)):
+        attention_mask, causal, window_size = None, "bottom_right", (window - 1, 0)
     out = functional.attention(query, key, value, attn_mask=attention_mask, causal=causal, scale=scaling,
-                               dropout_p=float(dropout))
+                               dropout_p=float(dropout), window_size=window_size, softcap=softcap)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -96,6 +106,17 @@ def _is_bottom_right_causal(mask):
         return False
     Lq, Lk = mask.shape[2:]
     want = torch.ones(Lq, Lk, dtype=torch.bool, device=mask.device).tril_(Lk - Lq)
+    return bool((mask == want).all())
+
+
+def _is_sliding_causal(mask, window):
+    """Whether a bool (B or 1, 1, Lq, Lk) mask lets query i see exactly keys i + Lk - Lq - window < j <= i + Lk - Lq:
+    the causal sliding window transformers builds for the last Lq positions (no padding)."""
+    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1:
+        return False
+    Lq, Lk = mask.shape[2:]
+    ones = torch.ones(Lq, Lk, dtype=torch.bool, device=mask.device)
+    want = ones.tril(Lk - Lq) & ~ones.tril(Lk - Lq - window)
     return bool((mask == want).all())
 
 
