@@ -153,6 +153,13 @@ FASTATTN_HOST_DEVICE inline KeyBand key_band(int64_t Lq, int64_t Lk, int causal_
   return k;
 }
 
+// Whether a call modifies the scores beyond the causal rule and a mask (a left window, a softcap, ALiBi): the CUDA
+// kernels compile those paths only into the variants such calls take.
+template <typename Index, typename Real>
+FASTATTN_HOST_DEVICE inline bool has_score_mods(const AttentionParams<Index, Real>& p) {
+  return p.windowed || p.softcap_log2 != Real(0) || p.alibi != nullptr;
+}
+
 // Where sequence b's rows start (in units of q_sl / k_sl rows, on top of b * q_sb / k_sb), how long it is, and the
 // band of keys its queries see (`causal` and `windowed` are the params' own). Packed sequences and kv caches take
 // no window (their per-sequence band would cost the CUDA kernels registers they do not have: spills on sm_80).

@@ -23,11 +23,6 @@ struct ScoreMods {
   int64_t window_left = -1, window_right = -1;
   double softcap = 0.0;
   std::optional<at::Tensor> alibi_slopes;
-
-  bool any() const {
-    return window_left >= 0 || window_right >= 0 || softcap != 0.0 ||
-           (alibi_slopes.has_value() && alibi_slopes->defined());
-  }
 };
 
 // Fills p from q, k, v, mask, gate and the score modifiers (names the offending argument in every error; `op`

@@ -104,8 +104,8 @@ def score_mods(q, window_size, softcap, alibi_slopes):
     if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
             or any(isinstance(w, bool) or not isinstance(w, numbers.Integral) or w < -1 for w in window_size)):
         raise ValueError(f"window_size: expected (left, right), two ints >= -1 (-1: unbounded), got {window_size!r}")
-    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not (math.isfinite(softcap)
-                                                                                  and softcap >= 0):
+    # comparisons, not math.isfinite: dynamo traces a float argument as a symbolic float under dynamic shapes
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not 0 <= softcap < math.inf:
         raise ValueError(f"softcap: expected a finite number >= 0 (0: no cap), got {softcap!r}")
     if alibi_slopes is not None:
         tensor("alibi_slopes", alibi_slopes)

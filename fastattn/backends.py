@@ -240,7 +240,6 @@ class CudaBackend(FusedBackend):
     name = "cuda"
     device_types = ("cuda",)
     kernels = CUDA_KERNELS
-    score_mods = frozenset()
 
     def unavailable(self):
         if ops.extension_error() is not None:

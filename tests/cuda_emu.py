@@ -45,7 +45,6 @@ class EmulatedCudaBackend(FusedBackend):
     name = "cuda_emu"
     op_prefix = PREFIX
     kernels = CUDA_KERNELS
-    score_mods = frozenset()
     device_types = ("cpu",)
 
     def unsupported(self, p):

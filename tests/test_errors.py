@@ -71,14 +71,26 @@ def test_ops_name_a_bad_score_modifier():
             op(*args, *mods)
 
 
-def test_backends_without_a_score_modifier_refuse_it_by_name():
-    """A backend whose kernels lack a modifier refuses the call and says which; "auto" passes it on."""
-    from fastattn.backends import _BACKENDS, Problem, select
-    p = Problem("attention", "cuda", torch.bfloat16, D=64, Dv=64, score_mods=frozenset({"window", "alibi"}))
-    assert _BACKENDS["cuda"].unsupported(p) == "its kernels have no alibi or window yet"
-    assert _BACKENDS["triton"].unsupported(p) is None
-    assert _BACKENDS["cpu"].unsupported(dataclasses.replace(p, device_type="cpu")) is None
-    assert select("auto", dataclasses.replace(p, device_type="cpu")).name == "cpu"
+def test_a_backend_without_a_score_modifier_refuses_it_by_name(monkeypatch):
+    """A backend whose kernels lack a modifier (Backend.score_mods) refuses the call and says which; every fused
+    backend has them all."""
+    from fastattn.backends import _AVAILABILITY, _BACKENDS, CpuBackend, Problem
+    from fastattn.contract import ScoreMods
+
+    class NoWindow(CpuBackend):
+        name = "no_window"
+        score_mods = frozenset({"softcap"})
+
+    monkeypatch.setitem(_BACKENDS, "no_window", NoWindow())
+    monkeypatch.setitem(_AVAILABILITY, "no_window", None)
+    p = Problem("attention", "cpu", torch.float32, D=16, Dv=16, score_mods=frozenset({"window", "alibi"}))
+    assert NoWindow().unsupported(p) == "its kernels have no alibi or window yet"
+    assert NoWindow().unsupported(dataclasses.replace(p, score_mods=frozenset({"softcap"}))) is None
+    with pytest.raises(RuntimeError, match="backend='no_window' cannot run this attention call: its kernels have no "
+                                           "window yet"):
+        fastattn.attention(q, k, v, window_size=(2, -1), backend="no_window")
+    for name in ("cpu", "triton", "cuda"):
+        assert _BACKENDS[name].score_mods == frozenset(ScoreMods.NAMES)
 
 
 def test_device_mismatch_is_named():

@@ -31,3 +31,25 @@ def test_cpu_backend_declares_its_kernels():
 
 def test_opcheck_varlen_and_kvcache():
     bc.opcheck_varlen_and_kvcache("")
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_torch_compile_with_score_modifiers(dynamic):
+    """The window, softcap and ALiBi slopes pass through torch.compile(fullgraph=True) to the kernels, forward and
+    backward, at two lengths (one graph with dynamic shapes)."""
+    import torch
+    import fastattn
+
+    def f(q, k, v, slopes):
+        return fastattn.attention(q, k, v, causal=True, window_size=(3, -1), softcap=5.0, alibi_slopes=slopes,
+                                  backend="cpu")
+
+    compiled = torch.compile(f, fullgraph=True, dynamic=dynamic, backend="eager")
+    slopes = torch.tensor([0.5, 0.25])
+    for L in (9, 13):
+        q, k, v = (torch.randn(1, 2, L, 16, requires_grad=True) for _ in range(3))
+        got = compiled(q, k, v, slopes)
+        want = f(q, k, v, slopes)
+        torch.testing.assert_close(got, want)
+        g = torch.randn_like(want)
+        torch.testing.assert_close(torch.autograd.grad(got, (q, k, v), g), torch.autograd.grad(want, (q, k, v), g))

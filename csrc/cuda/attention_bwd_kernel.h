@@ -27,7 +27,7 @@
 
 namespace fastattn::cuda {
 
-template <typename T, int kD, bool kHasMask>
+template <typename T, int kD, bool kHasMask, bool kScoreMods>
 __global__ void __launch_bounds__(BwdTraits<kD>::kThreads)
     attention_bwd_kernel(const AttnBwdParams p) {
   using Tr = BwdTraits<kD>;
@@ -57,13 +57,19 @@ __global__ void __launch_bounds__(BwdTraits<kD>::kThreads)
   const T* v_ptr = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh + int64_t(n0) * p.v_sl;
   const int mask_bytes = p.mask_kind == kMaskBool ? 1 : int(sizeof(T));
 
-  // -- query tiles that see this key tile: all, or those from the causal diagonal on
+  // -- query tiles that see this key tile: all, or those from the causal diagonal (right window) on, up to the
+  // left window's edge
   int m_begin = 0;
   if (p.causal) {
     const int first_row = n0 - p.causal_off;  // first query row that sees key n0
     m_begin = first_row <= 0 ? 0 : first_row / kBM;
   }
-  const int m_tiles = max(0, (p.Lq + kBM - 1) / kBM - m_begin);
+  int m_end = (p.Lq + kBM - 1) / kBM;
+  if (kScoreMods && p.windowed) {
+    const int last_row = n0 + kBN - 1 - p.lo_off;  // last query row that sees key n0 + kBN - 1
+    m_end = last_row < 0 ? 0 : min(m_end, last_row / kBM + 1);
+  }
+  const int m_tiles = max(0, m_end - m_begin);
   const int steps = p.group * m_tiles;  // (query head of the group, query tile) pairs
 
   auto q_tile = [&](int step, int& h, int& m0) {
@@ -137,9 +143,14 @@ __global__ void __launch_bounds__(BwdTraits<kD>::kThreads)
       lse2[r] = lse == -INFINITY ? INFINITY : lse;
       delta[r] = i < p.Lq ? p.delta[bh * p.Lq + i] : 0.f;
     }
-    // the sizes the tile is tested against: the params' own (attention alone, no varlen backward here)
-    scale_and_mask<T, kHasMask>(acc_s, row0, col0, lane, tile_needs_checks(m0, n0, kBN, p, p), p, p,
-                                kHasMask ? mask_head_ptr(p, b, h, mask_bytes) : nullptr);
+    // the sizes the tile is tested against: the params' own (attention alone, no varlen backward here). dcap: the
+    // softcap's derivative, for dS past the bias (dmask takes dS before it)
+    const bool capped = kScoreMods && p.softcap_log2 != 0.f;
+    float dcap[kNT][4];
+    scale_and_mask<T, kHasMask, kNT, AttnBwdParams, kScoreMods>(
+        acc_s, row0, col0, lane, tile_needs_checks<AttnBwdParams, kScoreMods>(m0, kBM, n0, kBN, p, p), p, p,
+        kHasMask ? mask_head_ptr(p, b, h, mask_bytes) : nullptr, kScoreMods ? alibi_slope2(p, b, h) : 0.f,
+        kScoreMods ? dcap : nullptr);
     T* dmask_bh = p.dmask ? static_cast<T*>(p.dmask) + bh * p.Lq * p.Lk : nullptr;
     float* dmask_acc_bh = p.dmask_accum ? p.dmask_accum + b * p.dm_sb + h * p.dm_sh : nullptr;
 #pragma unroll
@@ -153,7 +164,8 @@ __global__ void __launch_bounds__(BwdTraits<kD>::kThreads)
         const float ds1 = masked1 ? 0.f : p1 * (acc_dp[nt][2 * r + 1] - delta[r]);
         const int sr = wm * kMmaM + g + 8 * r, sc = wn * kSCols + nt * 8 + 2 * t;  // tile coordinates
         *reinterpret_cast<uint32_t*>(sP + sr * kLdP + sc) = pack2<T>(p0, p1);
-        split2<T>(ds0, ds1, *reinterpret_cast<uint32_t*>(sdS + sr * kLdP + sc),
+        split2<T>(capped ? ds0 * dcap[nt][2 * r] : ds0, capped ? ds1 * dcap[nt][2 * r + 1] : ds1,
+                  *reinterpret_cast<uint32_t*>(sdS + sr * kLdP + sc),
                   *reinterpret_cast<uint32_t*>(sdS_lo + sr * kLdP + sc));
         if (dmask_bh != nullptr) {  // dL/dscore = dS, for a float mask that wants its gradient
           const int i = m0 + sr, j = n0 + sc;
@@ -252,7 +264,7 @@ __global__ void __launch_bounds__(BwdTraits<kD>::kThreads)
 // registers. Taken from one flattened axis instead (as the forward's tiles_grid does), the divisions put them and
 // every address made from them in per-thread registers (bf16 D 128 on sm_90a: 181 registers instead of 176), and an
 // H200 ran that form 4-9% slower. Past 65535 kv heads or batches (the y and z bound) it takes several launches.
-template <typename T, int kD, bool kHasMask>
+template <typename T, int kD, bool kHasMask, bool kScoreMods>
 cudaError_t launch_attention_bwd(const AttnBwdParams& p, cudaStream_t stream) {
   using Tr = BwdTraits<kD>;
   constexpr int kAxis = 65535;
@@ -262,7 +274,8 @@ cudaError_t launch_attention_bwd(const AttnBwdParams& p, cudaStream_t stream) {
       const dim3 grid((p.Lk + Tr::kBlockN - 1) / Tr::kBlockN, std::min(p.Hkv - part.hk0, kAxis),
                       std::min(p.B - part.b0, kAxis));
       const cudaError_t err =
-          launch_with_smem(attention_bwd_kernel<T, kD, kHasMask>, grid, Tr::kThreads, Tr::kSmemBytes, part, stream);
+          launch_with_smem(attention_bwd_kernel<T, kD, kHasMask, kScoreMods>, grid, Tr::kThreads, Tr::kSmemBytes, part,
+                           stream);
       if (err != cudaSuccess) return err;
     }
   return cudaSuccess;
@@ -282,7 +295,9 @@ cudaError_t run_attention_bwd(const AttnBwdParams& params, cudaStream_t stream) 
   }
   err = FA_DTYPE_SWITCH(p.is_bf16, T, [&] {
     return FA_BOOL_SWITCH(p.mask_kind != kMaskNone, kHasMask, [&] {
-      return launch_attention_bwd<T, kD, kHasMask>(p, stream);
+      return FA_BOOL_SWITCH(has_score_mods(p), kScoreMods, [&] {
+        return launch_attention_bwd<T, kD, kHasMask, kScoreMods>(p, stream);
+      });
     });
   });
   if (err != cudaSuccess) return err;

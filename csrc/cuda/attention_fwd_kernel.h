@@ -29,7 +29,7 @@ namespace fastattn::cuda {
 // One block's work. kKeepAcc: a backward follows (p.out_acc set), so P V keeps P to ~16 bits and out_acc is
 // stored; without one (inference) P is rounded to T as in FlashAttention, one MMA per tile. sd: the sequence's
 // Lq, Lk and causal_off (mask.h's SeqDims, or the params themselves for attention); q_row0, k_row0 its first rows.
-template <typename T, int kD, bool kHasMask, bool kKeepAcc, typename Dims>
+template <typename T, int kD, bool kHasMask, bool kKeepAcc, bool kScoreMods, typename Dims>
 __device__ __forceinline__ void attention_fwd_block(const AttnParams& p, const Dims& sd, int q_row0, int k_row0) {
   using Tr = FwdTraits<kD>;
   constexpr int kBM = Tr::kBlockM, kBN = Tr::kBlockN, kLd = Tr::kLd, kThreads = Tr::kThreads;
@@ -60,29 +60,39 @@ __device__ __forceinline__ void attention_fwd_block(const AttnParams& p, const D
   const T* v_ptr = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh + int64_t(k_row0) * p.v_sl;
   const char* mask_bh = kHasMask ? mask_head_ptr(p, b, h, p.mask_kind == kMaskBool ? 1 : int(sizeof(T))) : nullptr;
 
-  // -- key tiles this query tile sees: all, or up to the causal diagonal of its last valid row
+  // -- key tiles this query tile sees: all, or up to the causal diagonal (right window) of its last valid row,
+  // from the left window's edge of its first
   int n_end = (sd.Lk + kBN - 1) / kBN;
   if (p.causal) {
     const int j_last = min(m0 + kBM, sd.Lq) - 1 + sd.causal_off;  // last key the tile's last row sees
     n_end = j_last < 0 ? 0 : min(n_end, j_last / kBN + 1);
   }
+  int n_begin = 0;
+  if (kScoreMods && p.windowed) {
+    const int j_first = m0 + p.lo_off;  // first key the tile's first row sees
+    n_begin = j_first <= 0 ? 0 : min(n_end, j_first / kBN);
+  }
+  // softcap and ALiBi change every tile's scores, not only those the band's edges cross
+  const bool score_mods = kScoreMods && (p.softcap_log2 != 0.f || p.alibi != nullptr);
+  const float slope2 = kScoreMods ? alibi_slope2(p, b, h) : 0.f;
 
   float acc_o[kDT][4];
   zero_fragments(acc_o);
   float row_m[2] = {-INFINITY, -INFINITY};  // running max of each of the thread's 2 rows (base 2)
   float row_l[2] = {0.f, 0.f};              // this thread's partial sum of exp2(s - m) (its 2 columns per n8)
 
-  if (n_end > 0) {
-    // -- prologue: Q and K_0 (group 0), V_0 (group 1)
+  if (n_end > n_begin) {
+    // -- prologue: Q and K_{n_begin} (group 0), V_{n_begin} (group 1)
+    const int nb0 = n_begin * kBN;
     cp_async_tile<kBM, kD, kLd, kThreads>(sQ, q_ptr, p.q_sl, sd.Lq - m0, tid);
-    cp_async_tile<kBN, kD, kLd, kThreads>(sK, k_ptr, p.k_sl, sd.Lk, tid);
+    cp_async_tile<kBN, kD, kLd, kThreads>(sK, k_ptr + int64_t(nb0) * p.k_sl, p.k_sl, sd.Lk - nb0, tid);
     cp_async_commit();
-    cp_async_tile<kBN, kD, kLd, kThreads>(sV, v_ptr, p.v_sl, sd.Lk, tid);
+    cp_async_tile<kBN, kD, kLd, kThreads>(sV, v_ptr + int64_t(nb0) * p.v_sl, p.v_sl, sd.Lk - nb0, tid);
     cp_async_commit();
   }
 
-  for (int n = 0; n < n_end; ++n) {
-    const int buf = n & 1;
+  for (int n = n_begin; n < n_end; ++n) {
+    const int buf = (n - n_begin) & 1;
     const int n0 = n * kBN;
     T* sKb = sK + buf * Tr::kSmemKV;
     T* sVb = sV + buf * Tr::kSmemKV;
@@ -121,9 +131,9 @@ __device__ __forceinline__ void attention_fwd_block(const AttnParams& p, const D
     }
 
     // -- scale, mask (base 2)
-    const bool checks = tile_needs_checks(row0, n0, kBN, sd, p);
-    if (kHasMask || checks) {
-      scale_and_mask<T, kHasMask>(acc_s, row0, n0, lane, checks, sd, p, mask_bh);
+    const bool checks = tile_needs_checks<Dims, kScoreMods>(row0, kMmaM, n0, kBN, sd, p);
+    if (kHasMask || checks || score_mods) {
+      scale_and_mask<T, kHasMask, kNT, Dims, kScoreMods>(acc_s, row0, n0, lane, checks, sd, p, mask_bh, slope2);
     } else {
 #pragma unroll
       for (int i = 0; i < kNT; ++i)
@@ -213,9 +223,9 @@ __device__ __forceinline__ void attention_fwd_block(const AttnParams& p, const D
 }
 
 // attention_fwd: the block's slice b * Hq + h is of a batch item, whose sizes are the params' own.
-template <typename T, int kD, bool kHasMask, bool kKeepAcc>
+template <typename T, int kD, bool kHasMask, bool kKeepAcc, bool kScoreMods>
 __global__ void __launch_bounds__(FwdTraits<kD>::kThreads) attention_fwd_kernel(const AttnParams p) {
-  attention_fwd_block<T, kD, kHasMask, kKeepAcc>(p, p, 0, 0);
+  attention_fwd_block<T, kD, kHasMask, kKeepAcc, kScoreMods>(p, p, 0, 0);
 }
 
 // varlen_attention_fwd: the block's slice b * Hq + h is of packed sequence b (no mask), with its own extent.
@@ -224,7 +234,7 @@ __global__ void __launch_bounds__(FwdTraits<kD>::kThreads, FwdTraits<kD>::varlen
     attention_varlen_fwd_kernel(const AttnParams p) {
   constexpr int kBM = FwdTraits<kD>::kBlockM;
   const SeqDims sd = seq_dims(p, grid_tile((p.Lq + kBM - 1) / kBM).slice / p.Hq);
-  attention_fwd_block<T, kD, false, kKeepAcc>(p, sd, sd.q_row0, sd.k_row0);
+  attention_fwd_block<T, kD, false, kKeepAcc, false>(p, sd, sd.q_row0, sd.k_row0);
 }
 
 template <int kD, typename Kernel>
@@ -241,7 +251,9 @@ cudaError_t run_attention_fwd(const AttnParams& p, cudaStream_t stream) {
       if (p.cu_seqlens_q != nullptr)
         return launch_attention_fwd<kD>(attention_varlen_fwd_kernel<T, kD, kKeepAcc>, p, stream);
       return FA_BOOL_SWITCH(p.mask_kind != kMaskNone, kHasMask, [&] {
-        return launch_attention_fwd<kD>(attention_fwd_kernel<T, kD, kHasMask, kKeepAcc>, p, stream);
+        return FA_BOOL_SWITCH(has_score_mods(p), kScoreMods, [&] {
+          return launch_attention_fwd<kD>(attention_fwd_kernel<T, kD, kHasMask, kKeepAcc, kScoreMods>, p, stream);
+        });
       });
     });
   });

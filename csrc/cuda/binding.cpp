@@ -94,8 +94,6 @@ void describe_cuda_attention(AttnParams& p, const char* op, const Tensor& q, con
                              const OptTensor& mask, const OptTensor& gate, double scale, int64_t causal,
                              const ScoreMods& mods = {}) {
   check_cuda_q(q, op);
-  TORCH_CHECK(!mods.any(), op, " (cuda): sliding windows, softcap and ALiBi are not in the cuda kernels yet; "
-              "use backend='cpu', 'triton' or 'auto'");
   describe_attention(p, (std::string(op) + " (cuda)").c_str(), q, k, v, mask, gate, scale, causal, mods);
   check_cuda_params(p, q, op);
 }

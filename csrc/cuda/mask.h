@@ -26,11 +26,16 @@ __device__ __forceinline__ SeqDims seq_dims(const AttnParams& p, int b) {
 
 // s[nt][e] is the accumulator of query row0 + g + 8 * (e / 2) and key col0 + 8 * nt + 2t + e % 2
 // (g = lane / 4, t = lane % 4: the m16n8 C layout), rows and keys of the sequence sd (SeqDims, or the params:
-// see above). check_bounds: the tile reaches past Lk or crosses the causal diagonal (interior tiles skip the
-// per-element tests). mask_bh points at mask[b, h, 0, 0] (kHasMask only; bool or T by p.mask_kind).
-template <typename T, bool kHasMask, int kNT, typename Dims>
+// see above). check_bounds: the tile reaches past Lk or crosses an edge of the band of keys its rows see
+// (tile_needs_checks; interior tiles skip the per-element tests). mask_bh points at mask[b, h, 0, 0] (kHasMask
+// only; bool or T by p.mask_kind). The score modifiers of attention_contract.h, in its order: the softcap (p's,
+// dcap (or nullptr) gets its derivative 1 - tanh^2 per element), the bias, ALiBi (slope2 = the slope of the
+// tile's (b, h) times log2(e)), the window's lower edge; kScoreMods = false compiles them out (the kernels of
+// calls without one, has_score_mods: the code cost registers even where it never ran).
+template <typename T, bool kHasMask, int kNT, typename Dims, bool kScoreMods = true>
 __device__ __forceinline__ void scale_and_mask(float (&s)[kNT][4], int row0, int col0, int lane, bool check_bounds,
-                                               const Dims& sd, const AttnParams& p, const char* mask_bh) {
+                                               const Dims& sd, const AttnParams& p, const char* mask_bh,
+                                               float slope2 = 0.f, float (*dcap)[4] = nullptr) {
   const int g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int nt = 0; nt < kNT; ++nt) {
@@ -39,6 +44,11 @@ __device__ __forceinline__ void scale_and_mask(float (&s)[kNT][4], int row0, int
       const int i = row0 + g + 8 * (e >> 1);
       const int j = col0 + 8 * nt + 2 * t + (e & 1);
       float x = s[nt][e] * p.scale_log2;
+      if (kScoreMods && p.softcap_log2 != 0.f) {  // first: the bias is added to the capped score
+        const float th = tanhf(x / p.softcap_log2);
+        x = p.softcap_log2 * th;
+        if (dcap != nullptr) dcap[nt][e] = 1.f - th * th;
+      }
       if constexpr (kHasMask) {
         if (i < sd.Lq && j < sd.Lk) {  // the mask view has no element outside (Lq, Lk)
           const int64_t off = int64_t(i) * p.m_si + int64_t(j) * p.m_sj;
@@ -49,17 +59,28 @@ __device__ __forceinline__ void scale_and_mask(float (&s)[kNT][4], int row0, int
           }
         }
       }
-      // after the bias: a key the causal rule hides is -inf even where the bias is NaN (as torch's masked_fill)
-      if (check_bounds && (j >= sd.Lk || (p.causal && j > i + sd.causal_off))) x = -INFINITY;
+      if (kScoreMods && p.alibi != nullptr) x -= slope2 * fabsf(float(i + (sd.Lk - sd.Lq) - j));
+      // after the bias: a key the band hides is -inf even where the bias is NaN (as torch's masked_fill)
+      if (check_bounds && (j >= sd.Lk || (p.causal && j > i + sd.causal_off) ||
+                           (kScoreMods && p.windowed && j < i + p.lo_off)))
+        x = -INFINITY;
       s[nt][e] = x;
     }
   }
 }
 
-// Whether a key tile [col0, col0 + n) seen by query rows [row0, row0 + m) needs per-element tests.
-template <typename Dims>
-__device__ __forceinline__ bool tile_needs_checks(int row0, int col0, int n, const Dims& sd, const AttnParams& p) {
-  return col0 + n > sd.Lk || (p.causal && col0 + n - 1 > row0 + sd.causal_off);
+// Whether a key tile [col0, col0 + n) seen by query rows [row0, row0 + m) needs per-element tests (kScoreMods as
+// in scale_and_mask).
+template <typename Dims, bool kScoreMods = true>
+__device__ __forceinline__ bool tile_needs_checks(int row0, int m, int col0, int n, const Dims& sd,
+                                                  const AttnParams& p) {
+  return col0 + n > sd.Lk || (p.causal && col0 + n - 1 > row0 + sd.causal_off) ||
+         (kScoreMods && p.windowed && col0 < row0 + m - 1 + p.lo_off);
+}
+
+// ALiBi's slope of (b, h) times log2(e) (the contract's base), 0 without slopes.
+__device__ __forceinline__ float alibi_slope2(const AttnParams& p, int b, int h) {
+  return p.alibi ? float(kLog2e) * static_cast<const float*>(p.alibi)[b * p.al_sb + h * p.al_sh] : 0.f;
 }
 
 __device__ __forceinline__ const char* mask_head_ptr(const AttnParams& p, int b, int h, int elem_bytes) {

@@ -5,7 +5,9 @@
 // causal and the mask kind as constexprs too: it compiles per launch signature anyway, where this build
 // compiles every variant ahead of time and each switch doubles the kernels, nvcc time and binary):
 //   compile time: dtype, head dim (one file each), whether there is a mask (kHasMask: a mask load per
-//     score), whether out_acc is kept (kKeepAcc: the P V of the forward);
+//     score), whether out_acc is kept (kKeepAcc: the P V of the forward), whether the scores are modified
+//     (kScoreMods: a left window, softcap or ALiBi; compiled in, those paths took 6-70 more registers in
+//     every kernel, e.g. the D 128 backward 176 -> 245 and the D 64 forward 128 -> 142-161);
 //   run time, uniform over the grid: causal, which sets each block's tile range and is tested per
 //     element only on the tiles that cross the diagonal or the end of the keys (scale_and_mask's
 //     check_bounds; interior tiles skip every test); bool vs bias, one warp-uniform branch per score
