@@ -186,7 +186,9 @@ def build_kernels(out_dir: str, mutations=(), jobs: int = 2) -> str:
     so = os.path.join(out_dir, f"kernels-{key}.so")
     if os.path.exists(so):
         return so
-    src = os.path.join(out_dir, f"src-{key}")
+    # the translated sources in a directory of this process's own: test workers (pytest-xdist) building the same
+    # kernels at once each compile from theirs and remove it; objects and the library are renamed into place
+    src = os.path.join(out_dir, f"src-{key}-{os.getpid()}")
     obj = os.path.join(out_dir, "obj")
     os.makedirs(src, exist_ok=True)
     os.makedirs(obj, exist_ok=True)
@@ -226,7 +228,7 @@ def build_extra(out_dir: str, path: str) -> str:
     so = os.path.join(out_dir, f"{os.path.basename(path).split('.')[0]}-{key}.so")
     if os.path.exists(so):
         return so
-    src = os.path.join(out_dir, f"{key}-{os.path.basename(path)}")
+    src = os.path.join(out_dir, f"{key}-{os.getpid()}-{os.path.basename(path)}")  # per process, as build_kernels
     _write_if_changed(src, text)
     obj = src[:-3] + ".o"
     _run([CXX, *KERNEL_FLAGS, "-include", os.path.join(EMU_DIR, "prelude.h"), "-I", CUDA_SRC, "-I", CSRC,
@@ -234,6 +236,8 @@ def build_extra(out_dir: str, path: str) -> str:
     tmp = so + f".tmp{os.getpid()}"
     _run([CXX, "-shared", "-Wl,-Bsymbolic", "-o", tmp, obj])
     os.replace(tmp, so)
+    for f in (src, obj):
+        os.remove(f)
     return so
 
 
