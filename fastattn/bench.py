@@ -24,7 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from . import functional
+from . import contract, functional
 from .backends import backends
 from .testing import DTYPE_NAMES_INV
 from .version import __version__
@@ -108,7 +108,8 @@ def _attention_providers(cfg, device):
     # SDPA takes a mask or is_causal, not both: a causal bias is masked above the diagonal on every call,
     # as a model whose bias trains has to; a sliding window is its bool band (what transformers passes SDPA)
     above = torch.ones(cfg.Lq, cfg.Lk, dtype=torch.bool, device=device).triu_(1) if bias and cfg.causal else None
-    band = _window_band(cfg, device) if cfg.op == "window" else None
+    band = (contract.band_allowed(cfg.Lq, cfg.Lk, contract.CAUSAL_TOP_LEFT, cfg.window, -1, device)
+            if cfg.op == "window" else None)
 
     def sdpa(backend):
         def run(q, k, v, e):
@@ -132,12 +133,6 @@ def _attention_providers(cfg, device):
 
 
 _FLEX = {}
-
-
-def _window_band(cfg, device):
-    """The bool (Lq, Lk) band of op window: query i sees keys i - window .. i (Lq == Lk)."""
-    ones = torch.ones(cfg.Lq, cfg.Lk, dtype=torch.bool, device=device)
-    return ones.tril() & ~ones.tril(-cfg.window - 1)
 
 
 def _flex(cfg):

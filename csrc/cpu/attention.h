@@ -105,14 +105,14 @@ void mask_score_tile(acc_t* S, int64_t lds, int64_t i0, int64_t bm, int64_t j0, 
   const acc_t cap = acc_t(s.softcap_log2);
   if (s.mask_kind == kMaskNone && !cut_hi && !cut_lo && cap == acc_t(0) && slope2 == acc_t(0)) return;
   const acc_t log2e = acc_t(kLog2e);
+  const acc_t inv_cap = cap != acc_t(0) ? acc_t(1) / cap : acc_t(0);
   for (int64_t r = 0; r < bm; ++r) {
     acc_t* row = S + r * lds;
     const int64_t i = i0 + r;
     if (cap != acc_t(0)) {  // first: the bias is added to the capped score
-      const acc_t inv = acc_t(1) / cap;
       acc_t* t_row = tanh_out ? tanh_out + r * lds : nullptr;
       for (int64_t c = 0; c < bn; ++c) {
-        const acc_t t = std::tanh(row[c] * inv);
+        const acc_t t = std::tanh(row[c] * inv_cap);
         row[c] = cap * t;
         if (t_row) t_row[c] = t;
       }
