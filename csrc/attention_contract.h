@@ -30,11 +30,15 @@
 //   window_left, window_right    the sliding window (-1: unbounded on that side)
 //   softcap                      > 0 caps the scores (0: none)
 //   alibi_slopes (Hq) or (B, Hq) optional, the statistics' dtype (lse's), any strides
+//   dropout_p, dropout_seed      dropout on the weights p (below); the seed an int64 tensor of one element on q's
+//                                device (read by the kernels: no host sync, CUDA-graph safe)
 // Math per (b, h, i), in this order (FlashAttention's and Gemma 2's):
 //   s_j = scale * q_i.k_j;  s_j = softcap * tanh(s_j / softcap) (softcap > 0);  s_j += bias_ij (float mask);
 //   s_j -= slope_bh * |i + Lk - Lq - j| (ALiBi);  s_j = -inf where hidden: a false bool mask, the causal rule,
 //   or the window (j < i + Lk - Lq - window_left or j > i + Lk - Lq + window_right, for a side that is >= 0);
-//   p = softmax(s); out_i = sum_j p_j v_j (* sigmoid(gate_i)). A row with no visible key gives 0 and lse -inf.
+//   p = softmax(s); out_i = sum_j p_j z_j v_j (* sigmoid(gate_i)). A row with no visible key gives 0 and lse -inf.
+//   z = 1 without dropout; with it z_j = keep(b, h, i, j) / (1 - dropout_p) (dropout_keep below; 0 when p = 1),
+//   as SDPA's dropout of the weights; lse stays the undropped softmax's. The backward regenerates z.
 // Kernels keep scores in base 2: s * log2(e), so exp becomes exp2 and lse is in log2 units (the softcap too:
 // c * tanh(s / c) in base 2 is c2 * tanh(s2 / c2) with c2 = c * log2(e)). The backward multiplies dS by
 // 1 - tanh^2 under the cap, after dmask takes it (the bias is added past the cap); slopes get no gradient.
@@ -131,7 +135,45 @@ struct AttentionParams {
   const int32_t* page_table;     // paged kv cache: (B, max_pages) page ids, row stride pt_sb
   int64_t pt_sb;
   Index page_size;
+  // Dropout (attention_fwd / _bwd alone): dropout_words under the seed *dropout_seed (on q's device), kept when
+  // dropout_kept; kept weights times dropout_scale
+  bool dropout;
+  const int64_t* dropout_seed;
+  uint64_t dropout_threshold;
+  Real dropout_scale;  // 1 / (1 - dropout_p), 0 for dropout_p = 1
 };
+
+// Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011): four 32-bit words from a
+// 128-bit counter c and a 64-bit key, counter-based (no state: a kernel draws any element's words directly).
+struct Philox4 {
+  uint32_t w[4];
+};
+constexpr uint32_t kPhiloxM0 = 0xD2511F53u, kPhiloxM1 = 0xCD9E8D57u;  // the round's multipliers
+constexpr uint32_t kPhiloxW0 = 0x9E3779B9u, kPhiloxW1 = 0xBB67AE85u;  // the key's Weyl increments
+
+FASTATTN_HOST_DEVICE inline Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
+                                                  uint32_t k1) {
+  for (int round = 0; round < 10; ++round) {
+    const uint64_t p0 = uint64_t(kPhiloxM0) * c0, p1 = uint64_t(kPhiloxM1) * c2;
+    const uint32_t n0 = uint32_t(p1 >> 32) ^ c1 ^ k0, n2 = uint32_t(p0 >> 32) ^ c3 ^ k1;
+    c1 = uint32_t(p1), c3 = uint32_t(p0), c0 = n0, c2 = n2;
+    k0 += kPhiloxW0, k1 += kPhiloxW1;
+  }
+  return {{c0, c1, c2, c3}};
+}
+
+// Dropout's random words: weight (b, h, i, j) of a call takes word j % 4 of philox4x32_10(counter (j / 4, i, h, b),
+// key (the seed's low and high 32 bits)); i and j count a sequence's own queries and keys. It is kept when that
+// word is at least dropout_threshold = floor(dropout_p * 2^32) (2^32 when dropout_p = 1: none is).
+// fastattn/contract.py's dropout_keep draws the same over whole tensors. One call gives four neighbouring keys'.
+FASTATTN_HOST_DEVICE inline Philox4 dropout_words(uint64_t seed, int64_t b, int64_t h, int64_t i, int64_t j4) {
+  return philox4x32_10(uint32_t(j4), uint32_t(i), uint32_t(h), uint32_t(b), uint32_t(seed), uint32_t(seed >> 32));
+}
+
+template <typename Index, typename Real>
+FASTATTN_HOST_DEVICE inline bool dropout_kept(const AttentionParams<Index, Real>& p, uint32_t word) {
+  return uint64_t(word) >= p.dropout_threshold;
+}
 
 // The keys query i of a (Lq, Lk) sequence sees: j <= i + hi_off (when has_hi), j >= i + lo_off (when has_lo). A
 // window side that hides no key (left >= Lk - 1, right >= Lq - 1) is dropped: the offsets stay within (-Lq, Lk].

@@ -25,6 +25,12 @@ struct ScoreMods {
   std::optional<at::Tensor> alibi_slopes;
 };
 
+// Dropout on the attention weights (attention_contract.h): the schemas' dropout_p and dropout_seed.
+struct Dropout {
+  double p = 0.0;
+  std::optional<at::Tensor> seed;
+};
+
 // Fills p from q, k, v, mask, gate and the score modifiers (names the offending argument in every error; `op`
 // prefixes the message). Every given tensor must be on q's device and have q's dtype (a mask may be bool; ALiBi
 // slopes have the statistics' dtype).
@@ -32,7 +38,7 @@ template <typename Index, typename Real>
 void describe_attention(AttentionParams<Index, Real>& p, const char* op, const at::Tensor& q, const at::Tensor& k,
                         const at::Tensor& v, const std::optional<at::Tensor>& mask,
                         const std::optional<at::Tensor>& gate, double scale, int64_t causal,
-                        const ScoreMods& mods = {}) {
+                        const ScoreMods& mods = {}, const Dropout& dropout = {}) {
   TORCH_CHECK(q.dim() == 4, op, ": q must be (B, Hq, Lq, D), got ", q.sizes());
   TORCH_CHECK(k.dim() == 4, op, ": k must be (B, Hkv, Lk, D), got ", k.sizes());
   TORCH_CHECK(v.dim() == 4, op, ": v must be (B, Hkv, Lk, Dv), got ", v.sizes());
@@ -83,6 +89,22 @@ void describe_attention(AttentionParams<Index, Real>& p, const char* op, const a
   p.scale = Real(scale);
   p.scale_log2 = Real(scale * kLog2e);
   p.softcap_log2 = Real(mods.softcap * kLog2e);
+  TORCH_CHECK(dropout.p >= 0.0 && dropout.p <= 1.0, op, ": dropout_p must be in [0, 1], got ", dropout.p);
+  p.dropout = dropout.p > 0.0;
+  p.dropout_seed = nullptr;
+  p.dropout_threshold = 0;
+  p.dropout_scale = Real(1);
+  if (p.dropout) {
+    const bool has_seed = dropout.seed.has_value() && dropout.seed->defined();
+    TORCH_CHECK(has_seed && dropout.seed->scalar_type() == at::kLong && dropout.seed->numel() == 1, op,
+                ": dropout_p > 0 needs dropout_seed, an int64 tensor of one element, got ",
+                has_seed ? dropout.seed->toString() + " of shape " + c10::str(dropout.seed->sizes()) : "none");
+    check_device(*dropout.seed, "dropout_seed");
+    p.dropout_seed = dropout.seed->data_ptr<int64_t>();
+    // floor(p * 2^32), exact in double; p = 1 gives 2^32, which no 32-bit word reaches
+    p.dropout_threshold = uint64_t(std::ldexp(dropout.p, 32));
+    p.dropout_scale = dropout.p < 1.0 ? Real(1.0 / (1.0 - dropout.p)) : Real(0);
+  }
   p.alibi = nullptr;
   p.al_sb = p.al_sh = 0;
   if (mods.alibi_slopes.has_value() && mods.alibi_slopes->defined()) {

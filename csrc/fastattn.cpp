@@ -25,16 +25,21 @@ TORCH_LIBRARY(fastattn, m) {
   // and an empty tensor for float32/float64 inputs (where out is that already). need_acc=false (a forward no
   // gradient will follow) returns it empty too and lets a kernel skip the extra precision kept for the backward.
   // window_left / window_right (-1 unbounded), softcap (0 none) and alibi_slopes ((Hq) or (B, Hq), the statistics'
-  // dtype) modify the scores as attention_contract.h says; the backward takes the forward's.
+  // dtype) modify the scores as attention_contract.h says; the backward takes the forward's. deterministic asks the
+  // backward for the same gradients, bit for bit, run after run (the forward carries it for autograd): the cpu and
+  // triton kernels always give them; the cuda kernels then add dq without atomics. dropout_p > 0 drops weights
+  // as attention_contract.h says, drawn from dropout_seed (an int64 CPU tensor of one element); the backward takes
+  // the forward's p and seed and draws the same.
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? gate, float scale, int causal,"
-        " bool need_acc=True, int window_left=-1, int window_right=-1, float softcap=0., Tensor? alibi_slopes=None)"
-        " -> (Tensor, Tensor, Tensor)");
+        " bool need_acc=True, int window_left=-1, int window_right=-1, float softcap=0., Tensor? alibi_slopes=None,"
+        " bool deterministic=False, float dropout_p=0., Tensor? dropout_seed=None) -> (Tensor, Tensor, Tensor)");
   // out: the forward's out_acc where it has one, else its out. Returns (dq, dk, dv, dmask, dgate); dmask has the
   // mask's own (4-D, broadcast) shape and dtype, summed over broadcast dims in float32; dmask / dgate are empty
   // tensors when not asked for.
   m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask,"
         " Tensor? gate, Tensor? dlse, float scale, int causal, bool need_dmask, int window_left=-1,"
-        " int window_right=-1, float softcap=0., Tensor? alibi_slopes=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+        " int window_right=-1, float softcap=0., Tensor? alibi_slopes=None, bool deterministic=False,"
+        " float dropout_p=0., Tensor? dropout_seed=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Packed sequences of their own lengths (attention_contract.h): q (total_q, Hq, D), k / v (total_k, Hkv, D / Dv),
   // cu_seqlens int32 (B + 1), gate (total_q, Hq, Dv or 1). Returns (out, lse, out_acc) as attention_fwd, with
   // out (total_q, Hq, Dv) and lse (Hq, total_q).
@@ -87,6 +92,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     c["MASK_BIAS"] = int(fastattn::kMaskBias);
     c["LOG2E"] = fastattn::kLog2e;
     c["LN2"] = fastattn::kLn2;
+    c["PHILOX_M"] = pybind11::make_tuple(fastattn::kPhiloxM0, fastattn::kPhiloxM1);
+    c["PHILOX_W"] = pybind11::make_tuple(fastattn::kPhiloxW0, fastattn::kPhiloxW1);
     return c;
   });
   m.def("build_info", []() {

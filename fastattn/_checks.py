@@ -98,6 +98,15 @@ def probability(name, p):
         raise ValueError(f"{name}: expected a number in [0, 1], got {p!r}")
 
 
+def deterministic(flag):
+    """``deterministic``: True / False, or None for torch's setting (torch.use_deterministic_algorithms)."""
+    if flag is None:
+        return torch.are_deterministic_algorithms_enabled()
+    if not isinstance(flag, bool):
+        raise TypeError(f"deterministic: expected True, False or None (torch's setting), got {flag!r}")
+    return flag
+
+
 def score_mods(q, window_size, softcap, alibi_slopes):
     """Checks ``fastattn.attention``'s score modifiers; returns them as the kernels take them (contract.ScoreMods:
     the slopes in the statistics' dtype)."""

@@ -53,8 +53,9 @@ class Backend:
     two block methods that ``fastattn.distributed`` builds attention over a sharded sequence from:
     ``attention_block(q, k, v, scale, causal) -> (out, lse2)``, out unrounded (float32, float64 for float64)
     and lse2 in log2 units, no mask or gate; and ``attention_block_bwd(dout, q, k, v, out, lse2, dlse2, scale,
-    causal) -> (dq, dk, dv)``, the block's share of the gradient given the whole row's out and lse2
-    (FlashAttention's backward from the saved statistics, which needs nothing of the block's own forward)."""
+    causal, deterministic=False) -> (dq, dk, dv)``, the block's share of the gradient given the whole row's out
+    and lse2 (FlashAttention's backward from the saved statistics, which needs nothing of the block's own
+    forward)."""
     name = ""
     device_types: tuple = ()
 
@@ -71,14 +72,17 @@ class ReferenceBackend(Backend):
     """Plain PyTorch (fastattn/reference.py): any device, any float dtype, materialises scores."""
     name = "reference"
     device_types = ("any",)
+    dropout = True
 
     def unsupported(self, p):
         return None
 
-    def attention(self, q, k, v, mask, gate, scale, causal, dropout_p, grad, mods=ScoreMods()):
+    def attention(self, q, k, v, mask, gate, scale, causal, dropout_p, grad, mods=ScoreMods(), deterministic=False,
+                  dropout_seed=None):
+        # deterministic: torch's own ops, which follow torch.use_deterministic_algorithms
         return reference.attention(q, k, v, attn_mask=mask, causal=causal_arg(causal), scale=scale, gate=gate,
                                    dropout_p=dropout_p, return_lse=True, window_size=mods[:2],
-                                   softcap=mods.softcap, alibi_slopes=mods.alibi_slopes)
+                                   softcap=mods.softcap, alibi_slopes=mods.alibi_slopes, dropout_seed=dropout_seed)
 
     def varlen_attention(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, gate, scale, causal,
                          grad):
@@ -95,7 +99,7 @@ class ReferenceBackend(Backend):
                                        return_lse=True)
         return out, lse / LN2
 
-    def attention_block_bwd(self, dout, q, k, v, out, lse2, dlse2, scale, causal):
+    def attention_block_bwd(self, dout, q, k, v, out, lse2, dlse2, scale, causal, deterministic=False):
         # The gradient of the block's inputs through the whole row: the block's own (out_b, lse_b) enter the
         # row's (out, lse) with weight w = exp(lse_b - lse), so their cotangents are w·dout and
         # w·(dlse + rowsum(dout·(out_b - out))); autograd of the block's reference does the rest.
@@ -137,6 +141,7 @@ class FusedBackend(Backend):
     op_prefix = ""
     kernels = frozenset(n for names in (*KERNELS.values(), *BACKWARD_KERNELS.values()) for n in names)
     score_mods = frozenset(ScoreMods.NAMES)  # the score modifiers its kernels apply
+    dropout = False  # whether its kernels drop attention weights (the contract's Philox dropout)
 
     def unsupported(self, p):
         why = super().unsupported(p)
@@ -147,8 +152,8 @@ class FusedBackend(Backend):
             return f"has no kernel {' or '.join(missing)}" + (" (a backward)" if p.grad else "")
         if p.head_dim > MAX_FUSED_HEAD_DIM:
             return f"head dims up to {MAX_FUSED_HEAD_DIM} (got {p.head_dim}); use backend='reference'"
-        if p.dropout:
-            return "dropout is not fused in this backend; use backend='reference' (auto does)"
+        if p.dropout and not self.dropout:
+            return "dropout is not fused in this backend yet; use backend='cpu' or 'reference' (auto does)"
         if p.score_mods - self.score_mods:
             return f"its kernels have no {' or '.join(sorted(p.score_mods - self.score_mods))} yet"
         return None
@@ -157,7 +162,8 @@ class FusedBackend(Backend):
         return getattr(torch.ops.fastattn, self.op_prefix + name)
 
 
-    def attention(self, q, k, v, mask, gate, scale, causal, dropout_p, grad, mods=ScoreMods()):
+    def attention(self, q, k, v, mask, gate, scale, causal, dropout_p, grad, mods=ScoreMods(), deterministic=False,
+                  dropout_seed=None):
         if mask is not None:
             if mask.dtype != torch.bool:
                 mask = mask.to(q.dtype)  # kernels read a float mask in q's dtype
@@ -168,7 +174,7 @@ class FusedBackend(Backend):
         # without a gradient to follow, the kernels skip out_acc and the precise P V kept for the backward
         out, lse2, _ = self._op("attention_fwd")(
             ops.last_dim_contiguous(q), ops.last_dim_contiguous(k), ops.last_dim_contiguous(v),
-            mask, gate, scale, causal, grad, *mods)
+            mask, gate, scale, causal, grad, *mods, deterministic, dropout_p, dropout_seed)
         return out, lse2 * LN2  # the kernels keep lse in log2 units, the base they compute in
 
     def attention_block(self, q, k, v, scale, causal):
@@ -177,11 +183,11 @@ class FusedBackend(Backend):
             causal, True)
         return (out_acc if out_acc.numel() else out.to(lse2.dtype)), lse2
 
-    def attention_block_bwd(self, dout, q, k, v, out, lse2, dlse2, scale, causal):
+    def attention_block_bwd(self, dout, q, k, v, out, lse2, dlse2, scale, causal, deterministic=False):
         dq, dk, dv, _, _ = self._op("attention_bwd")(
             ops.last_dim_contiguous(dout), ops.last_dim_contiguous(q), ops.last_dim_contiguous(k),
             ops.last_dim_contiguous(v), ops.last_dim_contiguous(out), lse2.contiguous(), None, None,
-            None if dlse2 is None else dlse2.contiguous(), scale, causal, False)
+            None if dlse2 is None else dlse2.contiguous(), scale, causal, False, -1, -1, 0.0, None, deterministic)
         return dq, dk, dv
 
     def varlen_attention(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, gate, scale, causal,
@@ -230,6 +236,7 @@ class CpuBackend(FusedBackend):
     """C++ kernels compiled into fastattn._C (csrc/cpu/), registered for CPU tensors."""
     name = "cpu"
     device_types = ("cpu",)
+    dropout = True
 
     def unavailable(self):
         return ops.extension_error()
@@ -264,6 +271,7 @@ class TritonBackend(FusedBackend):
     TRITON_INTERPRET=1 (how CI tests them; correct but slow, so "auto" never picks it on CPU)."""
     name = "triton"
     op_prefix = "triton_"
+    dropout = True
 
     @staticmethod
     def _interpreting():

@@ -32,7 +32,9 @@ def _cases(op, quick, backend, dtype, device):
     modifiers its kernels lack."""
     if op in _SWEEPS:
         refuses = lambda D, Dv: _BACKENDS[backend].unsupported(Problem(op, device.type, dtype, D=D, Dv=Dv))
-        more = {"score_mods": getattr(_BACKENDS[backend], "score_mods", ())} if op == "attention" else {}
+        impl = _BACKENDS[backend]
+        more = ({"score_mods": getattr(impl, "score_mods", ()), "dropout": getattr(impl, "dropout", False)}
+                if op == "attention" else {})
         return testing.cases_covered(_SWEEPS[op][0](quick=quick, **more), refuses)
     return [c for c in testing.gate_cases(quick=quick) if c.op == op]
 

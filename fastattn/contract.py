@@ -7,6 +7,7 @@ too so that the reference backend and the Triton launchers need no compiled exte
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -101,6 +102,50 @@ def key_band(Lq: int, Lk: int, causal: int, window_left: int, window_right: int)
         w = Lk - Lq + window_right
         has_hi, hi = True, min(hi, w) if has_hi else w
     return has_hi, hi, has_lo, Lk - Lq - window_left if has_lo else 0
+
+
+_U32 = 0xFFFFFFFF
+PHILOX_M = (0xD2511F53, 0xCD9E8D57)  # Philox4x32's multipliers and Weyl key increments
+PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+
+
+def _mulhilo(a: int, b: torch.Tensor):
+    """The high and low 32 bits of a * b, a < 2^32 a constant, b int64 in [0, 2^32): in 16-bit halves of b, so
+    that no product leaves int64."""
+    lo_part, hi_part = a * (b & 0xFFFF), a * (b >> 16)  # each < 2^48
+    t = ((hi_part & 0xFFFF) << 16) + lo_part
+    return (hi_part >> 16) + (t >> 32), t & _U32
+
+
+def philox4x32_10(c, key):
+    """Philox4x32-10 (csrc/attention_contract.h) on int64 tensors holding 32-bit words: counter c = (c0, c1, c2,
+    c3), key = (k0, k1) ints; returns the four output words."""
+    c0, c1, c2, c3 = c
+    k0, k1 = key
+    for _ in range(10):
+        hi0, lo0 = _mulhilo(PHILOX_M[0], c0)
+        hi1, lo1 = _mulhilo(PHILOX_M[1], c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + PHILOX_W[0]) & _U32, (k1 + PHILOX_W[1]) & _U32
+    return c0, c1, c2, c3
+
+
+def dropout_threshold(dropout_p: float) -> int:
+    """A weight is kept when its 32-bit word is at least floor(dropout_p * 2^32) (2^32 for p = 1: none is)."""
+    return int(math.ldexp(dropout_p, 32))
+
+
+def dropout_keep(seed: int, dropout_p: float, B: int, H: int, Lq: int, Lk: int, device=None) -> torch.Tensor:
+    """The kernels' dropout keep-mask, (B, H, Lq, Lk) bool (True = kept), for a call with ``seed`` (the
+    dropout_seed tensor's value) and ``dropout_p``: weight (b, h, i, j) takes word j % 4 of
+    philox4x32_10((j // 4, i, h, b), (seed's low and high 32 bits)) and is kept when it is at least
+    dropout_threshold(dropout_p). The reference materialises it to check the kernels' dropout exactly."""
+    seed &= (1 << 64) - 1
+    ar = lambda n, dims: torch.arange(n, dtype=torch.int64, device=device).reshape(dims)
+    c = [t.expand(B, H, Lq, (Lk + 3) // 4) for t in (ar((Lk + 3) // 4, (1, 1, 1, -1)), ar(Lq, (1, 1, Lq, 1)),
+                                                      ar(H, (1, H, 1, 1)), ar(B, (B, 1, 1, 1)))]
+    words = torch.stack(philox4x32_10(c, (seed & _U32, seed >> 32)), dim=-1).flatten(-2)[..., :Lk]
+    return words >= dropout_threshold(dropout_p)
 
 
 def dropout_weights(p: torch.Tensor, keep: torch.Tensor, dropout_p: float) -> torch.Tensor:

@@ -47,7 +47,7 @@ LAYOUTS = ("zigzag", "contiguous")
 
 
 def ring_attention(q, k, v, *, group=None, causal=False, gate=None, scale=None, return_lse=False, backend="auto",
-                   layout="zigzag"):
+                   layout="zigzag", deterministic=None):
     """:func:`fastattn.attention` over a sequence sharded across the ranks of ``group``.
 
     Args:
@@ -63,6 +63,7 @@ def ring_attention(q, k, v, *, group=None, causal=False, gate=None, scale=None, 
         backend: the backend running the blocks, as in :func:`fastattn.attention`.
         layout: "zigzag" or "contiguous" (module docstring): which positions the shard holds; it matters
             only when causal ("zigzag" needs an even shard length).
+        deterministic: as in :func:`fastattn.attention` (the ring itself sums in a fixed order).
 
     Returns this rank's rows of the output (B, Hq, Lq, Dv) in q's dtype, and lse if asked; differentiable
     (every rank of the group must then run the backward too, as with any collective).
@@ -79,11 +80,12 @@ def ring_attention(q, k, v, *, group=None, causal=False, gate=None, scale=None, 
                         f"got {Lq}")
         code = CAUSAL_TOP_LEFT  # equal lengths: every causal mode is the same
     scale = default_scale(D) if scale is None else float(scale)
+    deterministic = _checks.deterministic(deterministic)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, gate))
     problem = Problem("attention", q.device.type, q.dtype, D=D, Dv=Dv, causal=code != 0, grad=grad)
     impl = select("reference" if _maybe_zero(B, Hq, Lq, Lk, D, Dv) else backend, problem)
     group = dist.group.WORLD if group is None else group
-    out, lse2 = _RingAttention.apply(q, k, v, gate, impl, group, scale, code, layout)
+    out, lse2 = _RingAttention.apply(q, k, v, gate, impl, group, scale, code, layout, deterministic)
     return (out, lse2 * LN2) if return_lse else out
 
 
@@ -149,7 +151,7 @@ def _merge(out, lse2, out_b, lse2_b):
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, gate, impl, group, scale, causal, layout):
+    def forward(ctx, q, k, v, gate, impl, group, scale, causal, layout, deterministic):
         ring = _Ring(group)
         k, v = k.contiguous(), v.contiguous()  # they are sent whole
         B, Hq, Lq, _ = q.shape
@@ -164,7 +166,7 @@ class _RingAttention(torch.autograd.Function):
             out_b, lse2_b = impl.attention_block(q[:, :, rows], kb[:, :, cols], vb[:, :, cols], scale, code)
             _merge(out[:, :, rows], lse2[:, :, rows], out_b.to(acc), lse2_b.to(acc))
         ctx.save_for_backward(q, k, v, out, lse2, gate)
-        ctx.args = impl, ring, scale, causal, layout
+        ctx.args = impl, ring, scale, causal, layout, deterministic
         ctx.set_materialize_grads(False)  # an unused output's gradient comes as None, not zeros
         if gate is None:
             return out.to(q.dtype), lse2
@@ -173,7 +175,7 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dres, dlse2):
         q, k, v, out, lse2, gate = ctx.saved_tensors
-        impl, ring, scale, causal, layout = ctx.args
+        impl, ring, scale, causal, layout, deterministic = ctx.args
         acc = out.dtype
         if dres is None:  # only lse was used
             dres = torch.zeros(out.shape, dtype=q.dtype, device=q.device)
@@ -195,7 +197,7 @@ class _RingAttention(torch.autograd.Function):
                 rows, cols, code = blk
                 dq_r, dk_c, dv_c = impl.attention_block_bwd(
                     dout[:, :, rows], q[:, :, rows], kb[:, :, cols], vb[:, :, cols], out[:, :, rows],
-                    lse2[:, :, rows], None if dlse2 is None else dlse2[:, :, rows], scale, code)
+                    lse2[:, :, rows], None if dlse2 is None else dlse2[:, :, rows], scale, code, deterministic)
                 dq[:, :, rows] += dq_r
                 dk_b[:, :, cols] += dk_c
                 dv_b[:, :, cols] += dv_c
@@ -206,7 +208,7 @@ class _RingAttention(torch.autograd.Function):
             # on to the rank that computes with this K/V shard next; after the last step, to its owner
             wait_dkv = ring.pass_on([dk_b, dv_b]) if ring.world > 1 else (lambda d=(dk_b, dv_b): d)
         dk, dv = wait_dkv()
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dgate, None, None, None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dgate, None, None, None, None, None, None
 
 
 def _chunks(n, world, layout, what):
@@ -267,7 +269,8 @@ def _torch_cp_mesh():
     return cells["device_mesh"].cell_contents if "device_mesh" in cells else None
 
 
-def over_shards(q, k, v, attn_mask, causal, scale, gate, dropout_p, return_lse, backend, score_mods=frozenset()):
+def over_shards(q, k, v, attn_mask, causal, scale, gate, dropout_p, return_lse, backend, score_mods=frozenset(),
+                deterministic=None):
     """``fastattn.attention`` on a sequence torch's context parallelism shards (module docstring), or None when
     the call is not such: q, k, v and gate DTensors of one 1-D mesh, sharded along dim 2 (the ring) or not
     along it (batch or heads: each rank computes its part); or plain tensors inside ``context_parallel()``.
@@ -289,25 +292,26 @@ def over_shards(q, k, v, attn_mask, causal, scale, gate, dropout_p, return_lse, 
         local = [t.to_local() if t is not None else None for t in (q, k, v, gate)]
         if placements[0] == Shard(2):
             out, lse = _sharded_call(*local, attn_mask, causal, scale, dropout_p, True, backend, mesh.get_group(),
-                                     _torch_cp_layout(cp))
+                                     _torch_cp_layout(cp), deterministic)
         else:
             _checks.require(not _maybe_dtensor(attn_mask), NotImplementedError, "attn_mask: a DTensor mask")
             from .functional import attention
             out, lse = attention(*local[:3], attn_mask=attn_mask, causal=causal, scale=scale, gate=local[3],
-                                 dropout_p=dropout_p, return_lse=True, backend=backend)
+                                 dropout_p=dropout_p, return_lse=True, backend=backend, deterministic=deterministic)
         out, lse = (DTensor.from_local(t, mesh, placements, run_check=False) for t in (out, lse))
         return (out, lse) if return_lse else out
     mesh = _torch_cp_mesh()
     if mesh is None:
         return None
     return _sharded_call(q, k, v, gate, attn_mask, causal, scale, dropout_p, return_lse, backend, mesh.get_group(),
-                         _torch_cp_layout(cp))
+                         _torch_cp_layout(cp), deterministic)
 
 
-def _sharded_call(q, k, v, gate, attn_mask, causal, scale, dropout_p, return_lse, backend, group, layout):
+def _sharded_call(q, k, v, gate, attn_mask, causal, scale, dropout_p, return_lse, backend, group, layout,
+                  deterministic):
     _checks.require(attn_mask is None, NotImplementedError,
                     "attn_mask: masks over a sequence sharded by context parallelism are not supported (causal is)")
     _checks.require(dropout_p == 0.0, NotImplementedError,
                     "dropout_p: dropout over a sequence sharded by context parallelism is not supported")
     return ring_attention(q, k, v, group=group, causal=causal, gate=gate, scale=scale, return_lse=return_lse,
-                          backend=backend, layout=layout)
+                          backend=backend, layout=layout, deterministic=deterministic)

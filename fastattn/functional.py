@@ -22,7 +22,8 @@ __all__ = ["attention", "varlen_attention", "attention_with_kvcache", "scaled_do
 
 
 def attention(q, k, v, *, attn_mask=None, causal=False, scale=None, gate=None, dropout_p=0.0,
-              return_lse=False, backend="auto", window_size=(-1, -1), softcap=0.0, alibi_slopes=None):
+              return_lse=False, backend="auto", window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+              deterministic=None):
     """Fused attention: softmax(scale · q kᵀ + mask) v, optionally ⊙ sigmoid(gate).
 
     Args:
@@ -36,8 +37,11 @@ def attention(q, k, v, *, attn_mask=None, causal=False, scale=None, gate=None, d
         scale: multiplies q·k; default 1/sqrt(D).
         gate: None or output-gate logits broadcastable to (B, Hq, Lq, Dv), e.g. (B, Hq, Lq, Dv)
             elementwise or (B, Hq, Lq, 1) headwise: the output becomes attn ⊙ sigmoid(gate).
-        dropout_p: dropout on the attention weights (after softmax, scaled by 1/(1-p)), as SDPA;
-            applied whenever > 0 (pass 0.0 in eval). Runs on the reference backend.
+        dropout_p: dropout on the attention weights (after softmax, kept ones scaled by 1/(1-p)), as SDPA;
+            applied whenever > 0 (pass 0.0 in eval). The kernels draw it from Philox keyed by a seed taken from
+            the device's default generator (torch.manual_seed makes it reproducible) and draw it again in the
+            backward (no mask is stored); every backend that has it drops the same weights for a seed
+            (contract.dropout_keep). Fused on cpu; elsewhere auto takes the reference.
         return_lse: also return lse (B, Hq, Lq), the natural log of the softmax denominator of the
             scaled, masked scores: float32 (float64 for float64 inputs), -inf on rows with no
             allowed key. It is differentiable.
@@ -51,15 +55,21 @@ def attention(q, k, v, *, attn_mask=None, causal=False, scale=None, gate=None, d
         alibi_slopes: None, or ALiBi's slopes (Hq,) or (B, Hq): adds -slope · |i + Lk - Lq - j| to the
             scores (after the cap), computed in the kernels. Constants: they get no gradient (a tensor
             that requires one is refused).
+        deterministic: True for gradients that are the same, bit for bit, every time the backward runs on the
+            same inputs and device (the cuda kernels then sum dq without atomics: slower, and up to 8 float32
+            copies of dq as workspace); None (default) follows ``torch.use_deterministic_algorithms``. The cpu
+            and triton kernels are deterministic either way.
 
     Returns:
         out (B, Hq, Lq, Dv) in q's dtype (rows with no allowed key are 0), and lse if asked.
     """
     attn_mask, causal = _causal_bias(attn_mask, causal)
     mods = _checks.score_mods(q, window_size, softcap, alibi_slopes)
+    deterministic = _checks.deterministic(deterministic)
     if F.scaled_dot_product_attention is not _TORCH_SDPA or _maybe_dtensor(q):  # context parallelism?
         from .distributed import over_shards
-        res = over_shards(q, k, v, attn_mask, causal, scale, gate, dropout_p, return_lse, backend, mods.names())
+        res = over_shards(q, k, v, attn_mask, causal, scale, gate, dropout_p, return_lse, backend, mods.names(),
+                          deterministic)
         if res is not None:
             return res
     B, Hq, Hkv, Lq, Lk, D, Dv = _checks.attention_inputs(q, k, v, attn_mask, gate, scale, dropout_p, mods)
@@ -72,8 +82,15 @@ def attention(q, k, v, *, attn_mask=None, causal=False, scale=None, gate=None, d
     impl = select(backend, problem)
     if _maybe_zero(B, Hq, Lq, Lk, D, Dv):
         impl = select("reference", problem)  # empty problems: no kernel launch
-    out, lse = impl.attention(q, k, v, attn_mask, gate, scale, code, dropout_p, grad, mods)
+    seed = dropout_seed(q.device) if dropout_p > 0 else None
+    out, lse = impl.attention(q, k, v, attn_mask, gate, scale, code, dropout_p, grad, mods, deterministic, seed)
     return (out, lse) if return_lse else out
+
+
+def dropout_seed(device):
+    """A seed for dropout's Philox: 63 random bits of ``device``'s default generator, an int64 tensor there (the
+    kernels read it: no host sync, and torch.compile and CUDA graphs take the draw as any other random op)."""
+    return torch.empty((), dtype=torch.int64, device=device).random_()
 
 
 _TORCH_SDPA = F.scaled_dot_product_attention  # torch's context_parallel() replaces it while it runs

@@ -100,6 +100,7 @@ class AttentionFuzz:
     window: tuple = (-1, -1)                # the score modifiers (fastattn.attention's window_size, softcap,
     softcap: float = 0.0
     alibi: torch.Tensor | None = None       # alibi_slopes: float64 holding float32 values, no gradient)
+    dropout: float = 0.0                    # dropout_p, the seed drawn after torch.manual_seed(seed)
 
     @property
     def id(self):
@@ -111,11 +112,11 @@ HEAD_DIMS = (1, 2, 3, 8, 16, 31, 40, 59, 64, 96, 128, 200, 256)
 
 
 def attention_case(seed, dtypes, max_len=130, max_dim=256, head_dims=None,
-                   score_mods=contract.ScoreMods.NAMES) -> AttentionFuzz:
+                   score_mods=contract.ScoreMods.NAMES, dropout=True) -> AttentionFuzz:
     """The attention case drawn from ``seed`` (dtype among ``dtypes``). ``head_dims``: draw only these,
     with D == Dv (a backend that covers no others: see :func:`limits`); ``score_mods``: the score modifiers
-    that may be drawn (a backend's own). They come from a stream of their own: the rest of the case is the
-    same whichever are allowed."""
+    that may be drawn (a backend's own), ``dropout``: whether dropout may be. Those come from a stream of their
+    own: the rest of the case is the same whichever are allowed."""
     rng = random.Random(seed)
     lengths = [x for x in LENGTHS if x <= max_len]
     dims = [x for x in (head_dims or HEAD_DIMS) if x <= max_dim]
@@ -140,7 +141,7 @@ def attention_case(seed, dtypes, max_len=130, max_dim=256, head_dims=None,
     targets += ["mask"] if mask.startswith("float") else []
     nan = rng.choice(targets) if targets and rng.random() < 0.15 else None
     scale, lse_grad = _scale(rng, dtype, max(D, Dv), Lk), rng.random() < 0.3
-    mods = _score_mods(random.Random(f"score-mods-{seed}"), score_mods, Lk)
+    mods = _score_mods(random.Random(f"score-mods-{seed}"), score_mods, Lk, dropout)
     if mods["window"] != (-1, -1) and nan not in (None, "mask"):  # a window hides entries too (see above)
         nan = None
     return make_attention_case(
@@ -149,13 +150,15 @@ def attention_case(seed, dtypes, max_len=130, max_dim=256, head_dims=None,
         lse_grad=lse_grad, **mods)
 
 
-def _score_mods(rng, allowed, Lk):
-    """window (each side unbounded, 0, 1, 2 or up to Lk), softcap and ALiBi slopes, each in some cases."""
+def _score_mods(rng, allowed, Lk, dropout):
+    """window (each side unbounded, 0, 1, 2 or up to Lk), softcap and ALiBi slopes, each in some cases; and
+    dropout's p when ``dropout``."""
     side = lambda: rng.choice((-1, 0, 1, 2, rng.randrange(Lk + 1)))
     window = (side(), side()) if "window" in allowed and rng.random() < 0.3 else (-1, -1)
     softcap = rng.choice((1.0, 5.0, 30.0)) if "softcap" in allowed and rng.random() < 0.2 else 0.0
     alibi = rng.choice(("heads", "batch")) if "alibi" in allowed and rng.random() < 0.2 else "none"
-    return dict(window=window, softcap=softcap, alibi=alibi)
+    p = rng.choice((0.1, 0.3, 0.5, 0.5, 0.9, 1.0)) if rng.random() < 0.2 else 0.0
+    return dict(window=window, softcap=softcap, alibi=alibi, dropout=p if dropout else 0.0)
 
 
 def _scale(rng, dtype, D, Lk):
@@ -177,11 +180,11 @@ def _scale(rng, dtype, D, Lk):
 
 def make_attention_case(seed, dtype, *, B=2, Hq=2, Hkv=2, Lq=17, Lk=17, D=16, Dv=None, causal=False, mask="none",
                         mask_shape=None, empty_rows=False, gate="none", views=None, nan=None, scale=None,
-                        lse_grad=False, window=(-1, -1), softcap=0.0, alibi="none") -> AttentionFuzz:
+                        lse_grad=False, window=(-1, -1), softcap=0.0, alibi="none", dropout=0.0) -> AttentionFuzz:
     """An attention case with the given parameters; values drawn from ``seed``. ``views`` maps
     q/k/v/mask/gate to a :data:`VIEW_KINDS` entry; ``nan`` names the input that gets one NaN. ``window``,
     ``softcap``: as ``fastattn.attention``'s window_size and softcap; ``alibi``: "none", or slopes of shape
-    (Hq,) ("heads") or (B, Hq) ("batch")."""
+    (Hq,) ("heads") or (B, Hq) ("batch"); ``dropout``: dropout_p."""
     rng = random.Random(seed)
     g = torch.Generator().manual_seed(seed)
     Dv = D if Dv is None else Dv
@@ -229,16 +232,22 @@ def make_attention_case(seed, dtype, *, B=2, Hq=2, Hkv=2, Lq=17, Lk=17, D=16, Dv
     if alibi != "none":  # float32 values: every run (whatever its dtype) sees the same slopes
         slopes = torch.rand(*((Hq,) if alibi == "heads" else (B, Hq)), generator=g).double()
         desc.append(f"alibi-{alibi}")
-    return AttentionFuzz(seed, dtype, "-".join(desc), inputs, causal, scale, lse_grad, window, softcap, slopes)
+    if dropout:
+        desc.append(f"dropout{dropout}")
+    return AttentionFuzz(seed, dtype, "-".join(desc), inputs, causal, scale, lse_grad, window, softcap, slopes,
+                         dropout)
 
 
 def _run_attention(case: AttentionFuzz, dtype, device, backend, rounded_to=None):
     leaves = {n: i.leaf(device, dtype, rounded_to) for n, i in case.inputs.items()}
     view = {n: case.inputs[n].build(t) for n, t in leaves.items()}
-    out, lse = functional.attention(view["q"], view["k"], view["v"], attn_mask=view.get("mask"),
-                                    causal=case.causal, gate=view.get("gate"), scale=case.scale,
-                                    return_lse=True, backend=backend, window_size=case.window, softcap=case.softcap,
-                                    alibi_slopes=None if case.alibi is None else case.alibi.to(device))
+    with testing.seeded(case.seed, device):  # the backend and the references drop the same weights
+        out, lse = functional.attention(view["q"], view["k"], view["v"], attn_mask=view.get("mask"),
+                                        causal=case.causal, gate=view.get("gate"), scale=case.scale,
+                                        return_lse=True, backend=backend, window_size=case.window,
+                                        softcap=case.softcap,
+                                        alibi_slopes=None if case.alibi is None else case.alibi.to(device),
+                                        dropout_p=case.dropout)
     outputs, grads = [out], [view["dout"]]
     if case.lse_grad:
         outputs.append(lse)
@@ -390,10 +399,12 @@ def limits(backend, device_type) -> dict:
     """What of the input space ``backend`` is fuzzed over on ``device_type`` (keywords of :func:`run`): the
     Triton interpreter on the CPU, ~1000x slower than a GPU, gets smaller problems; the cuda kernels cover
     attention at D == Dv in ``backends.CUDA_HEAD_DIMS`` alone (other head dims are refused by name,
-    tests/test_cuda.py), so their attention cases draw only those. Attention's score modifiers: those the
-    backend's kernels apply."""
+    tests/test_cuda.py), so their attention cases draw only those. Attention's score modifiers and dropout: those
+    the backend's kernels apply."""
     from .backends import _BACKENDS, CUDA_HEAD_DIMS
-    out = {"score_mods": frozenset(getattr(_BACKENDS.get(backend), "score_mods", contract.ScoreMods.NAMES))}
+    impl = _BACKENDS.get(backend)
+    out = {"score_mods": frozenset(getattr(impl, "score_mods", contract.ScoreMods.NAMES)),
+           "dropout": getattr(impl, "dropout", True)}
     if backend == "triton" and device_type == "cpu":
         out.update(max_len=64, max_dim=128)
     if backend == "cuda":
@@ -410,12 +421,12 @@ def forward_only(case):
 
 
 def run(op, seed, backend, dtypes, device="cpu", max_len=130, max_dim=256, head_dims=None, inference=False,
-        score_mods=contract.ScoreMods.NAMES):
+        score_mods=contract.ScoreMods.NAMES, dropout=True):
     """(case id, comparisons) of the fuzz case ``seed`` of ``op`` ("attention" or "gates"); the keywords
     bound the case drawn (:func:`limits`); ``inference``: its forward alone (:func:`forward_only`)."""
     only = forward_only if inference else (lambda c: c)
     if op == "attention":
-        case = only(attention_case(seed, dtypes, max_len, max_dim, head_dims, score_mods))
+        case = only(attention_case(seed, dtypes, max_len, max_dim, head_dims, score_mods, dropout))
         return case.id, check_attention(case, backend, device)
     case = only(gate_case(seed, dtypes, max_len, max_dim))
     return case.id, check_gate(case, backend, device)

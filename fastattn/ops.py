@@ -63,7 +63,7 @@ def register_attention(prefix: str = "", *, fake: bool = True, acc_devices=("cpu
     if fake:
         @torch.library.register_fake(fwd)
         def _fwd_fake(q, k, v, mask, gate, scale, causal, need_acc=True, window_left=-1, window_right=-1, softcap=0.0,
-                      alibi_slopes=None):
+                      alibi_slopes=None, deterministic=False, dropout_p=0.0, dropout_seed=None):
             B, Hq, Lq, _ = q.shape
             out = q.new_empty((B, Hq, Lq, v.shape[-1]))
             lse = q.new_empty((B, Hq, Lq), dtype=stat_dtype(q.dtype))
@@ -72,27 +72,33 @@ def register_attention(prefix: str = "", *, fake: bool = True, acc_devices=("cpu
 
         @torch.library.register_fake(bwd)
         def _bwd_fake(dout, q, k, v, out, lse, mask, gate, dlse, scale, causal, need_dmask, window_left=-1,
-                      window_right=-1, softcap=0.0, alibi_slopes=None):
+                      window_right=-1, softcap=0.0, alibi_slopes=None, deterministic=False, dropout_p=0.0,
+                      dropout_seed=None):
             dmask = mask.new_empty(mask.shape) if need_dmask else _empty(q)
             dgate = gate.new_empty(gate.shape) if gate is not None else _empty(q)
             return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask, dgate
 
     def setup_context(ctx, inputs, output):
-        q, k, v, mask, gate, scale, causal, need_acc, *mods = inputs
-        mods = ScoreMods(*mods)  # the schema's window_left, window_right, softcap, alibi_slopes
+        # every schema argument, defaults filled in: the score modifiers (window_left, window_right, softcap,
+        # alibi_slopes), then deterministic, dropout_p and dropout_seed (the backward redraws the forward's dropout)
+        q, k, v, mask, gate, scale, causal, need_acc, *rest = inputs
+        mods = ScoreMods(*rest[:4])
+        ctx.deterministic, ctx.dropout_p, dropout_seed = rest[4:]
         out, lse, out_acc = output
         # delta = rowsum(dout * out) is taken from the unrounded output where there is one: the rounded
         # one breaks rowsum(dS) = 0, and with it exact zeros of dq (saturated rows, repeated keys)
-        ctx.save_for_backward(q, k, v, out_acc if with_acc(q, need_acc) else out, lse, mask, gate, mods.alibi_slopes)
+        ctx.save_for_backward(q, k, v, out_acc if with_acc(q, need_acc) else out, lse, mask, gate, mods.alibi_slopes,
+                              dropout_seed)
         ctx.scale, ctx.causal, ctx.mods = scale, causal, mods[:3]
         ctx.need_dmask = mask is not None and mask.is_floating_point() and ctx.needs_input_grad[3]
         ctx.n_inputs = len(inputs)
 
     def backward(ctx, dout, dlse, _dout_acc):
-        q, k, v, out, lse, mask, gate, alibi_slopes = ctx.saved_tensors
+        q, k, v, out, lse, mask, gate, alibi_slopes, dropout_seed = ctx.saved_tensors
         dq, dk, dv, dmask, dgate = bwd_op()(
             last_dim_contiguous(dout), q, k, v, out, lse, mask, gate, dlse,
-            ctx.scale, ctx.causal, ctx.need_dmask, *ctx.mods, alibi_slopes)
+            ctx.scale, ctx.causal, ctx.need_dmask, *ctx.mods, alibi_slopes, ctx.deterministic, ctx.dropout_p,
+            dropout_seed)
         # the slopes get no gradient (fastattn.attention refuses slopes that require one)
         return (dq, dk, dv, dmask if ctx.need_dmask else None,
                 dgate if gate is not None else None) + (None,) * (ctx.n_inputs - 5)

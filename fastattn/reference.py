@@ -21,14 +21,16 @@ __all__ = ["attention", "varlen_attention", "attention_with_kvcache", "kvcache_a
 
 
 def attention(q, k, v, attn_mask=None, causal=False, scale=None, gate=None, dropout_p=0.0,
-              return_lse=False, dropout_mask=None, window_size=(-1, -1), softcap=0.0, alibi_slopes=None):
+              return_lse=False, dropout_mask=None, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+              dropout_seed=None):
     """out = softmax(scale·q·kᵀ + bias) · v [⊙ sigmoid(gate)], shapes as ``fastattn.attention``.
 
     q (B, Hq, Lq, D); k (B, Hkv, Lk, D); v (B, Hkv, Lk, Dv); attn_mask bool (True = attend) or float
     (added), broadcastable to (B, Hq, Lq, Lk); gate broadcastable to (B, Hq, Lq, Dv). Returns out
     (B, Hq, Lq, Dv) in q's dtype, and lse (B, Hq, Lq) in float32 (float64 for float64 q) when
-    ``return_lse``. A row with no allowed key gives out = 0 and lse = -inf. ``dropout_mask`` (bool,
-    broadcastable to the scores, True = keep) replaces the random draw, for tests.
+    ``return_lse``. A row with no allowed key gives out = 0 and lse = -inf. Dropout keeps the weights
+    ``dropout_mask`` names (bool, broadcastable to the scores, True = keep), else those the kernels keep
+    for ``dropout_seed`` (an int64 tensor of one element: contract.dropout_keep), else a draw of torch.rand.
 
     Score modifiers, in this order: ``softcap`` c > 0 caps the scaled scores to c·tanh(s/c); the float mask
     is added; ``alibi_slopes`` ((Hq,) or (B, Hq)) add -slope·|i + Lk - Lq - j|; ``window_size`` = (left,
@@ -68,7 +70,9 @@ def attention(q, k, v, attn_mask=None, causal=False, scale=None, gate=None, drop
     lse = lse.squeeze(-1)
 
     if dropout_p > 0.0 or dropout_mask is not None:
-        if dropout_mask is None:
+        if dropout_mask is None and dropout_seed is not None:
+            dropout_mask = contract.dropout_keep(int(dropout_seed), dropout_p, B, Hq, Lq, Lk, q.device)
+        elif dropout_mask is None:
             dropout_mask = torch.rand_like(p) >= dropout_p
         p = contract.dropout_weights(p, dropout_mask, dropout_p)
 

@@ -8,6 +8,7 @@ reproduces; set FASTATTN_TEST_SEED to draw other values.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import os
@@ -136,6 +137,7 @@ class AttentionCase:
     window: tuple = (-1, -1)             # score modifiers (fastattn.attention): window_size,
     softcap: float = 0.0                 # softcap,
     alibi: str = "none"                  # and alibi_slopes: none, heads (Hq,), batch (B, Hq)
+    dropout: float = 0.0                 # dropout_p, the seed drawn after torch.manual_seed(DROPOUT_SEED)
 
     @property
     def score_mods(self) -> frozenset:
@@ -153,7 +155,8 @@ class AttentionCase:
                            (self.masked_rows, "emptyrows"), (self.layout != "bhld", self.layout),
                            (self.lse_grad, "dlse"), (self.scale is not None, f"scale{self.scale}"),
                            (self.window != (-1, -1), "window{}_{}".format(*self.window)),
-                           (self.softcap != 0, f"softcap{self.softcap}"), (self.alibi != "none", "alibi-" + self.alibi)):
+                           (self.softcap != 0, f"softcap{self.softcap}"), (self.alibi != "none", "alibi-" + self.alibi),
+                           (self.dropout != 0, f"dropout{self.dropout}")):
             if flag:
                 parts.append(name)
         return "-".join(parts)
@@ -212,6 +215,19 @@ def _as_layout(x, layout):
     return x.contiguous()
 
 
+DROPOUT_SEED = 20240917  # torch.manual_seed of every attention run: dropout's Philox seed follows from it
+
+
+@contextlib.contextmanager
+def seeded(seed, device):
+    """torch.manual_seed(seed) inside the block, the generators of the CPU and ``device`` restored after it: every
+    run of a case (backend, references) draws the same dropout seed."""
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
 def _run_attention(case, t, dtype, device, backend):
     """Runs forward and backward in ``dtype``; returns {name: tensor} of outputs and gradients."""
     leaf = {}
@@ -228,10 +244,12 @@ def _run_attention(case, t, dtype, device, backend):
     if gate is not None:
         gate = leaf["gate"] = fresh(gate, device, dtype).requires_grad_()
     alibi = t.get("alibi")
-    out, lse = functional.attention(leaf["q"], leaf["k"], leaf["v"], attn_mask=mask, causal=case.causal,
-                                    gate=gate, scale=case.scale, return_lse=True, backend=backend,
-                                    window_size=case.window, softcap=case.softcap,
-                                    alibi_slopes=None if alibi is None else alibi.to(device))
+    with seeded(DROPOUT_SEED, device):
+        out, lse = functional.attention(leaf["q"], leaf["k"], leaf["v"], attn_mask=mask, causal=case.causal,
+                                        gate=gate, scale=case.scale, return_lse=True, backend=backend,
+                                        window_size=case.window, softcap=case.softcap,
+                                        alibi_slopes=None if alibi is None else alibi.to(device),
+                                        dropout_p=case.dropout)
     outputs = [out]
     grads = [t["dout"].to(device, dtype)]
     if case.lse_grad:
@@ -272,11 +290,26 @@ _SCORE_MOD_CASES_QUICK = [
     AttentionCase(Hq=4, Hkv=2, Lq=33, Lk=47, D=64, causal="bottom_right", window=(6, 0), softcap=5.0, alibi="batch",
                   gate="headwise", mask="bool"),
 ]
+# Dropout: with masks, gates, GQA, lse's gradient, empty rows, several tiles, the score modifiers; p = 1 drops all
+_DROPOUT_CASES = [
+    AttentionCase(Lq=97, Lk=131, D=59, causal="bottom_right", mask="float_grad", gate="elementwise", dropout=0.3),
+    AttentionCase(B=1, Hq=4, Hkv=2, Lq=260, Lk=260, D=32, causal=True, lse_grad=True, dropout=0.1),  # tiles
+    AttentionCase(Lq=37, Lk=37, D=40, mask="bool", masked_rows=True, gate="headwise", dropout=0.5),
+    AttentionCase(Lq=29, Lk=45, D=48, mask="float_bcast", window=(9, 3), softcap=2.0, alibi="heads", dropout=0.2),
+    AttentionCase(Lq=19, Lk=23, D=16, dropout=1.0),
+]
+_DROPOUT_CASES_QUICK = [
+    AttentionCase(Lq=29, Lk=45, D=48, causal="bottom_right", mask="float_grad", gate="elementwise", lse_grad=True,
+                  dropout=0.3),
+    AttentionCase(Hq=4, Hkv=2, Lq=33, Lk=47, D=64, mask="float_bcast", window=(6, 0), dropout=0.5),
+    AttentionCase(Lq=19, Lk=23, D=16, dropout=1.0),
+]
 
 
-def attention_cases(quick=False, score_mods=contract.ScoreMods.NAMES):
+def attention_cases(quick=False, score_mods=contract.ScoreMods.NAMES, dropout=True):
     """The attention sweep of docs/CONTRACT.md §4: odd sizes x causal modes x masks x gates x GQA x layouts x score
-    modifiers; only the cases whose modifiers are among ``score_mods`` (those a backend has)."""
+    modifiers x dropout; only the cases whose modifiers are among ``score_mods`` and, unless ``dropout``, without
+    dropout (what a backend has)."""
     shapes = [(1, 1, 64), (17, 17, 40), (97, 97, 59), (113, 203, 64), (203, 113, 128)]
     if quick:
         shapes = [(1, 1, 64), (17, 17, 40), (113, 203, 64)]
@@ -312,7 +345,8 @@ def attention_cases(quick=False, score_mods=contract.ScoreMods.NAMES):
             AttentionCase(Lq=113, Lk=203, D=128, causal="bottom_right"),               # several tiles
         ]
     cases += _SCORE_MOD_CASES_QUICK if quick else _SCORE_MOD_CASES
-    return [c for c in cases if c.score_mods <= frozenset(score_mods)]
+    cases += _DROPOUT_CASES_QUICK if quick else _DROPOUT_CASES
+    return [c for c in cases if c.score_mods <= frozenset(score_mods) and (dropout or not c.dropout)]
 
 
 HEAD_DIMS = (16, 32, 64, 128, 256)

@@ -114,16 +114,18 @@ def _attention_scenarios(dtype, D):
     with one); bool: key-padding
     bool mask, headwise gate, causal top-left; dq-split: full with q from expand (the dQ kernel's dS in two parts);
     mods: full with every score modifier (a two-sided window, softcap, ALiBi slopes (B, Hq)), at the long query
-    side, bf16 and fp32; mods-bcast: bcast so (--full). Long sequences keep every config with BLOCK_M > 16; a
+    side, bf16 and fp32; mods-bcast: bcast so (--full); dropout, dropout-bcast: full and bcast with dropout, likewise;
+    mods-dropout: mods with dropout too (--full). Long sequences keep every config with BLOCK_M > 16; a
     16-row query side keeps the decode configs."""
     import torch
     from fastattn.contract import ScoreMods
     from fastattn.triton_kernels import attention as A
     mk = lambda *s, dt=dtype: torch.empty(*s, dtype=dt, device="meta")
     all_mods = ScoreMods(100, 7, 30.0, mk(2, 4, dt=torch.float32))
+    dropout = (0.1, mk((), dt=torch.int64))
 
     def run(Lq, Lk, Hkv, mask_shapes, gate, causal, bool_mask=False, inference=False, train=True, q_rows=None,
-            mods=ScoreMods()):
+            mods=ScoreMods(), drop=(0.0, None)):
         B, Hq = 2, 4
         q, k, v = mk(B, Hq, Lq, D), mk(B, Hkv, Lk, D), mk(B, Hkv, Lk, D)
         if q_rows:  # q from expand: its gradient sums rows
@@ -132,16 +134,16 @@ def _attention_scenarios(dtype, D):
         mdt = torch.bool if bool_mask else dtype
         m0 = mk(*mask_shapes[0], dt=mdt) if mask_shapes else None
         if inference:  # the forward no backward follows: no out_acc, one P V GEMM
-            A.attention_fwd(q, k, v, m0, g, 0.125, causal, need_acc=False, mods=mods)
+            A.attention_fwd(q, k, v, m0, g, 0.125, causal, need_acc=False, mods=mods, dropout=drop)
         if not train:
             return
-        out, lse, out_acc = A.attention_fwd(q, k, v, m0, g, 0.125, causal, mods=mods)
+        out, lse, out_acc = A.attention_fwd(q, k, v, m0, g, 0.125, causal, mods=mods, dropout=drop)
         o = out_acc if out_acc.numel() else out
         dlse = mk(B, Hq, Lq, dt=torch.float32) if mask_shapes else None
         for shape in mask_shapes or [None]:
             m = mk(*shape, dt=mdt) if shape else None
             A.attention_bwd(mk(B, Hq, Lq, D), q, k, v, o, lse, m, g, dlse, 0.125, causal,
-                            m is not None and not bool_mask, mods)
+                            m is not None and not bool_mask, mods, drop)
 
     for Lq, Lk in ((1024, 1024), (16, 1024)):
         yield "full", None, lambda Lq=Lq, Lk=Lk: run(Lq, Lk, 2, [(2, 4, Lq, Lk)], (2, 4, Lq, D), 2)
@@ -159,6 +161,11 @@ def _attention_scenarios(dtype, D):
             yield "mods", None, lambda Lq=Lq: run(Lq, Lq, 2, [(2, 4, Lq, Lq)], (2, 4, Lq, D), 2, mods=all_mods)
             yield "mods-bcast", {"_attn_bwd_dmask"}, lambda Lq=Lq: run(Lq, Lq, 2, [(1, 1, Lq, Lq), (2, 1, 1, Lq)],
                                                                        (2, 4, Lq, D), 2, mods=all_mods)
+            yield "dropout", None, lambda Lq=Lq: run(Lq, Lq, 2, [(2, 4, Lq, Lq)], (2, 4, Lq, D), 2, drop=dropout)
+            yield "dropout-bcast", {"_attn_bwd_dmask"}, lambda Lq=Lq: run(
+                Lq, Lq, 2, [(1, 1, Lq, Lq), (2, 1, 1, Lq)], (2, 4, Lq, D), 2, drop=dropout)
+            yield "mods-dropout", None, lambda Lq=Lq: run(Lq, Lq, 2, [(2, 4, Lq, Lq)], (2, 4, Lq, D), 2, mods=all_mods,
+                                                          drop=dropout)
 
 
 def _decode_scenarios(dtype, D):
@@ -246,9 +253,9 @@ def _gate_scenarios(dtype, D):
 
 
 # variants compiled by default; --full adds the others (their specialisations are lighter than full's)
-CI_VARIANTS = {"full", "bcast", "light", "varlen", "gate-plain", "gate-full", "decode", "mods"}
+CI_VARIANTS = {"full", "bcast", "light", "varlen", "gate-plain", "gate-full", "decode", "mods", "dropout"}
 ALL_VARIANTS = CI_VARIANTS | {"plain", "bool", "decode-contig", "varlen-infer", "gate-plain-fp16", "gate-full-fp16",
-                             "dq-split", "mods-bcast"}
+                             "dq-split", "mods-bcast", "dropout-bcast", "mods-dropout"}
 
 
 # --------------------------------------------------------------------------------------- specialising

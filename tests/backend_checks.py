@@ -88,6 +88,45 @@ def repeated_keys_keep_dq_exact(backend, device):
         assert_all_ok(fuzz.check_attention(case, backend, device), case.id)
 
 
+# Many key tiles of 64 (more than the cuda kernels' 8 dq slices: a block walks several), GQA, a float mask broadcast
+# over batch and heads (its gradient a sum over them) and a gate: every gradient a sum some kernel might reorder
+DETERMINISM_CASE = AttentionCase(B=2, Hq=2, Hkv=1, Lq=70, Lk=600, D=64, causal="bottom_right", mask="float_bcast",
+                                 gate="elementwise")
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(on=True):
+    """torch.use_deterministic_algorithms(on) inside the block (fastattn.attention's deterministic=None follows it);
+    warn_only, or the reference's matmuls on a GPU would want CUBLAS_WORKSPACE_CONFIG set before the process began."""
+    old, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(on, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(old, warn_only=warn_only)
+
+
+def gradients(backend, dtype, device="cpu", deterministic=True, case=DETERMINISM_CASE):
+    """The gradients of one forward and backward of ``case`` (dq, dk, dv, dmask, dgate), with torch's
+    deterministic setting ``deterministic``."""
+    with deterministic_algorithms(deterministic):
+        res = testing._run_attention(case, case.inputs(dtype), dtype, device, backend)
+    return {n: x for n, x in res.items() if n.startswith("d")}
+
+
+def same_bits(a, b):
+    """Whether two gradients() results are bitwise the same."""
+    return a.keys() == b.keys() and all(torch.equal(a[n].contiguous().view(torch.uint8), b[n].contiguous().view(torch.uint8))
+                                        for n in a)
+
+
+def backward_is_bitwise_repeatable(backend, dtype, device="cpu", runs=50):
+    """deterministic: ``runs`` backwards give bitwise the same gradients."""
+    first = gradients(backend, dtype, device)
+    for run in range(1, runs):
+        assert same_bits(first, gradients(backend, dtype, device)), f"run {run} differs from run 0"
+
+
 def rand(*shape, seed, device="cpu", dtype=torch.float32, requires_grad=False):
     t = torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
     return t.to(device, dtype).requires_grad_(requires_grad)
@@ -207,12 +246,12 @@ def attention_samples(device="cpu", dtype=torch.float32, D=16, Dv=8):
 
 def opcheck_attention(prefix, sample, device="cpu", dtype=torch.float32, D=16, Dv=8, score_mods=False):
     """opcheck of ``<prefix>attention_fwd`` on ``attention_samples()[sample]`` and of its backward; with
-    ``score_mods``, both take a window, a softcap and ALiBi slopes too."""
+    ``score_mods``, both take a window, a softcap, ALiBi slopes and deterministic=True too (every argument)."""
     ops = torch.ops.fastattn
     fwd, bwd = getattr(ops, prefix + "attention_fwd"), getattr(ops, prefix + "attention_bwd")
     samples = attention_samples(device, dtype, D, Dv)
     slopes = torch.rand(2, 4, generator=torch.Generator().manual_seed(7)).to(device, fastattn.contract.stat_dtype(dtype))
-    mods = (3, 1, 2.5, slopes) if score_mods else ()
+    mods = (3, 1, 2.5, slopes, True) if score_mods else ()
     torch.library.opcheck(fwd.default, samples[sample] + (True,) * bool(mods) + mods)
     q, k, v, mask, gate, scale, causal = samples[1]
     out, lse, _ = fwd(q, k, v, mask, gate, scale, causal, True, *mods)
@@ -317,7 +356,7 @@ def cuda_attention_cases():
     """The sweep of fastattn.testing moved onto what csrc/cuda covers (float16 / bfloat16, D == Dv in
     {64, 128}), plus shapes that cross several tiles of both kernels (128-query forward tiles, 64-key
     backward tiles, the K/V and Q/dO double buffers) and GQA groups: on a GPU and under the emulation."""
-    cases = attention_cases(score_mods=CudaBackend.score_mods) + [
+    cases = attention_cases(score_mods=CudaBackend.score_mods, dropout=CudaBackend.dropout) + [
         AttentionCase(B=1, Hq=2, Lq=300, Lk=517, D=128),                                   # tails of both tiles
         AttentionCase(B=1, Hq=2, Lq=517, Lk=300, D=64, causal="bottom_right"),             # empty leading rows
         AttentionCase(B=1, Hq=2, Lq=1023, Lk=1023, D=64, causal=True),                     # many tiles, diagonal

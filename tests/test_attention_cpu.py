@@ -49,6 +49,11 @@ def test_broadcast_mask_gradient(dtype):
     bc.broadcast_mask_gradient("cpu", dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_backward_is_bitwise_repeatable(dtype):
+    bc.backward_is_bitwise_repeatable("cpu", dtype)
+
+
 def test_fully_masked_rows_are_zero_without_nan():
     bc.fully_masked_rows_are_zero_without_nan("cpu")
 
@@ -57,10 +62,10 @@ def test_transposed_inputs_are_not_copied(monkeypatch):
     bc.transposed_inputs_are_not_copied(monkeypatch, "cpu", "attention_fwd")
 
 
-def test_auto_picks_cpu_and_reference_for_dropout():
+def test_auto_picks_cpu_with_dropout_and_reference_past_its_head_dims():
     from fastattn.backends import Problem, select
     assert select("auto", Problem("attention", "cpu", torch.float32, D=64, Dv=64)).name == "cpu"
-    assert select("auto", Problem("attention", "cpu", torch.float32, D=64, Dv=64, dropout=True)).name == "reference"
+    assert select("auto", Problem("attention", "cpu", torch.float32, D=64, Dv=64, dropout=True)).name == "cpu"
     assert select("auto", Problem("attention", "cpu", torch.float32, D=512, Dv=512)).name == "reference"
     info = fastattn.backends()
     assert info["cpu"]["available"] and info["reference"]["available"]
@@ -128,3 +133,15 @@ def test_cuda_backend_refuses_what_its_kernels_do_not_cover():
               Problem("attention", "cuda", torch.bfloat16, D=96, Dv=96),
               Problem("attention", "cuda", torch.float32, D=64, Dv=64)):
         assert cuda.unsupported(p)
+
+
+def test_dropout_is_reproducible_and_fresh_each_call():
+    """The seed comes from torch's generator: torch.manual_seed repeats a call's dropout, the next call drops
+    other weights, and dropout_p = 0 drops none."""
+    q, k, v = (bc.rand(2, 3, 40, 16, seed=s) for s in (1, 2, 3))
+    run = lambda p: fastattn.attention(q, k, v, dropout_p=p, backend="cpu")
+    torch.manual_seed(3)
+    first, second = run(0.5), run(0.5)
+    torch.manual_seed(3)
+    assert torch.equal(run(0.5), first) and not torch.equal(first, second)
+    assert not torch.equal(first, run(0.0)) and torch.equal(run(0.0), fastattn.attention(q, k, v, backend="cpu"))

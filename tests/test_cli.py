@@ -280,11 +280,12 @@ def test_check_plans_only_cases_each_backend_covers(quick):
             cases = check._cases("attention", quick, name, dt, torch.device(dev))
             refused = [c.id for c in cases
                        if _BACKENDS[name].unsupported(Problem("attention", dev, dt, D=c.D, Dv=c.Dv or c.D,
-                                                              score_mods=c.score_mods))]
+                                                              score_mods=c.score_mods, dropout=c.dropout > 0))]
             assert not refused, f"{name}: {refused}"
             assert len(cases) > 0.7 * len(testing.attention_cases(quick=quick)), name
     assert check._cases("attention", quick, "triton", torch.bfloat16, torch.device("cuda")) == \
-        testing.attention_cases(quick=quick, score_mods=_BACKENDS["triton"].score_mods)
+        testing.attention_cases(quick=quick, score_mods=_BACKENDS["triton"].score_mods,
+                                dropout=_BACKENDS["triton"].dropout)
     assert check._cases("attention", quick, "cpu", torch.bfloat16, torch.device("cpu")) == \
         testing.attention_cases(quick=quick)
 

@@ -91,6 +91,14 @@ def test_repeated_keys_keep_dq_exact():
     bc.repeated_keys_keep_dq_exact("cuda", "cuda")
 
 
+def test_deterministic_backward():
+    """deterministic: 50 backwards bitwise alike (dq without atomics), and right (torch's setting on, which
+    fastattn.attention follows)."""
+    bc.backward_is_bitwise_repeatable("cuda", torch.bfloat16, "cuda")
+    with bc.deterministic_algorithms():
+        assert_all_ok(check_attention(bc.DETERMINISM_CASE, torch.bfloat16, backend="cuda", device="cuda"))
+
+
 def test_fully_masked_rows_are_zero_without_nan():
     bc.fully_masked_rows_are_zero_without_nan("cuda", "cuda", torch.float16, D=64)
 

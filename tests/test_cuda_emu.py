@@ -187,6 +187,46 @@ def test_other_architectures_and_thread_orders(arch, schedule):
         assert_all_ok(check_attention(case, torch.bfloat16, backend="cuda_emu"), case.id)
 
 
+@pytest.mark.parametrize("case", [bc.DETERMINISM_CASE, AttentionCase(B=1, Hq=3, Hkv=3, Lq=40, Lk=530, D=128)],
+                         ids=["mask-gate-gqa-D64", "plain-D128"])
+def test_deterministic_backward_matches_reference(case):
+    """The deterministic kernels (their own, with the score modifiers' code: here with no modifier) against the
+    reference, with torch's deterministic setting on (which fastattn.attention follows by default)."""
+    with bc.deterministic_algorithms():
+        assert_all_ok(check_attention(case, torch.bfloat16, backend="cuda_emu"), case.id)
+
+
+def test_deterministic_backward_is_the_same_in_any_block_order():
+    """deterministic: bitwise the same gradients whatever order the blocks run in (as a GPU may run them); without
+    it, dq and the broadcast mask's gradient are float atomics, whose sums differ with the order (which shows the
+    comparison can tell)."""
+    def grads(deterministic, schedule):
+        with cuda_emu.settings(schedule=schedule):
+            return bc.gradients("cuda_emu", torch.float16, deterministic=deterministic)
+
+    first = grads(True, 0)
+    for schedule in (1, 2 + 3, 2 + 11):
+        assert bc.same_bits(first, grads(True, schedule)), schedule
+    atomic = grads(False, 0)
+    assert not bc.same_bits(atomic, grads(False, 2 + 3))
+
+
+def test_deterministic_argument_overrides_torch():
+    """deterministic=True with torch's setting off, and False with it on: the argument decides."""
+    case = bc.DETERMINISM_CASE
+    t = case.inputs(torch.float16)
+
+    def run(deterministic, schedule):
+        q, k, v = (t[n].half().requires_grad_() for n in "qkv")
+        with bc.deterministic_algorithms(not deterministic), cuda_emu.settings(schedule=schedule):
+            out = fastattn.attention(q, k, v, causal=case.causal, backend="cuda_emu", deterministic=deterministic)
+            out.backward(t["dout"].half())
+        return {"dq": q.grad}
+
+    assert bc.same_bits(run(True, 0), run(True, 2 + 3))
+    assert not bc.same_bits(run(False, 0), run(False, 2 + 3))
+
+
 # ------------------------------------------------------------------------------------- mutations
 # Known bugs, planted one at a time in a copy of csrc/cuda: (id, file, text, replacement). Each must
 # make the emulation fail the case below (an error of its checks, or a result outside docs/CONTRACT.md §4).

@@ -32,7 +32,7 @@ ATTENTION_ERRORS = [
     ("scale", dict(scale=float("nan")), ValueError, "scale: expected a finite"),
     ("dropout", dict(dropout_p=1.5), ValueError, r"dropout_p: expected a number in \[0, 1\]"),
     ("backend-name", dict(backend="tpu"), ValueError, "backend: expected 'auto' or one of"),
-    ("backend-dropout", dict(backend="cpu", dropout_p=0.1), RuntimeError, "backend='cpu' cannot run"),
+    ("backend-dropout", dict(backend="cuda", dropout_p=0.1), RuntimeError, "backend='cuda' cannot run"),
     ("backend-headdim", dict(backend="cpu", q=t(1, 1, 4, 300), k=t(1, 1, 4, 300), v=t(1, 1, 4, 300)),
      RuntimeError, "head dims up to 256"),
     ("backend-device", dict(backend="cuda"), RuntimeError, "backend='cuda' cannot run"),
@@ -48,6 +48,7 @@ ATTENTION_ERRORS = [
     ("alibi-grad", dict(alibi_slopes=t(4).requires_grad_()), ValueError, "alibi_slopes: ALiBi's slopes get no"),
     ("alibi-device", dict(alibi_slopes=torch.empty(4, device="meta")), ValueError,
      "alibi_slopes: expected the same device as q"),
+    ("deterministic", dict(deterministic=1), TypeError, r"deterministic: expected True, False or None"),
 ]
 
 

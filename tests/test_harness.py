@@ -32,13 +32,23 @@ class _Broken(B.Backend):
     def __init__(self, bug):
         self.name, self.bug, self.real = "broken_" + bug, bug, B._BACKENDS["cpu"]
 
-    def attention(self, q, k, v, mask, gate, scale, causal, dropout_p, grad, mods=ScoreMods()):
+    def attention(self, q, k, v, mask, gate, scale, causal, dropout_p, grad, mods=ScoreMods(), deterministic=False,
+                  dropout_seed=None):
         if self.bug == "window" and mods.window_left >= 0:  # one key further back than asked
             mods = mods._replace(window_left=mods.window_left + 1)
         elif self.bug == "softcap_grad" and mods.softcap:  # the capped forward, the gradient of the uncapped one
-            capped = self.real.attention(q, k, v, mask, gate, scale, causal, dropout_p, grad, mods)
-            plain = self.real.attention(q, k, v, mask, gate, scale, causal, dropout_p, grad, mods._replace(softcap=0.0))
+            capped = self.real.attention(q, k, v, mask, gate, scale, causal, dropout_p, grad, mods, deterministic,
+                                         dropout_seed)
+            plain = self.real.attention(q, k, v, mask, gate, scale, causal, dropout_p, grad, mods._replace(softcap=0.0),
+                                        deterministic, dropout_seed)
             return tuple(c.detach() + p - p.detach() for c, p in zip(capped, plain))
+        elif self.bug == "dropout_seed" and dropout_seed is not None:  # the backward draws another mask
+            fwd_seed, bwd_seed = dropout_seed, dropout_seed + 1
+            out, lse = self.real.attention(q, k, v, mask, gate, scale, causal, dropout_p, grad, mods, deterministic,
+                                           fwd_seed)
+            other, _ = self.real.attention(q, k, v, mask, gate, scale, causal, dropout_p, grad, mods, deterministic,
+                                           bwd_seed)
+            return out.detach() + other - other.detach(), lse
         elif self.bug == "dq":
             q = _ScaleGrad.apply(q, 1.05)
         elif self.bug == "dgate" and gate is not None:
@@ -53,7 +63,8 @@ class _Broken(B.Backend):
             mask = shifted if mask is None else (mask & shifted if mask.dtype == torch.bool
                                                  else mask.masked_fill(~shifted, float("-inf")))
             causal = 0
-        return self.real.attention(q, k, v, mask, gate, scale, causal, dropout_p, grad, mods)
+        return self.real.attention(q, k, v, mask, gate, scale, causal, dropout_p, grad, mods, deterministic,
+                                   dropout_seed)
 
     def softmax_gate(self, scores, x, mask, pool):
         if self.bug == "dscores":
@@ -84,6 +95,7 @@ ATTENTION_BUGS = {
     "diagonal": (AttentionCase(Lq=13, Lk=13, D=16, causal=True), "out"),
     "window": (AttentionCase(Lq=13, Lk=13, D=16, causal=True, window=(3, -1)), "out"),
     "softcap_grad": (AttentionCase(Lq=13, Lk=17, D=16, softcap=1.0, scale=2.0), "dk"),
+    "dropout_seed": (AttentionCase(Lq=13, Lk=17, D=16, dropout=0.4), "dv"),
 }
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastattn import reference
+from fastattn import contract, reference
 
 f64 = dict(dtype=torch.float64)
 
@@ -105,6 +105,42 @@ def test_dropout_with_given_mask():
     torch.testing.assert_close(got, p @ v)
     torch.manual_seed(0)
     assert not torch.equal(reference.attention(q, k, v, dropout_p=0.5), reference.attention(q, k, v))
+
+
+# Random123's known-answer vectors of Philox4x32-10 (kat_vectors): counter, key, the four output words
+PHILOX_KAT = [((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+              ((0xFFFFFFFF,) * 4, (0xFFFFFFFF, 0xFFFFFFFF), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+              ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+               (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1))]
+
+
+@pytest.mark.parametrize("counter, key, words", PHILOX_KAT)
+def test_philox_known_answers(counter, key, words):
+    got = contract.philox4x32_10([torch.tensor([c]) for c in counter], key)
+    assert tuple(int(w) for w in got) == words
+
+
+def test_dropout_keep_layout():
+    """Weight (b, h, i, j) takes word j % 4 of the counter (j // 4, i, h, b) under the seed's two halves; kept
+    when the word is at least floor(p * 2^32); p = 0 keeps all, p = 1 none."""
+    seed, p = -0x123456789ABCDEF, 0.4  # negative: its two's complement bits, as the kernels read the int64
+    keep = contract.dropout_keep(seed, p, 2, 3, 5, 11)
+    u = seed & (2**64 - 1)
+    for b, h, i, j in [(0, 0, 0, 0), (1, 2, 4, 10), (1, 0, 3, 7), (0, 2, 1, 5)]:
+        words = contract.philox4x32_10([torch.tensor([x]) for x in (j // 4, i, h, b)], (u & 0xFFFFFFFF, u >> 32))
+        assert bool(keep[b, h, i, j]) == (int(words[j % 4]) >= int(p * 2**32)), (b, h, i, j)
+    big = contract.dropout_keep(7, 0.3, 4, 4, 64, 64)
+    assert abs(big.float().mean().item() - 0.7) < 0.02
+    assert contract.dropout_keep(7, 0.0, 1, 2, 3, 5).all() and not contract.dropout_keep(7, 1.0, 1, 2, 3, 5).any()
+    assert not torch.equal(big, contract.dropout_keep(8, 0.3, 4, 4, 64, 64))
+
+
+def test_dropout_from_a_seed_is_the_contract_mask():
+    q, k, v = rand(2, 2, 6, 3, seed=1), rand(2, 2, 9, 3, seed=2), rand(2, 2, 9, 2, seed=3)
+    seed = torch.tensor(1234)
+    keep = contract.dropout_keep(1234, 0.3, 2, 2, 6, 9)
+    torch.testing.assert_close(reference.attention(q, k, v, dropout_p=0.3, dropout_seed=seed),
+                               reference.attention(q, k, v, dropout_p=0.3, dropout_mask=keep))
 
 
 def test_reference_gradcheck():

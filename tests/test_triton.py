@@ -33,7 +33,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 # Interpreted kernels are ~1000x slower: the quick sweep plus the cases that only the full one has
 # (head dims past 64, non-powers of two, D != Dv with a gate, a float bias at D 256).
-ATTN_CASES = attention_cases(quick=INTERPRET, score_mods=TritonBackend.score_mods) + [
+ATTN_CASES = attention_cases(quick=INTERPRET, score_mods=TritonBackend.score_mods, dropout=TritonBackend.dropout) + [
     AttentionCase(Hq=4, Hkv=2, Lq=17, Lk=33, D=111, Dv=96, causal=True, gate="headwise"),
     AttentionCase(Lq=9, Lk=21, D=256, mask="float_grad", lse_grad=True),
     AttentionCase(Lq=40, Lk=40, D=96, causal="bottom_right", mask="bool", layout="blhd"),
@@ -538,3 +538,9 @@ def test_check_cli_covers_the_dtypes_triton_supports(capsys):
     out = capsys.readouterr().out
     assert "fp32" in out and "bf16" in out and "fp64" not in out
 
+
+
+@pytest.mark.skipif(INTERPRET, reason="the interpreter runs the programs one after another: only a GPU reorders them")
+def test_backward_is_bitwise_repeatable():
+    """No atomics in these kernels: 50 backwards, the same bits."""
+    bc.backward_is_bitwise_repeatable("triton", torch.bfloat16, DEVICE)

@@ -18,6 +18,11 @@ window alike, WINDOWED with lo_off from below), key tiles outside it skipped; SO
 backward takes dS through the cap; HAS_ALIBI reads the slopes (float32). _mask_scores applies all of them. With a
 window or a cap the kernels visit their key (query) tiles in one loop, every tile masked, where the causal split
 takes two (those spilled, scripts/check_triton_aot.py). Packed sequences take none yet.
+Dropout (DROPOUT; the ops' dropout_p, dropout_seed): _dropout_kept draws each tile's Philox words again wherever a
+kernel needs P (forward, dK/dV, dQ, broadcast dmask), from the seed tensor on the device; no mask is stored. One
+Philox per key, of which the key's word is kept: three of four words go unused, but drawing one per four keys and
+interleaving them (tl.join, permute, reshape) held more registers and spilled more (dK/dV 16x128 at D 128: 176 B
+against 44). Launches with dropout take configs of their own where the others spilled (configs.py: dropout=).
 Backward takes out = the forward's out_acc where it has one (float32), else out; lse as the forward
 wrote it, dlse = the gradient of that log2-unit lse; returns (dq, dk, dv, dmask, dgate): dmask =
 dL/dmask in the mask's own shape and dtype when need_dmask (dS summed over the mask's broadcast dims in
@@ -105,6 +110,10 @@ MASK_NONE: tl.constexpr = tl.constexpr(contract.MASK_NONE)
 MASK_BOOL: tl.constexpr = tl.constexpr(contract.MASK_BOOL)
 MASK_BIAS: tl.constexpr = tl.constexpr(contract.MASK_BIAS)
 CAUSAL_BR: tl.constexpr = tl.constexpr(contract.CAUSAL_BOTTOM_RIGHT)
+PHILOX_M0: tl.constexpr = tl.constexpr(contract.PHILOX_M[0])
+PHILOX_M1: tl.constexpr = tl.constexpr(contract.PHILOX_M[1])
+PHILOX_W0: tl.constexpr = tl.constexpr(contract.PHILOX_W[0])
+PHILOX_W1: tl.constexpr = tl.constexpr(contract.PHILOX_W[1])
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -139,6 +148,41 @@ def _mask_scores(s, p_mask, i2, j2, Lq, Lk, stride_mi, stride_mj, causal_off, lo
     if ALIBI:  # distance to the bottom-right diagonal
         s = s - slope2 * tl.abs(i2 + (Lk - Lq) - j2).to(tl.float32)
     return tl.where(ok, s, float("-inf")), dcap
+
+
+@triton.jit
+def _dropout_kept(offs_m, start_n, b, h, SEED, drop_thr, BLOCK_N: tl.constexpr, KEYS_ON_ROWS: tl.constexpr):
+    """Dropout's verdicts (1.0 kept, 0.0 dropped) on the tile of query rows offs_m and keys start_n + [0, BLOCK_N):
+    [BLOCK_M, BLOCK_N], or [BLOCK_N, BLOCK_M] with KEYS_ON_ROWS (the dK/dV kernel's transposed tiles). Key j of row i
+    takes word j % 4 of Philox4x32-10 at counter (j // 4, i, h, b) under key (the seed's low, high 32 bits), kept
+    when at least drop_thr (csrc/attention_contract.h's dropout_words and dropout_kept: the same bits). The seed is
+    read from SEED, on the device (no host sync)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    if KEYS_ON_ROWS:
+        i2 = offs_m[None, :]
+        j2 = offs_n[:, None]
+    else:
+        i2 = offs_m[:, None]
+        j2 = offs_n[None, :]
+    seed = tl.load(SEED).to(tl.int64)
+    k0 = seed.to(tl.uint32)
+    k1 = (seed >> 32).to(tl.uint32)
+    zero = (i2 * 0 + j2 * 0).to(tl.uint32)
+    c0 = zero + (j2 >> 2).to(tl.uint32)
+    c1 = zero + i2.to(tl.uint32)
+    c2 = zero + h.to(tl.uint32)
+    c3 = zero + b.to(tl.uint32)
+    for _ in tl.static_range(10):
+        c0_, c2_ = c0, c2
+        c0 = tl.umulhi(c2_, PHILOX_M1) ^ c1 ^ k0
+        c2 = tl.umulhi(c0_, PHILOX_M0) ^ c3 ^ k1
+        c1 = c2_ * PHILOX_M1
+        c3 = c0_ * PHILOX_M0
+        k0 = k0 + PHILOX_W0
+        k1 = k1 + PHILOX_W1
+    t = j2 & 3
+    w = tl.where(t == 0, c0, tl.where(t == 1, c1, tl.where(t == 2, c2, c3)))
+    return tl.where(w.to(tl.int64) >= drop_thr, 1.0, 0.0)
 
 
 @triton.jit
@@ -206,8 +250,10 @@ def _slice_rows(s, stride_os, stride_ls, VARLEN: tl.constexpr):
 @triton.jit
 def _fwd_tiles(acc, l_i, m_i, q, p_k, p_v, p_mask, offs_m, offs_d, offs_dv, lo, hi,
                Lq, Lk, D, Dv, stride_kn, stride_vn, stride_mi, stride_mj, scale_log2, causal_off, lo_off, cap, slope2,
+               b, h, SEED, drop_thr,
                MASK_KIND: tl.constexpr, CAUSAL_TILE: tl.constexpr, WINDOW_TILE: tl.constexpr, SOFTCAP: tl.constexpr,
-               ALIBI: tl.constexpr, SPLIT_P: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+               ALIBI: tl.constexpr, DROPOUT: tl.constexpr, SPLIT_P: tl.constexpr, BLOCK_N: tl.constexpr,
+               DOT_PREC: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         # -- scores S = Q K^T, in log2 units   [BLOCK_M, BLOCK_N]
@@ -218,6 +264,8 @@ def _fwd_tiles(acc, l_i, m_i, q, p_k, p_v, p_mask, offs_m, offs_d, offs_dv, lo, 
                             lo_off, cap, slope2, MASK_KIND, CAUSAL_TILE, WINDOW_TILE, SOFTCAP, ALIBI)
         # -- online softmax update
         p, corr, l_i, m_i = online_softmax_step(s, m_i, l_i)
+        if DROPOUT:  # the weights P V takes (l_i keeps the undropped sum; 1 / (1 - p) comes in the epilogue)
+            p = p * _dropout_kept(offs_m, start_n, b, h, SEED, drop_thr, BLOCK_N, False)
         # -- O += P V   [BLOCK_M, BLOCK_DV]
         v = tl.load(p_v + offs_n[:, None] * stride_vn + offs_dv[None, :],
                     mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < Dv), other=0.0)    # [BLOCK_N, BLOCK_DV]
@@ -230,25 +278,27 @@ def _fwd_tiles(acc, l_i, m_i, q, p_k, p_v, p_mask, offs_m, offs_d, offs_dv, lo, 
 
 @triton.autotune(configs=C.FWD_CONFIGS, key=["LQ_KEY", "LK_KEY", "BLOCK_D", "BLOCK_DV", "MASK_KIND", "CAUSAL",
                                              "HAS_GATE", "STORE_ACC", "SPLIT_P", "VARLEN", "WINDOWED", "SOFTCAP",
-                                             "HAS_ALIBI"],
+                                             "HAS_ALIBI", "DROPOUT"],
                  prune_configs_by={"early_config_prune": C.prune_fwd})
 @triton.jit
-def _attn_fwd(Q, K, V, MASK, GATE, OUT, LSE, OUT_ACC, CU_Q, CU_K, ALIBI,
+def _attn_fwd(Q, K, V, MASK, GATE, OUT, LSE, OUT_ACC, CU_Q, CU_K, ALIBI, SEED,
               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
               stride_mb, stride_mh, stride_mi, stride_mj, stride_gb, stride_gh, stride_gi, stride_gc,
               stride_os, stride_om, stride_ls, stride_ab, stride_ah,
-              Hq, GROUP, Lq, Lk, D, Dv, scale_log2, causal_off, lo_off, cap, LQ_KEY, LK_KEY,
+              Hq, GROUP, Lq, Lk, D, Dv, scale_log2, causal_off, lo_off, cap, drop_thr, drop_scale, LQ_KEY, LK_KEY,
               MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_GATE: tl.constexpr, STORE_ACC: tl.constexpr,
               SPLIT_P: tl.constexpr, VARLEN: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
-              HAS_ALIBI: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+              HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
               DOT_PREC: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """OUT, OUT_ACC: slice and row strides stride_os, stride_om in rows of Dv; LSE: slice stride stride_ls when
     packed (see _out_rows). Score modifiers (_mask_scores): CAUSAL bounds keys from above (the causal rule, a
     right window or both: causal_off), WINDOWED from below (lo_off); SOFTCAP caps at cap; HAS_ALIBI reads the
-    slopes ALIBI[b * stride_ab + h * stride_ah]. Packed sequences take none of them."""
+    slopes ALIBI[b * stride_ab + h * stride_ah]. Packed sequences take none of them. DROPOUT drops the weights
+    _dropout_kept drops (the seed at SEED, threshold drop_thr) and scales the output by drop_scale."""
     # torch.compile types a Python float argument fp64 (triton's launcher: fp32): the math stays fp32
     scale_log2 = tl.cast(scale_log2, tl.float32)
     cap = tl.cast(cap, tl.float32)
+    drop_scale = tl.cast(drop_scale, tl.float32)
     D, Dv = assume_aligned(D, ALIGN), assume_aligned(Dv, ALIGN)
     stride_qb, stride_qh, stride_qm = assume_aligned3(stride_qb, stride_qh, stride_qm, ALIGN)
     stride_kb, stride_kh, stride_kn = assume_aligned3(stride_kb, stride_kh, stride_kn, ALIGN)
@@ -293,28 +343,31 @@ def _attn_fwd(Q, K, V, MASK, GATE, OUT, LSE, OUT_ACC, CU_Q, CU_K, ALIBI,
         lo, hi = _band_keys_q(start_m, Lk, causal_off, lo_off, CAUSAL, WINDOWED, BLOCK_M, BLOCK_N)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, p_k, p_v, p_mask, offs_m, offs_d, offs_dv, lo, hi,
                                    Lq, Lk, D, Dv, stride_kn, stride_vn, stride_mi, stride_mj, scale_log2, causal_off,
-                                   lo_off, cap, slope2, MASK_KIND, CAUSAL, WINDOWED, SOFTCAP, HAS_ALIBI, SPLIT_P,
-                                   BLOCK_N, DOT_PREC)
+                                   lo_off, cap, slope2, b, h, SEED, drop_thr, MASK_KIND, CAUSAL, WINDOWED, SOFTCAP,
+                                   HAS_ALIBI, DROPOUT, SPLIT_P, BLOCK_N, DOT_PREC)
     elif CAUSAL:
         mid, hi = _causal_bounds_q(start_m, Lk, causal_off, BLOCK_M, BLOCK_N)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, p_k, p_v, p_mask, offs_m, offs_d, offs_dv, 0, mid,
                                    Lq, Lk, D, Dv, stride_kn, stride_vn, stride_mi, stride_mj, scale_log2, causal_off,
-                                   lo_off, cap, slope2, MASK_KIND, False, False, SOFTCAP, HAS_ALIBI, SPLIT_P, BLOCK_N,
-                                   DOT_PREC)
+                                   lo_off, cap, slope2, b, h, SEED, drop_thr, MASK_KIND, False, False, SOFTCAP,
+                                   HAS_ALIBI, DROPOUT, SPLIT_P, BLOCK_N, DOT_PREC)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, p_k, p_v, p_mask, offs_m, offs_d, offs_dv, mid, hi,
                                    Lq, Lk, D, Dv, stride_kn, stride_vn, stride_mi, stride_mj, scale_log2, causal_off,
-                                   lo_off, cap, slope2, MASK_KIND, True, False, SOFTCAP, HAS_ALIBI, SPLIT_P, BLOCK_N,
-                                   DOT_PREC)
+                                   lo_off, cap, slope2, b, h, SEED, drop_thr, MASK_KIND, True, False, SOFTCAP,
+                                   HAS_ALIBI, DROPOUT, SPLIT_P, BLOCK_N, DOT_PREC)
     else:
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, p_k, p_v, p_mask, offs_m, offs_d, offs_dv, 0, Lk,
                                    Lq, Lk, D, Dv, stride_kn, stride_vn, stride_mi, stride_mj, scale_log2, causal_off,
-                                   lo_off, cap, slope2, MASK_KIND, False, False, SOFTCAP, HAS_ALIBI, SPLIT_P, BLOCK_N,
-                                   DOT_PREC)
+                                   lo_off, cap, slope2, b, h, SEED, drop_thr, MASK_KIND, False, False, SOFTCAP,
+                                   HAS_ALIBI, DROPOUT, SPLIT_P, BLOCK_N, DOT_PREC)
 
     # -- epilogue: normalise, lse (log2 units), output gate; empty rows give 0 and -inf
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
-    o = tl.where(empty[:, None], 0.0, acc / l_safe[:, None])  # exactly 0, also where a masked value is NaN
+    o = acc / l_safe[:, None]
+    if DROPOUT:  # kept weights times 1 / (1 - p) (0 for p = 1)
+        o = o * drop_scale
+    o = tl.where(empty[:, None], 0.0, o)  # exactly 0, also where a masked value is NaN
     lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(l_safe))  # log2 units (the op's contract)
     m_row = offs_m < Lq
     m_o = m_row[:, None] & (offs_dv[None, :] < Dv)
@@ -423,11 +476,13 @@ def _attn_bwd_prep(OUT, DOUT, GATE, DLSE, LSE, DELTA, DO_GATED, DGATE, CU_Q,
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, ALIBI, b, h0, GROUP, q_slice0, offs_n, offs_d, offs_dv, lo, hi,
+def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, ALIBI, b, h0, GROUP, q_slice0, start_n_k, offs_n, offs_d, offs_dv,
+                lo, hi,
                 Lq, Lk, D, Dv, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom,
                 stride_mb, stride_mh, stride_mi, stride_mj, stride_ls, stride_ab, stride_ah, scale_log2, causal_off,
-                lo_off, cap, MASK_KIND: tl.constexpr, CAUSAL_TILE: tl.constexpr, WINDOW_TILE: tl.constexpr,
-                SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr):
+                lo_off, cap, SEED, drop_thr, drop_scale, MASK_KIND: tl.constexpr, CAUSAL_TILE: tl.constexpr,
+                WINDOW_TILE: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
     # Transposed orientation (keys along rows): the tiles dK += dS^T Q and dV += P^T dO need no transposes.
     # One flat loop over (query head h0 + g of the GQA group, query tile in [lo, hi)), pipelined as a whole:
     # a loop over heads around the loop over tiles needed ~50 more registers and spilled (GQA + mask +
@@ -460,12 +515,18 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, ALIBI, b, h0, GROUP, q_sl
                                  HAS_ALIBI)
         # masked keys (-inf) get P = 0 and dS = 0 even in a row that a NaN reached (NaN lse / delta)
         pT = tl.where(sT == float("-inf"), 0.0, tl.math.exp2(sT - lse2[None, :]))
-        # -- dV += P^T dO
-        dv = dot_acc(cast_rne(pT, do.dtype), do, dv, DOT_PREC)
+        # -- dV += (P Z)^T dO, Z dropout's factors (0 or 1 / (1 - p)), regenerated
+        if DROPOUT:
+            zT = _dropout_kept(offs_m, start_n_k, b, h, SEED, drop_thr, BLOCK_N, True) * drop_scale
+            dv = dot_acc(cast_rne(pT * zT, do.dtype), do, dv, DOT_PREC)
+        else:
+            dv = dot_acc(cast_rne(pT, do.dtype), do, dv, DOT_PREC)
         if SOFTCAP:  # dS through the cap, folded into P here: one tile fewer alive across the next dot
             pT = pT * dcapT
-        # -- dP^T = V dO^T, dS^T = P^T * (dP^T - delta)
+        # -- dP^T = V dO^T (times Z through dropout), dS^T = P^T * (dP^T - delta)
         dpT = dot_acc(v, tl.trans(do), None, DOT_PREC)
+        if DROPOUT:
+            dpT = dpT * zT
         dsT = tl.where(sT == float("-inf"), 0.0, pT * (dpT - delta[None, :]))
         # -- dK += dS^T Q (scale applied once at the end)
         dk = dot_acc(cast_rne(dsT, qT.dtype), tl.trans(qT), dk, DOT_PREC)
@@ -473,23 +534,24 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, ALIBI, b, h0, GROUP, q_sl
 
 
 @triton.autotune(configs=C.BWD_DKDV_CONFIGS, key=["LQ_KEY", "LK_KEY", "BLOCK_D", "BLOCK_DV", "MASK_KIND", "CAUSAL",
-                                                  "VARLEN", "WINDOWED", "SOFTCAP", "HAS_ALIBI"],
+                                                  "VARLEN", "WINDOWED", "SOFTCAP", "HAS_ALIBI", "DROPOUT"],
                  prune_configs_by={"early_config_prune": C.prune_dkdv})
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, MASK, DK, DV, CU_Q, CU_K, ALIBI,
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, MASK, DK, DV, CU_Q, CU_K, ALIBI, SEED,
                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                    stride_dob, stride_doh, stride_dom, stride_mb, stride_mh, stride_mi, stride_mj,
                    stride_ls, stride_dks, stride_dkn, stride_ab, stride_ah,
-                   Hq, Hkv, GROUP, Lq, Lk, D, Dv, scale, scale_log2, causal_off, lo_off, cap, LQ_KEY, LK_KEY,
-                   MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, WINDOWED: tl.constexpr,
-                   SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                   Hq, Hkv, GROUP, Lq, Lk, D, Dv, scale, scale_log2, causal_off, lo_off, cap, drop_thr, drop_scale,
+                   LQ_KEY, LK_KEY, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
+                   WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr, ALIGN: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """DK, DV: slice and row strides stride_dks, stride_dkn in rows of D / Dv (the same for both); LSE, DELTA:
-    slice stride stride_ls (see _out_rows). Score modifiers as _attn_fwd."""
+    slice stride stride_ls (see _out_rows). Score modifiers and dropout as _attn_fwd."""
     scale = tl.cast(scale, tl.float32)
     scale_log2 = tl.cast(scale_log2, tl.float32)  # fp32 under torch.compile too (see _attn_fwd)
     cap = tl.cast(cap, tl.float32)
+    drop_scale = tl.cast(drop_scale, tl.float32)
     D, Dv = assume_aligned(D, ALIGN), assume_aligned(Dv, ALIGN)
     stride_qb, stride_qh, stride_qm = assume_aligned3(stride_qb, stride_qh, stride_qm, ALIGN)
     stride_kb, stride_kh, stride_kn = assume_aligned3(stride_kb, stride_kh, stride_kn, ALIGN)
@@ -540,28 +602,32 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, MASK, DK, DV, CU_Q, CU_K, ALIBI,
         q_hi = Lq
         if WINDOWED:
             q_hi = tl.minimum(Lq, tl.maximum(start_n + BLOCK_N - lo_off, 0))
-        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, ALIBI, b, hk * GROUP, GROUP, q_slice0, offs_n,
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, ALIBI, b, hk * GROUP, GROUP, q_slice0, start_n,
+                             offs_n,
                              offs_d, offs_dv, lo, tl.maximum(q_hi, lo), Lq, Lk, D, Dv, stride_qb, stride_qh, stride_qm,
                              stride_dob, stride_doh, stride_dom, stride_mb, stride_mh, stride_mi, stride_mj, stride_ls,
-                             stride_ab, stride_ah, scale_log2, causal_off, lo_off, cap, MASK_KIND, CAUSAL, WINDOWED,
-                             SOFTCAP, HAS_ALIBI, BLOCK_M, DOT_PREC)
+                             stride_ab, stride_ah, scale_log2, causal_off, lo_off, cap, SEED, drop_thr, drop_scale,
+                             MASK_KIND, CAUSAL, WINDOWED, SOFTCAP, HAS_ALIBI, DROPOUT, BLOCK_M, BLOCK_N, DOT_PREC)
     elif CAUSAL:
-        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, ALIBI, b, hk * GROUP, GROUP, q_slice0, offs_n,
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, ALIBI, b, hk * GROUP, GROUP, q_slice0, start_n,
+                             offs_n,
                              offs_d, offs_dv, lo, mid, Lq, Lk, D, Dv, stride_qb, stride_qh, stride_qm, stride_dob,
                              stride_doh, stride_dom, stride_mb, stride_mh, stride_mi, stride_mj, stride_ls, stride_ab,
-                             stride_ah, scale_log2, causal_off, lo_off, cap, MASK_KIND, True, False, SOFTCAP, HAS_ALIBI,
-                             BLOCK_M, DOT_PREC)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, ALIBI, b, hk * GROUP, GROUP, q_slice0, offs_n,
+                             stride_ah, scale_log2, causal_off, lo_off, cap, SEED, drop_thr, drop_scale, MASK_KIND, True,
+                             False, SOFTCAP, HAS_ALIBI, DROPOUT, BLOCK_M, BLOCK_N, DOT_PREC)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, ALIBI, b, hk * GROUP, GROUP, q_slice0, start_n,
+                             offs_n,
                              offs_d, offs_dv, mid, Lq, Lq, Lk, D, Dv, stride_qb, stride_qh, stride_qm, stride_dob,
                              stride_doh, stride_dom, stride_mb, stride_mh, stride_mi, stride_mj, stride_ls, stride_ab,
-                             stride_ah, scale_log2, causal_off, lo_off, cap, MASK_KIND, False, False, SOFTCAP, HAS_ALIBI,
-                             BLOCK_M, DOT_PREC)
+                             stride_ah, scale_log2, causal_off, lo_off, cap, SEED, drop_thr, drop_scale, MASK_KIND,
+                             False, False, SOFTCAP, HAS_ALIBI, DROPOUT, BLOCK_M, BLOCK_N, DOT_PREC)
     else:
-        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, ALIBI, b, hk * GROUP, GROUP, q_slice0, offs_n,
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, ALIBI, b, hk * GROUP, GROUP, q_slice0, start_n,
+                             offs_n,
                              offs_d, offs_dv, 0, Lq, Lq, Lk, D, Dv, stride_qb, stride_qh, stride_qm, stride_dob,
                              stride_doh, stride_dom, stride_mb, stride_mh, stride_mi, stride_mj, stride_ls, stride_ab,
-                             stride_ah, scale_log2, causal_off, lo_off, cap, MASK_KIND, False, False, SOFTCAP, HAS_ALIBI,
-                             BLOCK_M, DOT_PREC)
+                             stride_ah, scale_log2, causal_off, lo_off, cap, SEED, drop_thr, drop_scale, MASK_KIND,
+                             False, False, SOFTCAP, HAS_ALIBI, DROPOUT, BLOCK_M, BLOCK_N, DOT_PREC)
 
     m_k = m_key[:, None] & (offs_d[None, :] < D)
     m_v = m_key[:, None] & (offs_dv[None, :] < Dv)
@@ -573,9 +639,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, MASK, DK, DV, CU_Q, CU_K, ALIBI,
 @triton.jit
 def _dq_tiles(dq, q, do, lse2, delta, p_k, p_v, p_mask, p_dmask, offs_m, offs_d, offs_dv, lo, hi,
               Lq, Lk, D, Dv, stride_kn, stride_vn, stride_mi, stride_mj, scale_log2, causal_off, lo_off, cap, slope2,
+              b, h, SEED, drop_thr, drop_scale,
               MASK_KIND: tl.constexpr, CAUSAL_TILE: tl.constexpr, WINDOW_TILE: tl.constexpr, SOFTCAP: tl.constexpr,
-              ALIBI: tl.constexpr, NEED_DMASK: tl.constexpr, SPLIT_DS: tl.constexpr, BLOCK_N: tl.constexpr,
-              DOT_PREC: tl.constexpr):
+              ALIBI: tl.constexpr, DROPOUT: tl.constexpr, NEED_DMASK: tl.constexpr, SPLIT_DS: tl.constexpr,
+              BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         m_key = offs_n < Lk
@@ -590,8 +657,10 @@ def _dq_tiles(dq, q, do, lse2, delta, p_k, p_v, p_mask, p_dmask, offs_m, offs_d,
         p = tl.where(s == float("-inf"), 0.0, tl.math.exp2(s - lse2[:, None]))  # as in _dkdv_tiles
         if SOFTCAP and not NEED_DMASK:  # dS through the cap, folded into P (as in _dkdv_tiles)
             p = p * dcap
-        # -- dP = dO V^T, dS = P * (dP - delta)
+        # -- dP = dO V^T (times dropout's factors Z), dS = P * (dP - delta)
         dp = dot_acc(do, vT, None, DOT_PREC)
+        if DROPOUT:
+            dp = dp * (_dropout_kept(offs_m, start_n, b, h, SEED, drop_thr, BLOCK_N, False) * drop_scale)
         ds = tl.where(s == float("-inf"), 0.0, p * (dp - delta[:, None]))
         if NEED_DMASK:  # dL/d(bias) = dS (the bias enters the scores with weight 1)
             tl.store(p_dmask + offs_m[:, None] * Lk + offs_n[None, :], cast_rne(ds, p_dmask.dtype.element_ty),
@@ -607,23 +676,27 @@ def _dq_tiles(dq, q, do, lse2, delta, p_k, p_v, p_mask, p_dmask, offs_m, offs_d,
 
 
 @triton.autotune(configs=C.BWD_DQ_CONFIGS, key=["LQ_KEY", "LK_KEY", "BLOCK_D", "BLOCK_DV", "MASK_KIND", "CAUSAL",
-                                                "NEED_DMASK", "SPLIT_DS", "VARLEN", "WINDOWED", "SOFTCAP", "HAS_ALIBI"],
+                                                "NEED_DMASK", "SPLIT_DS", "VARLEN", "WINDOWED", "SOFTCAP", "HAS_ALIBI",
+                                                "DROPOUT"],
                  prune_configs_by={"early_config_prune": C.prune_dq})
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, MASK, DQ, DMASK, CU_Q, CU_K, ALIBI,
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, MASK, DQ, DMASK, CU_Q, CU_K, ALIBI, SEED,
                  stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                  stride_dob, stride_doh, stride_dom, stride_mb, stride_mh, stride_mi, stride_mj,
                  stride_ls, stride_dqs, stride_dqm, stride_ab, stride_ah,
-                 Hq, GROUP, Lq, Lk, D, Dv, scale, scale_log2, causal_off, lo_off, cap, LQ_KEY, LK_KEY,
-                 MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, NEED_DMASK: tl.constexpr, SPLIT_DS: tl.constexpr,
-                 VARLEN: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                 Hq, GROUP, Lq, Lk, D, Dv, scale, scale_log2, causal_off, lo_off, cap, drop_thr, drop_scale, LQ_KEY,
+                 LK_KEY, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, NEED_DMASK: tl.constexpr,
+                 SPLIT_DS: tl.constexpr, VARLEN: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
+                 HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr,
                  ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """DQ: slice and row strides stride_dqs, stride_dqm in rows of D; LSE, DELTA: slice stride stride_ls when
-    packed (see _out_rows); DMASK (NEED_DMASK): a contiguous (B, Hq, Lq, Lk) dS. Score modifiers as _attn_fwd."""
+    packed (see _out_rows); DMASK (NEED_DMASK): a contiguous (B, Hq, Lq, Lk) dS. Score modifiers and dropout as
+    _attn_fwd."""
     scale = tl.cast(scale, tl.float32)
     scale_log2 = tl.cast(scale_log2, tl.float32)  # fp32 under torch.compile too (see _attn_fwd)
     cap = tl.cast(cap, tl.float32)
+    drop_scale = tl.cast(drop_scale, tl.float32)
     D, Dv = assume_aligned(D, ALIGN), assume_aligned(Dv, ALIGN)
     stride_qb, stride_qh, stride_qm = assume_aligned3(stride_qb, stride_qh, stride_qm, ALIGN)
     stride_kb, stride_kh, stride_kn = assume_aligned3(stride_kb, stride_kh, stride_kn, ALIGN)
@@ -671,20 +744,23 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, MASK, DQ, DMASK, CU_Q, CU_K, ALIBI,
         lo, hi = _band_keys_q(start_m, Lk, causal_off, lo_off, CAUSAL, WINDOWED, BLOCK_M, BLOCK_N)
         dq = _dq_tiles(dq, q, do, lse2, delta, p_k, p_v, p_mask, p_dmask, offs_m, offs_d, offs_dv, lo, hi,
                        Lq, Lk, D, Dv, stride_kn, stride_vn, stride_mi, stride_mj, scale_log2, causal_off, lo_off, cap,
-                       slope2, MASK_KIND, CAUSAL, WINDOWED, SOFTCAP, HAS_ALIBI, NEED_DMASK, SPLIT_DS, BLOCK_N,
-                       DOT_PREC)
+                       slope2, b, h, SEED, drop_thr, drop_scale, MASK_KIND, CAUSAL, WINDOWED, SOFTCAP, HAS_ALIBI,
+                       DROPOUT, NEED_DMASK, SPLIT_DS, BLOCK_N, DOT_PREC)
     elif CAUSAL:
         mid, hi = _causal_bounds_q(start_m, Lk, causal_off, BLOCK_M, BLOCK_N)
         dq = _dq_tiles(dq, q, do, lse2, delta, p_k, p_v, p_mask, p_dmask, offs_m, offs_d, offs_dv, 0, mid,
                        Lq, Lk, D, Dv, stride_kn, stride_vn, stride_mi, stride_mj, scale_log2, causal_off, lo_off, cap,
-                       slope2, MASK_KIND, False, False, SOFTCAP, HAS_ALIBI, NEED_DMASK, SPLIT_DS, BLOCK_N, DOT_PREC)
+                       slope2, b, h, SEED, drop_thr, drop_scale, MASK_KIND, False, False, SOFTCAP, HAS_ALIBI,
+                       DROPOUT, NEED_DMASK, SPLIT_DS, BLOCK_N, DOT_PREC)
         dq = _dq_tiles(dq, q, do, lse2, delta, p_k, p_v, p_mask, p_dmask, offs_m, offs_d, offs_dv, mid, hi,
                        Lq, Lk, D, Dv, stride_kn, stride_vn, stride_mi, stride_mj, scale_log2, causal_off, lo_off, cap,
-                       slope2, MASK_KIND, True, False, SOFTCAP, HAS_ALIBI, NEED_DMASK, SPLIT_DS, BLOCK_N, DOT_PREC)
+                       slope2, b, h, SEED, drop_thr, drop_scale, MASK_KIND, True, False, SOFTCAP, HAS_ALIBI,
+                       DROPOUT, NEED_DMASK, SPLIT_DS, BLOCK_N, DOT_PREC)
     else:
         dq = _dq_tiles(dq, q, do, lse2, delta, p_k, p_v, p_mask, p_dmask, offs_m, offs_d, offs_dv, 0, Lk,
                        Lq, Lk, D, Dv, stride_kn, stride_vn, stride_mi, stride_mj, scale_log2, causal_off, lo_off, cap,
-                       slope2, MASK_KIND, False, False, SOFTCAP, HAS_ALIBI, NEED_DMASK, SPLIT_DS, BLOCK_N, DOT_PREC)
+                       slope2, b, h, SEED, drop_thr, drop_scale, MASK_KIND, False, False, SOFTCAP, HAS_ALIBI,
+                       DROPOUT, NEED_DMASK, SPLIT_DS, BLOCK_N, DOT_PREC)
     tl.store(DQ + (dq_row0 + offs_m[:, None] * stride_dqm) * D + offs_d[None, :],
              cast_rne(dq * scale, DQ.dtype.element_ty), mask=m_row[:, None] & (offs_d[None, :] < D))
 
@@ -714,9 +790,10 @@ def _load_kv_t(p_k, p_v, offs_n, offs_d, offs_dv, Lk, D, Dv, stride_kn, stride_v
 
 
 @triton.jit
-def _dmask_tile(acc, q, do, lse2, delta, kT, vT, p_mask, offs_m, offs_n, Lq, Lk, stride_mi, stride_mj, scale_log2,
-                causal_off, lo_off, cap, slope2, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
-                ALIBI: tl.constexpr, DOT_PREC: tl.constexpr):
+def _dmask_tile(acc, q, do, lse2, delta, kT, vT, p_mask, offs_m, start_n, offs_n, Lq, Lk, stride_mi, stride_mj,
+                scale_log2, causal_off, lo_off, cap, slope2, b, h, SEED, drop_thr, drop_scale, CAUSAL: tl.constexpr,
+                WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
+                BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
     """acc + dS of one (query tile, key tile), computed exactly as in _dq_tiles (0 where masked): the gradient of the
     bias, which the scores take past the cap."""
     s = dot_acc(q, kT, None, DOT_PREC) * scale_log2
@@ -724,20 +801,23 @@ def _dmask_tile(acc, q, do, lse2, delta, kT, vT, p_mask, offs_m, offs_n, Lq, Lk,
                         lo_off, cap, slope2, 2, CAUSAL, WINDOWED, SOFTCAP, ALIBI)
     p = tl.where(s == float("-inf"), 0.0, tl.math.exp2(s - lse2[:, None]))
     dp = dot_acc(do, vT, None, DOT_PREC)
+    if DROPOUT:
+        dp = dp * (_dropout_kept(offs_m, start_n, b, h, SEED, drop_thr, BLOCK_N, False) * drop_scale)
     return acc + tl.where(s == float("-inf"), 0.0, p * (dp - delta[:, None]))
 
 
 @triton.autotune(configs=C.BWD_DMASK_CONFIGS, key=["LQ_KEY", "LK_KEY", "BLOCK_D", "BLOCK_DV", "CAUSAL", "BCAST_Q",
-                                                   "BCAST_K", "WINDOWED", "SOFTCAP", "HAS_ALIBI"],
+                                                   "BCAST_K", "WINDOWED", "SOFTCAP", "HAS_ALIBI", "DROPOUT"],
                  prune_configs_by={"early_config_prune": C.prune_dmask})
 @triton.jit
-def _attn_bwd_dmask(Q, K, V, DO, LSE, DELTA, MASK, DMASK, ALIBI,
+def _attn_bwd_dmask(Q, K, V, DO, LSE, DELTA, MASK, DMASK, ALIBI, SEED,
                     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                     stride_dob, stride_doh, stride_dom, stride_mb, stride_mh, stride_mi, stride_mj,
                     stride_db, stride_dh, stride_di, stride_ab, stride_ah,
-                    Hq, GROUP, Lq, Lk, D, Dv, scale_log2, causal_off, lo_off, cap, HM, LKM, NSLICES, NB, NH, LQ_KEY,
-                    LK_KEY, CAUSAL: tl.constexpr, BCAST_Q: tl.constexpr, BCAST_K: tl.constexpr,
-                    WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                    Hq, GROUP, Lq, Lk, D, Dv, scale_log2, causal_off, lo_off, cap, drop_thr, drop_scale, HM, LKM,
+                    NSLICES, NB, NH, LQ_KEY, LK_KEY, CAUSAL: tl.constexpr, BCAST_Q: tl.constexpr,
+                    BCAST_K: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                    DROPOUT: tl.constexpr,
                     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr, ALIGN: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dL/dmask of a broadcast float mask (B', H', Lq', Lk'), contiguous in DMASK. Program (tile, b' * H' + h')
@@ -745,9 +825,10 @@ def _attn_bwd_dmask(Q, K, V, DO, LSE, DELTA, MASK, DMASK, ALIBI,
     dS over the NB batch items b' + [0, NB) and NH heads h' + [0, NH) that read it (NB = B when B' = 1, else
     1; NH likewise), over all query tiles when BCAST_Q (Lq' = 1 < Lq) and all key tiles when BCAST_K
     (Lk' = 1 < Lk), in one fp32 register tile, in a fixed order; one store at the end. Score modifiers as
-    _attn_fwd; a left window masks every tile (none is skipped for it)."""
+    _attn_fwd; a left window masks every tile (none is skipped for it). Dropout as _attn_fwd."""
     scale_log2 = tl.cast(scale_log2, tl.float32)  # fp32 under torch.compile too (see _attn_fwd)
     cap = tl.cast(cap, tl.float32)
+    drop_scale = tl.cast(drop_scale, tl.float32)
     D, Dv = assume_aligned(D, ALIGN), assume_aligned(Dv, ALIGN)
     stride_qb, stride_qh, stride_qm = assume_aligned3(stride_qb, stride_qh, stride_qm, ALIGN)
     stride_kb, stride_kh, stride_kn = assume_aligned3(stride_kb, stride_kh, stride_kn, ALIGN)
@@ -801,9 +882,10 @@ def _attn_bwd_dmask(Q, K, V, DO, LSE, DELTA, MASK, DMASK, ALIBI,
                     offs_m = start_m + tl.arange(0, BLOCK_M)
                     q, do, lse2, delta = _load_rows(p_q, p_do, LSE + row0, DELTA + row0, offs_m, offs_d, offs_dv,
                                                     Lq, D, Dv, stride_qm, stride_dom)
-                    acc = _dmask_tile(acc, q, do, lse2, delta, kT, vT, p_mask, offs_m, offs_n, Lq, Lk,
-                                      stride_mi, stride_mj, scale_log2, causal_off, lo_off, cap, slope2, CAUSAL,
-                                      WINDOWED, SOFTCAP, HAS_ALIBI, DOT_PREC)
+                    acc = _dmask_tile(acc, q, do, lse2, delta, kT, vT, p_mask, offs_m, n_lo, offs_n, Lq, Lk,
+                                      stride_mi, stride_mj, scale_log2, causal_off, lo_off, cap, slope2, b, h, SEED,
+                                      drop_thr, drop_scale, CAUSAL, WINDOWED, SOFTCAP, HAS_ALIBI, DROPOUT, BLOCK_N,
+                                      DOT_PREC)
             else:
                 for start_m in range(m_lo, m_hi, BLOCK_M):
                     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -816,9 +898,10 @@ def _attn_bwd_dmask(Q, K, V, DO, LSE, DELTA, MASK, DMASK, ALIBI,
                     for start_n in range(n_lo, n_end, BLOCK_N):
                         offs_n = start_n + tl.arange(0, BLOCK_N)
                         kT, vT = _load_kv_t(p_k, p_v, offs_n, offs_d, offs_dv, Lk, D, Dv, stride_kn, stride_vn)
-                        acc = _dmask_tile(acc, q, do, lse2, delta, kT, vT, p_mask, offs_m, offs_n, Lq, Lk,
-                                          stride_mi, stride_mj, scale_log2, causal_off, lo_off, cap, slope2, CAUSAL,
-                                          WINDOWED, SOFTCAP, HAS_ALIBI, DOT_PREC)
+                        acc = _dmask_tile(acc, q, do, lse2, delta, kT, vT, p_mask, offs_m, start_n, offs_n, Lq, Lk,
+                                          stride_mi, stride_mj, scale_log2, causal_off, lo_off, cap, slope2, b, h,
+                                          SEED, drop_thr, drop_scale, CAUSAL, WINDOWED, SOFTCAP, HAS_ALIBI, DROPOUT,
+                                          BLOCK_N, DOT_PREC)
 
     # -- reduce over the broadcast query / key axis, round once, store the program's own entries
     p_out = DMASK + bm.to(tl.int64) * stride_db + hm.to(tl.int64) * stride_dh
@@ -899,6 +982,15 @@ def _score_mod_args(mods, q):
     return flags, (a, a.stride(0) if a.dim() == 2 else 0, a.stride(-1), mods.softcap * contract.LOG2E)
 
 
+def _dropout_args(dropout, q):
+    """dict(DROPOUT) and the kernels' (SEED, drop_thr, drop_scale) for dropout = (dropout_p, seed tensor): the seed
+    (q where there is none: never read), the keep threshold (contract.dropout_threshold) and 1 / (1 - p)."""
+    p, seed = dropout
+    if not p:
+        return dict(DROPOUT=False), (q, 0, 1.0)
+    return dict(DROPOUT=True), (seed, contract.dropout_threshold(p), 1.0 / (1.0 - p) if p < 1 else 0.0)
+
+
 def _check_tensors(op, q, k, v, names=("q", "k", "v")):
     """What every attention launcher needs of q, k, v (any rank): a shared float dtype, head dims up to 256, unit
     stride along the head dim."""
@@ -917,7 +1009,7 @@ def _check_causal(op, causal):
         raise ValueError(f"{op}: causal must be 0, 1 or 2, got {causal}")
 
 
-def _check(q, k, v, mask, gate, causal, mods=contract.ScoreMods()):
+def _check(q, k, v, mask, gate, causal, mods=contract.ScoreMods(), dropout=(0.0, None)):
     """Boundary checks of the op (the public API checks user input; this guards direct op calls)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("triton_attention: q, k, v must be 4-D (B, H, L, D)")
@@ -941,6 +1033,12 @@ def _check(q, k, v, mask, gate, causal, mods=contract.ScoreMods()):
     if a is not None and (a.dtype != torch.float32 or tuple(a.shape) not in ((Hq,), (B, Hq)) or a.device != q.device):
         raise ValueError(f"triton_attention: alibi_slopes must be float32 (Hq,) = {(Hq,)} or (B, Hq) = {(B, Hq)} on "
                          f"q's device, got {a.dtype} {tuple(a.shape)} on {a.device}")
+    p, seed = dropout
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"triton_attention: dropout_p must be in [0, 1], got {p}")
+    if p > 0 and (seed is None or seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != q.device):
+        raise ValueError("triton_attention: dropout_p > 0 needs dropout_seed, an int64 tensor of one element on q's "
+                         f"device, got {None if seed is None else (seed.dtype, tuple(seed.shape), seed.device)}")
 
 
 def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, gate, causal):
@@ -983,9 +1081,10 @@ def _mask_args(mask, q):
     return contract.MASK_BIAS, mask, strides
 
 
-def attention_fwd(q, k, v, mask, gate, scale, causal, need_acc=True, mods=contract.ScoreMods()):
-    _check(q, k, v, mask, gate, causal, mods)
-    return _fwd(q, k, v, mask, gate, scale, causal, need_acc, None, mods)
+def attention_fwd(q, k, v, mask, gate, scale, causal, need_acc=True, mods=contract.ScoreMods(), dropout=(0.0, None)):
+    """dropout: (dropout_p, dropout_seed) as the op's."""
+    _check(q, k, v, mask, gate, causal, mods, dropout)
+    return _fwd(q, k, v, mask, gate, scale, causal, need_acc, None, mods, dropout)
 
 
 def varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, gate, scale, causal,
@@ -994,9 +1093,10 @@ def varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
     return _fwd(q, k, v, None, gate, scale, causal, need_acc, packed)
 
 
-def attention_bwd(dout, q, k, v, out, lse, mask, gate, dlse, scale, causal, need_dmask, mods=contract.ScoreMods()):
-    _check(q, k, v, mask, gate, causal, mods)
-    return _bwd(dout, q, k, v, out, lse, mask, gate, dlse, scale, causal, need_dmask, None, mods)
+def attention_bwd(dout, q, k, v, out, lse, mask, gate, dlse, scale, causal, need_dmask, mods=contract.ScoreMods(),
+                  dropout=(0.0, None)):
+    _check(q, k, v, mask, gate, causal, mods, dropout)
+    return _bwd(dout, q, k, v, out, lse, mask, gate, dlse, scale, causal, need_dmask, None, mods, dropout)
 
 
 def varlen_attention_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, gate, dlse,
@@ -1006,7 +1106,7 @@ def varlen_attention_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ma
     return dq, dk, dv, dgate
 
 
-def _fwd(q, k, v, mask, gate, scale, causal, need_acc, packed, mods=contract.ScoreMods()):
+def _fwd(q, k, v, mask, gate, scale, causal, need_acc, packed, mods=contract.ScoreMods(), dropout=(0.0, None)):
     B, Hq, Hkv, Lq, Lk, D, Dv = _dims(q, k, v, packed)
     out = torch.empty(q.shape[:-1] + (Dv,), dtype=q.dtype, device=q.device)
     lse = torch.empty((Hq, q.shape[0]) if packed else (B, Hq, Lq), dtype=torch.float32, device=q.device)
@@ -1021,18 +1121,19 @@ def _fwd(q, k, v, mask, gate, scale, causal, need_acc, packed, mods=contract.Sco
     cu_q, cu_k = packed[:2] if packed else (q, q)
     band, (causal_off, lo_off) = _band(causal, Lq, Lk, packed, mods)
     mod_flags, (alibi, sab, sah, cap) = _score_mod_args(mods, q)
+    drop_flag, (seed, drop_thr, drop_scale) = _dropout_args(dropout, q)
 
     def grid(meta):
         return (triton.cdiv(Lq, meta["BLOCK_M"]) * B * Hq,)
 
     wrap_triton(_attn_fwd)[grid](
-        q, k, v, mask_t, gate_t, out, lse, out_acc if store_acc else out, cu_q, cu_k, alibi,
+        q, k, v, mask_t, gate_t, out, lse, out_acc if store_acc else out, cu_q, cu_k, alibi, seed,
         *_rows(q, packed), *_rows(k, packed), *_rows(v, packed), *ms, *gs, *_out_rows(out, packed),
         _lse_slice(lse, packed), sab, sah,
-        Hq, Hq // Hkv, Lq, Lk, D, Dv, scale * contract.LOG2E, causal_off, lo_off, cap,
+        Hq, Hq // Hkv, Lq, Lk, D, Dv, scale * contract.LOG2E, causal_off, lo_off, cap, drop_thr, drop_scale,
         C.length_key(Lq), C.length_key(Lk),
         MASK_KIND=mask_kind, HAS_GATE=fused_gate, STORE_ACC=store_acc,
-        SPLIT_P=store_acc and C.PRECISE_PV, VARLEN=packed is not None, **band, **mod_flags,
+        SPLIT_P=store_acc and C.PRECISE_PV, VARLEN=packed is not None, **band, **mod_flags, **drop_flag,
         BLOCK_D=C.head_block(D), BLOCK_DV=C.head_block(Dv), DOT_PREC=dot_precision(q.dtype), ALIGN=align)
     if gate_after and out.numel():
         sb, sh, si, sc = _gate_strides(gate, packed)
@@ -1045,7 +1146,8 @@ def _fwd(q, k, v, mask, gate, scale, causal, need_acc, packed, mods=contract.Sco
     return out, lse, out_acc
 
 
-def _bwd(dout, q, k, v, out, lse, mask, gate, dlse, scale, causal, need_dmask, packed, mods=contract.ScoreMods()):
+def _bwd(dout, q, k, v, out, lse, mask, gate, dlse, scale, causal, need_dmask, packed, mods=contract.ScoreMods(),
+         dropout=(0.0, None)):
     B, Hq, Hkv, Lq, Lk, D, Dv = _dims(q, k, v, packed)
     mask_kind, mask_t, ms = _mask_args(mask, q)
     if need_dmask and mask_kind != contract.MASK_BIAS:
@@ -1096,18 +1198,20 @@ def _bwd(dout, q, k, v, out, lse, mask, gate, dlse, scale, causal, need_dmask, p
         dmask = torch.zeros((B, Hq, Lq, Lk), dtype=mask.dtype, device=dev)
     band, (off, lo_off) = _band(causal, Lq, Lk, packed, mods)
     mod_flags, (alibi, sab, sah, cap) = _score_mod_args(mods, q)
+    drop_flag, (seed, drop_thr, drop_scale) = _dropout_args(dropout, q)
     common = dict(MASK_KIND=mask_kind, BLOCK_D=C.head_block(D), BLOCK_DV=C.head_block(Dv),
-                  DOT_PREC=dot_precision(q.dtype), ALIGN=align_elems(q.dtype, (D, Dv), q, k, v, do), **band, **mod_flags)
+                  DOT_PREC=dot_precision(q.dtype), ALIGN=align_elems(q.dtype, (D, Dv), q, k, v, do), **band, **mod_flags,
+                  **drop_flag)
     strides = (*_rows(q, packed), *_rows(k, packed), *_rows(v, packed), *_rows(do, packed), *ms)
     wrap_triton(_attn_bwd_dkdv)[lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]) * B * Hkv,)](
-        q, k, v, do, lse, delta, mask_t, dk, dv, cu_q, cu_k, alibi, *strides, ls, *_out_rows(dk, packed), sab, sah,
-        Hq, Hkv, Hq // Hkv, Lq, Lk, D, Dv, scale, scale * contract.LOG2E, off, lo_off, cap, C.length_key(Lq),
-        C.length_key(Lk), VARLEN=packed is not None, **common)
+        q, k, v, do, lse, delta, mask_t, dk, dv, cu_q, cu_k, alibi, seed, *strides, ls, *_out_rows(dk, packed), sab,
+        sah, Hq, Hkv, Hq // Hkv, Lq, Lk, D, Dv, scale, scale * contract.LOG2E, off, lo_off, cap, drop_thr, drop_scale,
+        C.length_key(Lq), C.length_key(Lk), VARLEN=packed is not None, **common)
     fused_dmask = need_dmask and not bcast
     wrap_triton(_attn_bwd_dq)[lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]) * B * Hq,)](
-        q, k, v, do, lse, delta, mask_t, dq, dmask if fused_dmask else dq, cu_q, cu_k, alibi, *strides, ls,
+        q, k, v, do, lse, delta, mask_t, dq, dmask if fused_dmask else dq, cu_q, cu_k, alibi, seed, *strides, ls,
         *_out_rows(dq, packed), sab, sah, Hq, Hq // Hkv, Lq, Lk, D, Dv, scale, scale * contract.LOG2E, off, lo_off,
-        cap, C.length_key(Lq), C.length_key(Lk), NEED_DMASK=fused_dmask,
+        cap, drop_thr, drop_scale, C.length_key(Lq), C.length_key(Lk), NEED_DMASK=fused_dmask,
         SPLIT_DS=q.dtype != torch.float32 and repeats_elements(q), VARLEN=packed is not None, **common)
     if bcast and dmask.numel():
         Bm, Hm, Lqm, Lkm = mask.shape
@@ -1115,9 +1219,9 @@ def _bwd(dout, q, k, v, out, lse, mask, gate, dlse, scale, causal, need_dmask, p
         slices = (min(Bm * Hm, 65535), triton.cdiv(Bm * Hm, 65535))
         wrap_triton(_attn_bwd_dmask)[
                 lambda meta: (triton.cdiv(Lqm, meta["BLOCK_M"]) * triton.cdiv(Lkm, meta["BLOCK_N"]), *slices)](
-            q, k, v, do, lse, delta, mask_t, dmask, alibi, *strides, dmask.stride(0), dmask.stride(1),
-            dmask.stride(2), sab, sah, Hq, Hq // Hkv, Lq, Lk, D, Dv, scale * contract.LOG2E, off, lo_off, cap, Hm, Lkm,
-            Bm * Hm,
+            q, k, v, do, lse, delta, mask_t, dmask, alibi, seed, *strides, dmask.stride(0), dmask.stride(1),
+            dmask.stride(2), sab, sah, Hq, Hq // Hkv, Lq, Lk, D, Dv, scale * contract.LOG2E, off, lo_off, cap, drop_thr,
+            drop_scale, Hm, Lkm, Bm * Hm,
             B if Bm == 1 else 1, Hq if Hm == 1 else 1, C.length_key(Lq), C.length_key(Lk),
             BCAST_Q=Lqm != Lq, BCAST_K=Lkm != Lk, **common)
     return dq, dk, dv, dmask, dgate

@@ -52,7 +52,7 @@ def length_key(n: int) -> int:
 
 
 def _cfg(num_warps, num_stages, BLOCK_M, BLOCK_N, min_cc=0, max_cc=1000, maxnreg=None, light_only=False,
-         packed_causal_acc=True, split_ds=True, score_mods=True):
+         packed_causal_acc=True, split_ds=True, score_mods=True, dropout=None):
     """A config for the compute capabilities [min_cc, max_cc]: Hopper (wgmma, operands from shared
     memory) and Ampere (mma, operands in registers) spill at different tiles. ``maxnreg`` states a
     register budget to ptxas (.maxnreg): without one, ptxas settles on a count of its own (80, 96, 128)
@@ -66,11 +66,13 @@ def _cfg(num_warps, num_stages, BLOCK_M, BLOCK_N, min_cc=0, max_cc=1000, maxnreg
     for packed-sequence (varlen) causal launches that keep out_acc, whose per-sequence lengths and causal
     offset take registers that a padded launch has as kernel arguments. ``split_ds=False``: not kept for dQ launches
     that take dS in two parts (SPLIT_DS), one more tile in registers. ``score_mods=False``: not kept for launches
-    with a score modifier (WINDOWED, SOFTCAP, HAS_ALIBI), whose bounds, cap and slope take registers."""
+    with a score modifier (WINDOWED, SOFTCAP, HAS_ALIBI) or dropout, whose bounds, cap, slope and random words take
+    registers. ``dropout``: None for every launch, False not for launches with dropout (DROPOUT: its Philox words,
+    drawn per tile, take the registers), True for those alone."""
     c = triton.Config({"BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N}, num_warps=num_warps, num_stages=num_stages,
                       maxnreg=None if INTERPRET else maxnreg)
     c.min_cc, c.max_cc, c.light_only, c.packed_causal_acc = min_cc, max_cc, light_only, packed_causal_acc
-    c.split_ds, c.score_mods = split_ds, score_mods
+    c.split_ds, c.score_mods, c.dropout = split_ds, score_mods, dropout
     return c
 
 
@@ -175,7 +177,8 @@ def _select(kernel, half, fp32, named_args, kwargs, length_ok):
     """The configs of the head block's list (``half`` or ``fp32`` by the inputs' element size) meant for the
     device's capability (not ``light_only`` where a launch has a mask, or a gate and out_acc; not
     ``packed_causal_acc=False`` where a varlen launch is causal and keeps out_acc; not ``split_ds=False`` where a
-    dQ launch splits dS; not ``score_mods=False`` where a launch has a score modifier) that fit its
+    dQ launch splits dS; not ``score_mods=False`` where a launch has a score modifier or dropout; ``dropout`` True
+    only where it has dropout, False only where it has none) that fit its
     shared memory, those that pass ``length_ok`` if any do; at least one
     (the smallest, should none fit)."""
     bd, bdv = _arg(named_args, kwargs, "BLOCK_D"), _arg(named_args, kwargs, "BLOCK_DV")
@@ -189,11 +192,12 @@ def _select(kernel, half, fp32, named_args, kwargs, length_ok):
     light = kind == MASK_NONE and not gate_and_acc
     packed_causal_acc = kwargs.get("VARLEN", False) and kwargs.get("CAUSAL", False) and kwargs.get("STORE_ACC", False)
     split_ds = kwargs.get("SPLIT_DS", False)
-    mods = any(kwargs.get(flag, False) for flag in ("WINDOWED", "SOFTCAP", "HAS_ALIBI"))
+    mods = any(kwargs.get(flag, False) for flag in ("WINDOWED", "SOFTCAP", "HAS_ALIBI", "DROPOUT"))
+    dropout = bool(kwargs.get("DROPOUT", False))
     cands = [c for c in _for_head(fp32 if esize == 4 else half, head)
              if c.min_cc <= cc <= c.max_cc and (light or not c.light_only)
              and (c.packed_causal_acc or not packed_causal_acc) and (c.split_ds or not split_ds)
-             and (c.score_mods or not mods)]
+             and (c.score_mods or not mods) and c.dropout in (None, dropout)]
     size = {id(c): _smem_bytes(kernel, c, bd, bdv, esize, mask_esize) for c in cands}
     keep = [c for c in cands if size[id(c)] <= smem]
     keep = [c for c in keep if length_ok(c)] or keep or [min(cands, key=lambda c: size[id(c)])]
@@ -276,16 +280,19 @@ else:
     DKDV_HALF = {
         64: [_cfg(8, 3, 32, 128, min_cc=90),   # H200: 9 of 12 keys (the rest 16 x 64, 4 warps, 2 stages)
              _cfg(8, 2, 16, 128), _cfg(4, 2, 16, 64)],
-        128: [_cfg(8, 3, 16, 128, min_cc=90),   # H200: 8 of 8 keys
-              _cfg(8, 3, 32, 64)],
-        256: [_cfg(8, 1, 32, 32), _cfg(8, 2, 32, 16)],
+        # with dropout (its Philox words per tile) 16x128 and 32x64 spilled 36-184 B (bf16 D 72-128, sm_80 and sm_90)
+        128: [_cfg(8, 3, 16, 128, min_cc=90, dropout=False),   # H200: 8 of 8 keys
+              _cfg(8, 3, 32, 64, dropout=False), _cfg(8, 2, 32, 32, dropout=True)],
+        # with dropout 32x32 spilled 16-40 B (bf16 D 200-256), 32x16 at 2 stages too
+        256: [_cfg(8, 1, 32, 32, dropout=False), _cfg(8, 2, 32, 16, dropout=False), _cfg(8, 1, 32, 16, dropout=True)],
     }
     DKDV_FP32 = {
         64: [_cfg(4, 2, 16, 16, maxnreg=255)],
         # 3 stages spilled 12 B with a float mask at D 72 (sm_90, ptxas 13.4: 96 registers without a budget;
         # with 128-255, 28-336 B); 2 stages compiled clean on sm_80 and sm_90
         128: [_cfg(4, 2, 16, 16)],
-        256: [_cfg(8, 2, 16, 16)],
+        # 2 stages spilled 44 B with dropout (sm_80)
+        256: [_cfg(8, 2, 16, 16, dropout=False), _cfg(8, 1, 16, 16, dropout=True)],
     }
     DQ_HALF = {
         # 128x32 and 64x32 at 8 warps spilled 16-36 B with SPLIT_DS (bf16: sm_80 D 16, sm_90 D 72-128)
@@ -293,9 +300,11 @@ else:
              # without a budget ptxas settled on 96 (16x32: sm_90, D 40-64, ptxas 12.8) or 128 registers (64x32:
              # sm_80, bf16 D 32, ptxas 12.9) and spilled 4 B with a float mask's gradient
              _cfg(4, 3, 64, 32, maxnreg=255), _cfg(4, 3, 16, 32, maxnreg=255)],
-        128: [_cfg(4, 2, 64, 16),     # H200: 8 of 8 keys
-              _cfg(8, 3, 64, 32, split_ds=False), _cfg(4, 3, 16, 64)],
-        256: [_cfg(8, 2, 32, 32, maxnreg=255), _cfg(4, 2, 16, 32, maxnreg=255)],
+        # with dropout 64x16 and 64x32 spilled 8-100 B (sm_80, bf16 D 72-128)
+        128: [_cfg(4, 2, 64, 16, dropout=False),     # H200: 8 of 8 keys
+              _cfg(8, 3, 64, 32, split_ds=False, dropout=False), _cfg(4, 3, 16, 64)],
+        # with dropout 32x32 spilled 48 B (sm_90, bf16 D 200-256)
+        256: [_cfg(8, 2, 32, 32, maxnreg=255, dropout=False), _cfg(4, 2, 16, 32, maxnreg=255)],
     }
     DQ_FP32 = {
         64: [_cfg(4, 2, 32, 16, maxnreg=255)],
@@ -328,17 +337,21 @@ if INTERPRET:
 else:
     DMASK_HALF = {
         # without a budget ptxas 12.9 settled on 128 registers and spilled 12 B (sm_80, bf16 D 32, broadcast over Lq)
-        64: [_cfg(8, 3, 64, 32, maxnreg=255)],
-        # 32x64 spilled 12 B with every score modifier (sm_90, bf16 D 72-128, broadcast over Lq)
+        # with dropout 64x32 spilled 16 B (sm_80, bf16 D 40-64)
+        64: [_cfg(8, 3, 64, 32, maxnreg=255, dropout=False), _cfg(8, 2, 16, 32, maxnreg=255, dropout=True)],
+        # 32x64 spilled 12 B with every score modifier (sm_90, bf16 D 72-128, broadcast over Lq); 16x64 44 B with
+        # dropout (sm_90)
         128: [_cfg(8, 3, 32, 64, score_mods=False),     # H200: 4 of 4 keys
-              _cfg(8, 3, 16, 64)],
-        256: [_cfg(8, 2, 16, 32)],
+              _cfg(8, 3, 16, 64, dropout=False), _cfg(8, 2, 16, 32, dropout=True)],
+        # with dropout 16x32 spilled 44 B (sm_90, bf16 D 200-256)
+        256: [_cfg(8, 2, 16, 32, dropout=False), _cfg(8, 1, 16, 16, dropout=True)],
     }
     DMASK_FP32 = {
         64: [_cfg(4, 2, 16, 16, maxnreg=255)],
         128: [_cfg(8, 1, 16, 16, maxnreg=255)],
-        # 16x16 spilled 8 B with every score modifier (sm_80, broadcast over Lq)
-        256: [_cfg(8, 2, 32, 32), _cfg(4, 1, 16, 16, score_mods=False)],
+        # 16x16 spilled 8 B with every score modifier (sm_80, broadcast over Lq); 32x32 24 B with dropout (sm_80)
+        256: [_cfg(8, 2, 32, 32, dropout=False), _cfg(4, 1, 16, 16, score_mods=False),
+              _cfg(8, 1, 16, 16, dropout=True)],
     }
 BWD_DMASK_CONFIGS = _union(DMASK_HALF, DMASK_FP32)
 

@@ -39,20 +39,23 @@ def _register(name):
 @_register("triton_attention_fwd")
 def triton_attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], gate: Optional[Tensor],
                          scale: float, causal: int, need_acc: bool = True, window_left: int = -1,
-                         window_right: int = -1, softcap: float = 0.0,
-                         alibi_slopes: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+                         window_right: int = -1, softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
+                         deterministic: bool = False, dropout_p: float = 0.0,
+                         dropout_seed: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     return _attn.attention_fwd(q, k, v, mask, gate, scale, causal, need_acc,
-                               ScoreMods(window_left, window_right, softcap, alibi_slopes))
+                               ScoreMods(window_left, window_right, softcap, alibi_slopes), (dropout_p, dropout_seed))
 
 
 @_register("triton_attention_bwd")
 def triton_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                          mask: Optional[Tensor], gate: Optional[Tensor], dlse: Optional[Tensor], scale: float,
                          causal: int, need_dmask: bool, window_left: int = -1, window_right: int = -1,
-                         softcap: float = 0.0,
-                         alibi_slopes: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                         softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
+                         deterministic: bool = False, dropout_p: float = 0.0,
+                         dropout_seed: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    # deterministic: these kernels always are (no atomics: attention.py)
     return _attn.attention_bwd(dout, q, k, v, out, lse, mask, gate, dlse, scale, causal, need_dmask,
-                               ScoreMods(window_left, window_right, softcap, alibi_slopes))
+                               ScoreMods(window_left, window_right, softcap, alibi_slopes), (dropout_p, dropout_seed))
 
 
 @_register("triton_attention_kvcache_fwd")

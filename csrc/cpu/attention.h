@@ -23,7 +23,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& gate,
     double scale, int64_t causal, bool need_acc, int64_t window_left, int64_t window_right, double softcap,
-    const std::optional<at::Tensor>& alibi_slopes);
+    const std::optional<at::Tensor>& alibi_slopes, bool deterministic, double dropout_p,
+    const std::optional<at::Tensor>& dropout_seed);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -31,7 +32,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& gate,
     const std::optional<at::Tensor>& dlse,
     double scale, int64_t causal, bool need_dmask, int64_t window_left, int64_t window_right, double softcap,
-    const std::optional<at::Tensor>& alibi_slopes);
+    const std::optional<at::Tensor>& alibi_slopes, bool deterministic, double dropout_p,
+    const std::optional<at::Tensor>& dropout_seed);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -63,7 +65,7 @@ using AttnParams = AttentionParams<int64_t, double>;
 // Checks the CPU-only requirements (device, dtypes), then describe_attention.
 AttnParams check_and_describe(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                               const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& gate,
-                              double scale, int64_t causal, const ScoreMods& mods = {});
+                              double scale, int64_t causal, const ScoreMods& mods = {}, const Dropout& dropout = {});
 
 // The same for packed sequences (describe_varlen_attention); also checks the values of cu_seqlens, which the
 // kernels index with.
@@ -137,6 +139,29 @@ void mask_score_tile(acc_t* S, int64_t lds, int64_t i0, int64_t bm, int64_t j0, 
     if (slope2 != acc_t(0)) {
       const int64_t d0 = i + e.diag_off - j0;  // the distance to key j0 + c is |d0 - c|
       for (int64_t c = lo; c < hi; ++c) row[c] -= slope2 * acc_t(std::abs(d0 - c));
+    }
+  }
+}
+
+// Dropout of the weight tile P[bm, bn] (row stride ld) of queries i0.., keys j0.. of (b, h): each weight times
+// `kept` where dropout keeps it (attention_contract.h's dropout_words, four keys a draw), else times 0 (a NaN
+// weight stays NaN, as torch's dropout). Into Z instead when given: Z = kept or 0 (P unread).
+template <typename acc_t>
+void dropout_tile(acc_t* P, int64_t ld, int64_t b, int64_t h, int64_t i0, int64_t bm, int64_t j0, int64_t bn,
+                  const AttnParams& s, acc_t kept, acc_t* Z = nullptr) {
+  const int64_t j_end = j0 + bn;
+  const uint64_t seed = uint64_t(*s.dropout_seed);
+  for (int64_t r = 0; r < bm; ++r) {
+    acc_t* out = (Z ? Z : P) + r * ld - j0;  // indexed by key
+    const acc_t* in = P + r * ld - j0;
+    for (int64_t j4 = j0 / 4; j4 * 4 < j_end; ++j4) {
+      const Philox4 w = dropout_words(seed, b, h, i0 + r, j4);
+      for (int t = 0; t < 4; ++t) {
+        const int64_t j = j4 * 4 + t;
+        if (j < j0 || j >= j_end) continue;
+        const acc_t f = dropout_kept(s, w.w[t]) ? kept : acc_t(0);
+        out[j] = Z ? f : in[j] * f;
+      }
     }
   }
 }

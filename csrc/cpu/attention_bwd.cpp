@@ -75,10 +75,12 @@ struct BwdCtx {
 template <typename scalar_t, typename acc_t>
 struct BwdBuffers {
   static constexpr bool kConvert = !std::is_same_v<scalar_t, acc_t>;
-  std::vector<acc_t> P, dS, T, dK, dV, q, k, v;  // T: the softcap's tanh (empty without one)
+  // T: the softcap's tanh, Z: dropout's factors (0 or 1 / (1 - p)), PZ = P Z (empty without them)
+  std::vector<acc_t> P, dS, T, Z, PZ, dK, dV, q, k, v;
   std::vector<uint32_t> k_pack, v_pack;
-  BwdBuffers(int64_t D, int64_t Dv, bool bf16_dot, bool bf16_dp, bool softcap)
-      : P(kBlockM * kBlockN), dS(kBlockM * kBlockN), T(softcap ? kBlockM * kBlockN : 0), dK(kBlockN * D),
+  BwdBuffers(int64_t D, int64_t Dv, bool bf16_dot, bool bf16_dp, bool softcap, bool dropout)
+      : P(kBlockM * kBlockN), dS(kBlockM * kBlockN), T(softcap ? kBlockM * kBlockN : 0),
+        Z(dropout ? kBlockM * kBlockN : 0), PZ(dropout ? kBlockM * kBlockN : 0), dK(kBlockN * D),
         dV(kBlockN * Dv),
         q(kConvert ? kBlockM * D : 0), k(kConvert ? kBlockN * D : 0), v(kConvert && !bf16_dp ? kBlockN * Dv : 0),
         k_pack(bf16_dot ? bf16_pack_size(kBlockN, D) : 0), v_pack(bf16_dp ? bf16_pack_size(kBlockN, Dv) : 0) {}
@@ -154,14 +156,28 @@ void backward_tile(const BwdCtx<scalar_t, acc_t>& c, BwdBuffers<scalar_t, acc_t>
     else exp2_shift_sum(row, bn, l2);
   }
 
-  // -- dV += P^T dO   [bn, Dv]
-  if (do_dkv) gemm(true, false, bn, Dv, bm, acc_t(1), P, kBlockN, dO, ldo, acc_t(1), buf.dV.data(), Dv);
+  // -- dropout: the forward's weights were P Z; Z regenerated (attention_contract.h), never stored
+  const bool dropout = !buf.Z.empty();
+  acc_t* Z = buf.Z.data();
+  acc_t* PZ = dropout ? buf.PZ.data() : P;
+  if (dropout) {
+    detail::dropout_tile(P, kBlockN, b, h, i0, bm, j0, bn, s, acc_t(s.dropout_scale), Z);
+    for (int64_t r = 0; r < bm; ++r)
+      for (int64_t col = 0; col < bn; ++col) PZ[r * kBlockN + col] = P[r * kBlockN + col] * Z[r * kBlockN + col];
+  }
 
-  // -- dP = dO V^T, dS = P * (dP - delta)   [bm, bn]
+  // -- dV += (P Z)^T dO   [bn, Dv]
+  if (do_dkv) gemm(true, false, bn, Dv, bm, acc_t(1), PZ, kBlockN, dO, ldo, acc_t(1), buf.dV.data(), Dv);
+
+  // -- dP = dO V^T (times Z: the gradient of P through dropout), dS = P * (dP - delta)   [bm, bn]. delta =
+  // rowsum(dO o) = rowsum(P dP) still: o = (P Z) V
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
     if (c.bf16_dp) gemm_nt_bf16(bm, bn, Dv, 1.f, c.dO_bf16 + dO_off, ldo, buf.v_pack.data(), dS, kBlockN);
   }
   if (!c.bf16_dp) gemm(false, true, bm, bn, Dv, acc_t(1), dO, ldo, V, kv.ldv, acc_t(0), dS, kBlockN);
+  if (dropout)
+    for (int64_t r = 0; r < bm; ++r)
+      for (int64_t col = 0; col < bn; ++col) dS[r * kBlockN + col] *= Z[r * kBlockN + col];
   for (int64_t r = 0; r < bm; ++r)
     softmax_grad(dS + r * kBlockN, P + r * kBlockN, dS + r * kBlockN, delta[r * lay.lse.sl], bn);
 
@@ -235,7 +251,7 @@ void dq_dmask_pass(const BwdCtx<scalar_t, acc_t>& c, scalar_t* dmask) {
   const int64_t n_qblocks = (s.Lq + kBlockM - 1) / kBlockM;
   const int64_t m_qblocks = bc[2] ? 1 : n_qblocks;  // a mask broadcast over Lq takes every query block
   parallel_dynamic(mB * mH * m_qblocks, [&](const auto& claim) {
-    BwdBuffers<scalar_t, acc_t> buf(s.D, s.Dv, c.bf16_dot, c.bf16_dp, s.softcap_log2 != 0);
+    BwdBuffers<scalar_t, acc_t> buf(s.D, s.Dv, c.bf16_dot, c.bf16_dp, s.softcap_log2 != 0, s.dropout);
     std::vector<acc_t> acc;
     for (int64_t t; (t = claim()) >= 0;) {
       const int64_t qb_m = t % m_qblocks, bh_m = t / m_qblocks;
@@ -273,7 +289,7 @@ void attention_bwd_kernel(const BwdCtx<scalar_t, acc_t>& c, scalar_t* dmask) {
   if (!two_pass) {
     // -- kv-owner schedule
     parallel_dynamic(kv_tasks, [&](const auto& claim) {
-      BwdBuffers<scalar_t, acc_t> buf(s.D, s.Dv, c.bf16_dot, c.bf16_dp, s.softcap_log2 != 0);
+      BwdBuffers<scalar_t, acc_t> buf(s.D, s.Dv, c.bf16_dot, c.bf16_dp, s.softcap_log2 != 0, s.dropout);
       for (int64_t t; (t = claim()) >= 0;)
         for (int64_t kb = 0; kb < n_kblocks; ++kb)
           key_block_pass(c, buf, t / s.Hkv, t % s.Hkv, kb * kBlockN, /*do_dq=*/true);
@@ -284,7 +300,7 @@ void attention_bwd_kernel(const BwdCtx<scalar_t, acc_t>& c, scalar_t* dmask) {
   // -- two-pass schedule, pass 1: dQ per (batch, head, query block), or per block of the mask with dmask
   if (c.need_dmask) dq_dmask_pass(c, dmask);
   else parallel_dynamic(s.B * s.Hq * n_qblocks, [&](const auto& claim) {
-    BwdBuffers<scalar_t, acc_t> buf(s.D, s.Dv, c.bf16_dot, c.bf16_dp, s.softcap_log2 != 0);
+    BwdBuffers<scalar_t, acc_t> buf(s.D, s.Dv, c.bf16_dot, c.bf16_dp, s.softcap_log2 != 0, s.dropout);
     for (int64_t t; (t = claim()) >= 0;) {
       const int64_t qb = n_qblocks - 1 - t % n_qblocks, bh = t / n_qblocks;  // heavy (causal) blocks first
       const int64_t b = bh / s.Hq, h = bh % s.Hq;
@@ -302,7 +318,7 @@ void attention_bwd_kernel(const BwdCtx<scalar_t, acc_t>& c, scalar_t* dmask) {
   });
   // -- pass 2: dK / dV per (batch, kv head, key block)
   parallel_dynamic(kv_tasks * n_kblocks, [&](const auto& claim) {
-    BwdBuffers<scalar_t, acc_t> buf(s.D, s.Dv, c.bf16_dot, c.bf16_dp, s.softcap_log2 != 0);
+    BwdBuffers<scalar_t, acc_t> buf(s.D, s.Dv, c.bf16_dot, c.bf16_dp, s.softcap_log2 != 0, s.dropout);
     for (int64_t t; (t = claim()) >= 0;) {
       const int64_t kb = t % n_kblocks, bhk = t / n_kblocks;
       key_block_pass(c, buf, bhk / s.Hkv, bhk % s.Hkv, kb * kBlockN, /*do_dq=*/false);
@@ -451,9 +467,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& gate,
     const std::optional<at::Tensor>& dlse,
     double scale, int64_t causal, bool need_dmask, int64_t window_left, int64_t window_right, double softcap,
-    const std::optional<at::Tensor>& alibi_slopes) {
+    const std::optional<at::Tensor>& alibi_slopes, bool /*deterministic: every schedule here is*/, double dropout_p,
+    const std::optional<at::Tensor>& dropout_seed) {
   const AttnParams s = detail::check_and_describe("attention_bwd", q, k, v, mask, gate, scale, causal,
-                                                  {window_left, window_right, softcap, alibi_slopes});
+                                                  {window_left, window_right, softcap, alibi_slopes},
+                                                  {dropout_p, dropout_seed});
   return run_bwd("attention_bwd", s, /*packed=*/false, dout, q, k, v, out, lse, mask, gate, dlse, need_dmask);
 }
 

@@ -53,10 +53,10 @@ void check_cu_seqlens(const char* op, const at::Tensor& cu, int64_t total, int64
 
 AttnParams check_and_describe(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                               const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& gate,
-                              double scale, int64_t causal, const ScoreMods& mods) {
+                              double scale, int64_t causal, const ScoreMods& mods, const Dropout& dropout) {
   check_cpu(op, q);
   AttnParams s{};
-  describe_attention(s, op, q, k, v, mask, gate, scale, causal, mods);
+  describe_attention(s, op, q, k, v, mask, gate, scale, causal, mods, dropout);
   return s;
 }
 
@@ -182,7 +182,8 @@ void attention_fwd_kernel(const AttnParams& s, const FwdOutputs<scalar_t, acc_t>
             if (correction != acc_t(1)) scale_row(acc + r * Dv, correction, Dv);
           }
 
-          // -- O += P V   [rows, Dv]
+          // -- O += P Z V   [rows, Dv]: dropout's 1 / (1 - p) comes with the normalisation
+          if (s.dropout) detail::dropout_tile(S_r, kBlockN, b, h, i0 + r0, rows, j0, width, s, acc_t(1));
           gemm(false, false, rows, Dv, width, acc_t(1), S_r, kBlockN, V, ldv, acc_t(1), acc + r0 * Dv, Dv);
         }
       }
@@ -194,7 +195,7 @@ void attention_fwd_kernel(const AttnParams& s, const FwdOutputs<scalar_t, acc_t>
         const acc_t l = l_buf[r];
         const bool empty = l == acc_t(0);  // no allowed key: exactly 0 (not 0 * V, which is NaN for V = inf)
         if (empty) std::fill_n(out_row, Dv, acc_t(0));
-        else scale_row(out_row, acc_t(1) / l, Dv);
+        else scale_row(out_row, acc_t(s.dropout_scale) / l, Dv);
         o.lse[o.lse_l(b, h, i)] = empty ? kNegInf : m_buf[r] + std::log2(l);
         if (gate != nullptr) {
           const scalar_t* g = gate + b * s.g_sb + h * s.g_sh + i * s.g_si;
@@ -241,9 +242,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& gate,
     double scale, int64_t causal, bool need_acc, int64_t window_left, int64_t window_right, double softcap,
-    const std::optional<at::Tensor>& alibi_slopes) {
+    const std::optional<at::Tensor>& alibi_slopes, bool /*deterministic: the backward's*/, double dropout_p,
+    const std::optional<at::Tensor>& dropout_seed) {
   const AttnParams s = detail::check_and_describe("attention_fwd", q, k, v, mask, gate, scale, causal,
-                                                  {window_left, window_right, softcap, alibi_slopes});
+                                                  {window_left, window_right, softcap, alibi_slopes},
+                                                  {dropout_p, dropout_seed});
   return run_fwd(s, q, /*packed=*/false, need_acc);
 }
 

@@ -6,7 +6,8 @@
 //     S = Q K^T, dP = dO V^T          [64 x 64]  warps 4 (rows) x 2 (cols)
 //     P = exp2(S - lse), dS = P (dP - delta)      -> shared memory (fp16/bf16; dS also its low part), dmask
 //     dV += P^T dO, dK += dS^T Q     [64 x D]   A operands via ldmatrix.trans of P, dS
-//     dQ += (dS_hi + dS_lo) K        [64 x D]   fp32 atomics into dq_accum (many key tiles add to it)
+//     dQ += (dS_hi + dS_lo) K        [64 x D]   fp32 atomics into dq_accum (many key tiles add to it), or with
+//                                                deterministic, plain adds into the block's own slice of it
 // dO is the gated upstream gradient and delta = rowsum(dout * out) - dlse, both made by
 // attention_bwd_preprocess (attention_bwd_rows.cu). dK = scale * dS^T Q, dQ = scale * dS K: the
 // scale is applied once, at the end.
@@ -27,9 +28,21 @@
 
 namespace fastattn::cuda {
 
-template <typename T, int kD, bool kHasMask, bool kScoreMods>
-__global__ void __launch_bounds__(BwdTraits<kD>::kThreads)
-    attention_bwd_kernel(const AttnBwdParams p) {
+// dst += v: an atomic add where many blocks add to dst at once, a plain one where this thread alone does
+// (kDeterministic: in a fixed order, the same bits every run)
+template <bool kDeterministic>
+__device__ __forceinline__ void accumulate(float* dst, float v) {
+  if constexpr (kDeterministic)
+    *dst += v;
+  else
+    atomicAdd(dst, v);
+}
+
+// The work of one key tile (n_block) of kv head hk0 + blockIdx.y, batch b0 + blockIdx.z; dq_slice: this block's
+// slice of dq_accum
+template <typename T, int kD, bool kHasMask, bool kScoreMods, bool kDeterministic>
+__device__ __forceinline__ void attention_bwd_key_tile(const AttnBwdParams& p, const int n_block, float* dq_slice,
+                                                       unsigned char* smem_raw) {
   using Tr = BwdTraits<kD>;
   constexpr int kBM = Tr::kBlockM, kBN = Tr::kBlockN, kLd = Tr::kLd, kLdP = Tr::kLdP, kThreads = Tr::kThreads;
   constexpr int kSCols = kBN / Tr::kWarpsN;  // key columns of S / dP per warp (32)
@@ -38,7 +51,6 @@ __global__ void __launch_bounds__(BwdTraits<kD>::kThreads)
   constexpr int kDT = kDCols / 8;            // n8 tiles of them
   static_assert(Tr::kWarpsM * kMmaM == kBM && kBM == kBN, "warps tile the 64 x 64 products 4 x 2");
 
-  extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sK = reinterpret_cast<T*>(smem_raw);  // [kBN][kLd]
   T* sV = sK + kBN * kLd;                  // [kBN][kLd]
   T* sQ = sV + kBN * kLd;                  // [2][kBM][kLd]
@@ -47,7 +59,7 @@ __global__ void __launch_bounds__(BwdTraits<kD>::kThreads)
   T* sdS = sP + kBM * kLdP;                // [kBM][kLdP]
   T* sdS_lo = sdS + kBM * kLdP;            // [kBM][kLdP]  what rounding dS to T left (split2)
 
-  const int n_block = blockIdx.x, hk = p.hk0 + int(blockIdx.y), b = p.b0 + int(blockIdx.z);
+  const int hk = p.hk0 + int(blockIdx.y), b = p.b0 + int(blockIdx.z);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane >> 2, t = lane & 3;
   const int wm = warp % Tr::kWarpsM, wn = warp / Tr::kWarpsM;
@@ -178,8 +190,8 @@ __global__ void __launch_bounds__(BwdTraits<kD>::kThreads)
           const int i = m0 + sr, j = n0 + sc;
           if (i < p.Lq) {
             float* d = dmask_acc_bh + int64_t(i) * p.dm_si + int64_t(j) * p.dm_sj;
-            if (j < p.Lk && ds0 != 0.f) atomicAdd(d, ds0);  // masked entries add nothing: fewer atomics
-            if (j + 1 < p.Lk && ds1 != 0.f) atomicAdd(d + p.dm_sj, ds1);
+            if (j < p.Lk && ds0 != 0.f) accumulate<kDeterministic>(d, ds0);  // masked entries add nothing
+            if (j + 1 < p.Lk && ds1 != 0.f) accumulate<kDeterministic>(d + p.dm_sj, ds1);
           }
         }
       }
@@ -228,7 +240,7 @@ __global__ void __launch_bounds__(BwdTraits<kD>::kThreads)
           mma_16816_n16<T>(acc_dq[2 * dt2], acc_dq[2 * dt2 + 1], a_lo, bk);
         }
       }
-      float* dq = p.dq_accum + bh * p.Lq * kD;
+      float* dq = dq_slice + bh * p.Lq * kD;
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int i = row0 + g + 8 * r;
@@ -236,8 +248,8 @@ __global__ void __launch_bounds__(BwdTraits<kD>::kThreads)
 #pragma unroll
         for (int dt = 0; dt < kDT; ++dt) {
           float* d = dq + int64_t(i) * kD + wn * kDCols + dt * 8 + 2 * t;
-          atomicAdd(d, acc_dq[dt][2 * r]);
-          atomicAdd(d + 1, acc_dq[dt][2 * r + 1]);
+          accumulate<kDeterministic>(d, acc_dq[dt][2 * r]);
+          accumulate<kDeterministic>(d + 1, acc_dq[dt][2 * r + 1]);
         }
       }
     }
@@ -260,22 +272,41 @@ __global__ void __launch_bounds__(BwdTraits<kD>::kThreads)
   }
 }
 
-// One block per (key tile, kv head, batch) on the grid's x, y and z axes: b and hk are blockIdx values, uniform
+// kDeterministic: its own kernels (the loop and plain adds, compiled into every kernel, cost the others up to 58
+// registers), with the score modifiers' code in all of them (it runs without modifiers too)
+template <typename T, int kD, bool kHasMask, bool kScoreMods, bool kDeterministic>
+__global__ void __launch_bounds__(BwdTraits<kD>::kThreads) attention_bwd_kernel(const AttnBwdParams p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  if constexpr (kDeterministic) {
+    const int n_blocks = (p.Lk + BwdTraits<kD>::kBlockN - 1) / BwdTraits<kD>::kBlockN;
+    float* dq_slice = p.dq_accum + int64_t(blockIdx.x) * p.B * p.Hq * p.Lq * kD;
+    for (int n_block = blockIdx.x; n_block < n_blocks; n_block += gridDim.x) {
+      if (n_block != int(blockIdx.x)) __syncthreads();  // the last tile's reads of shared memory are done
+      attention_bwd_key_tile<T, kD, kHasMask, kScoreMods, true>(p, n_block, dq_slice, smem_raw);
+    }
+  } else {
+    attention_bwd_key_tile<T, kD, kHasMask, kScoreMods, false>(p, blockIdx.x, p.dq_accum, smem_raw);
+  }
+}
+
+// One block per (key tile, kv head, batch) on the grid's x, y and z axes (deterministic: dq_splits blocks per (kv
+// head, batch), each over every dq_splits-th key tile): b and hk are blockIdx values, uniform
 // registers. Taken from one flattened axis instead (as the forward's tiles_grid does), the divisions put them and
 // every address made from them in per-thread registers (bf16 D 128 on sm_90a: 181 registers instead of 176), and an
 // H200 ran that form 4-9% slower. Past 65535 kv heads or batches (the y and z bound) it takes several launches.
-template <typename T, int kD, bool kHasMask, bool kScoreMods>
+template <typename T, int kD, bool kHasMask, bool kScoreMods, bool kDeterministic>
 cudaError_t launch_attention_bwd(const AttnBwdParams& p, cudaStream_t stream) {
   using Tr = BwdTraits<kD>;
   constexpr int kAxis = 65535;
   AttnBwdParams part = p;
   for (part.b0 = 0; part.b0 < p.B; part.b0 += kAxis)
     for (part.hk0 = 0; part.hk0 < p.Hkv; part.hk0 += kAxis) {
-      const dim3 grid((p.Lk + Tr::kBlockN - 1) / Tr::kBlockN, std::min(p.Hkv - part.hk0, kAxis),
+      const dim3 grid(kDeterministic ? p.dq_splits : (p.Lk + Tr::kBlockN - 1) / Tr::kBlockN,
+                      std::min(p.Hkv - part.hk0, kAxis),
                       std::min(p.B - part.b0, kAxis));
       const cudaError_t err =
-          launch_with_smem(attention_bwd_kernel<T, kD, kHasMask, kScoreMods>, grid, Tr::kThreads, Tr::kSmemBytes, part,
-                           stream);
+          launch_with_smem(attention_bwd_kernel<T, kD, kHasMask, kScoreMods, kDeterministic>, grid, Tr::kThreads,
+                           Tr::kSmemBytes, part, stream);
       if (err != cudaSuccess) return err;
     }
   return cudaSuccess;
@@ -295,8 +326,9 @@ cudaError_t run_attention_bwd(const AttnBwdParams& params, cudaStream_t stream) 
   }
   err = FA_DTYPE_SWITCH(p.is_bf16, T, [&] {
     return FA_BOOL_SWITCH(p.mask_kind != kMaskNone, kHasMask, [&] {
+      if (p.deterministic) return launch_attention_bwd<T, kD, kHasMask, true, true>(p, stream);
       return FA_BOOL_SWITCH(has_score_mods(p), kScoreMods, [&] {
-        return launch_attention_bwd<T, kD, kHasMask, kScoreMods>(p, stream);
+        return launch_attention_bwd<T, kD, kHasMask, kScoreMods, false>(p, stream);
       });
     });
   });

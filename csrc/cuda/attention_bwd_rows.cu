@@ -11,7 +11,7 @@
 //               the softmax saturates, dP - delta cancels to far below |dP|, and a float32 sum's rounding
 //               (~2^-24 sum |dO o|) took fp16 dq / dk of 130 repeated query rows at scale 20 past
 //               docs/CONTRACT.md §4 under the emulation; this pass is memory-bound.
-//   convert:    dq = scale * dq_accum, in q's dtype
+//   convert:    dq = scale * dq_accum (summed over its slices), in q's dtype
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -75,9 +75,12 @@ __global__ void __launch_bounds__(kRowsPerBlock * 32) attention_bwd_preprocess_k
 
 template <typename T>
 __global__ void attention_bwd_convert_dq_kernel(const float* __restrict__ acc, T* __restrict__ dq, int64_t n,
-                                                float scale) {
-  for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < n; idx += int64_t(gridDim.x) * blockDim.x)
-    dq[idx] = from_float<T>(acc[idx] * scale);
+                                                int splits, float scale) {
+  for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < n; idx += int64_t(gridDim.x) * blockDim.x) {
+    float sum = acc[idx];
+    for (int s = 1; s < splits; ++s) sum += acc[s * n + idx];  // in order: the same bits every run
+    dq[idx] = from_float<T>(sum * scale);
+  }
 }
 
 int grid_for(int64_t n, int threads) {
@@ -105,7 +108,7 @@ cudaError_t attention_bwd_convert_dq(const AttnBwdParams& p, cudaStream_t stream
   if (n == 0) return cudaSuccess;
   FA_DTYPE_SWITCH(p.is_bf16, T, [&] {
     attention_bwd_convert_dq_kernel<T>
-        <<<grid_for(n, 256), 256, 0, stream>>>(p.dq_accum, static_cast<T*>(p.dq), n, p.scale);
+        <<<grid_for(n, 256), 256, 0, stream>>>(p.dq_accum, static_cast<T*>(p.dq), n, p.dq_splits, p.scale);
   });
   return cudaGetLastError();
 }

@@ -101,8 +101,10 @@ void describe_cuda_attention(AttnParams& p, const char* op, const Tensor& q, con
 std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
                                          const OptTensor& mask, const OptTensor& gate, double scale, int64_t causal,
                                          bool need_acc, int64_t window_left, int64_t window_right, double softcap,
-                                         const OptTensor& alibi_slopes) {
+                                         const OptTensor& alibi_slopes, bool /*deterministic: the backward's*/,
+                                         double dropout_p, const OptTensor& /*dropout_seed*/) {
   const char* op = "attention_fwd";
+  TORCH_CHECK(dropout_p == 0.0, op, " (cuda): dropout is not in these kernels yet (dropout_p ", dropout_p, ")");
   const c10::cuda::CUDAGuard guard(q_in.device());
   const Tensor q = for_cp_async(q_in), k = for_cp_async(k_in), v = for_cp_async(v_in);
   AttnParams p{};
@@ -201,8 +203,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd(
     const Tensor& dout_in, const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, const Tensor& out_in,
     const Tensor& lse_in, const OptTensor& mask, const OptTensor& gate, const OptTensor& dlse_in, double scale,
     int64_t causal, bool need_dmask, int64_t window_left, int64_t window_right, double softcap,
-    const OptTensor& alibi_slopes) {
+    const OptTensor& alibi_slopes, bool deterministic, double dropout_p, const OptTensor& /*dropout_seed*/) {
   const char* op = "attention_bwd";
+  TORCH_CHECK(dropout_p == 0.0, op, " (cuda): dropout is not in these kernels yet (dropout_p ", dropout_p, ")");
   const c10::cuda::CUDAGuard guard(q_in.device());
   const Tensor q = for_cp_async(q_in), k = for_cp_async(k_in), v = for_cp_async(v_in);
   AttnBwdParams p{};
@@ -240,19 +243,43 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd(
   Tensor dk = at::empty(k.sizes(), k.options());
   Tensor dv = at::empty(v.sizes(), v.options());
   // The gradient of a float mask: dS per (b, h, i, j) for a full-shape mask; for a broadcast one its sum over the
-  // broadcast dims, which the kernel accumulates in float32 in the mask's own shape (O(mask) memory, one rounding).
+  // broadcast dims, which the kernel accumulates in float32 in the mask's own shape (O(mask) memory, one rounding),
+  // with atomics. Deterministic, the kernel writes dS in float32 in the scores' full shape instead (O(B Hq Lq Lk)
+  // memory) and torch sums it here, in a fixed order.
   const std::vector<int64_t> full{p.B, p.Hq, p.Lq, p.Lk};
   const bool dmask_bcast = need_dmask && (p.mask_bcast[0] || p.mask_bcast[1] || p.mask_bcast[2] || p.mask_bcast[3]);
   Tensor dmask = need_dmask && !dmask_bcast ? at::zeros(full, q.options()) : q.new_empty({0});
-  Tensor dmask_accum = dmask_bcast ? at::zeros(mask->sizes(), q.options().dtype(at::kFloat)) : Tensor();
+  Tensor dmask_accum =
+      dmask_bcast ? at::zeros(deterministic ? at::IntArrayRef(full) : mask->sizes(), q.options().dtype(at::kFloat))
+                  : Tensor();
+  auto bcast_dmask = [&] {
+    std::vector<int64_t> dims;
+    for (int64_t d = 0; d < 4; ++d)
+      if (mask->size(d) == 1 && full[size_t(d)] != 1) dims.push_back(d);
+    const Tensor sum = deterministic && !dims.empty() ? dmask_accum.sum(dims, /*keepdim=*/true) : dmask_accum;
+    return sum.view(mask->sizes()).to(q.scalar_type());
+  };
   Tensor dgate = p.gate ? at::empty({p.B, p.Hq, p.Lq, p.gate_headwise ? 1 : p.D}, q.options()) : q.new_empty({0});
   if (dq.numel() == 0 || dk.numel() == 0) {  // no query or no key: every gradient is 0
     dq.zero_(), dk.zero_(), dv.zero_();
     if (dgate.numel()) dgate.zero_();
-    return {dq, dk, dv, dmask_bcast ? dmask_accum.to(q.scalar_type()) : dmask, dgate};
+    return {dq, dk, dv, dmask_bcast ? bcast_dmask() : dmask, dgate};
+  }
+  // Deterministic dq: dq_splits slices of dq_accum (params.h). Enough blocks to fill the GPU twice over, at most 8
+  // slices (memory: 8 float32 copies of dq at most) and one per key tile.
+  int dq_splits = 1;
+  if (deterministic) {
+    int sms = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, q.get_device()));
+    constexpr int kKeyTile = BwdTraits<64>::kBlockN;
+    static_assert(BwdTraits<128>::kBlockN == kKeyTile, "both head dims tile the keys alike");
+    const int64_t key_tiles = (p.Lk + kKeyTile - 1) / kKeyTile, blocks = int64_t(p.B) * p.Hkv;
+    dq_splits = int(std::clamp<int64_t>((2 * sms + blocks - 1) / blocks, 1, std::min<int64_t>(8, key_tiles)));
   }
   Tensor delta = at::empty(row_shape, f32);
-  Tensor dq_accum = at::zeros(out_shape, f32);
+  std::vector<int64_t> accum_shape{dq_splits};
+  accum_shape.insert(accum_shape.end(), out_shape.begin(), out_shape.end());
+  Tensor dq_accum = at::zeros(accum_shape, f32);
   Tensor do_gated = p.gate ? at::empty(out_shape, q.options()) : Tensor();
 
   p.out = const_cast<void*>(out.data_ptr());
@@ -265,6 +292,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd(
   p.delta = delta.data_ptr<float>();
   p.do_gated = do_gated.defined() ? do_gated.data_ptr() : nullptr;
   p.dq_accum = dq_accum.data_ptr<float>();
+  p.dq_splits = dq_splits;
+  p.deterministic = deterministic;
   p.dq = dq.data_ptr();
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
@@ -272,12 +301,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd(
   p.dmask_accum = dmask_bcast ? dmask_accum.data_ptr<float>() : nullptr;
   if (dmask_bcast) {
     int64_t* strides[4] = {&p.dm_sb, &p.dm_sh, &p.dm_si, &p.dm_sj};
-    for (int d = 0; d < 4; ++d) *strides[d] = mask->size(d) == 1 ? 0 : dmask_accum.stride(d);
+    for (int d = 0; d < 4; ++d) *strides[d] = mask->size(d) == 1 && !deterministic ? 0 : dmask_accum.stride(d);
   }
   p.dgate = p.gate ? dgate.data_ptr() : nullptr;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   C10_CUDA_CHECK(p.D == 64 ? attention_bwd_hdim64(p, stream) : attention_bwd_hdim128(p, stream));
-  return {dq, dk, dv, dmask_bcast ? dmask_accum.to(q.scalar_type()) : dmask, dgate};
+  return {dq, dk, dv, dmask_bcast ? bcast_dmask() : dmask, dgate};
 }
 
 // ------------------------------------------------------------------------------------ softmax gates

@@ -40,14 +40,21 @@ struct AttnBwdParams : AttnParams {
   // -- workspaces (allocated by the caller)
   float* delta;     // (B, Hq, Lq): rowsum(dout * out) - dlse
   void* do_gated;   // (B, Hq, Lq, Dv) contiguous, q's dtype: dout * sigmoid(gate); used when gate != nullptr
-  float* dq_accum;  // (B, Hq, Lq, D) contiguous, zero-filled by the caller
+  // (dq_splits, B, Hq, Lq, D) contiguous, zero-filled by the caller. Atomics (dq_splits 1, deterministic false):
+  // every key tile's block adds into it at once, in whatever order the blocks run. deterministic: the grid has
+  // dq_splits blocks per (kv head, batch), block s walks the key tiles s, s + dq_splits, ... in turn and alone adds
+  // into slice s; the slices are summed in order afterwards. Bitwise the same gradients run after run.
+  float* dq_accum;
+  int dq_splits;
+  bool deterministic;  // also: dmask_accum has the scores' full shape, each element written by one thread
   // -- outputs, contiguous
   void* dq;     // (B, Hq, Lq, D)
   void* dk;     // (B, Hkv, Lk, D)
   void* dv;     // (B, Hkv, Lk, Dv)
   void* dmask;  // (B, Hq, Lq, Lk) in q's dtype (dL/dscore) for a full-shape float mask, or nullptr
   // a float mask broadcast over some dims: its gradient, the sum of dS over them, accumulated in float32 in the
-  // mask's own shape (zero-filled by the caller; dm_s* are its strides, 0 on the broadcast dims), or nullptr
+  // mask's own shape (zero-filled by the caller; dm_s* are its strides, 0 on the broadcast dims), or nullptr.
+  // deterministic: dS itself in float32, (B, Hq, Lq, Lk), which the caller sums over the broadcast dims
   float* dmask_accum;
   int64_t dm_sb, dm_sh, dm_si, dm_sj;
   void* dgate;  // (B, Hq, Lq, Dv) in q's dtype when gate != nullptr; (B, Hq, Lq, 1) for a headwise gate
