@@ -148,11 +148,16 @@ def dropout_keep(seed: int, dropout_p: float, B: int, H: int, Lq: int, Lk: int, 
     return words >= dropout_threshold(dropout_p)
 
 
+def dropout_scale(dropout_p: float) -> float:
+    """What kept weights are multiplied by: 1 / (1 - dropout_p); 0 for dropout_p = 1, where every weight is
+    dropped and 1 / (1 - p) would turn the zeros into NaN. TorchScript compiles it."""
+    return 1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0
+
+
 def dropout_weights(p: torch.Tensor, keep: torch.Tensor, dropout_p: float) -> torch.Tensor:
-    """Dropout as torch's: kept weights scaled by 1 / (1 - dropout_p); dropout_p = 1 multiplies every
-    weight by 0 (a NaN stays NaN, as in torch), where 1 / (1 - p) would turn the zeros into NaN.
-    TorchScript compiles it."""
-    return p * keep * (1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0)
+    """Dropout as torch's: kept weights scaled by dropout_scale; dropout_p = 1 multiplies every weight by 0 (a
+    NaN stays NaN, as in torch). TorchScript compiles it."""
+    return p * keep * dropout_scale(dropout_p)
 
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:

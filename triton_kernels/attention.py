@@ -984,11 +984,11 @@ def _score_mod_args(mods, q):
 
 def _dropout_args(dropout, q):
     """dict(DROPOUT) and the kernels' (SEED, drop_thr, drop_scale) for dropout = (dropout_p, seed tensor): the seed
-    (q where there is none: never read), the keep threshold (contract.dropout_threshold) and 1 / (1 - p)."""
+    (q where there is none: never read), the keep threshold and the kept weights' scale (contract's)."""
     p, seed = dropout
     if not p:
         return dict(DROPOUT=False), (q, 0, 1.0)
-    return dict(DROPOUT=True), (seed, contract.dropout_threshold(p), 1.0 / (1.0 - p) if p < 1 else 0.0)
+    return dict(DROPOUT=True), (seed, contract.dropout_threshold(p), contract.dropout_scale(p))
 
 
 def _check_tensors(op, q, k, v, names=("q", "k", "v")):
