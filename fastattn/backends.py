@@ -247,6 +247,7 @@ class CudaBackend(FusedBackend):
     name = "cuda"
     device_types = ("cuda",)
     kernels = CUDA_KERNELS
+    dropout = True
 
     def unavailable(self):
         if ops.extension_error() is not None:

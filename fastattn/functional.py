@@ -41,7 +41,7 @@ def attention(q, k, v, *, attn_mask=None, causal=False, scale=None, gate=None, d
             applied whenever > 0 (pass 0.0 in eval). The kernels draw it from Philox keyed by a seed taken from
             the device's default generator (torch.manual_seed makes it reproducible) and draw it again in the
             backward (no mask is stored); every backend that has it drops the same weights for a seed
-            (contract.dropout_keep). Fused on cpu and triton; the cuda kernels have none yet (auto takes triton).
+            (contract.dropout_keep). Fused on cpu, triton and cuda.
         return_lse: also return lse (B, Hq, Lq), the natural log of the softmax denominator of the
             scaled, masked scores: float32 (float64 for float64 inputs), -inf on rows with no
             allowed key. It is differentiable.

@@ -120,11 +120,23 @@ def same_bits(a, b):
                                         for n in a)
 
 
-def backward_is_bitwise_repeatable(backend, dtype, device="cpu", runs=50):
+def backward_is_bitwise_repeatable(backend, dtype, device="cpu", runs=50, case=DETERMINISM_CASE):
     """deterministic: ``runs`` backwards give bitwise the same gradients."""
-    first = gradients(backend, dtype, device)
+    first = gradients(backend, dtype, device, case=case)
     for run in range(1, runs):
-        assert same_bits(first, gradients(backend, dtype, device)), f"run {run} differs from run 0"
+        assert same_bits(first, gradients(backend, dtype, device, case=case)), f"run {run} differs from run 0"
+
+
+def dropout_is_reproducible_and_fresh_each_call(backend, device="cpu", dtype=torch.float32, D=16):
+    """The seed comes from torch's generator of q's device: torch.manual_seed repeats a call's dropout, the next
+    call drops other weights, and dropout_p = 0 drops none."""
+    q, k, v = (rand(2, 3, 40, D, seed=s, device=device, dtype=dtype) for s in (1, 2, 3))
+    run = lambda p: fastattn.attention(q, k, v, dropout_p=p, backend=backend)
+    torch.manual_seed(3)
+    first, second = run(0.5), run(0.5)
+    torch.manual_seed(3)
+    assert torch.equal(run(0.5), first) and not torch.equal(first, second)
+    assert not torch.equal(first, run(0.0)) and torch.equal(run(0.0), fastattn.attention(q, k, v, backend=backend))
 
 
 def rand(*shape, seed, device="cpu", dtype=torch.float32, requires_grad=False):

@@ -17,7 +17,8 @@ import torch
 
 import fastattn  # noqa: F401  (loads fastattn._C: the schemas the emulated ops copy)
 from fastattn import ops
-from fastattn.backends import CUDA_KERNELS, FusedBackend, cuda_kernels_unsupported, register as register_backend
+from fastattn.backends import (CUDA_KERNELS, CudaBackend, FusedBackend, cuda_kernels_unsupported,
+                               register as register_backend)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location("fastattn_emu_build", os.path.join(REPO, "csrc", "cuda", "emu", "build.py"))
@@ -46,6 +47,7 @@ class EmulatedCudaBackend(FusedBackend):
     op_prefix = PREFIX
     kernels = CUDA_KERNELS
     device_types = ("cpu",)
+    dropout = CudaBackend.dropout
 
     def unsupported(self, p):
         return super().unsupported(p) or cuda_kernels_unsupported(p)

@@ -2,6 +2,8 @@
 gradient, on a CUDA device. The sweep of fastattn.testing, moved onto what the cuda kernels cover
 (float16 / bfloat16, D == Dv in {64, 128}), plus shapes that cross several tiles of both kernels
 (128-query forward tiles, 64-key backward tiles, the K/V and Q/dO double buffers) and GQA groups."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -91,12 +93,18 @@ def test_repeated_keys_keep_dq_exact():
     bc.repeated_keys_keep_dq_exact("cuda", "cuda")
 
 
-def test_deterministic_backward():
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_deterministic_backward(dropout):
     """deterministic: 50 backwards bitwise alike (dq without atomics), and right (torch's setting on, which
-    fastattn.attention follows)."""
-    bc.backward_is_bitwise_repeatable("cuda", torch.bfloat16, "cuda")
+    fastattn.attention follows); with dropout too (its own kernels)."""
+    case = dataclasses.replace(bc.DETERMINISM_CASE, dropout=dropout)
+    bc.backward_is_bitwise_repeatable("cuda", torch.bfloat16, "cuda", case=case)
     with bc.deterministic_algorithms():
-        assert_all_ok(check_attention(bc.DETERMINISM_CASE, torch.bfloat16, backend="cuda", device="cuda"))
+        assert_all_ok(check_attention(case, torch.bfloat16, backend="cuda", device="cuda"))
+
+
+def test_dropout_is_reproducible_and_fresh_each_call():
+    bc.dropout_is_reproducible_and_fresh_each_call("cuda", "cuda", torch.float16, D=64)
 
 
 def test_fully_masked_rows_are_zero_without_nan():

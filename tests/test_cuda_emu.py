@@ -3,6 +3,8 @@ own parameter filling: the CUDA backend's whole sweep against the reference (doc
 every gradient; varlen and kv-cache attention forward only, as the kernels are), the emulation's checks of
 memory, barriers and warp collectives on every case, and a mutation test: known bugs planted in a copy of the
 kernels, each of which must be caught."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -187,11 +189,13 @@ def test_other_architectures_and_thread_orders(arch, schedule):
         assert_all_ok(check_attention(case, torch.bfloat16, backend="cuda_emu"), case.id)
 
 
-@pytest.mark.parametrize("case", [bc.DETERMINISM_CASE, AttentionCase(B=1, Hq=3, Hkv=3, Lq=40, Lk=530, D=128)],
-                         ids=["mask-gate-gqa-D64", "plain-D128"])
+@pytest.mark.parametrize("case", [bc.DETERMINISM_CASE, AttentionCase(B=1, Hq=3, Hkv=3, Lq=40, Lk=530, D=128),
+                                  dataclasses.replace(bc.DETERMINISM_CASE, dropout=0.2)],
+                         ids=["mask-gate-gqa-D64", "plain-D128", "dropout-D64"])
 def test_deterministic_backward_matches_reference(case):
-    """The deterministic kernels (their own, with the score modifiers' code: here with no modifier) against the
-    reference, with torch's deterministic setting on (which fastattn.attention follows by default)."""
+    """The deterministic kernels (their own, with the score modifiers' code: here with no modifier; and those with
+    dropout) against the reference, with torch's deterministic setting on (which fastattn.attention follows by
+    default)."""
     with bc.deterministic_algorithms():
         assert_all_ok(check_attention(case, torch.bfloat16, backend="cuda_emu"), case.id)
 
@@ -211,6 +215,10 @@ def test_deterministic_backward_is_the_same_in_any_block_order():
     assert not bc.same_bits(atomic, grads(False, 2 + 3))
 
 
+def test_dropout_is_reproducible_and_fresh_each_call():
+    bc.dropout_is_reproducible_and_fresh_each_call("cuda_emu", dtype=torch.float16, D=64)
+
+
 def test_deterministic_argument_overrides_torch():
     """deterministic=True with torch's setting off, and False with it on: the argument decides."""
     case = bc.DETERMINISM_CASE
@@ -228,8 +236,9 @@ def test_deterministic_argument_overrides_torch():
 
 
 # ------------------------------------------------------------------------------------- mutations
-# Known bugs, planted one at a time in a copy of csrc/cuda: (id, file, text, replacement). Each must
-# make the emulation fail the case below (an error of its checks, or a result outside docs/CONTRACT.md §4).
+# Known bugs, planted one at a time in a copy of csrc/cuda: (id, file, text, replacement[, "dropout"]). Each must
+# make the emulation fail the case below (with dropout where marked: an error of its checks, or a result outside
+# docs/CONTRACT.md §4).
 FWD, BWD = "attention_fwd_kernel.h", "attention_bwd_kernel.h"
 MUTATIONS = [
     ("ldmatrix-lane-offsets-swapped", FWD,
@@ -256,6 +265,16 @@ MUTATIONS = [
      "cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);",
      "cudaError_t err = cudaSuccess;"),
 ]
+# Dropout's bugs, caught on the same case with dropout
+MUTATIONS += [(*m, "dropout") for m in [
+    ("dropout-partner-rows-swapped", "mask.h",
+     "{odd ? got0 : own0, odd ? got1 : own1, odd ? own0 : got0, odd ? own1 : got1}",
+     "{odd ? own0 : got0, odd ? own1 : got1, odd ? got0 : own0, odd ? got1 : own1}"),
+    ("dropout-draw-of-the-other-key-pair", "mask.h", "(col0 >> 2) + 2 * nt + (t >> 1)", "(col0 >> 2) + 2 * nt"),
+    ("dropout-scale-missing-fwd", FWD, "(kDropout ? p.dropout_scale : 1.f) / l", "1.f / l"),
+    ("dropout-dv-of-undropped-weights", BWD, "pack2<T>(p0 * z0, p1 * z1)", "pack2<T>(p0, p1)"),
+    ("dropout-dp-not-dropped", BWD, "p0 * (acc_dp[nt][2 * r] * z0 - delta[r])", "p0 * (acc_dp[nt][2 * r] - delta[r])"),
+]]
 MUTATION_CASE = AttentionCase(B=1, Hq=2, Hkv=1, Lq=150, Lk=140, D=64, causal="bottom_right", mask="float_grad",
                               gate="elementwise")
 MUTATION_GATE_CASE = dict(case=[c for c in GATE_CASES if c.op == "softmax_gate" and c.N > 100][0])
@@ -273,22 +292,24 @@ def _mutation_outcome(check):
     return "wrong: " + ", ".join(f"{c.name} {c.ratio:.3g}x" for c in bad) if bad else None
 
 
-def _mutation_check(file):
+def _mutation_check(file, dropout=False):
     if file == "softmax_gate.cu":
         return lambda: check_gate(MUTATION_GATE_CASE["case"], torch.float16, backend="cuda_emu")
-    return lambda: check_attention(MUTATION_CASE, torch.float16, backend="cuda_emu")
+    case = dataclasses.replace(MUTATION_CASE, dropout=0.3) if dropout else MUTATION_CASE
+    return lambda: check_attention(case, torch.float16, backend="cuda_emu")
 
 
 def test_mutation_cases_pass_unmutated():
     assert _mutation_outcome(_mutation_check(FWD)) is None
+    assert _mutation_outcome(_mutation_check(FWD, dropout=True)) is None
     assert _mutation_outcome(_mutation_check("softmax_gate.cu")) is None
 
 
 @pytest.mark.parametrize("mutation", MUTATIONS, ids=[m[0] for m in MUTATIONS])
 def test_planted_bug_is_caught(mutation):
-    name, file, old, new = mutation
+    name, file, old, new, *dropout = mutation
     with cuda_emu.using(cuda_emu.kernels([(file, old, new)])):
-        outcome = _mutation_outcome(_mutation_check(file))
+        outcome = _mutation_outcome(_mutation_check(file, dropout=bool(dropout)))
     print(f"{name}: {outcome}")
     assert outcome is not None, f"the emulation did not catch {name}"
 

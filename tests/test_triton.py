@@ -544,3 +544,7 @@ def test_check_cli_covers_the_dtypes_triton_supports(capsys):
 def test_backward_is_bitwise_repeatable():
     """No atomics in these kernels: 50 backwards, the same bits."""
     bc.backward_is_bitwise_repeatable("triton", torch.bfloat16, DEVICE)
+
+
+def test_dropout_is_reproducible_and_fresh_each_call():
+    bc.dropout_is_reproducible_and_fresh_each_call("triton", DEVICE)

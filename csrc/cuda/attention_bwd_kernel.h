@@ -5,6 +5,7 @@
 // atomics). Per query tile, with P recomputed from the saved lse (no Lq x Lk tensor is kept):
 //     S = Q K^T, dP = dO V^T          [64 x 64]  warps 4 (rows) x 2 (cols)
 //     P = exp2(S - lse), dS = P (dP - delta)      -> shared memory (fp16/bf16; dS also its low part), dmask
+//       (dropout: Z regenerated from the seed; P Z to shared memory, dS = P (dP Z - delta))
 //     dV += P^T dO, dK += dS^T Q     [64 x D]   A operands via ldmatrix.trans of P, dS
 //     dQ += (dS_hi + dS_lo) K        [64 x D]   fp32 atomics into dq_accum (many key tiles add to it), or with
 //                                                deterministic, plain adds into the block's own slice of it
@@ -40,7 +41,7 @@ __device__ __forceinline__ void accumulate(float* dst, float v) {
 
 // The work of one key tile (n_block) of kv head hk0 + blockIdx.y, batch b0 + blockIdx.z; dq_slice: this block's
 // slice of dq_accum
-template <typename T, int kD, bool kHasMask, bool kScoreMods, bool kDeterministic>
+template <typename T, int kD, bool kHasMask, bool kScoreMods, bool kDeterministic, bool kDropout>
 __device__ __forceinline__ void attention_bwd_key_tile(const AttnBwdParams& p, const int n_block, float* dq_slice,
                                                        unsigned char* smem_raw) {
   using Tr = BwdTraits<kD>;
@@ -68,6 +69,7 @@ __device__ __forceinline__ void attention_bwd_key_tile(const AttnBwdParams& p, c
   const T* k_ptr = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh + int64_t(n0) * p.k_sl;
   const T* v_ptr = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh + int64_t(n0) * p.v_sl;
   const int mask_bytes = p.mask_kind == kMaskBool ? 1 : int(sizeof(T));
+  const uint64_t seed = kDropout ? uint64_t(*p.dropout_seed) : 0;
 
   // -- query tiles that see this key tile: all, or those from the causal diagonal (right window) on, up to the
   // left window's edge
@@ -163,6 +165,8 @@ __device__ __forceinline__ void attention_bwd_key_tile(const AttnBwdParams& p, c
         acc_s, row0, col0, lane, tile_needs_checks<AttnBwdParams, kScoreMods>(m0, kBM, n0, kBN, p, p), p, p,
         kHasMask ? mask_head_ptr(p, b, h, mask_bytes) : nullptr, kScoreMods ? alibi_slope2(p, b, h) : 0.f,
         kScoreMods ? dcap : nullptr);
+    // dropout: the forward's weights were P Z (Z = 0 or 1 / (1 - p)); dV takes P Z, and dP Z is the gradient of P
+    const uint32_t keep = kDropout ? dropout_keep_bits<kNT>(p, seed, b, h, row0, col0, lane) : 0u;
     T* dmask_bh = p.dmask ? static_cast<T*>(p.dmask) + bh * p.Lq * p.Lk : nullptr;
     float* dmask_acc_bh = p.dmask_accum ? p.dmask_accum + b * p.dm_sb + h * p.dm_sh : nullptr;
 #pragma unroll
@@ -172,10 +176,12 @@ __device__ __forceinline__ void attention_bwd_key_tile(const AttnBwdParams& p, c
         const bool masked0 = acc_s[nt][2 * r] == -INFINITY, masked1 = acc_s[nt][2 * r + 1] == -INFINITY;
         const float p0 = masked0 ? 0.f : exp2f(acc_s[nt][2 * r] - lse2[r]);
         const float p1 = masked1 ? 0.f : exp2f(acc_s[nt][2 * r + 1] - lse2[r]);
-        const float ds0 = masked0 ? 0.f : p0 * (acc_dp[nt][2 * r] - delta[r]);
-        const float ds1 = masked1 ? 0.f : p1 * (acc_dp[nt][2 * r + 1] - delta[r]);
+        const float z0 = kDropout ? dropout_factor(keep, nt, 2 * r, p.dropout_scale) : 1.f;
+        const float z1 = kDropout ? dropout_factor(keep, nt, 2 * r + 1, p.dropout_scale) : 1.f;
+        const float ds0 = masked0 ? 0.f : p0 * (acc_dp[nt][2 * r] * z0 - delta[r]);
+        const float ds1 = masked1 ? 0.f : p1 * (acc_dp[nt][2 * r + 1] * z1 - delta[r]);
         const int sr = wm * kMmaM + g + 8 * r, sc = wn * kSCols + nt * 8 + 2 * t;  // tile coordinates
-        *reinterpret_cast<uint32_t*>(sP + sr * kLdP + sc) = pack2<T>(p0, p1);
+        *reinterpret_cast<uint32_t*>(sP + sr * kLdP + sc) = pack2<T>(p0 * z0, p1 * z1);
         split2<T>(capped ? ds0 * dcap[nt][2 * r] : ds0, capped ? ds1 * dcap[nt][2 * r + 1] : ds1,
                   *reinterpret_cast<uint32_t*>(sdS + sr * kLdP + sc),
                   *reinterpret_cast<uint32_t*>(sdS_lo + sr * kLdP + sc));
@@ -274,7 +280,7 @@ __device__ __forceinline__ void attention_bwd_key_tile(const AttnBwdParams& p, c
 
 // kDeterministic: its own kernels (the loop and plain adds, compiled into every kernel, cost the others up to 58
 // registers), with the score modifiers' code in all of them (it runs without modifiers too)
-template <typename T, int kD, bool kHasMask, bool kScoreMods, bool kDeterministic>
+template <typename T, int kD, bool kHasMask, bool kScoreMods, bool kDeterministic, bool kDropout>
 __global__ void __launch_bounds__(BwdTraits<kD>::kThreads) attention_bwd_kernel(const AttnBwdParams p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   if constexpr (kDeterministic) {
@@ -282,10 +288,10 @@ __global__ void __launch_bounds__(BwdTraits<kD>::kThreads) attention_bwd_kernel(
     float* dq_slice = p.dq_accum + int64_t(blockIdx.x) * p.B * p.Hq * p.Lq * kD;
     for (int n_block = blockIdx.x; n_block < n_blocks; n_block += gridDim.x) {
       if (n_block != int(blockIdx.x)) __syncthreads();  // the last tile's reads of shared memory are done
-      attention_bwd_key_tile<T, kD, kHasMask, kScoreMods, true>(p, n_block, dq_slice, smem_raw);
+      attention_bwd_key_tile<T, kD, kHasMask, kScoreMods, true, kDropout>(p, n_block, dq_slice, smem_raw);
     }
   } else {
-    attention_bwd_key_tile<T, kD, kHasMask, kScoreMods, false>(p, blockIdx.x, p.dq_accum, smem_raw);
+    attention_bwd_key_tile<T, kD, kHasMask, kScoreMods, false, kDropout>(p, blockIdx.x, p.dq_accum, smem_raw);
   }
 }
 
@@ -294,7 +300,7 @@ __global__ void __launch_bounds__(BwdTraits<kD>::kThreads) attention_bwd_kernel(
 // registers. Taken from one flattened axis instead (as the forward's tiles_grid does), the divisions put them and
 // every address made from them in per-thread registers (bf16 D 128 on sm_90a: 181 registers instead of 176), and an
 // H200 ran that form 4-9% slower. Past 65535 kv heads or batches (the y and z bound) it takes several launches.
-template <typename T, int kD, bool kHasMask, bool kScoreMods, bool kDeterministic>
+template <typename T, int kD, bool kHasMask, bool kScoreMods, bool kDeterministic, bool kDropout>
 cudaError_t launch_attention_bwd(const AttnBwdParams& p, cudaStream_t stream) {
   using Tr = BwdTraits<kD>;
   constexpr int kAxis = 65535;
@@ -305,8 +311,8 @@ cudaError_t launch_attention_bwd(const AttnBwdParams& p, cudaStream_t stream) {
                       std::min(p.Hkv - part.hk0, kAxis),
                       std::min(p.B - part.b0, kAxis));
       const cudaError_t err =
-          launch_with_smem(attention_bwd_kernel<T, kD, kHasMask, kScoreMods, kDeterministic>, grid, Tr::kThreads,
-                           Tr::kSmemBytes, part, stream);
+          launch_with_smem(attention_bwd_kernel<T, kD, kHasMask, kScoreMods, kDeterministic, kDropout>, grid,
+                           Tr::kThreads, Tr::kSmemBytes, part, stream);
       if (err != cudaSuccess) return err;
     }
   return cudaSuccess;
@@ -326,9 +332,14 @@ cudaError_t run_attention_bwd(const AttnBwdParams& params, cudaStream_t stream) 
   }
   err = FA_DTYPE_SWITCH(p.is_bf16, T, [&] {
     return FA_BOOL_SWITCH(p.mask_kind != kMaskNone, kHasMask, [&] {
-      if (p.deterministic) return launch_attention_bwd<T, kD, kHasMask, true, true>(p, stream);
+      // deterministic and dropout: kernels of their own, with the score modifiers' code
+      if (p.dropout)
+        return FA_BOOL_SWITCH(p.deterministic, kDeterministic, [&] {
+          return launch_attention_bwd<T, kD, kHasMask, true, kDeterministic, true>(p, stream);
+        });
+      if (p.deterministic) return launch_attention_bwd<T, kD, kHasMask, true, true, false>(p, stream);
       return FA_BOOL_SWITCH(has_score_mods(p), kScoreMods, [&] {
-        return launch_attention_bwd<T, kD, kHasMask, kScoreMods, false>(p, stream);
+        return launch_attention_bwd<T, kD, kHasMask, kScoreMods, false, false>(p, stream);
       });
     });
   });

@@ -3,6 +3,7 @@
 //   Q tile -> shared memory once; K/V tiles of 64 keys stream through a double buffer (cp.async: the
 //   next tile's copy runs under this tile's math); each warp owns 16 query rows:
 //     S = Q K^T (mma.sync m16n8k16, fp32)  ->  scale, mask (base 2)  ->  online softmax (exp2)
+//     ->  dropout (P Z: Z drawn by Philox from the seed, never stored)
 //     ->  O = O * corr + P V (P re-used from the S registers as the A operand, no shared memory)
 //   epilogue: O / l, output gate, lse = m + log2 l (log2 units, the op's contract).
 // One body for attention_fwd and varlen_attention_fwd: a block's slice (grid_tile) b * Hq + h names a batch item or
@@ -27,9 +28,10 @@
 namespace fastattn::cuda {
 
 // One block's work. kKeepAcc: a backward follows (p.out_acc set), so P V keeps P to ~16 bits and out_acc is
-// stored; without one (inference) P is rounded to T as in FlashAttention, one MMA per tile. sd: the sequence's
-// Lq, Lk and causal_off (mask.h's SeqDims, or the params themselves for attention); q_row0, k_row0 its first rows.
-template <typename T, int kD, bool kHasMask, bool kKeepAcc, bool kScoreMods, typename Dims>
+// stored; without one (inference) P is rounded to T as in FlashAttention, one MMA per tile. kDropout: P V takes the
+// kept weights alone (attention_fwd; 1 / (1 - p) comes with the epilogue's 1 / l). sd: the sequence's Lq, Lk and
+// causal_off (mask.h's SeqDims, or the params themselves for attention); q_row0, k_row0 its first rows.
+template <typename T, int kD, bool kHasMask, bool kKeepAcc, bool kScoreMods, bool kDropout, typename Dims>
 __device__ __forceinline__ void attention_fwd_block(const AttnParams& p, const Dims& sd, int q_row0, int k_row0) {
   using Tr = FwdTraits<kD>;
   constexpr int kBM = Tr::kBlockM, kBN = Tr::kBlockN, kLd = Tr::kLd, kThreads = Tr::kThreads;
@@ -75,6 +77,7 @@ __device__ __forceinline__ void attention_fwd_block(const AttnParams& p, const D
   // softcap and ALiBi change every tile's scores, not only those the band's edges cross
   const bool score_mods = kScoreMods && (p.softcap_log2 != 0.f || p.alibi != nullptr);
   const float slope2 = kScoreMods ? alibi_slope2(p, b, h) : 0.f;
+  const uint64_t seed = kDropout ? uint64_t(*p.dropout_seed) : 0;
 
   float acc_o[kDT][4];
   zero_fragments(acc_o);
@@ -143,6 +146,13 @@ __device__ __forceinline__ void attention_fwd_block(const AttnParams& p, const D
 
     // -- online softmax update: new max, rescale O and l, P = exp2(S - m)
     online_softmax_step(acc_s, acc_o, row_m, row_l);
+    if constexpr (kDropout) {  // after the step: l and lse are the undropped softmax's
+      const uint32_t keep = dropout_keep_bits<kNT>(p, seed, b, h, row0, n0, lane);
+#pragma unroll
+      for (int i = 0; i < kNT; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc_s[i][e] *= dropout_factor(keep, i, e, 1.f);
+    }
 
     cp_async_wait<2>();  // V_n landed
     __syncthreads();
@@ -202,7 +212,7 @@ __device__ __forceinline__ void attention_fwd_block(const AttnParams& p, const D
     const int i = row0 + g + 8 * r;
     if (i >= Lq) continue;
     const bool empty = l == 0.f;
-    const float inv_l = empty ? 0.f : 1.f / l;
+    const float inv_l = empty ? 0.f : (kDropout ? p.dropout_scale : 1.f) / l;
     T* o_row = o_ptr + int64_t(i) * p.o_sl;
 #pragma unroll
     for (int dt = 0; dt < kDT; ++dt) {
@@ -223,9 +233,9 @@ __device__ __forceinline__ void attention_fwd_block(const AttnParams& p, const D
 }
 
 // attention_fwd: the block's slice b * Hq + h is of a batch item, whose sizes are the params' own.
-template <typename T, int kD, bool kHasMask, bool kKeepAcc, bool kScoreMods>
+template <typename T, int kD, bool kHasMask, bool kKeepAcc, bool kScoreMods, bool kDropout>
 __global__ void __launch_bounds__(FwdTraits<kD>::kThreads) attention_fwd_kernel(const AttnParams p) {
-  attention_fwd_block<T, kD, kHasMask, kKeepAcc, kScoreMods>(p, p, 0, 0);
+  attention_fwd_block<T, kD, kHasMask, kKeepAcc, kScoreMods, kDropout>(p, p, 0, 0);
 }
 
 // varlen_attention_fwd: the block's slice b * Hq + h is of packed sequence b (no mask), with its own extent.
@@ -234,7 +244,7 @@ __global__ void __launch_bounds__(FwdTraits<kD>::kThreads, FwdTraits<kD>::varlen
     attention_varlen_fwd_kernel(const AttnParams p) {
   constexpr int kBM = FwdTraits<kD>::kBlockM;
   const SeqDims sd = seq_dims(p, grid_tile((p.Lq + kBM - 1) / kBM).slice / p.Hq);
-  attention_fwd_block<T, kD, false, kKeepAcc, false>(p, sd, sd.q_row0, sd.k_row0);
+  attention_fwd_block<T, kD, false, kKeepAcc, false, false>(p, sd, sd.q_row0, sd.k_row0);
 }
 
 template <int kD, typename Kernel>
@@ -251,8 +261,12 @@ cudaError_t run_attention_fwd(const AttnParams& p, cudaStream_t stream) {
       if (p.cu_seqlens_q != nullptr)
         return launch_attention_fwd<kD>(attention_varlen_fwd_kernel<T, kD, kKeepAcc>, p, stream);
       return FA_BOOL_SWITCH(p.mask_kind != kMaskNone, kHasMask, [&] {
+        // dropout: kernels of its own, with the score modifiers' code (it runs without modifiers too)
+        if (p.dropout)
+          return launch_attention_fwd<kD>(attention_fwd_kernel<T, kD, kHasMask, kKeepAcc, true, true>, p, stream);
         return FA_BOOL_SWITCH(has_score_mods(p), kScoreMods, [&] {
-          return launch_attention_fwd<kD>(attention_fwd_kernel<T, kD, kHasMask, kKeepAcc, kScoreMods>, p, stream);
+          return launch_attention_fwd<kD>(attention_fwd_kernel<T, kD, kHasMask, kKeepAcc, kScoreMods, false>, p,
+                                          stream);
         });
       });
     });

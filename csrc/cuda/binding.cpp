@@ -92,9 +92,9 @@ void check_cuda_params(AttnParams& p, const Tensor& q, const char* op) {
 // strides, pointers, mask and gate).
 void describe_cuda_attention(AttnParams& p, const char* op, const Tensor& q, const Tensor& k, const Tensor& v,
                              const OptTensor& mask, const OptTensor& gate, double scale, int64_t causal,
-                             const ScoreMods& mods = {}) {
+                             const ScoreMods& mods = {}, const Dropout& dropout = {}) {
   check_cuda_q(q, op);
-  describe_attention(p, (std::string(op) + " (cuda)").c_str(), q, k, v, mask, gate, scale, causal, mods);
+  describe_attention(p, (std::string(op) + " (cuda)").c_str(), q, k, v, mask, gate, scale, causal, mods, dropout);
   check_cuda_params(p, q, op);
 }
 
@@ -102,14 +102,13 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Tensor& q_in, const Tenso
                                          const OptTensor& mask, const OptTensor& gate, double scale, int64_t causal,
                                          bool need_acc, int64_t window_left, int64_t window_right, double softcap,
                                          const OptTensor& alibi_slopes, bool /*deterministic: the backward's*/,
-                                         double dropout_p, const OptTensor& /*dropout_seed*/) {
+                                         double dropout_p, const OptTensor& dropout_seed) {
   const char* op = "attention_fwd";
-  TORCH_CHECK(dropout_p == 0.0, op, " (cuda): dropout is not in these kernels yet (dropout_p ", dropout_p, ")");
   const c10::cuda::CUDAGuard guard(q_in.device());
   const Tensor q = for_cp_async(q_in), k = for_cp_async(k_in), v = for_cp_async(v_in);
   AttnParams p{};
   describe_cuda_attention(p, op, q, k, v, mask, gate, scale, causal,
-                          {window_left, window_right, softcap, alibi_slopes});
+                          {window_left, window_right, softcap, alibi_slopes}, {dropout_p, dropout_seed});
   Tensor out = at::empty({p.B, p.Hq, p.Lq, p.D}, q.options());
   Tensor lse = at::empty({p.B, p.Hq, p.Lq}, q.options().dtype(at::kFloat));
   // out before rounding (these kernels take float16/bfloat16 alone), where a backward follows
@@ -203,14 +202,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd(
     const Tensor& dout_in, const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, const Tensor& out_in,
     const Tensor& lse_in, const OptTensor& mask, const OptTensor& gate, const OptTensor& dlse_in, double scale,
     int64_t causal, bool need_dmask, int64_t window_left, int64_t window_right, double softcap,
-    const OptTensor& alibi_slopes, bool deterministic, double dropout_p, const OptTensor& /*dropout_seed*/) {
+    const OptTensor& alibi_slopes, bool deterministic, double dropout_p, const OptTensor& dropout_seed) {
   const char* op = "attention_bwd";
-  TORCH_CHECK(dropout_p == 0.0, op, " (cuda): dropout is not in these kernels yet (dropout_p ", dropout_p, ")");
   const c10::cuda::CUDAGuard guard(q_in.device());
   const Tensor q = for_cp_async(q_in), k = for_cp_async(k_in), v = for_cp_async(v_in);
   AttnBwdParams p{};
   describe_cuda_attention(p, op, q, k, v, mask, gate, scale, causal,
-                          {window_left, window_right, softcap, alibi_slopes});
+                          {window_left, window_right, softcap, alibi_slopes}, {dropout_p, dropout_seed});
   const std::vector<int64_t> out_shape{p.B, p.Hq, p.Lq, p.D}, row_shape{p.B, p.Hq, p.Lq};
   check_device(dout_in, op, "dout", q);
   check_device(out_in, op, "out", q);

@@ -83,6 +83,37 @@ __device__ __forceinline__ float alibi_slope2(const AttnParams& p, int b, int h)
   return p.alibi ? float(kLog2e) * static_cast<const float*>(p.alibi)[b * p.al_sb + h * p.al_sh] : 0.f;
 }
 
+// Dropout's keep bits (attention_contract.h's dropout_words) of a score tile in the layout of scale_and_mask, of
+// (b, h); col0 a multiple of 8: bit 4 nt + e is element [nt][e], set where the weight is kept. A thread's key pair
+// 2t, 2t + 1 of an n8 tile is half of one draw's four keys (j / 4 = col0 / 4 + 2 nt + t / 2), lane t ^ 1's pair the
+// other half: each lane of the two draws the words of one of their two rows and hands its partner the half it needs,
+// so the quad draws 8 Philox blocks per n8 tile instead of 16.
+template <int kNT>
+__device__ __forceinline__ uint32_t dropout_keep_bits(const AttnParams& p, uint64_t seed, int b, int h, int row0,
+                                                      int col0, int lane) {
+  const int g = lane >> 2, t = lane & 3, odd = t & 1;
+  uint32_t bits = 0;
+#pragma unroll
+  for (int nt = 0; nt < kNT; ++nt) {
+    // this lane draws row g + 8 odd; it keeps words 2 odd, 2 odd + 1 (its keys') and sends the other two
+    const Philox4 w = dropout_words(seed, b, h, row0 + g + 8 * odd, (col0 >> 2) + 2 * nt + (t >> 1));
+    const uint32_t own0 = odd ? w.w[2] : w.w[0], own1 = odd ? w.w[3] : w.w[1];
+    const uint32_t got0 = __shfl_xor_sync(0xffffffffu, odd ? w.w[0] : w.w[2], 1);
+    const uint32_t got1 = __shfl_xor_sync(0xffffffffu, odd ? w.w[1] : w.w[3], 1);
+    // element e = 2 r + c: row r, key 2t + c; row odd is the lane's own draw, the other row its partner's
+    const uint32_t words[4] = {odd ? got0 : own0, odd ? got1 : own1, odd ? own0 : got0, odd ? own1 : got1};
+#pragma unroll
+    for (int e = 0; e < 4; ++e) bits |= uint32_t(dropout_kept(p, words[e])) << (4 * nt + e);
+  }
+  return bits;
+}
+
+// Element [nt][e] of a tile's keep bits: `kept` where set, else 0 (a factor: a NaN weight times it stays NaN, as
+// torch's dropout)
+__device__ __forceinline__ float dropout_factor(uint32_t bits, int nt, int e, float kept) {
+  return (bits >> (4 * nt + e)) & 1u ? kept : 0.f;
+}
+
 __device__ __forceinline__ const char* mask_head_ptr(const AttnParams& p, int b, int h, int elem_bytes) {
   if (p.mask == nullptr) return nullptr;
   return static_cast<const char*>(p.mask) + (int64_t(b) * p.m_sb + int64_t(h) * p.m_sh) * elem_bytes;
