@@ -34,7 +34,8 @@ from .version import __version__
 class Config:
     op: str                  # attention, gated, bias (a float bias with its gradient), varlen (packed sequences),
     #                          softmax_gate, score_softmax_gate, decode (attention_with_kvcache: Lq queries over Lk keys),
-    #                          window (causal attention in a sliding window of `window` keys back)
+    #                          window (causal attention in a sliding window of `window` keys back), dropout
+    #                          (attention with dropout of the weights), deterministic (its deterministic backward)
     mode: str                # fwd, bwd, fwd_bwd
     dtype: torch.dtype
     B: int
@@ -48,6 +49,8 @@ class Config:
     mask: str = "none"
     gate: str = "none"
     window: int = -1         # op window: query i sees keys i - window .. i
+    dropout: float = 0.0     # op dropout: dropout_p
+    deterministic: bool = False  # op deterministic: fastattn's deterministic backward (torch's own paths as they are)
 
     # The softmax gates' shape (B, N, D) with H heads rides on the attention fields, so that every result row
     # has one schema (B, Hq, Lq, D): H is Hq, N is Lq.
@@ -60,7 +63,9 @@ class Config:
         return self.Lq
 
 
-ATTENTION_OPS = ("attention", "gated", "bias", "window")
+ATTENTION_OPS = ("attention", "gated", "bias", "window", "dropout", "deterministic")
+# attention with one thing changed, timed beside the same attention without it (only when asked for)
+VARIANT_OPS = ("window", "dropout", "deterministic")
 FLOP_OPS = ATTENTION_OPS + ("varlen",)  # rated in TFLOP/s; the others in GB/s
 
 
@@ -103,7 +108,7 @@ def _attention_providers(cfg, device):
     for name in _fastattn_backends(device):
         providers[f"fastattn-{name}"] = (lambda n: lambda q, k, v, e: functional.attention(
             q, k, v, causal=cfg.causal, attn_mask=e if bias else None, gate=None if bias else e, backend=n,
-            window_size=window))(name)
+            window_size=window, dropout_p=cfg.dropout, deterministic=cfg.deterministic or None))(name)
 
     # SDPA takes a mask or is_causal, not both: a causal bias is masked above the diagonal on every call,
     # as a model whose bias trains has to; a sliding window is its bool band (what transformers passes SDPA)
@@ -115,7 +120,7 @@ def _attention_providers(cfg, device):
         def run(q, k, v, e):
             mask = (e if above is None else e.masked_fill(above, float("-inf"))) if bias else band
             with sdpa_kernel([backend]):
-                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=cfg.dropout,
                                                    is_causal=cfg.causal and mask is None,
                                                    enable_gqa=cfg.Hq != cfg.Hkv)
             return o * torch.sigmoid(e) if e is not None and not bias else o
@@ -127,8 +132,8 @@ def _attention_providers(cfg, device):
         providers[provider] = sdpa(backend)
     # FlexAttention needs torch.compile to be fast (on CPU it would time the compiler); one compile per
     # causal mode (dynamic shapes), on the headline configs only, keeps the GPU round inside its budget.
-    if device.type == "cuda" and cfg.mode == "fwd" and cfg.dtype == torch.bfloat16 and cfg.D == 128:
-        providers["torch-flex"] = _flex(cfg)
+    if device.type == "cuda" and cfg.mode == "fwd" and cfg.dtype == torch.bfloat16 and cfg.D == 128 and not cfg.dropout:
+        providers["torch-flex"] = _flex(cfg)  # (it has no dropout)
     return providers
 
 
@@ -369,7 +374,8 @@ def make_row(cfg, provider, times, peak_mem_mb=None):
     q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else (ms, ms, ms)
     row = {"op": cfg.op, "provider": provider, "mode": cfg.mode, "dtype": str(cfg.dtype).replace("torch.", ""),
            "B": cfg.B, "Hq": cfg.Hq, "Hkv": cfg.Hkv, "Lq": cfg.Lq, "Lk": cfg.Lk, "D": cfg.D, "Dv": cfg.Dv,
-           "causal": cfg.causal, "mask": cfg.mask, "gate": cfg.gate, "window": cfg.window, "ms": ms, "tflops": None,
+           "causal": cfg.causal, "mask": cfg.mask, "gate": cfg.gate, "window": cfg.window, "dropout": cfg.dropout,
+           "deterministic": cfg.deterministic, "ms": ms, "tflops": None,
            "gbps": None,
            "peak_mem_mb": peak_mem_mb, "q1_ms": q1, "q3_ms": q3, "times_ms": list(times)}
     if cfg.op in FLOP_OPS:
@@ -386,8 +392,9 @@ def default_configs(device, quick=False, ops=None, modes=None, dtypes=None, head
     and 128, bf16 and fp16, causal and not). CPU: one length per op in fp32 and bf16, about a minute on 2 cores.
     decode (only when asked for): Hq 32, Hkv 8, D 128, B 1 and 8, Lk 4k, 16k, 64k (on a CPU not B 8 at 64k: a 4 GiB
     fp32 cache) in fp32 and bf16, and the prefill of such a cache (attention, B 1, L 2048, causal).
-    window (only when asked for): causal attention in a sliding window of 1024 keys (256 on a CPU) at several
-    lengths, the causal attention without a window beside it: the window's cost grows as L · window.
+    window, dropout, deterministic (only when asked for): causal attention in a sliding window of 1024 keys (256 on
+    a CPU), with dropout 0.1, or with the deterministic backward (no forward row: it is the same), at several
+    lengths, each beside the same causal attention without it (the window's cost grows as L · window).
     ``dtypes`` / ``head_dims`` replace the sweep's own (the hidden size stays: H = 2048 // D on a GPU)."""
     configs = []
     if device.type == "cuda":
@@ -426,13 +433,17 @@ def default_configs(device, quick=False, ops=None, modes=None, dtypes=None, head
                     for D in head_dims or (128,):
                         configs.append(Config("attention", "fwd", dtype, B=1, Hq=32, Hkv=8, Lq=2048, Lk=2048, D=D,
                                               Dv=D, causal=True))
-            elif op == "window":
-                lengths, w = ((2048, 8192, 16384), 1024) if device.type == "cuda" else ((1024, 4096), 256)
+            elif op in VARIANT_OPS:
+                lengths = (2048, 8192, 16384) if device.type == "cuda" else (1024, 4096)
+                variant = {"window": dict(window=1024 if device.type == "cuda" else 256), "dropout": dict(dropout=0.1),
+                           "deterministic": dict(deterministic=True)}[op]
                 for (H, D), mode, L in itertools.product(heads_dims[:1], modes, lengths[:1] if quick else lengths):
+                    if op == "deterministic" and mode == "fwd":
+                        continue
                     B = max(1, 16384 // L) if device.type == "cuda" else 1
-                    for op_, window in (("window", w), ("attention", -1)):
+                    for op_, kw in ((op, variant), ("attention", {})):
                         configs.append(Config(op_, mode, dtype, B=B, Hq=H, Hkv=H, Lq=L, Lk=L, D=D, Dv=D, causal=True,
-                                              window=window))
+                                              **kw))
             elif op in ATTENTION_OPS:
                 for (H, D), causal, mode, L in itertools.product(heads_dims, (False, True), modes, seqlens):
                     if op != "attention" and len(heads_dims) > 1 and D != 128:
@@ -452,7 +463,7 @@ def default_configs(device, quick=False, ops=None, modes=None, dtypes=None, head
             else:
                 for (B, N, D), mode in itertools.product(gate_sizes, ("fwd_bwd",) if device.type == "cpu" else modes):
                     configs.append(Config(op, mode, dtype, B=B, Hq=8, Lq=N, D=D))
-    return configs
+    return list(dict.fromkeys(configs))  # once each: variants asked together share their plain attention
 
 
 def environment():

@@ -42,7 +42,9 @@ def table(result, source):
         # query / kv heads and query / key lengths where they differ (GQA, decoding)
         heads = f"{a['Hq']}" if a.get("Hkv", a["Hq"]) == a["Hq"] else f"{a['Hq']}/{a['Hkv']}"
         length = f"{a['Lq']}" if a["Lk"] == a["Lq"] else f"{a['Lq']}/{a['Lk']}"
-        op = a["op"] + (f" {a['window']}" if a.get("window", -1) >= 0 else "")  # a sliding window's size
+        # a sliding window's size, dropout's p
+        op = a["op"] + (f" {a['window']}" if a.get("window", -1) >= 0 else "") + (
+            f" {a['dropout']}" if a.get("dropout") else "")
         lines.append(f"| {op} | {a['mode']} | {a['dtype']} | {a['B']}·{heads}·{length}·{a['D']} | "
                      f"{'yes' if a['causal'] else 'no'} | {a['provider']} | {a['ms']:.2f} | {rate:.3f} {unit} | "
                      f"{b['provider']} | {b['ms']:.2f} | {b['ms'] / a['ms']:.2f}× |")

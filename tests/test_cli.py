@@ -11,7 +11,7 @@ import torch
 from fastattn.__main__ import main
 
 ROW_KEYS = {"op", "provider", "mode", "dtype", "B", "Hq", "Hkv", "Lq", "Lk", "D", "Dv", "causal", "mask", "gate",
-            "window", "ms", "tflops", "gbps", "peak_mem_mb", "q1_ms", "q3_ms", "times_ms"}
+            "window", "dropout", "deterministic", "ms", "tflops", "gbps", "peak_mem_mb", "q1_ms", "q3_ms", "times_ms"}
 
 
 def test_info(capsys):
@@ -266,6 +266,44 @@ def test_bench_bias_providers_compute_the_same_attention(causal):
     for name, (out, grad) in results.items():
         torch.testing.assert_close(out, want_out, msg=name)
         torch.testing.assert_close(grad, want_grad, msg=name)
+
+
+def test_bench_variants_run_beside_plain_attention(monkeypatch):
+    """--op dropout / deterministic: each config beside the same causal attention without it (once, when both are
+    asked for; the deterministic backward has no forward row), and every provider applies it: dropout changes each
+    one's output; fastattn is asked for the deterministic backward, whose gradients are right."""
+    import torch
+    from fastattn import bench, functional
+    cpu = torch.device("cpu")
+    configs = bench.default_configs(cpu, quick=True, ops=["dropout", "deterministic"], modes=["fwd", "fwd_bwd"],
+                                    dtypes=[torch.float32])
+    assert [(c.op, c.mode) for c in configs] == [("dropout", "fwd"), ("attention", "fwd"), ("dropout", "fwd_bwd"),
+                                                 ("attention", "fwd_bwd"), ("deterministic", "fwd_bwd")]
+    assert configs[0].dropout > 0 and configs[-1].deterministic and all(c.causal for c in configs)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 24, 16, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    def outputs(cfg):
+        out = {}
+        for name, fn in bench._attention_providers(cfg, cpu).items():
+            try:
+                out[name] = fn(q, k, v, None)
+            except RuntimeError:  # an SDPA backend that refuses float64 (flash) is skipped by the bench too
+                pass
+        return out
+
+    plain, dropped = outputs(configs[1]), outputs(configs[0])
+    assert {"fastattn-cpu", "torch-sdpa-math"} <= set(dropped) <= set(plain)  # (CPU flash has no dropout)
+    for name, out in dropped.items():
+        assert not torch.allclose(out, plain[name]), name
+    asked = []
+    attention = functional.attention
+    monkeypatch.setattr(functional, "attention",
+                        lambda *a, **kw: asked.append(kw.get("deterministic")) or attention(*a, **kw))
+    det = bench._attention_providers(configs[-1], cpu)["fastattn-cpu"](q, k, v, None)
+    assert asked == [True]
+    want = torch.autograd.grad(plain["fastattn-cpu"].sum(), (q, k, v))
+    for got, ref in zip(torch.autograd.grad(det.sum(), (q, k, v)), want):
+        torch.testing.assert_close(got, ref)
 
 
 @pytest.mark.parametrize("quick", [True, False], ids=["quick", "full"])
