@@ -3,6 +3,7 @@ own parameter filling: the CUDA backend's whole sweep against the reference (doc
 every gradient; varlen and kv-cache attention forward only, as the kernels are), the emulation's checks of
 memory, barriers and warp collectives on every case, and a mutation test: known bugs planted in a copy of the
 kernels, each of which must be caught."""
+import contextlib
 import dataclasses
 
 import pytest
@@ -277,6 +278,17 @@ MUTATIONS += [(*m, "dropout") for m in [
 ]]
 MUTATION_CASE = AttentionCase(B=1, Hq=2, Hkv=1, Lq=150, Lk=140, D=64, causal="bottom_right", mask="float_grad",
                               gate="elementwise")
+# Every mutation case is float16 at head dim 64, and a mutation test spends its time on its build, not its check: the
+# builds take the dtype switch's float16 branch for bfloat16 too and leave out the head dim 128 kernels (calls that
+# would run them fail), so each compiles about a quarter of the kernels
+SMALL_BUILD = [("static_switch.h", "using T = __nv_bfloat16;", "using T = __half;"),
+               ("attention_fwd_hdim128.cu", "return run_attention_fwd<128>(p, stream);", "return cudaErrorNotSupported;"),
+               ("attention_bwd_hdim128.cu", "return run_attention_bwd<128>(p, stream);", "return cudaErrorNotSupported;"),
+               ("decode.cu", ": launch_decode<T, 128>(p, stream);", ": cudaErrorNotSupported;")]
+
+
+def _mutated(file, old, new):
+    return cuda_emu.kernels([(file, old, new), *SMALL_BUILD])
 MUTATION_GATE_CASE = dict(case=[c for c in GATE_CASES if c.op == "softmax_gate" and c.N > 100][0])
 
 
@@ -299,16 +311,20 @@ def _mutation_check(file, dropout=False):
     return lambda: check_attention(case, torch.float16, backend="cuda_emu")
 
 
-def test_mutation_cases_pass_unmutated():
-    assert _mutation_outcome(_mutation_check(FWD)) is None
-    assert _mutation_outcome(_mutation_check(FWD, dropout=True)) is None
-    assert _mutation_outcome(_mutation_check("softmax_gate.cu")) is None
+@pytest.mark.parametrize("small", [False, True], ids=["clean", "small-build"])
+def test_mutation_cases_pass_unmutated(small):
+    """On the clean build, and on the mutation tests' smaller one unmutated: a mutation then fails by its bug, not by
+    what that build leaves out."""
+    with cuda_emu.using(cuda_emu.kernels(SMALL_BUILD)) if small else contextlib.nullcontext():
+        assert _mutation_outcome(_mutation_check(FWD)) is None
+        assert _mutation_outcome(_mutation_check(FWD, dropout=True)) is None
+        assert _mutation_outcome(_mutation_check("softmax_gate.cu")) is None
 
 
 @pytest.mark.parametrize("mutation", MUTATIONS, ids=[m[0] for m in MUTATIONS])
 def test_planted_bug_is_caught(mutation):
     name, file, old, new, *dropout = mutation
-    with cuda_emu.using(cuda_emu.kernels([(file, old, new)])):
+    with cuda_emu.using(_mutated(file, old, new)):
         outcome = _mutation_outcome(_mutation_check(file, dropout=bool(dropout)))
     print(f"{name}: {outcome}")
     assert outcome is not None, f"the emulation did not catch {name}"
@@ -351,15 +367,17 @@ def _forward_check(case):
     return lambda: check_kvcache(case, torch.float16, backend="cuda_emu")
 
 
-def test_varlen_kvcache_mutation_cases_pass_unmutated():
-    assert _mutation_outcome(_forward_check(VARLEN_MUTATION_CASE)) is None
-    assert _mutation_outcome(_forward_check(KV_MUTATION_CASE)) is None
+@pytest.mark.parametrize("small", [False, True], ids=["clean", "small-build"])
+def test_varlen_kvcache_mutation_cases_pass_unmutated(small):
+    with cuda_emu.using(cuda_emu.kernels(SMALL_BUILD)) if small else contextlib.nullcontext():
+        assert _mutation_outcome(_forward_check(VARLEN_MUTATION_CASE)) is None
+        assert _mutation_outcome(_forward_check(KV_MUTATION_CASE)) is None
 
 
 @pytest.mark.parametrize("mutation", VARLEN_KV_MUTATIONS, ids=[m[0] for m in VARLEN_KV_MUTATIONS])
 def test_planted_varlen_kvcache_bug_is_caught(mutation):
     name, file, old, new, case = mutation
-    with cuda_emu.using(cuda_emu.kernels([(file, old, new)])):
+    with cuda_emu.using(_mutated(file, old, new)):
         outcome = _mutation_outcome(_forward_check(case))
     print(f"{name}: {outcome}")
     assert outcome is not None, f"the emulation did not catch {name}"
