@@ -28,8 +28,8 @@ TORCH_LIBRARY(fastattn, m) {
   // dtype) modify the scores as attention_contract.h says; the backward takes the forward's. deterministic asks the
   // backward for the same gradients, bit for bit, run after run (the forward carries it for autograd): the cpu and
   // triton kernels always give them; the cuda kernels then add dq without atomics. dropout_p > 0 drops weights
-  // as attention_contract.h says, drawn from dropout_seed (an int64 CPU tensor of one element); the backward takes
-  // the forward's p and seed and draws the same.
+  // as attention_contract.h says, drawn from dropout_seed (an int64 tensor of one element on q's device); the
+  // backward takes the forward's p and seed and draws the same.
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? gate, float scale, int causal,"
         " bool need_acc=True, int window_left=-1, int window_right=-1, float softcap=0., Tensor? alibi_slopes=None,"
         " bool deterministic=False, float dropout_p=0., Tensor? dropout_seed=None) -> (Tensor, Tensor, Tensor)");

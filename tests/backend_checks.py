@@ -10,7 +10,7 @@ import math
 import torch
 
 import fastattn
-from fastattn import fuzz, testing
+from fastattn import contract, functional, fuzz, testing
 from fastattn.backends import CUDA_DTYPES, CudaBackend, Problem, cuda_kernels_unsupported
 from fastattn.testing import AttentionCase, KvcacheCase, attention_cases, cases_covered, kvcache_cases, varlen_cases
 from conftest import assert_all_ok
@@ -137,6 +137,36 @@ def dropout_is_reproducible_and_fresh_each_call(backend, device="cpu", dtype=tor
     torch.manual_seed(3)
     assert torch.equal(run(0.5), first) and not torch.equal(first, second)
     assert not torch.equal(first, run(0.0)) and torch.equal(run(0.0), fastattn.attention(q, k, v, backend=backend))
+
+
+def extreme_dropout_keeps_dv_finite(backend, device="cpu", D=64):
+    """dropout_p = 1 - 2^-17: a kept weight near 1 times 1 / (1 - p) = 2^17 is past float16's range, while the
+    output and dV it makes are not (|v| and dO small): float16's out and dv match the float64 reference, and dq, dk
+    are finite."""
+    p, (B, H, Lq, Lk) = 1 - 2.0 ** -17, (1, 1, 64, 512)
+    for s in range(100):  # a seed that keeps at least one weight (each with probability 2^-17)
+        with testing.seeded(s, device):
+            keep = contract.dropout_keep(int(functional.dropout_seed(device)), p, B, H, Lq, Lk)
+        if keep.any():
+            break
+    i, j = keep[0, 0].nonzero()[0].tolist()
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (0.1 * torch.randn(B, H, n, D, generator=g, dtype=torch.float64) for n in (Lq, Lk, Lk))
+    k[0, 0, j] = q[0, 0, i] * (40 / (D ** -0.5 * q[0, 0, i].square().sum()))  # score 40 at (i, j): P about 1
+    dout = 1e-3 * torch.randn(B, H, Lq, D, generator=g, dtype=torch.float64)
+
+    def run(dtype, backend):
+        x = [t.to(device, dtype).requires_grad_() for t in (q, k, v)]
+        with testing.seeded(s, device):
+            out = fastattn.attention(*x, dropout_p=p, backend=backend)
+        return (out, *torch.autograd.grad(out, x, dout.to(device, dtype)))
+
+    out, dq, dk, dv = run(torch.float16, backend)
+    want = run(torch.float64, "reference")
+    assert want[3].abs().max() > 100 and want[3].abs().max() < 1000  # P Z = 2^17 reached dv, within float16
+    torch.testing.assert_close(out.double().cpu(), want[0].cpu(), atol=1e-1, rtol=1e-2)
+    torch.testing.assert_close(dv.double().cpu(), want[3].cpu(), atol=1e-1, rtol=1e-2)
+    assert dq.isfinite().all() and dk.isfinite().all()
 
 
 def rand(*shape, seed, device="cpu", dtype=torch.float32, requires_grad=False):

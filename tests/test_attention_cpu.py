@@ -135,5 +135,9 @@ def test_cuda_backend_refuses_what_its_kernels_do_not_cover():
         assert cuda.unsupported(p)
 
 
+def test_extreme_dropout_keeps_dv_finite():
+    bc.extreme_dropout_keeps_dv_finite("cpu")
+
+
 def test_dropout_is_reproducible_and_fresh_each_call():
     bc.dropout_is_reproducible_and_fresh_each_call("cpu")

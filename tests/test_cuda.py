@@ -103,6 +103,10 @@ def test_deterministic_backward(dropout):
         assert_all_ok(check_attention(case, torch.bfloat16, backend="cuda", device="cuda"))
 
 
+def test_extreme_dropout_keeps_dv_finite():
+    bc.extreme_dropout_keeps_dv_finite("cuda", "cuda")
+
+
 def test_dropout_is_reproducible_and_fresh_each_call():
     bc.dropout_is_reproducible_and_fresh_each_call("cuda", "cuda", torch.float16, D=64)
 

@@ -216,6 +216,10 @@ def test_deterministic_backward_is_the_same_in_any_block_order():
     assert not bc.same_bits(atomic, grads(False, 2 + 3))
 
 
+def test_extreme_dropout_keeps_dv_finite():
+    bc.extreme_dropout_keeps_dv_finite("cuda_emu")
+
+
 def test_dropout_is_reproducible_and_fresh_each_call():
     bc.dropout_is_reproducible_and_fresh_each_call("cuda_emu", dtype=torch.float16, D=64)
 
@@ -273,8 +277,11 @@ MUTATIONS += [(*m, "dropout") for m in [
      "{odd ? own0 : got0, odd ? own1 : got1, odd ? got0 : own0, odd ? got1 : own1}"),
     ("dropout-draw-of-the-other-key-pair", "mask.h", "(col0 >> 2) + 2 * nt + (t >> 1)", "(col0 >> 2) + 2 * nt"),
     ("dropout-scale-missing-fwd", FWD, "(kDropout ? p.dropout_scale : 1.f) / l", "1.f / l"),
-    ("dropout-dv-of-undropped-weights", BWD, "pack2<T>(p0 * z0, p1 * z1)", "pack2<T>(p0, p1)"),
-    ("dropout-dp-not-dropped", BWD, "p0 * (acc_dp[nt][2 * r] * z0 - delta[r])", "p0 * (acc_dp[nt][2 * r] - delta[r])"),
+    ("dropout-dv-of-undropped-weights", BWD, "pack2<T>(p0 * k0, p1 * k1)", "pack2<T>(p0, p1)"),
+    ("dropout-dv-scale-missing", BWD, "acc_dv[dt][2 * r] * dv_scale, acc_dv[dt][2 * r + 1] * dv_scale",
+     "acc_dv[dt][2 * r], acc_dv[dt][2 * r + 1]"),
+    ("dropout-dp-not-dropped", BWD, "p0 * (acc_dp[nt][2 * r] * (k0 * z) - delta[r])",
+     "p0 * (acc_dp[nt][2 * r] - delta[r])"),
 ]]
 MUTATION_CASE = AttentionCase(B=1, Hq=2, Hkv=1, Lq=150, Lk=140, D=64, causal="bottom_right", mask="float_grad",
                               gate="elementwise")
@@ -298,9 +305,12 @@ def _mutation_outcome(check):
     try:
         bad = [c for c in check() if not c.ok]
     except RuntimeError as e:
-        if "CUDA emulation" not in str(e):
+        detail = str(e).split("CUDA emulation: ", 1)[-1]
+        # no finding of the emulation's: an entry point's own error code (such as the head dim 128 entry points of
+        # SMALL_BUILD), not a bug caught
+        if "CUDA emulation" not in str(e) or not detail.strip():
             raise
-        return "error: " + str(e).split("CUDA emulation: ", 1)[1][:300]
+        return "error: " + detail[:300]
     return "wrong: " + ", ".join(f"{c.name} {c.ratio:.3g}x" for c in bad) if bad else None
 
 

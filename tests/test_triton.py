@@ -546,5 +546,9 @@ def test_backward_is_bitwise_repeatable():
     bc.backward_is_bitwise_repeatable("triton", torch.bfloat16, DEVICE)
 
 
+def test_extreme_dropout_keeps_dv_finite():
+    bc.extreme_dropout_keeps_dv_finite("triton", DEVICE)
+
+
 def test_dropout_is_reproducible_and_fresh_each_call():
     bc.dropout_is_reproducible_and_fresh_each_call("triton", DEVICE)

@@ -515,10 +515,12 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, ALIBI, b, h0, GROUP, q_sl
                                  HAS_ALIBI)
         # masked keys (-inf) get P = 0 and dS = 0 even in a row that a NaN reached (NaN lse / delta)
         pT = tl.where(sT == float("-inf"), 0.0, tl.math.exp2(sT - lse2[None, :]))
-        # -- dV += (P Z)^T dO, Z dropout's factors (0 or 1 / (1 - p)), regenerated
+        # -- dV += (P Z)^T dO, Z dropout's factors (0 or 1 / (1 - p)), regenerated: P times 0 or 1 here, 1 / (1 - p)
+        # in the epilogue (P Z itself may be past float16's range where dV is not)
         if DROPOUT:
-            zT = _dropout_kept(offs_m, start_n_k, b, h, SEED, drop_thr, BLOCK_N, True) * drop_scale
+            zT = _dropout_kept(offs_m, start_n_k, b, h, SEED, drop_thr, BLOCK_N, True)
             dv = dot_acc(cast_rne(pT * zT, do.dtype), do, dv, DOT_PREC)
+            zT = zT * drop_scale
         else:
             dv = dot_acc(cast_rne(pT, do.dtype), do, dv, DOT_PREC)
         if SOFTCAP:  # dS through the cap, folded into P here: one tile fewer alive across the next dot
@@ -633,6 +635,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, MASK, DK, DV, CU_Q, CU_K, ALIBI, SEE
     m_v = m_key[:, None] & (offs_dv[None, :] < Dv)
     kv_row = kv_slice * stride_dks + offs_n[:, None] * stride_dkn
     tl.store(DK + kv_row * D + offs_d[None, :], cast_rne(dk * scale, DK.dtype.element_ty), mask=m_k)
+    if DROPOUT:
+        dv = dv * drop_scale
     tl.store(DV + kv_row * Dv + offs_dv[None, :], cast_rne(dv, DV.dtype.element_ty), mask=m_v)
 
 

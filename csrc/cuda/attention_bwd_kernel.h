@@ -165,7 +165,8 @@ __device__ __forceinline__ void attention_bwd_key_tile(const AttnBwdParams& p, c
         acc_s, row0, col0, lane, tile_needs_checks<AttnBwdParams, kScoreMods>(m0, kBM, n0, kBN, p, p), p, p,
         kHasMask ? mask_head_ptr(p, b, h, mask_bytes) : nullptr, kScoreMods ? alibi_slope2(p, b, h) : 0.f,
         kScoreMods ? dcap : nullptr);
-    // dropout: the forward's weights were P Z (Z = 0 or 1 / (1 - p)); dV takes P Z, and dP Z is the gradient of P
+    // dropout: the forward's weights were P Z (Z = 0 or 1 / (1 - p)); dP Z is the gradient of P, and dV takes P Z: P
+    // times 0 or 1 here, 1 / (1 - p) in the epilogue (P Z itself may be past float16's range where dV is not)
     const uint32_t keep = kDropout ? dropout_keep_bits<kNT>(p, seed, b, h, row0, col0, lane) : 0u;
     T* dmask_bh = p.dmask ? static_cast<T*>(p.dmask) + bh * p.Lq * p.Lk : nullptr;
     float* dmask_acc_bh = p.dmask_accum ? p.dmask_accum + b * p.dm_sb + h * p.dm_sh : nullptr;
@@ -176,12 +177,13 @@ __device__ __forceinline__ void attention_bwd_key_tile(const AttnBwdParams& p, c
         const bool masked0 = acc_s[nt][2 * r] == -INFINITY, masked1 = acc_s[nt][2 * r + 1] == -INFINITY;
         const float p0 = masked0 ? 0.f : exp2f(acc_s[nt][2 * r] - lse2[r]);
         const float p1 = masked1 ? 0.f : exp2f(acc_s[nt][2 * r + 1] - lse2[r]);
-        const float z0 = kDropout ? dropout_factor(keep, nt, 2 * r, p.dropout_scale) : 1.f;
-        const float z1 = kDropout ? dropout_factor(keep, nt, 2 * r + 1, p.dropout_scale) : 1.f;
-        const float ds0 = masked0 ? 0.f : p0 * (acc_dp[nt][2 * r] * z0 - delta[r]);
-        const float ds1 = masked1 ? 0.f : p1 * (acc_dp[nt][2 * r + 1] * z1 - delta[r]);
+        const float k0 = kDropout ? dropout_factor(keep, nt, 2 * r, 1.f) : 1.f;
+        const float k1 = kDropout ? dropout_factor(keep, nt, 2 * r + 1, 1.f) : 1.f;
+        const float z = kDropout ? p.dropout_scale : 1.f;
+        const float ds0 = masked0 ? 0.f : p0 * (acc_dp[nt][2 * r] * (k0 * z) - delta[r]);
+        const float ds1 = masked1 ? 0.f : p1 * (acc_dp[nt][2 * r + 1] * (k1 * z) - delta[r]);
         const int sr = wm * kMmaM + g + 8 * r, sc = wn * kSCols + nt * 8 + 2 * t;  // tile coordinates
-        *reinterpret_cast<uint32_t*>(sP + sr * kLdP + sc) = pack2<T>(p0 * z0, p1 * z1);
+        *reinterpret_cast<uint32_t*>(sP + sr * kLdP + sc) = pack2<T>(p0 * k0, p1 * k1);
         split2<T>(capped ? ds0 * dcap[nt][2 * r] : ds0, capped ? ds1 * dcap[nt][2 * r + 1] : ds1,
                   *reinterpret_cast<uint32_t*>(sdS + sr * kLdP + sc),
                   *reinterpret_cast<uint32_t*>(sdS_lo + sr * kLdP + sc));
@@ -261,7 +263,8 @@ __device__ __forceinline__ void attention_bwd_key_tile(const AttnBwdParams& p, c
     }
   }
 
-  // -- epilogue: dK = scale * acc_dk, dV = acc_dv (zero for a key tile no query sees)
+  // -- epilogue: dK = scale * acc_dk, dV = acc_dv (times 1 / (1 - p) with dropout; zero for a key tile no query sees)
+  const float dv_scale = kDropout ? p.dropout_scale : 1.f;
   const int64_t kv_row0 = (int64_t(b) * p.Hkv + hk) * p.Lk;
   T* dk = static_cast<T*>(p.dk);
   T* dv = static_cast<T*>(p.dv);
@@ -273,7 +276,7 @@ __device__ __forceinline__ void attention_bwd_key_tile(const AttnBwdParams& p, c
     for (int dt = 0; dt < kDT; ++dt) {
       const int64_t off = (kv_row0 + j) * kD + wn * kDCols + dt * 8 + 2 * t;
       *reinterpret_cast<uint32_t*>(dk + off) = pack2<T>(acc_dk[dt][2 * r] * p.scale, acc_dk[dt][2 * r + 1] * p.scale);
-      *reinterpret_cast<uint32_t*>(dv + off) = pack2<T>(acc_dv[dt][2 * r], acc_dv[dt][2 * r + 1]);
+      *reinterpret_cast<uint32_t*>(dv + off) = pack2<T>(acc_dv[dt][2 * r] * dv_scale, acc_dv[dt][2 * r + 1] * dv_scale);
     }
   }
 }
