@@ -16,6 +16,7 @@ CUDA toolkit, found through CUDA_HOME or nvcc); ``requirements()`` says what is 
 from __future__ import annotations
 
 import concurrent.futures
+import fcntl
 import hashlib
 import os
 import platform
@@ -242,16 +243,27 @@ def build_extra(out_dir: str, path: str) -> str:
 
 
 def _compile_all(jobs_list, jobs):
+    """Compiles the objects not yet built. Processes building the same objects at once (test workers) share the
+    work: each object is compiled under a lock by whichever takes it first; a process first compiles the objects
+    nobody holds, then waits for the others'."""
     todo = [(o, cmd) for o, cmd in jobs_list if not os.path.exists(o)]
 
-    def one(item):
+    def one(item, wait):
         o, cmd = item
-        tmp = o + f".tmp{os.getpid()}"
-        _run(cmd[:-1] + [tmp])
-        os.replace(tmp, o)
+        with open(o + ".lock", "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                return item  # another process is compiling it
+            if not os.path.exists(o):
+                tmp = o + f".tmp{os.getpid()}"
+                _run(cmd[:-1] + [tmp])
+                os.replace(tmp, o)
+        return None
 
     with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as ex:
-        list(ex.map(one, todo))
+        held = [item for item in ex.map(lambda item: one(item, False), todo) if item is not None]
+        list(ex.map(lambda item: one(item, True), held))
 
 
 def build_module(out_dir: str, jobs: int = 2) -> str:
