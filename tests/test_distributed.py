@@ -34,10 +34,10 @@ def _entry(rank, world, init, fn, args):
         dist.barrier()  # no rank tears its group down while a peer still talks to it
     finally:
         dist.destroy_process_group()
-    # A rank that passed leaves without the interpreter's finalization: gloo's threads and the tensors its
-    # finished work still holds are torn down there in no fixed order, and that teardown now and then aborts a
-    # process whose checks all passed (std::terminate). A failure above raises before this line and is
-    # reported by torch.multiprocessing as usual.
+    # A rank that passed leaves without the interpreter's finalization, which tears torch.distributed's state
+    # down (gloo's threads, finished work and the tensors it holds) in no fixed order. A rank of the FSDP2 test
+    # once died there or before of std::terminate ("terminate called without an active exception") with no
+    # Python error. A failure above raises before this line and torch.multiprocessing reports it as usual.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
