@@ -177,8 +177,8 @@ __device__ __forceinline__ void attention_bwd_key_tile(const AttnBwdParams& p, c
         const bool masked0 = acc_s[nt][2 * r] == -INFINITY, masked1 = acc_s[nt][2 * r + 1] == -INFINITY;
         const float p0 = masked0 ? 0.f : exp2f(acc_s[nt][2 * r] - lse2[r]);
         const float p1 = masked1 ? 0.f : exp2f(acc_s[nt][2 * r + 1] - lse2[r]);
-        const float k0 = kDropout ? dropout_factor(keep, nt, 2 * r, 1.f) : 1.f;
-        const float k1 = kDropout ? dropout_factor(keep, nt, 2 * r + 1, 1.f) : 1.f;
+        const float k0 = kDropout ? dropout_factor(keep, nt, 2 * r) : 1.f;
+        const float k1 = kDropout ? dropout_factor(keep, nt, 2 * r + 1) : 1.f;
         const float z = kDropout ? p.dropout_scale : 1.f;
         const float ds0 = masked0 ? 0.f : p0 * (acc_dp[nt][2 * r] * (k0 * z) - delta[r]);
         const float ds1 = masked1 ? 0.f : p1 * (acc_dp[nt][2 * r + 1] * (k1 * z) - delta[r]);

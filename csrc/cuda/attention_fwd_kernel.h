@@ -151,7 +151,7 @@ __device__ __forceinline__ void attention_fwd_block(const AttnParams& p, const D
 #pragma unroll
       for (int i = 0; i < kNT; ++i)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) acc_s[i][e] *= dropout_factor(keep, i, e, 1.f);
+        for (int e = 0; e < 4; ++e) acc_s[i][e] *= dropout_factor(keep, i, e);
     }
 
     cp_async_wait<2>();  // V_n landed

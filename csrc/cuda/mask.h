@@ -108,10 +108,10 @@ __device__ __forceinline__ uint32_t dropout_keep_bits(const AttnParams& p, uint6
   return bits;
 }
 
-// Element [nt][e] of a tile's keep bits: `kept` where set, else 0 (a factor: a NaN weight times it stays NaN, as
+// Element [nt][e] of a tile's keep bits as a factor, 1 where set, else 0 (a NaN weight times it stays NaN, as
 // torch's dropout)
-__device__ __forceinline__ float dropout_factor(uint32_t bits, int nt, int e, float kept) {
-  return (bits >> (4 * nt + e)) & 1u ? kept : 0.f;
+__device__ __forceinline__ float dropout_factor(uint32_t bits, int nt, int e) {
+  return (bits >> (4 * nt + e)) & 1u ? 1.f : 0.f;
 }
 
 __device__ __forceinline__ const char* mask_head_ptr(const AttnParams& p, int b, int h, int elem_bytes) {
