@@ -6,7 +6,8 @@
 # only: the tools slow kernels down 10-100x, racecheck far more
 # (the default selection did not finish under it in 230 s on an H200), so the three others take a
 # smaller one: both head dims, causal, float mask with gradient, empty rows, one softmax gate, a varlen
-# batch, a paged kv cache whose keys are split (decode kernel and merge).
+# batch, a paged kv cache whose keys are split (decode kernel and merge), a sliding window with softcap and ALiBi,
+# dropout (kernels of their own).
 # The Triton kernels get memcheck and racecheck on a few bf16 cases of tests/test_triton.py: every
 # attention variant family (causal both ways, bool and float masks with gradient, both gates, GQA,
 # empty rows, D 256) and both softmax-gate paths. PyTorch's caching allocator is off under the tools,
@@ -29,9 +30,9 @@ classify() {  # classify LOG: "same N" (write-write pairs at one instruction), "
 if [ "${1:-}" = --classify ]; then classify "$2"; exit 0; fi
 cd "$(dirname "$0")/../tests"
 py="${PYTHON:-python3}"
-sel="${1:-L17 or L37 or L113-203 or L300 or GQA or B2-H8-2 or float_bcast or softmax_gate-B3-N17 or varlen-q7_19 or varlen-q130 or kvcache-n700 or kvcache-n1500}"
-small="${2:-bf16 and (L17-D64-causal or L37-D64-float_grad or L203-113-D128-causal) or bf16-softmax_gate-B3-N17-D40-H4-pool or bf16-varlen-q7_19 or bf16-kvcache-n700}"
-triton_sel="${FASTATTN_SANITIZE_TRITON:-bf16 and (L17-D40-causal or L23-41-D59-causalBR-bool-gate-headwise or L29-45-D48-float_grad-gate-elementwise-emptyrows or H4-2-L33-47-D64-causal-bool-emptyrows or L9-21-D256 or two_pass and (N97-D59-H1-pool or N17-D40-H4) or gates_match_reference and N37-D48-H4-pool)}"
+sel="${1:-L17 or L37 or L113-203 or L300 or GQA or B2-H8-2 or float_bcast or softmax_gate-B3-N17 or varlen-q7_19 or varlen-q130 or kvcache-n700 or kvcache-n1500 or bf16 and (window or softcap or alibi or dropout)}"
+small="${2:-bf16 and (L17-D64-causal or L37-D64-float_grad or L203-113-D128-causal or window8_-1-softcap5.0-alibi or emptyrows-dropout0.5) or bf16-softmax_gate-B3-N17-D40-H4-pool or bf16-varlen-q7_19 or bf16-kvcache-n700}"
+triton_sel="${FASTATTN_SANITIZE_TRITON:-bf16 and (L17-D40-causal or L23-41-D59-causalBR-bool-gate-headwise or L29-45-D48-float_grad-gate-elementwise-emptyrows or H4-2-L33-47-D64-causal-bool-emptyrows or L9-21-D256 or window8_-1-softcap5.0-alibi or dropout0.3 or two_pass and (N97-D59-H1-pool or N17-D40-H4) or gates_match_reference and N37-D48-H4-pool)}"
 OUT="${OUT:-$PWD/../gpu_out}"
 export PYTORCH_NO_CUDA_MEMORY_CACHING=1 FASTATTN_TRITON_AUTOTUNE=0
 mkdir -p "$OUT"
