@@ -127,6 +127,13 @@ def backward_is_bitwise_repeatable(backend, dtype, device="cpu", runs=50, case=D
         assert same_bits(first, gradients(backend, dtype, device, case=case)), f"run {run} differs from run 0"
 
 
+def deterministic_backward_matches_reference(backend, device="cpu", case=DETERMINISM_CASE):
+    """The deterministic backward of ``case`` (bfloat16) against the reference, with torch's deterministic setting
+    on (which fastattn.attention follows by default)."""
+    with deterministic_algorithms():
+        assert_all_ok(testing.check_attention(case, torch.bfloat16, backend=backend, device=device), case.id)
+
+
 def dropout_is_reproducible_and_fresh_each_call(backend, device="cpu", dtype=torch.float32, D=16):
     """The seed comes from torch's generator of q's device: torch.manual_seed repeats a call's dropout, the next
     call drops other weights, and dropout_p = 0 drops none."""

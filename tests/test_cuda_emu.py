@@ -197,8 +197,7 @@ def test_deterministic_backward_matches_reference(case):
     """The deterministic kernels (their own, with the score modifiers' code: here with no modifier; and those with
     dropout) against the reference, with torch's deterministic setting on (which fastattn.attention follows by
     default)."""
-    with bc.deterministic_algorithms():
-        assert_all_ok(check_attention(case, torch.bfloat16, backend="cuda_emu"), case.id)
+    bc.deterministic_backward_matches_reference("cuda_emu", "cpu", case)
 
 
 def test_deterministic_backward_is_the_same_in_any_block_order():
