@@ -337,12 +337,15 @@ def auto_order(p: Problem) -> tuple:
       gated 12.43 vs 15.66; D64 8.74 vs 13.01);
     - attention without one at D > 64: triton, whose 128x64 Hopper tile runs there (fwd D128 L4096 1.80
       vs 2.48 ms, causal 1.32 vs 1.49, gated 2.12 vs 2.70; L1024 0.73 vs 0.78; cuda leads causal at
-      L1024 alone, 0.62 vs 0.82, gated 0.81 vs 1.00); at D 64: cuda (1.01-1.5x)."""
+      L1024 alone, 0.62 vs 0.82, gated 0.81 vs 1.00); at D 64: cuda (1.01-1.5x);
+    - attention with dropout: cuda, whose keep bits cost less than Triton's Philox per key (H200, bf16, D 128,
+      L2048 causal, p 0.1, -f4063b2-variants.json: fwd 1.38 vs 2.04 ms, bwd 4.67 vs 7.65, fwd+bwd 5.79 vs 9.17).
+    The deterministic backward keeps the rule of its call: triton leads there too (bwd 3.09 vs 5.18 ms)."""
     if p.device_type == "cpu":
         return "cpu", "reference"
     if p.device_type != "cuda":
         return ("reference",)
-    if p.op == "attention" and p.float_mask and p.grad and p.causal and p.head_dim == 128:
+    if p.op == "attention" and (p.dropout or p.float_mask and p.grad and p.causal and p.head_dim == 128):
         return "cuda", "triton", "reference"
     if p.op == "attention" and (p.float_mask or p.grad or p.head_dim > 64):
         return "triton", "cuda", "reference"

@@ -94,6 +94,8 @@ def test_auto_picks_by_the_committed_gpu_measurements():
     assert auto_order(att(float_mask=True, grad=True)) == ("triton", "cuda", "reference")
     assert auto_order(att(float_mask=True, grad=True, causal=True)) == ("cuda", "triton", "reference")
     assert auto_order(att(64, float_mask=True, grad=True, causal=True))[0] == "triton"
+    assert auto_order(att(dropout=True)) == ("cuda", "triton", "reference")
+    assert auto_order(att(dropout=True, grad=True, causal=True))[0] == "cuda"
     assert auto_order(Problem("attention", "cpu", torch.float32, D=64, Dv=64)) == ("cpu", "reference")
 
 
