@@ -104,18 +104,24 @@ def using(path: str):
 
 
 @contextlib.contextmanager
-def settings(arch: int | None = None, schedule: int | None = None, block_ends: int | None = None):
+def settings(arch: int | None = None, schedule: int | None = None, block_ends: int | None = None,
+             mma: tuple | None = None):
     """Emulates another architecture's limits (80, 90) or thread order (0 in order, 1 reversed,
-    2 + seed random) inside the block; block_ends = n runs only the first and last n blocks of each launch."""
+    2 + seed random) inside the block; block_ends = n runs only the first and last n blocks of each launch;
+    mma = (block, bits): mma.sync sums as the tensor cores do, in groups of ``block`` products cut ``bits`` bits
+    below their largest term (csrc/cuda/emu/runtime.cpp: truncating_sum), (0, 0) exactly."""
     lib = load()
     lib.fastattn_emu_set_block_ends.restype = ctypes.c_int64
     lib.fastattn_emu_set_block_ends.argtypes = [ctypes.c_int64]
     old_arch = lib.fastattn_emu_set_arch(arch) if arch is not None else None
     old_schedule = lib.fastattn_emu_set_schedule(schedule) if schedule is not None else None
     old_ends = lib.fastattn_emu_set_block_ends(block_ends) if block_ends is not None else None
+    old_mma = divmod(lib.fastattn_emu_set_mma(*mma), 256) if mma is not None else None
     try:
         yield
     finally:
+        if old_mma is not None:
+            lib.fastattn_emu_set_mma(*old_mma)
         if old_arch is not None:
             lib.fastattn_emu_set_arch(old_arch)
         if old_schedule is not None:

@@ -93,6 +93,11 @@ def test_repeated_keys_keep_dq_exact():
     bc.repeated_keys_keep_dq_exact("cuda", "cuda")
 
 
+def test_saturated_fp16_rows_meet_the_rule():
+    """delta summed by dP's own chain of MMAs: the saturated rows of bc.SATURATED_FP16_SEEDS on the tensor cores."""
+    bc.fuzz_passes("attention", "cuda", bc.SATURATED_FP16_SEEDS, "cuda")
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 def test_deterministic_backward(dropout):
     """deterministic: 50 backwards bitwise alike (dq without atomics), and right (torch's setting on, which

@@ -154,11 +154,34 @@ def test_emulated_fuzz(family, n):
     bc.fuzz_passes(family, "cuda_emu", range(n), "cpu", limits_of="cuda")
 
 
-def test_emulated_fuzz_cases_the_gpu_missed():
-    """fp16 at scale 20 with 130 repeated (expanded / unfolded) query rows: saturated softmax rows, where dS = P (dP -
-    delta) cancels far below |dP| and the rounding of delta's sum lands in dq and dk. Seeds of the cuda fuzz that
-    missed docs/CONTRACT.md §4 on an H200 by 1.2-1.8x (3986 also under the emulation, with delta summed in float32)."""
-    bc.fuzz_passes("attention", "cuda_emu", [999, 1789, 3986], "cpu", limits_of="cuda")
+# How mma.sync sums (cuda_emu.settings(mma=...)): exactly, rounded once; or as the tensor cores do, groups of 16 or 8
+# products and the accumulator cut toward zero 23 bits below their largest term (csrc/cuda/emu/runtime.cpp)
+MMA_SUMS = [(0, 0), (16, 23), (8, 23)]
+MMA_SUM_IDS = ["exact-sum", "tensor-cores-16", "tensor-cores-8"]
+
+
+@pytest.mark.parametrize("mma", MMA_SUMS, ids=MMA_SUM_IDS)
+def test_emulated_fuzz_cases_the_gpu_missed(mma):
+    """The saturated fp16 rows of bc.SATURATED_FP16_SEEDS, mma.sync summing each way: with delta summed exactly apart
+    from dP they missed on the GPU, and miss here under the tensor cores' sum (the test below)."""
+    with cuda_emu.settings(mma=mma):
+        bc.fuzz_passes("attention", "cuda_emu", bc.SATURATED_FP16_SEEDS, "cpu", limits_of="cuda")
+
+
+def test_delta_apart_from_dp_misses_under_the_tensor_cores_sum():
+    """The bug the GPU showed, planted back: delta summed exactly (in double) instead of by dP's chain of MMAs. Exact
+    sums pass it; the tensor cores' truncating sum makes dq and dk miss the rule on the seeds above."""
+    planted = _mutated("attention_bwd_rows.cu", "p.dropout ? full[r] : double(diag) + lo[r]", "full[r]")
+    with cuda_emu.using(planted):
+        bc.fuzz_passes("attention", "cuda_emu", bc.SATURATED_FP16_SEEDS, "cpu", limits_of="cuda")
+        with cuda_emu.settings(mma=(16, 23)), pytest.raises(AssertionError, match=r"3 of 3 fuzz cases failed"):
+            bc.fuzz_passes("attention", "cuda_emu", bc.SATURATED_FP16_SEEDS, "cpu", limits_of="cuda")
+
+
+def test_emulated_fuzz_with_the_tensor_cores_sum():
+    """A slice of the cuda fuzz (past test_emulated_fuzz's seeds) with mma.sync summing as the tensor cores do."""
+    with cuda_emu.settings(mma=(16, 23)):
+        bc.fuzz_passes("attention", "cuda_emu", range(200, 300), "cpu", limits_of="cuda")
 
 
 def test_emulated_fuzz_forward_only():

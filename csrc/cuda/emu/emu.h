@@ -24,9 +24,9 @@
 //
 // What it cannot show: timing, bank conflicts, register counts and spills, occupancy, races between
 // blocks in global memory (blocks run one after another), the tensor cores' own rounding of the
-// fp32 sum in mma (here: exact products summed in double, rounded once), fast-math differences of
-// the hardware's exp2/log2 approximations and of FMA contraction, and any behaviour of
-// instructions the kernels do not use.
+// fp32 sum in mma to the bit (by default exact products summed in double, rounded once; a model of
+// their truncating sum on request: fastattn_emu_set_mma), fast-math differences of the hardware's
+// exp2/log2 approximations and of FMA contraction, and any behaviour of instructions the kernels do not use.
 //
 // Kernel sources stay what nvcc compiles: translate.py rewrites `<<<...>>>` launches and
 // `__shared__` declarations, prelude.h maps the CUDA qualifiers and built-ins, ptx.h's inline-PTX
@@ -100,6 +100,9 @@ int fastattn_emu_set_schedule(int schedule);
 // n > 0: each launch runs only its first n and last n blocks (linear block order), the rest of its grid
 // skipped: the far end of a grid too large to emulate whole. 0: every block. Returns the previous value.
 int64_t fastattn_emu_set_block_ends(int64_t n);
+// block > 0: mma.sync sums as the tensor cores do, each group of `block` products cut `bits` bits below its
+// largest term (runtime.cpp: truncating_sum); 0: exactly, rounded once. Returns the previous block * 256 + bits.
+int fastattn_emu_set_mma(int block, int bits);
 // The kernels' shared object to run (a build of csrc/cuda/*.cu, or of a mutated copy). Returns 0 on
 // success, else -1 (fastattn_emu_last_error says why).
 int fastattn_emu_use_kernels(const char* path);

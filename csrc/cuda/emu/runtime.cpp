@@ -14,6 +14,7 @@
 #include <cstdio>
 #include <cstring>
 #include <deque>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -130,6 +131,7 @@ struct Launch {
 struct Emu {
   int arch = 80;
   int schedule = 0;
+  int mma_block = 0, mma_bits = 0;  // > 0: mma.sync sums as the tensor cores do (truncating_sum)
   uint64_t block_ends = 0;  // > 0: a launch runs only its first and last block_ends blocks (in linear order)
   unsigned char* smem = nullptr;
   ByteShadow* shadow = nullptr;
@@ -670,6 +672,34 @@ void ldmatrix(uint32_t* r, int num, bool trans, uint32_t addr) {
   for (int mi = 0; mi < num; ++mi) r[mi] = ws.out[lane][mi];
 }
 
+// c + the 16 exact products p of an mma.sync output. block 0: summed exactly, rounded once to nearest (what
+// float32 arithmetic would give at best). block > 0: as NVIDIA's tensor cores add (Fasi, Higham, Mikaitis and
+// Pranesh, "Numerical behavior of NVIDIA tensor cores", PeerJ CS 2021): the products of each group of `block`
+// and the accumulator are aligned to the largest exponent among them and cut toward zero `bits` bits below it
+// (no guard bits), summed exactly, and the sum goes back into float32 toward zero; the groups in k order. On a
+// GPU a saturated softmax row's dP - delta, which cancels to far below |dP|, loses 2-4x the bits it loses to one
+// rounding to nearest; this lets the emulation show it. Non-finite terms: the IEEE sum (NaN and Inf as torch).
+static float truncating_sum(float c, const double (&p)[16], int block, int bits) {
+  double exact = c;
+  for (double x : p) exact += x;
+  if (block <= 0 || !std::isfinite(exact)) return float(exact);
+  float acc = c;
+  for (int k0 = 0; k0 < 16; k0 += block) {
+    int emax = std::numeric_limits<int>::min();
+    if (acc != 0.f) emax = std::ilogb(acc);
+    for (int k = k0; k < k0 + block; ++k)
+      if (p[k] != 0.0) emax = std::max(emax, std::ilogb(p[k]));
+    if (emax == std::numeric_limits<int>::min()) continue;  // all zero: acc stays (its sign too)
+    const double unit = std::ldexp(1.0, emax - bits);  // every term a multiple of it: the sum is exact
+    double sum = std::trunc(double(acc) / unit) * unit;
+    for (int k = k0; k < k0 + block; ++k) sum += std::trunc(p[k] / unit) * unit;
+    float f = float(sum);
+    if (std::fabs(double(f)) > std::fabs(sum)) f = std::nextafter(f, 0.f);
+    acc = f;
+  }
+  return acc;
+}
+
 // PTX ISA, mma.m16n8k16 with .f16/.bf16 inputs and .f32 accumulators; g = lane / 4, t = lane % 4:
 //   A (16 x 16, .row): element a_i (i = 0..7, two per register, a_0 in the low half of register 0)
 //     is A[g + 8 * (i % 4 >= 2)][2 t + i % 2 + 8 * (i >= 4)]
@@ -702,9 +732,9 @@ void mma_m16n8k16(float* d, const uint32_t* a, const uint32_t* b, const float* c
           const int g = l / 4, t = l % 4;
           for (int i = 0; i < 4; ++i) {
             const int row = g + 8 * (i >= 2), col = 2 * t + i % 2;
-            double acc = C[row][col];
-            for (int k = 0; k < 16; ++k) acc += double(A[row][k]) * double(B[k][col]);
-            s.out_f[l][i] = float(acc);
+            double prod[16];
+            for (int k = 0; k < 16; ++k) prod[k] = double(A[row][k]) * double(B[k][col]);  // exact
+            s.out_f[l][i] = truncating_sum(C[row][col], prod, emu().mma_block, emu().mma_bits);
           }
         }
       });
@@ -859,6 +889,13 @@ int fastattn_emu_set_schedule(int schedule) {
   const int old = e.schedule;
   e.schedule = schedule;
   e.rng = 0x9e3779b97f4a7c15ull ^ uint64_t(schedule);
+  return old;
+}
+
+int fastattn_emu_set_mma(int block, int bits) {
+  auto& e = fastattn_emu::emu();
+  const int old = e.mma_block * 256 + e.mma_bits;
+  e.mma_block = block, e.mma_bits = bits;
   return old;
 }
 
