@@ -95,6 +95,14 @@ def repeated_keys_keep_dq_exact(backend, device):
 SATURATED_FP16_SEEDS = (999, 1789, 3986)
 
 
+def saturated_fp16_seeds():
+    """SATURATED_FP16_SEEDS, checked to draw still what they are kept for."""
+    for seed in SATURATED_FP16_SEEDS:
+        case = fuzz.attention_case(seed, list(CUDA_DTYPES), **fuzz.limits("cuda", "cuda"))
+        assert case.dtype == torch.float16 and "-L130-" in case.id and "scale20.0" in case.id, case.id
+    return SATURATED_FP16_SEEDS
+
+
 # Many key tiles of 64 (more than the cuda kernels' 8 dq slices: a block walks several), GQA, a float mask broadcast
 # over batch and heads (its gradient a sum over them) and a gate: every gradient a sum some kernel might reorder
 DETERMINISM_CASE = AttentionCase(B=2, Hq=2, Hkv=1, Lq=70, Lk=600, D=64, causal="bottom_right", mask="float_bcast",

@@ -116,7 +116,12 @@ def settings(arch: int | None = None, schedule: int | None = None, block_ends: i
     old_arch = lib.fastattn_emu_set_arch(arch) if arch is not None else None
     old_schedule = lib.fastattn_emu_set_schedule(schedule) if schedule is not None else None
     old_ends = lib.fastattn_emu_set_block_ends(block_ends) if block_ends is not None else None
-    old_mma = divmod(lib.fastattn_emu_set_mma(*mma), 256) if mma is not None else None
+    old_mma = None
+    if mma is not None:
+        old = lib.fastattn_emu_set_mma(*mma)
+        if old < 0:
+            raise ValueError(f"mma: expected (block, bits), block 0 or a divisor of 16, bits in [0, 52]; got {mma}")
+        old_mma = divmod(old, 256)
     try:
         yield
     finally:

@@ -95,7 +95,7 @@ def test_repeated_keys_keep_dq_exact():
 
 def test_saturated_fp16_rows_meet_the_rule():
     """delta summed by dP's own chain of MMAs: the saturated rows of bc.SATURATED_FP16_SEEDS on the tensor cores."""
-    bc.fuzz_passes("attention", "cuda", bc.SATURATED_FP16_SEEDS, "cuda")
+    bc.fuzz_passes("attention", "cuda", bc.saturated_fp16_seeds(), "cuda")
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.2])

@@ -165,7 +165,7 @@ def test_emulated_fuzz_cases_the_gpu_missed(mma):
     """The saturated fp16 rows of bc.SATURATED_FP16_SEEDS, mma.sync summing each way: with delta summed exactly apart
     from dP they missed on the GPU, and miss here under the tensor cores' sum (the test below)."""
     with cuda_emu.settings(mma=mma):
-        bc.fuzz_passes("attention", "cuda_emu", bc.SATURATED_FP16_SEEDS, "cpu", limits_of="cuda")
+        bc.fuzz_passes("attention", "cuda_emu", bc.saturated_fp16_seeds(), "cpu", limits_of="cuda")
 
 
 def test_delta_apart_from_dp_misses_under_the_tensor_cores_sum():
@@ -173,9 +173,9 @@ def test_delta_apart_from_dp_misses_under_the_tensor_cores_sum():
     sums pass it; the tensor cores' truncating sum makes dq and dk miss the rule on the seeds above."""
     planted = _mutated("attention_bwd_rows.cu", "p.dropout ? full[r] : double(diag) + lo[r]", "full[r]")
     with cuda_emu.using(planted):
-        bc.fuzz_passes("attention", "cuda_emu", bc.SATURATED_FP16_SEEDS, "cpu", limits_of="cuda")
+        bc.fuzz_passes("attention", "cuda_emu", bc.saturated_fp16_seeds(), "cpu", limits_of="cuda")
         with cuda_emu.settings(mma=(16, 23)), pytest.raises(AssertionError, match=r"3 of 3 fuzz cases failed"):
-            bc.fuzz_passes("attention", "cuda_emu", bc.SATURATED_FP16_SEEDS, "cpu", limits_of="cuda")
+            bc.fuzz_passes("attention", "cuda_emu", bc.saturated_fp16_seeds(), "cpu", limits_of="cuda")
 
 
 def test_emulated_fuzz_with_the_tensor_cores_sum():

@@ -12,8 +12,10 @@
 //               is: o = o_hi + o_lo with o_hi = o rounded to T (v_j itself in such a row), and dO o_hi summed
 //               by the same chain of m16n8k16 MMAs, 16 columns at a time from an accumulator of 0, as the main
 //               kernel's dO V^T (the tensor cores' sum depends only on those terms and their order: the two
-//               agree to the bit), plus dO o_lo in double. The tensor cores cut their sums toward zero, a few
-//               times float32's rounding; fp16 rows at scale 20 over repeated queries took dq and dk past
+//               agree to the bit), plus dO o_lo in double. So delta - dP_j is dO (o - v_j) as o is stored: 0 in
+//               an ungated saturated row; with a gate, o = out_acc / sigmoid(gate) keeps that division's
+//               rounding (float32's, not the tensor cores'). The tensor cores cut their sums toward zero, a few
+//               times float32's rounding: fp16 rows at scale 20 over repeated queries took dq and dk past
 //               docs/CONTRACT.md §4 on an H100 and an H200 with delta summed exactly in double (the emulation
 //               shows it with cuda_emu.settings(mma=...)). With dropout, dP Z is the term: delta in double.
 //   convert:    dq = scale * dq_accum (summed over its slices), in q's dtype

@@ -101,7 +101,8 @@ int fastattn_emu_set_schedule(int schedule);
 // skipped: the far end of a grid too large to emulate whole. 0: every block. Returns the previous value.
 int64_t fastattn_emu_set_block_ends(int64_t n);
 // block > 0: mma.sync sums as the tensor cores do, each group of `block` products cut `bits` bits below its
-// largest term (runtime.cpp: truncating_sum); 0: exactly, rounded once. Returns the previous block * 256 + bits.
+// largest term (runtime.cpp: truncating_sum); 0: exactly, rounded once. Returns the previous block * 256 + bits, or
+// -1 (nothing changed) unless block is 0 or divides 16 and bits is in [0, 52].
 int fastattn_emu_set_mma(int block, int bits);
 // The kernels' shared object to run (a build of csrc/cuda/*.cu, or of a mutated copy). Returns 0 on
 // success, else -1 (fastattn_emu_last_error says why).

@@ -694,7 +694,7 @@ static float truncating_sum(float c, const double (&p)[16], int block, int bits)
     double sum = std::trunc(double(acc) / unit) * unit;
     for (int k = k0; k < k0 + block; ++k) sum += std::trunc(p[k] / unit) * unit;
     float f = float(sum);
-    if (std::fabs(double(f)) > std::fabs(sum)) f = std::nextafter(f, 0.f);
+    if (std::fabs(double(f)) > std::fabs(sum)) f = std::nextafter(f, 0.f);  // toward zero (past FLT_MAX: FLT_MAX)
     acc = f;
   }
   return acc;
@@ -894,6 +894,7 @@ int fastattn_emu_set_schedule(int schedule) {
 
 int fastattn_emu_set_mma(int block, int bits) {
   auto& e = fastattn_emu::emu();
+  if (block < 0 || block > 16 || (block > 0 && 16 % block != 0) || bits < 0 || bits > 52) return -1;
   const int old = e.mma_block * 256 + e.mma_bits;
   e.mma_block = block, e.mma_bits = bits;
   return old;
