@@ -171,7 +171,7 @@ def test_emulated_fuzz_cases_the_gpu_missed(mma):
 def test_delta_apart_from_dp_misses_under_the_tensor_cores_sum():
     """The bug the GPU showed, planted back: delta summed exactly (in double) instead of by dP's chain of MMAs. Exact
     sums pass it; the tensor cores' truncating sum makes dq and dk miss the rule on the seeds above."""
-    planted = _mutated("attention_bwd_rows.cu", "p.dropout ? full[r] : double(diag) + lo[r]", "full[r]")
+    planted = _mutated("attention_bwd_rows.cu", "ohi[r][e] = p.dropout ||", "ohi[r][e] = true ||")
     with cuda_emu.using(planted):
         bc.fuzz_passes("attention", "cuda_emu", bc.saturated_fp16_seeds(), "cpu", limits_of="cuda")
         with cuda_emu.settings(mma=(16, 23)), pytest.raises(AssertionError, match=r"3 of 3 fuzz cases failed"):

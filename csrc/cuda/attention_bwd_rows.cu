@@ -17,7 +17,7 @@
 //               rounding (float32's, not the tensor cores'). The tensor cores cut their sums toward zero, a few
 //               times float32's rounding: fp16 rows at scale 20 over repeated queries took dq and dk past
 //               docs/CONTRACT.md §4 on an H100 and an H200 with delta summed exactly in double (the emulation
-//               shows it with cuda_emu.settings(mma=...)). With dropout, dP Z is the term: delta in double.
+//               shows it with cuda_emu.settings(mma=...)). With dropout, dP Z is the term: all of o in o_lo.
 //   convert:    dq = scale * dq_accum (summed over its slices), in q's dtype
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -73,7 +73,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) attention_bwd_preprocess_
   }
 
   float chain[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};  // dO o_hi^T, both n8 tiles
-  double lo[2] = {0.0, 0.0}, full[2] = {0.0, 0.0};                    // dO o_lo, dO o (dropout's delta)
+  double lo[2] = {0.0, 0.0};                                          // dO o_lo
   float dgate_sum[2] = {0.f, 0.f};
   for (int kk = 0; kk < p.D / 16; ++kk) {
     float a[2][4], ohi[2][4];  // [row][column]: columns kk*16 + 2t, 2t + 1, 2t + 8, 2t + 9
@@ -105,10 +105,10 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) attention_bwd_preprocess_
           }
         }
         a[r][e] = dv;
+        // all of o in o_lo (summed in double) with dropout, and past float16's range
         const float h = to_float(from_float<T>(ov));
-        ohi[r][e] = fabsf(h) == INFINITY && fabsf(ov) != INFINITY ? 0.f : h;  // past float16's range: all in o_lo
+        ohi[r][e] = p.dropout || (fabsf(h) == INFINITY && fabsf(ov) != INFINITY) ? 0.f : h;
         lo[r] += double(dv) * (double(ov) - double(ohi[r][e]));
-        full[r] += double(dv) * ov;
       }
     }
     const uint32_t fa[4] = {pack2<T>(a[0][0], a[0][1]), pack2<T>(a[1][0], a[1][1]), pack2<T>(a[0][2], a[0][3]),
@@ -121,7 +121,6 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) attention_bwd_preprocess_
 #pragma unroll
     for (int m = 1; m <= 2; m <<= 1) {
       lo[r] += __shfl_xor_sync(0xffffffffu, lo[r], m);
-      full[r] += __shfl_xor_sync(0xffffffffu, full[r], m);
       dgate_sum[r] += __shfl_xor_sync(0xffffffffu, dgate_sum[r], m);
     }
   }
@@ -132,8 +131,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) attention_bwd_preprocess_
     if (!x.valid) continue;
     const int64_t row = row0 + g + 8 * r;
     const float diag = (g & 1) ? chain[r][2 * r + 1] : chain[r][2 * r];
-    const double dot = p.dropout ? full[r] : double(diag) + lo[r];
-    p.delta[row] = float(dot - (p.dlse ? p.dlse[row] : 0.f));
+    p.delta[row] = float(double(diag) + lo[r] - (p.dlse ? p.dlse[row] : 0.f));
     if (headwise) x.dgate[0] = from_float<T>(dgate_sum[r]);
   }
 }
