@@ -7,6 +7,7 @@
 
 #include "attention_contract.h"
 #include "cpu/attention.h"
+#include "cpu/attention_pool.h"
 #include "cpu/softmax_gate.h"
 
 #ifndef FASTATTN_VERSION
@@ -64,6 +65,16 @@ TORCH_LIBRARY(fastattn, m) {
   // Returns (dx, dweight).
   m.def("score_softmax_gate_bwd(Tensor dy, Tensor x, Tensor weight, Tensor alpha, Tensor? dalpha, float scale,"
         " bool pool) -> (Tensor, Tensor)");
+  // Attention pooling of packed bags (cpu/attention_pool.h): x (N, D), offsets int64 (B + 1), mask bool (N) (False
+  // leaves a row out), V, U (D, Hd), w (Hd, K), bV, bU (Hd). Returns (y (B, K, D), lse (B, K), scores (N, K) or empty),
+  // all in the statistics' dtype (float32; float64 for float64 x).
+  m.def("attention_pool_fwd(Tensor x, Tensor offsets, Tensor? mask, Tensor V, Tensor? U, Tensor w, Tensor? bV,"
+        " Tensor? bU, bool return_scores) -> (Tensor, Tensor, Tensor)");
+  // dy, dlse, dscores: the gradients of the forward's outputs (y, lse, scores). Returns (dx, dV, dU, dw, dbV, dbU),
+  // empty for an absent U, bV or bU.
+  m.def("attention_pool_bwd(Tensor dy, Tensor x, Tensor offsets, Tensor? mask, Tensor V, Tensor? U, Tensor w,"
+        " Tensor? bV, Tensor? bU, Tensor y, Tensor lse, Tensor? dlse, Tensor? dscores)"
+        " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
@@ -76,6 +87,8 @@ TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
   m.impl("softmax_gate_bwd", &fastattn::cpu::softmax_gate_bwd);
   m.impl("score_softmax_gate_fwd", &fastattn::cpu::score_softmax_gate_fwd);
   m.impl("score_softmax_gate_bwd", &fastattn::cpu::score_softmax_gate_bwd);
+  m.impl("attention_pool_fwd", &fastattn::cpu::attention_pool_fwd);
+  m.impl("attention_pool_bwd", &fastattn::cpu::attention_pool_bwd);
 }
 
 // A Python module so that `import fastattn._C` loads the library (and with it the registrations above).

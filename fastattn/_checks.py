@@ -318,6 +318,68 @@ def gate_inputs(x, scores=None, weight=None, mask=None):
     return B, N, D, H
 
 
+def pool_inputs(x, V, w, U, bV, bU, offsets, mask):
+    """Checks ``fastattn.attention_pool``'s arguments; returns (B, N, D, Hd, K) (N: rows per bag for a 3-D x,
+    all rows for a packed 2-D x)."""
+    tensor("x", x)
+    require(x.dim() in (2, 3), ValueError, f"x: expected (N, D) packed bags or a (B, N, D) batch, got shape "
+                                           f"{tuple(x.shape)}")
+    D = x.shape[-1]
+    tensor("V", V, ndim=2)
+    tensor("w", w, ndim=2)
+    named = [("x", x), ("V", V), ("w", w)] + [(n, t) for n, t in (("U", U), ("bV", bV), ("bU", bU)) if t is not None]
+    for n, t in named[3:]:
+        tensor(n, t)
+    same(named, "dtype")
+    same(named, "device")
+    Hd, K = V.shape[1], w.shape[1]
+    require(_eq(V.shape[0], D), ValueError, f"V: expected shape (D={D}, Hd), got {tuple(V.shape)}")
+    require(_eq(w.shape[0], Hd), ValueError, f"w: expected shape (Hd={Hd}, K), got {tuple(w.shape)}")
+    if U is not None:
+        require(U.dim() == 2 and sym_and(_eq(U.shape[0], D), _eq(U.shape[1], Hd)), ValueError,
+                f"U: expected shape (D={D}, Hd={Hd}) like V, got {tuple(U.shape)}")
+    elif bU is not None:
+        raise ValueError("bU: a bias of the sigmoid branch needs its weight U (U is None)")
+    for n, b in (("bV", bV), ("bU", bU)):
+        if b is not None:
+            require(b.dim() == 1 and _eq(b.shape[0], Hd), ValueError, f"{n}: expected shape (Hd={Hd},), got "
+                                                                      f"{tuple(b.shape)}")
+    if x.dim() == 3:
+        B, N = x.shape[0], x.shape[1]
+        if offsets is not None:
+            raise ValueError("offsets: a (B, N, D) batch takes a mask for its padding, not offsets; pass packed "
+                             "bags as x (N_total, D) with offsets")
+        mask_shape, mask_names = (B, N), f"(B={B}, N={N})"
+    else:
+        N = x.shape[0]
+        if offsets is None:
+            B = 1
+        else:
+            if not isinstance(offsets, torch.Tensor):
+                raise TypeError(f"offsets: expected an int32 or int64 torch.Tensor, got {type(offsets).__name__}")
+            if offsets.dtype not in (torch.int32, torch.int64):
+                raise TypeError(f"offsets: expected dtype torch.int32 or torch.int64, got {offsets.dtype}")
+            require(offsets.dim() == 1 and offsets.numel() >= 1, ValueError,
+                    f"offsets: expected a 1-D tensor of B + 1 >= 1 offsets, got shape {tuple(offsets.shape)}")
+            same([("x", x), ("offsets", offsets)], "device")
+            if _check_values():
+                if offsets[0].item() != 0 or bool((offsets.diff() < 0).any()) or offsets[-1].item() != N:
+                    raise ValueError(f"offsets: expected non-decreasing offsets from 0 to the packed length {N}, "
+                                     f"got {offsets.tolist() if offsets.numel() <= 16 else 'other values'}")
+            B = offsets.numel() - 1
+        mask_shape, mask_names = (N,), f"(N={N},)"
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"mask: expected a bool tensor (True = the instance takes part), got "
+                            f"{getattr(mask, 'dtype', type(mask).__name__)}")
+        same([("x", x), ("mask", mask)], "device")
+        fits = mask.dim() == len(mask_shape) and _eq(mask.shape[0], mask_shape[0])
+        if fits and len(mask_shape) == 2:
+            fits = sym_and(fits, _eq(mask.shape[1], mask_shape[1]))
+        require(fits, ValueError, f"mask: expected shape {mask_names}, got {tuple(mask.shape)}")
+    return B, N, D, Hd, K
+
+
 # --------------------------------------------------------------------------------------- SDPA drop-in
 # The drop-in raises what torch.nn.functional.scaled_dot_product_attention raises: RuntimeError with
 # torch's messages (dtype names as c10 prints them), so code and tests written against torch see the

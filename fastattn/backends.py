@@ -23,9 +23,11 @@ MAX_FUSED_HEAD_DIM = 256  # docs/CONTRACT.md §2.1: D and Dv up to 256 on fused 
 # The kernels (torch.ops.fastattn.<backend prefix><name>) a fused backend needs for each op, and for its gradient.
 KERNELS = {"attention": ("attention_fwd",), "varlen_attention": ("varlen_attention_fwd",),
            "attention_kvcache": ("attention_kvcache_fwd",), "softmax_gate": ("softmax_gate_fwd",),
-           "score_softmax_gate": ("score_softmax_gate_fwd",)}
+           "score_softmax_gate": ("score_softmax_gate_fwd",), "attention_pool": ("attention_pool_fwd",)}
 BACKWARD_KERNELS = {"attention": ("attention_bwd",), "varlen_attention": ("varlen_attention_bwd",),
-                    "softmax_gate": ("softmax_gate_bwd",), "score_softmax_gate": ("score_softmax_gate_bwd",)}
+                    "softmax_gate": ("softmax_gate_bwd",), "score_softmax_gate": ("score_softmax_gate_bwd",),
+                    "attention_pool": ("attention_pool_bwd",)}
+POOL_KERNELS = frozenset(KERNELS["attention_pool"] + BACKWARD_KERNELS["attention_pool"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +124,9 @@ class ReferenceBackend(Backend):
         return reference.score_softmax_gate(x, weight, mask=mask, scale=scale, pool=pool,
                                             return_weights=True)
 
+    def attention_pool(self, x, offsets, mask, V, U, w, bV, bU, return_scores):
+        return reference.attention_pool(x, V, w, U, bV, bU, offsets, mask, return_scores=True)
+
 
 def _gate_for_kernels(gate, q):
     """The output gate as the kernels take it: q's dtype, (B, Hq, Lq, Dv) or, headwise, (B, Hq, Lq, 1) (the
@@ -213,6 +218,11 @@ class FusedBackend(Backend):
         return self._op("score_softmax_gate_fwd")(
             ops.last_dim_contiguous(x), ops.last_dim_contiguous(weight), mask, scale, pool)
 
+    def attention_pool(self, x, offsets, mask, V, U, w, bV, bU, return_scores):
+        # returns (y, lse, scores) in the statistics' dtype; scores empty unless asked
+        return self._op("attention_pool_fwd")(ops.last_dim_contiguous(x), offsets, mask, V, U, w, bV, bU,
+                                              return_scores)
+
 
 # What csrc/cuda covers, on a GPU and under the CPU emulation of the tests (csrc/cuda/emu/); "auto"
 # sends everything else to triton / reference.
@@ -220,7 +230,7 @@ CUDA_DTYPES = (torch.float16, torch.bfloat16)
 CUDA_HEAD_DIMS = (64, 128)
 
 
-CUDA_KERNELS = FusedBackend.kernels - {"varlen_attention_bwd"}
+CUDA_KERNELS = FusedBackend.kernels - {"varlen_attention_bwd"} - POOL_KERNELS
 
 
 def cuda_kernels_unsupported(p: Problem) -> str | None:
@@ -272,6 +282,7 @@ class TritonBackend(FusedBackend):
     TRITON_INTERPRET=1 (how CI tests them; correct but slow, so "auto" never picks it on CPU)."""
     name = "triton"
     op_prefix = "triton_"
+    kernels = FusedBackend.kernels - POOL_KERNELS
     dropout = True
 
     @staticmethod

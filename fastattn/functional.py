@@ -18,7 +18,7 @@ from .backends import Problem, select
 from .contract import causal_code
 
 __all__ = ["attention", "varlen_attention", "attention_with_kvcache", "scaled_dot_product_attention", "softmax_gate",
-           "score_softmax_gate"]
+           "score_softmax_gate", "attention_pool"]
 
 
 def attention(q, k, v, *, attn_mask=None, causal=False, scale=None, gate=None, dropout_p=0.0,
@@ -341,6 +341,61 @@ def score_softmax_gate(x, weight, *, mask=None, scale=1.0, pool=False, return_we
     impl = _gate_backend(backend, "score_softmax_gate", x)
     y, alpha = impl.score_softmax_gate(x, weight, mask, float(scale), bool(pool))
     return (y, alpha.to(x.dtype)) if return_weights else y
+
+
+def attention_pool(x, V, w, U=None, *, bV=None, bU=None, offsets=None, mask=None, return_weights=False,
+                   backend="auto"):
+    """Attention pooling of bags of instances, as multiple-instance learning does it (ABMIL, Ilse et al. 2018;
+    CLAM's gated scorer and its multi-branch variant), fused: the scorer, the softmax over each bag and the pooled
+    sum run in one op, forward and backward, without storing the scores or the hidden activations.
+
+    For instance n of bag b and branch k: h_n = tanh(x_n V + bV) ⊙ sigmoid(x_n U + bU) (gated; tanh alone when U
+    is None), s_nk = h_n · w[:, k], α_nk = softmax of s_nk over the instances of bag b, y_bk = Σ_n α_nk x_n.
+
+    Args:
+        x: the bags, either packed, (N_total, D), bag b owning rows offsets[b] .. offsets[b+1] (one bag without
+            ``offsets``), or padded, (B, N, D) with ``mask`` marking the real instances. Any strides.
+        V: (D, Hd), the tanh branch's weight (a Linear(D, Hd)'s weight transposed). U: None or (D, Hd), the
+            sigmoid branch's. w: (Hd, K), one column per branch. bV, bU: None or (Hd,). All in x's dtype and
+            device. A bias of w would cancel in the softmax, so there is none.
+        offsets: None, or int32 / int64 (B + 1) offsets from 0 to N_total, never decreasing (cu_seqlens); empty
+            bags are allowed. Only with a packed x. Checked (a device sync on a GPU) except under torch.compile.
+        mask: None, or bool, (N_total,) for a packed x or (B, N) for a padded one: False leaves the instance out of
+            its bag (weight 0, nothing of it reaches any output or gradient, NaN included).
+        return_weights: also return α in x's dtype, (N_total, K) packed or (B, N, K) padded, 0 at left-out
+            instances; differentiable.
+        backend: "auto", "cpu", "triton" or "reference" (see ``fastattn.backends()``).
+
+    Returns:
+        y (B, K, D) in x's dtype (0 for a bag with no instance), and α if asked. Gradients flow to x, V, U, w, bV
+        and bU. A NaN in an instance that takes part makes its bag's y (every branch) and gradients NaN.
+    """
+    B, N, D, Hd, K = _checks.pool_inputs(x, V, w, U, bV, bU, offsets, mask)
+    padded = x.dim() == 3
+    rows = x.reshape(-1, D)  # a view where the strides allow it
+    if padded:
+        offsets = torch.arange(0, B * N + 1, N, device=x.device) if N else torch.zeros(B + 1, device=x.device,
+                                                                                    dtype=torch.long)
+        mask = None if mask is None else mask.reshape(-1)
+    elif offsets is None:
+        offsets = torch.tensor([0, N], device=x.device)
+    offsets = offsets.to(torch.long).contiguous()
+    mask = None if mask is None else mask.contiguous()
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, V, U, w, bV, bU))
+    problem = Problem("attention_pool", x.device.type, x.dtype, grad=grad)
+    impl = select(backend, problem)
+    if _maybe_zero(B, rows.shape[0], D, Hd, K):
+        impl = select("reference", problem)
+    y, lse, scores = impl.attention_pool(rows, offsets, mask, V, U, w, bV, bU, bool(return_weights))
+    y = y.to(x.dtype)
+    if not return_weights:
+        return y
+    # α = exp(s - lse of the instance's bag): its gradient reaches the op as those of the scores and of lse
+    bag = torch.repeat_interleave(torch.arange(B, device=x.device), offsets.diff(), output_size=rows.shape[0])
+    left_out = scores == float("-inf")
+    alpha = torch.where(left_out, 0.0, torch.exp(torch.where(left_out, 0.0, scores) - lse[bag]))
+    alpha = alpha.to(x.dtype)
+    return y, (alpha.reshape(B, N, K) if padded else alpha)
 
 
 def _gate_backend(backend, op, x):

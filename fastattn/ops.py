@@ -204,8 +204,47 @@ def register_softmax_gates(prefix: str = "", *, fake: bool = True):
                                     setup_context=score_setup_context)
 
 
+def register_attention_pool(prefix: str = "", *, fake: bool = True):
+    """Fake implementations and autograd for ``fastattn::{prefix}attention_pool_{fwd,bwd}`` (schemas of
+    csrc/fastattn.cpp). The forward's three outputs (y, lse, scores) are differentiable: the functional layer
+    makes α from the scores and lse, so α's gradient arrives as theirs."""
+    name = lambda n: f"fastattn::{prefix}{n}"
+    bwd_op = lambda: getattr(torch.ops.fastattn, prefix + "attention_pool_bwd")
+
+    if fake:
+        @torch.library.register_fake(name("attention_pool_fwd"))
+        def _fwd_fake(x, offsets, mask, V, U, w, bV, bU, return_scores):
+            acc = stat_dtype(x.dtype)
+            B, K = offsets.shape[0] - 1, w.shape[1]
+            scores = x.new_empty((x.shape[0], K), dtype=acc) if return_scores else x.new_empty((0,), dtype=acc)
+            return x.new_empty((B, K, x.shape[1]), dtype=acc), x.new_empty((B, K), dtype=acc), scores
+
+        @torch.library.register_fake(name("attention_pool_bwd"))
+        def _bwd_fake(dy, x, offsets, mask, V, U, w, bV, bU, y, lse, dlse, dscores):
+            like = lambda t: _empty(x) if t is None else t.new_empty(t.shape)
+            return x.new_empty(x.shape), V.new_empty(V.shape), like(U), w.new_empty(w.shape), like(bV), like(bU)
+
+    def setup_context(ctx, inputs, output):
+        x, offsets, mask, V, U, w, bV, bU, return_scores = inputs
+        y, lse, _ = output
+        ctx.save_for_backward(x, offsets, mask, V, U, w, bV, bU, y, lse)
+
+    def backward(ctx, dy, dlse, dscores):
+        x, offsets, mask, V, U, w, bV, bU, y, lse = ctx.saved_tensors
+        if dy is None:
+            dy = torch.zeros_like(y)
+        dx, dV, dU, dw, dbV, dbU = bwd_op()(
+            dy.contiguous(), x, offsets, mask, V, U, w, bV, bU, y, lse,
+            None if dlse is None else dlse.contiguous(), None if dscores is None else dscores.contiguous())
+        return (dx, None, None, dV, dU if U is not None else None, dw, dbV if bV is not None else None,
+                dbU if bU is not None else None, None)
+
+    torch.library.register_autograd(name("attention_pool_fwd"), backward, setup_context=setup_context)
+
+
 if _C is not None:
     register_attention()
     register_varlen_attention()
     register_kvcache()
     register_softmax_gates()
+    register_attention_pool()

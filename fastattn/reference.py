@@ -17,7 +17,7 @@ from . import contract
 from .contract import causal_code, stat_dtype
 
 __all__ = ["attention", "varlen_attention", "attention_with_kvcache", "kvcache_append", "softmax_gate",
-           "score_softmax_gate"]
+           "score_softmax_gate", "attention_pool"]
 
 
 def attention(q, k, v, attn_mask=None, causal=False, scale=None, gate=None, dropout_p=0.0,
@@ -202,3 +202,44 @@ def score_softmax_gate(x, weight, mask=None, scale=1.0, pool=False, return_weigh
     """softmax_gate with scores[b, n, h] = scale · Σ_c x[b, n, c] · weight[h, c], weight (H, D)."""
     scores = torch.matmul(x, weight.t()) * scale
     return softmax_gate(scores, x, mask=mask, pool=pool, return_weights=return_weights)
+
+
+def attention_pool(x, V, w, U=None, bV=None, bU=None, offsets=None, mask=None, return_scores=False):
+    """Attention pooling of bags of instances (gated ABMIL; Ilse et al. 2018), K branches at once.
+
+    x (N, D): the instances of B bags packed one after another, bag b owning rows offsets[b] .. offsets[b+1]
+    (``offsets`` (B + 1), as cu_seqlens; None: one bag); ``mask`` (N,) bool, False leaves a row out of its bag.
+    For each row n and branch k: h_n = tanh(x_n V + bV) ⊙ sigmoid(x_n U + bU) (tanh alone without U), s_nk =
+    h_n · w[:, k]; α_nk = softmax of s_nk over the rows of n's bag; y_bk = Σ_n α_nk x_n. V, U (D, Hd), bV, bU (Hd),
+    w (Hd, K).
+
+    The pre-activations x V + bV, x U + bU are made in x's dtype (as a Linear layer would), the rest in the
+    statistics' dtype (float32; float64 for float64 x). Returns y (B, K, D) and lse (B, K), the log of each
+    softmax's denominator, in the statistics' dtype; and with ``return_scores`` the scores s (N, K), -inf at
+    rows left out. An empty bag gives y = 0 and lse = -inf; a left-out row takes no part at all (a NaN there
+    reaches nothing).
+    """
+    acc = stat_dtype(x.dtype)
+    N = x.shape[0]
+    if mask is not None:  # where, not a product: nothing of a left-out row, NaN included, goes anywhere
+        x = torch.where(mask[:, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
+    h = torch.tanh(_linear(x, V, bV).to(acc))
+    if U is not None:
+        h = h * torch.sigmoid(_linear(x, U, bU).to(acc))
+    s = h @ w.to(acc)  # (N, K)
+    if mask is not None:
+        s = s.masked_fill(~mask[:, None], float("-inf"))
+    bounds = [0, N] if offsets is None else offsets.tolist()
+    ys, lses = [], []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        p, lse, _ = _softmax(s[lo:hi], dim=0)  # (n, K), (1, K)
+        ys.append(p.transpose(0, 1) @ x[lo:hi].to(acc))
+        lses.append(lse[0])
+    K, D = w.shape[1], x.shape[1]
+    y = torch.stack(ys) if ys else x.new_empty((0, K, D), dtype=acc)
+    lse = torch.stack(lses) if lses else x.new_empty((0, K), dtype=acc)
+    return (y, lse, s) if return_scores else (y, lse)
+
+
+def _linear(x, weight, bias):
+    return x @ weight if bias is None else torch.addmm(bias, x, weight)

@@ -652,3 +652,112 @@ def gate_cases(quick=False):
     if quick:
         cases = cases[::3]
     return cases
+
+
+# ---------------------------------------------------------------------------------------- attention pooling
+@dataclasses.dataclass(frozen=True)
+class PoolCase:
+    bags: tuple = (5, 0, 23, 9)  # instances per bag (0: an empty bag)
+    D: int = 24
+    Hd: int = 16
+    K: int = 1                   # branches
+    gated: bool = True
+    bias: bool = True
+    mask: str = "none"           # none, random, bag (one bag entirely left out)
+    layout: str = "packed"       # packed (N, D) with offsets; padded: (B, N, D) with a mask; strided: packed rows
+                                 # 2 D apart; expand: each bag's first row seen by all its rows (stride 0)
+    weights_grad: bool = False   # return α and backpropagate through it too
+    logits: float = 1.0          # multiplies w: large values saturate the softmax
+
+    @property
+    def id(self) -> str:
+        parts = ["pool", "bags" + "_".join(map(str, self.bags)), f"D{self.D}", f"Hd{self.Hd}", f"K{self.K}"]
+        for flag, name in ((not self.gated, "ungated"), (not self.bias, "nobias"), (self.mask != "none", "mask-" + self.mask),
+                           (self.layout != "packed", self.layout), (self.weights_grad, "dalpha"),
+                           (self.logits != 1.0, f"logits{self.logits}")):
+            if flag:
+                parts.append(name)
+        return "-".join(parts)
+
+    def inputs(self):
+        g = _generator(self.id)
+        N, D, Hd, K = sum(self.bags), self.D, self.Hd, self.K
+        randn = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+        t = {"x": randn(N, D), "V": randn(D, Hd) / D ** 0.5, "w": randn(Hd, K) * self.logits,
+             "dy": randn(len(self.bags), K, D), "dalpha": randn(N, K)}
+        if self.gated:
+            t["U"] = randn(D, Hd) / D ** 0.5
+        if self.bias:
+            t["bV"] = randn(Hd)
+            if self.gated:
+                t["bU"] = randn(Hd)
+        if self.mask != "none":
+            m = torch.rand(N, generator=g) < 0.7
+            if self.mask == "bag":
+                lo = max(range(len(self.bags)), key=lambda b: self.bags[b])  # the largest bag
+                start = sum(self.bags[:lo])
+                m[start:start + self.bags[lo]] = False
+            t["mask"] = m
+        return t
+
+
+POOL_PARAMS = ("V", "U", "w", "bV", "bU")
+
+
+def _run_pool(case, t, dtype, device, backend):
+    bags = case.bags
+    x = fresh(t["x"], device, dtype)
+    if case.layout == "strided":  # every other row of a taller tensor: row stride 2 D
+        x = torch.stack([x, torch.zeros_like(x)], 1).reshape(-1, x.shape[1])[::2]
+    x.requires_grad_()
+    params = {n: fresh(t[n], device, dtype).requires_grad_() for n in POOL_PARAMS if n in t}
+    mask = t["mask"].to(device) if "mask" in t else None
+    offsets = torch.tensor([0] + list(itertools.accumulate(bags)), device=device)
+    rows = x
+    if case.layout == "expand":  # the first row of every bag seen through stride 0 by the bag's other rows
+        rows = torch.cat([x[lo:lo + 1].expand(hi - lo, -1) for lo, hi in zip(offsets[:-1].tolist(), offsets[1:].tolist())])
+    kw = dict(bV=params.get("bV"), bU=params.get("bU"), return_weights=True, backend=backend)
+    if case.layout == "padded":
+        B, Nmax = len(bags), max(bags)
+        xp = rows.new_zeros(B, Nmax, rows.shape[1]) + float("nan")  # padding is never read
+        pmask = torch.zeros(B, Nmax, dtype=torch.bool, device=device)
+        idx = [(b, i) for b, n in enumerate(bags) for i in range(n)]
+        bi, ni = (torch.tensor([p[j] for p in idx], dtype=torch.long, device=device) for j in (0, 1))
+        xp = xp.index_put((bi, ni), rows)
+        pmask[bi, ni] = True if mask is None else mask
+        y, alpha = functional.attention_pool(xp, params["V"], params["w"], params.get("U"), mask=pmask, **kw)
+        alpha = alpha[bi, ni]
+    else:
+        y, alpha = functional.attention_pool(rows, params["V"], params["w"], params.get("U"), offsets=offsets,
+                                             mask=mask, **kw)
+    outputs, grads = [y], [t["dy"].to(device, dtype)]
+    if case.weights_grad:
+        outputs.append(alpha)
+        grads.append(t["dalpha"].to(device, alpha.dtype))
+    torch.autograd.backward(outputs, grads)
+    got = {"y": y.detach(), "alpha": alpha.detach(), "dx": x.grad}
+    got.update({"d" + n: p.grad for n, p in params.items()})
+    return got
+
+
+def check_pool(case: PoolCase, dtype, backend, device="cpu") -> list[Comparison]:
+    t = case.inputs()
+    got = _run_pool(case, t, dtype, device, backend)
+    lowp = _run_pool(case, t, dtype, device, "reference")
+    truth = _run_pool(case, t, torch.float64, device, "reference")
+    return [compare(n, got[n], lowp[n], truth[n], dtype, 2) for n in truth]
+
+
+def pool_cases(quick=False):
+    cases = [PoolCase(),
+             PoolCase(bags=(1,), D=8, Hd=4),                                 # a single instance
+             PoolCase(bags=(3000,), D=40, Hd=8, K=2),                        # more rows than a CPU block
+             PoolCase(bags=(17, 1, 64), D=300, Hd=24, K=3, mask="random"),   # channels over a pooling chunk
+             PoolCase(gated=False, mask="bag", weights_grad=True),
+             PoolCase(bias=False, K=4, weights_grad=True, layout="strided"),
+             PoolCase(bags=(7, 12), layout="padded", mask="random", weights_grad=True),
+             PoolCase(bags=(6, 3, 11), layout="expand", K=2),
+             PoolCase(bags=(50, 31), K=2, logits=8.0, weights_grad=True)]
+    if quick:
+        cases = cases[::2]
+    return cases

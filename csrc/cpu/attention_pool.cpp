@@ -1,0 +1,323 @@
+// CPU kernels for attention_pool (shapes and math: attention_pool.h, fastattn/reference.py).
+//
+// The cost is the scorer's GEMM, (N, D) x (D, G) with G = Hd (tanh only) or 2 Hd (gated): the rest is O(N (G + K D)).
+// So the kernels run the GEMMs through ATen (MKL / oneDNN, all threads) on blocks of kBlockRows rows, V and U as one
+// (D, 2 Hd) matrix, and fuse everything else into per-row passes over the block, which stays in cache:
+//   forward:  pre = x V|U + b;  h = tanh ⊙ sigmoid;  s = h w (the scores, K per row);  then per bag and branch the
+//             softmax's max and sum (lse), and y = Σ α x as (bag, channel chunk) tasks: a bag of 100k rows is split
+//             over threads by channels, so its sum needs no merge;
+//   backward: recomputes pre, h, s and α = exp(s - lse); per row g_k = x · dy_k, ds_k = α_k (g_k - dy_k · y_k) (plus
+//             the gradients of lse and s, when α was returned), dh = Σ_k ds_k w_k and d(pre) through the
+//             activations; then dx = Σ_k α_k dy_k + d(pre) (V|U)ᵀ and d(V|U) += xᵀ d(pre) as two block GEMMs.
+// No (N, Hd) tensor lives beyond a block; the forward keeps the scores (N, K floats, K per row of D channels).
+// bfloat16 / float16 GEMMs run in that dtype (as the reference's Linear layers), the rest in float.
+#include "attention_pool.h"
+#include "cpu_utils.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace fastattn::cpu {
+namespace {
+
+// Rows per GEMM block: (kBlockRows, 2 Hd) pre-activations stay a few MB, and each GEMM is large enough for all threads.
+constexpr int64_t kBlockRows = 2048;
+// Channels per pooling task: a bag's pooled sum is split into chunks of this many channels (one row chunk in L1).
+constexpr int64_t kPoolChannels = 256;
+// Rows per task of the per-row passes.
+constexpr int64_t kRowGrain = 16;
+
+// ---------------------------------------------------------------------------------------------------------------
+// The activations, in place: a <- tanh(a), g <- sigmoid(g) (g null: ungated). float rows vectorised on exp2_poly
+// (tanh x = 1 - 2 / (1 + e^2x), sigmoid x = 1 / (1 + e^-x): both saturate to ±1 / 0 / 1 at ±inf and keep NaN).
+// ---------------------------------------------------------------------------------------------------------------
+FASTATTN_VEC_CLONES static void activate_f32(float* a, float* g, int64_t n) {
+  using vec::VecF;
+  constexpr int64_t L = vec::kLanes<float>;
+  const VecF one = vec::splat(1.f), two = vec::splat(2.f);
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    const VecF e = vec::exp2_poly(vec::load(a + i) * (2.f * float(kLog2e)));
+    vec::store(a + i, one - two / (one + e));
+    if (g) vec::store(g + i, one / (one + vec::exp2_poly(vec::load(g + i) * -float(kLog2e))));
+  }
+  for (; i < n; ++i) {
+    a[i] = std::tanh(a[i]);
+    if (g) g[i] = 1.f / (1.f + std::exp(-g[i]));
+  }
+}
+
+static void activate_f64(double* a, double* g, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    a[i] = std::tanh(a[i]);
+    if (g) g[i] = 1.0 / (1.0 + std::exp(-g[i]));
+  }
+}
+
+inline void activate(float* a, float* g, int64_t n) { activate_f32(a, g, n); }
+inline void activate(double* a, double* g, int64_t n) { activate_f64(a, g, n); }
+
+// NaN-propagating max (a NaN score makes its bag's statistics NaN, as torch's amax does).
+template <typename A>
+inline A nan_max(A m, A s) { return std::isnan(m) ? m : (std::isnan(s) || s > m) ? s : m; }
+
+// α = exp(s - lse); exactly 0 for a score of -inf (a left-out row), whatever lse is.
+template <typename A>
+inline A weight_of(A s, A lse) { return s == -std::numeric_limits<A>::infinity() ? A(0) : std::exp(s - lse); }
+
+// The scorer's weights as the kernels use them: W = V|U (D, G) and its bias (G) in x's dtype, w transposed (K, Hd) in
+// the statistics' dtype.
+struct Scorer {
+  at::Tensor W, bias, wT;
+  int64_t Hd, G, K;
+  bool gated;
+
+  Scorer(const at::Tensor& V, const std::optional<at::Tensor>& U, const at::Tensor& w,
+         const std::optional<at::Tensor>& bV, const std::optional<at::Tensor>& bU, at::ScalarType acc)
+      : Hd(V.size(1)), K(w.size(1)), gated(U.has_value()) {
+    G = gated ? 2 * Hd : Hd;
+    W = gated ? at::cat({V, *U}, 1).contiguous() : V.contiguous();
+    if (bV || bU) {
+      auto part = [&](const std::optional<at::Tensor>& b) { return b ? *b : at::zeros({Hd}, V.options()); };
+      bias = gated ? at::cat({part(bV), part(bU)}) : part(bV);
+    }
+    wT = w.to(acc).t().contiguous();
+  }
+
+  // (rows, G) pre-activations of a block of x's rows, in x's dtype, contiguous
+  at::Tensor pre(const at::Tensor& x_block) const {
+    return bias.defined() ? at::addmm(bias, x_block, W) : at::mm(x_block, W);
+  }
+};
+
+// Row n of a block: act = [tanh | sigmoid] of its pre-activations (G), h = their product (Hd), s = h w (K).
+template <typename T, typename A>
+inline void score_row(const T* pre, const Scorer& sc, const A* wT, A* act, A* h, A* s) {
+  convert_row(act, pre, sc.G);
+  activate(act, sc.gated ? act + sc.Hd : nullptr, sc.Hd);
+  for (int64_t j = 0; j < sc.Hd; ++j) h[j] = sc.gated ? act[j] * act[sc.Hd + j] : act[j];
+  for (int64_t k = 0; k < sc.K; ++k) s[k] = vec::dot(h, wT + k * sc.Hd, sc.Hd);
+}
+
+std::vector<int64_t> bag_of_rows(const int64_t* off, int64_t B, int64_t N) {
+  std::vector<int64_t> bag(N);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t n = off[b]; n < off[b + 1]; ++n) bag[n] = b;
+  return bag;
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_fwd(const at::Tensor& x, const at::Tensor& offsets,
+                                                        const bool* keep, const Scorer& sc, bool return_scores) {
+  using A = at::opmath_type<T>;
+  const int64_t N = x.size(0), D = x.size(1), B = offsets.numel() - 1, K = sc.K, Hd = sc.Hd, G = sc.G;
+  const int64_t ldx = x.stride(0);
+  const auto acc_opts = x.options().dtype(c10::CppTypeToScalarType<A>::value);
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  const A* wT = sc.wT.data_ptr<A>();
+  at::Tensor scores = at::empty({N, K}, acc_opts);
+  A* s = scores.data_ptr<A>();
+
+  for (int64_t r0 = 0; r0 < N; r0 += kBlockRows) {
+    const int64_t rows = std::min(kBlockRows, N - r0);
+    const at::Tensor pre = sc.pre(x.narrow(0, r0, rows));
+    const T* pre_p = pre.data_ptr<T>();
+    at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
+      std::vector<A> act(G), h(Hd);
+      for (int64_t i = begin; i < end; ++i) {
+        A* s_n = s + (r0 + i) * K;
+        if (keep && !keep[r0 + i]) {
+          std::fill(s_n, s_n + K, -std::numeric_limits<A>::infinity());
+          continue;
+        }
+        score_row(pre_p + i * G, sc, wT, act.data(), h.data(), s_n);
+      }
+    });
+  }
+
+  // lse per (bag, branch), as the reference's softmax: max (NaN sticks), made 0 where not finite, then the sum
+  at::Tensor lse = at::empty({B, K}, acc_opts);
+  A* lse_p = lse.data_ptr<A>();
+  at::parallel_for(0, B * K, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bk = begin; bk < end; ++bk) {
+      const int64_t b = bk / K, k = bk % K;
+      A m = -std::numeric_limits<A>::infinity();
+      for (int64_t n = off[b]; n < off[b + 1]; ++n) m = nan_max(m, s[n * K + k]);
+      const A shift = std::isfinite(m) ? m : A(0);
+      A sum = 0;
+      for (int64_t n = off[b]; n < off[b + 1]; ++n) sum += weight_of(s[n * K + k], shift);
+      lse_p[bk] = sum == 0 ? -std::numeric_limits<A>::infinity() : std::log(sum) + shift;
+    }
+  });
+
+  // y[b, k, c0:c1] = Σ_n α_nk x[n, c0:c1]: one task per (bag, channel chunk)
+  at::Tensor y = at::zeros({B, K, D}, acc_opts);
+  A* y_p = y.data_ptr<A>();
+  const T* x_p = x.data_ptr<T>();
+  const int64_t chunks = (D + kPoolChannels - 1) / kPoolChannels;
+  parallel_dynamic(B * chunks, [&](auto claim) {
+    std::vector<A> xr(kPoolChannels), alpha(K);
+    for (int64_t t = claim(); t >= 0; t = claim()) {
+      const int64_t b = t / chunks, c0 = (t % chunks) * kPoolChannels, c1 = std::min(D, c0 + kPoolChannels);
+      for (int64_t n = off[b]; n < off[b + 1]; ++n) {
+        if (keep && !keep[n]) continue;
+        for (int64_t k = 0; k < K; ++k) alpha[k] = weight_of(s[n * K + k], lse_p[b * K + k]);
+        convert_row(xr.data(), x_p + n * ldx + c0, c1 - c0);
+        for (int64_t k = 0; k < K; ++k) {
+          A* __restrict y_bk = y_p + (b * K + k) * D + c0;
+          const A a = alpha[k];
+          for (int64_t c = 0; c < c1 - c0; ++c) y_bk[c] += a * xr[c];
+        }
+      }
+    }
+  });
+  return {y, lse, return_scores ? scores : at::empty({0}, acc_opts)};
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool_bwd(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& offsets, const std::optional<at::Tensor>& mask,
+    const Scorer& sc, bool has_bV, bool has_bU, const at::Tensor& y, const at::Tensor& lse,
+    const std::optional<at::Tensor>& dlse, const std::optional<at::Tensor>& dscores) {
+  using A = at::opmath_type<T>;
+  constexpr bool kLowp = !std::is_same_v<T, A>;
+  const int64_t N = x.size(0), D = x.size(1), B = offsets.numel() - 1, K = sc.K, Hd = sc.Hd, G = sc.G;
+  const auto acc = c10::CppTypeToScalarType<A>::value;
+  const auto acc_opts = x.options().dtype(acc);
+  const std::vector<int64_t> bag = bag_of_rows(offsets.data_ptr<int64_t>(), B, N);
+  const bool* keep = mask ? mask->data_ptr<bool>() : nullptr;
+
+  // delta[b, k] = dy_bk · y_bk - dlse_bk: what every row of the bag subtracts from its g_k
+  at::Tensor dy_a = dy.to(acc).contiguous();
+  at::Tensor delta = (dy_a * y.to(acc)).sum(-1);
+  if (dlse) delta = delta - dlse->to(acc);
+  delta = delta.contiguous();
+  const A *dy_p = dy_a.data_ptr<A>(), *delta_p = delta.data_ptr<A>(), *lse_p = lse.data_ptr<A>();
+  const A* wT = sc.wT.data_ptr<A>();
+  const A* ds_in = dscores ? dscores->data_ptr<A>() : nullptr;
+
+  at::Tensor dx = at::empty({N, D}, x.options());
+  at::Tensor dW = at::zeros({D, G}, acc_opts), dbias = at::zeros({G}, acc_opts), dw = at::zeros({Hd, K}, acc_opts);
+  const at::Tensor W_t = sc.W.t();
+  for (int64_t r0 = 0; r0 < N; r0 += kBlockRows) {
+    const int64_t rows = std::min(kBlockRows, N - r0);
+    at::Tensor xb = x.narrow(0, r0, rows);
+    if (keep) xb = xb.masked_fill(mask->narrow(0, r0, rows).logical_not().unsqueeze(1), 0);  // no NaN into dW
+    const at::Tensor pre = sc.pre(xb);
+    at::Tensor dpre = at::empty({rows, G}, acc_opts), hb = at::empty({rows, Hd}, acc_opts);
+    at::Tensor dsb = at::empty({rows, K}, acc_opts), dxb = at::empty({rows, D}, acc_opts);
+    const T *pre_p = pre.data_ptr<T>(), *xb_p = xb.data_ptr<T>();
+    const int64_t ldx = xb.stride(0);
+    A *dpre_p = dpre.data_ptr<A>(), *hb_p = hb.data_ptr<A>(), *dsb_p = dsb.data_ptr<A>(), *dxb_p = dxb.data_ptr<A>();
+    at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
+      std::vector<A> act(G), s(K), alpha(K), xr(D), dh(Hd);
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t n = r0 + i, b = bag[n];
+        A *dpre_n = dpre_p + i * G, *h = hb_p + i * Hd, *ds = dsb_p + i * K, *dx_n = dxb_p + i * D;
+        if (keep && !keep[n]) {
+          std::fill(dpre_n, dpre_n + G, A(0));
+          std::fill(h, h + Hd, A(0));
+          std::fill(ds, ds + K, A(0));
+          std::fill(dx_n, dx_n + D, A(0));
+          continue;
+        }
+        score_row(pre_p + i * G, sc, wT, act.data(), h, s.data());
+        convert_row(xr.data(), xb_p + i * ldx, D);
+        std::fill(dx_n, dx_n + D, A(0));
+        for (int64_t k = 0; k < K; ++k) {
+          const A* dy_bk = dy_p + (b * K + k) * D;
+          alpha[k] = weight_of(s[k], lse_p[b * K + k]);
+          ds[k] = alpha[k] * (vec::dot(xr.data(), dy_bk, D) - delta_p[b * K + k]) + (ds_in ? ds_in[n * K + k] : A(0));
+          const A a = alpha[k];
+          for (int64_t c = 0; c < D; ++c) dx_n[c] += a * dy_bk[c];
+        }
+        std::fill(dh.begin(), dh.end(), A(0));
+        for (int64_t k = 0; k < K; ++k) {
+          const A* w_k = wT + k * Hd;
+          for (int64_t j = 0; j < Hd; ++j) dh[j] += ds[k] * w_k[j];
+        }
+        for (int64_t j = 0; j < Hd; ++j) {
+          const A t = act[j];
+          if (sc.gated) {
+            const A g = act[Hd + j];
+            dpre_n[j] = dh[j] * g * (A(1) - t * t);
+            dpre_n[Hd + j] = dh[j] * t * g * (A(1) - g);
+          } else {
+            dpre_n[j] = dh[j] * (A(1) - t * t);
+          }
+        }
+      }
+    });
+    if constexpr (kLowp) {  // d(pre) rounded to x's dtype, as the gradient of the reference's Linear output is
+      const at::Tensor dpre_t = dpre.to(x.scalar_type());
+      dxb.add_(at::mm(dpre_t, W_t));
+      dW.add_(at::mm(xb.t(), dpre_t));
+    } else {
+      dxb.addmm_(dpre, W_t);
+      dW.addmm_(xb.t(), dpre);
+    }
+    dbias.add_(dpre.sum(0));
+    dw.addmm_(hb.t(), dsb);
+    dx.narrow(0, r0, rows).copy_(dxb);
+  }
+  const auto dt = x.scalar_type();
+  const at::Tensor none = at::empty({0}, x.options());
+  return {dx,
+          dW.narrow(1, 0, Hd).to(dt),
+          sc.gated ? dW.narrow(1, Hd, Hd).to(dt) : none,
+          dw.to(dt),
+          has_bV ? dbias.narrow(0, 0, Hd).to(dt) : none,
+          has_bU ? dbias.narrow(0, Hd, Hd).to(dt) : none};
+}
+
+void check_inputs(const at::Tensor& x, const at::Tensor& offsets, const std::optional<at::Tensor>& mask) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "attention_pool: x must be (N, D) with stride(-1) == 1");
+  TORCH_CHECK(offsets.scalar_type() == at::kLong && offsets.dim() == 1 && offsets.is_contiguous(),
+              "attention_pool: offsets must be a contiguous int64 (B + 1) tensor");
+  TORCH_CHECK(!mask || (mask->scalar_type() == at::kBool && mask->numel() == x.size(0) && mask->is_contiguous()),
+              "attention_pool: mask must be a contiguous bool (N) tensor");
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_pool_fwd(
+    const at::Tensor& x, const at::Tensor& offsets, const std::optional<at::Tensor>& mask, const at::Tensor& V,
+    const std::optional<at::Tensor>& U, const at::Tensor& w, const std::optional<at::Tensor>& bV,
+    const std::optional<at::Tensor>& bU, bool return_scores) {
+  check_inputs(x, offsets, mask);
+  const auto acc = at::toOpMathType(x.scalar_type());
+  const Scorer sc(V, U, w, bV, bU, acc);
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "attention_pool_fwd", [&] {
+    out = pool_fwd<scalar_t>(x, offsets, mask ? mask->data_ptr<bool>() : nullptr, sc, return_scores);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_pool_bwd(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& offsets, const std::optional<at::Tensor>& mask,
+    const at::Tensor& V, const std::optional<at::Tensor>& U, const at::Tensor& w, const std::optional<at::Tensor>& bV,
+    const std::optional<at::Tensor>& bU, const at::Tensor& y, const at::Tensor& lse,
+    const std::optional<at::Tensor>& dlse, const std::optional<at::Tensor>& dscores) {
+  check_inputs(x, offsets, mask);
+  const auto acc = at::toOpMathType(x.scalar_type());
+  TORCH_CHECK(lse.scalar_type() == acc && lse.is_contiguous(), "attention_pool_bwd: lse must be the forward's");
+  TORCH_CHECK(!dscores || (dscores->scalar_type() == acc && dscores->is_contiguous() &&
+                           dscores->numel() == x.size(0) * w.size(1)),
+              "attention_pool_bwd: dscores must be contiguous (N, K) in the statistics' dtype");
+  const Scorer sc(V, U, w, bV, bU, acc);
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "attention_pool_bwd", [&] {
+    out = pool_bwd<scalar_t>(dy, x, offsets, mask, sc, bV.has_value(), bU.has_value(), y, lse, dlse, dscores);
+  });
+  return out;
+}
+
+}  // namespace fastattn::cpu
