@@ -372,7 +372,7 @@ def attention_pool(x, V, w, U=None, *, bV=None, bU=None, offsets=None, mask=None
     """
     B, N, D, Hd, K = _checks.pool_inputs(x, V, w, U, bV, bU, offsets, mask)
     padded = x.dim() == 3
-    rows = x.reshape(-1, D)  # a view where the strides allow it
+    rows = x.reshape(B * N, D) if padded else x  # a view where the strides allow it
     if padded:
         offsets = torch.arange(0, B * N + 1, N, device=x.device) if N else torch.zeros(B + 1, device=x.device,
                                                                                     dtype=torch.long)

@@ -3,6 +3,7 @@
     fastattn.nn.MultiheadAttention          # torch.nn.MultiheadAttention, same everything, fastattn inside
     fastattn.nn.GatedMultiheadAttention     # + the output gate of "Gated Attention for LLMs", fused
     fastattn.nn.AttentionGate               # α = softmax over positions of W x; y = x ⊙ α (or pooled)
+    fastattn.nn.AttentionPooling            # gated ABMIL / CLAM attention pooling of bags, fused
     fastattn.replace_attention(model)       # swap every torch.nn.MultiheadAttention in place
 
 Mask conventions are torch's here (bool True = masked OUT, float added), the opposite of
@@ -22,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import contract, functional
+from . import contract, functional, reference
 from .ops import last_dim_contiguous
 
-__all__ = ["MultiheadAttention", "GatedMultiheadAttention", "AttentionGate", "replace_attention"]
+__all__ = ["MultiheadAttention", "GatedMultiheadAttention", "AttentionGate", "AttentionPooling", "replace_attention"]
 
 
 def _keeps_python_path(module, args: Tuple[Tensor]) -> None:
@@ -443,6 +444,107 @@ class AttentionGate(nn.Module):
 
     def extra_repr(self):
         return f"dim={self.dim}, num_heads={self.num_heads}, pool={self.pool}, backend={self.backend!r}"
+
+
+class AttentionPooling(nn.Module):
+    """Attention pooling of bags of instances (ABMIL, Ilse et al. 2018; CLAM's gated attention network and its
+    multi-branch variant) on ``fastattn.attention_pool``: y[b, k] = Σ_n α_nk x_n with α_nk = softmax over bag b's
+    instances of wₖ · (tanh(V x_n + bV) ⊙ sigmoid(U x_n + bU)).
+
+    Parameters, in CLAM's ``Attn_Net_Gated(L=dim, D=hidden, dropout, n_classes=branches)`` layout:
+
+    - ``attention_a``: Linear(dim, hidden), the tanh branch (the op's V = attention_a.weight.T, bV = its bias);
+    - ``attention_b``: Linear(dim, hidden), the sigmoid branch (U, bU); absent when ``gated=False`` (ABMIL's
+      plain attention, tanh alone);
+    - ``attention_c``: Linear(hidden, branches, bias=False), one scorer per branch (w = attention_c.weight.T).
+      CLAM's attention_c has a bias; it adds the same number to every score of a branch and cancels in the
+      softmax, so it is left out. :meth:`load_clam_state_dict` loads a CLAM attention network's weights.
+
+    forward(x, offsets=None, mask=None, return_weights=False) takes bags as
+
+    - a list of (N_b, dim) tensors (packed into one call): α comes back as a list of (N_b, branches);
+    - packed rows (N_total, dim) with ``offsets`` (B + 1, as cu_seqlens; none: one bag) and optionally a (N_total,)
+      bool ``mask``: α (N_total, branches);
+    - a padded batch (B, N, dim) with a (B, N) bool ``mask`` (True = a real instance): α (B, N, branches).
+
+    and returns y (B, branches, dim) (and α with ``return_weights``). ``dropout`` (CLAM: 0.25) drops the tanh
+    and sigmoid activations in training as CLAM does; the fused op has no dropout, so such a forward runs the
+    scorer in plain torch ops (the same math, unfused) and the pooling per bag. In eval, or with dropout 0,
+    everything is fused.
+    """
+
+    def __init__(self, dim, hidden=256, gated=True, branches=1, dropout=0.0, *, device=None, dtype=None,
+                 backend="auto"):
+        super().__init__()
+        if dim <= 0 or hidden <= 0 or branches <= 0:
+            raise ValueError(f"dim, hidden, branches: expected positive sizes, got {dim}, {hidden}, {branches}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout}")
+        kw = dict(device=device, dtype=dtype)
+        self.dim, self.hidden, self.gated, self.branches, self.dropout = dim, hidden, gated, branches, dropout
+        self.backend = backend
+        self.attention_a = nn.Linear(dim, hidden, **kw)
+        self.attention_b = nn.Linear(dim, hidden, **kw) if gated else None
+        self.attention_c = nn.Linear(hidden, branches, bias=False, **kw)
+
+    def forward(self, x, offsets: Optional[Tensor] = None, mask: Optional[Tensor] = None,
+                return_weights: bool = False):
+        lengths = None
+        if isinstance(x, (list, tuple)):
+            if offsets is not None or mask is not None:
+                raise ValueError("offsets, mask: a list of bags carries its own sizes; pass neither")
+            lengths = [int(t.shape[0]) for t in x]
+            offsets = torch.tensor([0] + lengths, device=x[0].device if x else None).cumsum(0)
+            x = torch.cat(list(x)) if x else torch.empty(0, self.dim, device=self.attention_a.weight.device,
+                                                         dtype=self.attention_a.weight.dtype)
+        b = self.attention_b
+        V, bV, w = self.attention_a.weight.t(), self.attention_a.bias, self.attention_c.weight.t()
+        U, bU = (b.weight.t(), b.bias) if b is not None else (None, None)
+        if self.training and self.dropout > 0:
+            y, alpha = self._dropout_forward(x, offsets, mask)
+        else:
+            y, alpha = functional.attention_pool(x, V, w, U, bV=bV, bU=bU, offsets=offsets, mask=mask,
+                                                 return_weights=True, backend=self.backend)
+        if not return_weights:
+            return y
+        return y, (list(alpha.split(lengths)) if lengths is not None else alpha)
+
+    def _dropout_forward(self, x, offsets, mask):
+        """The scorer in torch ops with CLAM's dropout on both activations, then the reference's softmax and pooling
+        per bag; masks as the fused op does."""
+        padded = x.dim() == 3
+        rows = x.reshape(-1, self.dim)
+        if padded:
+            B, N = x.shape[0], x.shape[1]
+            offsets = torch.arange(B + 1, device=x.device) * N
+            mask = None if mask is None else mask.reshape(-1)
+        if mask is not None:
+            rows = torch.where(mask[:, None], rows, 0)
+        a = F.dropout(torch.tanh(self.attention_a(rows)), self.dropout, True)
+        if self.attention_b is not None:
+            a = a * F.dropout(torch.sigmoid(self.attention_b(rows)), self.dropout, True)
+        s = self.attention_c(a).to(contract.stat_dtype(x.dtype))  # (N, K)
+        if mask is not None:
+            s = s.masked_fill(~mask[:, None], float("-inf"))
+        y, _, alpha = reference.pool_bags(s, rows, offsets)
+        y, alpha = y.to(x.dtype), alpha.to(x.dtype)
+        return y, (alpha.reshape(x.shape[0], x.shape[1], -1) if padded else alpha)
+
+    def load_clam_state_dict(self, state_dict, strict=True):
+        """Loads the weights of a CLAM ``Attn_Net_Gated`` / ``Attn_Net`` (keys ``attention_a.0.weight``,
+        ``attention_a.0.bias``, ``attention_b.0.*``, ``attention_c.weight``, ``attention_c.bias``, under no prefix:
+        pass ``{k[len("attention_net."):]: v ...}`` for a whole CLAM model's). attention_c.bias is dropped (it cancels
+        in the softmax)."""
+        renamed = {}
+        for k, v in state_dict.items():
+            if k == "attention_c.bias":
+                continue
+            renamed[k.replace("attention_a.0.", "attention_a.").replace("attention_b.0.", "attention_b.")] = v
+        return self.load_state_dict(renamed, strict=strict)
+
+    def extra_repr(self):
+        return (f"dim={self.dim}, hidden={self.hidden}, gated={self.gated}, branches={self.branches}, "
+                f"dropout={self.dropout}, backend={self.backend!r}")
 
 
 # ----------------------------------------------------------------------------- replace_attention

@@ -235,7 +235,8 @@ def register_attention_pool(prefix: str = "", *, fake: bool = True):
             dy = torch.zeros_like(y)
         dx, dV, dU, dw, dbV, dbU = bwd_op()(
             dy.contiguous(), x, offsets, mask, V, U, w, bV, bU, y, lse,
-            None if dlse is None else dlse.contiguous(), None if dscores is None else dscores.contiguous())
+            None if dlse is None else dlse.contiguous(),
+            None if dscores is None or dscores.numel() == 0 else dscores.contiguous())  # empty: scores not returned
         return (dx, None, None, dV, dU if U is not None else None, dw, dbV if bV is not None else None,
                 dbU if bU is not None else None, None)
 

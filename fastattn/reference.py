@@ -220,7 +220,6 @@ def attention_pool(x, V, w, U=None, bV=None, bU=None, offsets=None, mask=None, r
     reaches nothing).
     """
     acc = stat_dtype(x.dtype)
-    N = x.shape[0]
     if mask is not None:  # where, not a product: nothing of a left-out row, NaN included, goes anywhere
         x = torch.where(mask[:, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
     h = torch.tanh(_linear(x, V, bV).to(acc))
@@ -229,16 +228,24 @@ def attention_pool(x, V, w, U=None, bV=None, bU=None, offsets=None, mask=None, r
     s = h @ w.to(acc)  # (N, K)
     if mask is not None:
         s = s.masked_fill(~mask[:, None], float("-inf"))
-    bounds = [0, N] if offsets is None else offsets.tolist()
-    ys, lses = [], []
+    y, lse, _ = pool_bags(s, x, offsets)
+    return (y, lse, s) if return_scores else (y, lse)
+
+
+def pool_bags(s, x, offsets):
+    """(y, lse, α): α = softmax of the scores s (N, K) over each bag's rows (bags as :func:`attention_pool`; -inf
+    leaves a row out), y (B, K, D) = Σ_n α_nk x_n in s's dtype, lse (B, K). x holds nothing at left-out rows."""
+    bounds = [0, x.shape[0]] if offsets is None else offsets.tolist()
+    ys, lses, alphas = [], [], []
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         p, lse, _ = _softmax(s[lo:hi], dim=0)  # (n, K), (1, K)
-        ys.append(p.transpose(0, 1) @ x[lo:hi].to(acc))
+        ys.append(p.transpose(0, 1) @ x[lo:hi].to(s.dtype))
         lses.append(lse[0])
-    K, D = w.shape[1], x.shape[1]
-    y = torch.stack(ys) if ys else x.new_empty((0, K, D), dtype=acc)
-    lse = torch.stack(lses) if lses else x.new_empty((0, K), dtype=acc)
-    return (y, lse, s) if return_scores else (y, lse)
+        alphas.append(p)
+    K, D = s.shape[1], x.shape[1]
+    y = torch.stack(ys) if ys else s.new_empty((0, K, D))
+    lse = torch.stack(lses) if lses else s.new_empty((0, K))
+    return y, lse, torch.cat(alphas) if alphas else s
 
 
 def _linear(x, weight, bias):
