@@ -99,12 +99,14 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="small smoke run")
     p.add_argument("--op", action="append",
                    choices=["attention", "gated", "bias", "varlen", "softmax_gate", "score_softmax_gate", "decode",
-                            "window", "dropout", "deterministic"],
+                            "window", "dropout", "deterministic", "attention_pool", "attention_pool_packed"],
                    help="only these ops (repeatable; gated = attention with an elementwise output gate; varlen = "
                         "packed sequences of lengths in [L/4, L], against SDPA on them padded and nested; decode = "
                         "attention_with_kvcache, one query over a long cache; window, dropout, deterministic = causal "
                         "attention in a sliding window, with dropout 0.1, or with the deterministic backward, beside "
-                        "the same without it; these and decode run only when asked for)")
+                        "the same without it; attention_pool = gated ABMIL pooling of one bag of 8k-100k "
+                        "instances against its eager modules, attention_pool_packed = 64 bags of 500-5000 packed "
+                        "against a loop over them; these and decode run only when asked for)")
     p.add_argument("--mode", action="append", choices=["fwd", "bwd", "fwd_bwd"], help="only these modes (repeatable)")
     p.add_argument("--dtype", action="append", choices=["fp32", "bf16", "fp16"], help="only these dtypes (repeatable)")
     p.add_argument("--head-dim", action="append", type=int, metavar="D",

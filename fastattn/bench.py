@@ -9,6 +9,11 @@ row's B and Lq = L give them back); its FLOPs count each sequence's own length (
 Decoding over a kv cache (op decode: Lq = 1 over a cache of Lk keys) is bound by reading the cache: it reports GB/s
 of K and V bytes read, beside the machine's read bandwidth measured in the same run (the best of a few sums over a
 1 GiB array) and the fraction of it reached.
+Attention pooling (op attention_pool: one bag of N = Lq instances of D channels, the gated scorer with Hd = Dv hidden
+units and K = Hq branches; op attention_pool_packed: B bags of lengths drawn in [500, 5000], packed) is bound by its
+scorer's GEMMs: TFLOP/s count 2·N·D·2Hd for the forward, twice that for the backward (the model's FLOPs: a recompute
+is not counted). Its rows carry the peak memory of one call beyond its inputs (on CPU the growth of the process's
+resident memory, big allocations mapped one by one so that a free returns them).
 """
 from __future__ import annotations
 
@@ -35,7 +40,8 @@ class Config:
     op: str                  # attention, gated, bias (a float bias with its gradient), varlen (packed sequences),
     #                          softmax_gate, score_softmax_gate, decode (attention_with_kvcache: Lq queries over Lk keys),
     #                          window (causal attention in a sliding window of `window` keys back), dropout
-    #                          (attention with dropout of the weights), deterministic (its deterministic backward)
+    #                          (attention with dropout of the weights), deterministic (its deterministic backward),
+    #                          attention_pool (one bag: N = Lq, K = Hq branches, Hd = Dv), attention_pool_packed
     mode: str                # fwd, bwd, fwd_bwd
     dtype: torch.dtype
     B: int
@@ -66,7 +72,8 @@ class Config:
 ATTENTION_OPS = ("attention", "gated", "bias", "window", "dropout", "deterministic")
 # attention with one thing changed, timed beside the same attention without it (only when asked for)
 VARIANT_OPS = ("window", "dropout", "deterministic")
-FLOP_OPS = ATTENTION_OPS + ("varlen",)  # rated in TFLOP/s; the others in GB/s
+POOL_OPS = ("attention_pool", "attention_pool_packed")
+FLOP_OPS = ATTENTION_OPS + ("varlen",) + POOL_OPS  # rated in TFLOP/s; the others in GB/s
 
 
 def _sync(device):
@@ -234,6 +241,64 @@ def _gate_providers(cfg, device):
     return providers
 
 
+def pool_lengths(cfg):
+    """The bag sizes of a pooling config: one bag of Lq instances, or (packed) B bags drawn in [500, 5000] with a fixed
+    seed."""
+    if cfg.op == "attention_pool":
+        return [cfg.Lq]
+    return torch.randint(500, 5001, (cfg.B,), generator=torch.Generator().manual_seed(0)).tolist()
+
+
+def eager_abmil(x, V, U, w, bV, bU):
+    """Gated ABMIL's attention pooling of one bag as its modules compute it (CLAM's Attn_Net_Gated, then the softmax
+    over instances and the pooled sum): (K, D)."""
+    h = torch.tanh(F.linear(x, V.t(), bV)) * torch.sigmoid(F.linear(x, U.t(), bU))
+    A = torch.softmax(F.linear(h, w.t()).t().float(), dim=1).to(x.dtype)
+    return A @ x
+
+
+def _pool_providers(cfg, device):
+    """{provider: callable(x, V, U, w, bV, bU) -> y}: fastattn's backends on the packed bags, and eager PyTorch: one
+    call on a single bag, or a loop over the bags of a packed batch (what training code does with bags of their own
+    sizes)."""
+    lengths = pool_lengths(cfg)
+    offsets = torch.tensor([0] + lengths, device=device).cumsum(0)
+    providers = {}
+    for name in _fastattn_backends(device):
+        providers[f"fastattn-{name}"] = (lambda n: lambda x, V, U, w, bV, bU: functional.attention_pool(
+            x, V, w, U, bV=bV, bU=bU, offsets=offsets, backend=n))(name)
+    if cfg.op == "attention_pool":
+        providers["torch-eager"] = eager_abmil
+    else:
+        providers["torch-eager-loop"] = lambda x, V, U, w, bV, bU: torch.stack(
+            [eager_abmil(bag, V, U, w, bV, bU) for bag in x.split(lengths)])
+    return providers
+
+
+def _vm_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(field)
+
+
+def cpu_peak_mb(fn):
+    """MiB of resident memory one call of ``fn`` adds at its peak (Linux: VmHWM after clearing it), or None where
+    the process cannot measure it. glibc's malloc is told to map every block of 128 KiB or more on its own, so that
+    a freed tensor leaves the resident set and a later one is counted again."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 17)  # M_MMAP_THRESHOLD (fixed: no dynamic raise)
+        before = _vm_kib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM := VmRSS
+        fn()
+        return (_vm_kib("VmHWM") - before) / 1024
+    except (OSError, AttributeError):
+        return None
+
+
 def _decode_providers(cfg, device, caches):
     """{provider: callable(q, cache_seqlens) -> out}: fastattn's backends on (q, k_cache, v_cache, cache_seqlens), and
     SDPA on (B, H, L, D) views of the valid prefix (the whole cache here) with enable_gqa. Every call, whoever makes
@@ -280,6 +345,8 @@ def read_bandwidth(device, reps=5):
 def _flops(cfg):
     """FlashAttention's count: 4 D per (query, key) pair seen (half of them under causal), times 2.5 for the backward.
     A sliding window counts the pairs in its band."""
+    if cfg.op in POOL_OPS:
+        return 4.0 * sum(pool_lengths(cfg)) * cfg.D * cfg.Dv * {"fwd": 1.0, "bwd": 2.0, "fwd_bwd": 3.0}[cfg.mode]
     pairs = sum(n * n for n in varlen_lengths(cfg)) if cfg.op == "varlen" else cfg.B * cfg.Lq * cfg.Lk
     f = 4.0 * cfg.Hq * pairs * cfg.D / (2 if cfg.causal else 1)
     if cfg.op == "window":  # row i sees min(i, window) + 1 keys
@@ -337,6 +404,10 @@ def run_config(cfg, device, reps=7, warmup=2):
                   for _ in range(max(1, -(-COLD_BYTES // _decode_bytes(cfg))))]
         inputs = [mk(cfg.B, cfg.Hq, cfg.Lq, cfg.D), torch.full((cfg.B,), cfg.Lk, dtype=torch.int32, device=device)]
         providers = _decode_providers(cfg, device, caches)
+    elif cfg.op in POOL_OPS:
+        N, D, Hd, K = sum(pool_lengths(cfg)), cfg.D, cfg.Dv, cfg.Hq
+        inputs = [mk(N, D), mk(D, Hd) / D ** 0.5, mk(D, Hd) / D ** 0.5, mk(Hd, K) / Hd ** 0.5, mk(Hd), mk(Hd)]
+        providers = _pool_providers(cfg, device)
     else:
         other = mk(cfg.B, cfg.N, cfg.H) if cfg.op == "softmax_gate" else mk(cfg.H, cfg.D) / cfg.D ** 0.5
         inputs = [other, mk(cfg.B, cfg.N, cfg.D)]
@@ -350,8 +421,11 @@ def run_config(cfg, device, reps=7, warmup=2):
                 rep()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
                 rep()
-                peak_of[provider] = torch.cuda.max_memory_allocated() / 2**20
+                peak_of[provider] = (torch.cuda.max_memory_allocated() - (base if cfg.op in POOL_OPS else 0)) / 2**20
+            elif cfg.op in POOL_OPS:
+                peak_of[provider] = cpu_peak_mb(rep)
             reps_of[provider] = rep
         except RuntimeError as e:
             print(f"  {provider}: not run ({str(e).splitlines()[0][:100]})")
@@ -395,6 +469,8 @@ def default_configs(device, quick=False, ops=None, modes=None, dtypes=None, head
     window, dropout, deterministic (only when asked for): causal attention in a sliding window of 1024 keys (256 on
     a CPU), with dropout 0.1, or with the deterministic backward (no forward row: it is the same), at several
     lengths, each beside the same causal attention without it (the window's cost grows as L · window).
+    attention_pool (only when asked for): one bag of N in 8k, 40k, 100k instances, D 1024 and 1536, Hd 256, one
+    branch, fp32 and bf16, fwd and fwd_bwd; attention_pool_packed: 64 bags of 500-5000 instances, D 1024.
     ``dtypes`` / ``head_dims`` replace the sweep's own (the hidden size stays: H = 2048 // D on a GPU)."""
     configs = []
     if device.type == "cuda":
@@ -415,6 +491,7 @@ def default_configs(device, quick=False, ops=None, modes=None, dtypes=None, head
     elif quick:
         decode_shapes = [(1, 16384), (8, 16384)]
     decode_dtypes = dtypes or ((torch.float32,) if quick else (torch.float32, torch.bfloat16))
+    pool_dtypes = dtypes or (torch.float32, torch.bfloat16)
     dtypes = dtypes or dtypes_default
     if head_dims:
         heads_dims = [(max(1, 2048 // D) if device.type == "cuda" else heads_dims[0][0], D) for D in head_dims]
@@ -423,7 +500,7 @@ def default_configs(device, quick=False, ops=None, modes=None, dtypes=None, head
     ops = ops or (("attention", "gated", "bias", "softmax_gate", "score_softmax_gate") if device.type == "cuda"
                   else ("attention", "softmax_gate", "score_softmax_gate"))
     for op in ops:
-        for dtype in decode_dtypes if op == "decode" else dtypes:
+        for dtype in decode_dtypes if op == "decode" else pool_dtypes if op in POOL_OPS else dtypes:
             if op == "decode":
                 if asked_modes and "fwd" not in asked_modes:
                     continue  # forward only
@@ -433,6 +510,13 @@ def default_configs(device, quick=False, ops=None, modes=None, dtypes=None, head
                     for D in head_dims or (128,):
                         configs.append(Config("attention", "fwd", dtype, B=1, Hq=32, Hkv=8, Lq=2048, Lk=2048, D=D,
                                               Dv=D, causal=True))
+            elif op in POOL_OPS:  # the issue's sizes: CLAM's hidden 256, encoders' D 1024 / 1536, slides of 8k-100k
+                sizes = [(8192, 1024)] if quick else [(N, D) for D in (1024, 1536) for N in (8192, 40000, 100000)]
+                if op == "attention_pool_packed":
+                    sizes = [(0, 1024)]
+                for (N, D), mode in itertools.product(sizes, asked_modes or ("fwd", "fwd_bwd")):
+                    B = 64 if op == "attention_pool_packed" else 1
+                    configs.append(Config(op, mode, dtype, B=B, Hq=1, Lq=N, Lk=N, D=D, Dv=256))
             elif op in VARIANT_OPS:
                 lengths = (2048, 8192, 16384) if device.type == "cuda" else (1024, 4096)
                 variant = {"window": dict(window=1024 if device.type == "cuda" else 256), "dropout": dict(dropout=0.1),

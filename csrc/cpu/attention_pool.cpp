@@ -31,8 +31,12 @@ namespace {
 constexpr int64_t kBlockRows = 2048;
 // Channels per pooling task: a bag's pooled sum is split into chunks of this many channels (one row chunk in L1).
 constexpr int64_t kPoolChannels = 256;
-// Rows per task of the per-row passes.
-constexpr int64_t kRowGrain = 16;
+// Smallest amount of work (elements touched) worth a parallel task: a small bag's passes stay on the calling thread,
+// where waking the other threads would cost more than the work.
+constexpr int64_t kMinTaskElems = 1 << 15;
+
+// Items per parallel task when each touches `elems` elements.
+inline int64_t grain(int64_t elems) { return std::max<int64_t>(1, kMinTaskElems / std::max<int64_t>(1, elems)); }
 
 // ---------------------------------------------------------------------------------------------------------------
 // The activations, in place: a <- tanh(a), g <- sigmoid(g) (g null: ungated). float rows vectorised on exp2_poly
@@ -129,7 +133,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_fwd(const at::Tensor& x, con
     const int64_t rows = std::min(kBlockRows, N - r0);
     const at::Tensor pre = sc.pre(x.narrow(0, r0, rows));
     const T* pre_p = pre.data_ptr<T>();
-    at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, rows, grain(G + K * Hd), [&](int64_t begin, int64_t end) {
       std::vector<A> act(G), h(Hd);
       for (int64_t i = begin; i < end; ++i) {
         A* s_n = s + (r0 + i) * K;
@@ -145,7 +149,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_fwd(const at::Tensor& x, con
   // lse per (bag, branch), as the reference's softmax: max (NaN sticks), made 0 where not finite, then the sum
   at::Tensor lse = at::empty({B, K}, acc_opts);
   A* lse_p = lse.data_ptr<A>();
-  at::parallel_for(0, B * K, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * K, grain(N / std::max<int64_t>(1, B)), [&](int64_t begin, int64_t end) {
     for (int64_t bk = begin; bk < end; ++bk) {
       const int64_t b = bk / K, k = bk % K;
       A m = -std::numeric_limits<A>::infinity();
@@ -162,7 +166,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_fwd(const at::Tensor& x, con
   A* y_p = y.data_ptr<A>();
   const T* x_p = x.data_ptr<T>();
   const int64_t chunks = (D + kPoolChannels - 1) / kPoolChannels;
-  parallel_dynamic(B * chunks, [&](auto claim) {
+  auto pool_task = [&](auto claim) {
     std::vector<A> xr(kPoolChannels), alpha(K);
     for (int64_t t = claim(); t >= 0; t = claim()) {
       const int64_t b = t / chunks, c0 = (t % chunks) * kPoolChannels, c1 = std::min(D, c0 + kPoolChannels);
@@ -177,7 +181,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_fwd(const at::Tensor& x, con
         }
       }
     }
-  });
+  };
+  if (N * D * K < kMinTaskElems) {  // all of it on this thread
+    int64_t next = 0;
+    pool_task([&]() -> int64_t { return next < B * chunks ? next++ : -1; });
+  } else {
+    parallel_dynamic(B * chunks, pool_task);
+  }
   return {y, lse, return_scores ? scores : at::empty({0}, acc_opts)};
 }
 
@@ -216,7 +226,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const T *pre_p = pre.data_ptr<T>(), *xb_p = xb.data_ptr<T>();
     const int64_t ldx = xb.stride(0);
     A *dpre_p = dpre.data_ptr<A>(), *hb_p = hb.data_ptr<A>(), *dsb_p = dsb.data_ptr<A>(), *dxb_p = dxb.data_ptr<A>();
-    at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, rows, grain(2 * G + 3 * K * D), [&](int64_t begin, int64_t end) {
       std::vector<A> act(G), s(K), alpha(K), xr(D), dh(Hd);
       for (int64_t i = begin; i < end; ++i) {
         const int64_t n = r0 + i, b = bag[n];
