@@ -88,7 +88,7 @@ def main(argv=None):
     c.add_argument("--device", choices=["cpu", "cuda"],
                    help="default: the device of --backend, else cuda if present, else cpu")
     c.add_argument("--op", action="append", choices=["attention", "varlen_attention", "attention_kvcache",
-                                                     "softmax_gate", "score_softmax_gate"],
+                                                     "softmax_gate", "score_softmax_gate", "attention_pool"],
                    help="only these ops (repeatable)")
     c.add_argument("--dtype", action="append", choices=["fp64", "fp32", "bf16", "fp16"], help="only these dtypes")
     c.add_argument("--quick", action="store_true", help="a smaller sweep (under a minute on a 2-core CPU)")

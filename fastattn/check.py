@@ -15,10 +15,11 @@ import torch
 from . import testing
 from .backends import _BACKENDS, Problem, backends
 
-OPS = ("attention", "varlen_attention", "attention_kvcache", "softmax_gate", "score_softmax_gate")
+OPS = ("attention", "varlen_attention", "attention_kvcache", "softmax_gate", "score_softmax_gate", "attention_pool")
 _SWEEPS = {"attention": (testing.attention_cases, testing.check_attention),
            "varlen_attention": (testing.varlen_cases, testing.check_varlen),
-           "attention_kvcache": (testing.kvcache_cases, testing.check_kvcache)}
+           "attention_kvcache": (testing.kvcache_cases, testing.check_kvcache),
+           "attention_pool": (testing.pool_cases, testing.check_pool)}
 
 
 def _dtypes(device_type):
@@ -30,6 +31,8 @@ def _dtypes(device_type):
 def _cases(op, quick, backend, dtype, device):
     """The sweep, moved onto the head dims ``backend`` covers (the cuda kernels: 64 and 128), without the score
     modifiers its kernels lack."""
+    if op == "attention_pool":
+        return testing.pool_cases(quick=quick)
     if op in _SWEEPS:
         refuses = lambda D, Dv: _BACKENDS[backend].unsupported(Problem(op, device.type, dtype, D=D, Dv=Dv))
         impl = _BACKENDS[backend]

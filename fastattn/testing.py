@@ -665,7 +665,8 @@ class PoolCase:
     bias: bool = True
     mask: str = "none"           # none, random, bag (one bag entirely left out)
     layout: str = "packed"       # packed (N, D) with offsets; padded: (B, N, D) with a mask; strided: packed rows
-                                 # 2 D apart; expand: each bag's first row seen by all its rows (stride 0)
+                                 # 2 D apart; expand: each bag's first row seen by all its rows (stride 0);
+                                 # overlap: rows D // 3 apart (unfold)
     weights_grad: bool = False   # return α and backpropagate through it too
     logits: float = 1.0          # multiplies w: large values saturate the softmax
 
@@ -709,6 +710,9 @@ def _run_pool(case, t, dtype, device, backend):
     x = fresh(t["x"], device, dtype)
     if case.layout == "strided":  # every other row of a taller tensor: row stride 2 D
         x = torch.stack([x, torch.zeros_like(x)], 1).reshape(-1, x.shape[1])[::2]
+    elif case.layout == "overlap":  # rows D // 3 apart, each sharing most of its channels with the next (unfold)
+        x = x.reshape(-1)[:x.shape[0] * (x.shape[1] // 3) + x.shape[1]].unfold(0, x.shape[1], x.shape[1] // 3)
+        x = x[:sum(bags)].detach()
     x.requires_grad_()
     params = {n: fresh(t[n], device, dtype).requires_grad_() for n in POOL_PARAMS if n in t}
     mask = t["mask"].to(device) if "mask" in t else None
@@ -757,6 +761,8 @@ def pool_cases(quick=False):
              PoolCase(bias=False, K=4, weights_grad=True, layout="strided"),
              PoolCase(bags=(7, 12), layout="padded", mask="random", weights_grad=True),
              PoolCase(bags=(6, 3, 11), layout="expand", K=2),
+             PoolCase(bags=(9, 14), D=30, layout="overlap", mask="random"),
+             PoolCase(bags=(1,), D=40, Hd=8, layout="strided", weights_grad=True),  # one row, its stride arbitrary
              PoolCase(bags=(50, 31), K=2, logits=8.0, weights_grad=True)]
     if quick:
         cases = cases[::2]

@@ -124,6 +124,33 @@ def test_perf_table_is_current():
     assert res.returncode == 0, res.stderr
 
 
+def test_bench_attention_pool_rows(monkeypatch, tmp_path):
+    from fastattn import bench
+    sizes = {(c.op, c.Lq, c.D, c.Dv, c.B) for c in bench.default_configs(torch.device("cpu"),
+                                                                          ops=["attention_pool", "attention_pool_packed"])}
+    assert {("attention_pool", N, D, 256, 1) for N in (8192, 40000, 100000) for D in (1024, 1536)} <= sizes
+    assert ("attention_pool_packed", 0, 1024, 256, 64) in sizes
+    assert all(c.op not in bench.POOL_OPS for c in bench.default_configs(torch.device("cpu")))  # only when asked for
+    lengths = bench.pool_lengths(bench.Config("attention_pool_packed", "fwd", torch.float32, B=64))
+    assert len(lengths) == 64 and min(lengths) >= 500 and max(lengths) <= 5000
+    small = lambda device, quick, ops, **kw: [bench.Config(op, mode, torch.float32, B=3 if op.endswith("packed") else 1,
+                                                           Hq=2, Lq=600, Lk=600, D=32, Dv=16)
+                                              for op in ops for mode in ("fwd", "fwd_bwd")]
+    monkeypatch.setattr(bench, "default_configs", small)
+    monkeypatch.setattr(bench, "pool_lengths", lambda cfg: [cfg.Lq] if cfg.op == "attention_pool" else [7, 0, 40])
+    out = tmp_path / "r.json"
+    assert main(["bench", "--device", "cpu", "--op", "attention_pool", "--op", "attention_pool_packed", "--reps", "2",
+                 "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert {(r["op"], r["provider"]) for r in rows} == {("attention_pool", "fastattn-cpu"), ("attention_pool", "torch-eager"),
+                                                        ("attention_pool_packed", "fastattn-cpu"),
+                                                        ("attention_pool_packed", "torch-eager-loop")}
+    for r in rows:
+        n = 600 if r["op"] == "attention_pool" else 47
+        flops = 4.0 * n * 32 * 16 * {"fwd": 1, "fwd_bwd": 3}[r["mode"]]
+        assert r["tflops"] == pytest.approx(flops / r["ms"] / 1e9) and r["peak_mem_mb"] is not None
+
+
 def test_bench_says_where_results_went(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     argv = ["bench", "--quick", "--op", "softmax_gate", "--reps", "1"]
