@@ -70,10 +70,11 @@ TORCH_LIBRARY(fastattn, m) {
   // all in the statistics' dtype (float32; float64 for float64 x).
   m.def("attention_pool_fwd(Tensor x, Tensor offsets, Tensor? mask, Tensor V, Tensor? U, Tensor w, Tensor? bV,"
         " Tensor? bU, bool return_scores) -> (Tensor, Tensor, Tensor)");
-  // dy, dlse, dscores: the gradients of the forward's outputs (y, lse, scores). Returns (dx, dV, dU, dw, dbV, dbU),
-  // empty for an absent U, bV or bU.
+  // y, lse, scores: the forward's (scores may be none: a kernel then makes them again, or does without them);
+  // dy, dlse, dscores: the gradients of the forward's outputs. Returns (dx, dV, dU, dw, dbV, dbU), empty for an absent
+  // U, bV or bU.
   m.def("attention_pool_bwd(Tensor dy, Tensor x, Tensor offsets, Tensor? mask, Tensor V, Tensor? U, Tensor w,"
-        " Tensor? bV, Tensor? bU, Tensor y, Tensor lse, Tensor? dlse, Tensor? dscores)"
+        " Tensor? bV, Tensor? bU, Tensor y, Tensor lse, Tensor? scores, Tensor? dlse, Tensor? dscores)"
         " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 

@@ -230,7 +230,7 @@ CUDA_DTYPES = (torch.float16, torch.bfloat16)
 CUDA_HEAD_DIMS = (64, 128)
 
 
-CUDA_KERNELS = FusedBackend.kernels - {"varlen_attention_bwd"} - POOL_KERNELS
+CUDA_KERNELS = FusedBackend.kernels - {"varlen_attention_bwd"}
 
 
 def cuda_kernels_unsupported(p: Problem) -> str | None:
@@ -282,7 +282,6 @@ class TritonBackend(FusedBackend):
     TRITON_INTERPRET=1 (how CI tests them; correct but slow, so "auto" never picks it on CPU)."""
     name = "triton"
     op_prefix = "triton_"
-    kernels = FusedBackend.kernels - POOL_KERNELS
     dropout = True
 
     @staticmethod

@@ -347,7 +347,7 @@ def attention_pool(x, V, w, U=None, *, bV=None, bU=None, offsets=None, mask=None
                    backend="auto"):
     """Attention pooling of bags of instances, as multiple-instance learning does it (ABMIL, Ilse et al. 2018;
     CLAM's gated scorer and its multi-branch variant), fused: the scorer, the softmax over each bag and the pooled
-    sum run in one op, forward and backward, without storing the scores or the hidden activations.
+    sum run in one op, forward and backward, without storing the hidden activations (the backward recomputes them).
 
     For instance n of bag b and branch k: h_n = tanh(x_n V + bV) ⊙ sigmoid(x_n U + bU) (gated; tanh alone when U
     is None), s_nk = h_n · w[:, k], α_nk = softmax of s_nk over the instances of bag b, y_bk = Σ_n α_nk x_n.
@@ -364,7 +364,7 @@ def attention_pool(x, V, w, U=None, *, bV=None, bU=None, offsets=None, mask=None
             its bag (weight 0, nothing of it reaches any output or gradient, NaN included).
         return_weights: also return α in x's dtype, (N_total, K) packed or (B, N, K) padded, 0 at left-out
             instances; differentiable.
-        backend: "auto", "cpu", "triton" or "reference" (see ``fastattn.backends()``).
+        backend: "auto", "cuda", "triton", "cpu" or "reference" (see ``fastattn.backends()``).
 
     Returns:
         y (B, K, D) in x's dtype (0 for a bag with no instance), and α if asked. Gradients flow to x, V, U, w, bV
@@ -386,14 +386,17 @@ def attention_pool(x, V, w, U=None, *, bV=None, bU=None, offsets=None, mask=None
     impl = select(backend, problem)
     if _maybe_zero(B, rows.shape[0], D, Hd, K):
         impl = select("reference", problem)
-    y, lse, scores = impl.attention_pool(rows, offsets, mask, V, U, w, bV, bU, bool(return_weights))
+    # the scores (N, K) come back for α, and for a backward (the cpu kernels' softmax gradient is taken from them)
+    y, lse, scores = impl.attention_pool(rows, offsets, mask, V, U, w, bV, bU, bool(return_weights) or grad)
     y = y.to(x.dtype)
     if not return_weights:
         return y
     # α = exp(s - lse of the instance's bag): its gradient reaches the op as those of the scores and of lse
     bag = torch.repeat_interleave(torch.arange(B, device=x.device), offsets.diff(), output_size=rows.shape[0])
     left_out = scores == float("-inf")
-    alpha = torch.where(left_out, 0.0, torch.exp(torch.where(left_out, 0.0, scores) - lse[bag]))
+    # (where around the difference too: a bag with no row left has lse = -inf, and exp(0 - -inf) would send
+    # 0 · inf = NaN back to its lse)
+    alpha = torch.where(left_out, 0.0, torch.exp(torch.where(left_out, 0.0, scores - lse[bag])))
     alpha = alpha.to(x.dtype)
     return y, (alpha.reshape(B, N, K) if padded else alpha)
 

@@ -9,7 +9,7 @@ the same inputs, i.e. rounded to the case's dtype, as FlashAttention's tests do:
 is the arithmetic's, not the inputs' rounding, which near-ties of a saturated softmax would turn
 into noise), and is judged by the rule of docs/CONTRACT.md §4 (``testing.compare``), where NaN must appear
 exactly where the float64 reference has it. ``case.id`` (the seed and what it drew) reproduces a failure:
-``fastattn check --fuzz N --fuzz-seed S`` or :func:`attention_case` / :func:`gate_case`.
+``fastattn check --fuzz N --fuzz-seed S`` or :func:`attention_case` / :func:`gate_case` / :func:`pool_case`.
 """
 from __future__ import annotations
 
@@ -395,6 +395,113 @@ def check_gate(case: GateFuzz, backend, device="cpu"):
     return _check(_run_gate, case, backend, device, lambda n: 2)
 
 
+# ------------------------------------------------------------------------------------------- attention pooling
+@dataclasses.dataclass
+class PoolFuzz:
+    seed: int
+    dtype: torch.dtype
+    desc: str
+    inputs: dict            # name -> Input (x, V, w, U?, bV?, bU?, mask?, dy, dalpha?)
+    offsets: list | None    # packed bags' offsets; None: x is a padded (B, N, D) batch
+    weights_grad: bool
+
+    @property
+    def id(self):
+        return f"attention_pool-seed{self.seed}-{testing.DTYPE_NAMES[self.dtype]}-{self.desc}"
+
+
+def pool_case(seed, dtypes, max_len=130, max_dim=256) -> PoolFuzz:
+    """The attention-pooling case drawn from ``seed``: bags of sizes among LENGTHS (empty ones too), packed or
+    padded, gated or not, with or without biases, 1-5 branches, masks that leave rows or whole bags out, every view
+    kind of x and the weights, NaN in x or a weight, small to saturating scores (``logits`` scales w)."""
+    rng = random.Random(seed)
+    dtype = rng.choice(dtypes)
+    B = 0 if rng.random() < 0.03 else rng.choice((1, 1, 2, 3, 5))
+    bags = [0 if rng.random() < 0.1 else rng.choice([n for n in LENGTHS if n <= max_len]) for _ in range(B)]
+    D = 0 if rng.random() < 0.03 else rng.choice([d for d in HEAD_DIMS if d <= max_dim])
+    Hd = 0 if rng.random() < 0.02 else rng.choice([d for d in (1, 2, 3, 8, 16, 31, 64, 128) if d <= max_dim])
+    views = {n: rng.choice(VIEW_KINDS) for n in ("x", "V", "U", "w")}
+    gated = rng.random() < 0.7
+    nan = rng.choice(("x", "x", "x", "V", "w") + (("U",) if gated else ())) if rng.random() < 0.15 else None
+    return make_pool_case(seed, dtype, bags=bags, D=D, Hd=Hd, K=rng.choice((1, 1, 2, 3, 5)), gated=gated,
+                          bias=rng.random() < 0.7, padded=rng.random() < 0.3,
+                          mask=rng.choice(("none", "none", "random", "bag")), weights_grad=rng.random() < 0.3,
+                          logits=rng.choice((1.0, 1.0, 0.1, 8.0)), views=views, nan=nan)
+
+
+def make_pool_case(seed, dtype, *, bags=(5, 0, 9), D=16, Hd=8, K=1, gated=True, bias=True, padded=False, mask="none",
+                   weights_grad=False, logits=1.0, views=None, nan=None) -> PoolFuzz:
+    """An attention-pooling case with the given parameters (as :func:`make_attention_case`); ``mask`` "bag" leaves
+    one bag out entirely."""
+    rng = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    views = views or {}
+    B, N = len(bags), sum(bags)
+    desc = [f"bags{'_'.join(map(str, bags))}-D{D}-Hd{Hd}-K{K}", "gated" if gated else "tanh", f"mask-{mask}"]
+    desc += [flag for flag, on in (("nobias", not bias), ("padded", padded), (f"logits{logits}", logits != 1.0)) if on]
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    def tensor(name, shape, scale=1.0):
+        kind = views.get(name, "contiguous")
+        master_shape, build = view_of(shape, kind)
+        if kind != "contiguous":
+            desc.append(f"{name}:{kind}")
+        return Input(randn(*master_shape) * scale, build)
+
+    Nx = max(bags, default=0) if padded else N
+    x_shape = (B, Nx, D) if padded else (N, D)
+    inputs = {"x": tensor("x", x_shape), "V": tensor("V", (D, Hd), max(1, D) ** -0.5),
+              "w": tensor("w", (Hd, K), logits)}
+    if gated:
+        inputs["U"] = tensor("U", (D, Hd), max(1, D) ** -0.5)
+    if bias:
+        inputs["bV"] = Input(randn(Hd), lambda t: t)
+        if gated:
+            inputs["bU"] = Input(randn(Hd), lambda t: t)
+    keep = torch.ones(B, Nx, dtype=torch.bool) if padded else torch.ones(N, dtype=torch.bool)
+    if padded:
+        for b, n in enumerate(bags):
+            keep[b, n:] = False
+    if mask != "none":
+        keep &= torch.rand(keep.shape, generator=g) < 0.7
+        if mask == "bag" and B:
+            b = rng.randrange(B)
+            if padded:
+                keep[b] = False
+            else:
+                keep[sum(bags[:b]):sum(bags[:b + 1])] = False
+    if padded or mask != "none":
+        inputs["mask"] = Input(keep, lambda t: t, grad=False)
+    inputs["dy"] = Input(randn(B, K, D), lambda t: t, grad=False)
+    if weights_grad:
+        inputs["dalpha"] = Input(randn(*x_shape[:-1], K), lambda t: t, grad=False)
+    if nan is not None:
+        _place_nan(rng, inputs[nan].master)
+        desc.append(f"nan-{nan}")
+    offsets = None if padded else [0] + [sum(bags[:i + 1]) for i in range(B)]
+    return PoolFuzz(seed, dtype, "-".join(desc), inputs, offsets, weights_grad)
+
+
+def _run_pool(case: PoolFuzz, dtype, device, backend, rounded_to=None):
+    leaves = {n: i.leaf(device, dtype, rounded_to) for n, i in case.inputs.items()}
+    view = {n: case.inputs[n].build(t) for n, t in leaves.items()}
+    offsets = None if case.offsets is None else torch.tensor(case.offsets, device=device)
+    y, alpha = functional.attention_pool(view["x"], view["V"], view["w"], view.get("U"), bV=view.get("bV"),
+                                         bU=view.get("bU"), offsets=offsets, mask=view.get("mask"),
+                                         return_weights=True, backend=backend)
+    outputs, grads = [y], [view["dy"]]
+    if case.weights_grad:
+        outputs.append(alpha)
+        grads.append(view["dalpha"].to(alpha.dtype))
+    return {"y": y.detach(), "alpha": alpha.detach()}, _backward(outputs, grads, case.inputs, leaves, view)
+
+
+def check_pool(case: PoolFuzz, backend, device="cpu"):
+    return _check(_run_pool, case, backend, device, lambda n: 2)
+
+
 def limits(backend, device_type) -> dict:
     """What of the input space ``backend`` is fuzzed over on ``device_type`` (keywords of :func:`run`): the
     Triton interpreter on the CPU, ~1000x slower than a GPU, gets smaller problems; the cuda kernels cover
@@ -422,11 +529,14 @@ def forward_only(case):
 
 def run(op, seed, backend, dtypes, device="cpu", max_len=130, max_dim=256, head_dims=None, inference=False,
         score_mods=contract.ScoreMods.NAMES, dropout=True):
-    """(case id, comparisons) of the fuzz case ``seed`` of ``op`` ("attention" or "gates"); the keywords
+    """(case id, comparisons) of the fuzz case ``seed`` of ``op`` ("attention", "gates" or "pool"); the keywords
     bound the case drawn (:func:`limits`); ``inference``: its forward alone (:func:`forward_only`)."""
     only = forward_only if inference else (lambda c: c)
     if op == "attention":
         case = only(attention_case(seed, dtypes, max_len, max_dim, head_dims, score_mods, dropout))
         return case.id, check_attention(case, backend, device)
+    if op == "pool":
+        case = only(pool_case(seed, dtypes, max_len, max_dim))
+        return case.id, check_pool(case, backend, device)
     case = only(gate_case(seed, dtypes, max_len, max_dim))
     return case.id, check_gate(case, backend, device)

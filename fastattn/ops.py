@@ -220,21 +220,23 @@ def register_attention_pool(prefix: str = "", *, fake: bool = True):
             return x.new_empty((B, K, x.shape[1]), dtype=acc), x.new_empty((B, K), dtype=acc), scores
 
         @torch.library.register_fake(name("attention_pool_bwd"))
-        def _bwd_fake(dy, x, offsets, mask, V, U, w, bV, bU, y, lse, dlse, dscores):
+        def _bwd_fake(dy, x, offsets, mask, V, U, w, bV, bU, y, lse, scores, dlse, dscores):
             like = lambda t: _empty(x) if t is None else t.new_empty(t.shape)
             return x.new_empty(x.shape), V.new_empty(V.shape), like(U), w.new_empty(w.shape), like(bV), like(bU)
 
     def setup_context(ctx, inputs, output):
         x, offsets, mask, V, U, w, bV, bU, return_scores = inputs
-        y, lse, _ = output
-        ctx.save_for_backward(x, offsets, mask, V, U, w, bV, bU, y, lse)
+        y, lse, scores = output
+        # the scores (N, K: K numbers per instance, not its Hd hidden units) when the forward returned them: the cpu
+        # kernels take the softmax's gradient from them exactly; the others recompute
+        ctx.save_for_backward(x, offsets, mask, V, U, w, bV, bU, y, lse, scores if return_scores else None)
 
     def backward(ctx, dy, dlse, dscores):
-        x, offsets, mask, V, U, w, bV, bU, y, lse = ctx.saved_tensors
+        x, offsets, mask, V, U, w, bV, bU, y, lse, scores = ctx.saved_tensors
         if dy is None:
             dy = torch.zeros_like(y)
         dx, dV, dU, dw, dbV, dbU = bwd_op()(
-            dy.contiguous(), x, offsets, mask, V, U, w, bV, bU, y, lse,
+            dy.contiguous(), x, offsets, mask, V, U, w, bV, bU, y, lse, scores,
             None if dlse is None else dlse.contiguous(),
             None if dscores is None or dscores.numel() == 0 else dscores.contiguous())  # empty: scores not returned
         return (dx, None, None, dV, dU if U is not None else None, dw, dbV if bV is not None else None,

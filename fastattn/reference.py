@@ -220,14 +220,17 @@ def attention_pool(x, V, w, U=None, bV=None, bU=None, offsets=None, mask=None, r
     reaches nothing).
     """
     acc = stat_dtype(x.dtype)
-    if mask is not None:  # where, not a product: nothing of a left-out row, NaN included, goes anywhere
-        x = torch.where(mask[:, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
-    h = torch.tanh(_linear(x, V, bV).to(acc))
+    # the scorer sees the rows that take part alone (a left-out row's 0 · NaN would otherwise reach the weights'
+    # gradients through the activations' backward), and the pooled sum x with 0 there: nothing of a left-out row,
+    # NaN included, goes anywhere
+    kept = x if mask is None else x.index_select(0, mask.nonzero()[:, 0])
+    h = torch.tanh(_linear(kept, V, bV).to(acc))
     if U is not None:
-        h = h * torch.sigmoid(_linear(x, U, bU).to(acc))
-    s = h @ w.to(acc)  # (N, K)
+        h = h * torch.sigmoid(_linear(kept, U, bU).to(acc))
+    s = h @ w.to(acc)  # (N, K), or the kept rows' (n, K)
     if mask is not None:
-        s = s.masked_fill(~mask[:, None], float("-inf"))
+        s = s.new_full((x.shape[0], s.shape[1]), float("-inf")).index_copy(0, mask.nonzero()[:, 0], s)
+        x = torch.where(mask[:, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
     y, lse, _ = pool_bags(s, x, offsets)
     return (y, lse, s) if return_scores else (y, lse)
 

@@ -3,8 +3,9 @@
 and fails on a kept autotune config that could not launch (shared memory per block over the target's
 limit) or that spills registers to local memory.
 
-How: the project's own launchers (triton_kernels/attention.py, decode.py, softmax_gate.py) run on meta tensors with
-``wrap_triton`` replaced by a recorder, so each launch is captured with the arguments the op would pass.
+How: the project's own launchers (triton_kernels/attention.py, decode.py, softmax_gate.py, attention_pool.py) run on
+meta tensors with ``wrap_triton`` replaced by a recorder, so each launch is captured with the arguments the op would
+pass.
 Each launch is specialised by triton's own binder (pointer and integer arguments divisible by 16 get
 ``tt.divisibility``, integers equal to 1 become constants: what the runtime does); an autotuned kernel
 is expanded into the configs its ``early_config_prune`` keeps for those arguments and the target. Each
@@ -30,7 +31,8 @@ varlen attention (packed sequences: gate, GQA, causal, lse gradient; bf16, fp16 
 inference launches with --full), the gates plain and with mask + pooling + alpha gradient (bf16 and fp32; fp16 with --full); each at a
 long and a 16-row query side, so that both the long-sequence and the decode configs are kept. The kv-cache decode
 kernels over a paged cache, causal and gated, split over the keys (and merged) with the most rows a program takes,
-and in one split with one row (bf16, fp16 with --full).
+and in one split with one row (bf16, fp16 with --full). attention_pool's forward, merge and backward kernels, gated
+with a mask and every gradient (pool; fp16, bf16, fp32), and plain (pool-plain, --full), at D = Hd = 64 and 72.
 
 Triton's cache goes to a private temporary directory, one per compile and removed after it: every
 compile runs ptxas (whose log is the only source of register counts), and nothing accumulates.
@@ -102,14 +104,14 @@ class _Recorder:
 
 @contextlib.contextmanager
 def _recording():
-    from fastattn.triton_kernels import attention, decode, softmax_gate
+    from fastattn.triton_kernels import attention, attention_pool, decode, softmax_gate
     rec = _Recorder()
-    saved = attention.wrap_triton, decode.wrap_triton, softmax_gate.wrap_triton
-    attention.wrap_triton = decode.wrap_triton = softmax_gate.wrap_triton = rec
+    saved = attention.wrap_triton, attention_pool.wrap_triton, decode.wrap_triton, softmax_gate.wrap_triton
+    attention.wrap_triton = attention_pool.wrap_triton = decode.wrap_triton = softmax_gate.wrap_triton = rec
     try:
         yield rec
     finally:
-        attention.wrap_triton, decode.wrap_triton, softmax_gate.wrap_triton = saved
+        attention.wrap_triton, attention_pool.wrap_triton, decode.wrap_triton, softmax_gate.wrap_triton = saved
 
 
 def _attention_scenarios(dtype, D):
@@ -266,10 +268,39 @@ def _gate_scenarios(dtype, D):
         yield "gate-full" + half, None, lambda N=N: run(N, True)
 
 
+# attention_pool's kernels loop over the features (D) and hidden units (Hd) in fixed tiles: two sizes, one a multiple
+# of 16 (the runtime's divisibility on sizes and row strides) and one not
+POOL_DIMS = (64, 72)
+
+
+def _pool_scenarios(dtype, D):
+    """attention_pool forward and backward over packed bags, D features and Hd = D hidden units: pool: gated, both
+    biases, a mask, 4 branches, the scores returned and the gradients of lse and the scores (the heaviest
+    specialisation of every kernel); pool-plain: ungated, no bias or mask, one branch (--full)."""
+    import torch
+    from fastattn.triton_kernels import attention_pool as P
+    mk = lambda *s, dt=dtype: torch.empty(*s, dtype=dt, device="meta")
+    if D not in POOL_DIMS:
+        return
+
+    def run(full):
+        N, B, K = 4096, 4, 4 if full else 1
+        x, offsets, V, w = mk(N, D), mk(B + 1, dt=torch.int64), mk(D, D), mk(D, K)
+        U, bV, bU = (mk(D, D), mk(D), mk(D)) if full else (None, None, None)
+        mask = mk(N, dt=torch.bool) if full else None
+        y, lse, _ = P.attention_pool_fwd(x, offsets, mask, V, U, w, bV, bU, full)
+        stat = lambda *s: mk(*s, dt=torch.float32)
+        P.attention_pool_bwd(stat(B, K, D), x, offsets, mask, V, U, w, bV, bU, y, lse,
+                             stat(B, K) if full else None, stat(N, K) if full else None)
+
+    yield "pool", None, lambda: run(True)
+    yield "pool-plain", None, lambda: run(False)
+
+
 # variants compiled by default; --full adds the others (their specialisations are lighter than full's)
-CI_VARIANTS = {"full", "bcast", "light", "varlen", "gate-plain", "gate-full", "decode", "mods", "dropout"}
+CI_VARIANTS = {"full", "bcast", "light", "varlen", "gate-plain", "gate-full", "decode", "mods", "dropout", "pool"}
 ALL_VARIANTS = CI_VARIANTS | {"plain", "bool", "decode-contig", "varlen-infer", "gate-plain-fp16", "gate-full-fp16",
-                             "dq-split", "mods-bcast", "dropout-bcast", "mods-dropout"}
+                             "dq-split", "mods-bcast", "dropout-bcast", "mods-dropout", "pool-plain"}
 
 
 # --------------------------------------------------------------------------------------- specialising
@@ -366,7 +397,8 @@ def collect_jobs(arches, dtypes, head_dims, fp32_head_dims, variants):
                 for variant, kernels, thunk in itertools.chain(_attention_scenarios(dtype, D),
                                                                _varlen_scenarios(dtype, D),
                                                                _decode_scenarios(dtype, D),
-                                                               _gate_scenarios(dtype, D)):
+                                                               _gate_scenarios(dtype, D),
+                                                               _pool_scenarios(dtype, D)):
                     if variant not in variants:
                         continue
                     with _recording() as rec:

@@ -29,7 +29,8 @@ PREFIX = "cuda_emu_"
 # varlen_attention_bwd is defined without a kernel, as on a GPU (csrc/fastattn.cpp has its schema, csrc/cuda no
 # kernel): the fakes and autograd of register_varlen_attention need the op, and the backend then refuses a gradient
 OPS = ("attention_fwd", "attention_bwd", "varlen_attention_fwd", "varlen_attention_bwd", "attention_kvcache_fwd",
-       "softmax_gate_fwd", "softmax_gate_bwd", "score_softmax_gate_fwd", "score_softmax_gate_bwd")
+       "softmax_gate_fwd", "softmax_gate_bwd", "score_softmax_gate_fwd", "score_softmax_gate_bwd",
+       "attention_pool_fwd", "attention_pool_bwd")
 _STATE: dict = {}
 
 
@@ -76,6 +77,7 @@ def load():
     ops.register_varlen_attention(PREFIX, acc_devices=("cpu",))
     ops.register_kvcache(PREFIX)
     ops.register_softmax_gates(PREFIX)
+    ops.register_attention_pool(PREFIX)
     register_backend(EmulatedCudaBackend())
     _STATE.update(lib=lib, lib_def=lib_def, clean=clean)
     use(clean)

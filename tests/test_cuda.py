@@ -10,7 +10,7 @@ import torch
 import fastattn
 import backend_checks as bc
 from conftest import assert_all_ok, dtype_id
-from fastattn.testing import check_attention, check_gate, check_kvcache, gate_cases
+from fastattn.testing import PoolCase, check_attention, check_gate, check_kvcache, check_pool, gate_cases, pool_cases
 
 _CUDA = fastattn.backends()["cuda"]
 pytestmark = pytest.mark.skipif(
@@ -22,6 +22,9 @@ DTYPES = [torch.float16, torch.bfloat16]
 
 CASES = bc.cuda_attention_cases()
 GATE_CASES = gate_cases()
+# and a bag split several times (256 rows a split) next to bags that start and end inside a split
+POOL_CASES = pool_cases() + [PoolCase(bags=(700, 3, 300), D=40, Hd=40, K=5, mask="random", weights_grad=True),
+                             PoolCase(bags=(5000, 17), D=512, Hd=128, K=2, mask="random")]
 VARLEN_CASES = bc.cuda_varlen_cases()
 KVCACHE_CASES = bc.cuda_kvcache_cases()
 
@@ -36,6 +39,12 @@ def test_cuda_attention_matches_reference(case, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_cuda_softmax_gates_match_reference(case, dtype):
     assert_all_ok(check_gate(case, dtype, backend="cuda", device="cuda"), case.id)
+
+
+@pytest.mark.parametrize("case", POOL_CASES, ids=[c.id for c in POOL_CASES])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_cuda_attention_pool_matches_reference(case, dtype):
+    assert_all_ok(check_pool(case, dtype, backend="cuda", device="cuda"), case.id)
 
 
 @pytest.mark.parametrize("case", VARLEN_CASES, ids=[c.id for c in VARLEN_CASES])

@@ -13,8 +13,8 @@ import backend_checks as bc
 import cuda_emu
 import fastattn
 from conftest import assert_all_ok, dtype_id
-from fastattn.testing import (AttentionCase, GateCase, KvcacheCase, VarlenCase, check_attention, check_gate,
-                              check_kvcache, compare, gate_cases)
+from fastattn.testing import (AttentionCase, GateCase, KvcacheCase, PoolCase, VarlenCase, check_attention, check_gate,
+                              check_kvcache, check_pool, compare, gate_cases, pool_cases)
 
 _WHY = cuda_emu.build.requirements()
 if _WHY is not None:
@@ -29,6 +29,10 @@ CASES = bc.cuda_attention_cases()
 GATE_CASES = gate_cases() + [GateCase(op="score_softmax_gate", pool=pool, N=600, D=64, H=2, weights_grad=True)
                              for pool in (False, True)]
 VARLEN_CASES = bc.cuda_varlen_cases(quick=True)
+# and a bag split several times (attention_pool.cu: 256 rows a split), next to bags that start and end inside a split;
+# more branches than one pass pools (4) and hidden units past one column tile, padded
+POOL_SPLIT_CASE = PoolCase(bags=(700, 3, 300), D=40, Hd=40, K=5, mask="random", weights_grad=True)
+POOL_CASES = pool_cases() + [POOL_SPLIT_CASE]
 KVCACHE_CASES = bc.cuda_kvcache_cases(quick=True)
 
 
@@ -68,6 +72,61 @@ def test_emulated_attention_matches_reference(case, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_emulated_softmax_gates_match_reference(case, dtype):
     assert_all_ok(check_gate(case, dtype, backend="cuda_emu"), case.id)
+
+
+@pytest.mark.parametrize("case", POOL_CASES, ids=[c.id for c in POOL_CASES])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_emulated_attention_pool_matches_reference(case, dtype):
+    assert_all_ok(check_pool(case, dtype, backend="cuda_emu"), case.id)
+
+
+@pytest.mark.parametrize("arch, schedule, mma", [(80, 1, (16, 23)), (90, 2 + 5, (8, 23))],
+                         ids=["sm80-reversed-tc16", "sm90-random-tc8"])
+def test_emulated_attention_pool_other_orders_and_sums(arch, schedule, mma):
+    """The split bags on either architecture's limits, in other thread and block orders, mma.sync summing as the
+    tensor cores do."""
+    with cuda_emu.settings(arch=arch, schedule=schedule, mma=mma):
+        assert_all_ok(check_pool(POOL_SPLIT_CASE, torch.bfloat16, backend="cuda_emu"), POOL_SPLIT_CASE.id)
+
+
+def test_emulated_attention_pool_nan_reaches_its_bag_only():
+    """NaN in a row of bag 0 (a bag of several splits) makes bag 0 NaN through the merge, and nothing else; NaN in a
+    left-out row of bag 1 reaches nothing, its dx is 0; an empty bag and a bag left out entirely give 0 and -inf."""
+    g = torch.Generator().manual_seed(0)
+    N, D, Hd, K = 700, 24, 16, 2
+    x = torch.randn(N, D, generator=g).half()
+    V, U = (torch.randn(D, Hd, generator=g).div(D ** 0.5).half() for _ in range(2))
+    w, bV, bU = torch.randn(Hd, K, generator=g).half(), torch.randn(Hd, generator=g).half(), torch.randn(Hd).half()
+    offsets = torch.tensor([0, 600, 650, 650, 700])  # bag 2 empty, bag 3 left out
+    mask = torch.ones(N, dtype=torch.bool)
+    mask[620] = mask[650:] = False
+    x[300, 5] = x[620, 3] = x[660, 0] = float("nan")
+    xg = x.clone().requires_grad_()
+    y, a = fastattn.attention_pool(xg, V, w, U, bV=bV, bU=bU, offsets=offsets, mask=mask, return_weights=True,
+                                   backend="cuda_emu")
+    assert y[0].isnan().all() and y[1].isfinite().all() and (y[2:] == 0).all()
+    assert a[600:].isfinite().all() and (a[620] == 0).all() and (a[650:] == 0).all()
+    (y[1:].sum() + a[600:].sum()).backward()
+    assert xg.grad[600:].isfinite().all() and (xg.grad[620] == 0).all() and (xg.grad[650:] == 0).all()
+    _, lse, _ = torch.ops.fastattn.cuda_emu_attention_pool_fwd(x, offsets, mask, V, U, w, bV, bU, False)
+    assert lse[0].isnan().all() and lse[1].isfinite().all() and (lse[2:] == float("-inf")).all()
+
+
+def test_emulated_attention_pool_opcheck():
+    g = torch.Generator().manual_seed(0)
+    x, V, U = torch.randn(13, 16, generator=g).half(), torch.randn(16, 8).half(), torch.randn(16, 8).half()
+    w, bV, bU = torch.randn(8, 3).half(), torch.randn(8).half(), torch.randn(8).half()
+    offsets, mask = torch.tensor([0, 4, 4, 13]), torch.rand(13, generator=g) < 0.8
+    op = torch.ops.fastattn.cuda_emu_attention_pool_fwd.default
+    for args in [(x, offsets, mask, V, U, w, bV, bU, True), (x, offsets, None, V, None, w, None, None, False)]:
+        args = tuple(t.requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in args)
+        torch.library.opcheck(op, args)
+
+
+def test_emulated_attention_pool_more_than_16_branches():
+    """The kernels take 16 branches at once; the binding runs more 16 at a time and sums their gradients."""
+    case = PoolCase(bags=(40, 0, 90), D=16, Hd=8, K=19, mask="random", weights_grad=True)
+    assert_all_ok(check_pool(case, torch.float16, backend="cuda_emu"), case.id)
 
 
 @pytest.mark.parametrize("case", VARLEN_CASES, ids=[c.id for c in VARLEN_CASES])
@@ -411,6 +470,41 @@ def test_planted_varlen_kvcache_bug_is_caught(mutation):
     name, file, old, new, case = mutation
     with cuda_emu.using(_mutated(file, old, new)):
         outcome = _mutation_outcome(_forward_check(case))
+    print(f"{name}: {outcome}")
+    assert outcome is not None, f"the emulation did not catch {name}"
+
+
+# Bugs of attention_pool.cu: (id, text, replacement, case), the case run forward and backward in float16.
+POOL = "attention_pool.cu"
+POOL_PADDED_CASE = [c for c in POOL_CASES if c.layout == "padded"][0]  # NaN in the padding, left out
+POOL_MUTATIONS = [
+    ("pool-merge-rescale-dropped", "v += expf(p.part_m[s * K + k] - m_use) * p.part_acc", "v += p.part_acc",
+     POOL_SPLIT_CASE),
+    ("pool-split-end-off-by-one", "hi = min(p.offsets[b + 1], (chunk + 1) * kSplitRows)",
+     "hi = min(p.offsets[b + 1], (chunk + 1) * kSplitRows - 1)", POOL_SPLIT_CASE),
+    ("pool-left-out-row-pooled", "if (p.mask != nullptr && !p.mask[lo + r]) continue;", "", POOL_PADDED_CASE),
+    ("pool-sigmoid-columns-of-the-next-tile", "sigmoidf(acc[nt + kVT][e] + p.bias[col + kUnits]);\n        const",
+     "sigmoidf(acc[nt + kVT][e] + p.bias[col + kUnits + 1]);\n        const", POOL_SPLIT_CASE),
+    ("pool-dx-pooled-term-dropped", "if (c + j < p.D) v[j] += a * dy[c + j];", "(void)a;", POOL_SPLIT_CASE),
+    ("pool-dw-lanes-not-summed", "v += __shfl_xor_sync(0xffffffffu, v, 16);", "", POOL_SPLIT_CASE),
+]
+
+
+def _pool_check(case):
+    return lambda: check_pool(case, torch.float16, backend="cuda_emu")
+
+
+def test_pool_mutation_cases_pass_unmutated():
+    with cuda_emu.using(cuda_emu.kernels(SMALL_BUILD)):
+        for case in (POOL_SPLIT_CASE, POOL_PADDED_CASE):
+            assert _mutation_outcome(_pool_check(case)) is None
+
+
+@pytest.mark.parametrize("mutation", POOL_MUTATIONS, ids=[m[0] for m in POOL_MUTATIONS])
+def test_planted_pool_bug_is_caught(mutation):
+    name, old, new, case = mutation
+    with cuda_emu.using(_mutated(POOL, old, new)):
+        outcome = _mutation_outcome(_pool_check(case))
     print(f"{name}: {outcome}")
     assert outcome is not None, f"the emulation did not catch {name}"
 

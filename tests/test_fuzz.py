@@ -21,7 +21,7 @@ def _run(family, backend, seeds, device, inference=False):
     bc.fuzz_passes(family, backend, seeds, device, inference=inference)
 
 
-@pytest.mark.parametrize("family", ["attention", "gates"])
+@pytest.mark.parametrize("family", ["attention", "gates", "pool"])
 @pytest.mark.parametrize("chunk", range(6))
 def test_fuzz_cpu(family, chunk):
     if not fastattn.backends()["cpu"]["available"]:

@@ -17,8 +17,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fastattn
 from fastattn import fuzz
 from fastattn.backends import TritonBackend
-from fastattn.testing import (AttentionCase, KvcacheCase, attention_cases, check_attention, check_gate, compare,
-                              check_kvcache, check_varlen, gate_cases, kvcache_cases, varlen_cases)
+from fastattn.testing import (AttentionCase, KvcacheCase, PoolCase, attention_cases, check_attention, check_gate,
+                              check_kvcache, check_pool, check_varlen, compare, gate_cases, kvcache_cases, pool_cases,
+                              varlen_cases)
 import backend_checks as bc
 from conftest import assert_all_ok, dtype_id
 
@@ -42,6 +43,7 @@ GATE_CASES = gate_cases()
 KVCACHE_CASES = kvcache_cases(quick=INTERPRET)
 VARLEN_CASES = varlen_cases(quick=INTERPRET)
 TWO_PASS_CASES = gate_cases(quick=True) if INTERPRET else gate_cases()
+POOL_CASES = pool_cases()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -206,6 +208,58 @@ def test_triton_gates_two_pass(case, dtype, monkeypatch):
     from fastattn.triton_kernels import configs
     monkeypatch.setattr(configs, "FUSED_MAX_ELEMS", 0)
     assert_all_ok(check_gate(case, dtype, backend="triton", device=DEVICE), case.id)
+
+
+@pytest.mark.parametrize("case", POOL_CASES, ids=[c.id for c in POOL_CASES])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_triton_pool_matches_reference(case, dtype):
+    assert_all_ok(check_pool(case, dtype, backend="triton", device=DEVICE), case.id)
+
+
+def _forced_pool_splits(monkeypatch, tiles):
+    """Every attention_pool forward splits its bags every ``tiles`` row tiles, whatever the shapes; the splits'
+    workspace starts as NaN (an entry the merge reads that no split wrote shows in y). Returns the sizes seen."""
+    from fastattn.triton_kernels import attention_pool
+    seen = []
+
+    def rows(N, block_n):
+        seen.append(tiles * block_n)
+        return tiles * block_n
+
+    monkeypatch.setattr(attention_pool, "split_rows", rows)
+    monkeypatch.setattr(attention_pool, "workspace",
+                        lambda shape, device: torch.full(shape, float("nan"), dtype=torch.float32, device=device))
+    return seen
+
+
+# bags longer than one split, the last split of a bag shorter, empty bags, splits whose rows are all left out
+POOL_SPLIT_CASES = [PoolCase(bags=(70, 0, 33, 16, 1), K=2, mask="random"),
+                    PoolCase(bags=(3, 90), mask="bag", weights_grad=True),
+                    PoolCase(bags=(50, 31), K=2, logits=8.0)]
+
+
+@pytest.mark.parametrize("tiles", [1, 2])
+@pytest.mark.parametrize("case", POOL_SPLIT_CASES, ids=[c.id for c in POOL_SPLIT_CASES])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_triton_pool_several_splits_merge_exactly(case, dtype, tiles, monkeypatch):
+    """A bag split over several forward programs, merged by their (max, sum): y, α and every gradient as the
+    reference's."""
+    seen = _forced_pool_splits(monkeypatch, tiles)
+    assert_all_ok(check_pool(case, dtype, backend="triton", device=DEVICE), case.id)
+    assert seen and all(max(case.bags) > rows for rows in seen), (seen, case.bags)   # two splits or more
+
+
+def test_opcheck_attention_pool():
+    r = lambda *s, seed: bc.rand(*s, seed=seed, device=DEVICE)
+    N, D, Hd, K = 37, 24, 16, 2
+    x, V, U, w, bV, bU = r(N, D, seed=1), r(D, Hd, seed=2), r(D, Hd, seed=3), r(Hd, K, seed=4), r(Hd, seed=5), \
+        r(Hd, seed=6)
+    offsets = torch.tensor([0, 5, 5, 28, 37], device=DEVICE)
+    mask = torch.rand(N, generator=torch.Generator().manual_seed(7)).to(DEVICE) < 0.8
+    op = torch.ops.fastattn.triton_attention_pool_fwd.default
+    for args in [(x, offsets, mask, V, U, w, bV, bU, True), (x, offsets, None, V, None, w, None, None, False)]:
+        args = tuple(t.requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in args)
+        torch.library.opcheck(op, args)
 
 
 # Float masks broadcast along some dims (each of B, Hq, Lq, Lk kept or 1), with their gradient: the kernels

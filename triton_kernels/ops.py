@@ -1,7 +1,7 @@
 """Registers the Triton kernels as ``torch.ops.fastattn.triton_*``, with the schemas of
 csrc/fastattn.cpp (prefixed ``triton_``), then fake implementations and autograd through
 ``fastattn.ops.register_attention`` / ``register_varlen_attention`` / ``register_softmax_gates`` /
-``register_kvcache``, as the C++ ops.
+``register_attention_pool`` / ``register_kvcache``, as the C++ ops.
 
 On a GPU the ops are ``torch.library.triton_op``s: torch.compile sees the Triton kernels inside
 (``wrap_triton``) and the fake implementation is the launcher itself run on fake tensors. Under
@@ -21,6 +21,7 @@ from fastattn import ops as _fastattn_ops
 from fastattn.contract import ScoreMods
 
 from . import attention as _attn
+from . import attention_pool as _pool
 from . import decode as _decode
 from . import softmax_gate as _gate
 from .configs import INTERPRET
@@ -105,8 +106,25 @@ def triton_score_softmax_gate_bwd(dy: Tensor, x: Tensor, weight: Tensor, alpha: 
     return _gate.score_softmax_gate_bwd(dy, x, weight, alpha, dalpha, scale, pool)
 
 
+@_register("triton_attention_pool_fwd")
+def triton_attention_pool_fwd(x: Tensor, offsets: Tensor, mask: Optional[Tensor], V: Tensor, U: Optional[Tensor],
+                              w: Tensor, bV: Optional[Tensor], bU: Optional[Tensor],
+                              return_scores: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return _pool.attention_pool_fwd(x, offsets, mask, V, U, w, bV, bU, return_scores)
+
+
+@_register("triton_attention_pool_bwd")
+def triton_attention_pool_bwd(dy: Tensor, x: Tensor, offsets: Tensor, mask: Optional[Tensor], V: Tensor,
+                              U: Optional[Tensor], w: Tensor, bV: Optional[Tensor], bU: Optional[Tensor], y: Tensor,
+                              lse: Tensor, scores: Optional[Tensor], dlse: Optional[Tensor],
+                              dscores: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    # the forward's scores go unused: these kernels recompute them with the rest, from lse
+    return _pool.attention_pool_bwd(dy, x, offsets, mask, V, U, w, bV, bU, y, lse, dlse, dscores)
+
+
 _fastattn_ops.register_attention("triton_", fake=not USE_TRITON_OP)
 _fastattn_ops.register_varlen_attention("triton_", fake=not USE_TRITON_OP)
 _fastattn_ops.register_softmax_gates("triton_", fake=not USE_TRITON_OP)
+_fastattn_ops.register_attention_pool("triton_", fake=not USE_TRITON_OP)
 if not USE_TRITON_OP:
     _fastattn_ops.register_kvcache("triton_")

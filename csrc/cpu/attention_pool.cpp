@@ -76,8 +76,15 @@ inline A nan_max(A m, A s) { return std::isnan(m) ? m : (std::isnan(s) || s > m)
 template <typename A>
 inline A weight_of(A s, A lse) { return s == -std::numeric_limits<A>::infinity() ? A(0) : std::exp(s - lse); }
 
-// The scorer's weights as the kernels use them: W = V|U (D, G) and its bias (G) in x's dtype, w transposed (K, Hd) in
-// the statistics' dtype.
+// The GEMMs' dtype for x's: x's own (bfloat16 runs on the CPU's bf16 dot products, its pre-activations rounded as a
+// Linear layer rounds them), but float for float16, whose GEMMs ATen runs through float on a CPU anyway: its
+// pre-activations then stay unrounded (float16's rounding of them at other entries than the reference's GEMM was most
+// of the weights' gradients' error where large scores saturate the softmax).
+template <typename T>
+using GemmType = std::conditional_t<std::is_same_v<T, c10::Half>, float, T>;
+
+// The scorer's weights as the kernels use them: W = V|U (D, G) and its bias (G) in the GEMMs' dtype, w transposed
+// (K, Hd) in the statistics' dtype.
 struct Scorer {
   at::Tensor W, bias, wT;
   int64_t Hd, G, K;
@@ -87,17 +94,22 @@ struct Scorer {
          const std::optional<at::Tensor>& bV, const std::optional<at::Tensor>& bU, at::ScalarType acc)
       : Hd(V.size(1)), K(w.size(1)), gated(U.has_value()) {
     G = gated ? 2 * Hd : Hd;
-    W = gated ? at::cat({V, *U}, 1).contiguous() : V.contiguous();
+    const auto gemm = V.scalar_type() == at::kHalf ? at::kFloat : V.scalar_type();
+    W = (gated ? at::cat({V, *U}, 1) : V).to(gemm).contiguous();
     if (bV || bU) {
       auto part = [&](const std::optional<at::Tensor>& b) { return b ? *b : at::zeros({Hd}, V.options()); };
-      bias = gated ? at::cat({part(bV), part(bU)}) : part(bV);
+      bias = (gated ? at::cat({part(bV), part(bU)}) : part(bV)).to(gemm);
     }
     wT = w.to(acc).t().contiguous();
   }
 
-  // (rows, G) pre-activations of a block of x's rows, in x's dtype, contiguous
+  // x's rows as the GEMMs take them
+  at::Tensor gemm_input(const at::Tensor& x_block) const { return x_block.to(W.scalar_type()); }
+
+  // (rows, G) pre-activations of a block of x's rows, in the GEMMs' dtype, contiguous
   at::Tensor pre(const at::Tensor& x_block) const {
-    return bias.defined() ? at::addmm(bias, x_block, W) : at::mm(x_block, W);
+    const at::Tensor xg = gemm_input(x_block);
+    return bias.defined() ? at::addmm(bias, xg, W) : at::mm(xg, W);
   }
 };
 
@@ -108,6 +120,30 @@ inline void score_row(const T* pre, const Scorer& sc, const A* wT, A* act, A* h,
   activate(act, sc.gated ? act + sc.Hd : nullptr, sc.Hd);
   for (int64_t j = 0; j < sc.Hd; ++j) h[j] = sc.gated ? act[j] * act[sc.Hd + j] : act[j];
   for (int64_t k = 0; k < sc.K; ++k) s[k] = vec::dot(h, wT + k * sc.Hd, sc.Hd);
+}
+
+// lse (B, K) in double of the scores s (N, K) over each bag's rows, as the reference's softmax: max (NaN sticks), made 0
+// where not finite, then the sum. Double, and so the weights of the pooled sum and of the gradient: with large scores a
+// float lse (|lse| · 2^-24 off) would leave Σ α off 1 by as much, and the softmax's gradient, where one row holds nearly
+// all of α the small difference g - Σ α g, would be mostly that error.
+template <typename A>
+at::Tensor bag_lse(const at::Tensor& scores, const int64_t* off, int64_t B) {
+  const int64_t N = scores.size(0), K = scores.size(1);
+  const A* s = scores.data_ptr<A>();
+  at::Tensor lse = at::empty({B, K}, scores.options().dtype(at::kDouble));
+  double* lse_p = lse.data_ptr<double>();
+  at::parallel_for(0, B * K, grain(N / std::max<int64_t>(1, B)), [&](int64_t begin, int64_t end) {
+    for (int64_t bk = begin; bk < end; ++bk) {
+      const int64_t b = bk / K, k = bk % K;
+      double m = -std::numeric_limits<double>::infinity();
+      for (int64_t n = off[b]; n < off[b + 1]; ++n) m = nan_max<double>(m, s[n * K + k]);
+      const double shift = std::isfinite(m) ? m : 0.0;
+      double sum = 0;
+      for (int64_t n = off[b]; n < off[b + 1]; ++n) sum += weight_of<double>(s[n * K + k], shift);
+      lse_p[bk] = sum == 0 ? -std::numeric_limits<double>::infinity() : std::log(sum) + shift;
+    }
+  });
+  return lse;
 }
 
 std::vector<int64_t> bag_of_rows(const int64_t* off, int64_t B, int64_t N) {
@@ -132,7 +168,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_fwd(const at::Tensor& x, con
   for (int64_t r0 = 0; r0 < N; r0 += kBlockRows) {
     const int64_t rows = std::min(kBlockRows, N - r0);
     const at::Tensor pre = sc.pre(x.narrow(0, r0, rows));
-    const T* pre_p = pre.data_ptr<T>();
+    const GemmType<T>* pre_p = pre.data_ptr<GemmType<T>>();
     at::parallel_for(0, rows, grain(G + K * Hd), [&](int64_t begin, int64_t end) {
       std::vector<A> act(G), h(Hd);
       for (int64_t i = begin; i < end; ++i) {
@@ -146,20 +182,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_fwd(const at::Tensor& x, con
     });
   }
 
-  // lse per (bag, branch), as the reference's softmax: max (NaN sticks), made 0 where not finite, then the sum
-  at::Tensor lse = at::empty({B, K}, acc_opts);
-  A* lse_p = lse.data_ptr<A>();
-  at::parallel_for(0, B * K, grain(N / std::max<int64_t>(1, B)), [&](int64_t begin, int64_t end) {
-    for (int64_t bk = begin; bk < end; ++bk) {
-      const int64_t b = bk / K, k = bk % K;
-      A m = -std::numeric_limits<A>::infinity();
-      for (int64_t n = off[b]; n < off[b + 1]; ++n) m = nan_max(m, s[n * K + k]);
-      const A shift = std::isfinite(m) ? m : A(0);
-      A sum = 0;
-      for (int64_t n = off[b]; n < off[b + 1]; ++n) sum += weight_of(s[n * K + k], shift);
-      lse_p[bk] = sum == 0 ? -std::numeric_limits<A>::infinity() : std::log(sum) + shift;
-    }
-  });
+  const at::Tensor lse_d = bag_lse<A>(scores, off, B);
+  const double* lse_p = lse_d.data_ptr<double>();
 
   // y[b, k, c0:c1] = Σ_n α_nk x[n, c0:c1]: one task per (bag, channel chunk)
   at::Tensor y = at::zeros({B, K, D}, acc_opts);
@@ -172,7 +196,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_fwd(const at::Tensor& x, con
       const int64_t b = t / chunks, c0 = (t % chunks) * kPoolChannels, c1 = std::min(D, c0 + kPoolChannels);
       for (int64_t n = off[b]; n < off[b + 1]; ++n) {
         if (keep && !keep[n]) continue;
-        for (int64_t k = 0; k < K; ++k) alpha[k] = weight_of(s[n * K + k], lse_p[b * K + k]);
+        for (int64_t k = 0; k < K; ++k) alpha[k] = A(weight_of<double>(s[n * K + k], lse_p[b * K + k]));
         convert_row(xr.data(), x_p + n * ldx + c0, c1 - c0);
         for (int64_t k = 0; k < K; ++k) {
           A* __restrict y_bk = y_p + (b * K + k) * D + c0;
@@ -188,64 +212,105 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_fwd(const at::Tensor& x, con
   } else {
     parallel_dynamic(B * chunks, pool_task);
   }
-  return {y, lse, return_scores ? scores : at::empty({0}, acc_opts)};
+  return {y, lse_d.to(acc_opts.dtype()), return_scores ? scores : at::empty({0}, acc_opts)};
 }
 
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool_bwd(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& offsets, const std::optional<at::Tensor>& mask,
-    const Scorer& sc, bool has_bV, bool has_bU, const at::Tensor& y, const at::Tensor& lse,
-    const std::optional<at::Tensor>& dlse, const std::optional<at::Tensor>& dscores) {
+    const Scorer& sc, bool has_bV, bool has_bU, const at::Tensor& scores, const std::optional<at::Tensor>& dlse,
+    const std::optional<at::Tensor>& dscores) {
   using A = at::opmath_type<T>;
-  constexpr bool kLowp = !std::is_same_v<T, A>;
+  using P = GemmType<T>;
   const int64_t N = x.size(0), D = x.size(1), B = offsets.numel() - 1, K = sc.K, Hd = sc.Hd, G = sc.G;
   const auto acc = c10::CppTypeToScalarType<A>::value;
   const auto acc_opts = x.options().dtype(acc);
-  const std::vector<int64_t> bag = bag_of_rows(offsets.data_ptr<int64_t>(), B, N);
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  const std::vector<int64_t> bag = bag_of_rows(off, B, N);
   const bool* keep = mask ? mask->data_ptr<bool>() : nullptr;
+  const int64_t ldx = x.stride(0);
+  const T* x_p = x.data_ptr<T>();
 
-  // delta[b, k] = dy_bk · y_bk - dlse_bk: what every row of the bag subtracts from its g_k
+  // The softmax's gradient from the forward's scores, in double and before any GEMM: α from the bag's lse, g = x · dy,
+  // ds = α (g - Σ_bag α g) (+ α dlse + the scores' own gradient). Where one row holds nearly all of α, or the rows of
+  // a bag are alike, ds is the small difference of large sums, which float would leave mostly rounding.
+  const at::Tensor lse_d = bag_lse<A>(scores, off, B);
+  const double* lse_p = lse_d.data_ptr<double>();
+  const A* s = scores.data_ptr<A>();
   at::Tensor dy_a = dy.to(acc).contiguous();
-  at::Tensor delta = (dy_a * y.to(acc)).sum(-1);
-  if (dlse) delta = delta - dlse->to(acc);
-  delta = delta.contiguous();
-  const A *dy_p = dy_a.data_ptr<A>(), *delta_p = delta.data_ptr<A>(), *lse_p = lse.data_ptr<A>();
-  const A* wT = sc.wT.data_ptr<A>();
+  const A* dy_p = dy_a.data_ptr<A>();
+  at::Tensor alpha_t = at::empty({N, K}, acc_opts), ds_t = at::empty({N, K}, acc_opts);
+  at::Tensor g_t = at::empty({N, K}, x.options().dtype(at::kDouble));
+  A *alpha = alpha_t.data_ptr<A>(), *ds_all = ds_t.data_ptr<A>();
+  double* g = g_t.data_ptr<double>();
+  at::parallel_for(0, N, grain(K * D), [&](int64_t begin, int64_t end) {
+    std::vector<A> xr(D);
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t b = bag[n];
+      if (keep && !keep[n]) {
+        std::fill(g + n * K, g + (n + 1) * K, 0.0);
+        continue;
+      }
+      convert_row(xr.data(), x_p + n * ldx, D);
+      for (int64_t k = 0; k < K; ++k) {
+        const A* dy_bk = dy_p + (b * K + k) * D;
+        double acc_g = 0;
+        for (int64_t c = 0; c < D; ++c) acc_g += double(xr[c]) * double(dy_bk[c]);
+        g[n * K + k] = acc_g;
+      }
+    }
+  });
   const A* ds_in = dscores ? dscores->data_ptr<A>() : nullptr;
+  const A* dlse_p = nullptr;
+  at::Tensor dlse_a;
+  if (dlse) {
+    dlse_a = dlse->to(acc).contiguous();
+    dlse_p = dlse_a.data_ptr<A>();
+  }
+  at::parallel_for(0, B * K, grain(N / std::max<int64_t>(1, B)), [&](int64_t begin, int64_t end) {
+    for (int64_t bk = begin; bk < end; ++bk) {
+      const int64_t b = bk / K, k = bk % K;
+      double delta = 0;
+      for (int64_t n = off[b]; n < off[b + 1]; ++n) delta += weight_of<double>(s[n * K + k], lse_p[bk]) * g[n * K + k];
+      if (dlse_p) delta -= dlse_p[bk];
+      for (int64_t n = off[b]; n < off[b + 1]; ++n) {
+        const double a = weight_of<double>(s[n * K + k], lse_p[bk]);
+        alpha[n * K + k] = A(a);
+        ds_all[n * K + k] = A(a * (g[n * K + k] - delta)) + (ds_in ? ds_in[n * K + k] : A(0));
+      }
+    }
+  });
+  const A* wT = sc.wT.data_ptr<A>();
 
   at::Tensor dx = at::empty({N, D}, x.options());
   at::Tensor dW = at::zeros({D, G}, acc_opts), dbias = at::zeros({G}, acc_opts), dw = at::zeros({Hd, K}, acc_opts);
   const at::Tensor W_t = sc.W.t();
   for (int64_t r0 = 0; r0 < N; r0 += kBlockRows) {
     const int64_t rows = std::min(kBlockRows, N - r0);
-    at::Tensor xb = x.narrow(0, r0, rows);
+    at::Tensor xb = sc.gemm_input(x.narrow(0, r0, rows));
     if (keep) xb = xb.masked_fill(mask->narrow(0, r0, rows).logical_not().unsqueeze(1), 0);  // no NaN into dW
     const at::Tensor pre = sc.pre(xb);
     at::Tensor dpre = at::empty({rows, G}, acc_opts), hb = at::empty({rows, Hd}, acc_opts);
-    at::Tensor dsb = at::empty({rows, K}, acc_opts), dxb = at::empty({rows, D}, acc_opts);
-    const T *pre_p = pre.data_ptr<T>(), *xb_p = xb.data_ptr<T>();
-    const int64_t ldx = xb.stride(0);
-    A *dpre_p = dpre.data_ptr<A>(), *hb_p = hb.data_ptr<A>(), *dsb_p = dsb.data_ptr<A>(), *dxb_p = dxb.data_ptr<A>();
-    at::parallel_for(0, rows, grain(2 * G + 3 * K * D), [&](int64_t begin, int64_t end) {
-      std::vector<A> act(G), s(K), alpha(K), xr(D), dh(Hd);
+    at::Tensor dxb = at::empty({rows, D}, acc_opts);
+    const P* pre_p = pre.data_ptr<P>();
+    A *dpre_p = dpre.data_ptr<A>(), *hb_p = hb.data_ptr<A>(), *dxb_p = dxb.data_ptr<A>();
+    at::parallel_for(0, rows, grain(2 * G + 2 * K * D), [&](int64_t begin, int64_t end) {
+      std::vector<A> act(G), s_row(K), dh(Hd);
       for (int64_t i = begin; i < end; ++i) {
         const int64_t n = r0 + i, b = bag[n];
-        A *dpre_n = dpre_p + i * G, *h = hb_p + i * Hd, *ds = dsb_p + i * K, *dx_n = dxb_p + i * D;
+        A *dpre_n = dpre_p + i * G, *h = hb_p + i * Hd, *dx_n = dxb_p + i * D;
+        const A* ds = ds_all + n * K;
         if (keep && !keep[n]) {
           std::fill(dpre_n, dpre_n + G, A(0));
           std::fill(h, h + Hd, A(0));
-          std::fill(ds, ds + K, A(0));
           std::fill(dx_n, dx_n + D, A(0));
           continue;
         }
-        score_row(pre_p + i * G, sc, wT, act.data(), h, s.data());
-        convert_row(xr.data(), xb_p + i * ldx, D);
+        score_row(pre_p + i * G, sc, wT, act.data(), h, s_row.data());
         std::fill(dx_n, dx_n + D, A(0));
         for (int64_t k = 0; k < K; ++k) {
           const A* dy_bk = dy_p + (b * K + k) * D;
-          alpha[k] = weight_of(s[k], lse_p[b * K + k]);
-          ds[k] = alpha[k] * (vec::dot(xr.data(), dy_bk, D) - delta_p[b * K + k]) + (ds_in ? ds_in[n * K + k] : A(0));
-          const A a = alpha[k];
+          const A a = alpha[n * K + k];
           for (int64_t c = 0; c < D; ++c) dx_n[c] += a * dy_bk[c];
         }
         std::fill(dh.begin(), dh.end(), A(0));
@@ -265,8 +330,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         }
       }
     });
-    if constexpr (kLowp) {  // d(pre) rounded to x's dtype, as the gradient of the reference's Linear output is
-      const at::Tensor dpre_t = dpre.to(x.scalar_type());
+    if constexpr (!std::is_same_v<P, A>) {  // d(pre) rounded to bfloat16, as the gradient of a Linear's output is
+      const at::Tensor dpre_t = dpre.to(sc.W.scalar_type());
       dxb.add_(at::mm(dpre_t, W_t));
       dW.add_(at::mm(xb.t(), dpre_t));
     } else {
@@ -274,7 +339,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       dW.addmm_(xb.t(), dpre);
     }
     dbias.add_(dpre.sum(0));
-    dw.addmm_(hb.t(), dsb);
+    dw.addmm_(hb.t(), ds_t.narrow(0, r0, rows));  // 0 at left-out rows: their h is 0
+    if (keep) dxb.masked_fill_(mask->narrow(0, r0, rows).logical_not().unsqueeze(1), 0);  // 0 · NaN of a weight
     dx.narrow(0, r0, rows).copy_(dxb);
   }
   const auto dt = x.scalar_type();
@@ -315,17 +381,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& offsets, const std::optional<at::Tensor>& mask,
     const at::Tensor& V, const std::optional<at::Tensor>& U, const at::Tensor& w, const std::optional<at::Tensor>& bV,
     const std::optional<at::Tensor>& bU, const at::Tensor& y, const at::Tensor& lse,
-    const std::optional<at::Tensor>& dlse, const std::optional<at::Tensor>& dscores) {
+    const std::optional<at::Tensor>& scores, const std::optional<at::Tensor>& dlse,
+    const std::optional<at::Tensor>& dscores) {
   check_inputs(x, offsets, mask);
   const auto acc = at::toOpMathType(x.scalar_type());
   TORCH_CHECK(lse.scalar_type() == acc && lse.is_contiguous(), "attention_pool_bwd: lse must be the forward's");
+  TORCH_CHECK(!scores || (scores->scalar_type() == acc && scores->is_contiguous() &&
+                          scores->numel() == x.size(0) * w.size(1)),
+              "attention_pool_bwd: scores must be the forward's, contiguous (N, K) in the statistics' dtype");
   TORCH_CHECK(!dscores || (dscores->scalar_type() == acc && dscores->is_contiguous() &&
                            dscores->numel() == x.size(0) * w.size(1)),
               "attention_pool_bwd: dscores must be contiguous (N, K) in the statistics' dtype");
   const Scorer sc(V, U, w, bV, bU, acc);
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "attention_pool_bwd", [&] {
-    out = pool_bwd<scalar_t>(dy, x, offsets, mask, sc, bV.has_value(), bU.has_value(), y, lse, dlse, dscores);
+    // without the forward's scores (a direct call), the forward's pass makes them again
+    const at::Tensor s = scores ? *scores : std::get<2>(pool_fwd<scalar_t>(x, offsets, mask ? mask->data_ptr<bool>()
+                                                                                         : nullptr, sc, true));
+    out = pool_bwd<scalar_t>(dy, x, offsets, mask, sc, bV.has_value(), bU.has_value(), s, dlse, dscores);
   });
   return out;
 }

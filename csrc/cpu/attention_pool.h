@@ -19,12 +19,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_pool_fwd(
     const std::optional<at::Tensor>& U, const at::Tensor& w, const std::optional<at::Tensor>& bV,
     const std::optional<at::Tensor>& bU, bool return_scores);
 
-// dy (B, K, D), y and lse the forward's; dlse (B, K) and dscores (N, K) the gradients of its other outputs, or
-// none. Returns (dx, dV, dU, dw, dbV, dbU) in their inputs' dtypes (empty for an absent U, bV or bU).
+// dy (B, K, D), y, lse and scores the forward's (scores: none, and they are made again); dlse (B, K) and dscores (N, K)
+// the gradients of its other outputs, or none. Returns (dx, dV, dU, dw, dbV, dbU) in their inputs' dtypes (empty for
+// an absent U, bV or bU).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_pool_bwd(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& offsets, const std::optional<at::Tensor>& mask,
     const at::Tensor& V, const std::optional<at::Tensor>& U, const at::Tensor& w, const std::optional<at::Tensor>& bV,
     const std::optional<at::Tensor>& bU, const at::Tensor& y, const at::Tensor& lse,
-    const std::optional<at::Tensor>& dlse, const std::optional<at::Tensor>& dscores);
+    const std::optional<at::Tensor>& scores, const std::optional<at::Tensor>& dlse,
+    const std::optional<at::Tensor>& dscores);
 
 }  // namespace fastattn::cpu

@@ -6,7 +6,8 @@
 // attention: float16 / bfloat16, D == Dv in {64, 128}, sm_80+, any causal mode, bool or float mask
 // (with its gradient), gate, GQA. varlen_attention: the same without a mask, forward only (no
 // varlen_attention_bwd here: backends.py then refuses a gradient). attention_kvcache: the same head dims and
-// dtypes, contiguous or paged caches. softmax gates: float16 / bfloat16.
+// dtypes, contiguous or paged caches. softmax gates: float16 / bfloat16. attention_pool: float16 / bfloat16, any D,
+// Hd and K (more than 16 branches run 16 at a time).
 #include <ATen/ATen.h>
 #include <cuda_runtime_api.h>
 #include <torch/library.h>
@@ -437,6 +438,247 @@ std::tuple<Tensor, Tensor> score_softmax_gate_bwd_cuda(const Tensor& dy, const T
   return {dx, dweight};
 }
 
+// ------------------------------------------------------------------------------------ attention_pool
+// The inputs as attention_pool.cu reads them (params.h): x with rows of Dp = D rounded up to 8 elements in 16-byte
+// aligned rows (a copy only when x's are not), the weights padded and laid out in its column tiles.
+struct PoolInputs {
+  Tensor x, offsets, mask, wt, wi, bias, w;
+  int64_t N, B, D, Dp, Hd, Hdp, G, K;
+  bool gated;
+};
+
+PoolInputs prepare_pool(const char* op, const Tensor& x_in, const Tensor& offsets, const OptTensor& mask,
+                        const Tensor& V, const OptTensor& U, const Tensor& w, const OptTensor& bV,
+                        const OptTensor& bU) {
+  check_device(x_in, op, "x", x_in);
+  check_half_dtype(x_in, op, "x");
+  TORCH_CHECK(x_in.dim() == 2, op, " (cuda): x must be (N, D), got ", x_in.sizes());
+  check_device(offsets, op, "offsets", x_in);
+  TORCH_CHECK(offsets.scalar_type() == at::kLong && offsets.dim() == 1 && offsets.numel() >= 1, op,
+              " (cuda): offsets must be int64 (B + 1), got ", offsets.scalar_type(), " ", offsets.sizes());
+  const std::pair<const char*, const OptTensor*> weights[] = {{"U", &U}, {"bV", &bV}, {"bU", &bU}};
+  check_device(V, op, "V", x_in);
+  check_same_dtype(V, x_in, op, "V");
+  check_device(w, op, "w", x_in);
+  check_same_dtype(w, x_in, op, "w");
+  for (const auto& [name, t] : weights)
+    if (t->has_value()) {
+      check_device(**t, op, name, x_in);
+      check_same_dtype(**t, x_in, op, name);
+    }
+  PoolInputs in;
+  in.N = x_in.size(0), in.D = x_in.size(1), in.B = offsets.numel() - 1;
+  in.Hd = V.size(1), in.K = w.size(1), in.gated = U.has_value();
+  TORCH_CHECK(V.dim() == 2 && V.size(0) == in.D, op, " (cuda): V must be (D=", in.D, ", Hd), got ", V.sizes());
+  TORCH_CHECK(!U || U->sizes() == V.sizes(), op, " (cuda): U must be ", V.sizes(), " like V, got ", U->sizes());
+  TORCH_CHECK(w.dim() == 2 && w.size(0) == in.Hd, op, " (cuda): w must be (Hd=", in.Hd, ", K), got ", w.sizes());
+  TORCH_CHECK(in.K >= 1 && in.K <= kPoolMaxBranches, op, " (cuda): the kernels take 1 to ", kPoolMaxBranches,
+              " branches (w's columns) at once, got K=", in.K);
+  for (const auto& [name, t] : {std::make_pair("bV", &bV), std::make_pair("bU", &bU)})
+    TORCH_CHECK(!t->has_value() || ((*t)->dim() == 1 && (*t)->size(0) == in.Hd), op, " (cuda): ", name,
+                " must be (Hd=", in.Hd, "), got ", (*t)->sizes());
+  TORCH_CHECK(!bU || U, op, " (cuda): bU needs U");
+  if (mask.has_value()) {
+    check_device(*mask, op, "mask", x_in);
+    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->dim() == 1 && mask->size(0) == in.N, op,
+                " (cuda): mask must be bool (N=", in.N, "), got ", mask->scalar_type(), " ", mask->sizes());
+    in.mask = mask->contiguous();
+  }
+  check_sm80(x_in, op);
+  in.offsets = offsets.contiguous();
+
+  in.Dp = (in.D + 7) / 8 * 8;
+  if (in.D == in.Dp && x_in.stride(1) == 1 && vec16_ok(x_in)) {
+    in.x = x_in;
+  } else {  // rows padded to 16 bytes, zeros past D
+    in.x = at::zeros({in.N, in.Dp}, x_in.options());
+    in.x.narrow(1, 0, in.D).copy_(x_in);
+  }
+  // [V|U] in column tiles: gated, tile t = V's units 32 t .. 32 t + 31, then U's; ungated, V's 64 t .. 64 t + 63
+  const int64_t U32 = kPoolUnits;
+  in.Hdp = in.gated ? (in.Hd + U32 - 1) / U32 * U32 : (in.Hd + 2 * U32 - 1) / (2 * U32) * (2 * U32);
+  in.G = in.gated ? 2 * in.Hdp : in.Hdp;
+  const auto f32 = x_in.options().dtype(at::kFloat);
+  in.wi = at::zeros({in.Dp, in.G}, x_in.options());
+  in.bias = at::zeros({in.G}, f32);
+  auto place = [&](const Tensor& W, const OptTensor& b, int64_t part) {
+    Tensor Wp = in.gated ? in.wi.view({in.Dp, in.Hdp / U32, 2, U32}).select(2, part) : in.wi.view({in.Dp, 1, in.Hdp});
+    Tensor Wpad = at::zeros({in.Dp, in.Hdp}, x_in.options());
+    Wpad.narrow(0, 0, in.D).narrow(1, 0, in.Hd).copy_(W);
+    Wp.copy_(Wpad.view(Wp.sizes()));
+    if (b) {
+      Tensor bp = in.gated ? in.bias.view({in.Hdp / U32, 2, U32}).select(1, part) : in.bias.view({1, in.Hdp});
+      Tensor bpad = at::zeros({in.Hdp}, f32);
+      bpad.narrow(0, 0, in.Hd).copy_(*b);
+      bp.copy_(bpad.view(bp.sizes()));
+    }
+  };
+  place(V, bV, 0);
+  if (in.gated) place(*U, bU, 1);
+  in.wt = in.wi.t().contiguous();
+  in.w = at::zeros({in.Hdp, pool_branch_slots(int(in.K))}, f32);
+  in.w.narrow(0, 0, in.Hd).narrow(1, 0, in.K).copy_(w);
+  return in;
+}
+
+void fill_pool(PoolParams& p, const PoolInputs& in) {
+  p.x = in.x.data_ptr();
+  p.x_ld = in.x.stride(0);
+  p.offsets = in.offsets.data_ptr<int64_t>();
+  p.mask = in.mask.defined() ? in.mask.data_ptr<bool>() : nullptr;
+  p.wt = in.wt.data_ptr();
+  p.wi = in.wi.data_ptr();
+  p.bias = in.bias.data_ptr<float>();
+  p.w = in.w.data_ptr<float>();
+  p.N = in.N;
+  p.B = int(in.B), p.D = int(in.D), p.Dp = int(in.Dp), p.G = int(in.G), p.K = int(in.K);
+  p.gated = in.gated;
+  p.is_bf16 = in.x.scalar_type() == at::kBFloat16;
+}
+
+// The tanh and sigmoid parts of a tensor in [V|U]'s column layout (last dim G): (..., Hd) each.
+std::pair<Tensor, Tensor> split_columns(const Tensor& t, const PoolInputs& in) {
+  std::vector<int64_t> shape(t.sizes().begin(), t.sizes().end() - 1);
+  if (!in.gated) return {t.narrow(-1, 0, in.Hd), Tensor()};
+  std::vector<int64_t> tiles = shape;
+  tiles.insert(tiles.end(), {in.Hdp / kPoolUnits, 2, kPoolUnits});
+  shape.push_back(in.Hdp);
+  const Tensor v = t.reshape(tiles);
+  return {v.select(-2, 0).reshape(shape).narrow(-1, 0, in.Hd), v.select(-2, 1).reshape(shape).narrow(-1, 0, in.Hd)};
+}
+
+std::tuple<Tensor, Tensor, Tensor> attention_pool_fwd_cuda(const Tensor& x, const Tensor& offsets,
+                                                           const OptTensor& mask, const Tensor& V, const OptTensor& U,
+                                                           const Tensor& w, const OptTensor& bV, const OptTensor& bU,
+                                                           bool return_scores) {
+  const char* op = "attention_pool_fwd";
+  const c10::cuda::CUDAGuard guard(x.device());
+  if (w.dim() == 2 && w.size(1) > kPoolMaxBranches) {  // branches are independent: kPoolMaxBranches at a time
+    std::vector<Tensor> ys, lses, scores;
+    for (int64_t k0 = 0; k0 < w.size(1); k0 += kPoolMaxBranches) {
+      auto [y, lse, s] = attention_pool_fwd_cuda(x, offsets, mask, V, U,
+                                                 w.narrow(1, k0, std::min<int64_t>(kPoolMaxBranches, w.size(1) - k0)),
+                                                 bV, bU, return_scores);
+      ys.push_back(y), lses.push_back(lse), scores.push_back(s);
+    }
+    return {at::cat(ys, 1), at::cat(lses, 1), return_scores ? at::cat(scores, 1) : scores[0]};
+  }
+  const PoolInputs in = prepare_pool(op, x, offsets, mask, V, U, w, bV, bU);
+  const auto f32 = x.options().dtype(at::kFloat);
+  Tensor y = at::empty({in.B, in.K, in.D}, f32), lse = at::empty({in.B, in.K}, f32);
+  Tensor scores = at::empty({in.N, in.K}, f32);
+  if (in.N == 0 || in.B == 0) {  // no row: every bag empty
+    y.zero_(), lse.fill_(-INFINITY);
+    return {y, lse, return_scores ? scores : at::empty({0}, f32)};
+  }
+  // The splits of each bag (its rows cut at multiples of kPoolSplitRows), numbered bag after bag on the device:
+  // no copy of offsets to the host
+  constexpr int64_t R = kPoolSplitRows;
+  const Tensor lo = in.offsets.narrow(0, 0, in.B), hi = in.offsets.narrow(0, 1, in.B);
+  const Tensor count = at::where(hi > lo, at::floor_divide(hi - 1, R) - at::floor_divide(lo, R) + 1, at::zeros_like(lo));
+  const Tensor pair_start = at::cat({at::zeros({1}, in.offsets.options()), at::cumsum(count, 0)}).contiguous();
+  const int64_t max_pairs = in.B + (in.N + R - 1) / R;
+  Tensor part_acc = at::empty({max_pairs, in.K, in.Dp}, f32);
+  Tensor part_ml = at::empty({2, max_pairs, in.K}, f32);
+  PoolParams p{};
+  fill_pool(p, in);
+  p.scores = scores.data_ptr<float>();
+  p.lse = lse.data_ptr<float>();
+  p.pair_start = pair_start.data_ptr<int64_t>();
+  p.max_pairs = max_pairs;
+  p.part_acc = part_acc.data_ptr<float>();
+  p.part_m = part_ml[0].data_ptr<float>();
+  p.part_l = part_ml[1].data_ptr<float>();
+  p.y = y.data_ptr<float>();
+  C10_CUDA_CHECK(attention_pool_fwd_kernels(p, c10::cuda::getCurrentCUDAStream().stream()));
+  return {y, lse, return_scores ? scores : at::empty({0}, f32)};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> attention_pool_bwd_cuda(
+    const Tensor& dy, const Tensor& x, const Tensor& offsets, const OptTensor& mask, const Tensor& V,
+    const OptTensor& U, const Tensor& w, const OptTensor& bV, const OptTensor& bU, const Tensor& y, const Tensor& lse,
+    const OptTensor& scores, const OptTensor& dlse, const OptTensor& dscores) {
+  // the forward's scores go unused: these kernels recompute them with the rest, from lse
+  const char* op = "attention_pool_bwd";
+  const c10::cuda::CUDAGuard guard(x.device());
+  if (w.dim() == 2 && w.size(1) > kPoolMaxBranches && dy.dim() == 3 && y.dim() == 3 && lse.dim() == 2) {
+    // kPoolMaxBranches branches at a time: every gradient is a sum over the branches (dw: its columns)
+    Tensor acc[5];  // dx, dV, dU, dbV, dbU in float32
+    std::vector<Tensor> dws;
+    for (int64_t k0 = 0; k0 < w.size(1); k0 += kPoolMaxBranches) {
+      const int64_t kn = std::min<int64_t>(kPoolMaxBranches, w.size(1) - k0);
+      auto part = [&](const OptTensor& t) -> OptTensor { return t ? OptTensor(t->narrow(1, k0, kn)) : std::nullopt; };
+      auto [dx, dV, dU, dw, dbV, dbU] = attention_pool_bwd_cuda(
+          dy.narrow(1, k0, kn), x, offsets, mask, V, U, w.narrow(1, k0, kn), bV, bU, y.narrow(1, k0, kn),
+          lse.narrow(1, k0, kn), std::nullopt, part(dlse), part(dscores));
+      const Tensor grads[5] = {dx, dV, dU, dbV, dbU};
+      for (int i = 0; i < 5; ++i) acc[i] = k0 == 0 ? grads[i].to(at::kFloat) : acc[i] + grads[i].to(at::kFloat);
+      dws.push_back(dw);
+    }
+    const auto dt = x.scalar_type();
+    return {acc[0].to(dt), acc[1].to(dt), acc[2].to(dt), at::cat(dws, 1), acc[3].to(dt), acc[4].to(dt)};
+  }
+  const PoolInputs in = prepare_pool(op, x, offsets, mask, V, U, w, bV, bU);
+  const std::vector<int64_t> y_shape{in.B, in.K, in.D}, row_shape{in.B, in.K}, s_shape{in.N, in.K};
+  for (const auto& [name, t, shape] : {std::make_tuple("dy", &dy, &y_shape), std::make_tuple("y", &y, &y_shape),
+                                       std::make_tuple("lse", &lse, &row_shape)}) {
+    check_device(*t, op, name, x);
+    TORCH_CHECK(t->sizes() == at::IntArrayRef(*shape), op, " (cuda): ", name, " must be ", at::IntArrayRef(*shape),
+                ", got ", t->sizes());
+  }
+  const auto f32 = x.options().dtype(at::kFloat);
+  const Tensor dy_f = dy.to(at::kFloat).contiguous();
+  Tensor delta = (dy_f * y.to(at::kFloat)).sum(-1);
+  if (dlse.has_value()) {
+    check_device(*dlse, op, "dlse", x);
+    TORCH_CHECK(dlse->sizes() == at::IntArrayRef(row_shape), op, " (cuda): dlse must be ", at::IntArrayRef(row_shape),
+                ", got ", dlse->sizes());
+    delta = delta - dlse->to(at::kFloat);
+  }
+  delta = delta.contiguous();
+  Tensor dscores_f;
+  if (dscores.has_value()) {
+    check_device(*dscores, op, "dscores", x);
+    TORCH_CHECK(dscores->sizes() == at::IntArrayRef(s_shape), op, " (cuda): dscores must be ", at::IntArrayRef(s_shape),
+                ", got ", dscores->sizes());
+    dscores_f = dscores->to(at::kFloat).contiguous();
+  }
+  const Tensor lse_f = lse.to(at::kFloat).contiguous();
+  Tensor dx = at::empty({in.N, in.Dp}, x.options());
+  Tensor dw_acc = at::zeros({in.Hdp, pool_branch_slots(int(in.K))}, f32);
+  Tensor dW_acc = at::zeros({in.Dp, in.G}, f32);
+  Tensor dpre = at::empty({in.N, in.G}, x.options());
+  Tensor work = at::empty({3, in.N, in.K}, f32);  // scores, alpha, ds
+  if (in.N == 0 || in.B == 0) {
+    dx.zero_(), dpre.zero_();
+  } else {
+    PoolBwdParams p{};
+    fill_pool(p, in);
+    p.scores = work[0].data_ptr<float>();
+    p.lse = const_cast<float*>(lse_f.data_ptr<float>());
+    p.dy = dy_f.data_ptr<float>();
+    p.delta = delta.data_ptr<float>();
+    p.dscores = dscores_f.defined() ? dscores_f.data_ptr<float>() : nullptr;
+    p.alpha = work[1].data_ptr<float>();
+    p.ds = work[2].data_ptr<float>();
+    p.dpre = dpre.data_ptr();
+    p.dx = dx.data_ptr();
+    p.dw_acc = dw_acc.data_ptr<float>();
+    p.dW_acc = dW_acc.data_ptr<float>();
+    C10_CUDA_CHECK(attention_pool_bwd_kernels(p, c10::cuda::getCurrentCUDAStream().stream()));
+  }
+  const auto dt = x.scalar_type();
+  const Tensor none = x.new_empty({0});
+  const auto [dV, dU] = split_columns(dW_acc.narrow(0, 0, in.D), in);
+  const auto [dbV, dbU] = split_columns(at::sum(dpre, at::IntArrayRef{0}, /*keepdim=*/false, at::kFloat), in);  // left-out rows hold 0
+  return {in.Dp == in.D ? dx : dx.narrow(1, 0, in.D).contiguous(),
+          dV.to(dt),
+          in.gated ? dU.to(dt) : none,
+          dw_acc.narrow(0, 0, in.Hd).narrow(1, 0, in.K).to(dt),
+          bV ? dbV.to(dt) : none,
+          bU ? dbU.to(dt) : none};
+}
+
 }  // namespace
 }  // namespace fastattn::cuda
 
@@ -449,4 +691,6 @@ FASTATTN_CUDA_OPS(m) {
   FASTATTN_CUDA_OP(m, "softmax_gate_bwd", &fastattn::cuda::softmax_gate_bwd_cuda);
   FASTATTN_CUDA_OP(m, "score_softmax_gate_fwd", &fastattn::cuda::score_softmax_gate_fwd_cuda);
   FASTATTN_CUDA_OP(m, "score_softmax_gate_bwd", &fastattn::cuda::score_softmax_gate_bwd_cuda);
+  FASTATTN_CUDA_OP(m, "attention_pool_fwd", &fastattn::cuda::attention_pool_fwd_cuda);
+  FASTATTN_CUDA_OP(m, "attention_pool_bwd", &fastattn::cuda::attention_pool_bwd_cuda);
 }

@@ -121,4 +121,58 @@ struct GateBwdParams : GateParams {
 cudaError_t softmax_gate_fwd(const GateParams& p, cudaStream_t stream);
 cudaError_t softmax_gate_bwd(const GateBwdParams& p, cudaStream_t stream);
 
+// -------------------------------------------------------------------------------------------------
+// attention_pool (attention_pool.cu; math: fastattn/reference.py). Packed bags of x (N, D), bag b rows
+// offsets[b] .. offsets[b + 1]. The binding pads what the kernels read in 16-byte chunks: x's row length to Dp
+// (a multiple of 8, zeros past D), the hidden units to Hdp (zero weights, bias and w rows past Hd) and the
+// branches to pool_branch_slots(K) columns of w.
+// -------------------------------------------------------------------------------------------------
+constexpr int kPoolSplitRows = 256;   // a bag's rows are split at multiples of this (one forward block each)
+constexpr int kPoolUnits = 32;        // hidden units per 64-column tile of the gated [V|U] (ungated: 64)
+constexpr int kPoolMaxBranches = 16;  // K at most
+inline int pool_branch_slots(int K) { return K <= 4 ? 4 : kPoolMaxBranches; }
+
+struct PoolParams {
+  const void* x;  // (N, Dp) rows in x's dtype, row stride x_ld (% 8 == 0), 16-byte aligned
+  int64_t x_ld;
+  const int64_t* offsets;  // (B + 1)
+  const bool* mask;        // (N) or nullptr
+  // [V|U]: G columns in tiles of 64, gated: tile t = V's units 32 t .. 32 t + 31, then U's (ungated: V's 64 t ..)
+  const void* wt;      // (G, Dp) x's dtype: [V|U] transposed
+  const void* wi;      // (Dp, G) x's dtype: [V|U] (backward: dx = dpre [V|U]ᵀ)
+  const float* bias;   // (G) float32 (zeros without biases)
+  const float* w;      // (Hdp, pool_branch_slots(K)) float32, zeros past Hd and K
+  int64_t N;
+  int B, D, Dp, G, K;
+  bool gated, is_bf16;
+  float* scores;  // (N, K) float32: forward output; backward: recomputed (workspace)
+  float* lse;     // (B, K): forward output, backward input
+  // -- forward: the splits of the bags. pair_start (B + 1): split i of bag b is block pair_start[b] + i; at most
+  // max_pairs (B + ceil(N / kPoolSplitRows)) blocks. Workspaces (max_pairs, K, Dp), (max_pairs, K), (max_pairs, K).
+  const int64_t* pair_start;
+  int64_t max_pairs;
+  float* part_acc;
+  float* part_m;
+  float* part_l;
+  float* y;  // (B, K, D) float32
+};
+
+struct PoolBwdParams : PoolParams {
+  const float* dy;       // (B, K, D) float32 contiguous
+  const float* delta;    // (B, K): dy · y - dlse
+  const float* dscores;  // (N, K) or nullptr
+  // -- workspaces: alpha, ds (N, K) float32; dpre (N, G) x's dtype
+  float* alpha;
+  float* ds;
+  void* dpre;
+  // -- outputs: dx (N, Dp) x's dtype; float32 zero-filled: dw_acc (Hdp, pool_branch_slots(K)), dW_acc (Dp, G)
+  void* dx;
+  float* dw_acc;
+  float* dW_acc;
+};
+
+// attention_pool.cu
+cudaError_t attention_pool_fwd_kernels(const PoolParams& p, cudaStream_t stream);
+cudaError_t attention_pool_bwd_kernels(const PoolBwdParams& p, cudaStream_t stream);
+
 }  // namespace fastattn::cuda

@@ -14,7 +14,9 @@
   X(attention_bwd_convert_dq, AttnBwdParams)    \
   X(attention_decode, DecodeParams)             \
   X(softmax_gate_fwd, GateParams)               \
-  X(softmax_gate_bwd, GateBwdParams)
+  X(softmax_gate_bwd, GateBwdParams)            \
+  X(attention_pool_fwd_kernels, PoolParams)     \
+  X(attention_pool_bwd_kernels, PoolBwdParams)
 
 namespace fastattn_emu {
 
