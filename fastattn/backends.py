@@ -27,7 +27,6 @@ KERNELS = {"attention": ("attention_fwd",), "varlen_attention": ("varlen_attenti
 BACKWARD_KERNELS = {"attention": ("attention_bwd",), "varlen_attention": ("varlen_attention_bwd",),
                     "softmax_gate": ("softmax_gate_bwd",), "score_softmax_gate": ("score_softmax_gate_bwd",),
                     "attention_pool": ("attention_pool_bwd",)}
-POOL_KERNELS = frozenset(KERNELS["attention_pool"] + BACKWARD_KERNELS["attention_pool"])
 
 
 @dataclasses.dataclass(frozen=True)

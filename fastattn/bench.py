@@ -510,7 +510,7 @@ def default_configs(device, quick=False, ops=None, modes=None, dtypes=None, head
                     for D in head_dims or (128,):
                         configs.append(Config("attention", "fwd", dtype, B=1, Hq=32, Hkv=8, Lq=2048, Lk=2048, D=D,
                                               Dv=D, causal=True))
-            elif op in POOL_OPS:  # the issue's sizes: CLAM's hidden 256, encoders' D 1024 / 1536, slides of 8k-100k
+            elif op in POOL_OPS:  # MIL's sizes: CLAM's hidden 256, patch encoders' D 1024 / 1536, slides of 8k-100k
                 sizes = [(8192, 1024)] if quick else [(N, D) for D in (1024, 1536) for N in (8192, 40000, 100000)]
                 if op == "attention_pool_packed":
                     sizes = [(0, 1024)]

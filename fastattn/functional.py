@@ -359,7 +359,8 @@ def attention_pool(x, V, w, U=None, *, bV=None, bU=None, offsets=None, mask=None
             sigmoid branch's. w: (Hd, K), one column per branch. bV, bU: None or (Hd,). All in x's dtype and
             device. A bias of w would cancel in the softmax, so there is none.
         offsets: None, or int32 / int64 (B + 1) offsets from 0 to N_total, never decreasing (cu_seqlens); empty
-            bags are allowed. Only with a packed x. Checked (a device sync on a GPU) except under torch.compile.
+            bags are allowed. Only with a packed x. Checked (a device sync on a GPU) except under torch.compile and
+            CUDA-graph capture.
         mask: None, or bool, (N_total,) for a packed x or (B, N) for a padded one: False leaves the instance out of
             its bag (weight 0, nothing of it reaches any output or gradient, NaN included).
         return_weights: also return α in x's dtype, (N_total, K) packed or (B, N, K) padded, 0 at left-out

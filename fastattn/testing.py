@@ -665,7 +665,7 @@ class PoolCase:
     bias: bool = True
     mask: str = "none"           # none, random, bag (one bag entirely left out)
     layout: str = "packed"       # packed (N, D) with offsets; padded: (B, N, D) with a mask; strided: packed rows
-                                 # 2 D apart; expand: each bag's first row seen by all its rows (stride 0);
+                                 # 2 D apart; expand: the first row seen by every row (stride 0);
                                  # overlap: rows D // 3 apart (unfold)
     weights_grad: bool = False   # return α and backpropagate through it too
     logits: float = 1.0          # multiplies w: large values saturate the softmax
@@ -718,8 +718,8 @@ def _run_pool(case, t, dtype, device, backend):
     mask = t["mask"].to(device) if "mask" in t else None
     offsets = torch.tensor([0] + list(itertools.accumulate(bags)), device=device)
     rows = x
-    if case.layout == "expand":  # the first row of every bag seen through stride 0 by the bag's other rows
-        rows = torch.cat([x[lo:lo + 1].expand(hi - lo, -1) for lo, hi in zip(offsets[:-1].tolist(), offsets[1:].tolist())])
+    if case.layout == "expand":  # the first row seen by every row, through stride 0
+        rows = x[:1].expand(x.shape[0], -1)
     kw = dict(bV=params.get("bV"), bU=params.get("bU"), return_weights=True, backend=backend)
     if case.layout == "padded":
         B, Nmax = len(bags), max(bags)

@@ -474,3 +474,12 @@ def check_varlen_forward(case, dtype, backend, device="cpu"):
 
     got, lowp, truth = run(dtype, backend), run(dtype, "reference"), run(torch.float64, "reference")
     return [testing.compare(n, got[n], lowp[n], truth[n], dtype, 2) for n in ("out", "lse")]
+
+
+def pool_nan_weight_reaches_no_left_out_row(backend, device, dtype):
+    """A NaN in a weight with every row of a bag left out: the weights' gradients come from rows that take part alone,
+    and a left-out row's dx is 0 (its activations, made from x = 0, hold the NaN: 0 · NaN must not reach anything)."""
+    for gated, mask in ((False, "bag"), (True, "random")):
+        case = fuzz.make_pool_case(77, dtype, bags=(2, 5), D=24, Hd=8, K=2, gated=gated, bias=gated, padded=True,
+                                   mask=mask, views={"x": "transposed", "V": "size1"}, nan="V")
+        assert_all_ok(fuzz.check_pool(case, backend, device), case.id)

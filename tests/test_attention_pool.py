@@ -105,14 +105,46 @@ def test_opcheck():
         torch.library.opcheck(op, args)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=dtype_id)
+def test_backward_without_the_forwards_scores_and_outputs_of_their_own(dtype):
+    """The backward op called without the forward's scores makes them again: the same gradients. Every gradient is a
+    tensor of its own (the schema declares no aliasing), also where no dtype conversion copies it."""
+    x, V, U, w, bV, bU = (t.to(dtype) for t in pool_inputs(N=13, D=6, Hd=5, K=2))
+    offsets, mask = torch.tensor([0, 4, 4, 13]), torch.rand(13, generator=torch.Generator().manual_seed(0)) < 0.8
+    y, lse, s = torch.ops.fastattn.attention_pool_fwd(x, offsets, mask, V, U, w, bV, None, True)
+    dy = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(1))
+    bwd = torch.ops.fastattn.attention_pool_bwd
+    with_scores = bwd(dy, x, offsets, mask, V, U, w, bV, None, y, lse, s, None, None)
+    without = bwd(dy, x, offsets, mask, V, U, w, bV, None, y, lse, None, None, None)
+    for a, b in zip(with_scores, without):
+        assert torch.equal(a, b)
+    storages = [t.untyped_storage().data_ptr() for t in with_scores]
+    assert len(set(storages)) == len(storages)
+
+
+def test_bad_offsets_reach_no_kernel():
+    """The kernels check what they index by: offsets past N, a shape that does not fit (what torch.compile and direct
+    calls skip the Python checks for) raise instead of reading out of bounds."""
+    x, V, U, w, bV, bU = (t.float() for t in pool_inputs(N=13))
+    op = torch.ops.fastattn.attention_pool_fwd
+    for offsets in (torch.tensor([0, 4, 14]), torch.tensor([0, 9, 4, 13]), torch.tensor([1, 13])):
+        with pytest.raises(RuntimeError, match="offsets"):
+            op(x, offsets, None, V, U, w, bV, bU, False)
+    with pytest.raises(RuntimeError, match="w must be"):
+        op(x, torch.tensor([0, 13]), None, V, U, w[:3], bV, bU, False)
+
+
 def test_compiles_fullgraph():
     x, V, U, w, bV, bU = (t.float() for t in pool_inputs())
     offsets = torch.tensor([0, 4, 4, 13])
     f = lambda x: fastattn.attention_pool(x, V, w, U, bV=bV, bU=bU, offsets=offsets, return_weights=True, backend="cpu")
     torch._dynamo.reset()
-    got = torch.compile(f, fullgraph=True)(x)
-    want = f(x)
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    got, want = torch.compile(f, fullgraph=True)(xs[0]), f(xs[1])
     torch.testing.assert_close(got, want)
+    for (y, a), t in zip((got, want), xs):
+        (y.sum() + a.square().sum()).backward()
+    torch.testing.assert_close(xs[0].grad, xs[1].grad)
 
 
 @pytest.mark.parametrize("bad, error, names", [

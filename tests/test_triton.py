@@ -216,6 +216,11 @@ def test_triton_pool_matches_reference(case, dtype):
     assert_all_ok(check_pool(case, dtype, backend="triton", device=DEVICE), case.id)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_triton_pool_nan_weight_reaches_no_left_out_row(dtype):
+    bc.pool_nan_weight_reaches_no_left_out_row("triton", DEVICE, dtype)
+
+
 def _forced_pool_splits(monkeypatch, tiles):
     """Every attention_pool forward splits its bags every ``tiles`` row tiles, whatever the shapes; the splits'
     workspace starts as NaN (an entry the merge reads that no split wrote shows in y). Returns the sizes seen."""

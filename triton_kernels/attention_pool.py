@@ -278,11 +278,12 @@ def _pool_bwd_rows(X, MASK, WV, WU, BV, BU, WK, PLAN, LSE, DELTA, DY, DSCORES, A
             dh = tl.dot(ds, tl.trans(wk), input_precision="ieee")                      # (BLOCK_N, BLOCK_H)
             m_store = in_split[:, None] & m_h[None, :]
             p_dpre = DPRE + rows[:, None] * G + offs_h[None, :]
-            dpv = dh * sg * (1.0 - t * t)
+            # 0 at rows left out, also where a weight or bias is NaN (their activations come from x = 0 and would be)
+            dpv = tl.where(keep[:, None], dh * sg * (1.0 - t * t), 0.0)
             tl.store(p_dpre, cast_rne(dpv, DPRE.dtype.element_ty), mask=m_store)
             tl.store(PART_DB + pid * G + offs_h, tl.sum(dpv, 0), mask=m_h)
             if GATED:
-                dpu = dh * t * sg * (1.0 - sg)
+                dpu = tl.where(keep[:, None], dh * t * sg * (1.0 - sg), 0.0)
                 tl.store(p_dpre + Hd, cast_rne(dpu, DPRE.dtype.element_ty), mask=m_store)
                 tl.store(PART_DB + pid * G + Hd + offs_h, tl.sum(dpu, 0), mask=m_h)
             dw = tl.dot(tl.trans(tl.where(keep[:, None], h, 0.0)), ds, input_precision="ieee")   # (BLOCK_H, KP)
@@ -291,11 +292,11 @@ def _pool_bwd_rows(X, MASK, WV, WU, BV, BU, WK, PLAN, LSE, DELTA, DY, DSCORES, A
 
 
 @triton.jit
-def _pool_bwd_dx(DY, ALPHA, DPRE, WV, WU, PLAN, DX, stride_wd, D, Hd, K, P, G,
-                 GATED: tl.constexpr, KP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                 BLOCK_H: tl.constexpr, DOT_PREC: tl.constexpr):
+def _pool_bwd_dx(DY, ALPHA, DPRE, WV, WU, MASK, PLAN, DX, stride_wd, D, Hd, K, P, G,
+                 HAS_MASK: tl.constexpr, GATED: tl.constexpr, KP: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PREC: tl.constexpr):
     """dx[rows, chunk] = α dy_b + d(pre) [V|U]ᵀ for program p's tile of bag b (PLAN, as _pool_bwd_rows) and D chunk
-    program_id(1). α and d(pre) are 0 at rows left out: so is dx."""
+    program_id(1); 0 at rows left out (their α and d(pre) are 0, but 0 times a NaN weight is not)."""
     pid = tl.program_id(0)
     b = tl.load(PLAN + pid)
     lo = tl.load(PLAN + P + pid)
@@ -305,8 +306,7 @@ def _pool_bwd_dx(DY, ALPHA, DPRE, WV, WU, PLAN, DX, stride_wd, D, Hd, K, P, G,
     offs_k = tl.arange(0, KP)
     m_k = offs_k < K
     for start in range(lo, hi, BLOCK_N):   # one tile, none for a program past the last one
-        rows = start + tl.arange(0, BLOCK_N)
-        in_split = rows < hi
+        rows, in_split, keep = _tile_rows(MASK, start, hi, HAS_MASK, BLOCK_N)
         alpha = tl.load(ALPHA + rows[:, None] * K + offs_k[None, :], mask=in_split[:, None] & m_k[None, :],
                         other=0.0)
         dy = tl.load(DY + (b * K + offs_k[:, None]) * D + offs_d[None, :], mask=m_k[:, None] & m_d[None, :],
@@ -324,6 +324,7 @@ def _pool_bwd_dx(DY, ALPHA, DPRE, WV, WU, PLAN, DX, stride_wd, D, Hd, K, P, G,
             if GATED:
                 dx = dot_acc(tl.load(p_dpre + Hd, mask=m_dpre, other=0.0), tl.load(WU + w_off, mask=m_w, other=0.0),
                              dx, DOT_PREC)
+        dx = tl.where(keep[:, None], dx, 0.0)
         tl.store(DX + rows[:, None] * D + offs_d[None, :], cast_rne(dx, DX.dtype.element_ty),
                  mask=in_split[:, None] & m_d[None, :])
 
@@ -472,7 +473,8 @@ def attention_pool_bwd(dy, x, offsets, mask, V, U, w, bV, bU, y, lse, dlse, dsco
         if bn_dx != bn:
             plan, _, P = _plan(offsets.contiguous(), N, bn_dx)
         wrap_triton(_pool_bwd_dx)[(P, triton.cdiv(D, bd_dx))](
-            dy, alpha, dpre, V, U, plan, dx, V.stride(0), D, Hd, K, P, G, GATED=flags["GATED"],
+            dy, alpha, dpre, V, U, mask_t, plan, dx, V.stride(0), D, Hd, K, P, G, HAS_MASK=flags["HAS_MASK"],
+            GATED=flags["GATED"],
             KP=kp, BLOCK_N=bn_dx, BLOCK_D=bd_dx, BLOCK_H=bh_dx, DOT_PREC=prec, num_warps=warps, num_stages=stages)
         # -- d[V|U] = xᵀ d(pre), split over the rows
         bn_w, bd_w, bg_w, warps, stages = _tiles(BWD_DW_TILES, dt)

@@ -78,8 +78,8 @@ inline A weight_of(A s, A lse) { return s == -std::numeric_limits<A>::infinity()
 
 // The GEMMs' dtype for x's: x's own (bfloat16 runs on the CPU's bf16 dot products, its pre-activations rounded as a
 // Linear layer rounds them), but float for float16, whose GEMMs ATen runs through float on a CPU anyway: its
-// pre-activations then stay unrounded (float16's rounding of them at other entries than the reference's GEMM was most
-// of the weights' gradients' error where large scores saturate the softmax).
+// pre-activations then stay unrounded (float16's rounding of them, at other entries than the reference's GEMM rounds,
+// would be most of the weights' gradients' error where large scores saturate the softmax).
 template <typename T>
 using GemmType = std::conditional_t<std::is_same_v<T, c10::Half>, float, T>;
 
@@ -343,22 +343,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     if (keep) dxb.masked_fill_(mask->narrow(0, r0, rows).logical_not().unsqueeze(1), 0);  // 0 · NaN of a weight
     dx.narrow(0, r0, rows).copy_(dxb);
   }
-  const auto dt = x.scalar_type();
-  const at::Tensor none = at::empty({0}, x.options());
+  // every output a tensor of its own (the schema declares no aliasing): copies, also where the dtype is the same
+  const auto out = [&](const at::Tensor& t, bool present) {
+    return present ? t.to(x.scalar_type(), /*non_blocking=*/false, /*copy=*/true) : at::empty({0}, x.options());
+  };
   return {dx,
-          dW.narrow(1, 0, Hd).to(dt),
-          sc.gated ? dW.narrow(1, Hd, Hd).to(dt) : none,
-          dw.to(dt),
-          has_bV ? dbias.narrow(0, 0, Hd).to(dt) : none,
-          has_bU ? dbias.narrow(0, Hd, Hd).to(dt) : none};
+          out(dW.narrow(1, 0, Hd), true),
+          out(dW.narrow(1, Hd, sc.gated ? Hd : 0), sc.gated),
+          out(dw, true),
+          out(dbias.narrow(0, 0, Hd), has_bV),
+          out(dbias.narrow(0, Hd, sc.gated ? Hd : 0), has_bU)};
 }
 
-void check_inputs(const at::Tensor& x, const at::Tensor& offsets, const std::optional<at::Tensor>& mask) {
+// What the kernels index by, checked here too: the Python layer's checks are skipped under torch.compile and for
+// direct calls of the op, and a bad offset or shape would read or write out of bounds.
+void check_inputs(const at::Tensor& x, const at::Tensor& offsets, const std::optional<at::Tensor>& mask,
+                  const at::Tensor& V, const std::optional<at::Tensor>& U, const at::Tensor& w,
+                  const std::optional<at::Tensor>& bV, const std::optional<at::Tensor>& bU) {
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "attention_pool: x must be (N, D) with stride(-1) == 1");
-  TORCH_CHECK(offsets.scalar_type() == at::kLong && offsets.dim() == 1 && offsets.is_contiguous(),
+  TORCH_CHECK(offsets.scalar_type() == at::kLong && offsets.dim() == 1 && offsets.numel() >= 1 &&
+                  offsets.is_contiguous(),
               "attention_pool: offsets must be a contiguous int64 (B + 1) tensor");
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  const int64_t B = offsets.numel() - 1;
+  bool ordered = off[0] == 0 && off[B] == x.size(0);
+  for (int64_t b = 0; b < B && ordered; ++b) ordered = off[b] <= off[b + 1];
+  TORCH_CHECK(ordered, "attention_pool: offsets must not decrease, from 0 to N = ", x.size(0));
   TORCH_CHECK(!mask || (mask->scalar_type() == at::kBool && mask->numel() == x.size(0) && mask->is_contiguous()),
               "attention_pool: mask must be a contiguous bool (N) tensor");
+  const int64_t D = x.size(1), Hd = V.dim() == 2 ? V.size(1) : -1;
+  TORCH_CHECK(V.dim() == 2 && V.size(0) == D, "attention_pool: V must be (D, Hd)");
+  TORCH_CHECK(w.dim() == 2 && w.size(0) == Hd, "attention_pool: w must be (Hd, K)");
+  TORCH_CHECK(!U || U->sizes() == V.sizes(), "attention_pool: U must be (D, Hd) like V");
+  TORCH_CHECK(!bU || U, "attention_pool: bU needs U");
+  for (const auto* b : {&bV, &bU}) TORCH_CHECK(!*b || ((*b)->dim() == 1 && (*b)->size(0) == Hd),
+                                               "attention_pool: bV, bU must be (Hd)");
+  for (const auto& t : {V, w}) TORCH_CHECK(t.scalar_type() == x.scalar_type(), "attention_pool: dtypes differ");
 }
 
 }  // namespace
@@ -367,7 +387,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_pool_fwd(
     const at::Tensor& x, const at::Tensor& offsets, const std::optional<at::Tensor>& mask, const at::Tensor& V,
     const std::optional<at::Tensor>& U, const at::Tensor& w, const std::optional<at::Tensor>& bV,
     const std::optional<at::Tensor>& bU, bool return_scores) {
-  check_inputs(x, offsets, mask);
+  check_inputs(x, offsets, mask, V, U, w, bV, bU);
   const auto acc = at::toOpMathType(x.scalar_type());
   const Scorer sc(V, U, w, bV, bU, acc);
   std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
@@ -383,8 +403,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& bU, const at::Tensor& y, const at::Tensor& lse,
     const std::optional<at::Tensor>& scores, const std::optional<at::Tensor>& dlse,
     const std::optional<at::Tensor>& dscores) {
-  check_inputs(x, offsets, mask);
+  check_inputs(x, offsets, mask, V, U, w, bV, bU);
   const auto acc = at::toOpMathType(x.scalar_type());
+  const int64_t B = offsets.numel() - 1, K = w.size(1), D = x.size(1);
+  TORCH_CHECK(dy.dim() == 3 && dy.size(0) == B && dy.size(1) == K && dy.size(2) == D,
+              "attention_pool_bwd: dy must be (B, K, D)");
+  TORCH_CHECK(lse.numel() == B * K && (!dlse || dlse->numel() == B * K), "attention_pool_bwd: lse, dlse must be (B, K)");
   TORCH_CHECK(lse.scalar_type() == acc && lse.is_contiguous(), "attention_pool_bwd: lse must be the forward's");
   TORCH_CHECK(!scores || (scores->scalar_type() == acc && scores->is_contiguous() &&
                           scores->numel() == x.size(0) * w.size(1)),

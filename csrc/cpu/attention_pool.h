@@ -1,5 +1,5 @@
 // CPU kernels for fastattn.attention_pool: attention pooling of packed bags (gated ABMIL scorer, K branches).
-// Math: fastattn/reference.py's attention_pool and docs/CONTRACT.md §1.4. Here x (N, D) is float32, float64,
+// Math: fastattn/reference.py's attention_pool and docs/CONTRACT.md §1.5. Here x (N, D) is float32, float64,
 // bfloat16 or float16 on the CPU, any row stride with stride(-1) == 1; offsets (B + 1) int64; mask (N) bool or
 // none; V, U (D, Hd), w (Hd, K), bV, bU (Hd) in x's dtype. Statistics and the pooled sum are float (double for
 // float64 x).

@@ -332,6 +332,13 @@ __global__ void __launch_bounds__(kGemmThreads) dpre_kernel(const PoolBwdParams 
   }
   __syncthreads();
   const float* ds[2] = {sDs[warp * 16 + g], sDs[warp * 16 + g + 8]};
+  // rows left out give 0: their activations come from x = 0, NaN where a weight or bias is, and 0 · NaN is not 0
+  bool keep[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t row = m0 + warp * 16 + g + 8 * r;
+    keep[r] = row < p.N && (p.mask == nullptr || p.mask[row]);
+  }
   T* dpre = static_cast<T*>(p.dpre);
   for (int ct = 0; ct < p.G / kTile; ++ct) {
     float acc[kTile / 8][4];
@@ -352,12 +359,12 @@ __global__ void __launch_bounds__(kGemmThreads) dpre_kernel(const PoolBwdParams 
           for (int k = 0; k < kK; ++k) dh += ds[r][k] * w[k];
           if constexpr (kGated) {
             const float sg = sigmoidf(acc[nt + kVT][e] + p.bias[col + kUnits]);
-            h[r] = th * sg;
-            acc[nt][e] = dh * sg * (1.f - th * th);
-            acc[nt + kVT][e] = dh * th * sg * (1.f - sg);
+            h[r] = keep[r] ? th * sg : 0.f;
+            acc[nt][e] = keep[r] ? dh * sg * (1.f - th * th) : 0.f;
+            acc[nt + kVT][e] = keep[r] ? dh * th * sg * (1.f - sg) : 0.f;
           } else {
-            h[r] = th;
-            acc[nt][e] = dh * (1.f - th * th);
+            h[r] = keep[r] ? th : 0.f;
+            acc[nt][e] = keep[r] ? dh * (1.f - th * th) : 0.f;
           }
         }
         // dw of this unit: the thread's 2 rows, then the 8 lanes of its column (same t) in the warp, one atomic

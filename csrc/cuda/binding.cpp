@@ -600,6 +600,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> attention_pool_bwd_cu
     const OptTensor& scores, const OptTensor& dlse, const OptTensor& dscores) {
   // the forward's scores go unused: these kernels recompute them with the rest, from lse
   const char* op = "attention_pool_bwd";
+  // dw and d[V|U] are summed with float32 atomics: the order, and so the last bits, vary from run to run
+  at::globalContext().alertNotDeterministic("fastattn attention_pool_bwd (cuda)");
   const c10::cuda::CUDAGuard guard(x.device());
   if (w.dim() == 2 && w.size(1) > kPoolMaxBranches && dy.dim() == 3 && y.dim() == 3 && lse.dim() == 2) {
     // kPoolMaxBranches branches at a time: every gradient is a sum over the branches (dw: its columns)
@@ -668,15 +670,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> attention_pool_bwd_cu
     C10_CUDA_CHECK(attention_pool_bwd_kernels(p, c10::cuda::getCurrentCUDAStream().stream()));
   }
   const auto dt = x.scalar_type();
-  const Tensor none = x.new_empty({0});
+  const auto none = [&]() { return x.new_empty({0}); };  // one tensor per output: the schema declares no aliasing
   const auto [dV, dU] = split_columns(dW_acc.narrow(0, 0, in.D), in);
   const auto [dbV, dbU] = split_columns(at::sum(dpre, at::IntArrayRef{0}, /*keepdim=*/false, at::kFloat), in);  // left-out rows hold 0
   return {in.Dp == in.D ? dx : dx.narrow(1, 0, in.D).contiguous(),
           dV.to(dt),
-          in.gated ? dU.to(dt) : none,
+          in.gated ? dU.to(dt) : none(),
           dw_acc.narrow(0, 0, in.Hd).narrow(1, 0, in.K).to(dt),
-          bV ? dbV.to(dt) : none,
-          bU ? dbU.to(dt) : none};
+          bV ? dbV.to(dt) : none(),
+          bU ? dbU.to(dt) : none()};
 }
 
 }  // namespace
