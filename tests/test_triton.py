@@ -216,6 +216,14 @@ def test_triton_pool_matches_reference(case, dtype):
     assert_all_ok(check_pool(case, dtype, backend="triton", device=DEVICE), case.id)
 
 
+def test_triton_pool_saturated_softmax_gradient():
+    """A fuzz case whose softmax one row holds (scores 8x the unit scale, float32): its dV missed the rule by 4.5x
+    while the backward took x · dy and y · dy apart, in float32, and subtracted them."""
+    case = fuzz.pool_case(2, DTYPES, max_len=64, max_dim=128)
+    assert "fp32" in case.id and "logits8.0" in case.id, case.id
+    assert_all_ok(fuzz.check_pool(case, "triton", DEVICE), case.id)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_triton_pool_nan_weight_reaches_no_left_out_row(dtype):
     bc.pool_nan_weight_reaches_no_left_out_row("triton", DEVICE, dtype)

@@ -21,8 +21,8 @@ Forward
                                      accumulator does not fit in registers for the D of MIL features, 512-2048).
     _pool_merge  grid (B, D chunks)  a bag's splits combined exactly by their (m, l) (decode.py's split-KV merge):
                                      y = acc / l, lse = m + log l; a bag with no kept row gives y = 0, lse = -inf.
-Backward (s and α = exp(s - lse) recomputed; delta = dy·y - dlse per bag and branch, by torch: (B, K))
-    _pool_bwd_rows  grid (tiles,)           s and α; g = x dy_bᵀ; ds = α (g - delta) (+ dscores); then per Hd
+Backward (s and α = exp(s - lse) recomputed)
+    _pool_bwd_rows  grid (tiles,)           s and α; ds = α ((x - y_b) · dy_b + dlse) (+ dscores); then per Hd
                                             chunk the GEMM again, dh = ds wᵀ, d(pre) through the activations,
                                             stored in x's dtype (the gradient of a Linear output, as the CPU kernel
                                             rounds it); dw = hᵀ ds and d(bias) = Σ d(pre) as per-tile partials.
@@ -71,7 +71,7 @@ else:
     # kernel), not tuned on a GPU. The lighter pool-plain launches (--full) still spill 4-16 B in 4 compiles
     # where ptxas settles on 64-128 registers: a register budget would need the launches to take triton.Configs
     FWD_TILES = {"half": (64, 32, 64, 8, 3), "fp32": (32, 16, 32, 8, 2)}
-    BWD_ROWS_TILES = {"half": (32, 32, 64, 8, 2), "fp32": (16, 16, 16, 8, 2)}
+    BWD_ROWS_TILES = {"half": (32, 32, 64, 8, 2), "fp32": (16, 16, 16, 4, 2)}
     BWD_DX_TILES = {"half": (64, 64, 64, 8, 3), "fp32": (32, 32, 32, 4, 2)}   # (rows, channels, G chunk)
     BWD_DW_TILES = {"half": (64, 64, 64, 4, 3), "fp32": (32, 32, 32, 4, 2)}   # (rows, channels, G chunk)
     MERGE_BLOCK_D = 128
@@ -231,11 +231,11 @@ def _pool_merge(PART_ACC, PART_M, PART_L, SPLIT_OFF, Y, LSE, D, K,
 
 
 @triton.jit
-def _pool_bwd_rows(X, MASK, WV, WU, BV, BU, WK, PLAN, LSE, DELTA, DY, DSCORES, ALPHA, DPRE, PART_DW, PART_DB,
+def _pool_bwd_rows(X, MASK, WV, WU, BV, BU, WK, PLAN, LSE, DLSE, Y, DY, DSCORES, ALPHA, DPRE, PART_DW, PART_DB,
                    stride_xn, stride_wd, stride_wk, D, Hd, K, P, G,
                    HAS_MASK: tl.constexpr, GATED: tl.constexpr, HAS_BV: tl.constexpr, HAS_BU: tl.constexpr,
-                   HAS_DSCORES: tl.constexpr, KP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_H: tl.constexpr, DOT_PREC: tl.constexpr):
+                   HAS_DSCORES: tl.constexpr, KN: tl.constexpr, KP: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PREC: tl.constexpr):
     """Program p: one tile of one bag b (PLAN, splits of BLOCK_N rows). Writes α (N, K) and d(pre) (N, G) of its rows
     (0 at rows not kept), and its partials PART_DW[p] = hᵀ ds (Hd, K), PART_DB[p] = Σ_rows d(pre) (G)."""
     pid = tl.program_id(0)
@@ -245,7 +245,7 @@ def _pool_bwd_rows(X, MASK, WV, WU, BV, BU, WK, PLAN, LSE, DELTA, DY, DSCORES, A
     offs_k = tl.arange(0, KP)
     m_k = offs_k < K
     lse = tl.load(LSE + b * K + offs_k, mask=m_k, other=0.0)
-    delta = tl.load(DELTA + b * K + offs_k, mask=m_k, other=0.0)
+    dlse = tl.load(DLSE + b * K + offs_k, mask=m_k, other=0.0)
     for start in range(lo, hi, BLOCK_N):   # one tile, none for a program past the last one
         rows, in_split, keep = _tile_rows(MASK, start, hi, HAS_MASK, BLOCK_N)
         x_row = rows * stride_xn
@@ -254,16 +254,21 @@ def _pool_bwd_rows(X, MASK, WV, WU, BV, BU, WK, PLAN, LSE, DELTA, DY, DSCORES, A
                     HAS_BU, KP, BLOCK_N, BLOCK_D, BLOCK_H, DOT_PREC)
         alpha = tl.where(kept, tl.math.exp2((s - lse[None, :]) * LOG2E), 0.0)
         tl.store(ALPHA + rows[:, None] * K + offs_k[None, :], alpha, mask=in_split[:, None] & m_k[None, :])
-        # -- g = x · dy_bk, then ds
+        # -- ds = α (g - delta) + α dlse, g - delta = x · dy_bk - y_bk · dy_bk summed as (x - y_bk) · dy_bk: where
+        #    one row holds nearly all of α its x is nearly y, and the two sums, taken apart, would cancel to their
+        #    rounding
         g = tl.zeros([BLOCK_N, KP], tl.float32)
         for d0 in range(0, D, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
             m_d = offs_d < D
             x = tl.load(X + x_row[:, None] + offs_d[None, :], mask=keep[:, None] & m_d[None, :], other=0.0)
-            dyT = tl.load(DY + (b * K + offs_k[None, :]) * D + offs_d[:, None], mask=m_d[:, None] & m_k[None, :],
-                          other=0.0)                                                     # (BLOCK_D, KP)
-            g = tl.dot(x.to(tl.float32), dyT, g, input_precision="ieee")
-        ds = alpha * (g - delta[None, :])
+            x = x.to(tl.float32)
+            for k in tl.static_range(KN):
+                y_k = tl.load(Y + (b * K + k) * D + offs_d, mask=m_d, other=0.0)
+                dy_k = tl.load(DY + (b * K + k) * D + offs_d, mask=m_d, other=0.0)
+                part = tl.sum((x - y_k[None, :]) * dy_k[None, :], 1)                   # (BLOCK_N,)
+                g += tl.where(offs_k[None, :] == k, part[:, None], 0.0)
+        ds = alpha * (g + dlse[None, :])
         if HAS_DSCORES:
             ds += tl.load(DSCORES + rows[:, None] * K + offs_k[None, :], mask=kept, other=0.0)
         ds = tl.where(kept, ds, 0.0)   # left-out rows: their scores' gradient reaches nothing (masked_fill)
@@ -448,10 +453,8 @@ def attention_pool_bwd(dy, x, offsets, mask, V, U, w, bV, bU, y, lse, dlse, dsco
     if B > 0 and N > 0:
         (mask_t, V, U, bV_t, bU_t, w), flags = _kernel_args(x, mask, V, U, w, bV, bU)
         dy = dy.to(torch.float32).contiguous()
-        delta = (dy * y.to(torch.float32)).sum(-1)
-        if dlse is not None:
-            delta = delta - dlse.to(torch.float32)
-        delta = delta.contiguous()
+        y = y.to(torch.float32).contiguous()
+        dlse = (dlse.to(torch.float32) if dlse is not None else torch.zeros_like(lse, dtype=torch.float32)).contiguous()
         lse = lse.to(torch.float32).contiguous()
         kp = max(MIN_DOT_DIM, triton.next_power_of_2(K))
         prec = dot_precision(dt)
@@ -464,9 +467,9 @@ def attention_pool_bwd(dy, x, offsets, mask, V, U, w, bV, bU, y, lse, dlse, dsco
         part_db = torch.zeros((P, G), dtype=torch.float32, device=dev)
         ds_in = dscores.to(torch.float32).contiguous() if dscores is not None else alpha
         wrap_triton(_pool_bwd_rows)[(P,)](
-            x, mask_t, V, U, bV_t, bU_t, w, plan, lse, delta, dy, ds_in, alpha, dpre, part_dw, part_db,
+            x, mask_t, V, U, bV_t, bU_t, w, plan, lse, dlse, y, dy, ds_in, alpha, dpre, part_dw, part_db,
             x.stride(0), V.stride(0), w.stride(0), D, Hd, K, P, G, **flags, HAS_DSCORES=dscores is not None,
-            KP=kp, BLOCK_N=bn, BLOCK_D=bd, BLOCK_H=bh, DOT_PREC=prec, num_warps=warps, num_stages=stages)
+            KN=K, KP=kp, BLOCK_N=bn, BLOCK_D=bd, BLOCK_H=bh, DOT_PREC=prec, num_warps=warps, num_stages=stages)
         dw, dbias = part_dw.sum(0), part_db.sum(0)
         # -- dx over the same tiles
         bn_dx, bd_dx, bh_dx, warps, stages = _tiles(BWD_DX_TILES, dt)

@@ -18,7 +18,7 @@
 //             tiles after their scores) is future work: its tiles would start at bag boundaries, so small bags waste
 //             most of a 64-row MMA tile, and x would have to stay in shared memory (64 x D) to be read once.
 //   backward: scores_kernel again (recompute); rows_kernel, a warp per row: α = exp(s - lse), g_k = x · dy_k,
-//             ds_k = α_k (g_k - delta_k) (+ dscores); dpre_kernel: per 64-row tile the GEMM once more, then
+//             ds_k = α_k ((x - y_k) · dy_k + dlse_k) (+ dscores); dpre_kernel: per 64-row tile the GEMM once more, then
 //             dh = Σ_k ds_k w_k, d(pre) through the activations -> dpre (N, G) in x's dtype (as the reference's
 //             Linear gradient), dw += hᵀ ds (fp32 atomics); dx_kernel: dx = dpre [V|U]ᵀ + Σ_k α_k dy_k (GEMM with the
 //             pooled term in its epilogue); dW_kernel: d[V|U] += xᵀ dpre over chunks of kDwRows rows (fp32 atomics).
@@ -283,7 +283,9 @@ __global__ void __launch_bounds__(kPoolThreads) merge_kernel(const PoolParams p)
   if (threadIdx.x == 0) p.lse[int64_t(b) * K + k] = empty ? -INFINITY : m + logf(l);
 }
 
-// -- backward, a warp per row: alpha = exp(s - lse), ds = alpha (x · dy - delta) + dscores (0 at left-out rows)
+// -- backward, a warp per row: alpha = exp(s - lse), ds = alpha ((x - y) · dy - delta) + dscores (0 at left-out rows).
+// x · dy - y · dy summed as (x - y) · dy: where one row holds nearly all of alpha its x is nearly y, and the two sums,
+// taken apart in float32, would cancel to their rounding.
 template <typename T>
 __global__ void __launch_bounds__(kRowWarps * 32) rows_kernel(const PoolBwdParams p) {
   const int64_t row = int64_t(blockIdx.x) * kRowWarps + threadIdx.x / 32;
@@ -297,6 +299,7 @@ __global__ void __launch_bounds__(kRowWarps * 32) rows_kernel(const PoolBwdParam
   const T* x = static_cast<const T*>(p.x) + row * p.x_ld;
   for (int k = 0; k < K; ++k) {
     const float* dy = p.dy + (int64_t(b) * K + k) * p.D;
+    const float* y = p.y + (int64_t(b) * K + k) * p.D;
     float dot = 0.f;
     for (int c = lane * 8; c < p.D; c += 32 * 8) {
       const uint4 raw = *reinterpret_cast<const uint4*>(x + c);
@@ -304,7 +307,7 @@ __global__ void __launch_bounds__(kRowWarps * 32) rows_kernel(const PoolBwdParam
       memcpy(xe, &raw, sizeof(raw));
 #pragma unroll
       for (int e = 0; e < 8; ++e)
-        if (c + e < p.D) dot += to_float(xe[e]) * dy[c + e];
+        if (c + e < p.D) dot += (to_float(xe[e]) - y[c + e]) * dy[c + e];
     }
     dot = warp_sum(dot);
     const float a = expf(p.scores[row * K + k] - p.lse[int64_t(b) * K + k]);

@@ -629,13 +629,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> attention_pool_bwd_cu
                 ", got ", t->sizes());
   }
   const auto f32 = x.options().dtype(at::kFloat);
-  const Tensor dy_f = dy.to(at::kFloat).contiguous();
-  Tensor delta = (dy_f * y.to(at::kFloat)).sum(-1);
+  const Tensor dy_f = dy.to(at::kFloat).contiguous(), y_f = y.to(at::kFloat).contiguous();
+  Tensor delta = at::zeros(row_shape, f32);  // -dlse: the rows kernel takes y · dy with x · dy, as (x - y) · dy
   if (dlse.has_value()) {
     check_device(*dlse, op, "dlse", x);
     TORCH_CHECK(dlse->sizes() == at::IntArrayRef(row_shape), op, " (cuda): dlse must be ", at::IntArrayRef(row_shape),
                 ", got ", dlse->sizes());
-    delta = delta - dlse->to(at::kFloat);
+    delta = -dlse->to(at::kFloat);
   }
   delta = delta.contiguous();
   Tensor dscores_f;
@@ -659,6 +659,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> attention_pool_bwd_cu
     p.scores = work[0].data_ptr<float>();
     p.lse = const_cast<float*>(lse_f.data_ptr<float>());
     p.dy = dy_f.data_ptr<float>();
+    p.y = y_f.data_ptr<float>();
     p.delta = delta.data_ptr<float>();
     p.dscores = dscores_f.defined() ? dscores_f.data_ptr<float>() : nullptr;
     p.alpha = work[1].data_ptr<float>();

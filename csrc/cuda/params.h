@@ -159,7 +159,8 @@ struct PoolParams {
 
 struct PoolBwdParams : PoolParams {
   const float* dy;       // (B, K, D) float32 contiguous
-  const float* delta;    // (B, K): dy · y - dlse
+  const float* y;        // (B, K, D) float32 contiguous: the forward's
+  const float* delta;    // (B, K): -dlse (0 without it)
   const float* dscores;  // (N, K) or nullptr
   // -- workspaces: alpha, ds (N, K) float32; dpre (N, G) x's dtype
   float* alpha;
