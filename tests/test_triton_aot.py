@@ -49,6 +49,20 @@ def test_check_reports_over_limit_and_spilling_configs(aot, monkeypatch, tmp_pat
     assert status == {64: {"ok"}, 128: {"OVER-SMEM"}, 256: {"SPILL"}}, status
 
 
+def _kept_configs(aot, head_dims):
+    """(arch, kernel, config, its flags, dtype, variant, head block) of every compile of a sweep over head_dims."""
+    jobs = aot.collect_jobs([80, 90], list(aot.DTYPES), head_dims, aot.FP32_SUBSET_HEAD_DIMS, aot.CI_VARIANTS)
+    block = lambda D: 64 if D <= 64 else 128 if D <= 128 else 256
+    return {(j.arch, j.name, j.config, j.flags, dt, variant, block(D)) for j in jobs for dt, D, variant in j.contexts}
+
+
+def test_quick_sweep_compiles_every_config_the_default_sweep_keeps(aot):
+    """CI runs --quick: fewer head dims, but every config kept at any head dim of the default sweep, for each arch,
+    kernel, dtype, variant and head block, is compiled at one of them."""
+    missing = _kept_configs(aot, aot.HEAD_DIMS) - _kept_configs(aot, aot.QUICK_HEAD_DIMS)
+    assert not missing, sorted(missing)[:10]
+
+
 @pytest.mark.slow
 def test_full_sweep_passes():
     """Every kernel x kept config x head dim (16-256, 111 included) x fp16 / bf16 / fp32, every variant,
