@@ -210,11 +210,12 @@ def test_pool_nan_weight_reaches_no_left_out_row(dtype):
     bc.pool_nan_weight_reaches_no_left_out_row("cuda_emu", "cpu", dtype)
 
 
-@pytest.mark.parametrize("family, n", [("attention", 200), ("gates", 400)])
+@pytest.mark.parametrize("family, n", [("attention", 200), ("gates", 400), ("pool", 300)])
 def test_emulated_fuzz(family, n):
     """The fuzz of the cuda backend (test_fuzz.py on a GPU), fewer cases: NaN anywhere (in a float mask under
     the causal rule, in a gate input, at masked positions), broadcast float masks with their gradient, gates
-    with saturated softmax rows, pooling of empty and left-out bags with NaN weights, every view kind."""
+    with saturated softmax rows, pooling of empty and left-out bags with NaN weights, attention pooling's bags, masks
+    and branches, every view kind."""
     bc.fuzz_passes(family, "cuda_emu", range(n), "cpu", limits_of="cuda")
 
 

@@ -48,12 +48,8 @@ def _triton_device():
 _TRITON_N = 40 if INTERPRET else 400
 
 
-# attention_pool's fuzz costs ~100 s per 40 cases in the interpreter: on a GPU only (CI runs its case sweeps)
-_TRITON_FAMILIES = ["attention", "gates"] + ([] if INTERPRET else ["pool"])
-
-
 @pytest.mark.triton
-@pytest.mark.parametrize("family", _TRITON_FAMILIES)
+@pytest.mark.parametrize("family", ["attention", "gates", "pool"])
 def test_fuzz_triton(family):
     _run(family, "triton", range(_TRITON_N), _triton_device())
 
@@ -67,7 +63,7 @@ def test_fuzz_triton_forward_only():
 # The long GPU sweeps come in chunks of the quick one's size, which pytest-xdist spreads over its workers.
 @pytest.mark.slow
 @pytest.mark.triton
-@pytest.mark.parametrize("family", ["attention", "gates"])
+@pytest.mark.parametrize("family", ["attention", "gates", "pool"])
 @pytest.mark.parametrize("chunk", range(1, 10))
 def test_fuzz_triton_long(family, chunk):
     with bc.triton_unspecialized():
