@@ -113,13 +113,14 @@ struct Scorer {
   }
 };
 
-// Row n of a block: act = [tanh | sigmoid] of its pre-activations (G), h = their product (Hd), s = h w (K).
+// Row n of a block: act = [tanh | sigmoid] of its pre-activations (G), h = their product (Hd), s = h w (K; the
+// backward, which has the forward's scores, passes none).
 template <typename T, typename A>
 inline void score_row(const T* pre, const Scorer& sc, const A* wT, A* act, A* h, A* s) {
   convert_row(act, pre, sc.G);
   activate(act, sc.gated ? act + sc.Hd : nullptr, sc.Hd);
   for (int64_t j = 0; j < sc.Hd; ++j) h[j] = sc.gated ? act[j] * act[sc.Hd + j] : act[j];
-  for (int64_t k = 0; k < sc.K; ++k) s[k] = vec::dot(h, wT + k * sc.Hd, sc.Hd);
+  for (int64_t k = 0; s && k < sc.K; ++k) s[k] = vec::dot(h, wT + k * sc.Hd, sc.Hd);
 }
 
 // lse (B, K) in double of the scores s (N, K) over each bag's rows, as the reference's softmax: max (NaN sticks), made 0
@@ -282,6 +283,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   });
   const A* wT = sc.wT.data_ptr<A>();
 
+  // dx's rows take the pooled term Σ_k α_k dy_k from the row pass, then d(pre) (V|U)ᵀ added by the GEMM in place:
+  // in dx itself where the GEMMs run in x's dtype (float, double, bfloat16: for bfloat16 one rounding of the sum, as
+  // a Linear's input gradient added to another), through a float block for float16 (whose GEMMs run in float).
+  constexpr bool kDirect = std::is_same_v<P, T>;
+  using DX = std::conditional_t<kDirect, T, A>;
   at::Tensor dx = at::empty({N, D}, x.options());
   at::Tensor dW = at::zeros({D, G}, acc_opts), dbias = at::zeros({G}, acc_opts), dw = at::zeros({Hd, K}, acc_opts);
   const at::Tensor W_t = sc.W.t();
@@ -291,28 +297,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     if (keep) xb = xb.masked_fill(mask->narrow(0, r0, rows).logical_not().unsqueeze(1), 0);  // no NaN into dW
     const at::Tensor pre = sc.pre(xb);
     at::Tensor dpre = at::empty({rows, G}, acc_opts), hb = at::empty({rows, Hd}, acc_opts);
-    at::Tensor dxb = at::empty({rows, D}, acc_opts);
+    at::Tensor dxb = kDirect ? dx.narrow(0, r0, rows) : at::empty({rows, D}, acc_opts);
     const P* pre_p = pre.data_ptr<P>();
-    A *dpre_p = dpre.data_ptr<A>(), *hb_p = hb.data_ptr<A>(), *dxb_p = dxb.data_ptr<A>();
+    A *dpre_p = dpre.data_ptr<A>(), *hb_p = hb.data_ptr<A>();
+    DX* dxb_p = dxb.data_ptr<DX>();
     at::parallel_for(0, rows, grain(2 * G + 2 * K * D), [&](int64_t begin, int64_t end) {
-      std::vector<A> act(G), s_row(K), dh(Hd);
+      std::vector<A> act(G), dh(Hd), pooled(D);
       for (int64_t i = begin; i < end; ++i) {
         const int64_t n = r0 + i, b = bag[n];
-        A *dpre_n = dpre_p + i * G, *h = hb_p + i * Hd, *dx_n = dxb_p + i * D;
+        A *dpre_n = dpre_p + i * G, *h = hb_p + i * Hd;
+        DX* dx_n = dxb_p + i * D;
         const A* ds = ds_all + n * K;
         if (keep && !keep[n]) {
           std::fill(dpre_n, dpre_n + G, A(0));
           std::fill(h, h + Hd, A(0));
-          std::fill(dx_n, dx_n + D, A(0));
+          std::fill(dx_n, dx_n + D, DX(0));
           continue;
         }
-        score_row(pre_p + i * G, sc, wT, act.data(), h, s_row.data());
-        std::fill(dx_n, dx_n + D, A(0));
+        score_row<P, A>(pre_p + i * G, sc, wT, act.data(), h, nullptr);
+        std::fill(pooled.begin(), pooled.end(), A(0));
         for (int64_t k = 0; k < K; ++k) {
           const A* dy_bk = dy_p + (b * K + k) * D;
           const A a = alpha[n * K + k];
-          for (int64_t c = 0; c < D; ++c) dx_n[c] += a * dy_bk[c];
+          for (int64_t c = 0; c < D; ++c) pooled[c] += a * dy_bk[c];
         }
+        convert_row(dx_n, pooled.data(), D);
         std::fill(dh.begin(), dh.end(), A(0));
         for (int64_t k = 0; k < K; ++k) {
           const A* w_k = wT + k * Hd;
@@ -332,7 +341,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     });
     if constexpr (!std::is_same_v<P, A>) {  // d(pre) rounded to bfloat16, as the gradient of a Linear's output is
       const at::Tensor dpre_t = dpre.to(sc.W.scalar_type());
-      dxb.add_(at::mm(dpre_t, W_t));
+      dxb.addmm_(dpre_t, W_t);
       dW.add_(at::mm(xb.t(), dpre_t));
     } else {
       dxb.addmm_(dpre, W_t);
@@ -341,7 +350,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     dbias.add_(dpre.sum(0));
     dw.addmm_(hb.t(), ds_t.narrow(0, r0, rows));  // 0 at left-out rows: their h is 0
     if (keep) dxb.masked_fill_(mask->narrow(0, r0, rows).logical_not().unsqueeze(1), 0);  // 0 · NaN of a weight
-    dx.narrow(0, r0, rows).copy_(dxb);
+    if constexpr (!kDirect) dx.narrow(0, r0, rows).copy_(dxb);
   }
   // every output a tensor of its own (the schema declares no aliasing): copies, also where the dtype is the same
   const auto out = [&](const at::Tensor& t, bool present) {
