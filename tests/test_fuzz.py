@@ -150,7 +150,7 @@ needs_cuda = pytest.mark.skipif(not _CUDA["available"], reason=f"the cuda backen
 
 
 @needs_cuda
-@pytest.mark.parametrize("family", ["attention", "gates"])
+@pytest.mark.parametrize("family", ["attention", "gates", "pool"])
 def test_fuzz_cuda(family):
     _run(family, "cuda", range(400), "cuda")
 
@@ -163,7 +163,7 @@ def test_fuzz_cuda_forward_only():
 
 @pytest.mark.slow
 @needs_cuda
-@pytest.mark.parametrize("family", ["attention", "gates"])
+@pytest.mark.parametrize("family", ["attention", "gates", "pool"])
 @pytest.mark.parametrize("chunk", range(1, 10))
 def test_fuzz_cuda_long(family, chunk):
     _run(family, "cuda", range(chunk * 400, (chunk + 1) * 400), "cuda")
