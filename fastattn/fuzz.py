@@ -276,10 +276,16 @@ def _summed_size(inp, leaf_grad, g):
     the size of the terms torch's autograd summed into that element (see ``testing.compare``)."""
     if g is None:
         return 0.0
-    g = torch.nan_to_num(g.detach(), nan=0.0, posinf=0.0, neginf=0.0).abs()
-    t = torch.zeros_like(leaf_grad, requires_grad=True)
-    (summed,) = torch.autograd.grad(inp.build(t), t, g)
+    summed = _onto_leaf(inp, leaf_grad, torch.nan_to_num(g.detach(), nan=0.0, posinf=0.0, neginf=0.0).abs())
     return float(summed.max()) if summed.numel() else 0.0
+
+
+def _onto_leaf(inp, leaf, g):
+    """g, a gradient at the view ``inp`` builds, summed onto the leaf's elements in g's dtype (as the view's backward
+    sums it)."""
+    t = torch.zeros(leaf.shape, dtype=g.dtype, device=g.device, requires_grad=True)
+    (summed,) = torch.autograd.grad(inp.build(t), t, g)
+    return summed
 
 
 def _check(run, case, backend, device, factor):
@@ -298,12 +304,9 @@ def _summed_exactly(case, result):
     no kernel controls: through an overlapping bfloat16 view of 52 positions per element that sum added 0.09 to a
     per-position error of 0.013, past the rule where the reference's sum happened to round better."""
     outs, (grads, view_grads) = result
-    summed = dict(grads)
-    for n, g in view_grads.items():
-        if g is not None:
-            t = torch.zeros(grads[n].shape, dtype=torch.float64, device=g.device, requires_grad=True)
-            (summed[n],) = torch.autograd.grad(case.inputs[n[1:]].build(t), t, g.double())
-    return {**outs, **summed}
+    summed = {n: grads[n] if g is None else _onto_leaf(case.inputs[n[1:]], grads[n], g.double())
+              for n, g in view_grads.items()}
+    return {**outs, **grads, **summed}
 
 
 def check_attention(case: AttentionFuzz, backend, device="cpu"):

@@ -51,9 +51,10 @@ def test_check_reports_over_limit_and_spilling_configs(aot, monkeypatch, tmp_pat
 
 def _kept_configs(aot, head_dims):
     """(arch, kernel, config, its flags, dtype, variant, head block) of every compile of a sweep over head_dims."""
+    from fastattn.triton_kernels.configs import head_block
     jobs = aot.collect_jobs([80, 90], list(aot.DTYPES), head_dims, aot.FP32_SUBSET_HEAD_DIMS, aot.CI_VARIANTS)
-    block = lambda D: 64 if D <= 64 else 128 if D <= 128 else 256
-    return {(j.arch, j.name, j.config, j.flags, dt, variant, block(D)) for j in jobs for dt, D, variant in j.contexts}
+    return {(j.arch, j.name, j.config, j.flags, dt, variant, head_block(D))
+            for j in jobs for dt, D, variant in j.contexts}
 
 
 def test_quick_sweep_compiles_every_config_the_default_sweep_keeps(aot):

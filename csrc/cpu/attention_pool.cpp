@@ -302,7 +302,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     A *dpre_p = dpre.data_ptr<A>(), *hb_p = hb.data_ptr<A>();
     DX* dxb_p = dxb.data_ptr<DX>();
     at::parallel_for(0, rows, grain(2 * G + 2 * K * D), [&](int64_t begin, int64_t end) {
-      std::vector<A> act(G), dh(Hd), pooled(D);
+      std::vector<A> act(G), dh(Hd), pooled(std::is_same_v<DX, A> ? 0 : D);
       for (int64_t i = begin; i < end; ++i) {
         const int64_t n = r0 + i, b = bag[n];
         A *dpre_n = dpre_p + i * G, *h = hb_p + i * Hd;
@@ -315,13 +315,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           continue;
         }
         score_row<P, A>(pre_p + i * G, sc, wT, act.data(), h, nullptr);
-        std::fill(pooled.begin(), pooled.end(), A(0));
+        A* pool_n = pooled.data();  // the row's Σ_k α_k dy_k: in dx itself where it holds A
+        if constexpr (std::is_same_v<DX, A>) pool_n = dx_n;
+        std::fill(pool_n, pool_n + D, A(0));
         for (int64_t k = 0; k < K; ++k) {
           const A* dy_bk = dy_p + (b * K + k) * D;
           const A a = alpha[n * K + k];
-          for (int64_t c = 0; c < D; ++c) pooled[c] += a * dy_bk[c];
+          for (int64_t c = 0; c < D; ++c) pool_n[c] += a * dy_bk[c];
         }
-        convert_row(dx_n, pooled.data(), D);
+        if constexpr (!std::is_same_v<DX, A>) convert_row(dx_n, pool_n, D);
         std::fill(dh.begin(), dh.end(), A(0));
         for (int64_t k = 0; k < K; ++k) {
           const A* w_k = wT + k * Hd;
