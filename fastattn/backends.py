@@ -74,6 +74,7 @@ class ReferenceBackend(Backend):
     name = "reference"
     device_types = ("any",)
     dropout = True
+    saturated_rows = True  # differentiates its own softmax: a row's dominant key is exact
 
     def unsupported(self, p):
         return None
@@ -146,6 +147,8 @@ class FusedBackend(Backend):
     kernels = frozenset(n for names in (*KERNELS.values(), *BACKWARD_KERNELS.values()) for n in names)
     score_mods = frozenset(ScoreMods.NAMES)  # the score modifiers its kernels apply
     dropout = False  # whether its kernels drop attention weights (the contract's Philox dropout)
+    # whether its backward takes a row's dominant key exactly (README, Numerics; fastattn.fuzz draws saturated rows)
+    saturated_rows = False
 
     def unsupported(self, p):
         why = super().unsupported(p)
@@ -246,6 +249,7 @@ class CpuBackend(FusedBackend):
     name = "cpu"
     device_types = ("cpu",)
     dropout = True
+    saturated_rows = True  # csrc/cpu/attention_bwd.cpp, dominant_key_grad
 
     def unavailable(self):
         return ops.extension_error()

@@ -112,11 +112,12 @@ HEAD_DIMS = (1, 2, 3, 8, 16, 31, 40, 59, 64, 96, 128, 200, 256)
 
 
 def attention_case(seed, dtypes, max_len=130, max_dim=256, head_dims=None,
-                   score_mods=contract.ScoreMods.NAMES, dropout=True) -> AttentionFuzz:
+                   score_mods=contract.ScoreMods.NAMES, dropout=True, saturated=False) -> AttentionFuzz:
     """The attention case drawn from ``seed`` (dtype among ``dtypes``). ``head_dims``: draw only these,
     with D == Dv (a backend that covers no others: see :func:`limits`); ``score_mods``: the score modifiers
     that may be drawn (a backend's own), ``dropout``: whether dropout may be. Those come from a stream of their
-    own: the rest of the case is the same whichever are allowed."""
+    own: the rest of the case is the same whichever are allowed. ``saturated``: saturated rows as :func:`_scale`
+    says."""
     rng = random.Random(seed)
     lengths = [x for x in LENGTHS if x <= max_len]
     dims = [x for x in (head_dims or HEAD_DIMS) if x <= max_dim]
@@ -124,7 +125,7 @@ def attention_case(seed, dtypes, max_len=130, max_dim=256, head_dims=None,
     Hkv, group = rng.choice((1, 1, 2, 3)), rng.choice((1, 1, 2, 3))
     B = 0 if rng.random() < 0.03 else rng.choice((1, 1, 2, 3))
     Lq, Lk, D = _sizes(rng, lengths, True), _sizes(rng, lengths, True), _sizes(rng, dims, not head_dims)
-    if dtype == torch.float32 and Lk == 1:  # one key: every row saturated (see _scale)
+    if dtype == torch.float32 and Lk == 1 and not saturated:  # one key: every row saturated (see _scale)
         Lk = 2
     Dv = D if head_dims or rng.random() < 0.6 else _sizes(rng, dims, True)
     causal = rng.choice((False, False, True, "bottom_right"))
@@ -140,7 +141,7 @@ def attention_case(seed, dtypes, max_len=130, max_dim=256, head_dims=None,
     targets = (["q", "k"] + (["gate"] if gate != "none" else []) + (["v"] if mask == "none" else [])) * unmasked
     targets += ["mask"] if mask.startswith("float") else []
     nan = rng.choice(targets) if targets and rng.random() < 0.15 else None
-    scale, lse_grad = _scale(rng, dtype, max(D, Dv), Lk), rng.random() < 0.3
+    scale, lse_grad = _scale(rng, dtype, max(D, Dv), Lk, saturated), rng.random() < 0.3
     mods = _score_mods(random.Random(f"score-mods-{seed}"), score_mods, Lk, dropout)
     if mods["window"] != (-1, -1) and nan not in (None, "mask"):  # a window hides entries too (see above)
         nan = None
@@ -161,17 +162,20 @@ def _score_mods(rng, allowed, Lk, dropout):
     return dict(window=window, softcap=softcap, alibi=alibi, dropout=p if dropout else 0.0)
 
 
-def _scale(rng, dtype, D, Lk):
+def _scale(rng, dtype, D, Lk, saturated=False):
     """None (1/sqrt(D)) mostly, or an extreme scale. Saturating scales stay where the rule of
     docs/CONTRACT.md §4 can hold: a recomputed backward (FlashAttention's, and torch's own CPU flash
     kernel) misses exact zeros of dq and dk (a row with one key that counts) by the float32 rounding
     of scale · |dP| · |k|, because delta = rowsum(dO ⊙ O) and dP = dO Vᵀ are rounded apart, while the
     reference differentiates its own softmax and hits them. Against float32's absolute floor that shows
     at scale 2, against half precision's at scale 20 with a head dim (D or Dv) > 64 or a single key, and
-    in float32 with a single key at any scale (README, Numerics)."""
+    in float32 with a single key at any scale (README, Numerics). ``saturated``: the backend's backward takes
+    a row's dominant key exactly (the cpu kernels), so half precision draws scale 20 at any head dim, and
+    float32 rows of a single key (:func:`attention_case`); float32 keeps to small scales there too (its
+    saturated rows still miss by the rounding of the recomputed scores: README, Numerics)."""
     if dtype == torch.float32:
         extreme = (0.05,)
-    elif dtype == torch.float64 or (D <= 64 and Lk > 1):
+    elif dtype == torch.float64 or saturated or (D <= 64 and Lk > 1):
         extreme = (0.05, 2.0, 20.0)
     else:
         extreme = (0.05, 2.0)
@@ -519,11 +523,11 @@ def limits(backend, device_type) -> dict:
     Triton interpreter on the CPU, ~1000x slower than a GPU, gets smaller problems; the cuda kernels cover
     attention at D == Dv in ``backends.CUDA_HEAD_DIMS`` alone (other head dims are refused by name,
     tests/test_cuda.py), so their attention cases draw only those. Attention's score modifiers and dropout: those
-    the backend's kernels apply."""
+    the backend's kernels apply; ``saturated`` (:func:`_scale`): whether its backward takes saturated rows exactly."""
     from .backends import _BACKENDS, CUDA_HEAD_DIMS
     impl = _BACKENDS.get(backend)
     out = {"score_mods": frozenset(getattr(impl, "score_mods", contract.ScoreMods.NAMES)),
-           "dropout": getattr(impl, "dropout", True)}
+           "dropout": getattr(impl, "dropout", True), "saturated": getattr(impl, "saturated_rows", False)}
     if backend == "triton" and device_type == "cpu":
         out.update(max_len=64, max_dim=128)
     if backend == "cuda":
@@ -540,12 +544,12 @@ def forward_only(case):
 
 
 def run(op, seed, backend, dtypes, device="cpu", max_len=130, max_dim=256, head_dims=None, inference=False,
-        score_mods=contract.ScoreMods.NAMES, dropout=True):
+        score_mods=contract.ScoreMods.NAMES, dropout=True, saturated=False):
     """(case id, comparisons) of the fuzz case ``seed`` of ``op`` ("attention", "gates" or "pool"); the keywords
     bound the case drawn (:func:`limits`); ``inference``: its forward alone (:func:`forward_only`)."""
     only = forward_only if inference else (lambda c: c)
     if op == "attention":
-        case = only(attention_case(seed, dtypes, max_len, max_dim, head_dims, score_mods, dropout))
+        case = only(attention_case(seed, dtypes, max_len, max_dim, head_dims, score_mods, dropout, saturated))
         return case.id, check_attention(case, backend, device)
     if op == "pool":
         case = only(pool_case(seed, dtypes, max_len, max_dim))

@@ -4,6 +4,7 @@
 //                                                    for bf16 / half: rowsum(dS_i) = 0 then holds to fp32)
 //   dgate = dout * out * (1 - sigmoid(g))
 //   per tile: dV += P^T dO,  dP = dO V^T,  dS = P * (dP - delta),  dK += scale dS^T Q,  dQ += scale dS K
+//   A row's dominant key j (P_j > 1/2) takes dP_j - delta as dO_i . v_j - dout_i . out_i summed in double (below).
 //
 // Two schedules, both free of races and atomics:
 //   kv-owner  (default): one task per (batch, kv head) owns dK/dV of that head and dQ of its query-head
@@ -63,7 +64,7 @@ struct BwdCtx {
   bool bf16_dp;            // and dP = dO V^T too; not with a gate, whose dO = dout * sig(g) would be rounded to
                            // bf16 there while delta takes it unrounded (rowsum(dS) = 0 would break)
   const acc_t* lse2;       // lse's shape: lse, in log2 units
-  const acc_t* delta;      // lse's shape
+  const double* delta;     // lse's shape, summed in double (dominant_key_grad)
   bool need_dmask;         // accumulate dS into the caller's dmask buffer (see backward_tile)
   acc_t* dq;               // q's shape, contiguous accumulator
   scalar_t *dk, *dv;       // outputs, shapes of k and v
@@ -114,6 +115,32 @@ KVTile kv_tile(const BwdCtx<scalar_t, acc_t>& c, BwdBuffers<scalar_t, acc_t>& bu
   return t;
 }
 
+// dS = P * (dP - delta) for one row of a tile, dP (times Z under dropout) given in dS. delta = rowsum(dout * out)
+// and dP = dO V^T are rounded apart, so where the exact dS is ~0 because one key takes (nearly) all the weight (a row
+// with one allowed key, a softmax saturated by large logits) their difference, times scale * |k| in dq and |q| in dk,
+// would miss the float32 rule (docs/CONTRACT.md §4) where torch's math path, which differentiates its own softmax,
+// is exact. A key with P > 1/2 (at most one per row) takes its term as P (Z dO . v - dout . out) instead: both dots
+// in double from the inputs (products of floats are exact there), so a row with one key gets 0 and a saturated one
+// the rounding of out alone. The row's other keys take delta' = Z dP_j - that difference (the same delta up to dP_j's
+// rounding, times their P < 1/2). The cost is one Dv-long dot per dominated row and tile.
+template <typename scalar_t, typename acc_t>
+void dominant_key_grad(const BwdCtx<scalar_t, acc_t>& c, acc_t* ds, const acc_t* p, const acc_t* z, const acc_t* dO,
+                       double delta, int64_t b, int64_t hk, int64_t key0, int64_t n) {
+  const acc_t p_top = row_max(p, n);  // vectorised; NaN (a NaN row) fails the test below
+  if (!(p_top > acc_t(0.5))) {
+    softmax_grad(ds, p, ds, acc_t(delta), n);
+    return;
+  }
+  const int64_t top = std::find(p, p + n, p_top) - p;
+  const AttnParams& s = c.s;
+  const scalar_t* v = c.v + b * s.v_sb + hk * s.v_sh + (key0 + top) * s.v_sl;
+  double dp = 0;
+  for (int64_t i = 0; i < s.Dv; ++i) dp += double(dO[i]) * double(acc_t(v[i]));
+  const double diff = (z ? double(z[top]) : 1.0) * dp - delta;  // dP_j - delta, the exact dot minus delta
+  softmax_grad(ds, p, ds, acc_t(double(ds[top]) - diff), n);
+  ds[top] = acc_t(double(p_top) * diff);
+}
+
 // One (query block, key block) tile of head h: recomputes P and dS, then applies the updates
 // asked for: dQ (into ctx.dq), dK/dV (into buf.dK / buf.dV, [bn, D] / [bn, Dv]), dmask. i0 and j0 count
 // from sequence b's first query and key (e).
@@ -137,7 +164,7 @@ void backward_tile(const BwdCtx<scalar_t, acc_t>& c, BwdBuffers<scalar_t, acc_t>
   const int64_t dO_off = lay.dO(b, h, row0), ldo = lay.dO.sl;
   const acc_t* dO = c.dO + dO_off;                   // [bm, Dv], row stride ldo
   const acc_t* lse2 = c.lse2 + lay.lse(b, h, row0);  // [bm], stride lay.lse.sl (delta too)
-  const acc_t* delta = c.delta + lay.lse(b, h, row0);
+  const double* delta = c.delta + lay.lse(b, h, row0);
   acc_t* P = buf.P.data();
   acc_t* dS = buf.dS.data();
 
@@ -179,7 +206,8 @@ void backward_tile(const BwdCtx<scalar_t, acc_t>& c, BwdBuffers<scalar_t, acc_t>
     for (int64_t r = 0; r < bm; ++r)
       for (int64_t col = 0; col < bn; ++col) dS[r * kBlockN + col] *= Z[r * kBlockN + col];
   for (int64_t r = 0; r < bm; ++r)
-    softmax_grad(dS + r * kBlockN, P + r * kBlockN, dS + r * kBlockN, delta[r * lay.lse.sl], bn);
+    dominant_key_grad(c, dS + r * kBlockN, P + r * kBlockN, dropout ? Z + r * kBlockN : nullptr,
+                      dO + r * ldo, delta[r * lay.lse.sl], b, h / s.group, e.k_row0 + j0, bn);
 
   // -- dmask += dS (dL/ds_ij: the bias enters the scores with weight 1), summed over broadcast dims
   if (dmask_acc != nullptr) {
@@ -332,7 +360,7 @@ void attention_bwd_kernel(const BwdCtx<scalar_t, acc_t>& c, scalar_t* dmask) {
 template <typename scalar_t, typename acc_t>
 void prepare_rows(const AttnParams& s, const BwdLayouts& lay, int64_t nb, int64_t nl, const at::Tensor& dout,
                   const at::Tensor& out, const scalar_t* gate, const acc_t* lse2, const acc_t* dlse, acc_t* dO,
-                  scalar_t* dO_low, acc_t* delta, scalar_t* dgate) {
+                  scalar_t* dO_low, double* delta, scalar_t* dgate) {
   const int64_t Dv = s.Dv;
   const scalar_t* p_dout = dout.data_ptr<scalar_t>();
   // out is the forward's float32 out_acc for bf16 / half (see attention.h), else out itself
@@ -349,7 +377,9 @@ void prepare_rows(const AttnParams& s, const BwdLayouts& lay, int64_t nb, int64_
       }
       if (!out_acc) convert_row(out_row.data(), static_cast<const scalar_t*>(p_out) + lay.out(b, h, i), Dv);
       const int64_t l = lay.lse(b, h, i);
-      delta[l] = dot(dout_row.data(), out_row.data(), Dv) - (dlse ? dlse[l] : acc_t(0));
+      double sum = 0;  // in double: products of floats are exact there (dominant_key_grad)
+      for (int64_t c = 0; c < Dv; ++c) sum += double(dout_row[c]) * double(out_row[c]);
+      delta[l] = sum - (dlse ? double(dlse[l]) : 0.0);
       acc_t* dO_row = dO + lay.dO(b, h, i);
       scalar_t* dO_low_row = dO_low ? dO_low + lay.dO(b, h, i) : nullptr;
       // A row with no allowed key passes no gradient to k and v, even a NaN one (its P is 0, and
@@ -423,7 +453,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_bwd(
   // dL/dlse2 -> the natural-log gradient the softmax backward takes: lse = lse2 * ln 2
   const at::Tensor dlse_c = dlse.has_value() ? (dlse->to(acc_type) * kLog2e).contiguous() : at::Tensor();
   at::Tensor dO = at::empty(out_shape, q.options().dtype(acc_type));
-  at::Tensor delta = at::empty(row_shape, q.options().dtype(acc_type));
+  at::Tensor delta = at::empty(row_shape, q.options().dtype(at::kDouble));
   // bfloat16 on AVX512-BF16: dP = dO V^T runs on bf16 tiles, so dO is also kept rounded to bf16.
   const bool bf16_dot = dt == at::kBFloat16 && has_bf16_dot(), bf16_dp = bf16_dot && !gate.has_value();
   at::Tensor dO_low = bf16_dp ? at::empty(out_shape, q.options()) : at::Tensor();
@@ -444,12 +474,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_bwd(
     prepare_rows<scalar_t, acc_t>(s, lay, packed ? 1 : s.B, packed ? total_q : s.Lq, dout_c, out_c, p_gate,
                                   lse2.data_ptr<acc_t>(), dlse_c.defined() ? dlse_c.data_ptr<acc_t>() : nullptr,
                                   dO.data_ptr<acc_t>(), bf16_dp ? dO_low.data_ptr<scalar_t>() : nullptr,
-                                  delta.data_ptr<acc_t>(), gate.has_value() ? dgate.data_ptr<scalar_t>() : nullptr);
+                                  delta.data_ptr<double>(), gate.has_value() ? dgate.data_ptr<scalar_t>() : nullptr);
     const BwdCtx<scalar_t, acc_t> ctx{s, lay,
                                       q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
                                       dO.data_ptr<acc_t>(),
                                       bf16_dp ? reinterpret_cast<const c10::BFloat16*>(dO_low.data_ptr()) : nullptr,
-                                      bf16_dot, bf16_dp, lse2.data_ptr<acc_t>(), delta.data_ptr<acc_t>(),
+                                      bf16_dot, bf16_dp, lse2.data_ptr<acc_t>(), delta.data_ptr<double>(),
                                       need_dmask,
                                       dq_acc.data_ptr<acc_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(),
                                       acc_t(s.scale_log2), acc_t(s.scale)};
