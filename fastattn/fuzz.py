@@ -117,7 +117,7 @@ def attention_case(seed, dtypes, max_len=130, max_dim=256, head_dims=None,
     with D == Dv (a backend that covers no others: see :func:`limits`); ``score_mods``: the score modifiers
     that may be drawn (a backend's own), ``dropout``: whether dropout may be. Those come from a stream of their
     own: the rest of the case is the same whichever are allowed. ``saturated``: saturated rows as :func:`_scale`
-    says."""
+    says (it changes the case: Lk, and the scales drawn from)."""
     rng = random.Random(seed)
     lengths = [x for x in LENGTHS if x <= max_len]
     dims = [x for x in (head_dims or HEAD_DIMS) if x <= max_dim]

@@ -147,7 +147,7 @@ def test_dropout_is_reproducible_and_fresh_each_call():
 
 # Rows that one key takes whole (one allowed key) or nearly (a softmax saturated by large logits): their exact dq and
 # dk are ~0, where dS = P (dP - delta) cancels. With delta = rowsum(dout * out) and dP = dO V^T rounded apart, that
-# difference times scale * |k| missed the rule (docs/CONTRACT.md §4) by 1.03-3.9x in these cases; the cpu backward
+# difference times scale * |k| misses the rule (docs/CONTRACT.md §4) by 1.03-3.9x in these cases; the cpu backward
 # takes the dominant key's term from dot products in double (csrc/cpu/attention_bwd.cpp, dominant_key_grad).
 DOMINANT_KEY_CASES = {
     # one key per row (a causal window of 0), every row's dq summed into one element by expand
@@ -174,7 +174,7 @@ def test_rows_one_key_takes_meet_the_rule(name):
 
 def test_fuzz_seeds_of_one_key_rows():
     """Long-fuzz cases (float32, one key per row through a window or a mask, q through expand / unfold) whose dq
-    missed the rule by 1.1-1.3x."""
+    misses the rule by 1.1-1.3x with delta and dP rounded apart."""
     for seed, drawn in ((3160, "-fp32-B1-H1-1-L64-64-D1-128-causalTrue-"), (3759, "-window1_2-dropout0.9")):
         assert drawn in fuzz.attention_case(seed, bc.FUZZ_DTYPES, **fuzz.limits("cpu", "cpu")).id
     bc.fuzz_passes("attention", "cpu", [3160, 3759], "cpu")

@@ -4,7 +4,7 @@
 //                                                    for bf16 / half: rowsum(dS_i) = 0 then holds to fp32)
 //   dgate = dout * out * (1 - sigmoid(g))
 //   per tile: dV += P^T dO,  dP = dO V^T,  dS = P * (dP - delta),  dK += scale dS^T Q,  dQ += scale dS K
-//   A row's dominant key j (P_j > 1/2) takes dP_j - delta as dO_i . v_j - dout_i . out_i summed in double (below).
+//   A row's dominant key j (P_j > 1/2) takes Z_j dP_j - delta as Z_j dO_i . v_j - delta_i, dots in double (below).
 //
 // Two schedules, both free of races and atomics:
 //   kv-owner  (default): one task per (batch, kv head) owns dK/dV of that head and dQ of its query-head
@@ -115,14 +115,16 @@ KVTile kv_tile(const BwdCtx<scalar_t, acc_t>& c, BwdBuffers<scalar_t, acc_t>& bu
   return t;
 }
 
-// dS = P * (dP - delta) for one row of a tile, dP (times Z under dropout) given in dS. delta = rowsum(dout * out)
-// and dP = dO V^T are rounded apart, so where the exact dS is ~0 because one key takes (nearly) all the weight (a row
-// with one allowed key, a softmax saturated by large logits) their difference, times scale * |k| in dq and |q| in dk,
-// would miss the float32 rule (docs/CONTRACT.md §4) where torch's math path, which differentiates its own softmax,
-// is exact. A key with P > 1/2 (at most one per row) takes its term as P (Z dO . v - dout . out) instead: both dots
-// in double from the inputs (products of floats are exact there), so a row with one key gets 0 and a saturated one
-// the rounding of out alone. The row's other keys take delta' = Z dP_j - that difference (the same delta up to dP_j's
-// rounding, times their P < 1/2). The cost is one Dv-long dot per dominated row and tile.
+// dS = P * (dP - delta) for one row of a tile, dP (times Z under dropout) given in dS. delta = rowsum(dout * out) -
+// dlse and dP = dO V^T are rounded apart, so where the exact dS is ~0 because one key takes (nearly) all the weight (a
+// row with one allowed key, a softmax saturated by large logits) their difference, times scale * |k| in dq and |q| in
+// dk, would miss the float32 rule (docs/CONTRACT.md §4) where torch's math path, which differentiates its own
+// softmax, is exact. A key with P > 1/2 (at most one per row) takes its term as P (Z dO . v - delta) instead, both
+// dots in double (for float, bfloat16 and half inputs every product is exact there): a row with one key and neither
+// gate nor dropout then gets 0 (out = v), a saturated one the rounding of out alone; a gate or dropout leaves the
+// rounding of out = sig * o or of Z v. The row's other keys take delta' = Z dP_j - that difference (the same delta up
+// to dP_j's rounding, times their P < 1/2). The cost: a vectorised max per row, and a Dv-long dot per dominated row
+// each time its tile is recomputed.
 template <typename scalar_t, typename acc_t>
 void dominant_key_grad(const BwdCtx<scalar_t, acc_t>& c, acc_t* ds, const acc_t* p, const acc_t* z, const acc_t* dO,
                        double delta, int64_t b, int64_t hk, int64_t key0, int64_t n) {
