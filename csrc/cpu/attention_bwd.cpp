@@ -136,9 +136,7 @@ void dominant_key_grad(const BwdCtx<scalar_t, acc_t>& c, acc_t* ds, const acc_t*
   const int64_t top = std::find(p, p + n, p_top) - p;
   const AttnParams& s = c.s;
   const scalar_t* v = c.v + b * s.v_sb + hk * s.v_sh + (key0 + top) * s.v_sl;
-  double dp = 0;
-  for (int64_t i = 0; i < s.Dv; ++i) dp += double(dO[i]) * double(acc_t(v[i]));
-  const double diff = (z ? double(z[top]) : 1.0) * dp - delta;  // dP_j - delta, the exact dot minus delta
+  const double diff = (z ? double(z[top]) : 1.0) * dot_double(dO, v, s.Dv) - delta;  // Z dP_j - delta
   softmax_grad(ds, p, ds, acc_t(double(ds[top]) - diff), n);
   ds[top] = acc_t(double(p_top) * diff);
 }
@@ -379,9 +377,7 @@ void prepare_rows(const AttnParams& s, const BwdLayouts& lay, int64_t nb, int64_
       }
       if (!out_acc) convert_row(out_row.data(), static_cast<const scalar_t*>(p_out) + lay.out(b, h, i), Dv);
       const int64_t l = lay.lse(b, h, i);
-      double sum = 0;  // in double: products of floats are exact there (dominant_key_grad)
-      for (int64_t c = 0; c < Dv; ++c) sum += double(dout_row[c]) * double(out_row[c]);
-      delta[l] = sum - (dlse ? double(dlse[l]) : 0.0);
+      delta[l] = dot_double(dout_row.data(), out_row.data(), Dv) - (dlse ? double(dlse[l]) : 0.0);
       acc_t* dO_row = dO + lay.dO(b, h, i);
       scalar_t* dO_low_row = dO_low ? dO_low + lay.dO(b, h, i) : nullptr;
       // A row with no allowed key passes no gradient to k and v, even a NaN one (its P is 0, and

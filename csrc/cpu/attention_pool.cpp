@@ -255,9 +255,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       convert_row(xr.data(), x_p + n * ldx, D);
       for (int64_t k = 0; k < K; ++k) {
         const A* dy_bk = dy_p + (b * K + k) * D;
-        double acc_g = 0;
-        for (int64_t c = 0; c < D; ++c) acc_g += double(xr[c]) * double(dy_bk[c]);
-        g[n * K + k] = acc_g;
+        g[n * K + k] = dot_double(xr.data(), dy_bk, D);
       }
     }
   });

@@ -343,6 +343,15 @@ inline void scale_row(double* x, double a, int64_t n) {
 template <typename T>
 inline T dot(const T* a, const T* b, int64_t n) { return detail::dot_cloned(a, b, n); }
 
+// sum_i a[i] * b[i] in double, in index order: products of float, bfloat16 or half values are exact there, and two
+// calls over the same values give the same bits.
+template <typename A, typename B>
+inline double dot_double(const A* a, const B* b, int64_t n) {
+  double sum = 0;
+  for (int64_t i = 0; i < n; ++i) sum += double(a[i]) * double(b[i]);
+  return sum;
+}
+
 // Runs fn(claim) once per worker thread of an at::parallel_for region; claim() returns the next
 // unclaimed task in [0, n_tasks), or -1 when none is left. Dynamic hand-out keeps threads busy
 // when tasks differ in cost (causal) or a core is shared, where static chunks leave one idle.
