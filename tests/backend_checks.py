@@ -103,6 +103,29 @@ def saturated_fp16_seeds():
     return SATURATED_FP16_SEEDS
 
 
+# score_softmax_gate cases (scale, seed, N, D, H) whose softmax the scale and |x| ~ 4 saturate: the exact dweight
+# and the score part of dx are ~0 while every term of them is large. N 37 takes Triton's one-pass kernel, N 200 and
+# 300 its two passes. Without the double sums they missed docs/CONTRACT.md §4: float32 on Triton by 1.4x with
+# ds = alpha (g - Σ alpha g) in float32 (scale 30, seed 3) and by 1.1-2.1x with the scores summed, or scaled to
+# base 2, in float32 (every scale-100 case); float16 on cuda by 1.0-1.3x with ds in float (scales 100 and 300).
+SATURATED_GATES = {
+    torch.float32: [(30.0, seed, 37, 48, 3) for seed in (0, 2, 3, 10, 19)]
+    + [(100.0, 0, 37, 48, 3), (100.0, 2, 37, 48, 3), (100.0, 10, 37, 48, 3), (100.0, 22, 200, 64, 2),
+       (100.0, 29, 200, 64, 2), (100.0, 12, 300, 96, 3), (100.0, 29, 300, 96, 3)],
+    torch.float16: [(30.0, seed, 37, 48, 3) for seed in (0, 2, 3, 10, 19)]
+    + [(100.0, 25, 200, 64, 2), (100.0, 97, 200, 64, 2), (300.0, 10, 300, 96, 3)],
+}
+SATURATED_GATES[torch.bfloat16] = SATURATED_GATES[torch.float16]
+
+
+def saturated_score_gates_meet_the_rule(backend, dtype, device="cpu"):
+    for scale, seed, N, D, H in SATURATED_GATES[dtype]:
+        case = fuzz.make_gate_case(seed, dtype, op="score_softmax_gate", B=3, N=N, D=D, H=H, pool=seed % 2 == 0,
+                                   scale=scale, mask="random" if seed % 3 else "none")
+        case.inputs["x"].master *= 4
+        assert_all_ok(fuzz.check_gate(case, backend, device), case.id)
+
+
 # Many key tiles of 64 (more than the cuda kernels' 8 dq slices: a block walks several), GQA, a float mask broadcast
 # over batch and heads (its gradient a sum over them) and a gate: every gradient a sum some kernel might reorder
 DETERMINISM_CASE = AttentionCase(B=2, Hq=2, Hkv=1, Lq=70, Lk=600, D=64, causal="bottom_right", mask="float_bcast",

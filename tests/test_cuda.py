@@ -107,6 +107,11 @@ def test_saturated_fp16_rows_meet_the_rule():
     bc.fuzz_passes("attention", "cuda", bc.saturated_fp16_seeds(), "cuda")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_score_softmax_gate_saturated(dtype):
+    bc.saturated_score_gates_meet_the_rule("cuda", dtype, "cuda")
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 def test_deterministic_backward(dropout):
     """deterministic: 50 backwards bitwise alike (dq without atomics), and right (torch's setting on, which

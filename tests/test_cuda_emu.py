@@ -74,6 +74,25 @@ def test_emulated_softmax_gates_match_reference(case, dtype):
     assert_all_ok(check_gate(case, dtype, backend="cuda_emu"), case.id)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_emulated_score_softmax_gate_saturated(dtype):
+    bc.saturated_score_gates_meet_the_rule("cuda_emu", dtype)
+
+
+def test_float_softmax_backward_misses_on_saturated_gates():
+    """The softmax backward over positions summed in float, planted back: ds = alpha (g - Σ alpha g) misses the rule
+    on float16's saturated gates."""
+    planted = cuda_emu.kernels([
+        ("softmax_gate.cu", "double dot = 0.0, total = 0.0;", "float dot = 0.f; double total = 0.0;"),
+        ("softmax_gate.cu", "dot += double(p.alpha[k]) * p.g[k];", "dot += p.alpha[k] * p.g[k];"),
+        ("softmax_gate.cu", "dot = block_reduce<false>(dot, red);",
+         "__shared__ float red_f[32]; dot = block_reduce<false>(dot, red_f);"),
+        ("softmax_gate.cu", "float(p.alpha[k] * (double(p.g[k]) * total - dot))", "p.alpha[k] * (p.g[k] - dot)"),
+        *SMALL_BUILD])
+    with cuda_emu.using(planted), pytest.raises(AssertionError, match="dweight"):
+        bc.saturated_score_gates_meet_the_rule("cuda_emu", torch.float16)
+
+
 @pytest.mark.parametrize("case", POOL_CASES, ids=[c.id for c in POOL_CASES])
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_emulated_attention_pool_matches_reference(case, dtype):

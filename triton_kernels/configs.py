@@ -489,9 +489,10 @@ else:
     GATE_POOL_BLOCK_N = 32
     GATE_ROWS_BLOCK_N, GATE_ROWS_BLOCK_D, GATE_SCORE_BWD_BLOCK_N = 64, 16, 16
     FUSED_MAX_ELEMS = 4096
-# float32 scores x W^T reduce over D on FMA units: chunks of 32 channels in _gate_scores, and the one-pass
-# kernel (the whole D at once) only up to D 64
-GATE_FP32_SCORES_BLOCK_D, FUSED_FP32_SCORES_MAX_D = 32, 64
+# float32 scores x W^T reduce over D in float64 (softmax_gate._scores_dot) on FMA units: chunks of 16 channels
+# in _gate_scores (at 32 it spilled 28 B at 96 registers: triton 3.6, sm_90), and the one-pass kernel (the whole
+# D at once) only up to D 64
+GATE_FP32_SCORES_BLOCK_D, FUSED_FP32_SCORES_MAX_D = 16, 64
 # float32 alpha expanded to the channels ([N, H] x one-hot [H, D] on FMA units) in the one-pass kernel: at
 # most 128 positions (256 x 16 spilled at 255 registers)
 FUSED_FP32_MAX_N = 128

@@ -10,6 +10,7 @@ Forward
               N, alpha stored, y = alpha ⊙ x (or Σ_n alpha ⊙ x) stored.
     two pass  (long N): [_gate_scores: scores = scale x W^T, pass 1 over x] -> _gate_stats: online
               max / sum over N, then alpha (small: N x H) -> _gate_apply or _gate_pool (pass 2 over x).
+    float32 x's scores are made and kept in float64 up to s - max(s) (_weights; fp32 exponentials).
 Backward (g = Σ_{c in h} dy x (+ dalpha), ds = alpha (g - Σ_n alpha g))
     _gate_bwd_rows: one pass over (dy, x): g, and dx = alpha ⊙ dy for softmax_gate;
     _gate_bwd_ds:   ds over (B, N, H) (small);
@@ -54,6 +55,29 @@ def _onehot_dot(a, onehot, acc):
 
 
 @triton.jit
+def _scores_dot(x, w, acc, DOT_PREC: tl.constexpr):
+    """acc + x @ w^T, the scores' dot. Exact float32 products ("ieee") are summed in float64, as the CPU kernel
+    does (see _weights; a float32 chain of D fused multiply-adds put alpha 8x further from the truth than torch's
+    GEMM did)."""
+    if x.dtype == tl.float32 and DOT_PREC == "ieee":   # one return: the two branches' types differ
+        acc = tl.dot(x.to(tl.float64), tl.trans(w).to(tl.float64), acc, input_precision="ieee",
+                     out_dtype=tl.float64)
+    else:
+        acc = dot_acc(x, tl.trans(w), acc, DOT_PREC)
+    return acc
+
+
+@triton.jit
+def _weights(s, m):
+    """exp(s - m) in fp32 for scores s and their max m (0 in place of -inf), the difference taken in the scores'
+    own type: float64 for score_softmax_gate's float32 inputs. A score scale |x| |w| ~ 1e2-1e3 rounded to float32,
+    or scaled to base 2 there, moves alpha by ulp(s) relatively (1e-5 at scale 100), and a saturated softmax
+    carries that into dweight and dx: up to 2.1x docs/CONTRACT.md §4 at scale 100. s - m in float64 is exact
+    wherever alpha is not negligible."""
+    return tl.math.exp2((s - m).to(tl.float32) * LOG2E)
+
+
+@triton.jit
 def _load_keep(MASK, b, offs_n, N, stride_mb, stride_mn, HAS_MASK: tl.constexpr):
     """[BLOCK_N] positions that take part: in range and (with a mask) True."""
     ok = offs_n < N
@@ -83,18 +107,18 @@ def _gate_fused_fwd(X, S, W, MASK, Y, ALPHA,
     # -- scores   [BLOCK_N, BLOCK_H]
     if COMPUTE_SCORES:
         w = tl.load(W + offs_h[:, None] * stride_wh + offs_c[None, :], mask=m_h[:, None] & m_c[None, :], other=0.0)
-        s = dot_acc(x, tl.trans(w), None, DOT_PREC) * scale
+        s = _scores_dot(x, w, None, DOT_PREC) * scale                               # fp64 for fp32 x
     else:
         s = tl.load(S + b * stride_sb + offs_n[:, None] * stride_sn + offs_h[None, :],
                     mask=m_n[:, None] & m_h[None, :], other=0.0).to(tl.float32)
-    # -- softmax over positions (base 2); a head with no position left gives alpha = 0
+    # -- softmax over positions; a head with no position left gives alpha = 0
     keep = _load_keep(MASK, b, offs_n, N, stride_mb, stride_mn, HAS_MASK)
-    s2 = tl.where(keep[:, None] & m_h[None, :], s * LOG2E, float("-inf"))
-    m = tl.max(s2, 0)
-    e = tl.math.exp2(s2 - tl.where(m == float("-inf"), 0.0, m)[None, :])
+    s = tl.where(keep[:, None] & m_h[None, :], s, float("-inf"))
+    m = tl.max(s, 0)
+    e = _weights(s, tl.where(m == float("-inf"), 0.0, m)[None, :])
     l = tl.sum(e, 0)
     # masked positions are exactly 0, even in a head that a NaN reached (where 0 / NaN would be NaN)
-    alpha = tl.where(s2 == float("-inf"), 0.0, e / tl.where(l == 0.0, 1.0, l)[None, :])
+    alpha = tl.where(s == float("-inf"), 0.0, e / tl.where(l == 0.0, 1.0, l)[None, :])
     tl.store(ALPHA + (b * N + offs_n[:, None]) * H + offs_h[None, :], alpha, mask=m_n[:, None] & m_h[None, :])
     # -- alpha per channel: [BLOCK_N, BLOCK_H] @ one-hot [BLOCK_H, BLOCK_D] (exact in fp32)
     onehot = ((offs_c[None, :] // Dh) == offs_h[:, None]) & m_c[None, :]
@@ -108,10 +132,10 @@ def _gate_fused_fwd(X, S, W, MASK, Y, ALPHA,
 
 
 @triton.jit
-def _gate_scores(X, W, S32, stride_xb, stride_xn, stride_wh, N, D, H, scale,
+def _gate_scores(X, W, S, stride_xb, stride_xn, stride_wh, N, D, H, scale,
                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PREC: tl.constexpr,
                  ALIGN: tl.constexpr):
-    """Pass 1 of the two-pass score_softmax_gate: S32 (B, N, H) fp32 = scale x W^T."""
+    """Pass 1 of the two-pass score_softmax_gate: S (B, N, H) = scale x W^T (float64 for float32 x: _weights)."""
     scale = tl.cast(scale, tl.float32)  # fp32 under torch.compile too (see _gate_fused_fwd)
     D, stride_xb, stride_xn = assume_aligned3(D, stride_xb, stride_xn, ALIGN)
     stride_wh = assume_aligned(stride_wh, ALIGN)
@@ -120,25 +144,31 @@ def _gate_scores(X, W, S32, stride_xb, stride_xn, stride_wh, N, D, H, scale,
     offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_h = tl.arange(0, BLOCK_H)
     m_n, m_h = offs_n < N, offs_h < H
-    acc = tl.zeros([BLOCK_N, BLOCK_H], tl.float32)
+    if S.dtype.element_ty == tl.float64:
+        acc = tl.zeros([BLOCK_N, BLOCK_H], tl.float64)
+    else:
+        acc = tl.zeros([BLOCK_N, BLOCK_H], tl.float32)
     for c0 in range(0, D, BLOCK_D):
         offs_c = c0 + tl.arange(0, BLOCK_D)
         m_c = offs_c < D
         x = tl.load(X + b * stride_xb + offs_n[:, None] * stride_xn + offs_c[None, :],
                     mask=m_n[:, None] & m_c[None, :], other=0.0)
         w = tl.load(W + offs_h[:, None] * stride_wh + offs_c[None, :], mask=m_h[:, None] & m_c[None, :], other=0.0)
-        acc = dot_acc(x, tl.trans(w), acc, DOT_PREC)
-    tl.store(S32 + (b * N + offs_n[:, None]) * H + offs_h[None, :], acc * scale, mask=m_n[:, None] & m_h[None, :])
+        acc = _scores_dot(x, w, acc, DOT_PREC)
+    tl.store(S + (b * N + offs_n[:, None]) * H + offs_h[None, :], acc * scale, mask=m_n[:, None] & m_h[None, :])
 
 
 @triton.jit
-def _scores_log2(S, MASK, b, offs_n, offs_h, m_h, N, stride_sb, stride_sn, stride_mb, stride_mn,
+def _load_scores(S, MASK, b, offs_n, offs_h, m_h, N, stride_sb, stride_sn, stride_mb, stride_mn,
                  HAS_MASK: tl.constexpr):
-    """[BLOCK_N, BLOCK_H] scores of item b in base 2, -inf at masked positions and out-of-range lanes."""
+    """[BLOCK_N, BLOCK_H] scores of item b (float64 ones kept, others in fp32), -inf at masked positions and
+    out-of-range lanes."""
     keep = _load_keep(MASK, b, offs_n, N, stride_mb, stride_mn, HAS_MASK)
     s = tl.load(S + b * stride_sb + offs_n[:, None] * stride_sn + offs_h[None, :],
-                mask=keep[:, None] & m_h[None, :], other=0.0).to(tl.float32)
-    return tl.where(keep[:, None] & m_h[None, :], s * LOG2E, float("-inf"))
+                mask=keep[:, None] & m_h[None, :], other=0.0)
+    if S.dtype.element_ty != tl.float64:
+        s = s.to(tl.float32)
+    return tl.where(keep[:, None] & m_h[None, :], s, float("-inf"))
 
 
 @triton.jit
@@ -149,21 +179,24 @@ def _gate_stats(S, MASK, ALPHA, stride_sb, stride_sn, stride_mb, stride_mn, N, H
     b = tl.program_id(0).to(tl.int64)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     m_h = offs_h < H
-    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    if S.dtype.element_ty == tl.float64:
+        m_i = tl.full([BLOCK_H], float("-inf"), tl.float64)
+    else:
+        m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        s2 = _scores_log2(S, MASK, b, offs_n, offs_h, m_h, N, stride_sb, stride_sn, stride_mb, stride_mn, HAS_MASK)
-        m_new = tl.maximum(m_i, tl.max(s2, 0))
+        s = _load_scores(S, MASK, b, offs_n, offs_h, m_h, N, stride_sb, stride_sn, stride_mb, stride_mn, HAS_MASK)
+        m_new = tl.maximum(m_i, tl.max(s, 0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.math.exp2(m_i - m_safe) + tl.sum(tl.math.exp2(s2 - m_safe[None, :]), 0)
+        l_i = l_i * _weights(m_i, m_safe) + tl.sum(_weights(s, m_safe[None, :]), 0)
         m_i = m_new
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
     inv_l = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        s2 = _scores_log2(S, MASK, b, offs_n, offs_h, m_h, N, stride_sb, stride_sn, stride_mb, stride_mn, HAS_MASK)
-        alpha = tl.where(s2 == float("-inf"), 0.0, tl.math.exp2(s2 - m_safe[None, :]) * inv_l[None, :])
+        s = _load_scores(S, MASK, b, offs_n, offs_h, m_h, N, stride_sb, stride_sn, stride_mb, stride_mn, HAS_MASK)
+        alpha = tl.where(s == float("-inf"), 0.0, _weights(s, m_safe[None, :]) * inv_l[None, :])
         tl.store(ALPHA + (b * N + offs_n[:, None]) * H + offs_h[None, :], alpha,
                  mask=(offs_n[:, None] < N) & m_h[None, :])
 
@@ -345,6 +378,7 @@ def _forward(x, scores, weight, mask, scale, pool):
     align = align_elems(x.dtype, (D,), x, *([weight] if weight is not None else []))
     bn, bd, bh = C.dot_block(N), C.dot_block(D), C.dot_block(H)
     fp32 = x.dtype == torch.float32
+    scores_f64 = fp32 and dot_precision(x.dtype) == "ieee"   # as _scores_dot decides
     if bn * bd <= C.FUSED_MAX_ELEMS and (not fp32 or (bn <= C.FUSED_FP32_MAX_N and (
             scores is not None or bd <= C.FUSED_FP32_SCORES_MAX_D))):
         # -- one pass over x
@@ -358,11 +392,13 @@ def _forward(x, scores, weight, mask, scale, pool):
         return y, alpha
     # -- two passes: scores (score variant) and alpha, then y
     if scores is None:
+        # float64 scores for exact float32 products (_weights); else alpha's buffer, turned into alpha in place
+        s_t = torch.empty((B, N, H), dtype=torch.float64, device=dev) if scores_f64 else alpha
         wrap_triton(_gate_scores)[(triton.cdiv(N, C.GATE_BLOCK_N) * B,)](
-            x, weight, alpha, x.stride(0), x.stride(1), weight.stride(0), N, D, H, scale,
+            x, weight, s_t, x.stride(0), x.stride(1), weight.stride(0), N, D, H, scale,
             BLOCK_N=C.GATE_BLOCK_N, BLOCK_D=min(bd, C.GATE_FP32_SCORES_BLOCK_D if fp32 else C.GATE_BLOCK_D),
             BLOCK_H=bh, DOT_PREC=dot_precision(x.dtype), ALIGN=align, num_warps=C.GATE_WARPS)
-        s_t, ss = alpha, alpha.stride()   # _gate_stats turns the scores into alpha in place
+        ss = s_t.stride()
     else:
         s_t, ss = scores, scores.stride()
     bh_stats = min(bh, C.GATE_STATS_MAX_BLOCK_H)

@@ -14,6 +14,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 
 #include "params.h"
 #include "ptx.h"
@@ -54,16 +55,25 @@ __device__ __forceinline__ void store_vec(T* p, const float (&v)[kVec]) {
   }
 }
 
-// Block-wide reduction (sum or max) for kSoftmaxThreads threads; every thread gets the result.
-template <bool kMax>
-__device__ __forceinline__ float block_reduce(float x, float* red) {
-  x = kMax ? warp_max(x) : warp_sum(x);
+// Block-wide reduction (sum, or max of floats) for kSoftmaxThreads threads; every thread gets the result.
+template <bool kMax, typename F>
+__device__ __forceinline__ F warp_reduce(F x) {
+  if constexpr (kMax) {
+    return warp_max(x);
+  } else {
+    return warp_sum(x);
+  }
+}
+template <bool kMax, typename F>
+__device__ __forceinline__ F block_reduce(F x, F* red) {
+  static_assert(!kMax || std::is_same_v<F, float>, "block_reduce: the max is of floats");
+  x = warp_reduce<kMax>(x);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   __syncthreads();  // red may still be read by a previous reduction
   if (lane == 0) red[warp] = x;
   __syncthreads();
-  x = lane < kSoftmaxThreads / 32 ? red[lane] : (kMax ? -INFINITY : 0.f);
-  return kMax ? warp_max(x) : warp_sum(x);
+  x = lane < kSoftmaxThreads / 32 ? red[lane] : (kMax ? F(-INFINITY) : F(0));
+  return warp_reduce<kMax>(x);
 }
 
 // -- score_softmax_gate: alpha[b, n, h] <- scale * x[b, n, :] . w[h, :] (-inf where masked). Heads go in
@@ -253,21 +263,28 @@ __global__ void __launch_bounds__(kWarpRowsPerBlock * 32) gate_bwd_rows_kernel(c
 
 // -- dscores[b, :, h] = alpha * (g - sum_n alpha g), in place in g (and to p.dscores in x's dtype). Masked
 // positions (alpha = 0) take no part: their g may be NaN (NaN in x or dy there) and their dscores is 0, as
-// the gradient of torch's masked softmax.
+// the gradient of torch's masked softmax. Taken as alpha (g S - sum_n alpha g) with S = sum_n alpha, in double
+// (as the CPU and Triton kernels): the same value when S = 1, without leaning on the rounded alphas summing to 1.
+// With a saturated softmax (alpha one-hot) the exact dscores is ~0 while g is large; g - sum alpha g in float
+// kept a rounding of g's size, and float16 dweight missed docs/CONTRACT.md §4 by up to 1.3x at scale 100-300.
 template <typename T>
 __global__ void __launch_bounds__(kSoftmaxThreads) softmax_positions_bwd_kernel(const GateBwdParams p) {
-  __shared__ float red[32];
+  __shared__ double red[32];
   const int b = blockIdx.x / p.H, h = blockIdx.x % p.H;
   const int64_t base = int64_t(b) * p.N * p.H + h;
-  float dot = 0.f;
+  double dot = 0.0, total = 0.0;
   for (int n = threadIdx.x; n < p.N; n += kSoftmaxThreads) {
     const int64_t k = base + int64_t(n) * p.H;
-    if (p.alpha[k] != 0.f) dot += p.alpha[k] * p.g[k];
+    if (p.alpha[k] != 0.f) {
+      dot += double(p.alpha[k]) * p.g[k];
+      total += p.alpha[k];
+    }
   }
   dot = block_reduce<false>(dot, red);
+  total = block_reduce<false>(total, red);
   for (int n = threadIdx.x; n < p.N; n += kSoftmaxThreads) {
     const int64_t k = base + int64_t(n) * p.H;
-    const float ds = p.alpha[k] == 0.f ? 0.f : p.alpha[k] * (p.g[k] - dot);
+    const float ds = p.alpha[k] == 0.f ? 0.f : float(p.alpha[k] * (double(p.g[k]) * total - dot));
     p.g[k] = ds;
     if (p.dscores != nullptr) static_cast<T*>(p.dscores)[k] = from_float<T>(ds);
   }
