@@ -346,7 +346,7 @@ def gate_case(seed, dtypes, max_len=130, max_dim=256) -> GateFuzz:
     views = {n: rng.choice(VIEW_KINDS) for n in ("x", "scores", "weight")}
     nan = rng.choice(("x", "scores" if op == "softmax_gate" else "weight")) if rng.random() < 0.15 else None
     return make_gate_case(seed, dtype, op=op, B=B, N=N, D=D, H=H, pool=rng.random() < 0.5,
-                          scale=rng.choice((1.0, 1.0, 0.125, 10.0)) if op == "score_softmax_gate" else 1.0,
+                          scale=rng.choice((1.0, 1.0, 0.125, 10.0, 100.0)) if op == "score_softmax_gate" else 1.0,
                           mask=rng.choice(("none", "none", "random", "empty")), weights_grad=rng.random() < 0.3,
                           views=views, nan=nan)
 

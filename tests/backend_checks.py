@@ -118,8 +118,9 @@ SATURATED_GATES = {
 SATURATED_GATES[torch.bfloat16] = SATURATED_GATES[torch.float16]
 
 
-def saturated_score_gates_meet_the_rule(backend, dtype, device="cpu"):
-    for scale, seed, N, D, H in SATURATED_GATES[dtype]:
+def saturated_score_gates_meet_the_rule(backend, dtype, device="cpu", cases=None):
+    """The (scale, seed, N, D, H) ``cases`` (default SATURATED_GATES[dtype]), |x| ~ 4, on ``backend``."""
+    for scale, seed, N, D, H in SATURATED_GATES[dtype] if cases is None else cases:
         case = fuzz.make_gate_case(seed, dtype, op="score_softmax_gate", B=3, N=N, D=D, H=H, pool=seed % 2 == 0,
                                    scale=scale, mask="random" if seed % 3 else "none")
         case.inputs["x"].master *= 4

@@ -204,7 +204,8 @@ def test_fuzz_covers_the_input_space():
     assert {c.dtype for c in cases} == set(ALL_DTYPES)
     assert any(c.inputs["q"].master.shape[1] != c.inputs["k"].master.shape[1] for c in cases)  # GQA
     gates = " ".join(fuzz.gate_case(s, ALL_DTYPES).id for s in range(300))
-    for needle in ("softmax_gate", "score_softmax_gate", "pool", "mask-empty", "nan-", "scale10.0", "-N0-", "x:unfold"):
+    for needle in ("softmax_gate", "score_softmax_gate", "pool", "mask-empty", "nan-", "scale10.0", "scale100.0", "-N0-",
+                   "x:unfold"):
         assert needle in gates, needle
 
 
