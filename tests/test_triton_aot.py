@@ -75,7 +75,7 @@ def test_full_sweep_passes():
 def test_kernels_build_with_float_arguments_typed_as_inductor_types_them(aot, monkeypatch, tmp_path):
     """torch.compile (Inductor, torch 2.11) builds a wrapped kernel with its Python float arguments (the
     softmax scales) typed fp64 where triton's launcher says fp32: every kernel that takes one must still
-    build, its float math in fp32 (an fp64 scale turned the forward's accumulator fp64 and tl.dot refused it)."""
+    build, its scale in fp32 (an fp64 scale turned the forward's accumulator fp64 and tl.dot refused it)."""
     import dataclasses
     monkeypatch.setattr(triton.knobs.cache, "dir", triton.knobs.cache.dir)
     monkeypatch.setattr(triton.knobs.nvidia, "dump_ptxas_log", triton.knobs.nvidia.dump_ptxas_log)

@@ -489,10 +489,10 @@ else:
     GATE_POOL_BLOCK_N = 32
     GATE_ROWS_BLOCK_N, GATE_ROWS_BLOCK_D, GATE_SCORE_BWD_BLOCK_N = 64, 16, 16
     FUSED_MAX_ELEMS = 4096
-# float32 scores x W^T reduce over D in float64 (softmax_gate._scores_dot) on FMA units: chunks of 16 channels
-# in _gate_scores (at 32 it spilled 28 B at 96 registers: triton 3.6, sm_90), and the one-pass kernel (the whole
-# D at once) only up to D 64
-GATE_FP32_SCORES_BLOCK_D, FUSED_FP32_SCORES_MAX_D = 16, 64
+# float32 scores x W^T reduce over D on FMA units, in float64 with exact products (softmax_gate._scores_dot):
+# chunks of 16 channels in _gate_scores (32 float64 ones spilled 28 B at 96 registers on sm_90 with triton 3.6),
+# 32 with TF32; the one-pass kernel (the whole D at once) takes them only up to D 64
+GATE_F64_SCORES_BLOCK_D, GATE_FP32_SCORES_BLOCK_D, FUSED_FP32_SCORES_MAX_D = 16, 32, 64
 # float32 alpha expanded to the channels ([N, H] x one-hot [H, D] on FMA units) in the one-pass kernel: at
 # most 128 positions (256 x 16 spilled at 255 registers)
 FUSED_FP32_MAX_N = 128
@@ -515,7 +515,7 @@ def gate_block_d(dtype, align: int) -> int:
 # the rows kernel over 8 warps: at 4, ptxas spilled a few bytes at 128 registers (triton 3.6, sm_90, dx
 # written) and at 16 or 32 rows it capped registers at 72-80 and spilled too (both triton versions)
 GATE_ROWS_WARPS = 8
-GATE_STATS_BLOCK_N = 32 if INTERPRET else 256   # scores are (B, N, H) fp32: small, long tiles over N
+GATE_STATS_BLOCK_N = 32 if INTERPRET else 256   # scores are (B, N, H): small, long tiles over N
 GATE_STATS_MAX_BLOCK_H = 64  # heads per _gate_stats program (H up to 64 in one; more take several)
 # Reductions over N (pool, dW) run as about this many programs, split over N, whose partial sums are added
 # in a fixed order (deterministic): 4 per SM of an H100 / H200 (132 SMs) fill the GPU.

@@ -10,7 +10,8 @@ Forward
               N, alpha stored, y = alpha ⊙ x (or Σ_n alpha ⊙ x) stored.
     two pass  (long N): [_gate_scores: scores = scale x W^T, pass 1 over x] -> _gate_stats: online
               max / sum over N, then alpha (small: N x H) -> _gate_apply or _gate_pool (pass 2 over x).
-    float32 x's scores are made and kept in float64 up to s - max(s) (_weights; fp32 exponentials).
+    float32 x's scores are made in float64 (exact products; TF32 ones, where torch allows them, in fp32) and
+    kept so up to s - max(s) (_weights; fp32 exponentials).
 Backward (g = Σ_{c in h} dy x (+ dalpha), ds = alpha (g - Σ_n alpha g))
     _gate_bwd_rows: one pass over (dy, x): g, and dx = alpha ⊙ dy for softmax_gate;
     _gate_bwd_ds:   ds over (B, N, H) (small);
@@ -57,8 +58,8 @@ def _onehot_dot(a, onehot, acc):
 @triton.jit
 def _scores_dot(x, w, acc, DOT_PREC: tl.constexpr):
     """acc + x @ w^T, the scores' dot. Exact float32 products ("ieee") are summed in float64, as the CPU kernel
-    does (see _weights; a float32 chain of D fused multiply-adds put alpha 8x further from the truth than torch's
-    GEMM did)."""
+    does (see _weights): a float32 chain of D fused multiply-adds rounds a score further than torch's blocked GEMM
+    (8x the reference's error in alpha at scale 100)."""
     if x.dtype == tl.float32 and DOT_PREC == "ieee":   # one return: the two branches' types differ
         acc = tl.dot(x.to(tl.float64), tl.trans(w).to(tl.float64), acc, input_precision="ieee",
                      out_dtype=tl.float64)
@@ -70,10 +71,10 @@ def _scores_dot(x, w, acc, DOT_PREC: tl.constexpr):
 @triton.jit
 def _weights(s, m):
     """exp(s - m) in fp32 for scores s and their max m (0 in place of -inf), the difference taken in the scores'
-    own type: float64 for score_softmax_gate's float32 inputs. A score scale |x| |w| ~ 1e2-1e3 rounded to float32,
-    or scaled to base 2 there, moves alpha by ulp(s) relatively (1e-5 at scale 100), and a saturated softmax
-    carries that into dweight and dx: up to 2.1x docs/CONTRACT.md §4 at scale 100. s - m in float64 is exact
-    wherever alpha is not negligible."""
+    own type: float64 for score_softmax_gate's float32 inputs with exact dots. A score scale |x| |w| ~ 1e2-1e3
+    rounded to float32, or multiplied by log2(e) in float32, moves alpha by ulp(s) relatively (1e-5 at scale 100),
+    and a saturated softmax carries that into dweight and dx: up to 2.1x docs/CONTRACT.md §4 at scale 100.
+    s - m in float64 is exact wherever alpha is not negligible."""
     return tl.math.exp2((s - m).to(tl.float32) * LOG2E)
 
 
@@ -93,7 +94,7 @@ def _gate_fused_fwd(X, S, W, MASK, Y, ALPHA,
                     COMPUTE_SCORES: tl.constexpr, HAS_MASK: tl.constexpr, POOL: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PREC: tl.constexpr,
                     ALIGN: tl.constexpr):
-    # torch.compile types a Python float argument fp64 (triton's launcher: fp32): the math stays fp32
+    # torch.compile types a Python float argument fp64 (triton's launcher: fp32): the scale stays fp32 either way
     scale = tl.cast(scale, tl.float32)
     D, stride_xb, stride_xn = assume_aligned3(D, stride_xb, stride_xn, ALIGN)
     stride_wh = assume_aligned(stride_wh, ALIGN)
@@ -394,9 +395,10 @@ def _forward(x, scores, weight, mask, scale, pool):
     if scores is None:
         # float64 scores for exact float32 products (_weights); else alpha's buffer, turned into alpha in place
         s_t = torch.empty((B, N, H), dtype=torch.float64, device=dev) if scores_f64 else alpha
+        block_d = C.GATE_F64_SCORES_BLOCK_D if scores_f64 else C.GATE_FP32_SCORES_BLOCK_D if fp32 else C.GATE_BLOCK_D
         wrap_triton(_gate_scores)[(triton.cdiv(N, C.GATE_BLOCK_N) * B,)](
             x, weight, s_t, x.stride(0), x.stride(1), weight.stride(0), N, D, H, scale,
-            BLOCK_N=C.GATE_BLOCK_N, BLOCK_D=min(bd, C.GATE_FP32_SCORES_BLOCK_D if fp32 else C.GATE_BLOCK_D),
+            BLOCK_N=C.GATE_BLOCK_N, BLOCK_D=min(bd, block_d),
             BLOCK_H=bh, DOT_PREC=dot_precision(x.dtype), ALIGN=align, num_warps=C.GATE_WARPS)
         ss = s_t.stride()
     else:

@@ -266,7 +266,7 @@ __global__ void __launch_bounds__(kWarpRowsPerBlock * 32) gate_bwd_rows_kernel(c
 // the gradient of torch's masked softmax. Taken as alpha (g S - sum_n alpha g) with S = sum_n alpha, in double
 // (as the CPU and Triton kernels): the same value when S = 1, without leaning on the rounded alphas summing to 1.
 // With a saturated softmax (alpha one-hot) the exact dscores is ~0 while g is large; g - sum alpha g in float
-// kept a rounding of g's size, and float16 dweight missed docs/CONTRACT.md §4 by up to 1.3x at scale 100-300.
+// keeps a rounding of g's size, which takes float16 dweight past docs/CONTRACT.md §4 (1.3x at scale 300).
 template <typename T>
 __global__ void __launch_bounds__(kSoftmaxThreads) softmax_positions_bwd_kernel(const GateBwdParams p) {
   __shared__ double red[32];
