@@ -387,7 +387,7 @@ def _specialise(launch, arch, backend, binders, light_only=False):
 
 def collect_jobs(arches, dtypes, head_dims, fp32_head_dims, variants):
     import torch
-    from fastattn.triton_kernels import configs as G
+    from fastattn.triton_kernels import configs as C
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
     jobs = {}
@@ -402,8 +402,8 @@ def collect_jobs(arches, dtypes, head_dims, fp32_head_dims, variants):
             scenarios = [(D, (_attention_scenarios, _varlen_scenarios, _decode_scenarios, _gate_scenarios,
                               _pool_scenarios)) for D in dims]
             # and the gates at the largest head dim whose float32 scores (float64 dots) the one-pass kernel makes
-            if dname == "fp32" and G.FUSED_FP32_SCORES_MAX_D not in dims:
-                scenarios.append((G.FUSED_FP32_SCORES_MAX_D, (_gate_scenarios,)))
+            if dname == "fp32" and C.FUSED_FP32_SCORES_MAX_D not in dims:
+                scenarios.append((C.FUSED_FP32_SCORES_MAX_D, (_gate_scenarios,)))
             for D, makers in scenarios:
                 for variant, kernels, thunk in itertools.chain(*(make(dtype, D) for make in makers)):
                     if variant not in variants:
